@@ -1,0 +1,5 @@
+"""mlx-dsvl: DeepSeek-VL in MLX."""
+
+from .loading import load
+
+__all__ = ["load"]

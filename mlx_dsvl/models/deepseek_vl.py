@@ -1,0 +1,139 @@
+"""The DeepSeek-VL model: vision tower -> aligner -> merge into token embeddings -> Llama.
+
+Attribute names mirror the original checkpoint: ``vision_model``, ``aligner``,
+``language_model`` (mlx-lm's llama ``Model``: ``language_model.model.*`` and the untied
+``language_model.lm_head``).  ``sanitize`` is the one place where the original on-disk format is
+converted (conv transposes, unused tensors dropped).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+from mlx_lm.models.cache import BatchKVCache, KVCache
+
+from ..config import ModelConfig
+from .aligner import MlpProjector
+from .vision import build_vision_tower, normalize
+
+# Tensors present in the released checkpoints that the model never uses.
+UNUSED_PREFIXES = ("vision_model.high_layer_norm.", "vision_model.low_layer_norm.")
+UNUSED_PARTS = ("attn_pool.", "rotary_emb.")
+CONV_SUFFIXES = (
+    "patch_embed.proj.weight",
+    "neck.0.weight",
+    "neck.2.weight",
+    "neck_hd.0.weight",
+    "neck_hd.2.weight",
+    "downsamples.0.weight",
+    "downsamples.1.weight",
+    "downsamples.2.weight",
+    "downsamples.3.weight",
+)
+
+
+def merge_image_embeddings(
+    input_ids: mx.array, text_embeds: mx.array, image_embeds: mx.array, image_token_id: int
+) -> mx.array:
+    """Overwrite image-token positions with image embeddings, vectorized.
+
+    input_ids: [B, T]; text_embeds: [B, T, D]; image_embeds: [B, N, I, D] (N images of I tokens
+    per sample, trailing ones may be padding).  The k-th run of I image tokens in row b takes
+    image k of row b, row by row in order.
+    """
+    B, N, I, D = image_embeds.shape
+    is_image = input_ids == image_token_id  # [B, T]
+    rank = mx.cumsum(is_image.astype(mx.int32), axis=1) - 1  # k-th image token of its row
+    rank = mx.clip(rank, 0, N * I - 1)
+    flat = image_embeds.reshape(B, N * I, D)
+    gathered = mx.take_along_axis(flat, rank[..., None], axis=1)  # [B, T, D]
+    return mx.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class DeepseekVL(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = build_vision_tower(config.vision)
+        self.aligner = MlpProjector(config.aligner)
+        self.language_model = llama.Model(llama.ModelArgs.from_dict(config.language))
+        self.image_token_id = config.image_token_id
+        self.input_mean, self.input_std = config.input_mean, config.input_std
+
+    # -- vision -------------------------------------------------------------------------------
+    def vision_features(self, pixel_values: mx.array):
+        """[M, 3, S, S] pixels in [0, 1] -> tower output (array, or (high, low) for hybrid)."""
+        x = pixel_values.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+        x = normalize(x, self.input_mean, self.input_std)
+        return self.vision_model(x.astype(self._dtype))
+
+    def encode_images(self, pixel_values: mx.array) -> mx.array:
+        """[..., 3, S, S] pixels in [0, 1] -> aligned embeddings [..., I, D]."""
+        lead = pixel_values.shape[:-3]
+        x = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        emb = self.aligner(self.vision_features(x))
+        return emb.reshape(*lead, *emb.shape[1:])
+
+    @property
+    def _dtype(self):
+        return self.language_model.model.norm.weight.dtype
+
+    # -- text + images ------------------------------------------------------------------------
+    def get_input_embeddings(
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        image_embeds: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Token embeddings [B, T, D] with image positions filled from pixels or embeddings.
+
+        pixel_values: [B, N, 3, S, S]; image_embeds: [B, N, I, D] (already aligned).
+        """
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values)
+        if image_embeds is None:
+            return embeds
+        return merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        cache: Optional[List[Any]] = None,
+        attention_mask: Optional[mx.array] = None,
+        image_embeds: Optional[mx.array] = None,
+    ) -> mx.array:
+        """input_ids [B, T] (+ pixel_values [B, N, 3, S, S]) -> logits [B, T, vocab].
+
+        ``attention_mask`` ([B, T], 1 = token, 0 = left padding) makes padded rows compute as if
+        unpadded: positions start at their first real token and padding is never attended.
+        """
+        embeds = self.get_input_embeddings(input_ids, pixel_values, image_embeds)
+        if attention_mask is not None and cache is None:
+            pad = (attention_mask.shape[1] - attention_mask.sum(axis=1)).tolist()
+            cache = [BatchKVCache(pad) for _ in self.language_model.layers]
+        return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
+
+    def make_cache(self) -> List[KVCache]:
+        return self.language_model.make_cache()
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+    # -- loading ------------------------------------------------------------------------------
+    @staticmethod
+    def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Original deepseek-ai checkpoint tensors -> this module's names and layouts."""
+        out = {}
+        for k, v in weights.items():
+            if k.startswith(UNUSED_PREFIXES) or any(p in k for p in UNUSED_PARTS):
+                continue
+            if k.endswith(CONV_SUFFIXES) and v.ndim == 4:
+                v = v.transpose(0, 2, 3, 1)  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
+            out[k] = v
+        return out

@@ -1,0 +1,1 @@
+"""Tools for tests and benchmarks: random checkpoints in the original deepseek-ai layout."""

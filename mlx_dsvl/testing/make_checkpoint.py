@@ -1,0 +1,230 @@
+"""Random DeepSeek-VL checkpoints in the original deepseek-ai on-disk layout.
+
+    python -m mlx_dsvl.testing.make_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b} --out DIR [--seed N]
+
+Writes ``config.json`` (real structure; tiny archs carry explicit size overrides), safetensors
+(PyTorch layouts: conv weights [O, I, kH, kW]; one file, or shards of at most ``--shard-gb`` with
+``model.safetensors.index.json``), the unused tensors the real files carry (``attn_pool.*``,
+``high/low_layer_norm``, ``rotary_emb.inv_freq``), a tiny byte-level BPE tokenizer with the
+DeepSeek special token ids, and the processor configs.  Every parameter is random -- no zero
+``hd_alpha_downsamples``, rel-pos or position tables -- so every path matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+import numpy as np
+
+from ..config import CLIP_MEAN, CLIP_STD, ModelConfig
+
+SIGLIP = {"model_name": "siglip_large_patch16_384", "image_size": 384, "select_feature": "same",
+          "select_layer": -1}
+SAM = {"model_name": "sam_b_downsample", "image_size": 1024, "select_feature": "same",
+       "select_layer": -1}
+TINY_SIGLIP = {"width": 64, "layers": 2, "heads": 4, "mlp_ratio": 4}
+TINY_SAM = {"width": 32, "layers": 6, "heads": 2, "global_attn_indexes": [2, 5],
+            "downsample_channels": [32, 64], "prompt_embed_dim": 16, "window_size": 14}
+TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "num_hidden_layers": 2}
+
+
+def clip_tower(siglip: Dict) -> Dict:
+    return {"cls": "CLIPVisionTower", "model_type": "vision", "params": siglip}
+
+
+def hybrid_tower(sam: Dict, siglip: Dict, out_dim: int) -> Dict:
+    high = {**sam, "output_dim": out_dim, "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)}
+    low = {**siglip, "output_dim": out_dim, "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3}
+    return {"cls": "HybridVisionTower", "model_type": "vision",
+            "params": {"concat_type": "tuple", "freeze_high": True, "freeze_low": True,
+                       "high_res_cfg": high, "low_res_cfg": low}}
+
+
+def aligner(kind: str, input_dim: int, n_embed: int) -> Dict:
+    return {"cls": "MlpProjector", "model_type": "aligner",
+            "params": {"depth": 2, "input_dim": input_dim, "n_embed": n_embed, "projector_type": kind}}
+
+
+def llm(**fields) -> Dict:
+    return {"model_type": "llama", "max_position_embeddings": 16384, "vocab_size": 102400,
+            "torch_dtype": "float16", **fields}
+
+
+# config.json, processor settings (image_size, mean/std, do_normalize) and default dtype per arch.
+ARCHS = {
+    "tiny": (
+        {"vision_config": clip_tower({**SIGLIP, **TINY_SIGLIP}),
+         "aligner_config": aligner("mlp_gelu", 64, 64), "language_config": llm(**TINY_LLM)},
+        (384, [0.5] * 3, [0.5] * 3, True), "float32"),
+    "tiny-hybrid": (
+        {"vision_config": hybrid_tower({**SAM, **TINY_SAM}, {**SIGLIP, **TINY_SIGLIP}, 64),
+         "aligner_config": aligner("low_high_hybrid_split_mlp_gelu", 64, 64),
+         "language_config": llm(**TINY_LLM)},
+        (1024, list(CLIP_MEAN), list(CLIP_STD), False), "float32"),
+    "1.3b": (
+        {"vision_config": clip_tower(dict(SIGLIP)),
+         "aligner_config": aligner("mlp_gelu", 1024, 2048),
+         "language_config": llm(hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+                                num_key_value_heads=16, num_hidden_layers=24)},
+        (384, [0.5] * 3, [0.5] * 3, True), "float16"),
+    "7b": (
+        {"vision_config": hybrid_tower(dict(SAM), dict(SIGLIP), 1024),
+         "aligner_config": aligner("low_high_hybrid_split_mlp_gelu", 1024, 4096),
+         "language_config": llm(num_hidden_layers=30)},  # sparse, as the real 7B config
+        (1024, list(CLIP_MEAN), list(CLIP_STD), False), "float16"),
+}
+
+
+def checkpoint_shapes(config: Dict) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor of the original checkpoint, with its PyTorch shape, in key order."""
+    from mlx.utils import tree_flatten
+
+    from ..models.deepseek_vl import CONV_SUFFIXES, DeepseekVL
+
+    cfg = ModelConfig.from_dict(config)
+    model = DeepseekVL(cfg)  # MLX arrays are lazy: building the 7B allocates nothing
+    shapes = {}
+    for k, v in tree_flatten(model.parameters()):
+        s = tuple(v.shape)
+        if k.endswith(CONV_SUFFIXES) and len(s) == 4:
+            s = (s[0], s[3], s[1], s[2])  # MLX [O, kH, kW, I] -> PyTorch [O, I, kH, kW]
+        shapes[k] = s
+    # Tensors the released files carry and the model never uses.
+    vision = cfg.vision
+    siglip_prefix = "vision_model.vision_tower_low.vision_tower." if vision.hybrid else "vision_model.vision_tower."
+    d = vision.low.width
+    for name, s in [("latent", (1, 1, d)), ("q.weight", (d, d)), ("q.bias", (d,)),
+                    ("kv.weight", (2 * d, d)), ("kv.bias", (2 * d,)), ("proj.weight", (d, d)),
+                    ("proj.bias", (d,)), ("norm.weight", (d,)), ("norm.bias", (d,)),
+                    ("mlp.fc1.weight", (vision.low.mlp_dim, d)), ("mlp.fc1.bias", (vision.low.mlp_dim,)),
+                    ("mlp.fc2.weight", (d, vision.low.mlp_dim)), ("mlp.fc2.bias", (d,))]:
+        shapes[siglip_prefix + "attn_pool." + name] = s
+    if vision.hybrid:
+        out_dim = config["vision_config"]["params"]["high_res_cfg"].get("output_dim", 1024)
+        for side in ("high", "low"):
+            for p in ("weight", "bias"):
+                shapes[f"vision_model.{side}_layer_norm.{p}"] = (out_dim,)
+    lang = cfg.language
+    head_dim = lang["hidden_size"] // lang["num_attention_heads"]
+    shapes["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = (head_dim // 2,)
+    return shapes
+
+
+def random_tensor(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -> np.ndarray:
+    """Random values at a scale that keeps activations sane, never zero tables."""
+    if name.endswith("inv_freq"):
+        return (1.0 / 10000 ** (np.arange(0, 2 * shape[0], 2) / (2 * shape[0]))).astype(np.float32)
+    if name.endswith("hd_alpha_downsamples"):
+        return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
+    if name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w", "latent")):
+        return (0.2 * rng.standard_normal(shape)).astype(np.float32)
+    if len(shape) == 1:
+        if name.endswith(".weight"):  # LayerNorm / RMSNorm scales
+            return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    if name.endswith("embed_tokens.weight"):
+        return rng.standard_normal(shape, dtype=np.float32)
+    fan_in = int(np.prod(shape[1:]))
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= 1.0 / np.sqrt(fan_in)
+    return w
+
+
+def plan_shards(shapes: Dict[str, Tuple[int, ...]], itemsize: int, max_bytes: int) -> List[List[str]]:
+    shards: List[List[str]] = [[]]
+    size = 0
+    for k, s in shapes.items():
+        n = int(np.prod(s)) * itemsize
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    return shards
+
+
+def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None = None,
+                    shard_gb: float = 5.0, force: bool = False, verbose: bool = False) -> Path:
+    """Write a random checkpoint of ``arch`` to ``out`` (via a temporary folder + rename)."""
+    from safetensors.numpy import save_file
+
+    from .tokenizer import write_processor_configs, write_tokenizer
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    config, (image_size, mean, std, do_norm), default_dtype = ARCHS[arch]
+    config = copy.deepcopy(config)
+    np_dtype = np.dtype(dtype or default_dtype)
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists (use force=True / --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shapes = checkpoint_shapes(config)
+        shards = plan_shards(shapes, np_dtype.itemsize, int(shard_gb * 1e9))
+        rng = np.random.default_rng(seed)
+        names = ["model.safetensors"] if len(shards) == 1 else [
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        weight_map, total = {}, 0
+        for fname, keys in zip(names, shards):
+            tensors = {}
+            for k in keys:
+                tensors[k] = random_tensor(rng, k, shapes[k]).astype(np_dtype)
+                weight_map[k] = fname
+                total += tensors[k].nbytes
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+            if verbose:
+                print(f"wrote {fname} ({len(keys)} tensors)", file=sys.stderr)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config["language_config"]["torch_dtype"] = str(np_dtype)
+        config.update({"model_type": "multi_modality", "torch_dtype": str(np_dtype)})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer(tmp)
+        write_processor_configs(tmp, image_size=image_size, image_mean=mean, image_std=std,
+                                do_normalize=do_norm, num_image_tokens=576)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary one
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mlx_dsvl.testing.make_checkpoint",
+                                description="Write a random DeepSeek-VL checkpoint in the original layout.")
+    p.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                   help="weights dtype (default: float32 for tiny archs, float16 for real sizes)")
+    p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    a = p.parse_args(argv)
+    try:
+        path = make_checkpoint(a.arch, a.out, a.seed, a.dtype, a.shard_gb, a.force, verbose=True)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
