@@ -1,0 +1,294 @@
+"""The "deepseek" chat template and the chat processor (text + images -> model inputs).
+
+Template (``SeparatorStyle.DeepSeek`` of the original ``conversation.py``), roles ``User`` and
+``Assistant``, ``sep = "\\n\\n"``, ``sep2 = "<｜end▁of▁sentence｜>"``::
+
+    {system}\\n\\nUser: {q1}\\n\\nAssistant: {a1}<｜end▁of▁sentence｜>User: {q2}\\n\\nAssistant:
+
+* the system part (``system + "\\n\\n"``) is omitted when the system prompt is empty;
+* message ``i`` (counting from 0, system excluded) renders as ``"{Role}: {text}" + sep`` with
+  ``sep = "\\n\\n"`` for even ``i`` and ``sep2`` for odd ``i`` (by position, like the original),
+  or as ``"{Role}:"`` alone when its stripped text is empty;
+* message texts are stripped, and so is the whole prompt.
+
+Tokenization follows the original ``VLChatProcessor.process_one``: the whole prompt is encoded
+by the tokenizer (BOS first, added here if its post-processor did not), then every image-tag
+id is replaced by ``num_image_tokens`` copies of itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .image import ImageInput, ImageProcessor
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
+SEP = "\n\n"
+SEP2 = "<｜end▁of▁sentence｜>"
+_ROLE_NAMES = {"system": "system", "user": "User", "assistant": "Assistant"}
+
+Message = Mapping[str, Any]
+
+
+def _check_message(index: int, message: Any) -> tuple[str, str]:
+    """Validate one message; return ``(canonical_role, content)``."""
+    if not isinstance(message, Mapping):
+        raise ValueError(
+            f"message {index} must be a dict with 'role' and 'content', got {type(message).__name__}"
+        )
+    if "role" not in message or "content" not in message:
+        raise ValueError(
+            f"message {index} must have 'role' and 'content' keys, got keys {sorted(message)}"
+        )
+    role, content = message["role"], message["content"]
+    if not isinstance(role, str) or role.strip().lower() not in _ROLE_NAMES:
+        raise ValueError(
+            f"message {index} has unknown role {role!r}; expected 'system', 'user' or 'assistant' "
+            "(case-insensitive)"
+        )
+    if not isinstance(content, str):
+        raise ValueError(f"message {index} content must be a str, got {type(content).__name__}")
+    return _ROLE_NAMES[role.strip().lower()], content
+
+
+def format_conversation(conversation: Sequence[Message], system_prompt: str | None = None) -> str:
+    """Render a conversation with the "deepseek" template.
+
+    Args:
+        conversation: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; roles are
+            case-insensitive. An optional system message must come first.
+        system_prompt: the system prompt when the conversation has no system message; ``None``
+            means :data:`DEFAULT_SYSTEM_PROMPT`. A system message in the conversation wins; an
+            empty system prompt (either way) means no system part at all.
+
+    Returns:
+        The prompt string. When the last message is the user's it ends with ``"Assistant:"``.
+    """
+    if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
+        raise ValueError("conversation must be a list of {'role', 'content'} dicts")
+    checked = [_check_message(i, m) for i, m in enumerate(conversation)]
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    if checked and checked[0][0] == "system":
+        system = checked.pop(0)[1]
+    for i, (role, _) in enumerate(checked):
+        if role == "system":
+            raise ValueError(
+                f"a system message is only allowed first (found one at message {i + 1})"
+            )
+    if not checked:
+        raise ValueError("conversation has no user or assistant message")
+    if checked[-1][0] == "User":
+        checked.append(("Assistant", ""))
+
+    seps = (SEP, SEP2)
+    prompt = system + SEP if system else ""
+    for i, (role, content) in enumerate(checked):
+        text = content.strip()
+        prompt += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
+    return prompt.strip()
+
+
+def _images_from_messages(conversation: Sequence[Message]) -> list[ImageInput]:
+    """Collect the original-style ``"images"`` lists attached to messages, in order."""
+    found: list[ImageInput] = []
+    for message in conversation:
+        if isinstance(message, Mapping) and message.get("images"):
+            found.extend(message["images"])
+    return found
+
+
+class ChatProcessor:
+    """Turns conversations and images into ``input_ids`` and ``pixel_values`` (MLX arrays).
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer (the DeepSeek byte-level BPE).
+        image_processor: an :class:`ImageProcessor`.
+        image_tag: the placeholder string marking an image in user text.
+        num_image_tokens: copies of the image id per image (576 in every release).
+        add_special_token: original option; when True the tag id is kept in front of the copies
+            (``num_image_tokens + 1`` ids per image). Every release uses False.
+        system_prompt: default system prompt (``None`` -> :data:`DEFAULT_SYSTEM_PROMPT`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: ImageProcessor,
+        image_tag: str = "<image_placeholder>",
+        num_image_tokens: int = 576,
+        add_special_token: bool = False,
+        system_prompt: str | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_tag = image_tag
+        self.num_image_tokens = int(num_image_tokens)
+        self.add_special_token = bool(add_special_token)
+        self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+        # Look the id up once: get_vocab() builds a fresh 100k-entry dict on every call.
+        image_id = tokenizer.get_vocab().get(image_tag)
+        if image_id is None:
+            raise ValueError(f"image tag {image_tag!r} is not in the tokenizer vocabulary")
+        self._image_token_id = int(image_id)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "ChatProcessor":
+        """Load the tokenizer, ``processor_config.json`` and ``preprocessor_config.json``."""
+        from transformers import AutoTokenizer  # heavy import, only needed here
+
+        root = Path(folder)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model folder not found: {root}")
+        for name in ("tokenizer_config.json",):
+            if not (root / name).is_file():
+                raise FileNotFoundError(f"{root}: missing tokenizer file {name}")
+        if not any((root / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            raise FileNotFoundError(f"{root}: missing tokenizer file tokenizer.json")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+        except Exception as exc:  # transformers raises many types; add the folder to the message
+            raise ValueError(f"{root}: could not load the tokenizer: {exc}") from exc
+        image_processor = ImageProcessor.from_pretrained(root)
+        cfg: dict[str, Any] = {}
+        if (root / "processor_config.json").is_file():
+            cfg = json.loads((root / "processor_config.json").read_text(encoding="utf-8"))
+        sft_format = cfg.get("sft_format", "deepseek")
+        if sft_format != "deepseek":
+            raise ValueError(
+                f"{root / 'processor_config.json'}: unsupported sft_format {sft_format!r}"
+            )
+        return cls(
+            tokenizer,
+            image_processor,
+            image_tag=cfg.get("image_tag", "<image_placeholder>"),
+            num_image_tokens=cfg.get("num_image_tokens", 576),
+            add_special_token=cfg.get("add_special_token", False),
+        )
+
+    @property
+    def image_token_id(self) -> int:
+        """Tokenizer id of the image tag (100015 for DeepSeek-VL)."""
+        return self._image_token_id
+
+    @property
+    def pad_id(self) -> int:
+        """Padding id: the tokenizer's pad id, else EOS (100001 for DeepSeek-VL)."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def format(self, conversation: Sequence[Message]) -> str:
+        """The prompt string for ``conversation`` with this processor's system prompt."""
+        return format_conversation(conversation, system_prompt=self.system_prompt)
+
+    def tokenize(self, prompt: str) -> np.ndarray:
+        """Prompt -> ``[T]`` int32 ids: BOS first, each image id expanded to its copies.
+
+        The original ran under transformers 4.x, whose ``LlamaTokenizerFast`` always prepends
+        BOS (``add_bos_token=True``). transformers 5 ignores ``add_bos_token`` when a
+        ``tokenizer.json`` exists and relies on its post-processor, so BOS is added here if
+        the tokenizer did not.
+        """
+        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int64)  # [T0]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (ids.size == 0 or ids[0] != bos):
+            ids = np.concatenate([np.array([bos], dtype=np.int64), ids])
+        image_id = self.image_token_id
+        pieces: list[np.ndarray] = []
+        start = 0
+        for pos in np.flatnonzero(ids == image_id):
+            end = pos + 1 if self.add_special_token else pos
+            pieces.append(ids[start:end])
+            pieces.append(np.full((self.num_image_tokens,), image_id, dtype=np.int64))
+            start = pos + 1
+        pieces.append(ids[start:])
+        return np.concatenate(pieces).astype(np.int32)
+
+    def _prepare(self, conversation: Sequence[Message], images: Iterable[ImageInput] | None):
+        """One sample -> ``(prompt, ids [T] int32, pixels [N, 3, S, S] float32)``."""
+        prompt = self.format(conversation)
+        ids = self.tokenize(prompt)
+        image_list = _images_from_messages(conversation) if images is None else list(images)
+        n_ids = int(np.sum(ids == self.image_token_id))
+        n_tags = n_ids // (self.num_image_tokens + int(self.add_special_token))
+        if n_tags != len(image_list):
+            raise ValueError(
+                f"the prompt has {n_tags} image placeholder(s) {self.image_tag!r} "
+                f"but {len(image_list)} image(s) were given"
+            )
+        pixels = self.image_processor(image_list)  # [N, 3, S, S]
+        return prompt, ids, pixels
+
+    def __call__(
+        self, conversation: Sequence[Message], images: Iterable[ImageInput] | None = None
+    ) -> dict[str, Any]:
+        """Process one conversation.
+
+        Args:
+            conversation: ``{"role", "content"}`` messages (see :func:`format_conversation`).
+            images: paths or PIL images, one per placeholder, in order. ``None`` collects the
+                original-style ``"images"`` lists attached to messages (none -> no images).
+
+        Returns:
+            ``input_ids``: mx.array int32 ``[1, T]``; ``pixel_values``: mx.array float32
+            ``[1, N, 3, S, S]`` in ``[0, 1]`` or ``None`` without images; ``prompt``: str;
+            ``num_images``: int N.
+        """
+        import mlx.core as mx
+
+        prompt, ids, pixels = self._prepare(conversation, images)
+        n = pixels.shape[0]
+        return {
+            "input_ids": mx.array(ids[None, :]),  # [1, T]
+            "pixel_values": mx.array(pixels[None]) if n else None,  # [1, N, 3, S, S]
+            "prompt": prompt,
+            "num_images": n,
+        }
+
+    def batch(
+        self, samples: Sequence[tuple[Sequence[Message], Iterable[ImageInput] | None]]
+    ) -> dict[str, Any]:
+        """Process several ``(conversation, images)`` pairs into one left-padded batch.
+
+        Layout (B samples, T = longest sequence, Nmax = most images in one sample):
+
+        * ``input_ids`` int32 ``[B, T]``: sample b occupies the **last** ``len_b`` positions;
+          the first ``T - len_b`` hold the pad id (EOS, 100001);
+        * ``attention_mask`` int32 ``[B, T]``: 1 on real tokens, 0 on the left padding;
+        * ``pixel_values`` float32 ``[B, Nmax, 3, S, S]``: sample b's images in slots
+          ``0..image_counts[b]-1``, zeros after; ``None`` when no sample has an image;
+        * ``image_counts`` list[int]: real images per sample; ``prompts`` list[str].
+
+        The k-th run of image ids in row b belongs to ``pixel_values[b, k]``.
+        """
+        import mlx.core as mx
+
+        if not samples:
+            raise ValueError("batch() needs at least one (conversation, images) sample")
+        prepared = [self._prepare(conv, imgs) for conv, imgs in samples]
+        lengths = [ids.shape[0] for _, ids, _ in prepared]
+        counts = [int(px.shape[0]) for _, _, px in prepared]
+        bsz, seq_len, n_max = len(prepared), max(lengths), max(counts)
+
+        input_ids = np.full((bsz, seq_len), self.pad_id, dtype=np.int32)  # [B, T]
+        attention_mask = np.zeros((bsz, seq_len), dtype=np.int32)  # [B, T]
+        pixel_values = np.zeros((bsz, n_max, *self.image_processor.default_shape), dtype=np.float32)
+        for b, (_, ids, px) in enumerate(prepared):
+            input_ids[b, seq_len - ids.shape[0] :] = ids
+            attention_mask[b, seq_len - ids.shape[0] :] = 1
+            pixel_values[b, : px.shape[0]] = px
+        return {
+            "input_ids": mx.array(input_ids),
+            "attention_mask": mx.array(attention_mask),
+            "pixel_values": mx.array(pixel_values) if n_max else None,
+            "image_counts": counts,
+            "prompts": [p for p, _, _ in prepared],
+        }
