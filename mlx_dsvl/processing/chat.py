@@ -144,6 +144,7 @@ class ChatProcessor:
     def from_pretrained(cls, folder: str | os.PathLike) -> "ChatProcessor":
         """Load the tokenizer, ``processor_config.json`` and ``preprocessor_config.json``."""
         from transformers import AutoTokenizer  # heavy import, only needed here
+        from transformers.utils import logging as transformers_logging
 
         root = Path(folder)
         if not root.is_dir():
@@ -153,10 +154,14 @@ class ChatProcessor:
                 raise FileNotFoundError(f"{root}: missing tokenizer file {name}")
         if not any((root / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
             raise FileNotFoundError(f"{root}: missing tokenizer file tokenizer.json")
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()  # its notes on DeepSeek's files are noise here
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
         except Exception as exc:  # transformers raises many types; add the folder to the message
             raise ValueError(f"{root}: could not load the tokenizer: {exc}") from exc
+        finally:
+            transformers_logging.set_verbosity(verbosity)
         image_processor = ImageProcessor.from_pretrained(root)
         cfg: dict[str, Any] = {}
         if (root / "processor_config.json").is_file():

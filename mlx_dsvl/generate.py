@@ -1,0 +1,151 @@
+"""``python -m mlx_dsvl.generate``: streaming generation and interactive chat from the shell.
+
+    python -m mlx_dsvl.generate --image photo.png --prompt "Describe the image."
+    python -m mlx_dsvl.generate --model deepseek-ai/deepseek-vl-7b-chat --chat
+
+The Python API (``generate``, ``stream_generate``, ``generate_batch``) is in
+:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List
+
+from .session import ChatSession, PromptTooLongError
+from .streaming import DEFAULT_SAMPLING, GenerationChunk
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+
+
+# -- command line ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_dsvl.generate",
+        description="Chat with DeepSeek-VL about images (MLX).",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local model folder or Hugging Face hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file, repeatable: one per <image_placeholder> in the prompt, in order "
+                        "(with no placeholder the images go before the text)")
+    p.add_argument("--prompt", default=None, help="the user message (required unless --chat)")
+    p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_SAMPLING["max_tokens"],
+                   help="maximum new tokens (default: 512)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"],
+                   help="sampling temperature, 0 = greedy (default: 0.2)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"], help="nucleus sampling (default: 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"],
+                   help="repetition penalty, 1 = off (default: 1.1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--max-context", type=int, default=4096,
+                   help="context limit in tokens; older turns are dropped beyond it (default: 4096)")
+    p.add_argument("--chat", action="store_true",
+                   help="interactive multi-turn chat: /image PATH attaches, /new restarts, /exit quits")
+    p.add_argument("--verbose", action="store_true",
+                   help="print prompt tokens/s, time to first token, generation tokens/s, peak memory")
+    return p
+
+
+def place_images(prompt: str, n_images: int, tag: str) -> str:
+    """With images but no placeholder, put one placeholder per image before the text."""
+    if n_images and tag not in prompt:
+        return tag * n_images + prompt
+    return prompt
+
+
+def _print_stats(last: GenerationChunk) -> None:
+    print(
+        f"\n==========\n"
+        f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec\n"
+        f"Time to first token: {last.time_to_first_token:.3f} s\n"
+        f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec\n"
+        f"Peak memory: {last.peak_memory:.3f} GB",
+        file=sys.stderr,
+    )
+
+
+def _reply(session: ChatSession, text: str, images: List[str], args) -> None:
+    last = None
+    for chunk in session.send(
+        text, images, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed,
+    ):
+        print(chunk.text, end="", flush=True)
+        last = chunk
+    print(flush=True)
+    if args.verbose and last is not None:
+        _print_stats(last)
+
+
+def _chat_loop(session: ChatSession, args) -> None:
+    pending: List[str] = list(args.image)
+    print("Chat: /image PATH attaches an image to your next message, /new restarts, /exit quits.",
+          file=sys.stderr)
+    first = args.prompt
+    while True:
+        if first is not None:
+            line, first = first, None
+        else:
+            try:
+                line = input("User: ").strip()
+            except EOFError:
+                break
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/new":
+            session.reset()
+            pending = []
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            session.processor.image_processor([path])  # fail now, with the path, if unreadable
+            pending.append(path)
+            print(f"(attached {path}; {len(pending)} image(s) for the next message)", file=sys.stderr)
+            continue
+        text = place_images(line, len(pending), session.processor.image_tag)
+        try:
+            print("Assistant: ", end="", flush=True)
+            _reply(session, text, pending, args)
+        except (ValueError, OSError) as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+        pending = []
+
+
+def main(argv=None) -> int:
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    args = build_parser().parse_args(argv)
+    if not args.chat and args.prompt is None:
+        print("error: --prompt is required (or use --chat)", file=sys.stderr)
+        return 2
+    from .loading import load
+
+    try:
+        model, processor = load(args.model, dtype=args.dtype)
+        session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context)
+        if args.chat:
+            _chat_loop(session, args)
+        else:
+            for path in args.image:  # clear errors before any work
+                processor.image_processor([path])
+            prompt = place_images(args.prompt, len(args.image), processor.image_tag)
+            _reply(session, prompt, args.image, args)
+    except KeyboardInterrupt:
+        return 130
+    except (PromptTooLongError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

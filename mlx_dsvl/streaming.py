@@ -1,0 +1,170 @@
+"""The token loop shared by one-shot generation, chat sessions and the app.
+
+Built on mlx-lm: ``generate_step`` (prefill + decode with a KV cache), its samplers and logits
+processors, and its byte-level BPE streaming detokenizer (multi-byte characters split across
+tokens are held back until complete).  This module adds the DeepSeek-VL stop rules (EOS and the
+``User:`` stop string, which never reaches the output) and per-chunk statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+STOP_STRINGS = ("User:",)
+# Reference CLI defaults (cli_chat.py): temperature 0.2, top_p 0.95, repetition penalty 1.1.
+DEFAULT_SAMPLING = dict(temperature=0.2, top_p=0.95, repetition_penalty=1.1, max_tokens=512)
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed piece of a reply, with running statistics."""
+
+    text: str  # new text since the previous chunk (may be "")
+    token: Optional[int]  # the token that produced it (None for the final flush)
+    prompt_tokens: int  # tokens prefilled for this reply (only the new ones in a session)
+    prompt_tps: float  # prefill tokens per second
+    time_to_first_token: float  # seconds from the call to the first sampled token
+    generation_tokens: int  # tokens generated so far
+    generation_tps: float  # decode tokens per second
+    peak_memory: float  # GB, mx.get_peak_memory()
+    finish_reason: Optional[str] = None  # "stop" | "length" on the last chunk
+
+
+def make_detokenizer(processor) -> BPEStreamingDetokenizer:
+    """A streaming detokenizer for the processor's byte-level BPE (token map built once)."""
+    base = getattr(processor, "_mlx_dsvl_detokenizer", None)
+    if base is None:
+        base = BPEStreamingDetokenizer(processor.tokenizer)
+        processor._mlx_dsvl_detokenizer = base
+    detok = BPEStreamingDetokenizer.__new__(BPEStreamingDetokenizer)
+    detok.tokenmap = base.tokenmap
+    detok.reset()
+    return detok
+
+
+class StopStringFilter:
+    """Emit text as it streams, holding back anything that may begin a stop string."""
+
+    def __init__(self, stops=STOP_STRINGS):
+        self.stops = stops
+        self.text = ""  # everything released so far
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self._pending + piece
+        for s in self.stops:
+            i = buf.find(s)
+            if i >= 0:
+                self.stopped = True
+                self._pending = ""
+                return self._release(buf[:i])
+        hold = 0
+        for s in self.stops:  # longest suffix of buf that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        self._pending = buf[len(buf) - hold:] if hold else ""
+        return self._release(buf[: len(buf) - hold])
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return self._release(out)
+
+    def _release(self, s: str) -> str:
+        self.text += s
+        return s
+
+
+def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_penalty: float = 1.1):
+    """(sampler, logits_processors) from mlx-lm; temperature 0 is greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
+    processors = make_logits_processors(
+        repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None
+    )
+    return sampler, processors
+
+
+def stream_tokens(
+    language_model,
+    processor,
+    new_ids: mx.array,
+    new_embeds: mx.array,
+    cache: List[Any],
+    *,
+    max_tokens: int = 512,
+    temperature: float = 0.2,
+    top_p: float = 0.95,
+    repetition_penalty: float = 1.1,
+    seed: Optional[int] = None,
+    generated: Optional[List[int]] = None,
+    start_time: Optional[float] = None,
+) -> Iterator[GenerationChunk]:
+    """Prefill ``new_ids``/``new_embeds`` ([T], [T, D]) on top of ``cache``, then decode.
+
+    Sampled token ids are appended to ``generated`` (when given) so a caller can track the cache.
+    ``start_time`` (``time.perf_counter()``) is when the request began -- before image encoding --
+    so that time to first token covers everything the user waits for.
+    """
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler, processors = make_sampling(temperature, top_p, repetition_penalty)
+    eos = {processor.tokenizer.eos_token_id}
+    detok = make_detokenizer(processor)
+    stop = StopStringFilter()
+    n_prompt = int(new_ids.shape[0])
+    tic = time.perf_counter() if start_time is None else start_time
+    ttft = prompt_tps = 0.0
+    n = 0
+    finish = "length"
+
+    def chunk(text, token, reason=None):
+        gen_time = time.perf_counter() - tic - ttft
+        return GenerationChunk(
+            text=text, token=token, prompt_tokens=n_prompt, prompt_tps=prompt_tps,
+            time_to_first_token=ttft, generation_tokens=n,
+            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+        )
+
+    steps = generate_step(
+        new_ids, language_model, max_tokens=max_tokens, sampler=sampler,
+        logits_processors=processors, prompt_cache=cache, input_embeddings=new_embeds,
+    )
+    for token, _ in steps:
+        if n == 0:
+            ttft = time.perf_counter() - tic
+            prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
+        n += 1
+        if generated is not None:
+            generated.append(token)
+        if token in eos:
+            finish = "stop"
+            break
+        detok.add_token(token)
+        text = stop.push(detok.last_segment)
+        if stop.stopped:
+            finish = "stop"
+            if text:
+                yield chunk(text, token)
+            break
+        if text:
+            yield chunk(text, token)
+    detok.finalize()
+    tail = stop.push(detok.last_segment) if not stop.stopped else ""
+    tail += stop.flush()
+    yield chunk(tail, None, finish)
