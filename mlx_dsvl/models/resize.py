@@ -1,7 +1,7 @@
 """Image resizing as pure MLX matrix products (differentiable, compilable, any device).
 
 Both resizes are separable: out = Wh @ x @ Wwᵀ along the two spatial axes, with small [out, in]
-weight matrices built from ``mx.arange`` (no numpy in a forward pass).
+weight matrices that depend only on the static sizes (no numpy in a forward pass).
 
 - ``bilinear_resize``: ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``
   without antialias (used by SAM's 64 -> 96 upsampling).
@@ -11,20 +11,36 @@ weight matrices built from ``mx.arange`` (no numpy in a forward pass).
 
 from __future__ import annotations
 
+import functools
+import struct
+
 import mlx.core as mx
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@functools.lru_cache(maxsize=16)
 def bilinear_weights(in_size: int, out_size: int) -> mx.array:
-    """[out, in] interpolation matrix for align_corners=False bilinear resizing."""
-    scale = in_size / out_size
-    src = mx.maximum((mx.arange(out_size, dtype=mx.float32) + 0.5) * scale - 0.5, 0.0)
-    i0 = mx.floor(src)
-    frac = src - i0
-    i0 = i0.astype(mx.int32)
-    i1 = mx.minimum(i0 + 1, in_size - 1)
-    cols = mx.arange(in_size)[None, :]
-    w = (1.0 - frac)[:, None] * (cols == i0[:, None]) + frac[:, None] * (cols == i1[:, None])
-    return w.astype(mx.float32)
+    """[out, in] interpolation matrix for align_corners=False bilinear resizing.
+
+    Matches PyTorch's CPU kernel: a float32 ``scale = in / out`` and a source coordinate
+    ``scale * (i + 0.5) - 0.5`` rounded once (fused multiply-add), clamped at 0.  The weights
+    depend only on the static sizes, so they are plain-Python constants.
+    """
+    scale = _f32(in_size / out_size)
+    rows = []
+    for i in range(out_size):
+        src = max(_f32(scale * (i + 0.5) - 0.5), 0.0)
+        i0 = int(src)
+        frac = _f32(src - i0)
+        i1 = min(i0 + 1, in_size - 1)
+        row = [0.0] * in_size
+        row[i0] += 1.0 - frac
+        row[i1] += frac
+        rows.append(row)
+    return mx.array(rows, dtype=mx.float32)
 
 
 def antialias_weights(in_size: int, out_size: int) -> mx.array:

@@ -206,6 +206,25 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
     return out
 
 
+def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) -> Path:
+    """A random checkpoint of ``arch`` made once and kept (benchmarks reuse it across runs).
+
+    Location: ``$MLX_DSVL_CACHE`` or ``~/.cache/mlx_dsvl``, under ``checkpoints/{arch}-seed{seed}``.
+    """
+    import os
+
+    root = Path(root or os.environ.get("MLX_DSVL_CACHE") or Path.home() / ".cache" / "mlx_dsvl")
+    out = root / "checkpoints" / f"{arch}-seed{seed}"
+    if not (out / "config.json").exists():
+        print(f"making a random {arch} checkpoint in {out} (once) ...", file=sys.stderr)
+        try:
+            make_checkpoint(arch, out, seed=seed, verbose=True)
+        except (FileExistsError, OSError):
+            if not (out / "config.json").exists():  # not just a concurrent maker finishing first
+                raise
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mlx_dsvl.testing.make_checkpoint",
                                 description="Write a random DeepSeek-VL checkpoint in the original layout.")

@@ -1,0 +1,1 @@
+"""Checkpoint conversion helpers (original deepseek-ai layout <-> ``transformers`` layout)."""

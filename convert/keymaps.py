@@ -1,0 +1,303 @@
+"""Tensor-name maps between the original deepseek-ai checkpoints and ``transformers``' ports.
+
+Original layout (``deepseek-ai/deepseek-vl-*``)            ``transformers`` (``DeepseekVL*ForConditionalGeneration``)
+---------------------------------------------------------  ---------------------------------------------------------
+``vision_model.vision_tower.*`` (1.3B SigLIP)               ``model.vision_model.*`` (newer, flat) or
+``vision_model.vision_tower_low.vision_tower.*`` (7B)       ``model.vision_model.vision_model.*`` (older hub files)
+``vision_model.vision_tower_high.vision_tower.*`` (SAM)     ``model.high_res_vision_model.vision_encoder.*``,
+                                                            ``model.high_res_vision_neck.*`` (``neck_hd``),
+                                                            ``model.high_res_vision_proj.conv{1,2}`` (``downsamples``),
+                                                            ``model.high_res_vision_alpha`` (``hd_alpha_downsamples``)
+``aligner.layers.{0,2}`` (1.3B)                             ``model.aligner.linear{1,2}``
+``aligner.{high_up_proj,low_up_proj,layers.1}`` (7B)        ``model.aligner.{high_res_vision_proj,vision_proj,proj}``
+``language_model.model.*`` / ``language_model.lm_head``     ``model.language_model.*`` / ``lm_head``
+
+Tensor changes: SigLIP's fused ``attn.qkv`` is split into ``self_attn.{q,k,v}_proj`` (and fused
+back); SigLIP's ``pos_embed`` [1, N, D] loses its leading 1 (``position_embedding.weight`` [N, D]);
+SAM's ``qkv`` stays fused; conv weights keep the PyTorch [O, I, kH, kW] layout on both sides.
+
+Dropped on the way to ``transformers``: ``attn_pool.*`` (SigLIP pooling head),
+``vision_model.{high,low}_layer_norm.*`` and ``rotary_emb.inv_freq`` -- the original model never
+uses them.  Dropped on the way back: SigLIP's ``head.*`` (``transformers``' pooling head, present
+in some converted files; unused with ``vision_use_head=False``).  Any other unknown name raises.
+
+Pure Python + numpy: values may be numpy arrays, ``torch`` tensors or ``mlx`` arrays (the
+functions only slice, index and -- for the inverse qkv fusion -- concatenate them with the
+values' own library); no ``torch`` import happens here.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "original_to_hf",
+    "hf_to_original",
+    "is_hf_state_dict",
+    "is_hybrid_original",
+    "is_hybrid_hf",
+    "ORIGINAL_UNUSED",
+]
+
+# -- prefixes ---------------------------------------------------------------------------------
+O_SIGLIP_13B = "vision_model.vision_tower."
+O_SIGLIP_HYBRID = "vision_model.vision_tower_low.vision_tower."
+O_SAM = "vision_model.vision_tower_high.vision_tower."
+H_SIGLIP_FLAT = "model.vision_model."
+H_SIGLIP_NESTED = "model.vision_model.vision_model."
+H_SAM = "model.high_res_vision_model.vision_encoder."
+
+# Tensors in the original files that no model (original or ``transformers``) uses.
+ORIGINAL_UNUSED = (
+    re.compile(r"(^|\.)attn_pool\."),
+    re.compile(r"^vision_model\.(high|low)_layer_norm\."),
+    re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+)
+# ``transformers``' SigLIP pooling head (``vision_use_head=True``); never used by DeepSeek-VL.
+HF_UNUSED = (re.compile(r"^model\.vision_model\.(vision_model\.)?head\."),)
+
+# -- rules ------------------------------------------------------------------------------------
+# (original template, transformers template, kind); placeholders: {i} layer index, {n} 1/2,
+# {p} weight/bias, {hw} h/w, {rest} anything.  kind: "same" | "qkv" | "pos".
+Rule = Tuple[str, str, str]
+
+_PLACEHOLDERS = {
+    "i": r"\d+",
+    "n": r"[12]",
+    "p": r"weight|bias",
+    "hw": r"[hw]",
+    "rest": r".+",
+    "qkv": r"[qkv]",
+}
+
+
+def _siglip_rules(o: str, h: str) -> List[Rule]:
+    """SigLIP (timm ViT) <-> ``SiglipVisionModel``; o/h are the two prefixes."""
+    return [
+        (o + "patch_embed.proj.{p}", h + "embeddings.patch_embedding.{p}", "same"),
+        (o + "pos_embed", h + "embeddings.position_embedding.weight", "pos"),
+        (o + "blocks.{i}.norm{n}.{p}", h + "encoder.layers.{i}.layer_norm{n}.{p}", "same"),
+        (o + "blocks.{i}.attn.qkv.{p}", h + "encoder.layers.{i}.self_attn.{qkv}_proj.{p}", "qkv"),
+        (o + "blocks.{i}.attn.proj.{p}", h + "encoder.layers.{i}.self_attn.out_proj.{p}", "same"),
+        (o + "blocks.{i}.mlp.fc{n}.{p}", h + "encoder.layers.{i}.mlp.fc{n}.{p}", "same"),
+        (o + "norm.{p}", h + "post_layernorm.{p}", "same"),
+    ]
+
+
+def _neck_rules(o: str, h: str) -> List[Rule]:
+    return [
+        (o + "0.weight", h + "conv1.weight", "same"),
+        (o + "1.{p}", h + "layer_norm1.{p}", "same"),
+        (o + "2.weight", h + "conv2.weight", "same"),
+        (o + "3.{p}", h + "layer_norm2.{p}", "same"),
+    ]
+
+
+def _sam_rules() -> List[Rule]:
+    o, h = O_SAM, H_SAM
+    return [
+        (o + "pos_embed", h + "pos_embed", "same"),
+        (o + "patch_embed.proj.{p}", h + "patch_embed.projection.{p}", "same"),
+        (o + "blocks.{i}.norm{n}.{p}", h + "layers.{i}.layer_norm{n}.{p}", "same"),
+        (o + "blocks.{i}.attn.rel_pos_{hw}", h + "layers.{i}.attn.rel_pos_{hw}", "same"),
+        (o + "blocks.{i}.attn.qkv.{p}", h + "layers.{i}.attn.qkv.{p}", "same"),
+        (o + "blocks.{i}.attn.proj.{p}", h + "layers.{i}.attn.proj.{p}", "same"),
+        (o + "blocks.{i}.mlp.lin{n}.{p}", h + "layers.{i}.mlp.lin{n}.{p}", "same"),
+        *_neck_rules(o + "neck.", h + "neck."),
+        *_neck_rules(o + "neck_hd.", "model.high_res_vision_neck."),
+        (o + "downsamples.0.weight", "model.high_res_vision_proj.conv1.weight", "same"),
+        (o + "downsamples.1.weight", "model.high_res_vision_proj.conv2.weight", "same"),
+        (o + "hd_alpha_downsamples", "model.high_res_vision_alpha", "same"),
+    ]
+
+
+_LLM_RULES: List[Rule] = [
+    ("language_model.model.{rest}", "model.language_model.{rest}", "same"),
+    ("language_model.lm_head.{p}", "lm_head.{p}", "same"),
+]
+_ALIGNER_13B: List[Rule] = [
+    ("aligner.layers.0.{p}", "model.aligner.linear1.{p}", "same"),
+    ("aligner.layers.2.{p}", "model.aligner.linear2.{p}", "same"),
+]
+_ALIGNER_HYBRID: List[Rule] = [
+    ("aligner.high_up_proj.{p}", "model.aligner.high_res_vision_proj.{p}", "same"),
+    ("aligner.low_up_proj.{p}", "model.aligner.vision_proj.{p}", "same"),
+    ("aligner.layers.1.{p}", "model.aligner.proj.{p}", "same"),
+]
+
+
+def _rules(hybrid: bool, siglip_hf_prefix: str) -> List[Rule]:
+    if hybrid:
+        return [*_siglip_rules(O_SIGLIP_HYBRID, siglip_hf_prefix), *_sam_rules(), *_ALIGNER_HYBRID,
+                *_LLM_RULES]
+    return [*_siglip_rules(O_SIGLIP_13B, siglip_hf_prefix), *_ALIGNER_13B, *_LLM_RULES]
+
+
+def _compile(template: str) -> "re.Pattern[str]":
+    out, pos = [], 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out.append(re.escape(template[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>{_PLACEHOLDERS[m.group(1)]})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+def _fill(template: str, groups: Mapping[str, str]) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: groups[m.group(1)], template)
+
+
+# -- array helpers (library-agnostic) ---------------------------------------------------------
+def _concat0(parts: Sequence[Any]) -> Any:
+    """Concatenate along axis 0 with the values' own library (numpy, torch or mlx)."""
+    lib = type(parts[0]).__module__.split(".")[0]
+    if lib == "torch" and "torch" in sys.modules:
+        return sys.modules["torch"].cat(list(parts), 0)
+    if lib == "mlx" and "mlx.core" in sys.modules:
+        return sys.modules["mlx.core"].concatenate(list(parts), 0)
+    return np.concatenate([np.asarray(p) for p in parts], 0)
+
+
+def _shape(v: Any) -> Tuple[int, ...]:
+    return tuple(int(s) for s in v.shape)
+
+
+# -- detection --------------------------------------------------------------------------------
+def is_hf_state_dict(keys) -> bool:
+    """True when the names are ``transformers``' (``model.*`` / ``lm_head.*``)."""
+    keys = list(keys)
+    return bool(keys) and all(k.startswith(("model.", "lm_head.")) for k in keys)
+
+
+def is_hybrid_original(keys) -> bool:
+    return any(k.startswith(("vision_model.vision_tower_high.", "vision_model.vision_tower_low."))
+               for k in keys)
+
+
+def is_hybrid_hf(keys) -> bool:
+    return any(k.startswith("model.high_res_vision_") for k in keys)
+
+
+def _unused(key: str, patterns) -> bool:
+    return any(p.search(key) for p in patterns)
+
+
+# -- original -> transformers -----------------------------------------------------------------
+def original_to_hf(
+    state_dict: Mapping[str, Any], hybrid: Optional[bool] = None, nested_siglip: bool = False
+) -> Dict[str, Any]:
+    """Original deepseek-ai tensors -> ``transformers`` ``DeepseekVL[Hybrid]ForConditionalGeneration``.
+
+    hybrid: the 7B layout (SAM + SigLIP); None detects it from the names.
+    nested_siglip: emit the older ``model.vision_model.vision_model.*`` SigLIP names instead of
+    the flat ``model.vision_model.*`` that current ``transformers`` builds.
+    Raises ``KeyError`` for a name no rule knows, ``ValueError`` for an impossible shape.
+    """
+    if hybrid is None:
+        hybrid = is_hybrid_original(state_dict)
+    compiled = [(_compile(o), h, kind)
+                for o, h, kind in _rules(hybrid, H_SIGLIP_NESTED if nested_siglip else H_SIGLIP_FLAT)]
+    out: Dict[str, Any] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if _unused(key, ORIGINAL_UNUSED):
+            continue
+        for pattern, target, kind in compiled:
+            m = pattern.match(key)
+            if m is None:
+                continue
+            groups = m.groupdict()
+            if kind == "qkv":
+                rows = _shape(value)[0]
+                if rows % 3:
+                    raise ValueError(f"{key}: fused qkv with {rows} rows is not divisible by 3")
+                d = rows // 3
+                for j, name in enumerate("qkv"):
+                    _put(out, _fill(target, {**groups, "qkv": name}), value[j * d:(j + 1) * d], key)
+            elif kind == "pos":
+                shape = _shape(value)
+                if len(shape) != 3 or shape[0] != 1:
+                    raise ValueError(f"{key}: expected a [1, N, D] position table, got {list(shape)}")
+                _put(out, _fill(target, groups), value[0], key)
+            else:
+                _put(out, _fill(target, groups), value, key)
+            break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(
+            f"no transformers name for {len(unknown)} original tensor(s) "
+            f"({'hybrid' if hybrid else '1.3B'} layout), e.g. {unknown[:5]}"
+        )
+    return out
+
+
+# -- transformers -> original -----------------------------------------------------------------
+def hf_to_original(state_dict: Mapping[str, Any], hybrid: Optional[bool] = None) -> Dict[str, Any]:
+    """``transformers`` tensors (either SigLIP naming generation) -> original deepseek-ai names.
+
+    hybrid: the 7B layout; None detects it from the names (``model.high_res_vision_*``).
+    The SigLIP q/k/v projections are fused back into ``attn.qkv`` (q, k, v order) and the
+    position table regains its leading 1.  The unused tensors the released files carry
+    (``attn_pool``, ``high/low_layer_norm``, ``inv_freq``) are not invented.  A missing
+    ``lm_head.weight`` (a file saved with tied embeddings) stays missing: the caller decides.
+    Raises ``KeyError`` for an unknown name, a duplicate (both SigLIP generations at once) or
+    an incomplete q/k/v triple.
+    """
+    if hybrid is None:
+        hybrid = is_hybrid_hf(state_dict)
+    # Both SigLIP generations; the patterns are anchored, so flat never matches nested names.
+    compiled = []
+    for siglip in (H_SIGLIP_NESTED, H_SIGLIP_FLAT):
+        for o, h, kind in _rules(hybrid, siglip):
+            if siglip == H_SIGLIP_FLAT and not h.startswith(siglip):
+                continue  # the non-SigLIP rules once are enough
+            compiled.append((_compile(h), o, kind))
+    out: Dict[str, Any] = {}
+    pending: Dict[str, Dict[str, Any]] = {}  # fused key -> {"q": .., "k": .., "v": ..}
+    unknown = []
+    for key, value in state_dict.items():
+        if _unused(key, HF_UNUSED):
+            continue
+        for pattern, target, kind in compiled:
+            m = pattern.match(key)
+            if m is None:
+                continue
+            groups = m.groupdict()
+            if kind == "qkv":
+                fused = _fill(target, groups)
+                part = pending.setdefault(fused, {})
+                if groups["qkv"] in part:
+                    raise KeyError(f"{key}: duplicate tensor for {fused} (two naming generations?)")
+                part[groups["qkv"]] = value
+            elif kind == "pos":
+                shape = _shape(value)
+                if len(shape) != 2:
+                    raise ValueError(f"{key}: expected an [N, D] position table, got {list(shape)}")
+                _put(out, _fill(target, groups), value[None], key)
+            else:
+                _put(out, _fill(target, groups), value, key)
+            break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(
+            f"no original name for {len(unknown)} transformers tensor(s) "
+            f"({'hybrid' if hybrid else '1.3B'} layout), e.g. {unknown[:5]}"
+        )
+    for fused, parts in pending.items():
+        missing = [n for n in "qkv" if n not in parts]
+        if missing:
+            raise KeyError(f"{fused}: missing the {'/'.join(missing)} projection(s) to fuse")
+        _put(out, fused, _concat0([parts["q"], parts["k"], parts["v"]]), fused)
+    return out
+
+
+def _put(out: Dict[str, Any], key: str, value: Any, source: str) -> None:
+    if key in out:
+        raise KeyError(f"{source}: maps to {key}, which another tensor already produced")
+    out[key] = value
