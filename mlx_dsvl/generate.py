@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto = the GPU when MLX has one (Metal/CUDA), else the CPU (default: auto)")
     p.add_argument("--max-context", type=int, default=4096,
                    help="context limit in tokens; older turns are dropped beyond it (default: 4096)")
     p.add_argument("--chat", action="store_true",
@@ -127,9 +129,11 @@ def main(argv=None) -> int:
     if not args.chat and args.prompt is None:
         print("error: --prompt is required (or use --chat)", file=sys.stderr)
         return 2
+    from .device import select_device
     from .loading import load
 
     try:
+        select_device(args.device)
         model, processor = load(args.model, dtype=args.dtype)
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context)
         if args.chat:

@@ -1,0 +1,239 @@
+"""``python -m mlx_dsvl.bench``: where the time and memory go, on random checkpoints of real sizes.
+
+    python -m mlx_dsvl.bench --arch 1.3b [--dtype float32] [--quantize 4] [--device auto] \
+        [--json out.json] [--compare]
+
+Random-weight checkpoints of the real sizes are made once and cached (``~/.cache/mlx_dsvl``).
+Reports preprocessing, each vision tower, the aligner, prefill tokens/s, time to first token,
+decode tokens/s, peak memory and the turn-2 time to first token with cache reuse.  ``--compare``
+adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + prefill
+against the PyTorch reference (``transformers``, when torch is installed), and the decode bound
+(weight bytes read per token / measured memory bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from typing import Callable, Dict
+
+import numpy as np
+
+ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b")
+
+
+def timed(fn: Callable, warmup: int = 0, repeats: int = 1):
+    """(result, seconds): best of ``repeats`` after ``warmup`` runs; MLX results are evaluated."""
+    import mlx.core as mx
+
+    for _ in range(warmup):
+        mx.eval(fn())
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
+    """Read bandwidth of the default device: a large reduction (reads n_bytes once)."""
+    import mlx.core as mx
+
+    x = mx.ones((n_bytes // 4,), dtype=mx.float32)
+    mx.eval(x)
+    _, s = timed(lambda: x.sum(), warmup=1, repeats=3)
+    del x
+    return n_bytes / s / 1e9
+
+
+def llm_bytes_per_token(model) -> int:
+    """Bytes of LLM weights read to decode one token (every layer, the norm and lm_head)."""
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for k, v in tree_flatten(model.language_model.parameters())
+               if "embed_tokens" not in k)
+
+
+def quantize_llm(model, bits: int, group_size: int = 64) -> None:
+    """In-memory quantization of the LLM's Linear/Embedding layers that divide by the group."""
+    import mlx.nn as nn
+
+    nn.quantize(
+        model.language_model, group_size=group_size, bits=bits,
+        class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding))
+        and m.weight.shape[-1] % group_size == 0,
+    )
+
+
+def decode_tps(step_iter, n: int) -> float:
+    """Tokens/s over tokens 2..n of a generate_step iterator (the first includes prefill)."""
+    t = None
+    for i, _ in enumerate(step_iter):
+        if i == 0:
+            t = time.perf_counter()
+        if i == n - 1:
+            break
+    return (n - 1) / (time.perf_counter() - t)
+
+
+def run(args) -> Dict:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from PIL import Image
+
+    from .device import describe_device, select_device
+    from .loading import load
+    from .session import ChatSession
+    from .testing.make_checkpoint import cached_checkpoint
+
+    select_device(args.device)
+    path = cached_checkpoint(args.arch)
+    res: Dict = {"date": date.today().isoformat(), "arch": args.arch, "device": describe_device(),
+                 "machine": f"{platform.machine()} {os.cpu_count()} cores",
+                 "blas": "openblas" if _openblas() else "bundled"}
+    t = time.perf_counter()
+    model, processor = load(path, dtype=args.dtype)
+    res["load_s"] = time.perf_counter() - t
+    if args.quantize:
+        quantize_llm(model, args.quantize)
+        mx.eval(model.parameters())
+    res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
+    res["quantize"] = args.quantize or None
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    conv = [{"role": "user", "content": "<image_placeholder>Describe this image in detail."}]
+    batch, s = timed(lambda: processor(conv, [img])["pixel_values"])
+    res["preprocess_ms"] = s * 1e3
+    px = batch[0]  # [1, 3, S, S]
+    w = args.warmup
+    if model.vision_model.__class__.__name__ == "HybridVisionTower":
+        from .models.resize import antialias_bilinear_resize
+
+        x = px.transpose(0, 2, 3, 1).astype(model._dtype)
+        feats_high, s = timed(lambda: model.vision_model.vision_tower_high(x), w)
+        res["sam_ms"] = s * 1e3
+        low_in = antialias_bilinear_resize(x.astype(mx.float32), model.vision_model.low_res_size).astype(x.dtype)
+        feats_low, s = timed(lambda: model.vision_model.vision_tower_low(low_in), w)
+        res["siglip_ms"] = s * 1e3
+        feats = (feats_high, feats_low)
+    else:
+        feats, s = timed(lambda: model.vision_features(px), w)
+        res["siglip_ms"] = s * 1e3
+    _, s = timed(lambda: model.aligner(feats), w)
+    res["aligner_ms"] = s * 1e3
+
+    chat = ChatSession(model, processor, on_truncate=None)
+    opts = dict(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.0)
+    last = None
+    for last in chat.send(conv[0]["content"], [img], **opts):
+        pass
+    res.update(prompt_tokens=last.prompt_tokens, prefill_tps=last.prompt_tps,
+               ttft_s=last.time_to_first_token, decode_tps=last.generation_tps,
+               decode_tokens=last.generation_tokens)
+    for last in chat.send("And which colour dominates?", [], **opts):
+        pass
+    res["turn2_prompt_tokens"] = last.prompt_tokens
+    res["turn2_ttft_s"] = last.time_to_first_token
+    res["turn2_over_turn1"] = res["turn2_ttft_s"] / res["ttft_s"]
+    res["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+
+    if args.compare:
+        n = args.max_tokens
+        prompt = mx.array(np.random.default_rng(1).integers(100, 30000, 64), dtype=mx.int32)
+        ours = decode_tps(_our_decode(model, processor, prompt, n), n)
+        bare = decode_tps(generate_step(prompt, model.language_model, max_tokens=n), n)
+        res.update(decode_ours_tps=ours, decode_bare_mlx_lm_tps=bare, decode_ratio=ours / bare)
+        bw = memory_bandwidth_gbs()
+        per_tok = llm_bytes_per_token(model)
+        res.update(bandwidth_gbs=bw, weight_gb_per_token=per_tok / 1e9,
+                   decode_bound_tps=bw * 1e9 / per_tok, decode_fraction_of_bound=bare / (bw * 1e9 / per_tok))
+        res.update(_torch_compare(path, px, batch, processor, conv, img, model, args))
+    return res
+
+
+def _our_decode(model, processor, prompt, n):
+    """Decode through the same streaming path the CLI and sessions use."""
+    import mlx.core as mx
+
+    from .streaming import stream_tokens
+
+    embeds = model.get_input_embeddings(prompt[None])[0]
+    it = stream_tokens(model.language_model, processor, prompt, embeds, model.make_cache(),
+                       max_tokens=n, temperature=0.0, repetition_penalty=1.0)
+    for chunk in it:
+        if chunk.token is not None or chunk.finish_reason:
+            yield chunk
+    mx.eval()
+
+
+def _torch_compare(path, px, batch, processor, conv, img, model, args) -> Dict:
+    """Vision + aligner and prefill time of transformers' model on the same weights and pixels."""
+    import mlx.core as mx
+
+    try:
+        import torch
+
+        from .testing.hf_reference import build_hf_model, reference_inputs
+    except ImportError as e:
+        return {"torch_compare": f"skipped ({e.name} not installed)"}
+    if args.dtype not in (None, "float32") or args.quantize or mx.default_device() != mx.cpu:
+        return {"torch_compare": "skipped (only float32, unquantized, on the CPU)"}
+    torch.set_num_threads(os.cpu_count())
+    hf = build_hf_model(path)
+    x = torch.from_numpy(np.array(px))
+    inputs = reference_inputs(x, path)
+    ids = processor(conv, [img])["input_ids"]
+    t_ids = torch.from_numpy(np.array(ids)).long()
+    with torch.no_grad():
+        t = time.perf_counter()
+        hf.model.get_image_features(**inputs)
+        t_vision = time.perf_counter() - t
+        t = time.perf_counter()
+        hf(input_ids=t_ids, **inputs, logits_to_keep=1)
+        t_total = time.perf_counter() - t
+    _, ours_vision = timed(lambda: model.encode_images(batch))
+    _, ours_total = timed(lambda: model(ids, pixel_values=batch)[:, -1])
+    return {"torch_threads": torch.get_num_threads(), "torch_vision_aligner_ms": t_vision * 1e3,
+            "ours_vision_aligner_ms": ours_vision * 1e3, "torch_vision_prefill_s": t_total,
+            "ours_vision_prefill_s": ours_total, "vision_prefill_speedup": t_total / ours_total}
+
+
+def _openblas() -> bool:
+    from .blas import openblas_loaded
+
+    return openblas_loaded()
+
+
+def main(argv=None) -> int:
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    p = argparse.ArgumentParser(prog="python -m mlx_dsvl.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--arch", choices=ARCHS, default="tiny-hybrid")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the LLM")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")
+    p.add_argument("--compare", action="store_true", help="bare mlx-lm, PyTorch and bandwidth comparisons")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    res = run(args)
+    for k, v in res.items():
+        print(f"{k:>28}: {round(v, 4) if isinstance(v, float) else v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
