@@ -1,6 +1,6 @@
 """The token loop shared by one-shot generation, chat sessions and the app.
 
-Built on mlx-lm: ``generate_step`` (prefill + decode with a KV cache), its samplers and logits
+Built on mlx-lm: ``generate_step`` (decoding with a KV cache), its samplers and logits
 processors, and its byte-level BPE streaming detokenizer (multi-byte characters split across
 tokens are held back until complete).  This module adds the DeepSeek-VL stop rules (EOS and the
 ``User:`` stop string, which never reaches the output) and per-chunk statistics.
@@ -99,6 +99,36 @@ def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_pena
     return sampler, processors
 
 
+def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
+                max_tokens: int, sampler, processors, prefill_step_size: int = 2048) -> Iterator[int]:
+    """Token ids: the prompt prefilled in full passes, then mlx-lm's ``generate_step``.
+
+    ``generate_step`` runs the last prompt token in a pass of its own, one more full read of
+    the weights; for the short prompts of a chat turn that is a large share of the time to first
+    token.  Here the whole prompt goes through in chunks of ``prefill_step_size``, the first
+    token is sampled from the last position, and ``generate_step`` decodes from it (its logits
+    processors still see the prompt's tail, as they would have).
+    """
+    T = int(new_ids.shape[0])
+    for s in range(0, T, prefill_step_size):
+        e = min(s + prefill_step_size, T)
+        logits = language_model(new_ids[None, s:e], cache=cache, input_embeddings=new_embeds[None, s:e])
+        if e < T:
+            mx.eval([c.state for c in cache])
+    logits = logits[:, -1, :]
+    for p in processors:
+        logits = p(new_ids, logits)
+    y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item()
+    yield y
+    if max_tokens <= 1:
+        return
+    context = new_ids[-64:]
+    wrapped = [lambda toks, lg, p=p: p(mx.concatenate([context, toks]), lg) for p in processors]
+    for token, _ in generate_step(mx.array([y]), language_model, max_tokens=max_tokens - 1,
+                                  sampler=sampler, logits_processors=wrapped, prompt_cache=cache):
+        yield token
+
+
 def stream_tokens(
     language_model,
     processor,
@@ -141,11 +171,8 @@ def stream_tokens(
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
         )
 
-    steps = generate_step(
-        new_ids, language_model, max_tokens=max_tokens, sampler=sampler,
-        logits_processors=processors, prompt_cache=cache, input_embeddings=new_embeds,
-    )
-    for token, _ in steps:
+    steps = token_steps(language_model, new_ids, new_embeds, cache, max_tokens, sampler, processors)
+    for token in steps:
         if n == 0:
             ttft = time.perf_counter() - tic
             prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
