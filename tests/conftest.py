@@ -45,11 +45,11 @@ def tiny_hybrid_dir(tmp_path_factory):
 def tiny_model(tiny_dir):
     import mlx_dsvl
 
-    return mlx_dsvl.load(tiny_dir)
+    return mlx_dsvl.load(tiny_dir, dtype="float32")  # float32 on any device (GPU default: bf16)
 
 
 @pytest.fixture(scope="session")
 def tiny_hybrid_model(tiny_hybrid_dir):
     import mlx_dsvl
 
-    return mlx_dsvl.load(tiny_hybrid_dir)
+    return mlx_dsvl.load(tiny_hybrid_dir, dtype="float32")

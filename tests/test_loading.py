@@ -41,7 +41,7 @@ def expect_error(path: Path, *fragments: str):
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_hybrid_model"])
 def test_load_both_layouts(fixture, request):
     model, processor = request.getfixturevalue(fixture)
-    assert model.language_model.model.norm.weight.dtype == mx.float32  # CPU default
+    assert model.language_model.model.norm.weight.dtype == mx.float32
     assert processor.image_token_id == model.image_token_id == 100015
     batch = processor([{"role": "user", "content": "<image_placeholder> hi"}], [_img()])
     logits = model(batch["input_ids"], pixel_values=batch["pixel_values"])
@@ -53,6 +53,15 @@ def _img():
     from PIL import Image
 
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+
+
+def test_default_dtype_follows_device(tiny_dir):
+    """float32 on the CPU backend, bfloat16 on a GPU."""
+    from mlx_dsvl.loading import default_dtype
+
+    model, _ = mlx_dsvl.load(tiny_dir)
+    want = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert default_dtype() == want == model.language_model.model.norm.weight.dtype
 
 
 def test_dtype_option(tiny_dir):
