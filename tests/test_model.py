@@ -149,3 +149,18 @@ def test_config_overrides_and_defaults():
     tiny = ModelConfig.from_dict(ARCHS["tiny-hybrid"][0])
     assert tiny.vision.high.width == 32 and tiny.vision.low.width == 64
     assert tiny.vision.num_image_tokens == 576
+
+
+def test_compiled_vision_equals_eager(tiny_hybrid_model):
+    """The compiled vision path (default on GPUs) computes exactly what the eager one does."""
+    model, _ = tiny_hybrid_model
+    px = mx.random.uniform(shape=(1, 1, 3, 1024, 1024), key=mx.random.key(5))
+    try:
+        model.compile_vision(False)
+        eager = model.encode_images(px)
+        model.compile_vision(True)
+        compiled = model.encode_images(px)
+    finally:
+        model.compile_vision(mx.default_device() == mx.gpu)
+    assert eager.shape == (1, 1, 576, 64)
+    assert float(mx.abs(eager - compiled).max()) <= 1e-5 * float(mx.abs(eager).max())
