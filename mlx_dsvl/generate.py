@@ -4,7 +4,9 @@
     python -m mlx_dsvl.generate --model deepseek-ai/deepseek-vl-7b-chat --chat
 
 The Python API (``generate``, ``stream_generate``, ``generate_batch``) is in
-:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.
+:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.  Run this module with
+``-m``; don't import it: importing ``mlx_dsvl.generate`` would rebind the package's
+``mlx_dsvl.generate`` function to this module.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import sys
 from typing import List
 
+from .generation import place_images
 from .session import ChatSession, PromptTooLongError
 from .streaming import DEFAULT_SAMPLING, GenerationChunk
 
@@ -51,13 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true",
                    help="print prompt tokens/s, time to first token, generation tokens/s, peak memory")
     return p
-
-
-def place_images(prompt: str, n_images: int, tag: str) -> str:
-    """With images but no placeholder, put one placeholder per image before the text."""
-    if n_images and tag not in prompt:
-        return tag * n_images + prompt
-    return prompt
 
 
 def _print_stats(last: GenerationChunk) -> None:

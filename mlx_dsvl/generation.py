@@ -115,3 +115,11 @@ def _finish_text(processor, tokens: List[int]) -> str:
     detok.finalize()
     f = StopStringFilter()
     return f.push(detok.text) + f.flush()
+
+
+def place_images(prompt: str, n_images: int, tag: str = "<image_placeholder>") -> str:
+    """With images but no placeholder, put one placeholder per image before the text (as the
+    reference demo does)."""
+    if n_images and tag not in prompt:
+        return tag * n_images + prompt
+    return prompt

@@ -141,11 +141,26 @@ class ChatSession:
             self.messages.pop()
             raise
         max_tokens = min(opts["max_tokens"], self.max_context - len(ids))
-        reply = []
-        for chunk in self._run(ids, {**opts, "max_tokens": max_tokens}):
-            reply.append(chunk.text)
-            yield chunk
-        self.messages.append({"role": "assistant", "content": "".join(reply), "images": []})
+        reply: List[str] = []
+        got = False
+        try:
+            for chunk in self._run(ids, {**opts, "max_tokens": max_tokens}):
+                got = True
+                reply.append(chunk.text)
+                yield chunk
+        except Exception:
+            if not got:  # nothing generated: the question was not asked
+                self.messages.pop()
+            else:
+                self._add_reply(reply)
+            raise
+        except BaseException:  # generator closed early (a stop button) or interrupted: keep it
+            self._add_reply(reply)
+            raise
+        self._add_reply(reply)
+
+    def _add_reply(self, pieces: List[str]) -> None:
+        self.messages.append({"role": "assistant", "content": "".join(pieces), "images": []})
 
     def _run(self, ids: List[int], opts: dict) -> Iterator[GenerationChunk]:
         keep = common_prefix(self.cached_ids, ids)

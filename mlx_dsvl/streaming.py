@@ -42,6 +42,8 @@ def make_detokenizer(processor) -> BPEStreamingDetokenizer:
     base = getattr(processor, "_mlx_dsvl_detokenizer", None)
     if base is None:
         base = BPEStreamingDetokenizer(processor.tokenizer)
+        # ids the tokenizer does not define (gaps below its size) map to None: make them empty
+        base.tokenmap = [t if t is not None else "" for t in base.tokenmap]
         processor._mlx_dsvl_detokenizer = base
     detok = BPEStreamingDetokenizer.__new__(BPEStreamingDetokenizer)
     detok.tokenmap = base.tokenmap

@@ -35,15 +35,16 @@ from PIL import Image, UnidentifiedImageError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageInput = Union[str, os.PathLike, Image.Image]
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 
 
 class ImageLoadError(ValueError):
     """An image could not be opened or decoded; the message names the file."""
 
 
-def load_image(image: ImageInput) -> Image.Image:
-    """Open ``image`` (a path, a ``data:image/...;base64,`` URI or a PIL image) as RGB PIL.
+def load_image(image: ImageInput, name: str | None = None) -> Image.Image:
+    """Open ``image`` (a path, a ``data:image/...;base64,`` URI, raw ``bytes`` -- e.g. an upload,
+    named ``name`` in errors -- or a PIL image) as RGB PIL.
 
     Conversion is exactly ``img.convert("RGB")`` as in the original, so alpha is dropped (not
     composited), palettes are expanded, CMYK uses Pillow's naive formula and 16-bit greyscale
@@ -56,8 +57,10 @@ def load_image(image: ImageInput) -> Image.Image:
     """
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (bytes, bytearray)):
+        return _decode(io.BytesIO(image), name or "<image bytes>")
     if not isinstance(image, (str, os.PathLike)):
-        raise TypeError(f"expected a path or a PIL.Image.Image, got {type(image).__name__}")
+        raise TypeError(f"expected a path, bytes or a PIL.Image.Image, got {type(image).__name__}")
 
     path = os.fspath(image)
     if path.startswith("data:image"):
@@ -74,7 +77,11 @@ def load_image(image: ImageInput) -> Image.Image:
         if os.path.isdir(path):
             raise ImageLoadError(f"image path is a directory, not a file: {path}")
         source = path
-    path = name
+    return _decode(source, name)
+
+
+def _decode(source, path: str) -> Image.Image:
+    """Decode ``source`` (a path or a file object) to RGB; errors name ``path``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

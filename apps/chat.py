@@ -1,0 +1,206 @@
+"""DeepSeek-VL chat in the browser, on your own machine.
+
+    streamlit run apps/chat.py                                   # deepseek-ai/deepseek-vl-1.3b-chat
+    streamlit run apps/chat.py -- --model /path/to/folder-or-hub-id [--4bit] [--max-tokens N]
+        [--temperature T] [--top-p P] [--repetition-penalty R] [--system TEXT]  (sidebar defaults)
+
+UI only: the logic (uploads, loading, the transcript around mlx_dsvl.ChatSession) is in
+chat_logic.py next to this file.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chat_logic as logic  # noqa: E402
+
+from mlx_dsvl.processing.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from mlx_dsvl.streaming import DEFAULT_SAMPLING  # noqa: E402
+
+ARGS = logic.parse_args(sys.argv[1:])
+
+st.set_page_config(page_title="DeepSeek-VL chat", page_icon=":material/visibility:")
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def get_model(path: str, quantize: bool) -> logic.LoadedModel:
+    """Once per process and (path, 4-bit): sampling and prompt widgets never reload the model."""
+    return logic.load_model(path, quantize)
+
+
+# -- settings -----------------------------------------------------------------------------------
+RANGES = {"temperature": (0.0, 1.5), "top_p": (0.05, 1.0), "repetition_penalty": (1.0, 2.0),
+          "max_tokens": (1, 4096)}  # the sidebar widgets' limits
+
+
+def _start(name: str, given, default):
+    lo, hi = RANGES[name]
+    return type(lo)(min(max(default if given is None else given, lo), hi))
+
+
+DEFAULTS = {
+    "model_path": ARGS.model,
+    "quantize": ARGS.quantize,
+    "temperature": _start("temperature", ARGS.temperature, DEFAULT_SAMPLING["temperature"]),
+    "top_p": _start("top_p", ARGS.top_p, DEFAULT_SAMPLING["top_p"]),
+    "repetition_penalty": _start("repetition_penalty", ARGS.repetition_penalty, DEFAULT_SAMPLING["repetition_penalty"]),
+    "max_tokens": _start("max_tokens", ARGS.max_tokens, DEFAULT_SAMPLING["max_tokens"]),
+    "system_prompt": DEFAULT_SYSTEM_PROMPT if ARGS.system is None else ARGS.system,
+}
+for k, v in DEFAULTS.items():
+    st.session_state.setdefault(k, v)
+
+
+def sampling() -> dict:
+    s = st.session_state
+    return dict(temperature=float(s.temperature), top_p=float(s.top_p),
+                repetition_penalty=float(s.repetition_penalty), max_tokens=int(s.max_tokens))
+
+
+def request(action: str) -> None:
+    st.session_state.action = action
+
+
+with st.sidebar:
+    st.button("New conversation", icon=":material/add_comment:", on_click=request, args=("new",),
+              width="stretch")
+    st.subheader("Model")
+    st.text_input("Model folder or hub id", key="model_path")
+    st.toggle("4-bit LLM", key="quantize",
+              help="Quantize the language model to 4 bits (group size 64) after loading: about a "
+                   "third of the memory (1.3B: 8 -> 2.4 GB on CPU). On MLX's CPU backend, prompt "
+                   "processing is much slower in 4-bit.")
+    st.subheader("Last reply")
+    stats_slot = st.container()
+    st.subheader("Sampling")
+    st.slider("Temperature", *RANGES["temperature"], step=0.05, key="temperature", help="0 = greedy")
+    st.slider("Top-p", *RANGES["top_p"], step=0.01, key="top_p")
+    st.slider("Repetition penalty", *RANGES["repetition_penalty"], step=0.01, key="repetition_penalty",
+              help="1 = off")
+    st.number_input("Max new tokens", *RANGES["max_tokens"], step=64, key="max_tokens")
+    st.text_area("System prompt", key="system_prompt", height=100, help="Empty: no system prompt.")
+    for warning in (logic.address_warning(st.get_option("server.address")), logic.blas_hint()):
+        if warning:
+            st.warning(warning)
+
+# -- the model ----------------------------------------------------------------------------------
+path = st.session_state.model_path.strip()
+key = (path, bool(st.session_state.quantize))
+try:
+    with st.spinner(f"Loading {path}{' (4-bit)' if key[1] else ''} ..."):
+        loaded = get_model(*key)
+except Exception as e:  # noqa: BLE001 -- any reason is shown, never a traceback
+    st.error(logic.load_error_message(path, e))
+    st.stop()
+
+conv = st.session_state.get("conversation")
+if conv is None or conv.key != key:
+    conv = logic.Conversation(loaded)
+    st.session_state.conversation = conv
+status = st.empty()
+# A click during a reply starts this run at once; the previous run stops at its next token.
+conv.wait_idle(on_wait=lambda: status.caption("Finishing the previous reply ..."))
+status.empty()
+conv.session.system_prompt = st.session_state.system_prompt
+
+st.title("DeepSeek-VL chat", anchor=False)
+st.caption(f"{path}{' · 4-bit LLM' if loaded.quantized else ''}")
+
+prompt = st.chat_input("Ask about your images (drop them here)", key="chat_input",
+                       accept_file="multiple", max_upload_size=logic.MAX_UPLOAD_MB)
+
+# -- actions that change the history before it is drawn -----------------------------------------
+action = st.session_state.pop("action", None)
+pending = None  # ("send" | "regenerate", question text, attachments) for this run
+if action == "new":
+    conv.new()
+elif action == "remove":
+    conv.remove_last_turn()
+elif action == "regenerate" and conv.last_question is not None:
+    pending = ("regenerate", conv.last_question.text, conv.last_question.attachments)
+if prompt is not None:
+    attachments, errors = logic.read_uploads(prompt.files)
+    if errors:
+        sent = f" Your message was not sent: “{prompt.text}”" if prompt.text else ""
+        for e in errors:
+            conv.note_error(f"{e}.{sent}")
+    else:
+        pending = ("send", prompt.text, attachments)
+# conv.regenerate() removes the old exchange itself, once the model is free
+history = conv.history_before_last_question() if pending and pending[0] == "regenerate" else conv.turns
+
+
+# -- the history --------------------------------------------------------------------------------
+def show_user(text: str, attachments) -> None:
+    with st.chat_message("user"):
+        if attachments:
+            st.image([a.thumbnail for a in attachments], caption=[a.name for a in attachments], width=160)
+        if text:
+            st.markdown(text)
+
+
+def reply_caption(turn: logic.Turn) -> str:
+    parts = [turn.stats.summary()] if turn.stats else []
+    if turn.stopped:
+        parts.append("stopped")
+    return " · ".join(parts)
+
+
+for turn in list(history):
+    if turn.role == "user":
+        show_user(turn.text, turn.attachments)
+    elif turn.role == "assistant":
+        with st.chat_message("assistant"):
+            st.markdown(turn.text or "*(empty reply)*")
+            st.caption(reply_caption(turn))
+    elif turn.role == "error":
+        with st.chat_message("assistant", avatar=":material/error:"):
+            st.error(turn.text)
+    else:
+        st.info(turn.text)
+
+if not conv.turns and pending is None:
+    st.info("Drop one or more images on the message box (or use its paperclip), then ask about them.")
+
+# -- a new reply --------------------------------------------------------------------------------
+if pending is not None:
+    kind, text, attachments = pending
+    show_user(text, attachments)
+    with st.chat_message("assistant"):
+        body, meta = st.empty(), st.empty()
+        body.markdown("*...*")
+        st.button("Stop", icon=":material/stop_circle:", key="stop")  # any click interrupts the run
+
+        def on_chunk(turn: logic.Turn) -> None:
+            body.markdown(turn.text + " ▌")
+
+        def on_wait() -> None:
+            meta.caption("Waiting for another conversation's reply to finish ...")
+
+        if kind == "regenerate":
+            conv.regenerate(on_chunk=on_chunk, on_wait=on_wait, **sampling())
+        else:
+            conv.send(text, attachments, on_chunk=on_chunk, on_wait=on_wait, **sampling())
+    st.rerun()  # draw the finished turn (and any error note) from the history
+
+if conv.turns:
+    left, right, _ = st.columns([1, 1, 2])
+    left.button("Regenerate", icon=":material/refresh:", on_click=request, args=("regenerate",),
+                disabled=not conv.can_regenerate, width="stretch")
+    right.button("Remove last turn", icon=":material/undo:", on_click=request, args=("remove",),
+                 disabled=not conv.can_regenerate, width="stretch")
+
+with stats_slot:
+    stats = conv.last_stats
+    if stats is None:
+        st.caption("No reply yet.")
+    else:
+        a, b = st.columns(2)
+        a.metric("First token (s)", f"{stats.time_to_first_token:.2f}")
+        b.metric("Tokens/s", f"{stats.generation_tps:.1f}")
+        a.metric("Peak memory (GB)", f"{stats.peak_memory:.2f}")
+        b.metric("Tokens", f"{stats.generation_tokens}")

@@ -1,0 +1,423 @@
+"""What the Streamlit chat app does, without Streamlit: arguments, uploads, loading, the transcript.
+
+``apps/chat.py`` only draws widgets and calls into this module, so everything here is tested
+without a browser (``tests/test_app_logic.py``; the app itself: ``tests/test_app.py``).  The model work itself is :class:`mlx_dsvl.ChatSession`
+(KV cache and image features reused across turns); :class:`Conversation` adds what a chat window
+needs on top: what to show (thumbnails, per-reply statistics, error notes), stopping a reply
+half-way, regenerating and removing the last turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from mlx_dsvl.processing.image import ImageLoadError, load_image
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+MODEL_ENV = "MLX_DSVL_APP_MODEL"  # the model when no --model is given (tests use it)
+MAX_UPLOAD_MB = 20  # per file; .streamlit/config.toml sets server.maxUploadSize to the same
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024  # Streamlit counts a megabyte as 2**20 bytes
+THUMBNAIL_SIZE = (320, 320)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+# -- command line ---------------------------------------------------------------------------
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The app's own arguments: ``streamlit run apps/chat.py -- --model DIR|hub-id ...``.
+
+    ``--4bit`` starts with the 4-bit toggle on; ``--max-tokens``, ``--temperature``, ``--top-p``,
+    ``--repetition-penalty`` and ``--system`` set the sidebar's starting values.
+
+    Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unknown arguments are ignored (under
+    pytest's AppTest ``sys.argv`` is pytest's).  Without ``--model``: ``$MLX_DSVL_APP_MODEL``, then
+    the 1.3B chat model.
+    """
+    p = argparse.ArgumentParser(prog="streamlit run apps/chat.py --", add_help=False)
+    p.add_argument("--model", default=None)
+    p.add_argument("--4bit", dest="quantize", action="store_true")
+    # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--system", default=None)
+    try:
+        args, _ = p.parse_known_args(list(argv))
+    except SystemExit:  # e.g. "--model" with no value: fall back to the defaults
+        args = p.parse_args([])
+    if not args.model:
+        args.model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    return args
+
+
+def address_warning(address: Optional[str]) -> Optional[str]:
+    """A warning when the server is reachable from other machines (not loopback only)."""
+    if address and address.strip().strip("[]") in LOOPBACK:
+        return None
+    if not address:
+        return ("This server listens on every network interface: start it from the repository "
+                "root (so .streamlit/config.toml applies) or pass --server.address 127.0.0.1.")
+    return f"This server listens on {address}: anyone who can reach it can use the model."
+
+
+def blas_hint() -> Optional[str]:
+    """On Linux's CPU backend without OpenBLAS loaded: how to start the app ~10x faster.
+
+    (``python -m mlx_dsvl.generate`` re-executes itself with OpenBLAS preloaded; a Streamlit
+    server cannot, so the user preloads it.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    import mlx.core as mx
+    from mlx_dsvl.blas import find_openblas, openblas_loaded
+
+    if mx.default_device() != mx.cpu or openblas_loaded():
+        return None
+    lib = find_openblas()
+    if lib is None:
+        return ("MLX's CPU backend is much faster with a system OpenBLAS: "
+                "`apt-get install libopenblas0-pthread`, then start the app with "
+                "`LD_PRELOAD=<path to libopenblas.so.0> streamlit run apps/chat.py`.")
+    return f"MLX's CPU backend is much faster with OpenBLAS: start the app with `LD_PRELOAD={lib} streamlit run apps/chat.py ...`."
+
+
+# -- uploads --------------------------------------------------------------------------------
+class UploadError(ValueError):
+    """An uploaded file that cannot be used as an image; the message is shown in the chat."""
+
+
+@dataclass
+class Attachment:
+    """An uploaded image, kept in memory: the file's bytes and a thumbnail for the history."""
+
+    name: str
+    data: bytes
+    thumbnail: Image.Image
+    size: Tuple[int, int]
+
+    def image(self) -> Image.Image:
+        """The full image, decoded again from memory (the same pixels every time)."""
+        return decode_image(self.data, self.name)
+
+
+def decode_image(data: bytes, name: str = "upload") -> Image.Image:
+    """Bytes -> RGB PIL image with ``mlx_dsvl``'s own loading rules (first frame,
+    ``convert("RGB")``, Pillow's decompression-bomb limit as an error)."""
+    try:
+        return load_image(data, name=name)
+    except ImageLoadError as e:
+        raise UploadError(str(e)) from None
+
+
+def too_large(name: str, size: int, max_bytes: int) -> str:
+    return (f"{name} is too large ({size / 2**20:.2f} MB): images are limited to "
+            f"{max_bytes / 2**20:g} MB each")
+
+
+def read_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> Attachment:
+    """Check and decode one uploaded file (never written to disk)."""
+    if len(data) > max_bytes:
+        raise UploadError(too_large(name, len(data), max_bytes))
+    if not data:
+        raise UploadError(f"{name} is empty")
+    img = decode_image(data, name)
+    thumb = img.copy()
+    thumb.thumbnail(THUMBNAIL_SIZE)
+    return Attachment(name=name, data=data, thumbnail=thumb, size=img.size)
+
+
+def read_uploads(files: Iterable, max_bytes: int = MAX_UPLOAD_BYTES) -> Tuple[List[Attachment], List[str]]:
+    """Streamlit ``UploadedFile``s (``.name``, ``.size``, ``.getvalue()``) -> (attachments, errors)."""
+    attachments, errors = [], []
+    for f in files or ():
+        name = getattr(f, "name", "upload")
+        size = getattr(f, "size", None)
+        try:
+            if size is not None and size > max_bytes:  # don't even look at the bytes
+                raise UploadError(too_large(name, size, max_bytes))
+            attachments.append(read_upload(name, f.getvalue(), max_bytes))
+        except UploadError as e:
+            errors.append(str(e))
+    return attachments, errors
+
+
+# -- the model --------------------------------------------------------------------------------
+load_calls = 0  # how many times load_model really ran in this process (tests check the cache)
+
+
+def quantize_language_model(model) -> None:
+    """4-bit (group size 64) Linear and Embedding layers of the LLM, in memory."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    nn.quantize(
+        model.language_model, group_size=64, bits=4,
+        class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % 64 == 0,
+    )
+    mx.eval(model.language_model.parameters())  # quantize here, not lazily on a later thread
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    processor: object
+    path: str
+    quantized: bool
+    seconds: float
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one reply at a time
+
+
+def load_model(path: str, quantize: bool = False) -> LoadedModel:
+    """``mlx_dsvl.load`` (+ 4-bit LLM); raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
+    global load_calls
+    import mlx_dsvl
+
+    load_calls += 1
+    tic = time.perf_counter()
+    model, processor = mlx_dsvl.load(path)
+    if quantize:
+        quantize_language_model(model)
+    return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic)
+
+
+def load_error_message(path: str, error: BaseException) -> str:
+    """The reason a model failed to load, for ``st.error`` (no traceback)."""
+    from mlx_dsvl.loading import ModelLoadError
+
+    reason = str(error) if isinstance(error, ModelLoadError) else f"{type(error).__name__}: {error}"
+    return f"Could not load the model {path!r}: {reason}"
+
+
+def _acquire(lock: threading.Lock, on_wait: Optional[Callable[[], None]]) -> None:
+    """Take ``lock``, calling ``on_wait()`` every 0.25 s meanwhile (a Streamlit call there lets
+    the user interrupt the wait)."""
+    while not lock.acquire(timeout=0.25):
+        if on_wait is not None:
+            on_wait()
+
+
+# -- the conversation -------------------------------------------------------------------------
+@dataclass
+class ReplyStats:
+    time_to_first_token: float  # s
+    generation_tps: float  # tokens/s
+    peak_memory: float  # GB
+    generation_tokens: int
+    prompt_tokens: int  # tokens prefilled for this reply (only the new ones)
+    prompt_tps: float
+    finish_reason: Optional[str]
+
+    @classmethod
+    def from_chunk(cls, c) -> "ReplyStats":
+        return cls(c.time_to_first_token, c.generation_tps, c.peak_memory, c.generation_tokens,
+                   c.prompt_tokens, c.prompt_tps, c.finish_reason)
+
+    def summary(self) -> str:
+        return (f"{self.time_to_first_token:.2f} s to first token · {self.generation_tps:.1f} tokens/s · "
+                f"{self.peak_memory:.2f} GB peak · {self.generation_tokens} tokens "
+                f"({self.prompt_tokens} prompt tokens prefilled)")
+
+
+@dataclass
+class Turn:
+    """One entry of the chat window."""
+
+    role: str  # "user" | "assistant" | "error" (a note, never sent to the model) | "notice"
+    text: str  # what the user typed / the reply so far / the message
+    attachments: List[Attachment] = field(default_factory=list)
+    stats: Optional[ReplyStats] = None
+    stopped: bool = False  # the reply was interrupted (stop button, new input, closed tab)
+
+
+class Conversation:
+    """A :class:`mlx_dsvl.ChatSession` plus what the chat window shows.
+
+    ``session.messages`` is what the model sees; ``turns`` is what the user sees: the same
+    exchanges, with thumbnails and statistics, plus error notes that never reach the model.
+    """
+
+    def __init__(self, loaded: LoadedModel, system_prompt: Optional[str] = None, max_context: int = 4096):
+        from mlx_dsvl import ChatSession
+
+        self.loaded = loaded
+        self.key = (loaded.path, loaded.quantized)
+        self.session = ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
+                                   max_context=max_context, on_truncate=self._on_truncate)
+        self.turns: List[Turn] = []
+        self._notices: List[str] = []
+        self._busy = threading.Lock()  # held while a reply is generated
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def last_stats(self) -> Optional[ReplyStats]:
+        for t in reversed(self.turns):
+            if t.role == "assistant" and t.stats is not None:
+                return t.stats
+        return None
+
+    @property
+    def last_question(self) -> Optional[Turn]:
+        i = self._last_user()
+        return None if i is None else self.turns[i]
+
+    def history_before_last_question(self) -> List[Turn]:
+        i = self._last_user()
+        return self.turns if i is None else self.turns[:i]
+
+    def _last_user(self) -> Optional[int]:
+        for i in range(len(self.turns) - 1, -1, -1):
+            if self.turns[i].role == "user":
+                return i
+        return None
+
+    @property
+    def can_regenerate(self) -> bool:
+        return self._last_user() is not None
+
+    def note_error(self, message: str) -> None:
+        self.turns.append(Turn("error", message))
+
+    def new(self) -> None:
+        """A new conversation (the image-feature cache is kept: same image, same features)."""
+        self.session.reset()
+        self.turns = []
+
+    def remove_last_turn(self) -> Optional[Turn]:
+        """Remove the last exchange (question and reply, and notes after it); returns the question."""
+        i = self._last_user()
+        if i is None:
+            self.turns = []
+            return None
+        question = self.turns[i]
+        self.session.undo()
+        del self.turns[i:]
+        return question
+
+    def wait_idle(self, on_wait: Optional[Callable[[], None]] = None) -> None:
+        """Wait until no reply is being generated in this conversation.
+
+        Streamlit's fast reruns start the next script run as soon as the user clicks (Stop,
+        Regenerate, ...) and stop the running one only at its next Streamlit call, i.e. after
+        the next token: the new run waits here before it reads or changes the conversation.
+        """
+        _acquire(self._busy, on_wait)
+        self._busy.release()
+
+    def _on_truncate(self, message: str) -> None:
+        self._notices.append(message)
+
+    # -- replies --------------------------------------------------------------------------
+    def prompt_text(self, text: str, n_images: int) -> str:
+        """The user text the model sees: one image placeholder per image, before the text
+        (unless the user placed the placeholders themselves)."""
+        from mlx_dsvl.generation import place_images
+
+        return place_images(text, n_images, self.session.processor.image_tag)
+
+    def send(self, text: str, attachments: Sequence[Attachment] = (),
+             on_chunk: Optional[Callable[[Turn], None]] = None,
+             on_wait: Optional[Callable[[], None]] = None, **sampling) -> Optional[Turn]:
+        """Ask; the reply ``Turn`` grows in ``self.turns`` and ``on_chunk(turn)`` is called per piece.
+
+        If ``on_chunk`` raises (Streamlit interrupts a script run that way when the user presses
+        Stop or sends something else), the partial reply is kept -- in the transcript, marked
+        ``stopped``, and in the session, so the conversation goes on -- and the exception
+        propagates.  Errors become an error note: before the reply starts (bad placeholders, a
+        prompt longer than the context) ``None`` is returned; during the reply the partial reply
+        is kept, marked ``stopped``, and returned.  ``on_wait()`` is called every
+        0.25 s while another reply (this conversation's or another browser tab's) is running.
+        """
+        with self._turn(on_wait):
+            return self._ask(text, list(attachments), on_chunk, sampling)
+
+    def regenerate(self, on_chunk=None, on_wait=None, **sampling) -> Optional[Turn]:
+        """Ask the last question again (its images' features are still cached: not re-encoded).
+
+        The old exchange is removed only once the model is free, right before asking again, so
+        an interruption while waiting loses nothing."""
+        with self._turn(on_wait):
+            question = self.remove_last_turn()
+            if question is None:
+                return None
+            return self._ask(question.text, question.attachments, on_chunk, sampling)
+
+    @contextmanager
+    def _turn(self, on_wait):
+        """This conversation, then the model (one reply at a time per process), for one reply."""
+        _acquire(self._busy, on_wait)
+        try:
+            _acquire(self.loaded.lock, on_wait)
+            try:
+                yield
+            finally:
+                self.loaded.lock.release()
+        finally:
+            self._busy.release()
+
+    def _ask(self, text, attachments, on_chunk, sampling) -> Optional[Turn]:
+        import mlx.core as mx
+
+        try:
+            prompt = self.prompt_text(text, len(attachments))
+            images = [a.image() for a in attachments]
+        except ValueError as e:  # UploadError included
+            self.note_error(str(e))
+            return None
+        question, reply = Turn("user", text, attachments), Turn("assistant", "")
+        self.turns += [question, reply]
+        self._notices = []
+        started = False
+        try:
+            mx.reset_peak_memory()  # per-reply peak (replies never overlap: the model lock)
+            gen = self.session.send(prompt, images, **sampling)
+            try:
+                for chunk in gen:
+                    started = True
+                    reply.text += chunk.text
+                    reply.stats = ReplyStats.from_chunk(chunk)
+                    if on_chunk is not None:
+                        on_chunk(reply)
+            finally:
+                gen.close()
+                self._settle()
+        except Exception as e:  # noqa: BLE001 -- shown in the chat; the conversation goes on
+            expected = isinstance(e, (ValueError, OSError)) and not started
+            if not expected:  # a bug somewhere: the details go to the server's console
+                traceback.print_exc()
+            message = str(e) if expected else f"{type(e).__name__}: {e}"
+            if not started:
+                self._drop(question, reply)  # nothing was generated: the question was not asked
+                self.note_error(message)
+                return None
+            reply.stopped = True  # keep what was generated
+            self.note_error(f"The reply broke off: {message}")
+            return reply
+        except BaseException:
+            if started:
+                reply.stopped = True  # interrupted: keep the partial reply
+            else:
+                self._drop(question, reply)
+            raise
+        finally:
+            self.turns += [Turn("notice", n) for n in self._notices]
+        return reply
+
+    def _drop(self, *turns: Turn) -> None:
+        self.turns = [t for t in self.turns if all(t is not x for x in turns)]
+
+    def _settle(self) -> None:
+        """After a reply, finished or not (``ChatSession.send`` keeps a partial reply): the KV
+        cache is computed on this thread (MLX streams are per thread, and Streamlit may run the
+        next turn on another one)."""
+        import mlx.core as mx
+
+        mx.eval([c.state for c in self.session.cache if c.offset > 0])

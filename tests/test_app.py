@@ -1,0 +1,221 @@
+"""The Streamlit chat app (apps/chat.py) under ``streamlit.testing.v1.AppTest``, on a tiny random
+checkpoint.  AppTest runs the real script on a script thread (a new one per run, as the server
+does), with real widgets; files go through ``st.chat_input(accept_file=...)`` via
+``ChatInput.upload`` (what the browser would send, minus the browser: the browser side is
+tests/test_app_browser.py).  The tiny model writes garbage ("!!!"): the tests look at structure
+and counts, not words.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+st = pytest.importorskip("streamlit", minversion="1.64",
+                         reason="the app needs streamlit>=1.64 (pip install -e '.[app]')")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "chat.py"
+sys.path.insert(0, str(APP.parent))
+import chat_logic  # noqa: E402
+
+TIMEOUT = 120
+
+
+def png(color=(200, 10, 10), size=(64, 48)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def app(tiny_dir, monkeypatch):
+    """A factory of started AppTests on the tiny checkpoint (passed like ``-- --model DIR``)."""
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_dir)])
+
+    def make(max_tokens: int = 6) -> AppTest:
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+        at.session_state["max_tokens"] = max_tokens
+        at.run()
+        assert not at.exception, at.exception
+        return at
+
+    return make
+
+
+def send(at: AppTest, text: str, files=()) -> AppTest:
+    box = at.chat_input[0]
+    for name, data, mime in files:
+        box.upload(name, data, mime)
+    box.set_value(text).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def shown(at: AppTest):
+    """The chat window: [(role, markdown texts, number of images, error texts)]."""
+    out = []
+    for m in at.chat_message:
+        kids = list(m.children.values())
+        out.append((m.name, [k.value for k in kids if k.type == "markdown"],
+                    sum(k.type == "image" for k in kids),
+                    [k.value for k in kids if k.type == "error"]))
+    return out
+
+
+def conversation(at: AppTest) -> chat_logic.Conversation:
+    return at.session_state["conversation"]
+
+
+def test_image_turn_streams_a_reply_and_the_next_turn_reuses_image_and_cache(app):
+    at = app()
+    send(at, "What is in this picture?", [("red.png", png(), "image/png")])
+    view = shown(at)
+    assert [v[0] for v in view] == ["user", "assistant"]
+    assert view[0][1] == ["What is in this picture?"] and view[0][2] == 1  # text + thumbnail
+    assert view[1][1][0].strip()  # a non-empty reply
+    conv = conversation(at)
+    msgs = conv.session.messages
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
+    assert msgs[0]["content"] == "<image_placeholder>What is in this picture?"
+    assert len(msgs[0]["images"]) == 1 and msgs[1]["content"] == view[1][1][0]
+    assert conv.session.encode_calls == 1
+    first = conv.last_stats
+    assert first.prompt_tokens > 576 and first.generation_tokens >= 1
+    assert any("tokens/s" in c.value for c in at.caption)  # per-reply statistics
+    metrics = {m.label: m.value for m in at.sidebar.get("metric")}
+    assert set(metrics) == {"First token (s)", "Tokens/s", "Peak memory (GB)", "Tokens"}
+    assert metrics["Tokens"] == str(first.generation_tokens)
+
+    send(at, "And the colours?")
+    assert [v[0] for v in shown(at)] == ["user", "assistant"] * 2
+    assert [m["role"] for m in conv.session.messages] == ["user", "assistant"] * 2
+    assert conv.session.encode_calls == 1  # the first image was not encoded again
+    assert conv.last_stats.prompt_tokens < 40  # only the new turn was prefilled (KV cache kept)
+
+    send(at, "Same picture again?", [("again.png", png(), "image/png")])
+    assert conv.session.encode_calls == 1  # same pixels: features from the cache
+    send(at, "And this one?", [("blue.png", png((10, 10, 200)), "image/png")])
+    assert conv.session.encode_calls == 2
+    assert len(conv.session.messages) == 8 and len(shown(at)) == 8
+
+
+def test_bad_uploads_show_an_error_in_the_chat_and_keep_the_history(app):
+    at = app()
+    send(at, "Describe.", [("red.png", png(), "image/png")])
+    before = [dict(m) for m in conversation(at).session.messages]
+
+    send(at, "What about this?", [("notes.txt", b"just some text", "text/plain")])
+    view = shown(at)
+    assert [v[0] for v in view] == ["user", "assistant", "assistant"]
+    assert "not a recognised image file: notes.txt" in view[2][3][0] and "What about this?" in view[2][3][0]
+    assert conversation(at).session.messages == before  # nothing was sent to the model
+
+    fake = png()[:40]  # a PNG header and then nothing: corrupt
+    send(at, "And this?", [("broken.png", fake, "image/png")])
+    assert "broken.png" in shown(at)[-1][3][0]
+
+    big = b"\0" * (chat_logic.MAX_UPLOAD_BYTES + 1)  # AppTest skips the browser's own limit
+    send(at, "Huge", [("huge.png", big, "image/png")])
+    assert "limited to 20 MB each" in shown(at)[-1][3][0]
+    assert conversation(at).session.messages == before
+
+    send(at, "Still there?")  # the conversation goes on
+    assert [m["role"] for m in conversation(at).session.messages] == ["user", "assistant"] * 2
+    assert conversation(at).session.encode_calls == 1
+
+
+def test_regenerate_remove_last_turn_and_new_conversation(app):
+    at = app()
+    send(at, "One", [("red.png", png(), "image/png")])
+    send(at, "Two")
+    conv = conversation(at)
+    old_reply = conv.turns[-1]
+    [b for b in at.button if b.label == "Regenerate"][0].click().run()
+    assert not at.exception
+    assert len(conv.session.messages) == 4 and conv.turns[-1] is not old_reply
+    assert conv.turns[-2].text == "Two" and conv.session.encode_calls == 1
+
+    [b for b in at.button if b.label == "Remove last turn"][0].click().run()
+    assert [m["content"] for m in conv.session.messages][::2] == ["<image_placeholder>One"]
+    assert [v[0] for v in shown(at)] == ["user", "assistant"]
+
+    [b for b in at.button if b.label == "Regenerate"][0].click().run()  # the image turn again
+    assert len(conv.session.messages) == 2 and conv.session.encode_calls == 1
+    assert shown(at)[0][2] == 1
+
+    [b for b in at.sidebar.button if b.label == "New conversation"][0].click().run()
+    assert conv.session.messages == [] and shown(at) == []
+    assert any("Drop one or more images" in i.value for i in at.info)
+
+
+def test_widgets_reach_the_session_and_never_reload_the_model(app, tiny_dir):
+    st.cache_resource.clear()
+    calls = chat_logic.load_calls
+    at = app(max_tokens=3)
+    assert chat_logic.load_calls == calls + 1
+    at.sidebar.slider(key="temperature").set_value(0.0)
+    at.sidebar.slider(key="top_p").set_value(0.5)
+    at.sidebar.slider(key="repetition_penalty").set_value(1.0)
+    at.sidebar.text_area(key="system_prompt").set_value("Be brief.")
+    at.run()
+    send(at, "Hello")
+    conv = conversation(at)
+    assert chat_logic.load_calls == calls + 1  # sampling and prompt widgets: no reload
+    assert conv.session.system_prompt == "Be brief."
+    assert conv.last_stats.generation_tokens <= 3
+    assert conv.session.processor.format(conv.session.conversation).startswith("Be brief.\n\nUser: Hello")
+
+    at.sidebar.toggle(key="quantize").set_value(True).run()  # 4-bit: a new model, a new conversation
+    assert not at.exception and chat_logic.load_calls == calls + 2
+    q = conversation(at)
+    assert q is not conv and q.turns == [] and q.loaded.quantized
+    import mlx.nn as nn
+
+    assert isinstance(q.session.model.language_model.model.embed_tokens, nn.QuantizedEmbedding)
+    assert isinstance(q.session.model.language_model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    send(at, "Quantized?", [("red.png", png(), "image/png")])
+    assert [m["role"] for m in q.session.messages] == ["user", "assistant"]
+
+    at.sidebar.toggle(key="quantize").set_value(False).run()  # back: still cached
+    assert chat_logic.load_calls == calls + 2
+
+
+def test_a_model_that_fails_to_load_shows_the_reason(app, tmp_path):
+    at = app()
+    at.sidebar.text_input(key="model_path").set_value(str(tmp_path / "nowhere")).run()
+    assert not at.exception  # no traceback
+    assert len(at.error) == 1 and "no such model folder" in at.error[0].value
+    assert str(tmp_path / "nowhere") in at.error[0].value
+    assert len(at.chat_input) == 0  # nothing to chat with
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    at.sidebar.text_input(key="model_path").set_value(str(tmp_path / "broken")).run()
+    assert not at.exception and "invalid JSON" in at.error[0].value
+
+
+def test_arguments_after_the_double_dash_set_the_sidebar(tiny_dir, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_dir), "--4bit", "--max-tokens", "9",
+                                      "--temperature", "5", "--top-p", "0.5", "--system", ""])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception
+    s = at.session_state
+    assert (s["model_path"], s["quantize"], s["max_tokens"]) == (str(tiny_dir), True, 9)
+    assert (s["temperature"], s["top_p"], s["system_prompt"]) == (1.5, 0.5, "")  # clamped to the slider
+    assert conversation(at).loaded.quantized
+
+
+def test_several_images_in_one_turn(app):
+    at = app()
+    send(at, "Compare them.", [("red.png", png(), "image/png"), ("blue.png", png((10, 10, 200)), "image/png")])
+    assert shown(at)[0][:3] == ("user", ["Compare them."], 1)  # one st.image with both thumbnails
+    assert len(at.chat_message[0].children[0].proto.imgs) == 2
+    msgs = conversation(at).session.messages
+    assert msgs[0]["content"] == "<image_placeholder><image_placeholder>Compare them."
+    assert len(msgs[0]["images"]) == 2 and conversation(at).session.encode_calls == 2
