@@ -155,15 +155,11 @@ load_calls = 0  # how many times load_model really ran in this process (tests ch
 
 
 def quantize_language_model(model) -> None:
-    """4-bit (group size 64) Linear and Embedding layers of the LLM, in memory."""
-    import mlx.core as mx
-    import mlx.nn as nn
+    """4-bit (group size 64) Linear and Embedding layers of the LLM, in memory, with the
+    converter's policy."""
+    from mlx_dsvl.mlx_format import quantize_model
 
-    nn.quantize(
-        model.language_model, group_size=64, bits=4,
-        class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.shape[-1] % 64 == 0,
-    )
-    mx.eval(model.language_model.parameters())  # quantize here, not lazily on a later thread
+    quantize_model(model, bits=4, group_size=64)
 
 
 @dataclass

@@ -61,17 +61,6 @@ def llm_bytes_per_token(model) -> int:
                if "embed_tokens" not in k)
 
 
-def quantize_llm(model, bits: int, group_size: int = 64) -> None:
-    """In-memory quantization of the LLM's Linear/Embedding layers that divide by the group."""
-    import mlx.nn as nn
-
-    nn.quantize(
-        model.language_model, group_size=group_size, bits=bits,
-        class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding))
-        and m.weight.shape[-1] % group_size == 0,
-    )
-
-
 def decode_tps(step_iter, n: int) -> float:
     """Tokens/s over tokens 2..n of a generate_step iterator (the first includes prefill)."""
     t = None
@@ -102,8 +91,9 @@ def run(args) -> Dict:
     model, processor = load(path, dtype=args.dtype)
     res["load_s"] = time.perf_counter() - t
     if args.quantize:
-        quantize_llm(model, args.quantize)
-        mx.eval(model.parameters())
+        from .mlx_format import quantize_model
+
+        quantize_model(model, args.quantize)
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
 

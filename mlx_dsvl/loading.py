@@ -4,6 +4,10 @@ A folder in the original deepseek-ai layout holds ``config.json``, ``model.safet
 shards with ``model.safetensors.index.json``), the tokenizer and the processor configs.  Weights
 are read lazily (``mx.load`` on safetensors), converted once in ``DeepseekVL.sanitize``, cast to
 the target dtype and materialized layer by layer, so no second full copy is held.
+
+A folder written by ``python -m convert`` (MLX format, see :mod:`mlx_dsvl.mlx_format`) has the
+same files with weights already in this package's layout: they skip ``sanitize``, and its
+quantized layers are rebuilt as recorded before the same strict name and shape checks.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
+from .mlx_format import mlx_format_info, quantize_like
 from .models.deepseek_vl import DeepseekVL
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -78,6 +83,10 @@ def load_config(path: Path) -> ModelConfig:
     prep_file = path / "preprocessor_config.json"
     prep = read_json(prep_file, "preprocessor_config.json") if prep_file.exists() else {}
     try:
+        mlx_format_info(config)  # an MLX folder's marker must be one we can read
+    except ValueError as e:
+        raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
+    try:
         return ModelConfig.from_dict(config, prep)
     except ConfigError as e:
         raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
@@ -122,8 +131,20 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
 def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None) -> DeepseekVL:
     """Build the model from ``path`` and load its weights strictly (names and shapes)."""
     dtype = resolve_dtype(dtype)
-    model = DeepseekVL(config or load_config(path))
-    weights = DeepseekVL.sanitize(read_weights(path))
+    config = config or load_config(path)
+    model = DeepseekVL(config)
+    try:
+        mlx_info = mlx_format_info(config.raw)
+    except ValueError as e:
+        raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
+    if mlx_info is None:  # original deepseek-ai layout
+        weights = DeepseekVL.sanitize(read_weights(path))
+    else:  # MLX format: already in our layout; rebuild the layers stored quantized
+        weights = read_weights(path)
+        try:
+            quantize_like(model, weights, mlx_info)
+        except ValueError as e:
+            raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

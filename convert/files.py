@@ -1,0 +1,215 @@
+"""File side of the converter: staged output folders, streaming safetensors writer, shards.
+
+- :func:`staged_output`: everything is written into a hidden temporary folder next to ``--out``
+  and renamed into place at the end; on any failure the temporary folder (and any parent folder
+  created for it) is removed, and an existing ``--out`` is replaced only with ``force``.
+- :func:`write_safetensors`: writes the header from the (lazy) arrays' shapes and dtypes, then
+  evaluates and writes one tensor at a time, dropping it right after -- so writing a shard holds
+  about one tensor in memory, not the shard.
+- :func:`write_shards`: groups tensors (a module's tensors stay together) into shards of at most
+  ``max_bytes`` and writes the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot be done; the message (one line) says what and where."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# -- output folder ----------------------------------------------------------------------------
+def check_output(out: Path, source: Optional[Path], force: bool) -> None:
+    """Refuse an existing ``out`` without ``force``, a file, and any overlap with the source."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder")
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists (use --force to replace it)")
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise ConvertError(f"{out}: the output folder must not be, contain or lie inside the input {source}")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``out``; rename it to ``out`` when the block succeeds.
+
+    On failure (any exception, Ctrl-C included) the temporary folder and the parent folders
+    created for it are removed and ``out`` is left as it was.
+    """
+    out = Path(out).absolute()
+    created: List[Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is an ordinary one
+        for p in tmp.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if out.exists():
+            if not force:
+                raise ConvertError(f"{out}: already exists (use --force to replace it)")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # innermost first; only if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+# -- safetensors ------------------------------------------------------------------------------
+_ST_DTYPES = {
+    mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32", mx.float64: "F64",
+    mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16",
+    mx.uint32: "U32", mx.int32: "I32", mx.uint64: "U64", mx.int64: "I64", mx.bool_: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> int:
+    """Write ``tensors`` (lazy arrays welcome) to ``path``; the dict is emptied as it is written.
+
+    Returns the number of data bytes.  The header is built from shapes and dtypes alone, then
+    each tensor is evaluated, written and dropped before the next one is computed.
+    """
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    names = list(tensors)
+    for name in names:
+        a = tensors[name]
+        if a.dtype not in _ST_DTYPES:
+            raise ConvertError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
+        n = a.nbytes
+        header[name] = {"dtype": _ST_DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name in names:
+            a = mx.contiguous(tensors.pop(name))
+            mx.eval(a)
+            if a.dtype == mx.bfloat16:  # numpy has no bfloat16: write its bits
+                a = a.view(mx.uint16)
+            buf = np.asarray(a)
+            if not buf.flags.c_contiguous:
+                buf = np.ascontiguousarray(buf)
+            if buf.nbytes != header[name]["data_offsets"][1] - header[name]["data_offsets"][0]:
+                raise ConvertError(f"{name}: wrote {buf.nbytes} bytes, expected a different size")
+            f.write(memoryview(buf.reshape(-1)).cast("B"))
+            del a, buf
+            mx.clear_cache()
+    return offset
+
+
+def shard_names(count: int, single: str = "model.safetensors") -> List[str]:
+    if count == 1:
+        return [single]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def plan_shards(tensors: Dict[str, mx.array], max_bytes: int) -> List[List[str]]:
+    """Consecutive groups of names, each at most ``max_bytes`` (unless one module is larger).
+
+    The tensors of one module (``x.weight``, ``x.scales``, ``x.biases``, ``x.bias``) stay together.
+    """
+    modules: Dict[str, List[str]] = {}
+    for k in tensors:
+        modules.setdefault(k.rpartition(".")[0], []).append(k)
+    shards: List[List[str]] = [[]]
+    size = 0
+    for keys in modules.values():
+        n = sum(tensors[k].nbytes for k in keys)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(keys)
+        size += n
+    return shards
+
+
+def write_shards(
+    folder: Path,
+    tensors: Dict[str, mx.array],
+    max_bytes: int,
+    metadata: Dict[str, str],
+    always_index: bool,
+    progress: Callable[[str], None] = log,
+) -> Tuple[List[str], int]:
+    """Write ``tensors`` as shards (+ ``model.safetensors.index.json`` when several, or always).
+
+    Emptied as written.  Returns (file names, total data bytes).
+    """
+    groups = plan_shards(tensors, max_bytes)
+    names = shard_names(len(groups))
+    weight_map: Dict[str, str] = {}
+    total = 0
+    for i, (fname, keys) in enumerate(zip(names, groups)):
+        t0 = time.perf_counter()
+        shard = {k: tensors.pop(k) for k in keys}
+        n = write_safetensors(folder / fname, shard, metadata)
+        total += n
+        weight_map.update({k: fname for k in keys})
+        progress(f"  [{i + 1}/{len(names)}] {fname}: {len(keys)} tensors, {human_bytes(n)}, "
+                 f"{time.perf_counter() - t0:.1f} s")
+    if len(names) > 1 or always_index:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names, total
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_files(files: List[Path], folder: Path) -> None:
+    for f in files:
+        shutil.copyfile(f, folder / f.name)  # follows symlinks (hub cache snapshots)

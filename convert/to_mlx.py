@@ -1,0 +1,181 @@
+"""PyTorch-layout checkpoint (original deepseek-ai or ``transformers``) -> MLX folder.
+
+The weights are renamed / transposed lazily, checked against the model's parameter names and
+shapes, cast to ``dtype``, quantized where the policy says so, and written shard by shard: each
+tensor is read from its source file only when it is written, so memory holds about one tensor
+(never a whole copy of the model).  See :mod:`mlx_dsvl.mlx_format` for the folder it writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_dsvl.loading import DTYPES
+from mlx_dsvl.mlx_format import (
+    FORMAT, FORMAT_VERSION, MARKER, QUANT_BITS, QUANT_GROUP_SIZES, UNUSED_FILE, dequantize_weights,
+    quantize_predicate,
+)
+from mlx_dsvl.models.deepseek_vl import DeepseekVL
+
+from .files import (
+    ConvertError, check_output, copy_files, folder_bytes, human_bytes, log, staged_output, write_json,
+    write_safetensors, write_shards,
+)
+from .sources import open_source, resolve_source, skeleton_parameters, strict_check
+
+DEFAULT_SHARD_GB = 5.0
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("mlx.core.", ""))
+
+
+def dominant_dtype(tensors: Dict[str, mx.array]) -> Optional[str]:
+    """The floating dtype holding the most bytes (what ``torch_dtype`` should say)."""
+    count: Counter = Counter()
+    for v in tensors.values():
+        if mx.issubdtype(v.dtype, mx.floating):
+            count[v.dtype] += v.nbytes
+    return dtype_name(count.most_common(1)[0][0]) if count else None
+
+
+def cast(v: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+    if dtype is None or not mx.issubdtype(v.dtype, mx.floating) or v.dtype == dtype:
+        return v
+    return v.astype(dtype)
+
+
+def set_torch_dtype(config: Dict, dtype: Optional[str]) -> None:
+    if dtype is None:
+        return
+    config["torch_dtype"] = dtype
+    lang = config.get("language_config")
+    if isinstance(lang, dict) and "torch_dtype" in lang:
+        lang["torch_dtype"] = dtype
+
+
+def convert_to_mlx(
+    model: str,
+    out: str,
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    quantize_vision: bool = False,
+    force: bool = False,
+    allow_pickle: bool = False,
+    shard_gb: float = DEFAULT_SHARD_GB,
+    progress: Callable[[str], None] = log,
+) -> Path:
+    """Convert ``model`` (folder or hub id) into an MLX folder at ``out``; returns ``out``.
+
+    dtype: "float16" | "bfloat16" | "float32" | None (keep each tensor's stored dtype).
+    quantize: quantize the LLM's linear layers and embeddings (``quantize_vision``: the towers'
+    and aligner's linear layers too) to ``q_bits`` with groups of ``q_group_size``; layers whose
+    input size does not divide by the group size stay in ``dtype``.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if quantize and q_bits not in QUANT_BITS:
+        raise ConvertError(f"--q-bits must be one of {QUANT_BITS}, got {q_bits}")
+    if quantize and q_group_size not in QUANT_GROUP_SIZES:
+        raise ConvertError(f"--q-group-size must be one of {QUANT_GROUP_SIZES}, got {q_group_size}")
+    if shard_gb <= 0:
+        raise ConvertError("--shard-gb must be positive")
+    target = DTYPES[dtype] if dtype else None
+    out = Path(out).expanduser()
+    t0 = time.perf_counter()
+    src = resolve_source(model, allow_pickle)
+    check_output(out, src, force)
+    with staged_output(out, force) as tmp:
+        scratch_dir = tmp / ".scratch"
+
+        def scratch() -> Path:
+            scratch_dir.mkdir(exist_ok=True)
+            return scratch_dir
+
+        source = open_source(src, allow_pickle=allow_pickle, scratch=scratch, log=progress)
+        weights = source.weights
+        if source.quantization:  # an MLX folder converted again: start from its dequantized weights
+            weights = dequantize_weights(weights, source.quantization)
+            source.notes.append(f"dequantized the source's {source.quantization['bits']}-bit weights first")
+
+        skeleton = DeepseekVL(source.model_config)
+        strict_check(src, weights, skeleton_parameters(skeleton))
+        qpaths = set()
+        if quantize:
+            nn.quantize(skeleton, group_size=q_group_size, bits=q_bits,
+                        class_predicate=quantize_predicate(q_group_size, quantize_vision))
+            qpaths = {p for p, m in skeleton.named_modules()
+                      if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+        expected = skeleton_parameters(skeleton)
+
+        # Lazy graph per output tensor, in the model's order; nothing is read yet.
+        tensors: Dict[str, mx.array] = {}
+        for k in list(weights):
+            v = cast(weights.pop(k), target)
+            base, _, leaf = k.rpartition(".")
+            if leaf == "weight" and base in qpaths:
+                wq, scales, biases = mx.quantize(v, group_size=q_group_size, bits=q_bits)
+                tensors.update({k: wq, base + ".scales": scales, base + ".biases": biases})
+            else:
+                tensors[k] = v
+        del weights
+        strict_check(src, tensors, expected)  # the quantized layout too, before writing anything
+        tensors = {k: tensors[k] for k in expected}
+        out_dtype = dominant_dtype(tensors)
+        extras = dict(source.extras)
+        source.weights = source.extras = None  # only the lazy graph keeps the inputs now
+
+        qinfo = None
+        if quantize:
+            qinfo = {"bits": q_bits, "group_size": q_group_size, "mode": "affine", "vision": quantize_vision}
+        n_skipped = _skipped_layers(skeleton, qpaths, quantize_vision) if quantize else 0
+        progress(f"converting {src} ({source.describe()}) -> {out} (MLX, "
+                 f"{out_dtype or 'as stored'}"
+                 + (f", {q_bits}-bit groups of {q_group_size}: {len(qpaths)} layers quantized"
+                    + (f", {n_skipped} left unquantized (input size not a multiple of {q_group_size})"
+                       if n_skipped else "") if quantize else "")
+                 + ")")
+        for note in source.notes:
+            progress(f"  note: {note}")
+
+        write_shards(tmp, tensors, int(shard_gb * 1e9), {"format": FORMAT}, always_index=True, progress=progress)
+        if extras:
+            (tmp / UNUSED_FILE).parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(tmp / UNUSED_FILE, extras, {"format": "pt"})
+
+        config = copy.deepcopy(source.config)
+        set_torch_dtype(config, out_dtype)
+        config[MARKER] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": out_dtype,
+            "quantization": qinfo,
+            "source_format": source.kind,
+            "unused_tensors": UNUSED_FILE if (tmp / UNUSED_FILE).exists() else None,
+        }
+        write_json(tmp / "config.json", config)
+        copy_files(source.side_files, tmp)
+        for name, obj in source.generated.items():
+            write_json(tmp / name, obj)
+        if scratch_dir.exists():
+            shutil.rmtree(scratch_dir)
+        size = folder_bytes(tmp)
+    progress(f"done: {out} ({human_bytes(size)}) in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _skipped_layers(skeleton: nn.Module, qpaths, vision: bool) -> int:
+    """Layers the policy covers but left unquantized because of the group size."""
+    prefixes = ("language_model.", "vision_model.", "aligner.") if vision else ("language_model.",)
+    return sum(1 for p, m in skeleton.named_modules()
+               if p.startswith(prefixes) and type(m) in (nn.Linear, nn.Embedding) and p not in qpaths)

@@ -1,0 +1,160 @@
+"""The MLX-format model folder: what ``python -m convert`` writes and ``mlx_dsvl.load`` reads.
+
+An MLX folder is the original deepseek-ai folder with its weights already converted:
+
+- ``config.json``: the original config (``vision_config`` / ``aligner_config`` /
+  ``language_config``, so :class:`~mlx_dsvl.config.ModelConfig` reads it unchanged) plus a marker
+  block naming the format::
+
+      "mlx_dsvl": {"format": "mlx", "format_version": 1, "dtype": "float16",
+                   "quantization": null | {"bits": 4, "group_size": 64, "mode": "affine",
+                                           "vision": false},
+                   "source_format": "original" | "transformers" | "mlx",
+                   "unused_tensors": null | "original/unused.safetensors"}
+
+- ``model*.safetensors`` + ``model.safetensors.index.json``: tensors under this package's own
+  parameter names and layouts (conv weights ``[O, kH, kW, I]``, the released files' unused
+  tensors dropped); a quantized layer is stored as ``weight`` (packed ``uint32``), ``scales`` and
+  ``biases``.
+- ``original/unused.safetensors`` (optional): the tensors the released files carry and no model
+  uses (``attn_pool.*``, ``high/low_layer_norm``, ``rotary_emb.inv_freq``), kept verbatim so that
+  ``--to-original`` gives back the original files bit for bit.  Never loaded by ``load``.
+- the tokenizer and processor files, as in the original folder.
+
+Loading rebuilds the quantized layers with ``nn.quantize`` using the recorded bits / group size
+and a predicate that picks exactly the layers whose ``scales`` are in the weights, so quantized
+weights load as they are (nothing is quantized again).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+MARKER = "mlx_dsvl"
+FORMAT = "mlx"
+FORMAT_VERSION = 1
+UNUSED_FILE = "original/unused.safetensors"
+QUANT_BITS = (4, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
+# Layers quantized by default: the LLM's (linear layers, embeddings, the untied lm_head).
+LLM_PREFIX = "language_model."
+VISION_PREFIXES = ("vision_model.", "aligner.")
+
+
+def mlx_format_info(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The marker block of an MLX-format ``config.json`` (validated), or None for other folders.
+
+    Raises ``ValueError`` (message without the path) for a marker this version cannot read.
+    """
+    info = config.get(MARKER) if isinstance(config, Mapping) else None
+    if info is None:
+        return None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"malformed {MARKER!r} block (expected \"format\": \"{FORMAT}\")")
+    version = info.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"MLX format version {version!r} is newer than this mlx-dsvl reads ({FORMAT_VERSION}); "
+            "upgrade mlx-dsvl"
+        )
+    q = info.get("quantization")
+    if q is not None:
+        if not isinstance(q, dict):
+            raise ValueError("malformed quantization block")
+        bits, group = q.get("bits"), q.get("group_size")
+        if not isinstance(bits, int) or not isinstance(group, int) or bits <= 0 or group <= 0:
+            raise ValueError(f"quantization needs integer bits and group_size, got {q}")
+        if q.get("mode", "affine") != "affine":
+            raise ValueError(f"unsupported quantization mode {q.get('mode')!r}")
+    return info
+
+
+def strip_marker(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """``config.json`` without the MLX marker: the original deepseek-ai config."""
+    return {k: v for k, v in config.items() if k != MARKER}
+
+
+def quantized_paths(weights: Mapping[str, Any]) -> set:
+    """Module paths stored quantized: those with a ``scales`` tensor."""
+    return {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+
+
+def quantize_like(model: nn.Module, weights: Mapping[str, Any], info: Mapping[str, Any]) -> int:
+    """Turn exactly the layers stored quantized in ``weights`` into quantized layers.
+
+    Uses the recorded bits / group size; nothing is computed (the module's own weights are
+    replaced by the loaded ones afterwards).  A ``scales`` tensor for a layer that cannot be
+    quantized is left for the caller's strict name check to report.  Returns the layer count.
+    """
+    paths = quantized_paths(weights)
+    if not paths:
+        return 0
+    q = info.get("quantization")
+    if q is None:
+        raise ValueError("the weights hold quantized layers (*.scales) but config.json records no quantization")
+    chosen = []
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        ok = path in paths and hasattr(module, "to_quantized")
+        if ok:
+            chosen.append(path)
+        return ok
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+                class_predicate=predicate)
+    return len(chosen)
+
+
+def quantize_predicate(group_size: int, vision: bool = False) -> Callable[[str, nn.Module], bool]:
+    """The converter's policy: which layers ``nn.quantize`` turns into quantized ones.
+
+    The LLM's linear layers and embeddings (``lm_head`` included); with ``vision`` also the
+    towers' and the aligner's linear layers.  A layer whose input size (the last weight axis)
+    does not divide by ``group_size`` stays unquantized; conv layers never are.
+    """
+    prefixes = (LLM_PREFIX, *VISION_PREFIXES) if vision else (LLM_PREFIX,)
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        if not path.startswith(prefixes) or not hasattr(module, "to_quantized"):
+            return False
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return False
+        w = module.weight
+        return w.ndim == 2 and w.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, vision: bool = False) -> None:
+    """Quantize a loaded model in memory with the converter's policy (:func:`quantize_predicate`)
+    and evaluate it, so the work happens here and not lazily on a later thread."""
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=quantize_predicate(group_size, vision))
+    mx.eval(model.parameters())
+
+
+def dequantize_weights(weights: Dict[str, mx.array], quantization: Mapping[str, Any]) -> Dict[str, mx.array]:
+    """(weight, scales, biases) triples -> plain ``weight`` in the scales' dtype (lazily).
+
+    Other tensors pass through; the input dict is emptied as it is read (so that nothing keeps
+    the packed tensors alive once their dequantized version is evaluated).
+    """
+    paths = quantized_paths(weights)
+    out: Dict[str, mx.array] = {}
+    for k in list(weights):
+        if k not in weights:
+            continue
+        base, _, leaf = k.rpartition(".")
+        if base in paths and leaf in ("weight", "scales", "biases"):
+            w, s = weights.pop(base + ".weight"), weights.pop(base + ".scales")
+            b = weights.pop(base + ".biases", None)
+            out[base + ".weight"] = mx.dequantize(
+                w, s, b, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"),
+            )
+        else:
+            out[k] = weights.pop(k)
+    return out
