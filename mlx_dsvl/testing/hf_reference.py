@@ -184,8 +184,18 @@ def build_hf_model(folder: Path, attn_implementation: str = "eager"):
     torch.manual_seed(0)
     model = cls(config).float().eval()
     weights = original_to_hf(original_state_dict(folder), hybrid=hybrid)
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in weights.items()}
-    model.load_state_dict(tensors, strict=True)  # every parameter from the file, no extras
+    # strict: every parameter from the file, no extras, same shapes -- copied one tensor at a
+    # time so that a real-size model never holds a second float32 copy (benchmarks use this)
+    state = model.state_dict()
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for k in list(weights):
+            v = np.ascontiguousarray(weights.pop(k), dtype=np.float32)
+            if tuple(v.shape) != tuple(state[k].shape):
+                raise ValueError(f"{k}: shape {v.shape}, expected {tuple(state[k].shape)}")
+            state[k].copy_(torch.from_numpy(v))
     lm_head = model.lm_head.weight
     embed = model.model.language_model.embed_tokens.weight
     assert lm_head.data_ptr() != embed.data_ptr(), "lm_head must stay untied"
