@@ -1,0 +1,486 @@
+"""Training data: JSONL -> tokenized examples with loss masks -> length-bucketed batches.
+
+One JSON object per line; image paths are relative to the JSONL file (absolute paths work too).
+Three kinds of line are accepted:
+
+* **chat** -- ``{"messages": [{"role": "user", "content": "<image_placeholder>What is this?"},
+  {"role": "assistant", "content": "A cat."}, ...], "images": ["cat.jpg"]}``.  Rendered with the
+  "deepseek" template exactly as at inference (an optional first ``system`` message replaces the
+  default system prompt; ``""`` means none).  Roles must alternate user / assistant.  Each
+  ``<image_placeholder>`` in the text takes the next image of ``images``.  **Loss on the
+  assistant turns only**: the answer text and the end-of-sentence token that the template puts
+  after it; never on the system prompt, the user turns, the ``Assistant:`` prefix or the image
+  tokens.
+* **pair** (image-text, stages 1-2) -- ``{"image": "cat.jpg", "text": "a cat on a mat"}``, or
+  ``{"images": [...], "text": "... <image_placeholder> ..."}`` for interleaved data.  Without a
+  placeholder in the text the images come first.  Sequence: BOS, the images' tokens, the text,
+  EOS.  **Loss on the text (and the EOS)**, never on BOS or image tokens.
+* **text-only** -- ``{"text": "..."}`` (BOS, text, EOS; loss on the text and EOS) or a chat line
+  without images (loss on the assistant turns).
+
+Labels follow the usual ``-100`` convention: ``labels[t]`` is the token the model must predict at
+position ``t`` (from the prefix ``ids[:t]``), or ``-100`` (:data:`IGNORE`) where no loss is taken.
+
+Bad input:
+
+* a malformed line (bad JSON, wrong keys, a placeholder/image count mismatch, ...) raises
+  :class:`DataError` naming ``file:line``; a missing or unreadable image raises one naming the
+  image path.  With ``skip_bad=True`` such lines are skipped and counted instead.
+* an example longer than ``max_seq_len`` is truncated at a token boundary that is never inside
+  an image's 576 tokens (a cut that would split an image drops that whole image), or skipped
+  with ``long_policy="skip"``; either way a warning is printed.  An example left without any
+  loss token is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+IGNORE = -100
+IMAGE_TAG = "<image_placeholder>"
+
+
+class DataError(ValueError):
+    """A training data problem; the message names the file and line (or the image path)."""
+
+
+@dataclass
+class Example:
+    """One tokenized training sequence."""
+
+    ids: np.ndarray  # [T] int32 token ids, BOS first, image ids expanded
+    labels: np.ndarray  # [T] int32: target at t (predicted from ids[:t]) or IGNORE
+    images: List[str]  # resolved image paths, one per run of image tokens, in order
+    source: str  # "file:line"
+    kind: str  # "chat" | "pair" | "text"
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.images)
+
+    @property
+    def n_targets(self) -> int:
+        return int(np.sum(self.labels != IGNORE))
+
+
+@dataclass
+class DataStats:
+    lines: int = 0
+    examples: int = 0
+    skipped_bad: List[str] = field(default_factory=list)  # reasons
+    truncated: List[str] = field(default_factory=list)  # sources
+    skipped_long: List[str] = field(default_factory=list)
+    skipped_empty: List[str] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {
+            "lines": self.lines,
+            "examples": self.examples,
+            "skipped_bad": len(self.skipped_bad),
+            "truncated": len(self.truncated),
+            "skipped_long": len(self.skipped_long),
+            "skipped_empty": len(self.skipped_empty),
+        }
+
+
+@dataclass
+class Dataset:
+    path: str
+    examples: List[Example]
+    stats: DataStats
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+    @property
+    def lengths(self) -> List[int]:
+        return [e.length for e in self.examples]
+
+
+def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- tokenization with loss masks ------------------------------------------------------------
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.shape[0], b.shape[0])
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def _check_alternation(messages: Sequence[Mapping[str, Any]]) -> None:
+    roles = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise ValueError(f"message {i} must be an object with a string 'role'")
+        roles.append(m["role"].strip().lower())
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    for i, r in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if r != want:
+            raise ValueError(
+                f"roles must alternate user/assistant (after an optional first system message); "
+                f"message {i + len(roles) - len(body)} is {r!r}, expected {want!r}"
+            )
+
+
+def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.ndarray, np.ndarray]:
+    """Chat messages -> ``(ids, labels)`` with loss on assistant answers and their EOS."""
+    _check_alternation(messages)
+    full = processor.format(messages)
+    ids = processor.tokenize(full)
+    labels = np.full_like(ids, IGNORE)
+    for j, m in enumerate(messages):
+        if m["role"].strip().lower() != "assistant" or not str(m.get("content", "")).strip():
+            continue
+        before, after = processor.format(messages[:j]), processor.format(messages[: j + 1])
+        if not (full.startswith(before) and full.startswith(after)):  # template invariant
+            raise ValueError("internal error: the chat template is not prefix-stable")
+        start = _common_prefix(processor.tokenize(before), ids)
+        end = _common_prefix(processor.tokenize(after), ids)
+        labels[start:end] = ids[start:end]
+    labels[ids == processor.image_token_id] = IGNORE
+    return ids, labels
+
+
+def tokenize_text(processor, text: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Plain (possibly interleaved) text -> ``(ids, labels)``: BOS, text, EOS; loss on text+EOS."""
+    ids = processor.tokenize(text)
+    eos = processor.tokenizer.eos_token_id
+    ids = np.concatenate([ids, np.array([eos], dtype=np.int32)])
+    labels = ids.copy()
+    bos = processor.tokenizer.bos_token_id
+    if bos is not None and ids.shape[0] and ids[0] == bos:
+        labels[0] = IGNORE
+    labels[ids == processor.image_token_id] = IGNORE
+    return ids.astype(np.int32), labels.astype(np.int32)
+
+
+def image_runs(ids: np.ndarray, image_id: int) -> List[Tuple[int, int]]:
+    """``[(start, end), ...]`` of the runs of image ids (end exclusive)."""
+    is_img = np.concatenate([[False], ids == image_id, [False]])
+    edges = np.flatnonzero(is_img[1:] != is_img[:-1])
+    return [(int(s), int(e)) for s, e in zip(edges[0::2], edges[1::2])]
+
+
+def truncate(ids, labels, images, max_len: int, image_id: int, num_image_tokens: int):
+    """Cut to ``max_len`` tokens, never inside an image: a split image is dropped whole."""
+    runs = _split_runs(image_runs(ids, image_id), num_image_tokens)
+    cut = max_len
+    kept = 0
+    for s, e in runs:
+        if e <= cut:
+            kept += 1
+        elif s < cut:
+            cut = s
+            break
+        else:
+            break
+    return ids[:cut], labels[:cut], images[:kept]
+
+
+def _split_runs(runs, n):
+    """Adjacent images form one long run: split it into per-image runs of ``n`` tokens."""
+    out = []
+    for s, e in runs:
+        for k in range(s, e, n):
+            out.append((k, min(k + n, e)))
+    return out
+
+
+# -- JSONL parsing ----------------------------------------------------------------------------
+
+
+def _resolve_images(value: Any, base: Path, where: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(f"{where}: 'images' must be a list of image paths (strings)")
+    out = []
+    for v in value:
+        p = Path(v).expanduser()
+        out.append(str(p if p.is_absolute() else base / p))
+    return out
+
+
+def check_image(path: str) -> None:
+    """Raise :class:`DataError` naming ``path`` if it is missing or not a readable image."""
+    if not os.path.exists(path):
+        raise DataError(f"image not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"image path is a directory: {path}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:  # header only; the pixels are decoded when batched
+            im.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
+
+
+def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
+    """One decoded JSON value -> :class:`Example` (not yet length-checked)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    n_tok = processor.num_image_tokens
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
+        images = _resolve_images(obj.get("images"), base, where)
+        kind = "chat"
+        try:
+            ids, labels = tokenize_chat(processor, messages)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+    elif "text" in obj:
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: 'text' must be a string")
+        if "image" in obj and "images" in obj:
+            raise DataError(f"{where}: give either 'image' or 'images', not both")
+        images = _resolve_images(obj.get("image", obj.get("images")), base, where)
+        if images and IMAGE_TAG not in text:
+            text = IMAGE_TAG * len(images) + text
+        kind = "pair" if images else "text"
+        ids, labels = tokenize_text(processor, text)
+    else:
+        raise DataError(
+            f"{where}: expected 'messages' (chat), 'image' + 'text' (image-text pair) or 'text' "
+            f"(text-only); got keys {sorted(obj)}"
+        )
+    n_runs = int(np.sum(ids == processor.image_token_id)) // n_tok
+    if n_runs != len(images):
+        raise DataError(
+            f"{where}: the text has {n_runs} {IMAGE_TAG} placeholder(s) but {len(images)} image(s) "
+            "are given"
+        )
+    for p in images:
+        try:
+            check_image(p)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+    return Example(ids.astype(np.int32), labels.astype(np.int32), images, where, kind)
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def load_jsonl(
+    path: str | os.PathLike,
+    processor,
+    max_seq_len: int,
+    long_policy: str = "truncate",
+    skip_bad: bool = False,
+    verbose: bool = True,
+) -> Dataset:
+    """Read and tokenize a JSONL file (see the module docstring for the format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    if long_policy not in ("truncate", "skip"):
+        raise ValueError(f"long_policy must be 'truncate' or 'skip', got {long_policy!r}")
+    base = path.resolve().parent
+    stats = DataStats()
+    examples: List[Example] = []
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            stats.lines += 1
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                ex = parse_line(obj, base, where, processor)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                stats.skipped_bad.append(str(e))
+                continue
+            if ex.length > max_seq_len:
+                if long_policy == "skip":
+                    stats.skipped_long.append(f"{where} ({ex.length} tokens)")
+                    continue
+                ids, labels, imgs = truncate(
+                    ex.ids, ex.labels, ex.images, max_seq_len, processor.image_token_id,
+                    processor.num_image_tokens,
+                )
+                stats.truncated.append(f"{where} ({ex.length} -> {ids.shape[0]} tokens)")
+                ex = Example(ids, labels, imgs, ex.source, ex.kind)
+            if ex.n_targets == 0:
+                stats.skipped_empty.append(where)
+                continue
+            examples.append(ex)
+    stats.examples = len(examples)
+    if verbose:
+        report_stats(str(path), stats, max_seq_len, long_policy)
+    if not examples:
+        raise DataError(f"{path}: no usable training example (see the warnings above)")
+    return Dataset(str(path), examples, stats)
+
+
+def report_stats(name: str, s: DataStats, max_seq_len: int, long_policy: str) -> None:
+    def first(items):
+        return f" (first: {items[0]})" if items else ""
+
+    if s.skipped_bad:
+        _warn(f"{name}: skipped {len(s.skipped_bad)} bad line(s) (--skip-bad){first(s.skipped_bad)}")
+    if s.truncated:
+        _warn(
+            f"{name}: truncated {len(s.truncated)} example(s) longer than --max-seq-len "
+            f"{max_seq_len} (never inside an image){first(s.truncated)}"
+        )
+    if s.skipped_long:
+        _warn(
+            f"{name}: skipped {len(s.skipped_long)} example(s) longer than --max-seq-len "
+            f"{max_seq_len}{first(s.skipped_long)}"
+        )
+    if s.skipped_empty:
+        _warn(f"{name}: skipped {len(s.skipped_empty)} example(s) with no loss token{first(s.skipped_empty)}")
+
+
+# -- batching ---------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Endless, deterministic, length-bucketed batches of example indices over one dataset.
+
+    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, sorted
+    by padded length (length rounded up to ``pad_to``, the granularity batches are padded to)
+    inside windows of ``bucket_window`` batches, so a batch holds similar lengths and little
+    padding while examples of the same padded length stay in random order (sorting by exact
+    length would group examples by content, e.g. by answer, and bias each step); then cut into
+    batches, and the batch order is shuffled.  The position ``(epoch, index)`` is all that a
+    checkpoint needs to resume the stream exactly.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
+                 bucket_window: int = 16, pad_to: int = 32):
+        if batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.buckets = -(-self.lengths // max(1, int(pad_to)))
+        self.batch_size = int(batch_size)
+        self.seed, self.stream, self.window = int(seed), int(stream), int(bucket_window)
+        self.epoch, self.index = 0, 0
+        self._cache: Tuple[int, List[np.ndarray]] = (-1, [])
+
+    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
+        if self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.stream, epoch])
+        perm = rng.permutation(len(self.lengths))
+        span = self.batch_size * self.window
+        batches = []
+        for w in range(0, len(perm), span):
+            chunk = perm[w : w + span]
+            chunk = chunk[np.argsort(self.buckets[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
+        self._cache = (epoch, batches)
+        return batches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def next(self) -> np.ndarray:
+        batches = self.epoch_batches(self.epoch)
+        b = batches[self.index]
+        self.index += 1
+        if self.index >= len(batches):
+            self.epoch, self.index = self.epoch + 1, 0
+        return b
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, s: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(s["epoch"]), int(s["index"])
+
+
+@dataclass
+class Batch:
+    """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
+
+    ``input_ids`` [B, T] is right-padded (causal attention makes the padding invisible to real
+    tokens).  The loss is taken only where it is needed: ``label_pos`` [N] holds flat indices
+    ``b * T + t - 1`` of the positions whose logits predict ``label_ids`` [N]; ``label_w`` [N] is
+    1 for real targets and 0 for padding (N is rounded up to limit recompilation);
+    ``label_mm`` [N] marks targets of examples that have images.
+    """
+
+    input_ids: np.ndarray
+    label_pos: np.ndarray
+    label_ids: np.ndarray
+    label_w: np.ndarray
+    label_mm: np.ndarray
+    images: List[str]  # flat, in order of the image runs (row by row)
+    sources: List[str]
+    n_tokens: int  # real (unpadded) tokens
+    n_targets: int
+    multimodal: int  # examples with images
+    text: int  # examples without images
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m) if m > 1 else max(n, 1)
+
+
+def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pad_to: int = 16) -> Batch:
+    B = len(examples)
+    T = _round_up(max(e.length for e in examples), pad_to)
+    ids = np.full((B, T), pad_id, dtype=np.int32)
+    pos, tgt, mm = [], [], []
+    images: List[str] = []
+    for b, e in enumerate(examples):
+        ids[b, : e.length] = e.ids
+        t = np.flatnonzero(e.labels != IGNORE)
+        t = t[t > 0]
+        pos.append(b * T + t - 1)
+        tgt.append(e.labels[t])
+        mm.append(np.full(t.shape, float(e.has_images), np.float32))
+        images += e.images
+    pos = np.concatenate(pos).astype(np.int32)
+    n = pos.shape[0]
+    N = _round_up(n, label_pad_to)
+    label_pos = np.zeros((N,), np.int32)
+    label_ids = np.zeros((N,), np.int32)
+    label_w = np.zeros((N,), np.float32)
+    label_mm = np.zeros((N,), np.float32)
+    label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
+    return Batch(
+        ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
+        n_tokens=sum(e.length for e in examples), n_targets=n,
+        multimodal=sum(e.has_images for e in examples), text=sum(not e.has_images for e in examples),
+    )

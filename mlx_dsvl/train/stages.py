@@ -1,0 +1,225 @@
+"""What each training stage trains, and how (LoRA, DoRA, QLoRA or full).
+
+The paper's recipe (REFERENCE.md, "Training recipe"):
+
+======  ==========================  =============================================
+stage   trained                     frozen
+======  ==========================  =============================================
+1       aligner                     both vision encoders, LLM
+2       aligner + LLM               vision encoders (mixed with text-only data)
+3       aligner + LLM + SigLIP      SAM-B
+======  ==========================  =============================================
+
+``--train`` overrides the set with any of :data:`COMPONENTS`.  ``--method`` applies to the
+transformer blocks of the LLM and of the vision towers that are trained: ``lora`` / ``dora``
+wrap their ``Linear`` layers with mlx-lm's ``LoRALinear`` / ``DoRALinear`` (on a quantized LLM
+this is QLoRA: the wrapped ``QuantizedLinear`` stays frozen and quantized), ``full`` trains every
+weight.  The aligner and SAM's neck / downsamples (``sam-neck``) are always trained in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
+
+COMPONENTS = ("aligner", "llm", "siglip", "sam", "sam-neck")
+STAGE_DEFAULTS: Dict[int, Tuple[str, ...]] = {
+    1: ("aligner",),
+    2: ("aligner", "llm"),
+    3: ("aligner", "llm", "siglip"),
+}
+METHODS = ("lora", "dora", "full")
+# LoRA targets: names of Linear layers inside the transformer blocks.
+LLM_TARGETS = {
+    "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+}
+SIGLIP_TARGETS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
+SAM_TARGETS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.lin1", "mlp.lin2")}
+TARGET_GROUPS = ("attn", "mlp", "lm_head")
+ADAPTER_TYPES = (LoRALinear, DoRALinear)
+
+
+class StageError(ValueError):
+    """An impossible training set-up (unknown component, full training of a quantized LLM, ...)."""
+
+
+@dataclass
+class TrainSpec:
+    """Which parts train and how; stored in ``adapter_config.json``."""
+
+    stage: int
+    components: Tuple[str, ...]
+    method: str = "lora"
+    rank: int = 8
+    scale: float = 20.0
+    dropout: float = 0.0
+    targets: Tuple[str, ...] = ("attn", "mlp")
+    llm_layers: Optional[int] = None  # adapt the last N LLM blocks (None = all)
+
+    def to_dict(self) -> Dict:
+        return {
+            "stage": self.stage, "components": list(self.components), "method": self.method,
+            "rank": self.rank, "scale": self.scale, "dropout": self.dropout,
+            "targets": list(self.targets), "llm_layers": self.llm_layers,
+        }
+
+
+def parse_components(stage: int, train: Optional[str | Sequence[str]], hybrid: bool) -> Tuple[str, ...]:
+    """Resolve ``--train`` (comma list or None for the stage default) against the model."""
+    if stage not in STAGE_DEFAULTS:
+        raise StageError(f"--stage must be 1, 2 or 3, got {stage}")
+    if train is None or train == "":
+        comps = STAGE_DEFAULTS[stage]
+    else:
+        items = train.split(",") if isinstance(train, str) else list(train)
+        comps = tuple(dict.fromkeys(c.strip().lower() for c in items if c.strip()))
+        unknown = [c for c in comps if c not in COMPONENTS]
+        if unknown:
+            raise StageError(
+                f"--train: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
+            )
+        if not comps:
+            raise StageError("--train names no component")
+    if not hybrid and any(c in ("sam", "sam-neck") for c in comps):
+        raise StageError(
+            "--train: this model has no SAM-B tower (the 1.3B layout is SigLIP only); "
+            "'sam' and 'sam-neck' need a 7B-layout (hybrid) model"
+        )
+    return comps
+
+
+def siglip_tower(model) -> nn.Module:
+    vm = model.vision_model
+    return vm.vision_tower_low.vision_tower if hasattr(vm, "vision_tower_low") else vm.vision_tower
+
+
+def sam_tower(model) -> Optional[nn.Module]:
+    vm = model.vision_model
+    return vm.vision_tower_high.vision_tower if hasattr(vm, "vision_tower_high") else None
+
+
+def module_prefix(model, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise KeyError("module not found in model")
+
+
+def llm_is_quantized(model) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+               for _, m in model.language_model.named_modules())
+
+
+def wrap_linear(module: nn.Module, method: str, rank: int, scale: float, dropout: float) -> nn.Module:
+    cls = DoRALinear if method == "dora" else LoRALinear
+    if isinstance(module, ADAPTER_TYPES):
+        raise StageError("layer already has an adapter")
+    if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+        raise StageError(f"cannot put a {method} adapter on a {type(module).__name__}")
+    return cls.from_base(module, r=rank, dropout=dropout, scale=scale)
+
+
+def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: float, dropout: float) -> None:
+    """Wrap the Linear layers at ``paths`` (full dotted names in ``model``) with adapters."""
+    modules = dict(model.named_modules())
+    updates = []
+    for p in paths:
+        if p not in modules:
+            raise StageError(f"no module {p!r} in this model")
+        updates.append((p, wrap_linear(modules[p], method, rank, scale, dropout)))
+    if updates:
+        model.update_modules(tree_unflatten(updates))
+
+
+def adapter_paths(model, spec: TrainSpec) -> List[str]:
+    """Full names of the Linear layers that ``spec`` puts adapters on."""
+    if spec.method == "full":
+        return []
+    groups = set(spec.targets)
+    paths: List[str] = []
+
+    def blocks(prefix: str, n_blocks: int, names: Dict[str, Tuple[str, ...]], last: Optional[int]):
+        start = 0 if last is None else max(0, n_blocks - last)
+        for i in range(start, n_blocks):
+            for g in ("attn", "mlp"):
+                if g in groups:
+                    paths.extend(f"{prefix}.{i}.{n}" for n in names[g])
+
+    if "llm" in spec.components:
+        blocks("language_model.model.layers", len(model.language_model.model.layers), LLM_TARGETS,
+               spec.llm_layers)
+        if "lm_head" in groups and hasattr(model.language_model, "lm_head"):
+            paths.append("language_model.lm_head")
+    if "siglip" in spec.components:
+        tower = siglip_tower(model)
+        blocks(module_prefix(model, tower) + ".blocks", len(tower.blocks), SIGLIP_TARGETS, None)
+    if "sam" in spec.components:
+        tower = sam_tower(model)
+        blocks(module_prefix(model, tower) + ".blocks", len(tower.blocks), SAM_TARGETS, None)
+    return paths
+
+
+def setup_trainable(model, spec: TrainSpec) -> List[str]:
+    """Freeze ``model``, add adapters and unfreeze what ``spec`` trains.
+
+    Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
+    """
+    if spec.method not in METHODS:
+        raise StageError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
+    bad = [t for t in spec.targets if t not in TARGET_GROUPS]
+    if bad:
+        raise StageError(f"--lora-targets: unknown {', '.join(bad)}; choose from {', '.join(TARGET_GROUPS)}")
+    if spec.method == "full" and "llm" in spec.components and llm_is_quantized(model):
+        raise StageError(
+            "the loaded LLM is quantized, so it cannot be trained in full: use --method lora or "
+            "--method dora (QLoRA), or load an unquantized model"
+        )
+    if spec.rank < 1:
+        raise StageError("--lora-rank must be >= 1")
+    model.freeze()
+    paths = adapter_paths(model, spec)
+    adapt_modules(model, paths, spec.method, spec.rank, spec.scale, spec.dropout)
+    comps = set(spec.components)
+    if "aligner" in comps:
+        model.aligner.unfreeze()
+    if spec.method == "full":
+        if "llm" in comps:
+            model.language_model.unfreeze()
+        if "siglip" in comps:
+            siglip_tower(model).unfreeze()
+        if "sam" in comps:
+            sam_tower(model).unfreeze()
+    if "sam" in comps or "sam-neck" in comps:
+        sam = sam_tower(model)
+        for name in ("neck", "neck_hd", "downsamples"):
+            for layer in getattr(sam, name):
+                layer.unfreeze()
+        sam.unfreeze(keys=["hd_alpha_downsamples"], recurse=False)
+    # Adapters wrap frozen layers: keep the wrapped base weights frozen.
+    for _, m in model.named_modules():
+        if isinstance(m, ADAPTER_TYPES):
+            m.linear.freeze()
+    return paths
+
+
+def vision_trainable(spec: TrainSpec) -> bool:
+    return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
+
+
+def trainable_names(model) -> List[str]:
+    return [k for k, _ in tree_flatten(model.trainable_parameters())]
+
+
+def count_parameters(model) -> Tuple[int, int]:
+    """(trainable, total) parameter counts (quantized weights counted unpacked)."""
+    from mlx_lm.utils import get_total_parameters
+
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return trainable, get_total_parameters(model)
