@@ -29,7 +29,7 @@ st.set_page_config(page_title="DeepSeek-VL chat", page_icon=":material/visibilit
 @st.cache_resource(show_spinner=False, max_entries=2)
 def get_model(path: str, quantize: bool) -> logic.LoadedModel:
     """Once per process and (path, 4-bit): sampling and prompt widgets never reload the model."""
-    return logic.load_model(path, quantize)
+    return logic.load_model(path, quantize, ARGS.adapter)
 
 
 # -- settings -----------------------------------------------------------------------------------

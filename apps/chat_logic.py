@@ -45,6 +45,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="streamlit run apps/chat.py --", add_help=False)
     p.add_argument("--model", default=None)
     p.add_argument("--4bit", dest="quantize", action="store_true")
+    p.add_argument("--adapter", default=None)  # a training output folder applied after loading
     # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -172,14 +173,19 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one reply at a time
 
 
-def load_model(path: str, quantize: bool = False) -> LoadedModel:
-    """``mlx_dsvl.load`` (+ 4-bit LLM); raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
+def load_model(path: str, quantize: bool = False, adapter: Optional[str] = None) -> LoadedModel:
+    """``mlx_dsvl.load`` (+ adapters from ``python -m mlx_dsvl.train``, + 4-bit LLM); raises
+    ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
     import mlx_dsvl
 
     load_calls += 1
     tic = time.perf_counter()
     model, processor = mlx_dsvl.load(path)
+    if adapter:
+        from mlx_dsvl.train.adapters import load_adapters
+
+        load_adapters(model, adapter)
     if quantize:
         quantize_language_model(model)
     return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic)

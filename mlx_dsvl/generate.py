@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--adapter", default=None,
+                   help="a training output folder (python -m mlx_dsvl.train): its adapters/weights are applied")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="auto = the GPU when MLX has one (Metal/CUDA), else the CPU (default: auto)")
     p.add_argument("--max-context", type=int, default=4096,
@@ -131,6 +133,10 @@ def main(argv=None) -> int:
     try:
         select_device(args.device)
         model, processor = load(args.model, dtype=args.dtype)
+        if args.adapter:
+            from .train.adapters import load_adapters
+
+            load_adapters(model, args.adapter)
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context)
         if args.chat:
             _chat_loop(session, args)

@@ -220,3 +220,32 @@ def test_stop_string_never_reaches_output():
     assert out == "The answer is 4.\n"
     g = StopStringFilter()
     assert g.push("Use") == "" and g.push("ful") == "Useful" and g.flush() == ""
+
+
+def test_cli_adapter_changes_the_reply_logits(tiny_dir, tmp_path):
+    """--adapter applies a training run's output: greedy tokens differ from the base model's."""
+    from mlx_dsvl.train import TrainConfig, train
+    from mlx_dsvl.train.synthetic import write_shapes_dataset
+
+    data = write_shapes_dataset(tmp_path / "d", 2, seed=5)
+    run = tmp_path / "run"
+    train(TrainConfig(stage=3, model=str(tiny_dir), data=str(data["chat"]), out=str(run), iters=3,
+                      lr=5e-2, batch_size=2, save_every=0, quiet=True, plot=False, warmup=0))
+    img = make_image(tmp_path / "a.png")
+    common = ["--model", str(tiny_dir), "--image", img, "--prompt", "Describe.", "--max-tokens", "6",
+              "--temperature", "0", "--repetition-penalty", "1", "--verbose"]
+    base = run_cli(*common)
+    tuned = run_cli(*common, "--adapter", str(run))
+    assert base.returncode == 0 and tuned.returncode == 0, tuned.stderr
+    missing = run_cli(*common, "--adapter", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: ")
+    assert "nope" in missing.stderr and "Traceback" not in missing.stderr
+    # same base, same prompt: the adapters must change what the model computes
+    from mlx_dsvl.train import load_adapters
+
+    model, processor = mlx_dsvl.load(tiny_dir, dtype="float32")
+    batch = processor([{"role": "user", "content": "<image_placeholder>Describe."}], [img])
+    before = model(batch["input_ids"], pixel_values=batch["pixel_values"])
+    load_adapters(model, run)
+    after = model(batch["input_ids"], pixel_values=batch["pixel_values"])
+    assert float(mx.abs(before - after).max()) > 0
