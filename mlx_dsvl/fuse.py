@@ -2,7 +2,7 @@
 
     python -m mlx_dsvl.fuse --model BASE --adapter RUN_DIR --out FUSED [--dtype float16]
 
-Loads ``BASE`` (folder or hub id) in float32, applies ``RUN_DIR``'s ``adapters.safetensors``
+Loads ``BASE`` (an original or MLX folder -- quantized too -- or a hub id) in float32, applies ``RUN_DIR``'s ``adapters.safetensors``
 (LoRA/DoRA folded into the weights; fully trained tensors such as the aligner replace the base
 ones), dequantizes a quantized base, and writes ``FUSED`` in the original deepseek-ai layout:
 ``config.json``, ``model.safetensors`` (or shards + index) with PyTorch conv layouts
@@ -35,11 +35,20 @@ def to_original_layout(weights: Dict, conv_suffixes) -> Dict:
     return out
 
 
-def unused_base_tensors(base: Path) -> Dict:
-    """Tensors the released files carry and the model drops (attn_pool.*, ...), passed through."""
+def unused_base_tensors(base: Path, config: Dict) -> Dict:
+    """Tensors the released files carry and the model drops (attn_pool.*, ...), passed through.
+
+    An original folder has them in its safetensors; an MLX folder (``python -m convert``) keeps
+    them in ``original/unused.safetensors`` when it kept them at all.
+    """
     import mlx.core as mx
 
     from .loading import read_weights
+    from .mlx_format import MARKER, UNUSED_FILE
+
+    if config.get(MARKER):
+        f = base / UNUSED_FILE
+        return dict(mx.load(str(f))) if f.is_file() else {}
     from .models.deepseek_vl import UNUSED_PARTS, UNUSED_PREFIXES
 
     try:
@@ -51,7 +60,9 @@ def unused_base_tensors(base: Path) -> Dict:
 
 
 def base_dtype(config: Dict) -> str:
-    for d in (config.get("torch_dtype"), (config.get("language_config") or {}).get("torch_dtype")):
+    marker = config.get("mlx_dsvl") or {}
+    for d in (marker.get("dtype"), config.get("torch_dtype"),
+              (config.get("language_config") or {}).get("torch_dtype")):
         if d in ("float16", "bfloat16", "float32"):
             return d
     return "float16"
@@ -107,7 +118,7 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = Non
     dequantize(model)
     weights = dict(tree_flatten(model.parameters()))
     weights = to_original_layout(weights, CONV_SUFFIXES)
-    for k, v in unused_base_tensors(base).items():
+    for k, v in unused_base_tensors(base, config).items():
         weights.setdefault(k, v)
     target = DTYPES[dtype]
     weights = {k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
@@ -122,7 +133,7 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = Non
                     and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)
         cfg = dict(config)
-        for key in ("quantization", "quantization_config"):
+        for key in ("mlx_dsvl", "quantization", "quantization_config"):
             cfg.pop(key, None)
         cfg["torch_dtype"] = dtype
         if isinstance(cfg.get("language_config"), dict):

@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_dsvl
-from mlx_dsvl.train import TrainConfig, TrainingStopped, load_adapters, train
+from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train.__main__ import build_parser, main as train_main
 from mlx_dsvl.train.checkpoint import ResumeError
-from mlx_dsvl.train.data import (
-    IGNORE, BatchStream, DataError, collate, load_jsonl, tokenize_chat, tokenize_text, truncate,
-)
+from mlx_dsvl.train.data import IGNORE, DataError, collate, load_jsonl, tokenize_chat, tokenize_text
 from mlx_dsvl.train.loop import ModalityMixer
 from mlx_dsvl.train.stages import StageError
 from mlx_dsvl.train.synthetic import write_shapes_dataset
@@ -380,9 +378,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, shapes_d
     rc = train_main(args)
     err = capsys.readouterr().err
     assert rc == 3, err
-    assert "training stopped" in err and "last good checkpoint is kept" in err or "not saving" in err
     saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
     assert saved, err
+    assert re.search(r"loss became (nan|inf|-inf) at step \d+", err), err
+    assert f"training stopped without saving; the last good checkpoint is kept: " \
+           f"{out / 'checkpoints' / saved[-1]}" in err
+    assert (out / "checkpoints" / "latest").read_text().strip() == saved[-1]
     for p in (out / "checkpoints").iterdir():
         if p.is_dir():
             w = mx.load(str(p / "adapters.safetensors"))
@@ -409,3 +410,18 @@ def test_grad_accum_and_checkpointing_match_plain_steps(tiny_dir, shapes_data, t
     assert ref[1] > 0
     np.testing.assert_allclose(first(accum), ref, rtol=1e-4)
     np.testing.assert_allclose(first(ckpt), ref, rtol=1e-5)
+
+
+def test_corrupt_image_found_while_batching(tiny_dir, shapes_data, tmp_path, capsys):
+    base = Path(shapes_data["pairs"]).parent
+    good = (base / "images" / "3-00000.png").read_bytes()
+    (base / "images" / "truncated.png").write_bytes(good[: len(good) // 2])  # header fine, data cut
+    f = base / "corrupt.jsonl"
+    lines = Path(shapes_data["pairs"]).read_text().splitlines()[:3]
+    f.write_text("\n".join(lines + [json.dumps({"image": "images/truncated.png", "text": "broken"})]) + "\n")
+    common = dict(stage=1, model=str(tiny_dir), data=str(f), iters=2, batch_size=4)
+    with pytest.raises(DataError, match=r"corrupt\.jsonl:4: .*images/truncated\.png"):
+        train(cfg(out=str(tmp_path / "a"), **common))
+    res = train(cfg(out=str(tmp_path / "b"), skip_bad=True, **common))
+    assert res.steps == 2 and sum(r.get("skipped_examples", 0) for r in res.history) == 2  # once per epoch
+    assert "skipped an example with a bad image" in capsys.readouterr().err

@@ -114,3 +114,33 @@ def test_qlora_trains_adapters_on_a_quantized_llm(tiny_dir, tmp_path):
     nn.quantize(fresh.language_model, group_size=32, bits=4)
     load_adapters(fresh, run)
     np.testing.assert_allclose(logits_for(fresh, processor, image), ref, atol=1e-4 * np.abs(ref).max())
+
+
+def test_qlora_on_a_quantized_mlx_folder_then_fuse(tiny_dir, tmp_path):
+    """python -m convert --quantize -> QLoRA training from disk -> fuse to the original layout."""
+    from convert.__main__ import main as convert_main
+
+    q4 = tmp_path / "tiny-q4"
+    assert convert_main(["--model", str(tiny_dir), "--out", str(q4), "--quantize", "--q-bits", "4",
+                         "--q-group-size", "32"]) == 0
+    data = write_shapes_dataset(tmp_path / "d", 4, seed=8)
+    run = tmp_path / "run"
+    res = train(cfg(stage=3, model=str(q4), data=str(data["chat"]), out=str(run), iters=3, lr=2e-2,
+                    lora_targets="attn,mlp,lm_head"))
+    assert res.steps == 3
+    model, processor = mlx_dsvl.load(q4)
+    assert isinstance(model.language_model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    load_adapters(model, run)
+    assert isinstance(model.language_model.model.layers[0].mlp.up_proj.linear, nn.QuantizedLinear)
+    image = Image.open(data["chat"].parent / "images" / "8-00001.png")
+    ref = logits_for(model, processor, image)
+    fused_dir = tmp_path / "fused"
+    assert fuse_main(["--model", str(q4), "--adapter", str(run), "--out", str(fused_dir)]) == 0
+    cfg_out = json.loads((fused_dir / "config.json").read_text())
+    assert "mlx_dsvl" not in cfg_out and not (fused_dir / "original").exists()
+    fused, fproc = mlx_dsvl.load(fused_dir)  # a plain (dequantized) original-layout folder
+    assert isinstance(fused.language_model.model.layers[0].mlp.up_proj, nn.Linear)
+    np.testing.assert_allclose(logits_for(fused, fproc, image), ref, atol=2e-5 * np.abs(ref).max())
+    w = mx.load(str(fused_dir / "model.safetensors"))
+    base_keys = set(mx.load(str(Path(tiny_dir) / "model.safetensors")))
+    assert set(w) == base_keys  # the original names, unused tensors included

@@ -1,40 +1,44 @@
 """It learns: stage 1 then stage 3 (LoRA) teach a tiny random model to caption synthetic images.
 
-A synthetic captioning task is generated on the fly (coloured shapes on coloured backgrounds,
-mlx_dsvl.train.synthetic), the recipe runs through the public training API exactly as the CLI
-does (stage 1: aligner warm-up on image-text pairs with cached vision features; stage 3: LoRA on
-the LLM and SigLIP + the full aligner, on chat data, starting from stage 1's aligner), and the
-result must caption >= 90% of freshly generated held-out images exactly, with greedy decoding.
+A synthetic captioning task is generated on the fly (mlx_dsvl.train.synthetic: a red, green,
+blue or yellow circle or square on a white, black or grey background, with random position and
+colour jitter; captions like "red circle on white").  The recipe runs through the public
+training API exactly as the CLI does:
 
-The model is the 1.3B layout at tiny widths (make_checkpoint's "tiny") with one change: SigLIP
-reads 96 px images (a 6 x 6 patch grid, 36 image tokens instead of 576), so that the test fits a
-CI budget on two CPU cores.  With 576 image tokens a random 2-layer LLM attends almost
-uniformly over the image and learns far too slowly for that budget; everything else (the
-576-token path, truncation, caching, the hybrid tower) is covered by tests/test_train.py.
+* stage 1: aligner warm-up on image-text pairs, vision features cached;
+* stage 3: LoRA on the LLM (attention, MLP and LM head) and on SigLIP, the aligner in full, on
+  chat data, starting from stage 1's aligner;
+
+then greedy decoding must caption >= 90% of freshly generated held-out images exactly.
+
+The model is make_checkpoint's "tiny" (1.3B layout, random weights) with one change: SigLIP
+reads 96 px images (a 6 x 6 patch grid: 36 image tokens instead of 576), so that the test fits
+a CI budget on two CPU cores.  With 576 image tokens a random 2-layer LLM attends almost
+uniformly over the image and needs many times more steps; the 576-token path (truncation,
+caching, the hybrid tower, every stage) is covered by tests/test_train.py.  Stage 1 is short
+and gentle: through a frozen *random* LM head the captions cannot be expressed, so a long
+aligner warm-up on a random LLM only drifts the aligner; here it checks that the stage runs,
+improves its loss and hands its aligner over.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
 import mlx_dsvl
 from mlx_dsvl.train import TrainConfig, load_adapters, train
 from mlx_dsvl.train.synthetic import QUESTION, make_images, write_shapes_dataset
 
 IMAGE_SIZE = 96
-TASK = dict(shapes=tuple(os.environ.get("DSVL_LEARN_SHAPES", "circle,square,triangle").split(",")),
-            sizes={"square": 0.40, "circle": 0.30, "triangle": 0.22}, jitter=float(os.environ.get("DSVL_LEARN_JIT", 0.05)))
-TEMPLATE = "{fg} {shape} on {bg}"
-STAGE1_STEPS = int(os.environ.get("DSVL_LEARN_S1", 20))
-STAGE3_STEPS = int(os.environ.get("DSVL_LEARN_S3", 400))
-N_TRAIN, N_TEST, BATCH = int(os.environ.get("DSVL_LEARN_N", 800)), 72, 8
+TASK = dict(shapes=("circle", "square"), sizes={"square": 0.40, "circle": 0.30}, jitter=0.05,
+            template="{fg} {shape} on {bg}")
+STAGE1_STEPS, STAGE3_STEPS = 20, 300
+N_TRAIN, N_TEST, BATCH = 800, 72, 8
 
 
 def small_grid_checkpoint(out, monkeypatch, seed=1):
@@ -72,74 +76,51 @@ def greedy_captions(model, processor, images, max_tokens=24):
         if done.all():
             break
         logits = lm(tok[:, None], cache=cache)
-    out = np.stack(out, 1)
     texts = []
-    for row in out:
-        row = list(row)
+    for row in np.stack(out, 1).tolist():
         row = row[: row.index(eos)] if eos in row else row
         texts.append(processor.tokenizer.decode(row).strip())
     return texts
-
-
-def recaption(path, template):
-    """Rewrite a JSONL's captions/answers from "a X Y on a Z background" to ``template``."""
-    lines = []
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "text" in r:
-            r["text"] = short(r["text"], template)
-        else:
-            r["messages"][-1]["content"] = short(r["messages"][-1]["content"], template)
-        lines.append(json.dumps(r))
-    path.write_text("\n".join(lines) + "\n")
-
-
-def short(caption, template):
-    w = caption.split()
-    return template.format(fg=w[1], shape=w[2], bg=w[5])
 
 
 def test_stage1_then_stage3_lora_learns_to_caption(tmp_path, monkeypatch, capsys):
     t0 = time.perf_counter()
     ckpt = small_grid_checkpoint(tmp_path / "tiny-96px", monkeypatch)
     data = write_shapes_dataset(tmp_path / "data", N_TRAIN, seed=0, size=IMAGE_SIZE, **TASK)
-    for p in data.values():
-        recaption(p, TEMPLATE)
 
     s1 = train(TrainConfig(stage=1, model=str(ckpt), data=str(data["pairs"]), out=str(tmp_path / "s1"),
-                           iters=STAGE1_STEPS, batch_size=BATCH, lr=float(os.environ.get("DSVL_LEARN_LR1", 1e-4)), warmup=0,
+                           iters=STAGE1_STEPS, batch_size=BATCH, lr=1e-4, warmup=0,
                            cache_vision_features=True, save_every=0, steps_per_report=5, quiet=True))
     s1_losses = [r["loss"] for r in s1.history]
-    assert s1_losses[-1] < s1_losses[0]  # the aligner warm-up itself makes progress
+    assert s1_losses[-1] < s1_losses[0]
 
-    # Stage 3 starts from the stage-1 aligner (the base model + stage 1's trained weights).
+    # Stage 3 starts from stage 1's aligner: the base model + stage 1's trained weights.
     model, processor = mlx_dsvl.load(ckpt)
-    if not os.environ.get("DSVL_LEARN_NO_S1"):
-        load_adapters(model, tmp_path / "s1")
+    load_adapters(model, tmp_path / "s1")
     s3 = train(TrainConfig(stage=3, model=str(ckpt), data=str(data["chat"]), out=str(tmp_path / "s3"),
                            iters=STAGE3_STEPS, batch_size=BATCH, lr=1e-3, warmup=10,
                            lora_targets="attn,mlp,lm_head", save_every=0, steps_per_report=25,
-                           train=os.environ.get("DSVL_LEARN_TRAIN"), seed=int(os.environ.get("DSVL_LEARN_SEED", 0)),
                            quiet=True),
                loaded=(model, processor))
+    assert any(".vision_tower.blocks." in k and k.endswith("lora_b")
+               for k in mx.load(str(tmp_path / "s3" / "adapters.safetensors")))  # SigLIP trained too
     train_seconds = time.perf_counter() - t0
 
-    # Held-out images: a different seed, random (not cycled) combinations.
+    # Held-out images: another seed, combinations drawn at random.
     model.eval()
     held_out = make_images(N_TEST, seed=12345, size=IMAGE_SIZE, balanced=False, **TASK)
-    preds = greedy_captions(model, processor, [im for im, _ in held_out])
-    truth = [short(c, TEMPLATE) for _, c in held_out]
+    images, truth = [im for im, _ in held_out], [c for _, c in held_out]
+    preds = greedy_captions(model, processor, images)
     acc = float(np.mean([p == t for p, t in zip(preds, truth)]))
     wrong = [(p, t) for p, t in zip(preds, truth) if p != t]
 
-    # The same check on the untrained base model shows the task is not solved for free.
+    # The untrained model captions none of them.
     base, _ = mlx_dsvl.load(ckpt)
-    base_preds = greedy_captions(base, processor, [im for im, _ in held_out[:8]])
-    assert not any(p == t for p, t in zip(base_preds, truth[:8]))
+    assert not any(p == t for p, t in zip(greedy_captions(base, processor, images[:8]), truth[:8]))
 
     with capsys.disabled():
         print(f"\n[it learns] stage 1: {STAGE1_STEPS} steps (loss {s1_losses[0]:.2f} -> {s1_losses[-1]:.2f}); "
               f"stage 3 LoRA: {STAGE3_STEPS} steps (loss {s3.history[0]['loss']:.2f} -> "
-              f"{s3.history[-1]['loss']:.3f}); held-out exact-match accuracy {acc:.1%} "
-              f"({N_TEST} images); {time.perf_counter() - t0:.0f}s total ({train_seconds:.0f}s training)")
+              f"{s3.history[-1]['loss']:.3f}); held-out exact-match accuracy {acc:.1%} of {N_TEST}; "
+              f"{time.perf_counter() - t0:.0f}s ({train_seconds:.0f}s training)")
     assert acc >= 0.9, wrong[:10]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from .loop import TrainConfig
 
 EPILOG = """\
 stages (REFERENCE.md, "Training recipe"):
@@ -56,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-layers", type=int, default=S,
                    help="adapt only the last N LLM blocks (default: all)")
     g.add_argument("--lora-targets", default=S, metavar="LIST",
-                   help="Linear layers that get adapters: comma list of attn, mlp, lm_head "
-                        "(default attn,mlp)")
+                   help="Linear layers that get adapters: comma list of attn, mlp, lm_head and/or "
+                        "single layers (q_proj, v_proj, ..., qkv, fc1, ...) (default attn,mlp)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=S,
                    help="model dtype (default: float32 on CPU, bfloat16 on a GPU)")
 
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=S,
                    help="keep only the newest N checkpoints (default 0 = all)")
     g.add_argument("--resume", default=S, metavar="DIR",
-                   help="continue exactly from a checkpoint folder or a run's --out folder")
+                   help="continue exactly from a checkpoint folder or a run's --out folder (the "
+                        "run's options are reused; --iters/--epochs, --out, --save-every, "
+                        "validation and output options may change, the training set-up may not)")
     g.add_argument("--val-every", type=int, default=S,
                    help="validate every N steps and at the end (default 200)")
     g.add_argument("--val-batches", type=int, default=S,

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .stages import ADAPTER_TYPES, adapt_modules

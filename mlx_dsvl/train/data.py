@@ -40,7 +40,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -252,7 +252,10 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
-        images = _resolve_images(obj.get("images"), base, where)
+        images = obj.get("images")
+        if images is None:  # the original DeepSeek-VL style: "images" on the user messages
+            images = [p for m in messages if isinstance(m, dict) for p in (m.get("images") or [])]
+        images = _resolve_images(images, base, where)
         kind = "chat"
         try:
             ids, labels = tokenize_chat(processor, messages)
@@ -374,21 +377,21 @@ def report_stats(name: str, s: DataStats, max_seq_len: int, long_policy: str) ->
 class BatchStream:
     """Endless, deterministic, length-bucketed batches of example indices over one dataset.
 
-    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, sorted
-    by padded length (length rounded up to ``pad_to``, the granularity batches are padded to)
-    inside windows of ``bucket_window`` batches, so a batch holds similar lengths and little
-    padding while examples of the same padded length stay in random order (sorting by exact
-    length would group examples by content, e.g. by answer, and bias each step); then cut into
-    batches, and the batch order is shuffled.  The position ``(epoch, index)`` is all that a
-    checkpoint needs to resume the stream exactly.
+    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, grouped
+    by length class inside windows of ``bucket_window`` batches, cut into batches, and the batch
+    order is shuffled.  A length class spans a factor ``bucket_ratio`` (1.25: lengths within
+    25% of each other), and examples of one class stay in random order.  So a batch holds
+    similar lengths and little padding, but is not sorted by exact length: that would group
+    examples by content (the length of an answer says which answer it is) and bias every step.
+    The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
-                 bucket_window: int = 16, pad_to: int = 32):
+                 bucket_window: int = 16, bucket_ratio: float = 1.25):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
         self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.buckets = -(-self.lengths // max(1, int(pad_to)))
+        self.buckets = np.floor(np.log(np.maximum(self.lengths, 1)) / np.log(bucket_ratio)).astype(np.int64)
         self.batch_size = int(batch_size)
         self.seed, self.stream, self.window = int(seed), int(stream), int(bucket_window)
         self.epoch, self.index = 0, 0
@@ -399,11 +402,12 @@ class BatchStream:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, self.stream, epoch])
         perm = rng.permutation(len(self.lengths))
-        span = self.batch_size * self.window
+        span = self.batch_size * max(1, self.window)
         batches = []
         for w in range(0, len(perm), span):
             chunk = perm[w : w + span]
-            chunk = chunk[np.argsort(self.buckets[chunk], kind="stable")]
+            if self.window > 0:
+                chunk = chunk[np.argsort(self.buckets[chunk], kind="stable")]
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         order = rng.permutation(len(batches))
         batches = [batches[i] for i in order]

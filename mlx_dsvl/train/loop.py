@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
 import queue
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +35,7 @@ from .stages import (
     StageError, TrainSpec, count_parameters, parse_components, setup_trainable, siglip_tower,
     vision_trainable,
 )
-from .vision_cache import VisionFeatureCache, as_tuple, vision_model_key
+from .vision_cache import VisionFeatureCache, vision_model_key
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -507,6 +505,10 @@ def resolve_resume(cfg: TrainConfig, explicit: Sequence[str]) -> Tuple[TrainConf
                 f"{old}; a resumed run keeps the original set-up"
             )
         setattr(merged, name, new)
+    if "epochs" in explicit and "iters" not in explicit:
+        merged.iters = None  # the run's length is recomputed from the new --epochs
+    elif "iters" in explicit:
+        merged.epochs = None
     merged.resume = cfg.resume
     return merged, path, state
 
@@ -578,8 +580,8 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
     elif cfg.text_ratio is not None:
         raise ValueError("--text-ratio needs --text-data")
 
-    main_stream = BatchStream(main.lengths, cfg.batch_size, cfg.seed, stream=0, pad_to=cfg.pad_to)
-    text_stream = BatchStream(text.lengths, cfg.batch_size, cfg.seed, stream=1, pad_to=cfg.pad_to) if text else None
+    main_stream = BatchStream(main.lengths, cfg.batch_size, cfg.seed, stream=0)
+    text_stream = BatchStream(text.lengths, cfg.batch_size, cfg.seed, stream=1) if text else None
     iters = plan_iters(cfg, main_stream.batches_per_epoch, mixer)
     if cfg.iters is None:
         cfg.iters = iters
@@ -589,7 +591,7 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
         cfg.warmup = min(100, iters // 20)
 
     mx.random.seed(cfg.seed)  # adapter initialization and dropout follow --seed
-    adapted = setup_trainable(model, spec)
+    setup_trainable(model, spec)
     if cfg.grad_checkpoint:
         if "llm" in comps:
             enable_grad_checkpoint(model.language_model.model.layers)
@@ -772,10 +774,12 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
 
             if (cfg.save_every > 0 and step_no % cfg.save_every == 0) or step_no == iters:
                 last_ckpt = _save(out, step_no, model, optimizer, acfg,
-                                  checkpoint_state(step_no, streams_after), cfg.keep_checkpoints, log)
+                                  checkpoint_state(step_no, streams_after), cfg.keep_checkpoints, log,
+                                  last_ckpt)
         if interrupted and step_no > start_step:
             last_ckpt = _save(out, step_no, model, optimizer, acfg,
-                              checkpoint_state(step_no, streams_after), cfg.keep_checkpoints, log)
+                              checkpoint_state(step_no, streams_after), cfg.keep_checkpoints, log,
+                              last_ckpt)
             log.line(f"interrupted at step {step_no}; resume with --resume {out}")
     except TrainingStopped as e:
         stop_err = e
@@ -829,12 +833,15 @@ def _append(path: Path, rec: Dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _save(out, step_no, model, optimizer, acfg, state, keep, log) -> Path:
+def _save(out, step_no, model, optimizer, acfg, state, keep, log, last_good: Optional[Path]) -> Path:
     bad = [k for k, v in tree_flatten(model.trainable_parameters())
            if not bool(mx.all(mx.isfinite(v)).item())]
     if bad:
+        where = (f"the last good checkpoint is kept: {last_good}" if last_good
+                 else "no checkpoint had been saved yet")
         raise TrainingStopped(
-            f"trained weights became non-finite at step {step_no} ({bad[0]}); not saving", None)
+            f"trained weights became non-finite at step {step_no} ({bad[0]}); training stopped "
+            f"without saving; {where}", last_good)
     path = ckpt.save_checkpoint(out, step_no, model, optimizer, acfg, state, keep)
     log.line(f"saved checkpoint {path}")
     return path

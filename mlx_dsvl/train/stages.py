@@ -19,10 +19,9 @@ weight.  The aligner and SAM's neck / downsamples (``sam-neck``) are always trai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
@@ -43,6 +42,9 @@ LLM_TARGETS = {
 SIGLIP_TARGETS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc1", "mlp.fc2")}
 SAM_TARGETS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.lin1", "mlp.lin2")}
 TARGET_GROUPS = ("attn", "mlp", "lm_head")
+# Single layers may be named too (the last part of their name).
+TARGET_LEAVES = tuple(sorted({n.rsplit(".", 1)[-1] for t in (LLM_TARGETS, SIGLIP_TARGETS, SAM_TARGETS)
+                              for names in t.values() for n in names}))
 ADAPTER_TYPES = (LoRALinear, DoRALinear)
 
 
@@ -149,8 +151,8 @@ def adapter_paths(model, spec: TrainSpec) -> List[str]:
         start = 0 if last is None else max(0, n_blocks - last)
         for i in range(start, n_blocks):
             for g in ("attn", "mlp"):
-                if g in groups:
-                    paths.extend(f"{prefix}.{i}.{n}" for n in names[g])
+                paths.extend(f"{prefix}.{i}.{n}" for n in names[g]
+                             if g in groups or n.rsplit(".", 1)[-1] in groups)
 
     if "llm" in spec.components:
         blocks("language_model.model.layers", len(model.language_model.model.layers), LLM_TARGETS,
@@ -173,9 +175,10 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
     """
     if spec.method not in METHODS:
         raise StageError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
-    bad = [t for t in spec.targets if t not in TARGET_GROUPS]
+    bad = [t for t in spec.targets if t not in TARGET_GROUPS + TARGET_LEAVES]
     if bad:
-        raise StageError(f"--lora-targets: unknown {', '.join(bad)}; choose from {', '.join(TARGET_GROUPS)}")
+        raise StageError(f"--lora-targets: unknown {', '.join(bad)}; choose from "
+                         f"{', '.join(TARGET_GROUPS + TARGET_LEAVES)}")
     if spec.method == "full" and "llm" in spec.components and llm_is_quantized(model):
         raise StageError(
             "the loaded LLM is quantized, so it cannot be trained in full: use --method lora or "

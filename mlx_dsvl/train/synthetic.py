@@ -35,10 +35,11 @@ SHAPES = ("circle", "square", "triangle")
 # Half-size of each shape as a fraction of the image side.
 SIZES: Mapping[str, float] = {"square": 0.34, "circle": 0.28, "triangle": 0.22}
 QUESTION = "<image_placeholder>Describe the image."
+TEMPLATE = "a {fg} {shape} on a {bg} background"
 
 
-def caption(fg: str, shape: str, bg: str) -> str:
-    return f"a {fg} {shape} on a {bg} background"
+def caption(fg: str, shape: str, bg: str, template: str = TEMPLATE) -> str:
+    return template.format(fg=fg, shape=shape, bg=bg)
 
 
 def combos(shape_colors: Sequence[str] = SHAPE_COLORS, shapes: Sequence[str] = SHAPES,
@@ -70,24 +71,28 @@ def draw(fg: str, shape: str, bg: str, rng: np.random.Generator, size: int = 384
     return im
 
 
-def make_images(n: int, seed: int, size: int = 384, balanced: bool = True, **task):
+def make_images(n: int, seed: int, size: int = 384, balanced: bool = True,
+                template: str = TEMPLATE, **task):
     """``n`` (PIL image, caption) pairs; ``balanced`` cycles through every combination.
 
-    ``task``: ``shape_colors``, ``bg_colors``, ``shapes`` (see :func:`combos`), ``sizes``,
-    ``jitter``, ``color_jitter`` (see :func:`draw`).
+    ``template``: the caption, with ``{fg}``, ``{shape}`` and ``{bg}``.  ``task``:
+    ``shape_colors``, ``bg_colors``, ``shapes`` (see :func:`combos`), ``sizes``, ``jitter``,
+    ``color_jitter`` (see :func:`draw`).
     """
+    task = dict(task)
     rng = np.random.default_rng(seed)
     cs = combos(task.pop("shape_colors", SHAPE_COLORS), task.pop("shapes", SHAPES),
                 task.pop("bg_colors", BG_COLORS))
     out = []
     for i in range(n):
         f, s, b = cs[i % len(cs)] if balanced else cs[rng.integers(len(cs))]
-        out.append((draw(f, s, b, rng, size, **task), caption(f, s, b)))
+        out.append((draw(f, s, b, rng, size, **task), caption(f, s, b, template)))
     return out
 
 
 def write_shapes_dataset(folder: str | Path, n: int, seed: int = 0, size: int = 384,
-                         balanced: bool = True, system: Optional[str] = "", **task) -> Dict[str, Path]:
+                         balanced: bool = True, system: Optional[str] = "", template: str = TEMPLATE,
+                         **task) -> Dict[str, Path]:
     """Write images + ``pairs.jsonl`` + ``chat.jsonl`` into ``folder``; returns their paths.
 
     ``system``: the chat lines' system prompt ("" = none, None = the default one).
@@ -95,7 +100,7 @@ def write_shapes_dataset(folder: str | Path, n: int, seed: int = 0, size: int = 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pairs, chats = [], []
-    for i, (im, cap) in enumerate(make_images(n, seed, size, balanced, **task)):
+    for i, (im, cap) in enumerate(make_images(n, seed, size, balanced, template, **task)):
         rel = f"images/{seed}-{i:05d}.png"
         im.save(folder / rel, compress_level=1)
         pairs.append({"image": rel, "text": cap})
