@@ -137,12 +137,19 @@ def test_malformed_conversations(conv, match):
 
 
 def test_tokenizer_layout(processor_dir):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
+    from mlx_dsvl.processing import ChatProcessor
     from mlx_dsvl.testing.tokenizer import build_tokenizer_json
 
-    tok = AutoTokenizer.from_pretrained(str(processor_dir), local_files_only=True)
+    tok = ChatProcessor.from_pretrained(processor_dir).tokenizer
     assert isinstance(tok, PreTrainedTokenizerFast)
+    # the ids are tokenizer.json's own (transformers 5.x's AutoTokenizer turned this byte-level
+    # BPE, labelled LlamaTokenizerFast like DeepSeek's, into a SentencePiece-style one)
+    raw = Tokenizer.from_file(str(processor_dir / "tokenizer.json"))
+    for text in ("hello world", "naïve café 中文 🙂", " two  spaces\nand lines\n\n", "User: 12345"):
+        assert tok.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (BOS_ID, EOS_ID, EOS_ID)
     assert tok.encode("<image_placeholder>") == [BOS_ID, IMAGE_ID]
     assert tok.convert_tokens_to_ids("<｜end▁of▁sentence｜>") == EOS_ID

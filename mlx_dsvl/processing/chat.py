@@ -143,7 +143,7 @@ class ChatProcessor:
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "ChatProcessor":
         """Load the tokenizer, ``processor_config.json`` and ``preprocessor_config.json``."""
-        from transformers import AutoTokenizer  # heavy import, only needed here
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy, only needed here
         from transformers.utils import logging as transformers_logging
 
         root = Path(folder)
@@ -157,7 +157,15 @@ class ChatProcessor:
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # its notes on DeepSeek's files are noise here
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+            if (root / "tokenizer.json").is_file():
+                # DeepSeek's tokenizer_config names LlamaTokenizerFast, but tokenizer.json is a
+                # byte-level BPE: transformers 5.x's AutoTokenizer (before 5.2x) builds a
+                # LlamaTokenizer that replaces its pre-tokenizer with SentencePiece's Metaspace
+                # and silently drops spaces and splits non-ASCII differently
+                # (huggingface/transformers#45488).  The generic class uses tokenizer.json as is.
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(str(root), local_files_only=True)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
         except Exception as exc:  # transformers raises many types; add the folder to the message
             raise ValueError(f"{root}: could not load the tokenizer: {exc}") from exc
         finally:

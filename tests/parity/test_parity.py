@@ -94,7 +94,9 @@ def run_case(folder, images: np.ndarray, ids: np.ndarray) -> dict:
     inputs = ref.reference_inputs(torch.from_numpy(flat), folder)
     with torch.no_grad():
         res = hf(input_ids=torch.from_numpy(ids), **inputs)
-    img = res.image_outputs
+        img = getattr(res, "image_outputs", None)  # transformers >= 5.2x
+        if img is None:  # earlier 5.x: the same features through the model's own method
+            img = hf.model.get_image_features(**inputs)
     out["hf_siglip"] = to_np(img.last_hidden_state)
     out["hf_aligned"] = to_np(img.pooler_output)
     hf_logits = res.logits
