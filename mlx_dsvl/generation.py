@@ -25,6 +25,7 @@ from .streaming import (
     STOP_STRINGS,
     GenerationChunk,
     StopStringFilter,
+    last_logits,
     make_detokenizer,
     make_sampling,
 )
@@ -78,7 +79,7 @@ def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
     embeds = model.get_input_embeddings(ids, batch["pixel_values"])
     sampler, processors = make_sampling(temperature, top_p, repetition_penalty)
     eos = processor.tokenizer.eos_token_id
-    logits = model.language_model(ids, cache=cache, input_embeddings=embeds)[:, -1, :]
+    logits = last_logits(model.language_model, ids, cache, embeds)
     history = ids
     out: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B

@@ -101,6 +101,19 @@ def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_pena
     return sampler, processors
 
 
+def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional[mx.array] = None) -> mx.array:
+    """[B, vocab] logits of the last position of a prefill.
+
+    mlx-lm's ``Model.__call__`` applies the LM head to every position: for a 666-token prompt
+    that is 666 x 102400 logits (273 MB in float32, and on a 4-bit LM head a full dequantized
+    copy of it) of which one row is used.  Here the head sees the last position only.
+    """
+    h = language_model.model(ids, cache, input_embeddings)[:, -1, :]  # [B, D]
+    if language_model.args.tie_word_embeddings:
+        return language_model.model.embed_tokens.as_linear(h)
+    return language_model.lm_head(h)
+
+
 def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
                 max_tokens: int, sampler, processors, prefill_step_size: int = 2048) -> Iterator[int]:
     """Token ids: the prompt prefilled in full passes, then mlx-lm's ``generate_step``.
@@ -114,10 +127,11 @@ def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: 
     T = int(new_ids.shape[0])
     for s in range(0, T, prefill_step_size):
         e = min(s + prefill_step_size, T)
-        logits = language_model(new_ids[None, s:e], cache=cache, input_embeddings=new_embeds[None, s:e])
         if e < T:
+            language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
             mx.eval([c.state for c in cache])
-    logits = logits[:, -1, :]
+        else:
+            logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
     for p in processors:
         logits = p(new_ids, logits)
     y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item()

@@ -24,19 +24,27 @@ def rel_pos_table(size: int, rel_pos: mx.array) -> mx.array:
 
 
 def decomposed_rel_pos_bias(
-    q: mx.array, rel_pos_h: mx.array, rel_pos_w: mx.array, hw: Tuple[int, int]
+    q: mx.array, rel_pos_h: mx.array, rel_pos_w: mx.array, hw: Tuple[int, int], row0: int = 0
 ) -> mx.array:
     """MViTv2 decomposed relative position bias.
 
-    q: [B, heads, H*W, C] *unscaled* queries -> additive bias [B, heads, H*W, H*W].
+    q: [B, heads, h*W, C] *unscaled* queries of the rows ``row0 .. row0 + h`` of an H x W grid
+    -> additive bias [B, heads, h*W, H*W] (all rows: h = H, row0 = 0).
     """
     H, W = hw
-    B, N, _, C = q.shape
-    rq = q.reshape(B, N, H, W, C)
-    rel_h = mx.einsum("bnhwc,hkc->bnhwk", rq, rel_pos_table(H, rel_pos_h))  # [B,N,H,W,kH]
-    rel_w = mx.einsum("bnhwc,wkc->bnhwk", rq, rel_pos_table(W, rel_pos_w))  # [B,N,H,W,kW]
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # [B, N, H, W, kH, kW]
-    return bias.reshape(B, N, H * W, H * W)
+    B, N, L, C = q.shape
+    h = L // W
+    rq = q.reshape(B, N, h, W, C)
+    table_h = rel_pos_table(H, rel_pos_h)[row0 : row0 + h]  # [h, kH, C]
+    rel_h = mx.einsum("bnhwc,hkc->bnhwk", rq, table_h)  # [B,N,h,W,kH]
+    rel_w = mx.einsum("bnhwc,wkc->bnhwk", rq, rel_pos_table(W, rel_pos_w))  # [B,N,h,W,kW]
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # [B, N, h, W, kH, kW]
+    return bias.reshape(B, N, h * W, H * W)
+
+
+# Queries per attention call in a global block: the rel-pos bias and the scores of 4096 x 4096
+# positions x 12 heads are 0.8 GB each in float32; blocks of 512 query rows keep that to 1/8.
+QUERY_BLOCK = 512
 
 
 class Attention(nn.Module):
@@ -55,10 +63,16 @@ class Attention(nn.Module):
         # [B, H*W, 3D] -> 3 x [B, heads, H*W, head_dim]
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (H, W))
-        o = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=bias.astype(q.dtype)
-        )
+        rows = max(1, QUERY_BLOCK // W)
+        outs = []
+        for r in range(0, H, rows):
+            qr = q[:, :, r * W : (r + rows) * W]  # [B, heads, rows*W, hd]
+            if outs:  # one block after the other, so that only one block's bias and scores live
+                qr = mx.depends(qr, outs[-1])
+            bias = decomposed_rel_pos_bias(qr, self.rel_pos_h, self.rel_pos_w, (H, W), r)
+            outs.append(mx.fast.scaled_dot_product_attention(
+                qr, k, v, scale=self.scale, mask=bias.astype(q.dtype)))
+        o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)  # [B, heads, H*W, hd]
         return self.proj(o.transpose(0, 2, 1, 3).reshape(B, H, W, D))
 
 
