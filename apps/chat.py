@@ -1,7 +1,7 @@
 """DeepSeek-VL chat in the browser, on your own machine.
 
     streamlit run apps/chat.py                                   # deepseek-ai/deepseek-vl-1.3b-chat
-    streamlit run apps/chat.py -- --model /path/to/folder-or-hub-id [--4bit] [--max-tokens N]
+    streamlit run apps/chat.py -- --model /path/to/folder-or-hub-id [--4bit] [--device gpu] [--max-tokens N]
         [--temperature T] [--top-p P] [--repetition-penalty R] [--system TEXT]  (sidebar defaults)
 
 UI only: the logic (uploads, loading, the transcript around mlx_dsvl.ChatSession) is in
@@ -22,6 +22,13 @@ from mlx_dsvl.processing.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from mlx_dsvl.streaming import DEFAULT_SAMPLING  # noqa: E402
 
 ARGS = logic.parse_args(sys.argv[1:])
+try:
+    from mlx_dsvl.device import select_device
+
+    select_device(ARGS.device)  # every script run: Streamlit runs them on worker threads
+except ValueError as exc:  # --device gpu without one
+    st.error(str(exc))
+    st.stop()
 
 st.set_page_config(page_title="DeepSeek-VL chat", page_icon=":material/visibility:")
 

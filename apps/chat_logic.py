@@ -35,7 +35,7 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The app's own arguments: ``streamlit run apps/chat.py -- --model DIR|hub-id ...``.
 
-    ``--4bit`` starts with the 4-bit toggle on; ``--max-tokens``, ``--temperature``, ``--top-p``,
+    ``--4bit`` starts with the 4-bit toggle on; ``--device auto|cpu|gpu`` as in ``generate``; ``--max-tokens``, ``--temperature``, ``--top-p``,
     ``--repetition-penalty`` and ``--system`` set the sidebar's starting values.
 
     Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unknown arguments are ignored (under
@@ -46,6 +46,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--model", default=None)
     p.add_argument("--4bit", dest="quantize", action="store_true")
     p.add_argument("--adapter", default=None)  # a training output folder applied after loading
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)

@@ -53,7 +53,8 @@ def on_thread(fn, *args, **kwargs):
 def test_parse_args(monkeypatch):
     monkeypatch.delenv(logic.MODEL_ENV, raising=False)
     a = logic.parse_args([])
-    assert (a.model, a.quantize, a.max_tokens) == ("deepseek-ai/deepseek-vl-1.3b-chat", False, None)
+    assert (a.model, a.quantize, a.max_tokens, a.device) == ("deepseek-ai/deepseek-vl-1.3b-chat", False, None, "auto")
+    assert logic.parse_args(["--device", "cpu"]).device == "cpu"
     a = logic.parse_args(["--model", "/m", "--4bit", "--max-tokens", "64", "--unknown", "x",
                           "--temperature", "0", "--top-p", "0.5", "--repetition-penalty", "1.0", "--system", ""])
     assert (a.model, a.quantize, a.max_tokens) == ("/m", True, 64)

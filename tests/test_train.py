@@ -183,6 +183,26 @@ def test_cli_reports_bad_input_with_exit_code(tiny_dir, shapes_data, tmp_path, c
     assert rc == 2 and "--data" in capsys.readouterr().err
 
 
+def test_cli_device_choice(tiny_dir, shapes_data, tmp_path, capsys):
+    import mlx.core as mx
+
+    from mlx_dsvl.device import gpu_available
+
+    before = mx.default_device()
+    try:
+        args = ["--stage", "1", "--model", str(tiny_dir / "missing"), "--data", str(shapes_data["pairs"]),
+                "--out", str(tmp_path / "o"), "--quiet"]
+        assert train_main(args + ["--device", "cpu"]) == 1  # runs on the CPU, then the model is missing
+        assert mx.default_device() == mx.cpu
+        assert "missing" in capsys.readouterr().err
+        rc = train_main(args + ["--device", "gpu"])
+        err = capsys.readouterr().err
+        assert rc == 1
+        assert ("missing" in err) if gpu_available() else ("no GPU available to MLX" in err)
+    finally:
+        mx.set_default_device(before)
+
+
 def test_help_documents_every_option_with_default(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--help"])
@@ -191,7 +211,7 @@ def test_help_documents_every_option_with_default(capsys):
     for opt in ("--stage", "--model", "--data", "--val-data", "--out", "--iters", "--epochs",
                 "--batch-size", "--lr", "--max-seq-len", "--train", "--method", "--text-data",
                 "--text-ratio", "--modality-warmup", "--grad-checkpoint", "--grad-accum",
-                "--cache-vision-features", "--seed", "--save-every", "--resume", "--skip-bad"):
+                "--cache-vision-features", "--seed", "--save-every", "--resume", "--skip-bad", "--device"):
         assert opt in out
     assert out.count("default") >= 20
 

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-targets", default=S, metavar="LIST",
                    help="Linear layers that get adapters: comma list of attn, mlp, lm_head and/or "
                         "single layers (q_proj, v_proj, ..., qkv, fc1, ...) (default attn,mlp)")
+    g.add_argument("--device", choices=["auto", "cpu", "gpu"], default=S,
+                   help="auto (default): the GPU when MLX has one (Metal or CUDA), else the CPU")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=S,
                    help="model dtype (default: float32 on CPU, bfloat16 on a GPU)")
 
@@ -145,6 +147,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple["TrainConfig", Lis
 
     ns = build_parser().parse_args(argv)
     given = vars(ns)
+    given.pop("device", None)  # where to run, not part of a run's set-up (see main)
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in known})
     return cfg, sorted(given)
@@ -155,6 +158,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ensure_fast_blas()
     cfg, explicit = parse_args(argv)
+    device = getattr(build_parser().parse_args(argv), "device", "auto")
+    from ..device import select_device
     from ..loading import ModelLoadError
     from .adapters import AdapterError
     from .checkpoint import ResumeError
@@ -171,6 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --out is required", file=sys.stderr)
         return 2
     try:
+        select_device(device)
         train(cfg, explicit)
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
