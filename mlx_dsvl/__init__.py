@@ -1,10 +1,26 @@
 """mlx-dsvl: DeepSeek-VL in MLX.
 
 Public API: ``load``, ``generate``, ``stream_generate``, ``generate_batch``, ``ChatSession``.
+
+The names are imported on first use, so that tools which need no MLX (the checkpoint maker,
+the BLAS check that runs before MLX is loaded) can be imported without it.
 """
 
-from .generation import generate, generate_batch, stream_generate
-from .loading import load
-from .session import ChatSession
+from importlib import import_module
 
-__all__ = ["load", "generate", "stream_generate", "generate_batch", "ChatSession"]
+_API = {"load": ".loading", "generate": ".generation", "stream_generate": ".generation",
+        "generate_batch": ".generation", "ChatSession": ".session"}
+
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        value = getattr(import_module(_API[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -83,6 +83,7 @@ def run(args) -> Dict:
     from .device import describe_device, select_device
     from .loading import load
     from .session import ChatSession
+    from .streaming import last_logits
     from .testing.make_checkpoint import cached_checkpoint
 
     select_device(args.device)
@@ -99,6 +100,13 @@ def run(args) -> Dict:
         quantize_model(model, args.quantize)
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
+    # Memory: what loading (and quantizing) took at its peak, what stays resident, and then the
+    # peak of the run itself (resident weights + one image + the turns), as a user who loads a
+    # ready-quantized folder would see it.
+    mx.clear_cache()
+    res["load_peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    res["weights_memory_gb"] = mx.get_active_memory() / 1e9
+    mx.reset_peak_memory()
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     conv = [{"role": "user", "content": "<image_placeholder>Describe this image in detail."}]
@@ -122,9 +130,15 @@ def run(args) -> Dict:
     _, s = timed(lambda: model.aligner(feats), w)
     res["aligner_ms"] = s * 1e3
 
-    chat = ChatSession(model, processor, on_truncate=None)
     opts = dict(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.0)
     last = None
+    if mx.default_device() == mx.gpu:
+        # The first run on a machine JIT-compiles MLX's GPU kernels (cached on disk afterwards):
+        # reported apart, then the figures below come from a second, fresh session.
+        for last in ChatSession(model, processor, on_truncate=None).send(conv[0]["content"], [img], **opts):
+            pass
+        res["cold_ttft_s"] = last.time_to_first_token
+    chat = ChatSession(model, processor, on_truncate=None)
     for last in chat.send(conv[0]["content"], [img], **opts):
         pass
     res.update(prompt_tokens=last.prompt_tokens, prefill_tps=last.prompt_tps,
@@ -140,8 +154,14 @@ def run(args) -> Dict:
     if args.compare:
         n = args.max_tokens
         prompt = mx.array(np.random.default_rng(1).integers(100, 30000, 64), dtype=mx.int32)
-        ours = _our_decode_tps(model, processor, prompt, n)
-        bare = decode_tps(generate_step(prompt, model.language_model, max_tokens=n), n)
+        # a short untimed run of each, then each twice, alternating, best of two: neither
+        # side pays for first-use kernel compilation or a busy moment alone
+        _our_decode_tps(model, processor, prompt, 4)
+        decode_tps(generate_step(prompt, model.language_model, max_tokens=4), 4)
+        ours = bare = 0.0
+        for _ in range(2):
+            ours = max(ours, _our_decode_tps(model, processor, prompt, n))
+            bare = max(bare, decode_tps(generate_step(prompt, model.language_model, max_tokens=n), n))
         res.update(decode_ours_tps=ours, decode_bare_mlx_lm_tps=bare, decode_ratio=ours / bare)
         bw = memory_bandwidth_gbs()
         per_tok = llm_bytes_per_token(model)
@@ -149,8 +169,10 @@ def run(args) -> Dict:
                    decode_bound_tps=bw * 1e9 / per_tok, decode_fraction_of_bound=bare / (bw * 1e9 / per_tok))
         # ours first; then free our weights before transformers builds its own copy
         ids = processor(conv, [img])["input_ids"]
-        _, ours_vision = timed(lambda: model.encode_images(batch))
-        _, ours_total = timed(lambda: model(ids, pixel_values=batch)[:, -1])
+        w = 1 if mx.default_device() == mx.gpu else 0  # kernels are compiled on first use there
+        _, ours_vision = timed(lambda: model.encode_images(batch), w)
+        _, ours_total = timed(lambda: last_logits(  # like transformers' logits_to_keep=1
+            model.language_model, ids, None, model.get_input_embeddings(ids, batch)), w)
         res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_vision_prefill_s=ours_total)
         del model, chat, feats
         import gc
@@ -174,7 +196,8 @@ def _our_decode_tps(model, processor, prompt, n) -> float:
 
 
 def _torch_compare(path, px, ids, ours: Dict, args) -> Dict:
-    """Vision + aligner and prefill time of transformers' model on the same weights and pixels."""
+    """Vision + aligner and prefill time of transformers' model on the same weights and pixels:
+    float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU."""
     import mlx.core as mx
 
     try:
@@ -183,22 +206,45 @@ def _torch_compare(path, px, ids, ours: Dict, args) -> Dict:
         from .testing.hf_reference import build_hf_model, reference_inputs
     except ImportError as e:
         return {"torch_compare": f"skipped ({e.name} not installed)"}
-    if args.dtype not in (None, "float32") or args.quantize or mx.default_device() != mx.cpu:
-        return {"torch_compare": "skipped (only float32, unquantized, on the CPU)"}
+    if args.quantize:
+        return {"torch_compare": "skipped (the reference is not quantized)"}
+    if mx.default_device() == mx.gpu:
+        if not torch.cuda.is_available():
+            return {"torch_compare": "skipped (MLX runs on a GPU, torch has no CUDA)"}
+        device = "cuda"
+        dtype = getattr(torch, ours["dtype"])
+        sync = torch.cuda.synchronize
+    else:
+        if ours["dtype"] != "float32":
+            return {"torch_compare": "skipped (on the CPU only float32 is compared)"}
+        device, dtype, sync = "cpu", torch.float32, (lambda: None)
     torch.set_num_threads(os.cpu_count())
-    hf = build_hf_model(path)
-    inputs = reference_inputs(torch.from_numpy(np.array(px)), path)
-    t_ids = torch.from_numpy(np.array(ids)).long()
+    hf = build_hf_model(path, attn_implementation="sdpa", device=device, dtype=dtype)
+    inputs = {k: v.to(device, dtype) for k, v in
+              reference_inputs(torch.from_numpy(np.array(px.astype(mx.float32))), path).items()}
+    t_ids = torch.from_numpy(np.array(ids)).long().to(device)
+
+    def clock(fn) -> float:
+        if device == "cuda":  # warm-up: cuBLAS / kernel selection on first use
+            fn()
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
     with torch.no_grad():
-        t = time.perf_counter()
-        hf.model.get_image_features(**inputs)
-        t_vision = time.perf_counter() - t
-        t = time.perf_counter()
-        hf(input_ids=t_ids, **inputs, logits_to_keep=1)
-        t_total = time.perf_counter() - t
-    return {"torch_threads": torch.get_num_threads(), "torch_vision_aligner_ms": t_vision * 1e3,
-            "torch_vision_prefill_s": t_total,
-            "vision_prefill_speedup": t_total / ours["ours_vision_prefill_s"]}
+        t_vision = clock(lambda: hf.model.get_image_features(**inputs))
+        t_total = clock(lambda: hf(input_ids=t_ids, **inputs, logits_to_keep=1))
+    out = {"torch_device": f"{device} {str(dtype).replace('torch.', '')}",
+           "torch_threads": torch.get_num_threads(), "torch_vision_aligner_ms": t_vision * 1e3,
+           "torch_vision_prefill_s": t_total,
+           "vision_speedup": t_vision * 1e3 / ours["ours_vision_aligner_ms"],
+           "vision_prefill_speedup": t_total / ours["ours_vision_prefill_s"]}
+    del hf
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def _openblas() -> bool:

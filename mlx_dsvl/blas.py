@@ -42,12 +42,25 @@ def openblas_loaded() -> bool:
         return False
 
 
+def cuda_backend_installed() -> bool:
+    """MLX's CUDA wheel is installed: the GPU does the work, the CPU BLAS does not matter."""
+    from importlib import metadata
+
+    for dist in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
+        try:
+            metadata.version(dist)
+            return True
+        except metadata.PackageNotFoundError:
+            pass
+    return False
+
+
 def ensure_fast_blas(argv: Optional[list] = None) -> None:
     """Re-execute the current command with OpenBLAS preloaded when that helps (Linux only)."""
     global _hinted
     if not sys.platform.startswith("linux") or os.environ.get(ENV_OFF) or os.environ.get(_MARK):
         return
-    if openblas_loaded():
+    if openblas_loaded() or cuda_backend_installed():
         return
     lib = find_openblas()
     if lib is None:

@@ -19,8 +19,8 @@ def test_bench_reports_all_figures(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     for key in ("preprocess_ms", "siglip_ms", "aligner_ms", "prefill_tps", "ttft_s", "decode_tps",
-                "peak_memory_gb", "turn2_ttft_s", "decode_ratio", "decode_bound_tps",
-                "torch_vision_prefill_s", "ours_vision_prefill_s"):
+                "peak_memory_gb", "load_peak_memory_gb", "weights_memory_gb", "turn2_ttft_s", "decode_ratio", "decode_bound_tps",
+                "torch_vision_prefill_s", "ours_vision_prefill_s", "vision_speedup"):
         assert isinstance(res[key], (int, float)) and res[key] > 0, key
     assert res["turn2_prompt_tokens"] < res["prompt_tokens"]
     assert (tmp_path / "cache" / "checkpoints" / "tiny-seed0" / "config.json").exists()

@@ -170,8 +170,10 @@ def original_state_dict(folder: Path) -> Dict[str, np.ndarray]:
     return out
 
 
-def build_hf_model(folder: Path, attn_implementation: str = "eager"):
-    """float32, eval-mode ``DeepseekVL[Hybrid]ForConditionalGeneration`` with the folder's weights."""
+def build_hf_model(folder: Path, attn_implementation: str = "eager", device: str = "cpu",
+                   dtype: torch.dtype = torch.float32):
+    """Eval-mode ``DeepseekVL[Hybrid]ForConditionalGeneration`` with the folder's weights
+    (float32 on the CPU by default; benchmarks build it on ``cuda`` in bfloat16)."""
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
     config = hf_config(folder)
@@ -182,7 +184,8 @@ def build_hf_model(folder: Path, attn_implementation: str = "eager"):
             getattr(config, sub)._attn_implementation = attn_implementation
     cls = DeepseekVLHybridForConditionalGeneration if hybrid else DeepseekVLForConditionalGeneration
     torch.manual_seed(0)
-    model = cls(config).float().eval()
+    with torch.device(device):
+        model = cls(config).to(dtype).eval()
     weights = original_to_hf(original_state_dict(folder), hybrid=hybrid)
     # strict: every parameter from the file, no extras, same shapes -- copied one tensor at a
     # time so that a real-size model never holds a second float32 copy (benchmarks use this)
@@ -195,7 +198,7 @@ def build_hf_model(folder: Path, attn_implementation: str = "eager"):
             v = np.ascontiguousarray(weights.pop(k), dtype=np.float32)
             if tuple(v.shape) != tuple(state[k].shape):
                 raise ValueError(f"{k}: shape {v.shape}, expected {tuple(state[k].shape)}")
-            state[k].copy_(torch.from_numpy(v))
+            state[k].copy_(torch.from_numpy(v))  # casts to the model's dtype and device
     lm_head = model.lm_head.weight
     embed = model.model.language_model.embed_tokens.weight
     assert lm_head.data_ptr() != embed.data_ptr(), "lm_head must stay untied"
