@@ -8,7 +8,7 @@ import pytest
 from convert.keymaps import ORIGINAL_UNUSED, hf_to_original, original_to_hf
 from mlx_dsvl.testing.make_checkpoint import make_checkpoint
 
-from . import hf_reference as ref
+from mlx_dsvl.testing import hf_reference as ref
 
 ARCHS = ["tiny", "tiny-hybrid"]
 

@@ -3,7 +3,7 @@
 Both layouts (``tiny`` = 1.3B: SigLIP + ``mlp_gelu``; ``tiny-hybrid`` = 7B: SAM + SigLIP +
 hybrid aligner) are written once per module in the original deepseek-ai format; our model loads
 the folder, and ``transformers``' ``DeepseekVL[Hybrid]ForConditionalGeneration`` is built from
-the same folder (see :mod:`tests.parity.hf_reference`: explicit config, strict weight load,
+the same folder (see :mod:`mlx_dsvl.testing.hf_reference`: explicit config, strict weight load,
 every parameter from the file).  Both sides see identical pixels: ours the [0, 1] images, the
 reference exactly what the original model feeds each tower.  Each stage must agree within
 1e-4 of the reference's largest magnitude; ``pytest -s`` prints the measured differences.
@@ -22,7 +22,7 @@ from mlx_dsvl.loading import load_model  # noqa: E402
 from mlx_dsvl.models.resize import antialias_bilinear_resize, bilinear_resize  # noqa: E402
 from mlx_dsvl.testing.make_checkpoint import make_checkpoint  # noqa: E402
 
-from . import hf_reference as ref  # noqa: E402
+from mlx_dsvl.testing import hf_reference as ref  # noqa: E402
 
 TOL = 1e-4
 IMAGE_TOKEN = 100015
