@@ -9,8 +9,6 @@ tensor is read from its source file only when it is written, so memory holds abo
 from __future__ import annotations
 
 import copy
-import shutil
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -25,11 +23,9 @@ from mlx_dsvl.mlx_format import (
 )
 from mlx_dsvl.models.deepseek_vl import DeepseekVL
 
-from .files import (
-    ConvertError, check_output, copy_files, folder_bytes, human_bytes, log, staged_output, write_json,
-    write_safetensors, write_shards,
-)
-from .sources import open_source, resolve_source, skeleton_parameters, strict_check
+from .files import ConvertError, log, write_safetensors, write_shards
+from .job import conversion
+from .sources import skeleton_parameters, strict_check
 
 DEFAULT_SHARD_GB = 5.0
 
@@ -82,27 +78,12 @@ def convert_to_mlx(
     and aligner's linear layers too) to ``q_bits`` with groups of ``q_group_size``; layers whose
     input size does not divide by the group size stay in ``dtype``.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if quantize and q_bits not in QUANT_BITS:
         raise ConvertError(f"--q-bits must be one of {QUANT_BITS}, got {q_bits}")
     if quantize and q_group_size not in QUANT_GROUP_SIZES:
         raise ConvertError(f"--q-group-size must be one of {QUANT_GROUP_SIZES}, got {q_group_size}")
-    if shard_gb <= 0:
-        raise ConvertError("--shard-gb must be positive")
-    target = DTYPES[dtype] if dtype else None
-    out = Path(out).expanduser()
-    t0 = time.perf_counter()
-    src = resolve_source(model, allow_pickle)
-    check_output(out, src, force)
-    with staged_output(out, force) as tmp:
-        scratch_dir = tmp / ".scratch"
-
-        def scratch() -> Path:
-            scratch_dir.mkdir(exist_ok=True)
-            return scratch_dir
-
-        source = open_source(src, allow_pickle=allow_pickle, scratch=scratch, log=progress)
+    with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+        src, source, tmp, target = job.src, job.source, job.tmp, job.target
         weights = source.weights
         if source.quantization:  # an MLX folder converted again: start from its dequantized weights
             weights = dequantize_weights(weights, source.quantization)
@@ -139,7 +120,7 @@ def convert_to_mlx(
         if quantize:
             qinfo = {"bits": q_bits, "group_size": q_group_size, "mode": "affine", "vision": quantize_vision}
         n_skipped = _skipped_layers(skeleton, qpaths, quantize_vision) if quantize else 0
-        progress(f"converting {src} ({source.describe()}) -> {out} (MLX, "
+        progress(f"converting {src} ({source.describe()}) -> {job.out} (MLX, "
                  f"{out_dtype or 'as stored'}"
                  + (f", {q_bits}-bit groups of {q_group_size}: {len(qpaths)} layers quantized"
                     + (f", {n_skipped} left unquantized (input size not a multiple of {q_group_size})"
@@ -163,15 +144,8 @@ def convert_to_mlx(
             "source_format": source.kind,
             "unused_tensors": UNUSED_FILE if (tmp / UNUSED_FILE).exists() else None,
         }
-        write_json(tmp / "config.json", config)
-        copy_files(source.side_files, tmp)
-        for name, obj in source.generated.items():
-            write_json(tmp / name, obj)
-        if scratch_dir.exists():
-            shutil.rmtree(scratch_dir)
-        size = folder_bytes(tmp)
-    progress(f"done: {out} ({human_bytes(size)}) in {time.perf_counter() - t0:.1f} s")
-    return out
+        job.write_configs(config)
+    return job.out
 
 
 def _skipped_layers(skeleton: nn.Module, qpaths, vision: bool) -> int:

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_dsvl.loading import DTYPES
 from mlx_dsvl.mlx_format import dequantize_weights, quantize_like
 from mlx_dsvl.models.deepseek_vl import CONV_SUFFIXES, DeepseekVL
 
-from .files import (
-    ConvertError, check_output, copy_files, folder_bytes, human_bytes, log, staged_output, write_json,
-    write_shards,
-)
-from .sources import Source, open_source, resolve_source, skeleton_parameters, strict_check
+from .files import ConvertError, log, write_shards
+from .job import conversion
+from .sources import Source, skeleton_parameters, strict_check
 from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype
 
 
@@ -114,24 +109,9 @@ def convert_to_original(
 
     dtype: None keeps each tensor's stored dtype (a dequantized layer takes its scales' dtype).
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    if shard_gb <= 0:
-        raise ConvertError("--shard-gb must be positive")
-    target = DTYPES[dtype] if dtype else None
-    out = Path(out).expanduser()
-    t0 = time.perf_counter()
-    src = resolve_source(model, allow_pickle)
-    check_output(out, src, force)
-    with staged_output(out, force) as tmp:
-        scratch_dir = tmp / ".scratch"
-
-        def scratch() -> Path:
-            scratch_dir.mkdir(exist_ok=True)
-            return scratch_dir
-
-        source = open_source(src, allow_pickle=allow_pickle, scratch=scratch, log=progress)
-        progress(f"converting {src} ({source.describe()}) -> {out} (original layout"
+    with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+        src, source, tmp, target = job.src, job.source, job.tmp, job.target
+        progress(f"converting {src} ({source.describe()}) -> {job.out} (original layout"
                  + (f", {dtype}" if dtype else "") + (f", fusing {adapter}" if adapter else "") + ")")
         if adapter:
             weights = fuse_adapters(source, Path(adapter), progress)
@@ -159,12 +139,5 @@ def convert_to_original(
         write_shards(tmp, tensors, int(shard_gb * 1e9), {"format": "pt"}, always_index=False, progress=progress)
         config = copy.deepcopy(source.config)
         set_torch_dtype(config, out_dtype)
-        write_json(tmp / "config.json", config)
-        copy_files(source.side_files, tmp)
-        for name, obj in source.generated.items():
-            write_json(tmp / name, obj)
-        if scratch_dir.exists():
-            shutil.rmtree(scratch_dir)
-        size = folder_bytes(tmp)
-    progress(f"done: {out} ({human_bytes(size)}) in {time.perf_counter() - t0:.1f} s")
-    return out
+        job.write_configs(config)
+    return job.out
