@@ -1,5 +1,6 @@
 """DeepSeek-VL chat in the browser, on your own machine.
 
+    python apps/chat.py [--model ...]     # the same, with OpenBLAS preloaded on Linux's CPU backend
     streamlit run apps/chat.py                                   # deepseek-ai/deepseek-vl-1.3b-chat
     streamlit run apps/chat.py -- --model /path/to/folder-or-hub-id [--4bit] [--device gpu] [--max-tokens N]
         [--temperature T] [--top-p P] [--repetition-penalty R] [--system TEXT]  (sidebar defaults)
@@ -20,6 +21,17 @@ import chat_logic as logic  # noqa: E402
 
 from mlx_dsvl.processing.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from mlx_dsvl.streaming import DEFAULT_SAMPLING  # noqa: E402
+
+if __name__ == "__main__" and not st.runtime.exists():
+    # `python apps/chat.py [app options] [--server.port N ...]`: preload OpenBLAS on Linux's CPU
+    # backend (this command re-executes itself once), then become `streamlit run` on this file
+    from streamlit.web import cli as streamlit_cli
+
+    from mlx_dsvl.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    sys.argv = logic.launch_argv(str(Path(__file__).resolve()), sys.argv[1:])
+    sys.exit(streamlit_cli.main())
 
 ARGS = logic.parse_args(sys.argv[1:])
 try:

@@ -75,8 +75,8 @@ def address_warning(address: Optional[str]) -> Optional[str]:
 def blas_hint() -> Optional[str]:
     """On Linux's CPU backend without OpenBLAS loaded: how to start the app ~10x faster.
 
-    (``python -m mlx_dsvl.generate`` re-executes itself with OpenBLAS preloaded; a Streamlit
-    server cannot, so the user preloads it.)"""
+    (``python apps/chat.py`` re-executes itself with OpenBLAS preloaded before it starts the
+    server; ``streamlit run`` cannot, so its users preload it.)"""
     if not sys.platform.startswith("linux"):
         return None
     import mlx.core as mx
@@ -88,8 +88,36 @@ def blas_hint() -> Optional[str]:
     if lib is None:
         return ("MLX's CPU backend is much faster with a system OpenBLAS: "
                 "`apt-get install libopenblas0-pthread`, then start the app with "
-                "`LD_PRELOAD=<path to libopenblas.so.0> streamlit run apps/chat.py`.")
-    return f"MLX's CPU backend is much faster with OpenBLAS: start the app with `LD_PRELOAD={lib} streamlit run apps/chat.py ...`."
+                "`python apps/chat.py ...`, which preloads it.")
+    return (f"MLX's CPU backend is much faster with OpenBLAS: start the app with `python apps/chat.py ...` "
+            f"(it preloads {lib}) or `LD_PRELOAD={lib} streamlit run apps/chat.py ...`.")
+
+
+# -- python apps/chat.py --------------------------------------------------------------------
+# This repository's .streamlit/config.toml, as defaults that apply from any working folder.
+STREAMLIT_DEFAULTS = {"server.address": "127.0.0.1", "server.maxUploadSize": "20",
+                      "browser.gatherUsageStats": "false"}
+
+
+def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
+    """``python apps/chat.py ARGS`` -> the ``streamlit run`` command line it stands for.
+
+    Streamlit's own ``--section.option[=value]`` flags go before ``--``, the app's options after
+    it; :data:`STREAMLIT_DEFAULTS` fill in the options not given.
+    """
+    st_args: List[str] = []
+    app_args: List[str] = []
+    items = iter(argv)
+    for a in items:
+        if a.startswith("--") and "." in a.split("=", 1)[0]:
+            st_args.append(a)
+            if "=" not in a:
+                st_args.append(next(items, ""))
+        else:
+            app_args.append(a)
+    given = {a[2:].split("=", 1)[0] for a in st_args if a.startswith("--")}
+    defaults = [f"--{k}={v}" for k, v in STREAMLIT_DEFAULTS.items() if k not in given]
+    return ["streamlit", "run", script, *defaults, *st_args, "--", *app_args]
 
 
 # -- uploads --------------------------------------------------------------------------------

@@ -219,3 +219,54 @@ def test_several_images_in_one_turn(app):
     msgs = conversation(at).session.messages
     assert msgs[0]["content"] == "<image_placeholder><image_placeholder>Compare them."
     assert len(msgs[0]["images"]) == 2 and conversation(at).session.encode_calls == 2
+
+
+def test_launch_argv_splits_streamlit_and_app_options():
+    argv = chat_logic.launch_argv("/x/chat.py", ["--model", "m", "--server.port", "8600", "--4bit",
+                                                 "--server.address=0.0.0.0", "--system", "be brief"])
+    assert argv[:3] == ["streamlit", "run", "/x/chat.py"]
+    st_part, app_part = argv[3:argv.index("--")], argv[argv.index("--") + 1:]
+    assert app_part == ["--model", "m", "--4bit", "--system", "be brief"]
+    assert "--server.address=0.0.0.0" in st_part and "--server.address=127.0.0.1" not in st_part
+    assert st_part[st_part.index("--server.port") + 1] == "8600"
+    assert "--server.maxUploadSize=20" in st_part and "--browser.gatherUsageStats=false" in st_part
+    assert "--server.address=127.0.0.1" in chat_logic.launch_argv("c.py", [])
+
+
+def test_python_apps_chat_py_starts_the_server_with_openblas(tiny_dir, tmp_path):
+    """``python apps/chat.py``: re-executed with OpenBLAS preloaded (when the system has one),
+    then a Streamlit server on 127.0.0.1 serving this app."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from mlx_dsvl.blas import find_openblas
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MLX_DSVL_BLAS_REEXECUTED")}  # as a user's shell would be
+    env["HOME"] = str(tmp_path)  # no user-level streamlit config or credentials prompt
+    proc = subprocess.Popen(
+        [sys.executable, str(APP), "--model", str(tiny_dir), "--server.port", str(port),
+         "--server.headless", "true"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ok = time.time() + 90, False
+        while time.time() < deadline and proc.poll() is None and not ok:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    ok = r.read().decode().strip() == "ok"
+            except OSError:
+                time.sleep(0.5)
+        assert ok, f"server did not come up (exit {proc.poll()})"
+        maps = Path(f"/proc/{proc.pid}/maps").read_text() if sys.platform.startswith("linux") else ""
+        if find_openblas():
+            assert "libopenblas" in maps  # the same process (execve keeps the pid), now preloaded
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "127.0.0.1" in out or "localhost" in out, out[-2000:]
