@@ -89,7 +89,7 @@ $PY - "$OUT_DIR" <<'PY'
 import glob, json, sys
 rows = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json"))]
 cols = ["arch", "quantize", "dtype", "load_s", "sam_ms", "siglip_ms", "aligner_ms", "prompt_tokens",
-        "prefill_tps", "ttft_s", "decode_tps", "turn2_over_turn1", "weights_memory_gb",
+        "prefill_tps", "cold_ttft_s", "ttft_s", "decode_tps", "turn2_over_turn1", "weights_memory_gb",
         "peak_memory_gb", "decode_ratio", "decode_fraction_of_bound", "ours_vision_aligner_ms",
         "torch_vision_aligner_ms", "ours_vision_prefill_s", "torch_vision_prefill_s"]
 print(rows[0]["device"] if rows else "no benchmark finished")
