@@ -164,3 +164,26 @@ def test_compiled_vision_equals_eager(tiny_hybrid_model):
         model.compile_vision(mx.default_device() == mx.gpu)
     assert eager.shape == (1, 1, 576, 64)
     assert float(mx.abs(eager - compiled).max()) <= 1e-5 * float(mx.abs(eager).max())
+
+
+def test_cpu_attention_equals_fused_attention_values_and_gradients():
+    """The vision towers' CPU attention (softmax through 2 ** x) against mx.fast's fused one."""
+    from mlx_dsvl.models.attention import attention
+
+    mx.random.seed(0)
+    q, k, v = (mx.random.normal((2, 3, 40, 16)) for _ in range(3))
+    bias = mx.random.normal((2, 3, 40, 40))
+    before = mx.default_device()
+    mx.set_default_device(mx.cpu)  # the path under test is the CPU one, also on a GPU machine
+    try:
+        for mask in (None, bias):
+            ours = attention(q, k, v, 0.25, mask)
+            ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+            assert mx.allclose(ours, ref, atol=1e-5).item()
+        g_ours = mx.grad(lambda *a: (attention(*a[:3], 0.25, a[3]) ** 2).sum(), argnums=(0, 1, 2, 3))(q, k, v, bias)
+        g_ref = mx.grad(lambda *a: (mx.fast.scaled_dot_product_attention(*a[:3], scale=0.25, mask=a[3]) ** 2).sum(),
+                        argnums=(0, 1, 2, 3))(q, k, v, bias)
+        for a, b in zip(g_ours, g_ref):
+            assert mx.allclose(a, b, atol=1e-4).item()
+    finally:
+        mx.set_default_device(before)

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import SAMConfig
+from .attention import attention
 from .resize import bilinear_resize
 
 
@@ -70,8 +71,7 @@ class Attention(nn.Module):
             if outs:  # one block after the other, so that only one block's bias and scores live
                 qr = mx.depends(qr, outs[-1])
             bias = decomposed_rel_pos_bias(qr, self.rel_pos_h, self.rel_pos_w, (H, W), r)
-            outs.append(mx.fast.scaled_dot_product_attention(
-                qr, k, v, scale=self.scale, mask=bias.astype(q.dtype)))
+            outs.append(attention(qr, k, v, self.scale, bias.astype(q.dtype)))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)  # [B, heads, H*W, hd]
         return self.proj(o.transpose(0, 2, 1, 3).reshape(B, H, W, D))
 

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import SigLIPConfig
+from .attention import attention
 
 
 class PatchEmbed(nn.Module):
@@ -38,7 +39,7 @@ class Attention(nn.Module):
         # [B, L, 3D] -> 3 x [B, heads, L, head_dim]
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        o = attention(q, k, v, self.scale)
         return self.proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
