@@ -24,23 +24,19 @@ def rel_pos_table(size: int, rel_pos: mx.array) -> mx.array:
     return rel_pos[idx]
 
 
-def decomposed_rel_pos_bias(
-    q: mx.array, rel_pos_h: mx.array, rel_pos_w: mx.array, hw: Tuple[int, int], row0: int = 0
-) -> mx.array:
+def decomposed_rel_pos_bias(q: mx.array, table_h: mx.array, table_w: mx.array) -> mx.array:
     """MViTv2 decomposed relative position bias.
 
-    q: [B, heads, h*W, C] *unscaled* queries of the rows ``row0 .. row0 + h`` of an H x W grid
-    -> additive bias [B, heads, h*W, H*W] (all rows: h = H, row0 = 0).
+    q: [B, heads, h*W, C] *unscaled* queries of h rows of the grid; table_h: [h, kH, C] (those
+    rows of :func:`rel_pos_table`), table_w: [W, kW, C] -> additive bias [B, heads, h*W, kH*kW].
     """
-    H, W = hw
-    B, N, L, C = q.shape
-    h = L // W
+    B, N, _, C = q.shape
+    h, W = table_h.shape[0], table_w.shape[0]
     rq = q.reshape(B, N, h, W, C)
-    table_h = rel_pos_table(H, rel_pos_h)[row0 : row0 + h]  # [h, kH, C]
     rel_h = mx.einsum("bnhwc,hkc->bnhwk", rq, table_h)  # [B,N,h,W,kH]
-    rel_w = mx.einsum("bnhwc,wkc->bnhwk", rq, rel_pos_table(W, rel_pos_w))  # [B,N,h,W,kW]
+    rel_w = mx.einsum("bnhwc,wkc->bnhwk", rq, table_w)  # [B,N,h,W,kW]
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # [B, N, h, W, kH, kW]
-    return bias.reshape(B, N, h * W, H * W)
+    return bias.reshape(B, N, h * W, -1)
 
 
 # Queries per attention call in a global block: the rel-pos bias and the scores of 4096 x 4096
@@ -64,13 +60,15 @@ class Attention(nn.Module):
         # [B, H*W, 3D] -> 3 x [B, heads, H*W, head_dim]
         qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
+        table_h = rel_pos_table(H, self.rel_pos_h)  # [H, kH, hd]
+        table_w = rel_pos_table(W, self.rel_pos_w)  # [W, kW, hd]
         rows = max(1, QUERY_BLOCK // W)
         outs = []
         for r in range(0, H, rows):
             qr = q[:, :, r * W : (r + rows) * W]  # [B, heads, rows*W, hd]
             if outs:  # one block after the other, so that only one block's bias and scores live
                 qr = mx.depends(qr, outs[-1])
-            bias = decomposed_rel_pos_bias(qr, self.rel_pos_h, self.rel_pos_w, (H, W), r)
+            bias = decomposed_rel_pos_bias(qr, table_h[r : r + rows], table_w)
             outs.append(attention(qr, k, v, self.scale, bias.astype(q.dtype)))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)  # [B, heads, H*W, hd]
         return self.proj(o.transpose(0, 2, 1, 3).reshape(B, H, W, D))
