@@ -17,6 +17,8 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from .models.deepseek_vl import lm_head
+
 STOP_STRINGS = ("User:",)
 # Reference CLI defaults (cli_chat.py): temperature 0.2, top_p 0.95, repetition penalty 1.1.
 DEFAULT_SAMPLING = dict(temperature=0.2, top_p=0.95, repetition_penalty=1.1, max_tokens=512)
@@ -108,10 +110,7 @@ def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional
     that is 666 x 102400 logits (273 MB in float32, and on a 4-bit LM head a full dequantized
     copy of it) of which one row is used.  Here the head sees the last position only.
     """
-    h = language_model.model(ids, cache, input_embeddings)[:, -1, :]  # [B, D]
-    if language_model.args.tie_word_embeddings:
-        return language_model.model.embed_tokens.as_linear(h)
-    return language_model.lm_head(h)
+    return lm_head(language_model, language_model.model(ids, cache, input_embeddings)[:, -1, :])
 
 
 def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],

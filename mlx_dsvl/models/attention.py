@@ -10,11 +10,19 @@ The softmax is computed in float32 whatever the inputs' dtype.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
 LOG2E = 1.4426950408889634
+
+
+def exp_from_max(x: mx.array, axis: int = -1) -> Tuple[mx.array, mx.array]:
+    """``(exp(x - m), m)`` with ``m`` the maximum along ``axis`` (kept, no gradient), the
+    exponential computed as ``2 ** ((x - m) log2 e)``: the same values, about twice as fast as
+    ``exp`` on MLX's CPU backend.  Softmax numerators here and in the training loss."""
+    m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
+    return mx.power(2.0, (x - m) * LOG2E), m
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
@@ -25,5 +33,5 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
     s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)  # [B, heads, Lq, Lk]
     if mask is not None:
         s = s + mask.astype(mx.float32)
-    p = mx.power(2.0, (s - mx.stop_gradient(s.max(axis=-1, keepdims=True))) * LOG2E)
+    p, _ = exp_from_max(s)
     return (p.astype(v.dtype) @ v) / p.sum(axis=-1, keepdims=True).astype(v.dtype)

@@ -53,6 +53,13 @@ def merge_image_embeddings(
     return mx.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def lm_head(language_model, h: mx.array) -> mx.array:
+    """The LLM's output projection (tied to the embeddings or not): [..., D] -> [..., vocab]."""
+    if getattr(language_model.args, "tie_word_embeddings", False):
+        return language_model.model.embed_tokens.as_linear(h)
+    return language_model.lm_head(h)
+
+
 class DeepseekVL(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

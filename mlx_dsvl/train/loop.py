@@ -26,7 +26,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from ..models.deepseek_vl import merge_image_embeddings
+from ..models.attention import exp_from_max
+from ..models.deepseek_vl import lm_head, merge_image_embeddings
 from . import checkpoint as ckpt
 from .adapters import adapter_config, model_fingerprint, save_adapters
 from .data import Batch, BatchStream, DataError, Dataset, collate, file_digest, load_jsonl
@@ -194,16 +195,6 @@ def hidden_states(model, input_ids, img):
     return lm.model(input_ids, input_embeddings=embeds)
 
 
-def lm_head(model, h):
-    lm = model.language_model
-    if getattr(lm.args, "tie_word_embeddings", False):
-        return lm.model.embed_tokens.as_linear(h)
-    return lm.lm_head(h)
-
-
-_LOG2E = 1.0 / math.log(2.0)
-
-
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Per-row ``logsumexp(logits) - logits[target]`` ([N, V] float32, [N] -> [N]).
 
@@ -214,8 +205,8 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """
     if mx.default_device() != mx.cpu:
         return nn.losses.cross_entropy(logits, targets)
-    m = mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-    s = mx.power(2.0, (logits - m) * _LOG2E).sum(axis=-1)
+    p, m = exp_from_max(logits)
+    s = p.sum(axis=-1)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     return m[:, 0] + mx.log(s) - picked
 
@@ -226,7 +217,7 @@ def make_loss(frozen_vision: bool):
         h = hidden_states(model, input_ids, img)
         B, T, D = h.shape
         hs = mx.take(h.reshape(B * T, D), label_pos, axis=0)  # [N, D]: only where a loss is taken
-        logits = lm_head(model, hs).astype(mx.float32)
+        logits = lm_head(model.language_model, hs).astype(mx.float32)
         ce = cross_entropy(logits, label_ids) * label_w
         ntoks = label_w.sum()
         loss = ce.sum() / ntoks
