@@ -17,9 +17,10 @@ anything is written.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -185,6 +186,15 @@ def _side_files(path: Path, skip_processor: bool) -> List[Path]:
     return out
 
 
+@contextmanager
+def _as_convert_error() -> Iterator[None]:
+    """The loader's errors (bad JSON, missing shard, truncated file, ...) as this tool's."""
+    try:
+        yield
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
+
+
 def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callable[[], Path]] = None,
                 log: Callable[[str], None] = print) -> Source:
     """Open ``path`` (a folder) and check everything short of reading the tensors' data."""
@@ -194,10 +204,8 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         raise ConvertError(f"{path}: no such model folder")
     if not cfg_file.is_file():
         raise ConvertError(f"{path}: no config.json, so not a model folder")
-    try:
+    with _as_convert_error():
         raw = read_json(cfg_file, "config.json")
-    except ModelLoadError as e:
-        raise ConvertError(str(e)) from None
     if not isinstance(raw, dict):
         raise ConvertError(f"{cfg_file}: not a JSON object")
     kind = _detect_kind(path, raw)
@@ -220,10 +228,8 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         prep_file = path / "preprocessor_config.json"
         if not prep_file.is_file():
             raise ConvertError(f"{path}: missing preprocessor_config.json")
-        try:
+        with _as_convert_error():
             prep = read_json(prep_file, "preprocessor_config.json")
-        except ModelLoadError as e:
-            raise ConvertError(str(e)) from None
     try:
         model_config = ModelConfig.from_dict(config, prep)
     except ConfigError as e:
@@ -235,10 +241,8 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
     # -- weights (lazy) -------------------------------------------------------------------
     has_safetensors = (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
     if has_safetensors:
-        try:
+        with _as_convert_error():
             weights = read_weights(path)  # index / missing shard / missing tensor / truncation checks
-        except ModelLoadError as e:
-            raise ConvertError(str(e)) from None
         index = path / "model.safetensors.index.json"
         files = (sorted(set(read_json(index, "weight index")["weight_map"].values())) if index.exists()
                  else sorted(p.name for p in path.glob("*.safetensors")))

@@ -169,10 +169,10 @@ def run(args) -> Dict:
                    decode_bound_tps=bw * 1e9 / per_tok, decode_fraction_of_bound=bare / (bw * 1e9 / per_tok))
         # ours first; then free our weights before transformers builds its own copy
         ids = processor(conv, [img])["input_ids"]
-        w = 1 if mx.default_device() == mx.gpu else 0  # kernels are compiled on first use there
-        _, ours_vision = timed(lambda: model.encode_images(batch), w)
+        gpu_warmup = 1 if mx.default_device() == mx.gpu else 0  # kernels compile on first use
+        _, ours_vision = timed(lambda: model.encode_images(batch), gpu_warmup)
         _, ours_total = timed(lambda: last_logits(  # like transformers' logits_to_keep=1
-            model.language_model, ids, None, model.get_input_embeddings(ids, batch)), w)
+            model.language_model, ids, None, model.get_input_embeddings(ids, batch)), gpu_warmup)
         res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_vision_prefill_s=ours_total)
         del model, chat, feats
         import gc

@@ -142,23 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple["TrainConfig", List[str]]:
+def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple["TrainConfig", List[str], str]:
+    """(the run's configuration, the options given explicitly, the device to run on)."""
     from .loop import TrainConfig
 
     ns = build_parser().parse_args(argv)
     given = vars(ns)
-    given.pop("device", None)  # where to run, not part of a run's set-up (see main)
+    device = given.pop("device", "auto")  # where to run, not part of a run's set-up
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in given.items() if k in known})
-    return cfg, sorted(given)
+    return cfg, sorted(given), device
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..blas import ensure_fast_blas
 
     ensure_fast_blas()
-    cfg, explicit = parse_args(argv)
-    device = getattr(build_parser().parse_args(argv), "device", "auto")
+    cfg, explicit, device = parse_args(argv)
     from ..device import select_device
     from ..loading import ModelLoadError
     from .adapters import AdapterError
