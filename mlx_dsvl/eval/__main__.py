@@ -1,0 +1,162 @@
+"""``python -m mlx_dsvl.eval``: score a model on a benchmark file (see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+
+EPILOG = """\
+data (by extension; a folder reads every such file in it):
+  .tsv    MMBench as OpenCompass publishes it (index, question, hint, A-D, answer, category,
+          l2-category, image as base64); the dev files ship their circular rotations
+  .jsonl  {"images": [...], "question": ..., "choices": [...], "answer": ..., "category": ...}
+          (images relative to the file; without "choices": a short answer, or a list of them)
+  .csv    text multiple choice, MMLU style (question, A, B, C, D, answer; header optional)
+
+outputs in --out: predictions.jsonl (one line per question, appended as it goes: rerun the same
+command to resume), summary.json (accuracy overall and per category with 95% Wilson intervals),
+run.json (the settings); the table is printed at the end.
+
+exit status: 0 done, 1 bad input, 2 bad arguments, 130 interrupted (rerun to resume).
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m mlx_dsvl.eval", epilog=EPILOG,
+               description="Evaluate DeepSeek-VL on multiple-choice and short-answer benchmarks.",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--adapter", default=None, help="a training output folder whose adapters to apply")
+    p.add_argument("--data", required=True, help="benchmark file or folder (.tsv, .jsonl, .csv)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: evals/<data name>-<method>[-circular])")
+    p.add_argument("--method", choices=["likelihood", "generate"], default="likelihood",
+                   help="multiple choice by option log-likelihood, or by greedy generation and "
+                        "answer extraction (default: likelihood); short answers are always generated")
+    p.add_argument("--target", choices=["letter", "text"], default="letter",
+                   help="likelihood of the option's letter (' A') or of its text (default: letter)")
+    p.add_argument("--circular", action="store_true",
+                   help="MMBench circular evaluation: right only if every rotation of the options is")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="longest generated reply (generation only; default: 32)")
+    p.add_argument("--system", default=None,
+                   help="system prompt (default: DeepSeek-VL's; '' for none)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed rows and undecodable images (counted in the summary)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another run in --out instead of refusing")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="auto = the GPU when MLX has one, else the CPU (default: auto)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def check_args(args) -> None:
+    for name, lo in (("limit", 1), ("batch_size", 1), ("max_tokens", 1)):
+        v = getattr(args, name)
+        if v is not None and v < lo:
+            raise SystemExit(_fail(f"--{name.replace('_', '-')} must be >= {lo}, got {v}", 2))
+    if not Path(args.data).exists():
+        raise SystemExit(_fail(f"--data {args.data}: no such file or folder", 2))
+    if args.adapter and not Path(args.adapter).is_dir():
+        raise SystemExit(_fail(f"--adapter {args.adapter}: not a folder", 2))
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def run_settings(args) -> dict:
+    """What the predictions depend on: a resumed run must match it."""
+    data = Path(args.data).resolve()
+    files = sorted(data.iterdir()) if data.is_dir() else [data]
+    return {"model": args.model, "adapter": args.adapter and str(Path(args.adapter).resolve()),
+            "data": str(data), "data_bytes": sum(f.stat().st_size for f in files if f.is_file()),
+            "method": args.method, "target": args.target if args.method == "likelihood" else None,
+            "max_tokens": args.max_tokens if args.method == "generate" else None,
+            "circular": args.circular, "system": args.system, "dtype": args.dtype,
+            "skip_bad": args.skip_bad}
+
+
+def default_out(args) -> str:
+    name = Path(args.data).stem
+    return str(Path("evals") / f"{name}-{args.method}{'-circular' if args.circular else ''}")
+
+
+def main(argv=None) -> int:
+    from ..blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    from .items import EvalDataError
+    from .report import OutputError
+
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (EvalDataError, OutputError, ValueError, OSError) as e:
+        return _fail(str(e), 1)
+
+
+def _run(args) -> int:
+    from ..device import select_device
+    from ..loading import load
+    from .readers import read
+    from .report import SUMMARY, PredictionLog, Progress, table, write_json_atomic
+    from .runner import evaluate, prepare_items
+
+    data = read(args.data, skip_bad=args.skip_bad)
+    for msg in data.skipped[:5]:
+        print(f"skipped: {msg}", file=sys.stderr)
+    if len(data.skipped) > 5:
+        print(f"skipped: ... {len(data.skipped) - 5} more", file=sys.stderr)
+    items = prepare_items(data, args.circular, args.limit)
+    if not items:
+        return _fail(f"{args.data}: no questions to score", 1)
+    out = Path(args.out or default_out(args))
+    log = PredictionLog(out, run_settings(args), overwrite=args.overwrite)
+    done = {it.id: log.done[it.id] for it in items if it.id in log.done}
+    if not args.quiet:
+        print(f"{len(items)} rows to score ({len(done)} already in {log.path}) -> {out}", file=sys.stderr)
+    select_device(args.device)
+    model, processor = load(args.model, dtype=args.dtype)
+    if args.adapter:
+        from ..train.adapters import load_adapters
+
+        load_adapters(model, args.adapter)
+    progress = Progress(len(items), quiet=args.quiet)
+    try:
+        summary = evaluate(model, processor, items, method=args.method, batch_size=args.batch_size,
+                           circular=args.circular, target=args.target, system_prompt=args.system, max_tokens=args.max_tokens,
+                           skip_bad=args.skip_bad, done=done, on_records=log.append,
+                           progress=progress)
+    finally:
+        log.close()
+    summary = {"model": args.model, "adapter": args.adapter, "data": str(args.data),
+               "limit": args.limit, "skipped_rows_in_file": len(data.skipped), **summary}
+    write_json_atomic(out / SUMMARY, summary)
+    print(table(summary))
+    print(f"wrote {log.path} and {out / SUMMARY}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

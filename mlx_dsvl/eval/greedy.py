@@ -1,0 +1,35 @@
+"""Answers by greedy generation (``mlx_dsvl.generate_batch``), then read out of the reply.
+
+Multiple choice: the option the reply names (:func:`~mlx_dsvl.eval.answers.extract_choice`,
+VLMEvalKit's exact-matching rules); a reply naming none is wrong and counted as unmatched.
+Short answers: normalized exact match and ANLS against every accepted answer.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+from ..generation import generate_batch
+from .answers import extract_choice, short_answer_scores
+from .items import Item, conversation
+
+DEFAULT_MAX_TOKENS = 32
+
+
+def score(model, processor, items: Sequence[Item], pictures: Dict[str, object],
+          system_prompt: Optional[str] = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> List[dict]:
+    """One record per item: the reply, the option it names (or the short-answer scores)."""
+    convs = [conversation(it, system_prompt, processor.image_tag) for it in items]
+    images = [[pictures[k] for k in it.image_keys] for it in items]
+    replies = generate_batch(model, processor, convs, images, max_tokens=max_tokens, temperature=0.0)
+    records = []
+    for it, reply in zip(items, replies):
+        reply = reply.strip()
+        if it.is_mc:
+            pick = extract_choice(reply, it.choices)
+            records.append({"prediction": reply, "choice": None if pick is None else it.letters[pick],
+                            "matched": pick is not None, "correct": pick == it.answer})
+        else:
+            s = short_answer_scores(reply, it.answers)
+            records.append({"prediction": reply, "correct": s["exact_match"], **s})
+    return records

@@ -1,0 +1,153 @@
+"""Evaluation items, their prompts and MMBench's circular rotations.
+
+An :class:`Item` is one question: multiple choice (``choices`` + the index of the right one) or
+short answer (``answers``: every accepted answer).  Readers (``readers.py``, ``mmbench.py``) build
+items from files; scorers turn them into prompts with :func:`conversation`.
+
+Prompts follow the MMBench convention (the one VLMEvalKit and LLaVA use for DeepSeek-VL-sized
+chat models), images first, in the "deepseek" chat template that the processor renders::
+
+    <image_placeholder>Hint: {hint}
+    Question: {question}
+    Options:
+    A. {choice 0}
+    B. {choice 1}
+    Answer with the option's letter from the given choices directly.
+
+Short answers end with "Answer the question using a single word or phrase." instead.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+LETTERS = string.ascii_uppercase
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+IMAGE_TAG = "<image_placeholder>"
+
+
+class EvalDataError(ValueError):
+    """A problem with an evaluation file; the message names the file and line."""
+
+
+@dataclass
+class Item:
+    """One evaluation question.
+
+    ``images``: zero-argument callables returning the image (a PIL image, bytes or a path that
+    ``mlx_dsvl.processing.load_image`` accepts), one per image; ``image_keys`` name them (items
+    sharing a key share the image, which is then encoded once per batch).  ``group``: the
+    question an item is a rotation of (circular evaluation); ``rotation``: 0 for the original.
+    """
+
+    id: str
+    question: str
+    choices: Optional[List[str]] = None  # multiple choice: option texts in letter order
+    answer: Optional[int] = None  # multiple choice: index of the right option
+    answers: Optional[List[str]] = None  # short answer: every accepted answer
+    hint: Optional[str] = None
+    category: Optional[str] = None
+    l2_category: Optional[str] = None
+    images: List[Callable[[], Any]] = field(default_factory=list)
+    image_keys: List[str] = field(default_factory=list)
+    source: str = ""  # "file:line", for error messages
+    group: Optional[str] = None
+    rotation: int = 0
+
+    @property
+    def is_mc(self) -> bool:
+        return self.choices is not None
+
+    @property
+    def letters(self) -> str:
+        return LETTERS[: len(self.choices or ())]
+
+    @property
+    def answer_letter(self) -> Optional[str]:
+        return LETTERS[self.answer] if self.is_mc and self.answer is not None else None
+
+
+def prompt_text(item: Item, image_tag: str = IMAGE_TAG) -> str:
+    """The user message of ``item`` (images first unless the question places them itself)."""
+    lines = []
+    if item.hint:
+        lines.append(f"Hint: {item.hint}")
+    if item.is_mc:
+        lines.append(f"Question: {item.question}")
+        lines.append("Options:")
+        lines += [f"{letter}. {text}" for letter, text in zip(item.letters, item.choices)]
+        lines.append(MC_INSTRUCTION)
+    else:
+        lines.append(item.question)
+        lines.append(SHORT_INSTRUCTION)
+    text = "\n".join(lines)
+    if item.images and image_tag not in text:
+        text = image_tag * len(item.images) + text
+    return text
+
+
+def conversation(item: Item, system_prompt: Optional[str] = None,
+                 image_tag: str = IMAGE_TAG) -> List[dict]:
+    """The conversation to send: an optional system message, then the user's question."""
+    conv = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return conv + [{"role": "user", "content": prompt_text(item, image_tag)}]
+
+
+def rotate(item: Item, k: int) -> Item:
+    """Rotation ``k`` of a multiple-choice item: option ``i`` becomes option ``(i + k) % n``."""
+    n = len(item.choices)
+    choices = item.choices[k:] + item.choices[:k]
+    return replace(item, id=item.id if k == 0 else f"{item.id}@{k}", choices=choices,
+                   answer=(item.answer - k) % n, group=item.group or item.id, rotation=k)
+
+
+def circular(items: Sequence[Item]) -> List[Item]:
+    """MMBench's circular evaluation: every rotation of each multiple-choice item's options.
+
+    An item already carrying rotations (a published MMBench TSV ships them as extra rows) is
+    kept as it is; short-answer items stay single.
+    """
+    have_groups = {it.group for it in items if it.rotation > 0}
+    out: List[Item] = []
+    for it in items:
+        if not it.is_mc or (it.group or it.id) in have_groups:
+            out.append(replace(it, group=it.group or it.id))
+        else:
+            out += [rotate(it, k) for k in range(len(it.choices))]
+    # Rotations side by side (the published files list them far apart): one batch then shares
+    # the image of a question.
+    order = {g: i for i, g in reversed(list(enumerate(it.group for it in out)))}
+    return sorted(out, key=lambda it: (order[it.group], it.rotation))
+
+
+def select(items: Sequence[Item], use_circular: bool) -> Tuple[List[Item], int]:
+    """Items to score: every rotation with ``use_circular``, else the originals only.
+
+    Returns the items and how many shipped rotations were left out (all of them without
+    ``use_circular``; those whose original question is missing -- a skipped row -- with it).
+    """
+    originals = [it for it in items if it.rotation == 0]
+    if not use_circular:
+        return originals, len(items) - len(originals)
+    have = {it.group or it.id for it in originals}
+    kept = [it for it in items if it.rotation == 0 or it.group in have]
+    return circular(kept), len(items) - len(kept)
+
+
+def first_groups(items: Sequence[Item], limit: Optional[int]) -> List[Item]:
+    """The items of the first ``limit`` questions (all rotations of each); ``None``: all."""
+    if limit is None:
+        return list(items)
+    seen: dict = {}
+    out = []
+    for it in items:
+        g = it.group or it.id
+        if g not in seen:
+            if len(seen) >= limit:
+                continue
+            seen[g] = True
+        out.append(it)
+    return out

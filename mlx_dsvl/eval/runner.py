@@ -1,0 +1,144 @@
+"""``evaluate()``: score a loaded model on items, batch by batch, and summarize.
+
+Works on any loaded model -- adapters applied or not, in training mode or not: the model is put
+in inference mode for the call (dropout off, so nothing random is drawn and a training run's
+random state is untouched) and every module's mode is restored afterwards.  Nothing is written;
+``on_records`` receives each batch's records (the CLI appends them to ``predictions.jsonl``) and
+``done`` holds records of an earlier, interrupted run to resume from.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+from ..processing.image import ImageLoadError, load_image
+from . import greedy, likelihood
+from .items import EvalDataError, Item, first_groups, prompt_text, select
+from .metrics import summarize
+from .readers import ReadResult, read
+
+METHODS = ("likelihood", "generate")
+
+
+@contextmanager
+def inference_mode(model):
+    """``model.eval()`` for the block; each module's own mode is put back afterwards."""
+    modes = [(m, m.training) for _, m in model.named_modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:  # one module at a time: train()/eval() would recurse
+            m._set_training_mode(training)
+
+
+def prepare_items(data: Union[str, ReadResult, Sequence[Item]], circular: bool = False,
+                  limit: Optional[int] = None, skip_bad: bool = False) -> List[Item]:
+    """Items to score: read ``data`` if it is a path, pick rotations, keep ``limit`` questions."""
+    if not isinstance(data, (ReadResult, list, tuple)):
+        data = read(data, skip_bad=skip_bad)
+    items = data.items if isinstance(data, ReadResult) else list(data)
+    items, _ = select(items, circular)
+    return first_groups(items, limit)
+
+
+def base_record(item: Item, method: str) -> dict:
+    rec = {"id": item.id, "type": "mc" if item.is_mc else "short", "category": item.category}
+    if item.l2_category is not None:
+        rec["l2_category"] = item.l2_category
+    if item.group is not None:
+        rec.update(group=item.group, rotation=item.rotation)
+    rec["method"] = method if item.is_mc else "generate"
+    rec["prompt"] = prompt_text(item)
+    rec["answer"] = item.answer_letter if item.is_mc else item.answers
+    return rec
+
+
+def load_pictures(items: Sequence[Item]):
+    """Decode each distinct image once: ``({key: PIL image}, {item id: error message})``."""
+    pictures, failed, errors = {}, {}, {}
+    for it in items:
+        for get, key in zip(it.images, it.image_keys):
+            if key in errors:
+                failed[it.id] = errors[key]
+            elif key not in pictures:
+                try:
+                    pictures[key] = load_image(get())
+                except (ImageLoadError, OSError, ValueError) as e:
+                    errors[key] = failed[it.id] = f"{it.source}: {e}"
+    return pictures, failed
+
+
+def score_batch(model, processor, batch: Sequence[Item], method: str, target: str = "letter",
+                system_prompt: Optional[str] = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
+                skip_bad: bool = False) -> List[dict]:
+    """Records for one batch, in its order (short answers are always generated)."""
+    pictures, failed = load_pictures(batch)
+    if failed and not skip_bad:
+        raise EvalDataError(next(iter(failed.values())))
+    ok = [it for it in batch if it.id not in failed]
+    by_id: Dict[str, dict] = {it.id: {**base_record(it, method), "skipped": failed[it.id]}
+                              for it in batch if it.id in failed}
+    scored = [it for it in ok if it.is_mc and method == "likelihood"]
+    generated = [it for it in ok if not (it.is_mc and method == "likelihood")]
+    if scored:
+        recs = likelihood.score(model, processor, scored, pictures, target, system_prompt)
+        by_id.update({it.id: {**base_record(it, method), **r} for it, r in zip(scored, recs)})
+    if generated:
+        recs = greedy.score(model, processor, generated, pictures, system_prompt, max_tokens)
+        by_id.update({it.id: {**base_record(it, method), **r} for it, r in zip(generated, recs)})
+    return [by_id[it.id] for it in batch]
+
+
+def iter_records(model, processor, items: Sequence[Item], method: str = "likelihood",
+                 batch_size: int = 8, **options) -> Iterator[List[dict]]:
+    """Each batch's records, in item order (``options``: see :func:`score_batch`)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with inference_mode(model):
+        for i in range(0, len(items), batch_size):
+            yield score_batch(model, processor, items[i: i + batch_size], method, **options)
+
+
+def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
+             method: str = "likelihood", batch_size: int = 8, limit: Optional[int] = None,
+             circular: bool = False, target: str = "letter", system_prompt: Optional[str] = None,
+             max_tokens: int = greedy.DEFAULT_MAX_TOKENS, skip_bad: bool = False,
+             done: Optional[Mapping[str, dict]] = None,
+             on_records: Optional[Callable[[List[dict]], None]] = None,
+             progress: Optional[Callable[[int, int, int], None]] = None) -> Dict[str, object]:
+    """Score ``model`` on ``data`` and return the summary (accuracy, 95% interval, categories).
+
+    ``data``: a file or folder (see :mod:`mlx_dsvl.eval.readers`), a :class:`ReadResult`, or
+    items -- read once and pass the items when calling repeatedly (a training callback).
+    ``method``: ``"likelihood"`` or ``"generate"`` for multiple choice; ``target``: what the
+    likelihood scores (``"letter"`` or ``"text"``); ``limit``: the first N questions (with all
+    their rotations under ``circular``).  ``done``: records by id already made (resume);
+    ``on_records(records)`` after each batch; ``progress(rows_done, rows_correct, rows_new)``.
+    """
+    t0 = time.perf_counter()
+    items = prepare_items(data, circular, limit, skip_bad)
+    done = dict(done or {})
+    todo = [it for it in items if it.id not in done]
+    kept = [done[it.id] for it in items if it.id in done]
+    n_done, n_correct, n_new = len(kept), sum(bool(r.get("correct")) for r in kept), 0
+    options = dict(target=target, system_prompt=system_prompt, max_tokens=max_tokens, skip_bad=skip_bad)
+    for records in iter_records(model, processor, todo, method, batch_size, **options):
+        kept += records
+        n_done, n_new = n_done + len(records), n_new + len(records)
+        n_correct += sum(bool(r.get("correct")) for r in records)
+        if on_records is not None:
+            on_records(records)
+        if progress is not None:
+            progress(n_done, n_correct, n_new)
+    summary = summarize(kept, circular)
+    summary.update(method=method, circular=circular, resumed=len(items) - len(todo),
+                   seconds=round(time.perf_counter() - t0, 3))
+    if method == "likelihood":
+        summary["target"] = target
+    return summary
+
