@@ -393,3 +393,47 @@ def main_exit(argv):
         return main(argv)
     except SystemExit as e:
         return e.code
+
+
+def test_cli_mmbench_tsv_plain_and_circular(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "MMBench_DEV_EN.tsv"
+    write_tsv(path, mmbench_rows())
+    base = ["--model", str(tiny_dir), "--data", str(path), "--device", "cpu", "--quiet"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert (plain["items"], plain["rows"], plain["rotations_left_out"]) == (2, 2, 2)
+    assert "2 shipped rotations not scored" in capsys.readouterr().out
+    assert main(base + ["--out", str(tmp_path / "circ"), "--circular"]) == 0
+    circ = json.loads((tmp_path / "circ" / "summary.json").read_text())
+    rows = read_predictions(tmp_path / "circ" / "predictions.jsonl")
+    assert (circ["items"], circ["rows"], circ["rotations_left_out"]) == (2, 4, 0)
+    assert {(r["group"], r["rotation"]) for r in rows} == {("0", 0), ("0", 1), ("1", 0), ("1", 1)}
+    by_group = {g: all(r["correct"] for r in rows if r["group"] == g) for g in ("0", "1")}
+    assert circ["correct"] == sum(by_group.values())
+    assert set(circ["l2_categories"]) == {"perception"} and set(circ["categories"]) == {"colour", "light"}
+
+
+def test_undecodable_image_at_scoring_time(tiny_model):
+    """An image that fails when its batch is built: a row error, or skipped and counted."""
+    from mlx_dsvl.eval import evaluate
+
+    model, processor = tiny_model
+    broken = Item(id="b", question="?", choices=["x", "y"], answer=0, images=[lambda: b"\x89PNG junk"],
+                  image_keys=["junk"], source="set.jsonl:7")
+    items = [Item(id="t", question="2+2?", choices=["4", "5"], answer=0), broken]
+    with pytest.raises(EvalDataError, match=r"set\.jsonl:7: .*image"):
+        evaluate(model, processor, items)
+    rows = []
+    s = evaluate(model, processor, items, skip_bad=True, on_records=rows.extend)
+    assert (s["items"], s["skipped"]) == (1, 1) and "skipped" in rows[1] and "scores" in rows[0]
+
+
+def test_progress_lines_without_a_terminal():
+    from mlx_dsvl.eval.report import Progress
+
+    buf = io.StringIO()
+    p = Progress(20, stream=buf)
+    for done in range(1, 21):
+        p(done, done // 2, done)
+    lines = buf.getvalue().splitlines()
+    assert 5 <= len(lines) <= 11 and lines[-1].startswith("20/20 acc 50.0%")

@@ -16,18 +16,10 @@ Python API::
 and writes nothing: a training loop can call it every N steps.
 """
 
-from importlib import import_module
+from .items import EvalDataError, Item
+from .metrics import summarize
+from .readers import ReadResult, read
+from .runner import evaluate, inference_mode, iter_records, prepare_items
 
-_API = {"evaluate": ".runner", "iter_records": ".runner", "prepare_items": ".runner",
-        "inference_mode": ".runner", "read": ".readers", "ReadResult": ".readers",
-        "Item": ".items", "EvalDataError": ".items", "summarize": ".metrics"}
-
-__all__ = list(_API)
-
-
-def __getattr__(name):
-    if name in _API:
-        value = getattr(import_module(_API[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["evaluate", "iter_records", "prepare_items", "inference_mode", "read", "ReadResult",
+           "Item", "EvalDataError", "summarize"]

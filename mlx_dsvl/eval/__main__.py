@@ -128,7 +128,7 @@ def _run(args) -> int:
         print(f"skipped: {msg}", file=sys.stderr)
     if len(data.skipped) > 5:
         print(f"skipped: ... {len(data.skipped) - 5} more", file=sys.stderr)
-    items = prepare_items(data, args.circular, args.limit)
+    items, left_out = prepare_items(data, args.circular, args.limit)
     if not items:
         return _fail(f"{args.data}: no questions to score", 1)
     out = Path(args.out or default_out(args))
@@ -151,7 +151,8 @@ def _run(args) -> int:
     finally:
         log.close()
     summary = {"model": args.model, "adapter": args.adapter, "data": str(args.data),
-               "limit": args.limit, "skipped_rows_in_file": len(data.skipped), **summary}
+               "limit": args.limit, "skipped_rows_in_file": len(data.skipped), **summary,
+               "rotations_left_out": left_out}
     write_json_atomic(out / SUMMARY, summary)
     print(table(summary))
     print(f"wrote {log.path} and {out / SUMMARY}", file=sys.stderr)

@@ -165,6 +165,8 @@ def table(summary: Dict) -> str:
     if summary.get("circular"):
         notes.append(f"circular: a question counts when all its rotations are right "
                      f"(first rotation alone: {_pct(summary.get('accuracy_first_rotation'))}%)")
+    if summary.get("rotations_left_out"):
+        notes.append(f"{summary['rotations_left_out']} shipped rotations not scored (use --circular)")
     if summary.get("unmatched"):
         notes.append(f"{summary['unmatched']} replies named no option (counted wrong)")
     if summary.get("accuracy_norm") is not None:

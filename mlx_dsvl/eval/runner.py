@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..processing.image import ImageLoadError, load_image
 from . import greedy, likelihood
@@ -35,13 +35,14 @@ def inference_mode(model):
 
 
 def prepare_items(data: Union[str, ReadResult, Sequence[Item]], circular: bool = False,
-                  limit: Optional[int] = None, skip_bad: bool = False) -> List[Item]:
-    """Items to score: read ``data`` if it is a path, pick rotations, keep ``limit`` questions."""
+                  limit: Optional[int] = None, skip_bad: bool = False) -> Tuple[List[Item], int]:
+    """Items to score (``data`` read if it is a path; rotations picked; the first ``limit``
+    questions) and how many shipped rotations were left out (see :func:`items.select`)."""
     if not isinstance(data, (ReadResult, list, tuple)):
         data = read(data, skip_bad=skip_bad)
     items = data.items if isinstance(data, ReadResult) else list(data)
-    items, _ = select(items, circular)
-    return first_groups(items, limit)
+    items, left_out = select(items, circular)
+    return first_groups(items, limit), left_out
 
 
 def base_record(item: Item, method: str) -> dict:
@@ -121,7 +122,7 @@ def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
     ``on_records(records)`` after each batch; ``progress(rows_done, rows_correct, rows_new)``.
     """
     t0 = time.perf_counter()
-    items = prepare_items(data, circular, limit, skip_bad)
+    items, left_out = prepare_items(data, circular, limit, skip_bad)
     done = dict(done or {})
     todo = [it for it in items if it.id not in done]
     kept = [done[it.id] for it in items if it.id in done]
@@ -136,8 +137,8 @@ def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
         if progress is not None:
             progress(n_done, n_correct, n_new)
     summary = summarize(kept, circular)
-    summary.update(method=method, circular=circular, resumed=len(items) - len(todo),
-                   seconds=round(time.perf_counter() - t0, 3))
+    summary.update(method=method, circular=circular, rotations_left_out=left_out,
+                   resumed=len(items) - len(todo), seconds=round(time.perf_counter() - t0, 3))
     if method == "likelihood":
         summary["target"] = target
     return summary
