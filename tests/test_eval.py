@@ -142,7 +142,8 @@ def test_jsonl_and_csv_readers(tmp_path):
         csv.writer(f).writerows([["Which is a bone?", "femur", "liver", "heart", "lung", "A"],
                                  ["A question, with a comma", "1", "2", "3", "4", "D"]])
     with open(mmlu / "astronomy_test.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["question", "A", "B", "C", "D", "answer"], ["Sun?", "star", "planet", "moon", "comet", "A"]])
+        csv.writer(f).writerows([["question", "A", "B", "C", "D", "answer"],
+                                 ["Sun?", "star", "planet", "moon", "comet", "A"]])
     items = read(mmlu).items
     assert [it.id for it in items] == ["anatomy_test/1", "anatomy_test/2", "astronomy_test/2"]
     assert [it.category for it in items] == ["anatomy", "anatomy", "astronomy"]

@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .greedy import DEFAULT_MAX_TOKENS
+from .runner import DEFAULT_BATCH_SIZE
+
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 
 EPILOG = """\
@@ -48,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--circular", action="store_true",
                    help="MMBench circular evaluation: right only if every rotation of the options is")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per forward pass (default: 8)")
-    p.add_argument("--max-tokens", type=int, default=32,
-                   help="longest generated reply (generation only; default: 32)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"questions per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"longest generated reply (generation only; default: {DEFAULT_MAX_TOKENS})")
     p.add_argument("--system", default=None,
                    help="system prompt (default: DeepSeek-VL's; '' for none)")
     p.add_argument("--skip-bad", action="store_true",
@@ -145,9 +149,9 @@ def _run(args) -> int:
     progress = Progress(len(items), quiet=args.quiet)
     try:
         summary = evaluate(model, processor, items, method=args.method, batch_size=args.batch_size,
-                           circular=args.circular, target=args.target, system_prompt=args.system, max_tokens=args.max_tokens,
-                           skip_bad=args.skip_bad, done=done, on_records=log.append,
-                           progress=progress)
+                           circular=args.circular, target=args.target, system_prompt=args.system,
+                           max_tokens=args.max_tokens, skip_bad=args.skip_bad, done=done,
+                           on_records=log.append, progress=progress)
     finally:
         log.close()
     summary = {"model": args.model, "adapter": args.adapter, "data": str(args.data),

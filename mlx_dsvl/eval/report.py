@@ -159,7 +159,10 @@ def table(summary: Dict) -> str:
             line.append(_pct(s.get("anls")))
         body.append(line)
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines = [fmt(head)] + [fmt(r) for r in body]
     notes = []
     if summary.get("circular"):

@@ -20,6 +20,7 @@ from .metrics import summarize
 from .readers import ReadResult, read
 
 METHODS = ("likelihood", "generate")
+DEFAULT_BATCH_SIZE = 8
 
 
 @contextmanager
@@ -94,7 +95,7 @@ def score_batch(model, processor, batch: Sequence[Item], method: str, target: st
 
 
 def iter_records(model, processor, items: Sequence[Item], method: str = "likelihood",
-                 batch_size: int = 8, **options) -> Iterator[List[dict]]:
+                 batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[List[dict]]:
     """Each batch's records, in item order (``options``: see :func:`score_batch`)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -106,7 +107,7 @@ def iter_records(model, processor, items: Sequence[Item], method: str = "likelih
 
 
 def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
-             method: str = "likelihood", batch_size: int = 8, limit: Optional[int] = None,
+             method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, limit: Optional[int] = None,
              circular: bool = False, target: str = "letter", system_prompt: Optional[str] = None,
              max_tokens: int = greedy.DEFAULT_MAX_TOKENS, skip_bad: bool = False,
              done: Optional[Mapping[str, dict]] = None,
