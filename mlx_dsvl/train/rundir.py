@@ -67,7 +67,7 @@ def recover(out: Path) -> None:
     for _, new in _leftovers(out, "new"):
         shutil.rmtree(new, ignore_errors=True)
         print(f"note: removed {new}, an unfinished replacement of {out} (its run was killed before "
-              f"its first checkpoint; {out} is unchanged)", file=sys.stderr)
+              f"taking {out}'s place; {out} is unchanged)", file=sys.stderr)
 
 
 def _describe(out: Path) -> str:
