@@ -2,8 +2,10 @@
 
 Modules: ``data`` (JSONL -> tokenized examples with loss masks -> batches), ``stages`` (what each
 stage trains; LoRA/DoRA/QLoRA/full), ``loop`` (loss, compiled step, schedule, mixing,
-validation, logging), ``checkpoint`` (atomic save, exact resume), ``adapters`` (save, load,
-fuse), ``vision_cache`` (``--cache-vision-features``), ``plot`` (loss.png).
+validation, logging), ``checkpoint`` (atomic save, integrity check, exact resume), ``rundir``
+(the output folder: no clobbering, ``--force`` replaces atomically), ``files`` (atomic writes),
+``adapters`` (save, load, fuse), ``vision_cache`` (``--cache-vision-features``), ``plot``
+(loss.png).
 
 Python API::
 

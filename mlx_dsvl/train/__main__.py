@@ -28,9 +28,14 @@ data (JSONL, image paths relative to the file):
 
 outputs in --out: adapters.safetensors + adapter_config.json (use with --adapter, or
 python -m mlx_dsvl.fuse), checkpoints/step-N/ (resume with --resume OUT), metrics.jsonl,
-loss.png, run_config.json.
+loss.png, run_config.json.  A folder that holds an earlier run is never written into unless
+--resume continues it or --force replaces it.
 
-exit status: 0 done, 1 bad input or set-up, 3 stopped on a non-finite loss, 130 interrupted.
+Ctrl-C, SIGTERM or SIGHUP: the current step ends, a checkpoint is saved, then exit (once more:
+exit at once); resume with --resume OUT.
+
+exit status: 0 done, 1 bad input or set-up, 2 bad option, 3 stopped on a non-finite loss,
+128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
 
 
@@ -121,13 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not compile the training step (debugging)")
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=S, help="output folder (required)")
+    g.add_argument("--out", default=S,
+                   help="output folder: new or empty (required unless --resume, which continues in "
+                        "the checkpoint's run folder by default)")
+    g.add_argument("--force", action="store_true", default=S,
+                   help="replace the earlier run in --out (kept until this run saves its first "
+                        "checkpoint), or with --resume from an earlier step, drop the later ones")
     g.add_argument("--save-every", type=int, default=S,
                    help="checkpoint every N steps, and always at the end (default 100; 0 = end only)")
     g.add_argument("--keep-checkpoints", type=int, default=S,
                    help="keep only the newest N checkpoints (default 0 = all)")
     g.add_argument("--resume", default=S, metavar="DIR",
-                   help="continue exactly from a checkpoint folder or a run's --out folder (the "
+                   help="continue exactly from a checkpoint folder or a run's --out folder (its "
+                        "latest checkpoint), in that run's folder unless --out is given (the "
                         "run's options are reused; --iters/--epochs, --out, --save-every, "
                         "validation and output options may change, the training set-up may not)")
     g.add_argument("--val-every", type=int, default=S,
@@ -164,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .adapters import AdapterError
     from .checkpoint import ResumeError
     from .data import DataError
-    from .loop import TrainingStopped, train
+    from .loop import ConfigError, TrainingStopped, train
     from .stages import StageError
 
     if cfg.resume is None:
@@ -172,12 +183,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if missing:
             print(f"error: {', '.join(missing)} required (or --resume DIR)", file=sys.stderr)
             return 2
-    elif cfg.out is None:
-        print("error: --out is required", file=sys.stderr)
-        return 2
     try:
         select_device(device)
-        train(cfg, explicit)
+        result = train(cfg, explicit)
+    except ConfigError as e:
+        print(f"error: --{e.option.replace('_', '-')} {e.problem}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -187,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, ModelLoadError, ResumeError, StageError, AdapterError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return 128 + result.stopped_by if result.stopped_by else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .files import replace_atomic, save_arrays, write_text_atomic
 from .stages import ADAPTER_TYPES, adapt_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,11 +87,12 @@ def adapter_config(model, spec, base_path: Optional[str], fingerprint: Optional[
 
 
 def save_adapters(folder: str | os.PathLike, model, config: Dict) -> None:
-    """Write ``adapters.safetensors`` and ``adapter_config.json`` into an existing folder."""
+    """Write ``adapters.safetensors`` and ``adapter_config.json`` into an existing folder; each
+    file replaces an earlier one in one step."""
     folder = Path(folder)
     weights = trained_weights(model)
-    mx.save_safetensors(str(folder / ADAPTER_WEIGHTS), weights, metadata={"format": "mlx"})
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    replace_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_arrays(tmp, weights, {"format": "mlx"}))
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
 
 
 def read_adapter_config(folder: str | os.PathLike) -> Dict:

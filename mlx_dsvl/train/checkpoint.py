@@ -6,49 +6,95 @@ A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
   also a valid ``--adapter`` folder);
 * ``optimizer.safetensors`` -- the optimizer state (AdamW moments, step, learning rate);
 * ``rng.safetensors`` -- MLX's global random state (LoRA dropout);
-* ``state.json`` -- the step, the data streams' positions, the loss history, the run's config
-  and the base model's fingerprint.
+* ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
+  the base model's fingerprint, and the size and SHA-256 of each other file.
 
-It is written into a temporary sibling folder and renamed into place, then ``OUT/checkpoints/
-latest`` (a one-line text file) is replaced atomically, so an interrupted save never leaves a
-half-written checkpoint behind.
+It is written into a temporary sibling folder (named with the writer's pid, so a later save can
+remove one that a killed run left) and renamed into place, then ``OUT/checkpoints/latest`` (a
+one-line text file) is replaced atomically: an interrupted save never leaves a half-written
+checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..faults import fault_point
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
+from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 LATEST = "latest"
+FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER, RNG)  # + STATE, written last
+STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class ResumeError(ValueError):
-    """A --resume folder that cannot be resumed from (missing, foreign model, other set-up)."""
+    """A --resume folder that cannot be resumed from (missing, damaged, foreign model, other set-up)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is intact."""
 
 
 def checkpoint_root(out: str | os.PathLike) -> Path:
     return Path(out) / "checkpoints"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.fullmatch(path.name).group(1))
+
+
+def run_of(checkpoint: Path) -> Optional[Path]:
+    """The run folder that holds ``checkpoint`` (``RUN/checkpoints/step-N``), if any."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
+
+
+def list_checkpoints(out: str | os.PathLike) -> List[Path]:
+    """The run's checkpoint folders, oldest first."""
+    root = checkpoint_root(out)
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)),
+                  key=step_of)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _digest(path: Path) -> Dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict) -> None:
+    """The checkpoint's files, ``state.json`` last with every other file's size and digest."""
+    save_adapters(folder, model, adapter_cfg)
+    fault_point("checkpoint-file")
+    save_arrays(folder / OPTIMIZER, dict(tree_flatten(optimizer.state)))
+    fault_point("checkpoint-file")
+    save_arrays(folder / RNG, {"state": mx.random.state[0]})
+    fault_point("checkpoint-file")
+    files = {}
+    for f in FILES:
+        fsync_file(folder / f)
+        files[f] = _digest(folder / f)
+    (folder / STATE).write_text(json.dumps({**state, "files": files}, indent=1))
+    fsync_file(folder / STATE)
+    fault_point("checkpoint-file")
 
 
 def save_checkpoint(
@@ -60,49 +106,118 @@ def save_checkpoint(
     state: Dict[str, Any],
     keep: int = 0,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; prune all but the ``keep`` newest (0 keeps all)."""
+    """Write checkpoint ``step`` atomically and point ``latest`` at it.
+
+    Checkpoints of later steps (left by a run that was rolled back to an earlier one) are
+    removed once this one is in place, then all but the ``keep`` newest (0 keeps all).  On any
+    error nothing of the new checkpoint remains and ``latest`` is unchanged.
+    """
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(root)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
     try:
-        save_adapters(tmp, model, adapter_cfg)
-        opt_state = dict(tree_flatten(optimizer.state))
-        mx.save_safetensors(str(tmp / OPTIMIZER), opt_state)
-        mx.save_safetensors(str(tmp / RNG), {"state": mx.random.state[0]})
-        (tmp / STATE).write_text(json.dumps({**state, "step": step}, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _write_files(tmp, model, optimizer, adapter_cfg, {**state, "step": step})
         tmp.chmod(0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if final.exists():  # the same step of an abandoned timeline: moved aside, then removed
+            old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
+            os.replace(final, old / final.name)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / LATEST, final.name + "\n")
-    if keep > 0:
-        steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in steps[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    fsync_dir(root)
+    steps = list_checkpoints(out)
+    stale = [p for p in steps if step_of(p) > step]
+    kept = [p for p in steps if step_of(p) <= step]
+    for p in stale + (kept[:-keep] if keep > 0 else []):
+        shutil.rmtree(p, ignore_errors=True)
     return final
 
 
+# -- reading ------------------------------------------------------------------------------------
+
+
+def damage(path: Path) -> Optional[str]:
+    """Why checkpoint folder ``path`` cannot be resumed from (None: it is intact).
+
+    Each file's size and SHA-256 are recorded in ``state.json`` when it is written; checkpoints
+    from before that are checked by loading their files.
+    """
+    try:
+        state = json.loads((path / STATE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step number")
+    except FileNotFoundError:
+        return f"{path / STATE} is missing"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{path / STATE} is damaged (not a checkpoint state: {e})"
+    recorded = state.get("files") or {}
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        want = recorded.get(name)
+        if want is None:  # an older checkpoint: it must at least load
+            try:
+                mx.load(str(f)) if name.endswith(".safetensors") else json.loads(f.read_text())
+            except Exception as e:
+                return f"{f} is damaged (unreadable: {str(e).splitlines()[0][:120]})"
+            continue
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{f} is damaged ({size} bytes, {want['bytes']} were written)"
+        if _digest(f)["sha256"] != want["sha256"]:
+            return f"{f} is damaged (its contents differ from what was written)"
+    return None
+
+
+def _fallback(root: Path, below: Optional[int]) -> str:
+    """The clause naming the newest intact checkpoint before step ``below`` (None: any)."""
+    steps = list_checkpoints(root.parent)
+    for p in reversed(steps):
+        if (below is None or step_of(p) < below) and damage(p) is None:
+            later = step_of(steps[-1]) > step_of(p)
+            return (f"the newest intact checkpoint is step {step_of(p)}: continue from it with "
+                    f"--resume {p}" + (f" --force (which drops the later steps of {root.parent})"
+                                       if later else ""))
+    return "no earlier checkpoint of this run is intact: start the run again"
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` is a checkpoint folder, or a run's ``--out`` folder (its latest checkpoint)."""
+    """``path`` is a checkpoint folder, or a run's ``--out`` folder (its latest checkpoint).
+
+    A damaged checkpoint or ``latest`` pointer is never replaced silently by another step: the
+    error names the damage and the newest intact checkpoint to resume from instead.
+    """
     p = Path(path)
     if not p.exists():
         raise ResumeError(f"--resume {p}: no such folder")
-    if (p / STATE).is_file():
+    if (p / STATE).exists() or (STEP_DIR.fullmatch(p.name) and p.parent.name == "checkpoints"):
+        why = damage(p)
+        if why and run_of(p):
+            why += "; " + _fallback(p.parent, step_of(p) if STEP_DIR.fullmatch(p.name) else None)
+        if why:
+            raise ResumeError(why)
         return p
     for root in (p / "checkpoints", p):
         latest = root / LATEST
         if latest.is_file():
-            cand = root / latest.read_text().strip()
-            if (cand / STATE).is_file():
-                return cand
+            name = latest.read_bytes().decode("utf-8", "replace").strip()
+            cand = root / name
+            if not (STEP_DIR.fullmatch(name) and cand.is_dir()):
+                raise ResumeError(f"{latest} is damaged (it names {name[:40]!r}, not a checkpoint "
+                                  f"folder of {root}); " + _fallback(root, None))
+            why = damage(cand)
+            if why:
+                raise ResumeError(f"{why}; " + _fallback(root, step_of(cand)))
+            return cand
     raise ResumeError(
         f"--resume {p}: not a training checkpoint (expected {STATE}, or a run folder with "
         f"checkpoints/{LATEST})"
@@ -110,14 +225,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
-    try:
-        state = json.loads((path / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ResumeError(f"{path / STATE}: unreadable checkpoint state ({e})") from None
-    for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER, RNG):
-        if not (path / f).is_file():
-            raise ResumeError(f"{path}: incomplete checkpoint, {f} is missing")
-    return state
+    """The state of a checkpoint that :func:`find_checkpoint` returned (so: intact)."""
+    return json.loads((path / STATE).read_text())
 
 
 def restore(path: Path, model, optimizer) -> None:
@@ -151,7 +260,3 @@ def set_rng_state(key: mx.array) -> None:
     mx.random.seed((hi << 32) | lo)
     if mx.random.state[0].tolist() != [hi, lo]:
         raise ResumeError("cannot restore the random state")
-
-
-def list_checkpoints(out: str | os.PathLike) -> List[Path]:
-    return sorted(p for p in checkpoint_root(out).glob("step-*") if p.is_dir())

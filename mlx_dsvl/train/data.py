@@ -347,8 +347,22 @@ def load_jsonl(
     if verbose:
         report_stats(str(path), stats, max_seq_len, long_policy)
     if not examples:
-        raise DataError(f"{path}: no usable training example (see the warnings above)")
+        raise DataError(f"{path}: {_why_no_examples(stats, max_seq_len)}")
     return Dataset(str(path), examples, stats)
+
+
+def _why_no_examples(s: DataStats, max_seq_len: int) -> str:
+    if s.lines == 0:
+        return "no examples (the file is empty or has only blank lines)"
+    why = []
+    if s.skipped_bad:
+        why.append(f"{len(s.skipped_bad)} bad (skipped by --skip-bad; first: {s.skipped_bad[0]})")
+    if s.skipped_long:
+        why.append(f"{len(s.skipped_long)} longer than --max-seq-len {max_seq_len} (first: {s.skipped_long[0]})")
+    if s.skipped_empty:
+        why.append(f"{len(s.skipped_empty)} with nothing to learn: no assistant answer or text "
+                   f"(first: {s.skipped_empty[0]})")
+    return f"no usable example in its {s.lines} line(s): " + "; ".join(why)
 
 
 def report_stats(name: str, s: DataStats, max_seq_len: int, long_policy: str) -> None:

@@ -26,12 +26,15 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from ..faults import fault_point
 from ..models.attention import exp_from_max
 from ..models.deepseek_vl import lm_head, merge_image_embeddings
 from . import checkpoint as ckpt
 from .adapters import adapter_config, model_fingerprint, save_adapters
 from .data import Batch, BatchStream, DataError, Dataset, collate, file_digest, load_jsonl
+from .files import write_text_atomic
 from .plot import plot_losses
+from .rundir import RUN_CONFIG, RunDir, recover
 from .stages import (
     StageError, TrainSpec, count_parameters, parse_components, setup_trainable, siglip_tower,
     vision_trainable,
@@ -83,6 +86,7 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 0
     resume: Optional[str] = None
+    force: bool = False
     val_every: int = 200
     val_batches: int = -1
     steps_per_report: int = 10
@@ -98,7 +102,50 @@ STRUCTURAL = ("stage", "train", "method", "lora_rank", "lora_scale", "lora_dropo
               "lora_targets", "batch_size", "grad_accum", "seed", "max_seq_len", "long_examples",
               "text_ratio", "modality_warmup", "lr", "vision_lr", "min_lr_ratio", "warmup", "lr_schedule",
               "weight_decay", "max_grad_norm", "pad_to", "cache_vision_features", "skip_bad")
+METRICS = "metrics.jsonl"
+VISION_CACHE = "vision_cache"  # in the run folder unless --vision-cache-dir
 DEFAULT_LR = {"aligner": 1e-3, "lora": 1e-4, "dora": 1e-4, "full": 2e-5}
+
+
+class ConfigError(ValueError):
+    """An option outside its range: ``option`` names the TrainConfig field, ``problem`` says why."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _at_least(lo):
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+_POSITIVE = ((lambda v: 0 < v < math.inf), "must be > 0")
+_FRACTION = ((lambda v: 0 <= v <= 1), "must be within [0, 1]")
+# What each numeric or named option may be (None always means "the documented default").
+OPTION_RANGES = {
+    "stage": (lambda v: v in (1, 2, 3), "must be 1, 2 or 3"),
+    "iters": _at_least(1), "epochs": _POSITIVE, "batch_size": _at_least(1), "grad_accum": _at_least(1),
+    "lr": _POSITIVE, "vision_lr": _POSITIVE, "min_lr_ratio": _FRACTION, "warmup": _at_least(0),
+    "lr_schedule": (lambda v: v in ("cosine", "constant"), "must be cosine or constant"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "must be >= 0"),
+    "max_grad_norm": (lambda v: 0 <= v < math.inf, "must be >= 0 (0 disables clipping)"),
+    "max_seq_len": _at_least(2),
+    "long_examples": (lambda v: v in ("truncate", "skip"), "must be truncate or skip"),
+    "lora_rank": _at_least(1), "lora_scale": _POSITIVE, "lora_layers": _at_least(1),
+    "lora_dropout": (lambda v: 0 <= v < 1, "must be within [0, 1)"),
+    "text_ratio": _FRACTION, "modality_warmup": _at_least(0), "seed": _at_least(0),
+    "save_every": _at_least(0), "keep_checkpoints": _at_least(0), "val_every": _at_least(0),
+    "val_batches": (lambda v: v == -1 or v >= 1, "must be -1 (all) or >= 1"),
+    "steps_per_report": _at_least(1), "pad_to": _at_least(1),
+}
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` for the first option outside its range."""
+    for name, (ok, problem) in OPTION_RANGES.items():
+        v = getattr(cfg, name)
+        if v is not None and not ok(v):  # NaN fails every comparison
+            raise ConfigError(name, f"{problem}, got {v}")
 
 
 class TrainingStopped(RuntimeError):
@@ -118,6 +165,7 @@ class TrainResult:
     checkpoint: Optional[Path]
     seconds: float
     data_stats: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    stopped_by: int = 0  # the signal (SIGINT, SIGTERM, SIGHUP) that stopped the run early, if any
 
 
 # -- schedules --------------------------------------------------------------------------------
@@ -442,6 +490,36 @@ class Progress:
         print(text, file=self.stream, flush=True)
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run at the end of the current step, which
+    is then saved; a second signal stops at once (``KeyboardInterrupt``), without saving."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                sig = getattr(signal, name, None)  # no SIGHUP on Windows
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{self.name}: stopping after this step to save a checkpoint (once more: stop at "
+              f"once, without saving)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
 def fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -483,7 +561,10 @@ def plan_iters(cfg: TrainConfig, main_batches: int, mixer: Optional[ModalityMixe
 
 
 def resolve_resume(cfg: TrainConfig, explicit: Sequence[str]) -> Tuple[TrainConfig, Path, Dict]:
-    """Merge the checkpoint's run config with the command line; refuse structural changes."""
+    """Merge the checkpoint's run config with the command line; refuse structural changes.
+
+    Without an output folder the run continues in the run folder that holds the checkpoint.
+    """
     path = ckpt.find_checkpoint(cfg.resume)
     state = ckpt.read_checkpoint(path)
     saved = state.get("config") or {}
@@ -500,7 +581,13 @@ def resolve_resume(cfg: TrainConfig, explicit: Sequence[str]) -> Tuple[TrainConf
         merged.iters = None  # the run's length is recomputed from the new --epochs
     elif "iters" in explicit:
         merged.epochs = None
-    merged.resume = cfg.resume
+    merged.resume, merged.force = cfg.resume, cfg.force  # what this command asks, never inherited
+    if cfg.out is not None:
+        merged.out = cfg.out
+    elif ckpt.run_of(path) is not None:
+        merged.out = str(ckpt.run_of(path))
+    else:
+        raise ckpt.ResumeError(f"--resume {path}: this checkpoint is not inside a run folder; give --out")
     return merged, path, state
 
 
@@ -511,25 +598,27 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
     non-structural ones).  ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model``
     to train in place instead of loading it (e.g. a model quantized in memory for QLoRA).
     """
-    import mlx_dsvl
-
     t_start = time.perf_counter()
+    validate_config(cfg)
     resume_path, resume_state = None, None
     if cfg.resume:
+        recover(Path(cfg.resume))  # a run folder that a killed --force run left mid-swap
         cfg, resume_path, resume_state = resolve_resume(cfg, explicit)
     for req in ("stage", "model", "data", "out"):
         if getattr(cfg, req) in (None, ""):
             raise ValueError(f"--{req} is required")
     if cfg.iters is not None and cfg.epochs is not None:
         raise ValueError("give --iters or --epochs, not both")
-    for name, v, lo in (("batch-size", cfg.batch_size, 1), ("grad-accum", cfg.grad_accum, 1),
-                        ("max-seq-len", cfg.max_seq_len, 2), ("save-every", cfg.save_every, 0),
-                        ("steps-per-report", cfg.steps_per_report, 1)):
-        if v < lo:
-            raise ValueError(f"--{name} must be >= {lo}, got {v}")
-    if cfg.iters is not None and cfg.iters < 1:
-        raise ValueError("--iters must be >= 1")
-    out = Path(cfg.out)
+    run = RunDir.open(Path(cfg.out), cfg.force, resume_path)
+    try:
+        return _train_into(run, cfg, resume_path, resume_state, loaded, t_start)
+    finally:
+        run.abandon()  # a replacement that saved no checkpoint leaves the earlier run as it was
+
+
+def _train_into(run: RunDir, cfg: TrainConfig, resume_path: Optional[Path], resume_state: Optional[Dict],
+                loaded, t_start: float) -> TrainResult:
+    import mlx_dsvl
 
     model, processor = loaded if loaded is not None else mlx_dsvl.load(cfg.model, dtype=cfg.dtype)
     fingerprint = model_fingerprint(model)
@@ -603,10 +692,10 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
                                              [lambda path, _: path.startswith("vision_model.")])
     optimizer.init(model.trainable_parameters())
 
+    run.create()
     cache = None
     if cfg.cache_vision_features:
-        cache_dir = cfg.vision_cache_dir or str(out / "vision_cache")
-        cache = VisionFeatureCache(vision_model_key(model), cache_dir)
+        cache = VisionFeatureCache(vision_model_key(model), cfg.vision_cache_dir or run.path / VISION_CACHE)
 
     start_step, history = 0, []
     config_dict = asdict(cfg)
@@ -623,12 +712,9 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
                   "replay the original order exactly", file=sys.stderr)
     micro_start = start_step * cfg.grad_accum
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(config_dict, indent=2))
-    metrics_path = out / "metrics.jsonl"
-    with open(metrics_path, "w") as f:  # rewritten from the history on resume
-        for r in history:
-            f.write(json.dumps(r) + "\n")
+    write_text_atomic(run.path / RUN_CONFIG, json.dumps(config_dict, indent=2))
+    # rewritten from the history on resume
+    write_text_atomic(run.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
     acfg = adapter_config(model, spec, str(cfg.model), fingerprint)
     producer = BatchProducer(main, main_stream, text, text_stream, mixer, processor, cfg.grad_accum,
@@ -676,23 +762,29 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
         )
 
     last_ckpt: Optional[Path] = resume_path
+    saved_step = start_step
     window = {"loss": 0.0, "ntoks": 0.0, "mm": 0.0, "mm_n": 0.0, "tokens": 0, "time": 0.0,
               "text_batches": 0, "batches": 0, "steps": 0, "skipped": 0}
     model.train()
     mx.reset_peak_memory()
-    interrupted = False
     step_no = start_step
     stop_err: Optional[TrainingStopped] = None
 
-    def on_sigint(signum, frame):
-        nonlocal interrupted
-        interrupted = True
+    def save(step_no: int, streams: Dict) -> None:
+        nonlocal last_ckpt, saved_step
+        last_ckpt = _save(run, step_no, model, optimizer, acfg, checkpoint_state(step_no, streams),
+                          cfg.keep_checkpoints, last_ckpt)
+        saved_step = step_no
+        if run.publish():  # a --force run's first checkpoint: it now replaces the earlier run
+            last_ckpt = run.path / last_ckpt.relative_to(last_ckpt.parents[1])
+            if cache is not None and cfg.vision_cache_dir is None:
+                cache.folder = run.path / VISION_CACHE / cache.model_key
+            log.line(f"replaced the earlier run in {run.out}")
+        log.line(f"saved checkpoint {last_ckpt}")
 
-    old_handler = None
-    if threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
+    stop = StopSignals()
     try:
-        while step_no < iters and not interrupted:
+        while step_no < iters and not stop.signum:
             tic = time.perf_counter()
             grad = None
             step_loss = step_n = 0.0
@@ -707,6 +799,7 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
                 prev_tokens = mx.array(step_n, dtype=mx.float32) if last else None
                 loss, ntoks, mm, norm, grad = step(ids, vis, pos, tgt, w, mmw, grad, prev_tokens)
                 mx.eval(state, loss, ntoks, mm, norm, grad)
+                fault_point("step")
                 lv, nv = float(loss.item()), float(ntoks.item())
                 if not math.isfinite(lv):
                     where = (f"the last good checkpoint is kept: {last_ckpt}" if last_ckpt
@@ -737,7 +830,7 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
             if step_no % cfg.steps_per_report == 0 or step_no == iters:
                 rec = _report(window, step_no, lr_now, gnorm, mixer)
                 history.append(rec)
-                _append(metrics_path, rec)
+                _append(run.path / METRICS, rec)
                 elapsed = time.perf_counter() - t_start
                 eta = (iters - step_no) * window["time"] / max(1, window["steps"])
                 log.line(
@@ -757,43 +850,47 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None) -> TrainR
                         **evaluate(model, loss_fn, val_sets, processor, cfg.batch_size,
                                    cfg.val_batches, cfg.pad_to, cache)}
                 history.append(vrec)
-                _append(metrics_path, vrec)
+                _append(run.path / METRICS, vrec)
                 log.line(f"step {step_no}/{iters} | val loss {vrec['val_loss']:.4f}"
                          + (f" | val multimodal {vrec['val_loss_mm']:.4f}" if "val_loss_mm" in vrec else "")
                          + (f" | val text-only {vrec['val_loss_text']:.4f}" if "val_loss_text" in vrec else "")
                          + f" ({time.perf_counter() - tv:.1f}s)")
 
             if (cfg.save_every > 0 and step_no % cfg.save_every == 0) or step_no == iters:
-                last_ckpt = _save(out, step_no, model, optimizer, acfg,
-                                  checkpoint_state(step_no, streams_after), cfg.keep_checkpoints, log,
-                                  last_ckpt)
-        if interrupted and step_no > start_step:
-            last_ckpt = _save(out, step_no, model, optimizer, acfg,
-                              checkpoint_state(step_no, streams_after), cfg.keep_checkpoints, log,
-                              last_ckpt)
-            log.line(f"interrupted at step {step_no}; resume with --resume {out}")
+                save(step_no, streams_after)
+        if stop.signum and step_no > saved_step:
+            save(step_no, streams_after)
     except TrainingStopped as e:
         stop_err = e
     finally:
         producer.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
-        if cfg.plot and history:
+        stop.restore()
+        if cfg.plot and history and not run.staged:
             try:
-                plot_losses(history, out / "loss.png", title=f"stage {cfg.stage} -- {out.name}")
+                plot_losses(history, run.path / "loss.png", title=f"stage {cfg.stage} -- {run.path.name}")
             except Exception as e:  # a plot must never lose a run
                 print(f"warning: could not draw loss.png ({e})", file=sys.stderr)
     if stop_err is not None:
         raise stop_err
+    if stop.signum:
+        print(f"{stop.name}: " + (f"stopped at step {step_no}; resume with --resume {run.out}"
+                                  if step_no > start_step else
+                                  "stopped before the first step; nothing was saved"
+                                  + (f", {run.out} is unchanged" if run.staged else "")),
+              file=sys.stderr)
     if last_ckpt is not None and step_no > start_step:
-        save_adapters(out, model, acfg)
+        try:
+            save_adapters(run.path, model, acfg)
+        except OSError as e:
+            raise OSError(f"cannot write the adapters into {run.path} ({e.strerror or e}); the last "
+                          f"checkpoint, {last_ckpt}, holds them too (an --adapter folder)") from None
     if cache is not None and not cfg.quiet:
         log.line(f"vision feature cache: {cache.hits} hits, {cache.misses} images encoded")
     seconds = time.perf_counter() - t_start
-    if not cfg.quiet:
-        log.line(f"done: {step_no} steps in {fmt_time(seconds)}; adapters in {out}; "
-                 f"metrics in {metrics_path}")
-    return TrainResult(out, step_no, history, out, last_ckpt, seconds, stats)
+    if not cfg.quiet and not stop.signum:
+        log.line(f"done: {step_no} steps in {fmt_time(seconds)}; adapters in {run.path}; "
+                 f"metrics in {run.path / METRICS}")
+    return TrainResult(run.out, step_no, history, run.out, last_ckpt, seconds, stats, stop.signum)
 
 
 def _report(window: Dict, step_no: int, lr: float, gnorm: float, mixer) -> Dict[str, Any]:
@@ -824,15 +921,18 @@ def _append(path: Path, rec: Dict) -> None:
         f.write(json.dumps(rec) + "\n")
 
 
-def _save(out, step_no, model, optimizer, acfg, state, keep, log, last_good: Optional[Path]) -> Path:
+def _save(run: RunDir, step_no, model, optimizer, acfg, state, keep, last_good: Optional[Path]) -> Path:
+    where = (f"the last good checkpoint is kept: {last_good}" if last_good
+             else "no checkpoint had been saved yet") + (f"; {run.out} is unchanged" if run.staged else "")
     bad = [k for k, v in tree_flatten(model.trainable_parameters())
            if not bool(mx.all(mx.isfinite(v)).item())]
     if bad:
-        where = (f"the last good checkpoint is kept: {last_good}" if last_good
-                 else "no checkpoint had been saved yet")
         raise TrainingStopped(
             f"trained weights became non-finite at step {step_no} ({bad[0]}); training stopped "
             f"without saving; {where}", last_good)
-    path = ckpt.save_checkpoint(out, step_no, model, optimizer, acfg, state, keep)
-    log.line(f"saved checkpoint {path}")
-    return path
+    try:
+        return ckpt.save_checkpoint(run.path, step_no, model, optimizer, acfg, state, keep)
+    except OSError as e:
+        raise ckpt.CheckpointWriteError(
+            f"cannot write the checkpoint of step {step_no} into {run.out / 'checkpoints'} "
+            f"({e.strerror or e}); nothing of it remains; {where}") from None

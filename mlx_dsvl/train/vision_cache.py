@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -19,6 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+
+from .files import replace_atomic, save_arrays
 
 Features = Tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
 
@@ -106,10 +107,12 @@ class VisionFeatureCache:
         f = self._file(digest)
         if f and not f.exists():
             f.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=f.parent)
-            os.close(fd)
-            mx.save_safetensors(tmp, {f"f{i}": x for i, x in enumerate(feats)})
-            os.replace(tmp, f)
+            try:
+                replace_atomic(f, lambda tmp: save_arrays(tmp, {f"f{i}": x for i, x in enumerate(feats)}),
+                               durable=False)  # a lost entry is recomputed
+            except OSError as e:
+                raise OSError(f"cannot write to the vision feature cache {self.folder}: "
+                              f"{e.strerror or e}") from None
 
     def _remember(self, digest: str, feats: Features) -> None:
         size = sum(x.nbytes for x in feats)

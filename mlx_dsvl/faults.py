@@ -1,0 +1,37 @@
+"""Fault injection for the fault tests: ``MLX_DSVL_FAULT=POINT:N:ACTION``.
+
+The ``N``-th time this process reaches ``fault_point(POINT)``, ``ACTION`` happens: ``KILL``,
+``TERM``, ``HUP`` or ``INT`` sends that signal to the process itself (delivered at once), and
+``ENOSPC`` raises ``OSError(ENOSPC)`` as a full disk would.  Without the variable (always,
+outside the tests) a fault point costs one dictionary lookup.
+
+Points: ``step`` (training: a micro-batch computed, the step not yet counted or saved),
+``checkpoint-file`` (a checkpoint's file written into its temporary folder: the adapters
+pair, the optimizer, the RNG state, then ``state.json``), ``replace`` (a ``--force`` run: 1 =
+its first checkpoint is in the staging folder, 2 = the old run has been moved aside).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from collections import Counter
+
+ENV = "MLX_DSVL_FAULT"
+_hits: Counter = Counter()
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    point, n, action = spec.split(":")
+    if point != name:
+        return
+    _hits[name] += 1
+    if _hits[name] != int(n):
+        return
+    if action == "ENOSPC":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.kill(os.getpid(), getattr(signal, f"SIG{action}"))
