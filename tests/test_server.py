@@ -275,6 +275,45 @@ def test_client_hanging_up_mid_stream_frees_its_slot(server):
     assert stream_text(server, {**body, "max_tokens": 3}), "server unusable after the hang-up"
 
 
+def test_client_giving_up_on_a_plain_request_frees_its_slot(server):
+    before = stats(server)
+    body = {"messages": [{"role": "user", "content": "Wait for it."}], "max_tokens": 3000,
+            "ignore_eos": True, "temperature": 0}
+    with http(server) as h, pytest.raises(httpx.ReadTimeout):
+        h.post("/v1/chat/completions", json=body, timeout=1.0)
+    deadline = time.time() + 10
+    while (s := stats(server))["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert s["active"] == 0 and s["cancelled"] == before["cancelled"] + 1
+
+
+def test_scheduler_stop_ends_every_request_and_queue_limit(local):
+    import queue as q
+
+    from mlx_dsvl.server.scheduler import Busy, Failed, Job, Scheduler
+    from mlx_dsvl.server.schema import SamplingParams
+
+    model, processor = local
+    ids = processor.tokenize(processor.format(USER)).tolist()
+    events = q.Queue()
+    sched = Scheduler(model, processor, max_batch=1, max_queue=1)
+    jobs = [Job(f"j{i}", ids, [], {}, SamplingParams(max_tokens=3000, ignore_eos=True), events.put)
+            for i in range(3)]
+    sched.submit(jobs[0])
+    sched.submit(jobs[1])  # waits for the one slot
+    with pytest.raises(Busy):
+        sched.submit(jobs[2])
+    sched.start()
+    while sched.counters["generated_tokens"] < 2:
+        time.sleep(0.01)
+    sched.stop()
+    failed = []
+    while not events.empty():
+        e = events.get()
+        failed += [e.status] if isinstance(e, Failed) else []
+    assert failed == [503, 503] and sched.stats()["active"] == 0
+
+
 # -- caches -----------------------------------------------------------------------------------
 def test_follow_up_reuses_prefix_and_image(server, local):
     _, processor = local

@@ -124,7 +124,7 @@ def serve(args) -> int:
                           max_body_bytes=int(args.max_body_mb * MB), images=images)
     app = create_app(scheduler, processor, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level=args.log_level))
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
 
     def http():
         try:

@@ -87,15 +87,29 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _next_event(queue: asyncio.Queue, request: Request, scheduler: Scheduler, job_id: str):
-    """The request's next event; None (and the request cancelled) when the client is gone."""
-    while True:
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                scheduler.cancel(job_id)
-                return None
+class Events:
+    """A request's events from the scheduler; ``next()`` is None (and the request cancelled)
+    once the client has gone away, checked at least every ``check_every`` seconds."""
+
+    def __init__(self, queue: asyncio.Queue, request: Request, scheduler: Scheduler, job_id: str,
+                 check_every: float = 0.5):
+        self.queue, self.request, self.scheduler, self.job_id = queue, request, scheduler, job_id
+        self.check_every = check_every
+        self._checked = time.monotonic()
+
+    async def next(self):
+        while True:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=self.check_every)
+            except asyncio.TimeoutError:
+                event = None
+            if event is None or time.monotonic() - self._checked > self.check_every:
+                self._checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.scheduler.cancel(self.job_id)
+                    return None
+            if event is not None:
+                return event
 
 
 def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI:
@@ -160,7 +174,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
         except Busy as e:
             raise APIError(503, f"server busy: {e}", code="server_busy") from None
         try:
-            return await _respond(req, queue, request, scheduler, job.id, req.model or config.model_name)
+            return await _respond(req, Events(queue, request, scheduler, job.id), req.model or config.model_name)
         except BaseException:  # an error, or the handler cancelled (shutdown): free the slot
             scheduler.cancel(job.id)
             raise
@@ -168,28 +182,25 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
     return app
 
 
-async def _respond(req, queue: asyncio.Queue, request: Request, scheduler: Scheduler, cid: str,
-                   model: str) -> Response:
+async def _respond(req, events: Events, model: str) -> Response:
     """Wait until the request is admitted (errors until then are plain HTTP errors), then
     stream or collect its reply."""
-    first = await _next_event(queue, request, scheduler, cid)
+    first = await events.next()
     if first is None:
         return Response(status_code=499)  # nobody is listening any more
     if isinstance(first, Failed):
         raise APIError(first.status, first.message)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(queue, scheduler, cid, model, include_usage),
-                                 media_type="text/event-stream",
+        return StreamingResponse(_stream(events, model, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _collect(queue, request, scheduler, cid, model)
+    return await _collect(events, model)
 
 
-async def _stream(queue: asyncio.Queue, scheduler: Scheduler, cid: str, model: str,
-                  include_usage: bool):
+async def _stream(events: Events, model: str, include_usage: bool):
     """OpenAI's chunks: the role first, then text deltas, the finish reason, the usage (if
     asked for), ``[DONE]``.  Starlette cancels this generator when the client disconnects."""
-    created = int(time.time())
+    created, cid = int(time.time()), events.job_id
 
     def chunk(delta, reason=None):
         return _sse(chunk_body(cid, model, created, delta, reason, include_usage=include_usage))
@@ -197,7 +208,7 @@ async def _stream(queue: asyncio.Queue, scheduler: Scheduler, cid: str, model: s
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            event = await queue.get()
+            event = await events.queue.get()
             if isinstance(event, Delta):
                 yield chunk({"content": event.text})
             elif isinstance(event, Finished):
@@ -211,14 +222,13 @@ async def _stream(queue: asyncio.Queue, scheduler: Scheduler, cid: str, model: s
                 break
         yield "data: [DONE]\n\n"
     finally:
-        scheduler.cancel(cid)  # a no-op once finished
+        events.scheduler.cancel(cid)  # a no-op once finished
 
 
-async def _collect(queue: asyncio.Queue, request: Request, scheduler: Scheduler, cid: str,
-                   model: str) -> Response:
+async def _collect(events: Events, model: str) -> Response:
     pieces: List[str] = []
     while True:
-        event = await _next_event(queue, request, scheduler, cid)
+        event = await events.next()
         if event is None:
             return Response(status_code=499)
         if isinstance(event, Delta):
@@ -227,4 +237,5 @@ async def _collect(queue: asyncio.Queue, request: Request, scheduler: Scheduler,
             raise APIError(event.status, event.message)
         elif isinstance(event, Finished):
             usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            return JSONResponse(completion_body(cid, model, "".join(pieces), event.finish_reason, usage))
+            return JSONResponse(completion_body(events.job_id, model, "".join(pieces),
+                                                event.finish_reason, usage))

@@ -46,7 +46,7 @@ PENALTY_CONTEXT = 64  # prompt tokens the repetition penalty may look back at (a
 
 
 # -- what flows between the HTTP side and the worker ------------------------------------------
-@dataclass
+@dataclass(eq=False)
 class Job:
     id: str
     ids: List[int]  # the whole prompt
@@ -187,23 +187,45 @@ class Scheduler:
     def run(self) -> None:
         """The worker loop, until :meth:`stop`."""
         mx.set_default_device(self.device)
-        while not self._stop.is_set():
+        try:
+            while not self._stop.is_set():
+                self._once()
+        finally:  # stopped or interrupted: end every request still here, none waits forever
+            self._waiting.extend(self._take_inbox())
+            self._fail([r.job for r in self.rows] + list(self._waiting), 503,
+                       "the server is shutting down")
+            self._waiting.clear()
+
+    def _once(self) -> None:
+        """Cancellations, admissions, one decode step."""
+        if not self.rows and not self._waiting:  # idle: wait for work
             try:
-                idle = not self.rows and not self._waiting
-                self._waiting.append(self._inbox.get(timeout=0.2) if idle else self._inbox.get_nowait())
+                self._waiting.append(self._inbox.get(timeout=0.2))
             except queue.Empty:
-                pass
-            while True:  # everything that arrived meanwhile
-                try:
-                    self._waiting.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
+                return
+        self._waiting.extend(self._take_inbox())
+        self._drop_cancelled()
+        while self._waiting and len(self.rows) < self.max_batch:
+            self._admit(self._waiting.popleft())
             self._drop_cancelled()
-            while self._waiting and len(self.rows) < self.max_batch:
-                self._admit(self._waiting.popleft())
-                self._drop_cancelled()
-            if self.rows:
-                self._step()
+        if self.rows:
+            self._step()
+
+    def _take_inbox(self) -> List[Job]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _fail(self, jobs: List[Job], status: int, message: str) -> None:
+        for job in jobs:
+            self._emit(job, Failed(status, message))
+            self._forget(job, "failed")
+        gone = {job.id for job in jobs}
+        if any(r.job.id in gone for r in self.rows):
+            self._keep([i for i, r in enumerate(self.rows) if r.job.id not in gone])
 
     def _emit(self, job: Job, event) -> bool:
         try:
@@ -248,8 +270,7 @@ class Scheduler:
             row, kv = self._prefill(job)
         except Exception as e:  # this request only; the batch goes on
             print(f"[mlx-dsvl server] request {job.id} failed in prefill: {e!r}", file=sys.stderr)
-            self._emit(job, Failed(500, f"prefill failed: {type(e).__name__}: {e}"))
-            self._forget(job, "failed")
+            self._fail([job], 500, f"prefill failed: {type(e).__name__}: {e}")
             return
         merged = [BatchKVCache.merge([c]) for c in kv]
         if self.cache is None:
@@ -338,10 +359,7 @@ class Scheduler:
             tokens = tokens.tolist()
         except Exception as e:
             print(f"[mlx-dsvl server] decode step failed: {e!r}", file=sys.stderr)
-            for r in rows:
-                self._emit(r.job, Failed(500, f"decoding failed: {type(e).__name__}: {e}"))
-                self._forget(r.job, "failed")
-            self._keep([])
+            self._fail([r.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
         self.counters["generated_tokens"] += len(rows)
