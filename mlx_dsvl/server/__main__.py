@@ -16,14 +16,14 @@ import threading
 import time
 from pathlib import Path
 
-from ..loading import DEFAULT_MODEL
-from ..streaming import DEFAULT_SAMPLING
-
 API_KEY_ENV = "MLX_DSVL_API_KEY"
 MB = 1024 * 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
+    from ..streaming import DEFAULT_SAMPLING
+
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.server",
         description="An OpenAI-compatible chat-completions server for DeepSeek-VL (MLX).")
