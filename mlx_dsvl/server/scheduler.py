@@ -150,7 +150,6 @@ class Scheduler:
         self._inbox.put(job)
 
     def cancel(self, job_id: str) -> None:
-
         """Free the request's slot (its client went away); harmless once it has finished."""
         with self._lock:
             if job_id in self._live:
