@@ -557,3 +557,20 @@ def test_port_in_use_is_one_clear_error(server, text_ckpt, image_dir, tmp_path):
     assert r.returncode == 1
     assert f"error: could not listen on 127.0.0.1:{server.port}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_loading_options(text_ckpt):
+    """--4bit quantizes the language model (as the app's toggle); the served name defaults to
+    the folder's name."""
+    import mlx.nn as nn
+
+    from mlx_dsvl.server.__main__ import build_parser, load_model, served_name
+
+    args = build_parser().parse_args(["--model", str(text_ckpt), "--4bit", "--dtype", "float32"])
+    model, _ = load_model(args)
+    kinds = {type(m).__name__ for _, m in model.language_model.named_modules()}
+    assert "QuantizedLinear" in kinds and not any(
+        isinstance(m, nn.QuantizedLinear) for _, m in model.vision_model.named_modules())
+    assert served_name(args) == "tiny-text"
+    assert served_name(build_parser().parse_args(["--model", "org/some-model"])) == "org/some-model"
+    assert build_parser().parse_args([]).host == "127.0.0.1"

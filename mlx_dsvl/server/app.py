@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sys
 import threading
 import time
-import traceback
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -128,8 +126,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
         return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
 
     @app.exception_handler(Exception)
-    async def internal_error(_, e: Exception):
-        traceback.print_exc(file=sys.stderr)
+    async def internal_error(_, e: Exception):  # (uvicorn logs the traceback)
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"),
                             status_code=500)
 
@@ -150,7 +147,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
     async def chat_completions(request: Request):
         try:
             data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         req = parse_request(data)
         if req.model is not None and req.model not in names:

@@ -27,7 +27,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
