@@ -23,6 +23,7 @@ from .config import ConfigError, ModelConfig
 from .mlx_format import mlx_format_info, quantize_like
 from .models.deepseek_vl import DeepseekVL
 
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"  # the entry points' default --model
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 

@@ -1,0 +1,8 @@
+"""An OpenAI-compatible HTTP server for DeepSeek-VL: ``python -m mlx_dsvl.server``.
+
+Files: ``__main__`` (command line), ``app`` (routes, errors, streaming), ``schema`` (request
+and response shapes, sampling options), ``scheduler`` (the model's worker: batched decoding,
+admission, cancellation), ``caches`` (prefix KV and image-feature caches), ``images`` (where
+images may come from), ``security`` (API key, body size).  The server sits on the library; the
+library never imports it.
+"""

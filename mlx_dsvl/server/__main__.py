@@ -1,0 +1,181 @@
+"""``python -m mlx_dsvl.server``: serve DeepSeek-VL over OpenAI's chat-completions API.
+
+    python -m mlx_dsvl.server --model deepseek-ai/deepseek-vl-7b-chat [--port 8080] [--api-key KEY]
+
+The model runs on the main thread (the scheduler's loop); uvicorn serves HTTP on a thread of
+its own.  Ctrl-C or SIGTERM stops both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+API_KEY_ENV = "MLX_DSVL_API_KEY"
+MB = 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
+    from ..streaming import DEFAULT_SAMPLING
+
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_dsvl.server",
+        description="An OpenAI-compatible chat-completions server for DeepSeek-VL (MLX).")
+    a = p.add_argument
+    a("--model", default=DEFAULT_MODEL, help=f"local model folder or hub id (default: {DEFAULT_MODEL})")
+    a("--served-model-name", default=None,
+      help="the model id in /v1/models (default: the hub id, or the folder's name)")
+    a("--host", default="127.0.0.1",
+      help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
+    a("--port", type=int, default=8080, help="port (default: 8080)")
+    a("--api-key", default=os.environ.get(API_KEY_ENV),
+      help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
+    a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+      help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    a("--adapter", default=None, help="a training output folder (python -m mlx_dsvl.train) to apply")
+    a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: auto (the GPU if any)")
+    a("--4bit", dest="quantize", action="store_true",
+      help="quantize the language model to 4 bits (group size 64) after loading")
+    a("--max-context", type=int, default=4096,
+      help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
+    a("--max-tokens", type=int, default=DEFAULT_SAMPLING["max_tokens"],
+      help="reply length when a request sets none (default: 512)")
+    a("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"],
+      help="default temperature, 0 = greedy (default: 0.2)")
+    a("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"], help="default top_p (default: 0.95)")
+    a("--repetition-penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"],
+      help="default repetition penalty, 1 = off (default: 1.1)")
+    a("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
+    a("--max-queue", type=int, default=64,
+      help="requests waiting for a batch slot before new ones get 503 (default: 64)")
+    a("--cache-mb", type=float, default=1024,
+      help="prefix (KV) cache for follow-up requests, in MB; 0 = off (default: 1024)")
+    a("--image-cache-mb", type=float, default=256,
+      help="encoded-image cache, in MB; 0 = off (default: 256)")
+    a("--max-body-mb", type=float, default=50, help="largest request body, in MB (default: 50)")
+    a("--max-image-mb", type=float, default=20, help="largest image, in MB (default: 20)")
+    a("--allow-remote-images", action="store_true",
+      help="fetch http(s) image URLs (off by default: it lets clients make this server fetch any "
+           "address it can reach)")
+    a("--remote-timeout", type=float, default=10.0, help="timeout of one image fetch, in s (default: 10)")
+    a("--allow-local-images", metavar="DIR", default=None,
+      help="allow file:// and plain image paths, only inside DIR (symbolic links resolved)")
+    a("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+      help="uvicorn's log level (info: one line per request)")
+    return p
+
+
+def say(message: str) -> None:
+    print(f"[mlx-dsvl server] {message}", file=sys.stderr, flush=True)
+
+
+def load_model(args):
+    from ..loading import load
+
+    model, processor = load(args.model, dtype=args.dtype)
+    if args.adapter:
+        from ..train.adapters import load_adapters
+
+        load_adapters(model, args.adapter)
+    if args.quantize:
+        from ..mlx_format import quantize_model
+
+        quantize_model(model, bits=4, group_size=64)
+    return model, processor
+
+
+def served_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    path = Path(args.model).expanduser()
+    return path.resolve().name if path.is_dir() else args.model
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from ..device import describe_device, select_device
+    from .app import ServerConfig, create_app
+    from .images import ImagePolicy
+    from .scheduler import Scheduler
+    from .schema import SamplingParams
+
+    defaults = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens)
+    images = ImagePolicy(args.allow_remote_images, args.allow_local_images,
+                         int(args.max_image_mb * MB), args.remote_timeout)
+    device = select_device(args.device)
+    say(f"loading {args.model} on {describe_device()} ...")
+    tic = time.perf_counter()
+    model, processor = load_model(args)
+    say(f"model loaded in {time.perf_counter() - tic:.1f} s")
+    scheduler = Scheduler(model, processor, max_batch=args.max_batch, max_queue=args.max_queue,
+                          cache_bytes=int(args.cache_mb * MB),
+                          image_cache_bytes=int(args.image_cache_mb * MB), device=device)
+    name = served_name(args)
+    config = ServerConfig(model_name=name, model_aliases=(args.model,), max_context=args.max_context,
+                          defaults=defaults, api_key=args.api_key,
+                          max_body_bytes=int(args.max_body_mb * MB), images=images)
+    app = create_app(scheduler, processor, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5))
+
+    def http():
+        try:
+            server.run()
+        finally:
+            scheduler.stop()  # the HTTP side is gone (stopped, or it could not listen)
+
+    thread = threading.Thread(target=http, name="uvicorn", daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        print(f"error: could not listen on {args.host}:{args.port} (see above)", file=sys.stderr)
+        return 1
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    say(f"listening on http://{host}:{args.port} (OpenAI base URL http://{host}:{args.port}/v1, "
+        f"model {name!r}{', API key required' if args.api_key else ''})")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        say(f"warning: listening on {args.host} without --api-key: anyone who can reach this "
+            "address can use the model")
+    signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())
+    try:
+        scheduler.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        say("shutting down")
+        server.should_exit = True
+        thread.join(timeout=10)
+    return 0
+
+
+def main(argv=None) -> int:
+    from ..blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    args = build_parser().parse_args(argv)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"error: the server needs {e.name}: pip install -e '.[server]'", file=sys.stderr)
+        return 1
+    from ..loading import ModelLoadError
+
+    try:
+        return serve(args)
+    except (ModelLoadError, ValueError, OSError) as e:
+        print(f"error: {e.args[0] if isinstance(e, ValueError) and e.args else e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The HTTP side (FastAPI): OpenAI's routes, errors in OpenAI's shape, server-sent events.
+
+Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` (no key needed) and
+``GET /stats`` (the scheduler's counters: active and waiting requests, prefilled / cached
+tokens, images encoded, cache sizes).  A request is checked, its images fetched (async) and
+decoded, its prompt built (on a worker thread of the event loop), then handed to the
+:class:`~.scheduler.Scheduler`, whose events come back through an ``asyncio.Queue``.  A client
+that goes away is noticed (polled while waiting, Starlette's disconnect watch while streaming)
+and its request cancelled, which frees its batch slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .images import ImagePolicy, decode_image
+from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
+from .schema import (APIError, SamplingParams, chunk_body, completion_body, error_body,
+                     parse_request, to_conversation, usage_body)
+from .security import Guard
+
+
+@dataclass
+class ServerConfig:
+    model_name: str  # the id in /v1/models
+    model_aliases: Tuple[str, ...] = ()  # other names a request's "model" may use
+    max_context: int = 4096
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    api_key: Optional[str] = None
+    max_body_bytes: int = 50 * 1024 * 1024
+    images: ImagePolicy = field(default_factory=ImagePolicy)
+
+
+@dataclass
+class Prepared:
+    ids: List[int]
+    image_keys: List[str]
+    pixels: Dict[str, np.ndarray]
+
+
+class PromptBuilder:
+    """Conversation + image bytes -> prompt ids, pixels and image content hashes."""
+
+    def __init__(self, processor, max_context: int):
+        self.processor = processor
+        self.max_context = max_context
+        self._lock = threading.Lock()  # one tokenizer, several request threads
+
+    def check_image_count(self, n: int) -> None:
+        if n and n * self.processor.num_image_tokens >= self.max_context:
+            raise APIError(400, f"{n} images take {n * self.processor.num_image_tokens} tokens, more "
+                                f"than the {self.max_context}-token context", param="messages",
+                           code="context_length_exceeded")
+
+    def build(self, conversation: List[dict], images: Sequence[Tuple[bytes, str]]) -> Prepared:
+        pictures = [decode_image(data, param) for data, param in images]
+        pixels = self.processor.image_processor(pictures)  # [N, 3, S, S]
+        keys = [hashlib.sha256(px.tobytes()).hexdigest() for px in pixels]
+        with self._lock:
+            try:
+                ids = self.processor.tokenize(self.processor.format(conversation)).tolist()
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+        if len(ids) >= self.max_context:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; this server's context is "
+                                f"{self.max_context} tokens (--max-context)", param="messages",
+                           code="context_length_exceeded")
+        return Prepared(ids, keys, dict(zip(keys, pixels)))
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class Events:
+    """A request's events from the scheduler; ``next()`` is None (and the request cancelled)
+    once the client has gone away, checked at least every ``check_every`` seconds."""
+
+    def __init__(self, queue: asyncio.Queue, request: Request, scheduler: Scheduler, job_id: str,
+                 check_every: float = 0.5):
+        self.queue, self.request, self.scheduler, self.job_id = queue, request, scheduler, job_id
+        self.check_every = check_every
+        self._checked = time.monotonic()
+
+    async def next(self):
+        while True:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=self.check_every)
+            except asyncio.TimeoutError:
+                event = None
+            if event is None or time.monotonic() - self._checked > self.check_every:
+                self._checked = time.monotonic()
+                if await self.request.is_disconnected():
+                    self.scheduler.cancel(self.job_id)
+                    return None
+            if event is not None:
+                return event
+
+
+def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="mlx-dsvl", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    prompts = PromptBuilder(processor, config.max_context)
+    names = (config.model_name, *config.model_aliases)
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, e: StarletteHTTPException):
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, e: Exception):  # (uvicorn logs the traceback)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"),
+                            status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
+                                            "created": int(time.time()), "owned_by": "mlx-dsvl"}]}
+
+    @app.get("/stats")
+    async def stats():
+        return scheduler.stats()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            data = json.loads(await request.body())
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        req = parse_request(data)
+        if req.model is not None and req.model not in names:
+            raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
+                                f"{config.model_name!r}", param="model", code="model_not_found")
+        sampling = SamplingParams.from_request(req, config.defaults)
+        conversation, urls = to_conversation(req.messages, processor.image_tag)
+        prompts.check_image_count(len(urls))
+        blobs = [(await config.images.fetch(url, param), param) for url, param in urls]
+        prepared = await run_in_threadpool(prompts.build, conversation, blobs)
+        room = config.max_context - len(prepared.ids)
+        sampling = replace(sampling, max_tokens=min(sampling.max_tokens, room))
+
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(id=f"chatcmpl-{uuid.uuid4().hex}", ids=prepared.ids,
+                  image_keys=prepared.image_keys, pixels=prepared.pixels, sampling=sampling,
+                  emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+        try:
+            scheduler.submit(job)
+        except Busy as e:
+            raise APIError(503, f"server busy: {e}", code="server_busy") from None
+        try:
+            return await _respond(req, Events(queue, request, scheduler, job.id), req.model or config.model_name)
+        except BaseException:  # an error, or the handler cancelled (shutdown): free the slot
+            scheduler.cancel(job.id)
+            raise
+
+    return app
+
+
+async def _respond(req, events: Events, model: str) -> Response:
+    """Wait until the request is admitted (errors until then are plain HTTP errors), then
+    stream or collect its reply."""
+    first = await events.next()
+    if first is None:
+        return Response(status_code=499)  # nobody is listening any more
+    if isinstance(first, Failed):
+        raise APIError(first.status, first.message)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(events, model, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(events, model)
+
+
+async def _stream(events: Events, model: str, include_usage: bool):
+    """OpenAI's chunks: the role first, then text deltas, the finish reason, the usage (if
+    asked for), ``[DONE]``.  Starlette cancels this generator when the client disconnects."""
+    created, cid = int(time.time()), events.job_id
+
+    def chunk(delta, reason=None):
+        return _sse(chunk_body(cid, model, created, delta, reason, include_usage=include_usage))
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            event = await events.queue.get()
+            if isinstance(event, Delta):
+                yield chunk({"content": event.text})
+            elif isinstance(event, Finished):
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+                    yield _sse(chunk_body(cid, model, created, None, usage=usage, include_usage=True))
+                break
+            elif isinstance(event, Failed):
+                yield _sse(error_body(event.message, "server_error"))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        events.scheduler.cancel(cid)  # a no-op once finished
+
+
+async def _collect(events: Events, model: str) -> Response:
+    pieces: List[str] = []
+    while True:
+        event = await events.next()
+        if event is None:
+            return Response(status_code=499)
+        if isinstance(event, Delta):
+            pieces.append(event.text)
+        elif isinstance(event, Failed):
+            raise APIError(event.status, event.message)
+        elif isinstance(event, Finished):
+            usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
+            return JSONResponse(completion_body(events.job_id, model, "".join(pieces),
+                                                event.finish_reason, usage))

@@ -1,0 +1,400 @@
+"""One worker thread owns the model and decodes every active request in one batch.
+
+A request (:class:`Job`) arrives with its prompt ids, its images (pixels + content hashes) and its
+sampling options.  The worker loop:
+
+1. drops requests whose client went away (:meth:`Scheduler.cancel`), at once: waiting or in
+   the batch, their slot is free for the next step;
+2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
+   (KV cache of text + images, see :mod:`.caches`) is reused, only the images that overlap the
+   rest are encoded (or taken from the image-feature cache), and the rest of the prompt but its
+   last token is prefilled into a single-sequence KV cache, which then joins the batch's
+   left-padded ``BatchKVCache`` (mlx-lm);
+3. runs one decode step for the whole batch (each row feeds its last token and samples its
+   next one with its own sampler, repetition penalty and PRNG key), streams the new text of
+   each row to its client, and retires finished rows, whose KV cache (prompt + reply) goes to
+   the prefix cache for the follow-up request.
+
+Rows are computed as if alone (left padding is masked and positions start at each row's first
+token), so a greedy reply does not depend on what else is in the batch.  Errors of one request
+are sent to that request; an error in a batch step fails that step's requests and the worker
+goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.sample_utils import apply_top_p, make_logits_processors
+
+from ..models.deepseek_vl import lm_head, merge_image_embeddings
+from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer
+from .caches import ByteLRU, PrefixCache, prefix_key
+from .schema import SamplingParams
+
+PENALTY_CONTEXT = 64  # prompt tokens the repetition penalty may look back at (as the library)
+
+
+# -- what flows between the HTTP side and the worker ------------------------------------------
+@dataclass(eq=False)
+class Job:
+    id: str
+    ids: List[int]  # the whole prompt
+    image_keys: List[str]  # content hash of each image, in prompt order
+    pixels: Dict[str, np.ndarray]  # content hash -> [3, S, S] float32
+    sampling: SamplingParams  # max_tokens already within the context
+    emit: Callable[[Any], None]  # thread-safe sink for the events below
+
+
+@dataclass
+class Started:
+    cached_tokens: int  # prompt tokens taken from the prefix cache
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class Failed:
+    status: int
+    message: str
+
+
+class Busy(Exception):
+    """Too many requests are waiting already."""
+
+
+@dataclass
+class Row:
+    """One request in the decode batch."""
+
+    job: Job
+    key: List[Any]  # prefix_key of the prompt
+    cached: int
+    next_input: int  # the token this row feeds at the next step
+    context: List[int]  # recent tokens for the repetition penalty
+    rng: mx.array
+    processors: list
+    detok: Any = None
+    stop: Any = None
+    generated: List[int] = field(default_factory=list)
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """[1, vocab] logits -> [1] token, with this request's options."""
+        for p in self.processors:
+            logits = p(mx.array(self.context[-PENALTY_CONTEXT:]), logits)
+        s = self.job.sampling
+        if s.temperature == 0:
+            return mx.argmax(logits, axis=-1)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if s.top_p < 1:
+            logprobs = apply_top_p(logprobs, s.top_p)
+        self.rng, key = mx.random.split(self.rng)
+        return mx.random.categorical(logprobs * (1 / s.temperature), key=key)
+
+
+class Scheduler:
+    """Batched decoding of concurrent requests over one model, on one worker thread."""
+
+    def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
+                 cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
+                 device: Optional[mx.Device] = None, prefill_step: int = 2048):
+        self.model, self.processor = model, processor
+        self.lm = model.language_model
+        self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
+        self.device = device or mx.default_device()
+        self.prefixes = PrefixCache(cache_bytes)
+        self.features = ByteLRU(image_cache_bytes)
+        self.eos = processor.tokenizer.eos_token_id
+        self.image_id = processor.image_token_id
+        self.per_image = processor.num_image_tokens
+        self.rows: List[Row] = []
+        self.cache: Optional[List[BatchKVCache]] = None
+        self._inbox: "queue.Queue[Job]" = queue.Queue()
+        self._waiting: "deque[Job]" = deque()
+        self._lock = threading.Lock()
+        self._live: set = set()  # submitted and not finished
+        self._cancelled: set = set()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0,
+                             prefilled_tokens=0, cached_tokens=0, generated_tokens=0,
+                             images_encoded=0, image_cache_hits=0, decode_steps=0, peak_batch=0)
+
+    # -- the HTTP side --------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if len(self._live) >= self.max_batch + self.max_queue:
+                raise Busy(f"{len(self._live)} requests are in progress or waiting; try again later")
+            self._live.add(job.id)
+        self._inbox.put(job)
+
+    def cancel(self, job_id: str) -> None:
+        """Free the request's slot (its client went away); harmless once it has finished."""
+        with self._lock:
+            if job_id in self._live:
+                self._cancelled.add(job_id)
+
+    def stats(self) -> dict:
+        with self._lock:
+            live = len(self._live)
+        active = len(self.rows)
+        return {**self.counters, "active": active, "waiting": max(live - active, 0),
+                "max_batch": self.max_batch,
+                "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
+                                 "max_bytes": self.prefixes.max_bytes},
+                "image_cache": {"entries": len(self.features), "bytes": self.features.nbytes,
+                                "max_bytes": self.features.max_bytes}}
+
+    def start(self) -> None:
+        """Run the worker on a thread of its own (tests, embedding); ``python -m
+        mlx_dsvl.server`` runs it on the main thread instead (:meth:`run`)."""
+        def main():
+            mx.set_default_stream(mx.new_stream(self.device))  # streams are per thread
+            self.run()
+
+        self._thread = threading.Thread(target=main, name="mlx-dsvl-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # -- the worker -----------------------------------------------------------------------------
+    def run(self) -> None:
+        """The worker loop, until :meth:`stop`."""
+        mx.set_default_device(self.device)
+        try:
+            while not self._stop.is_set():
+                self._once()
+        finally:  # stopped or interrupted: end every request still here, none waits forever
+            self._waiting.extend(self._take_inbox())
+            self._fail([r.job for r in self.rows] + list(self._waiting), 503,
+                       "the server is shutting down")
+            self._waiting.clear()
+
+    def _once(self) -> None:
+        """Cancellations, admissions, one decode step."""
+        if not self.rows and not self._waiting:  # idle: wait for work
+            try:
+                self._waiting.append(self._inbox.get(timeout=0.2))
+            except queue.Empty:
+                return
+        self._waiting.extend(self._take_inbox())
+        self._drop_cancelled()
+        while self._waiting and len(self.rows) < self.max_batch:
+            self._admit(self._waiting.popleft())
+            self._drop_cancelled()
+        if self.rows:
+            self._step()
+
+    def _take_inbox(self) -> List[Job]:
+        jobs = []
+        while True:
+            try:
+                jobs.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return jobs
+
+    def _fail(self, jobs: List[Job], status: int, message: str) -> None:
+        for job in jobs:
+            self._emit(job, Failed(status, message))
+            self._forget(job, "failed")
+        gone = {job.id for job in jobs}
+        if any(r.job.id in gone for r in self.rows):
+            self._keep([i for i, r in enumerate(self.rows) if r.job.id not in gone])
+
+    def _emit(self, job: Job, event) -> bool:
+        try:
+            job.emit(event)
+            return True
+        except Exception:  # the client's side is gone (event loop closed)
+            self.cancel(job.id)
+            return False
+
+    def _forget(self, job: Job, counter: str) -> None:
+        self.counters[counter] += 1
+        with self._lock:
+            self._live.discard(job.id)
+            self._cancelled.discard(job.id)
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            gone = set(self._cancelled)
+        if not gone:
+            return
+        for job in [j for j in self._waiting if j.id in gone]:
+            self._waiting.remove(job)
+            self._forget(job, "cancelled")
+        drop = [i for i, r in enumerate(self.rows) if r.job.id in gone]
+        for i in drop:
+            self._forget(self.rows[i].job, "cancelled")
+        if drop:
+            self._keep([i for i in range(len(self.rows)) if i not in drop])
+
+    def _keep(self, keep: List[int]) -> None:
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+            mx.clear_cache()
+        else:
+            for c in self.cache:
+                c.filter(keep)
+
+    # -- admission: prefix cache, images, prefill -----------------------------------------------
+    def _admit(self, job: Job) -> None:
+        try:
+            row, kv = self._prefill(job)
+        except Exception as e:  # this request only; the batch goes on
+            print(f"[mlx-dsvl server] request {job.id} failed in prefill: {e!r}", file=sys.stderr)
+            self._fail([job], 500, f"prefill failed: {type(e).__name__}: {e}")
+            return
+        merged = [BatchKVCache.merge([c]) for c in kv]
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for a, b in zip(self.cache, merged):
+                a.extend(b)
+        self.rows.append(row)
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.rows))
+        self._emit(job, Started(row.cached))
+
+    def new_cache(self) -> List[Any]:
+        """A request's KV cache (KV-cache quantization would hook in here and in the batch
+        merge: mlx-lm's BatchKVCache has no quantized form yet)."""
+        return self.model.make_cache()
+
+    def _prefill(self, job: Job):
+        """(the request's row, its KV cache holding the prompt but its last token)."""
+        ids, s = job.ids, job.sampling
+        key = prefix_key(ids, job.image_keys, self.image_id, self.per_image)
+        n = len(ids) - 1  # the last prompt token is fed by the first decode step
+        kv, cached = self.prefixes.fetch(key)
+        if kv is None:
+            kv, cached = self.new_cache(), 0
+        elif cached > n:  # the whole prompt was cached: its last token is fed again
+            for c in kv:
+                c.trim(cached - n)
+            cached = n
+        for start in range(cached, n, self.prefill_step):
+            end = min(start + self.prefill_step, n)
+            tokens, embeds = self.embeddings(job, start, end)
+            self.lm.model(tokens, kv, embeds)
+            mx.eval([c.state for c in kv])
+        self.prefixes.store(key[:n], kv)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(ids)
+        self.counters["prefilled_tokens"] += len(ids) - cached
+        self.counters["cached_tokens"] += cached
+        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little")
+        penalty = s.repetition_penalty if s.repetition_penalty != 1 else None
+        row = Row(job=job, key=key, cached=cached, next_input=ids[-1],
+                  context=list(ids[-PENALTY_CONTEXT:]), rng=mx.random.key(seed % 2**64),
+                  processors=make_logits_processors(repetition_penalty=penalty),
+                  detok=make_detokenizer(self.processor), stop=StopStringFilter(STOP_STRINGS + s.stop))
+        return row, kv
+
+    def embeddings(self, job: Job, start: int, end: int):
+        """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D]).
+
+        Only the images that overlap the range are needed (a range may begin inside one)."""
+        tokens = mx.array(job.ids[start:end])[None]
+        embeds = self.lm.model.embed_tokens(tokens)
+        is_image = np.asarray(job.ids[:end]) == self.image_id
+        inside = int(is_image[start:].sum())
+        if not inside:
+            return tokens, embeds
+        before = int(is_image[:start].sum())
+        first, last = before // self.per_image, (before + inside - 1) // self.per_image
+        feats = self._image_features(job, job.image_keys[first:last + 1])
+        flat = mx.concatenate(feats)[before - first * self.per_image:]  # [inside, D]
+        return tokens, merge_image_embeddings(tokens, embeds, flat[None, None], self.image_id)
+
+    def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
+        todo = list(dict.fromkeys(k for k in keys if k not in self.features))
+        self.counters["image_cache_hits"] += len(keys) - len(todo)
+        fresh = {}
+        if todo:
+            feats = self.model.encode_images(mx.array(np.stack([job.pixels[k] for k in todo])))
+            mx.eval(feats)
+            self.counters["images_encoded"] += len(todo)
+            for k, f in zip(todo, feats):
+                fresh[k] = f
+                self.features.put(k, f, f.nbytes)
+        return [fresh[k] if k in fresh else self.features.get(k) for k in keys]
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _step(self) -> None:
+        rows = self.rows
+        try:
+            inputs = mx.array([[r.next_input] for r in rows])  # [B, 1]
+            logits = lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :])  # [B, vocab]
+            if all(r.job.sampling.temperature == 0 and not r.processors for r in rows):
+                tokens = mx.argmax(logits, axis=-1)
+            else:
+                tokens = mx.concatenate([r.sample(logits[b:b + 1]) for b, r in enumerate(rows)])
+            tokens = tokens.tolist()
+        except Exception as e:
+            print(f"[mlx-dsvl server] decode step failed: {e!r}", file=sys.stderr)
+            self._fail([r.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["generated_tokens"] += len(rows)
+        keep = []
+        for i, (r, t) in enumerate(zip(rows, tokens)):
+            reason = self._advance(r, t)
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(i, r, reason)
+        if len(keep) < len(rows):
+            self._keep(keep)
+
+    def _advance(self, r: Row, token: int) -> Optional[str]:
+        """Take a sampled token: stream its text; the finish reason when the row is done."""
+        r.generated.append(token)
+        r.context.append(token)
+        r.next_input = token
+        if token == self.eos and not r.job.sampling.ignore_eos:
+            return "stop"
+        r.detok.add_token(token)
+        text = r.stop.push(r.detok.last_segment)
+        if text:
+            self._emit(r.job, Delta(text))
+        if r.stop.stopped:
+            return "stop"
+        return "length" if len(r.generated) >= r.job.sampling.max_tokens else None
+
+    def _finish(self, i: int, r: Row, reason: str) -> None:
+        if not r.stop.stopped:
+            r.detok.finalize()
+            tail = r.stop.push(r.detok.last_segment) + r.stop.flush()
+            if tail:
+                self._emit(r.job, Delta(tail))
+        if self.prefixes.max_bytes:  # the cache holds the prompt and the reply but its last token
+            kv = [c.extract(i) for c in self.cache]
+            mx.eval([c.state for c in kv])  # a copy now: a lazy slice would hold the whole batch
+            self.prefixes.store(r.key + r.generated[:-1], kv)
+        self._emit(r.job, Finished(reason, len(r.job.ids), len(r.generated), r.cached))
+        self._forget(r.job, "finished")

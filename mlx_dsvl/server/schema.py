@@ -1,0 +1,301 @@
+"""OpenAI chat-completions shapes: the request model, its checks, and the response bodies.
+
+The request is parsed with pydantic into :class:`ChatCompletionRequest`; everything that would
+change the answer and that this server does not do (``n > 1``, tools, log-probabilities, JSON
+mode, ...) is refused with a 400 that names the field, never ignored.  The sampling options
+(OpenAI names -> our sampler's options, defaults and ranges) are mapped in one place,
+:class:`SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..streaming import DEFAULT_SAMPLING
+
+
+class APIError(Exception):
+    """An error that becomes an OpenAI-style ``{"error": {...}}`` response."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None, type: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# -- request --------------------------------------------------------------------------------
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # new OpenAI fields that do not change the answer
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Model):
+    url: str
+    detail: Optional[str] = None  # "auto" | "low" | "high": DeepSeek-VL has one resolution
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: Union[ImageURL, str]
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(_Model):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, List[Part], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[Any] = None
+    function_call: Optional[Any] = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    messages: List[Message] = Field(min_length=1)
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Union[str, List[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    repetition_penalty: Optional[float] = None  # extension (mlx-lm, vLLM)
+    ignore_eos: bool = False  # extension (vLLM): fixed-length replies for benchmarks
+    user: Optional[str] = None
+    # Fields that change the answer; accepted only at their neutral values (see UNSUPPORTED).
+    n: Optional[int] = None
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    response_format: Optional[Any] = None
+    logit_bias: Optional[Any] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    audio: Optional[Any] = None
+    modalities: Optional[Any] = None
+    prediction: Optional[Any] = None
+    reasoning_effort: Optional[Any] = None
+    web_search_options: Optional[Any] = None
+
+
+def _text_format(v) -> bool:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", v)
+    return kind == "text"
+
+
+# field -> (is the value neutral?, what to say)
+UNSUPPORTED = {
+    "n": (lambda v: v == 1, "only n=1 is supported (one choice per request)"),
+    "tools": (lambda v: not v, "tools / function calling are not supported"),
+    "tool_choice": (lambda v: v == "none", "tools / function calling are not supported"),
+    "functions": (lambda v: not v, "function calling is not supported"),
+    "function_call": (lambda v: v == "none", "function calling is not supported"),
+    "logprobs": (lambda v: not v, "logprobs are not supported"),
+    "top_logprobs": (lambda v: not v, "logprobs are not supported"),
+    "response_format": (_text_format, "only response_format type 'text' is supported"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported"),
+    "presence_penalty": (lambda v: v == 0, "presence_penalty is not supported (use repetition_penalty)"),
+    "frequency_penalty": (lambda v: v == 0, "frequency_penalty is not supported (use repetition_penalty)"),
+    "audio": (lambda v: False, "audio output is not supported"),
+    "modalities": (lambda v: v == ["text"], "only the 'text' output modality is supported"),
+    "prediction": (lambda v: False, "predicted outputs are not supported"),
+    "reasoning_effort": (lambda v: False, "reasoning_effort is not supported by this model"),
+    "web_search_options": (lambda v: False, "web search is not supported"),
+}
+
+
+def _clean_loc(loc: Tuple) -> Tuple:
+    """A pydantic error location without its union-branch labels ('str', 'list[...]', class
+    names, the discriminator's tag)."""
+    out: list = []
+    for part in loc:
+        if isinstance(part, str) and (part == "str" or not re.fullmatch(r"[a-z_]+", part)):
+            continue
+        if out and part == out[-1] and isinstance(part, str):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _param(loc: Tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    """The most specific error (deepest location); alternatives of a union at the same place
+    are listed together."""
+    errors = [(_clean_loc(err["loc"]), err["msg"]) for err in e.errors()]
+    loc = max((loc for loc, _ in errors), key=len)
+    messages = list(dict.fromkeys(msg for l, msg in errors if l == loc))
+    param = _param(loc) or None
+    text = " or ".join(messages)
+    return APIError(400, f"{param}: {text}" if param else text, param=param)
+
+
+def parse_request(data: Any) -> ChatCompletionRequest:
+    """JSON value -> a checked request; raises :class:`APIError` (400) naming the field."""
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    for name, (neutral, why) in UNSUPPORTED.items():
+        value = getattr(req, name)
+        if value is not None and not neutral(value):
+            raise APIError(400, f"{name}: {why}", param=name, code="unsupported_parameter")
+    for i, m in enumerate(req.messages):
+        for name in ("tool_calls", "function_call"):
+            if getattr(m, name):
+                raise APIError(400, f"messages[{i}].{name}: tool / function calls are not supported",
+                               param=f"messages[{i}].{name}", code="unsupported_parameter")
+    return req
+
+
+def to_conversation(messages: List[Message], image_tag: str) -> Tuple[List[dict], List[Tuple[str, str]]]:
+    """OpenAI messages -> the template's ``{"role", "content"}`` list and the image URLs in order.
+
+    An image part becomes ``image_tag`` where it stands; consecutive text parts are joined by a
+    newline.  Images are for user messages; the tag itself may not be typed in text (it would
+    take an image that was never sent).  Returns ``(conversation, [(url, param), ...])``.
+    """
+    conv, urls = [], []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role == "system" and i > 0:
+            raise APIError(400, f"{where}: a system message is only allowed first", param=f"{where}.role")
+        if m.content is None:
+            raise APIError(400, f"{where}.content: missing (tool calls are not supported)",
+                           param=f"{where}.content")
+        parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content
+        text, prev_text = "", False
+        for j, part in enumerate(parts):
+            param = f"{where}.content" + ("" if isinstance(m.content, str) else f"[{j}]")
+            if isinstance(part, ImagePart):
+                if m.role != "user":
+                    raise APIError(400, f"{param}: images are only allowed in user messages", param=param)
+                text += image_tag
+                urls.append((part.url, param))
+                prev_text = False
+            else:
+                if image_tag in part.text:
+                    raise APIError(400, f"{param}: the text contains {image_tag!r}; send images as "
+                                        "image_url parts", param=param)
+                text += ("\n" if prev_text else "") + part.text
+                prev_text = True
+        conv.append({"role": m.role, "content": text})
+    if conv[-1]["role"] != "user":
+        raise APIError(400, f"messages[{len(conv) - 1}]: the last message must be the user's",
+                       param=f"messages[{len(conv) - 1}].role")
+    return conv, urls
+
+
+# -- sampling: the one place where OpenAI names meet our sampler's ----------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    """A request's sampling options, checked; the server's defaults are an instance too.
+
+    ``temperature`` 0 is greedy; ``repetition_penalty`` 1 is off; ``stop`` adds to the template's
+    own ``User:`` stop.  Defaults: the DeepSeek-VL reference CLI's (as ``python -m
+    mlx_dsvl.generate``).
+    """
+
+    temperature: float = DEFAULT_SAMPLING["temperature"]
+    top_p: float = DEFAULT_SAMPLING["top_p"]
+    repetition_penalty: float = DEFAULT_SAMPLING["repetition_penalty"]
+    max_tokens: int = DEFAULT_SAMPLING["max_tokens"]
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = field(default=())
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        checks = (
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("stop", all(self.stop), "stop strings must not be empty"),
+            ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
+        )
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}", name)
+
+    @classmethod
+    def from_request(cls, req: ChatCompletionRequest, defaults: "SamplingParams") -> "SamplingParams":
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        given = dict(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
+                     repetition_penalty=req.repetition_penalty, seed=req.seed)
+        changes = {k: v for k, v in given.items() if v is not None}
+        if req.stop is not None:
+            changes["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        changes["ignore_eos"] = req.ignore_eos
+        try:
+            return replace(defaults, **changes)
+        except ValueError as e:
+            name = e.args[1] if len(e.args) > 1 else None
+            if name == "max_tokens" and req.max_completion_tokens is not None:
+                name = "max_completion_tokens"
+            raise APIError(400, f"{e.args[0]}".replace("max_tokens", name or "max_tokens", 1),
+                           param=name) from None
+
+
+# -- responses ------------------------------------------------------------------------------
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` = prompt tokens found in the
+    prefix cache (not computed again)."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage,
+    }
+
+
+def chunk_body(cid: str, model: str, created: int, delta: Optional[dict],
+               finish_reason: Optional[str] = None, usage: Optional[dict] = None,
+               include_usage: bool = False) -> dict:
+    """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk (no choices)."""
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [] if delta is None else
+            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if include_usage:
+        body["usage"] = usage
+    return body
