@@ -185,8 +185,8 @@ def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = Non
         processor = ChatProcessor.from_pretrained(path)
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot load the tokenizer/processor ({e})") from None
+    except (OSError, ValueError) as e:  # the message names the file when it knows which
+        raise ModelLoadError(str(e) if str(path) in str(e) else f"{path}: cannot load the tokenizer/processor ({e})") from None
     model = load_model(path, dtype, config)
     model.image_token_id = image_token_id(path, config, processor)
     return model, processor
