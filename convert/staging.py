@@ -152,9 +152,17 @@ def staged_output(out: Path, force: bool = False, progress: Callable[[str], None
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    reclaim_stale(out, progress)
-    fd, suffix = _claim(out)
+    if not parent.is_dir():
+        raise ConvertError(f"{out}: {parent} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_stale(out, progress)
+        fd, suffix = _claim(out)
+    except OSError as e:
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise ConvertError(f"{out}: cannot write there ({e.strerror or e})") from None
     tmp, lock, old = _names(out, suffix)
     try:
         tmp.mkdir(mode=0o700)

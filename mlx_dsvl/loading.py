@@ -46,13 +46,19 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
     return dtype
 
 
+def is_hub_id(text: str) -> bool:
+    """``owner/name`` that is not a local path: what :func:`resolve_model_path` downloads."""
+    text = str(text)
+    return not (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1)
+
+
 def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     """A local folder as is; otherwise a hub id fetched once into the standard HF cache."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_repo)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         raise ModelLoadError(f"{text}: no such model folder")
     try:
         from huggingface_hub import snapshot_download
