@@ -213,3 +213,42 @@ def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         line for line in r.stderr.strip().splitlines() if line.startswith("error: ")]
     assert f"{folder / 'tokenizer.json'}: invalid JSON" in r.stderr
+
+
+# -- bad input at every entry point ----------------------------------------------------------------
+def test_every_entry_point_refuses_bad_input_in_one_line(tiny_dir, tmp_path):
+    """A handful of bad inputs per command: one ``error:`` line on stderr, a non-zero exit, and no
+    traceback (the commands run side by side)."""
+    from mlx_dsvl.device import gpu_available
+
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("not a folder")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    m = [sys.executable, "-m"]
+    cases = {
+        "bench json folder": (m + ["mlx_dsvl.bench", "--json", str(tmp_path / "no" / "x.json")], "no such folder"),
+        "bench max tokens": (m + ["mlx_dsvl.bench", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+        "checkpoint file parent": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+                                        str(a_file / "x")], str(a_file / "x")),
+        "checkpoint exists": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out", str(existing)],
+                              "exists"),
+        "checkpoint shards": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+                                   str(tmp_path / "c"), "--shard-gb", "0"], "--shard-gb positive"),
+        "convert file parent": (m + ["convert", "--model", str(tiny_dir), "--out", str(a_file / "x")],
+                                f"{a_file} is a file, not a folder"),
+        "fuse not an adapter": (m + ["mlx_dsvl.fuse", "--model", str(tiny_dir), "--adapter", str(tiny_dir),
+                                     "--out", str(tmp_path / "f")], "no adapter_config.json"),
+    }
+    if not gpu_available():
+        cases["bench no gpu"] = (m + ["mlx_dsvl.bench", "--device", "gpu"], "no GPU available")
+        cases["generate no gpu"] = (m + ["mlx_dsvl.generate", "--model", str(tiny_dir), "--prompt", "Hi",
+                                         "--device", "gpu"], "no GPU available")
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (cmd, _) in cases.items()}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1, (name, err)
+        assert lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "existing"]

@@ -176,6 +176,11 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use force=True / --force to replace it)")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{out}: {ancestor} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
