@@ -20,7 +20,7 @@ from typing import List, Optional
 from mlx_dsvl.loading import ModelLoadError
 
 from .files import ConvertError
-from .staging import Terminated, signals_as_exceptions
+from .staging import run_command
 
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 
@@ -73,23 +73,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--adapter is for --to-original (python -m mlx_dsvl.fuse fuses into an MLX folder)")
         if not a.quantize and (a.q_bits is not None or a.q_group_size is not None or a.quantize_vision):
             parser.error("--q-bits, --q-group-size and --quantize-vision need --quantize")
-    try:
-        with signals_as_exceptions():
-            out = _run(a)
-    except (ConvertError, ModelLoadError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:  # permissions, a vanished folder, ...
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (nothing was written)", file=sys.stderr)
-        return 130
-    except Terminated as e:
-        print(f"error: stopped by {e.name} (nothing was written)", file=sys.stderr)
-        return 128 + e.signum
-    print(out)
-    return 0
+    status, out = run_command(lambda: _run(a), (ConvertError, ModelLoadError, OSError))
+    if status == 0:
+        print(out)
+    return status
 
 
 def _run(a: argparse.Namespace):
@@ -104,10 +91,6 @@ def _run(a: argparse.Namespace):
                           q_bits=a.q_bits or 4, q_group_size=a.q_group_size or 64,
                           quantize_vision=a.quantize_vision, force=a.force,
                           allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import glob
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 from .files import ConvertError, folder_bytes, human_bytes, log
 
@@ -62,6 +63,23 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(s, h)
 
 
+def run_command(work: Callable[[], object], errors: tuple = (ValueError, OSError)) -> Tuple[int, object]:
+    """Run a command's ``work()``: SIGTERM/SIGHUP clean up like Ctrl-C, and ``errors``, Ctrl-C
+    and those signals are one ``error:`` line.  Returns (exit status, the result or None)."""
+    try:
+        with signals_as_exceptions():
+            return 0, work()
+    except errors as e:
+        print(f"error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr)
+        return 1, None
+    except KeyboardInterrupt:
+        print("error: interrupted (nothing was written)", file=sys.stderr)
+        return 130, None
+    except Terminated as e:
+        print(f"error: stopped by {e.name} (nothing was written)", file=sys.stderr)
+        return 128 + e.signum, None
+
+
 def check_output(out: Path, source: Optional[Path], force: bool) -> None:
     """Refuse an existing ``out`` without ``force``, a file, and any overlap with the source."""
     out = Path(out)
@@ -87,7 +105,10 @@ def _claim(out: Path) -> tuple:
         fd, lock = tempfile.mkstemp(prefix=f".{out.name}.partial-", suffix=LOCK, dir=out.parent)
         if fcntl is None:
             break
-        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner looks at this very file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner looks at this very file
+        except OSError:  # a filesystem without locks: write anyway; later runs leave it alone
+            break
         with contextlib.suppress(FileNotFoundError):
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break  # still ours: a cleaner that took the lock first would have removed it
@@ -114,8 +135,12 @@ def reclaim_stale(out: Path, progress: Callable[[str], None] = log) -> int:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:
                 continue  # a live writer holds it
+            except OSError as e:  # no locks on this filesystem: cannot tell, so leave it
+                progress(f"note: cannot check whether {lock.name[:-len(LOCK)]} is still being written "
+                         f"({e.strerror}); delete it yourself if no conversion into {out.name} is running")
+                continue
             partial, _, old = _names(out, lock.name[len(prefix):-len(LOCK)])
             if old.is_dir() and not out.exists():
                 old.rename(out)

@@ -59,21 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
-    from convert.staging import Terminated, signals_as_exceptions
+    from convert.staging import run_command  # SIGTERM/SIGHUP clean up like Ctrl-C; one error line
 
-    try:
-        with signals_as_exceptions():  # SIGTERM/SIGHUP clean up like Ctrl-C
-            fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force)
-    except (ValueError, OSError) as e:  # ConvertError is a ValueError
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (nothing was written)", file=sys.stderr)
-        return 130
-    except Terminated as e:
-        print(f"error: stopped by {e.name} (nothing was written)", file=sys.stderr)
-        return 128 + e.signum
-    return 0
+    return run_command(lambda: fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force))[0]
 
 
 if __name__ == "__main__":
