@@ -30,13 +30,20 @@ if __name__ == "__main__" and not st.runtime.exists():
     from mlx_dsvl.blas import ensure_fast_blas
 
     ensure_fast_blas()
-    sys.argv = logic.launch_argv(str(Path(__file__).resolve()), sys.argv[1:])
+    argv = logic.launch_argv(str(Path(__file__).resolve()), sys.argv[1:])
+    try:  # bad options: one line now, not a server that shows an error later
+        logic.check_launch(logic.parse_args(argv[argv.index("--") + 1:], strict=True))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = argv
     sys.exit(streamlit_cli.main())
 
 ARGS = logic.parse_args(sys.argv[1:])
 try:
     from mlx_dsvl.device import select_device
 
+    logic.check_start_values(ARGS)  # under `streamlit run ... -- --temperature 9`
     select_device(ARGS.device)  # every script run: Streamlit runs them on worker threads
 except ValueError as exc:  # --device gpu without one
     st.error(str(exc))
@@ -52,13 +59,11 @@ def get_model(path: str, quantize: bool) -> logic.LoadedModel:
 
 
 # -- settings -----------------------------------------------------------------------------------
-RANGES = {"temperature": (0.0, 1.5), "top_p": (0.05, 1.0), "repetition_penalty": (1.0, 2.0),
-          "max_tokens": (1, 4096)}  # the sidebar widgets' limits
+RANGES = logic.SLIDERS  # the sidebar widgets' limits
 
 
 def _start(name: str, given, default):
-    lo, hi = RANGES[name]
-    return type(lo)(min(max(default if given is None else given, lo), hi))
+    return type(RANGES[name][0])(default if given is None else given)  # checked above
 
 
 DEFAULTS = {

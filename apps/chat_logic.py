@@ -25,24 +25,30 @@ from mlx_dsvl.processing.image import ImageLoadError, load_image
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 MODEL_ENV = "MLX_DSVL_APP_MODEL"  # the model when no --model is given (tests use it)
-MAX_UPLOAD_MB = 20  # per file; .streamlit/config.toml sets server.maxUploadSize to the same
+MAX_UPLOAD_MB = 20  # per file; apps/.streamlit/config.toml sets server.maxUploadSize to the same
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024  # Streamlit counts a megabyte as 2**20 bytes
 THUMBNAIL_SIZE = (320, 320)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 # -- command line ---------------------------------------------------------------------------
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+class _Strict(argparse.ArgumentParser):
+    def error(self, message):  # a ValueError for the caller to report, not usage + exit
+        raise ValueError(message)
+
+
+def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     """The app's own arguments: ``streamlit run apps/chat.py -- --model DIR|hub-id ...``.
 
     ``--4bit`` starts with the 4-bit toggle on; ``--device auto|cpu|gpu`` as in ``generate``; ``--max-tokens``, ``--temperature``, ``--top-p``,
     ``--repetition-penalty`` and ``--system`` set the sidebar's starting values.
 
-    Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unknown arguments are ignored (under
-    pytest's AppTest ``sys.argv`` is pytest's).  Without ``--model``: ``$MLX_DSVL_APP_MODEL``, then
-    the 1.3B chat model.
+    Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unless ``strict`` (``python
+    apps/chat.py`` checks its arguments before starting the server), unknown arguments are
+    ignored (under pytest's AppTest ``sys.argv`` is pytest's).  Without ``--model``:
+    ``$MLX_DSVL_APP_MODEL``, then the 1.3B chat model.
     """
-    p = argparse.ArgumentParser(prog="streamlit run apps/chat.py --", add_help=False)
+    p = _Strict(prog="python apps/chat.py", add_help=False)
     p.add_argument("--model", default=None)
     p.add_argument("--4bit", dest="quantize", action="store_true")
     p.add_argument("--adapter", default=None)  # a training output folder applied after loading
@@ -53,13 +59,48 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--system", default=None)
-    try:
-        args, _ = p.parse_known_args(list(argv))
-    except SystemExit:  # e.g. "--model" with no value: fall back to the defaults
-        args = p.parse_args([])
+    if strict:
+        args = p.parse_args(list(argv))
+    else:
+        try:
+            args, _ = p.parse_known_args(list(argv))
+        except ValueError:  # e.g. "--model" with no value: fall back to the defaults
+            args = p.parse_args([])
     if not args.model:
         args.model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     return args
+
+
+# The sidebar widgets' limits; a starting value (--temperature ...) must lie within them.
+SLIDERS = {"temperature": (0.0, 1.5), "top_p": (0.05, 1.0), "repetition_penalty": (1.0, 2.0),
+           "max_tokens": (1, 4096)}
+
+
+def check_start_values(args: argparse.Namespace) -> None:
+    """``ValueError`` naming the flag whose starting value the sidebar cannot take."""
+    for name, (lo, hi) in SLIDERS.items():
+        value = getattr(args, name)
+        if value is not None and not lo <= value <= hi:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}] (the sidebar's range), got {value}")
+
+
+def check_launch(args: argparse.Namespace) -> None:
+    """Before ``python apps/chat.py`` starts a server: the values, the device, a local model
+    folder's config.json and the adapter folder (a hub id is fetched by the app itself)."""
+    from pathlib import Path
+
+    from mlx_dsvl.device import select_device
+    from mlx_dsvl.loading import ModelLoadError, is_hub_id, load_config
+
+    check_start_values(args)
+    select_device(args.device)  # --device gpu without one
+    folder = Path(args.model).expanduser()
+    if folder.is_dir():
+        load_config(folder)
+    elif not is_hub_id(args.model):
+        raise ModelLoadError(f"{args.model}: no such model folder")
+    if args.adapter and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
+        raise ValueError(f"{args.adapter}: no adapter_config.json (not an adapter folder)")
 
 
 def address_warning(address: Optional[str]) -> Optional[str]:
@@ -67,8 +108,8 @@ def address_warning(address: Optional[str]) -> Optional[str]:
     if address and address.strip().strip("[]") in LOOPBACK:
         return None
     if not address:
-        return ("This server listens on every network interface: start it from the repository "
-                "root (so .streamlit/config.toml applies) or pass --server.address 127.0.0.1.")
+        return ("This server listens on every network interface (apps/.streamlit/config.toml was not "
+                "read: Streamlit >= 1.64 reads it): restart it with --server.address 127.0.0.1.")
     return f"This server listens on {address}: anyone who can reach it can use the model."
 
 
@@ -94,16 +135,13 @@ def blas_hint() -> Optional[str]:
 
 
 # -- python apps/chat.py --------------------------------------------------------------------
-# This repository's .streamlit/config.toml, as defaults that apply from any working folder.
-STREAMLIT_DEFAULTS = {"server.address": "127.0.0.1", "server.maxUploadSize": "20",
-                      "browser.gatherUsageStats": "false"}
-
-
 def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
     """``python apps/chat.py ARGS`` -> the ``streamlit run`` command line it stands for.
 
     Streamlit's own ``--section.option[=value]`` flags go before ``--``, the app's options after
-    it; :data:`STREAMLIT_DEFAULTS` fill in the options not given.
+    it.  The server settings (loopback only, no usage statistics, upload limit) come from
+    ``apps/.streamlit/config.toml``, which Streamlit reads next to the script from any folder,
+    so flags and ``STREAMLIT_*`` variables the user gives still win.
     """
     st_args: List[str] = []
     app_args: List[str] = []
@@ -115,9 +153,7 @@ def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
                 st_args.append(next(items, ""))
         else:
             app_args.append(a)
-    given = {a[2:].split("=", 1)[0] for a in st_args if a.startswith("--")}
-    defaults = [f"--{k}={v}" for k, v in STREAMLIT_DEFAULTS.items() if k not in given]
-    return ["streamlit", "run", script, *defaults, *st_args, "--", *app_args]
+    return ["streamlit", "run", script, *st_args, "--", *app_args]
 
 
 # -- uploads --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import List, Optional
 from mlx_dsvl.loading import ModelLoadError
 
 from .files import ConvertError
+from .staging import run_command
 
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 
@@ -72,34 +73,24 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error("--adapter is for --to-original (python -m mlx_dsvl.fuse fuses into an MLX folder)")
         if not a.quantize and (a.q_bits is not None or a.q_group_size is not None or a.quantize_vision):
             parser.error("--q-bits, --q-group-size and --quantize-vision need --quantize")
-    try:
-        if a.to_original:
-            from .to_original import convert_to_original
-
-            out = convert_to_original(a.model, a.out, dtype=a.dtype, adapter=a.adapter, force=a.force,
-                                      allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
-        else:
-            from .to_mlx import convert_to_mlx
-
-            out = convert_to_mlx(a.model, a.out, dtype=a.dtype, quantize=a.quantize,
-                                 q_bits=a.q_bits or 4, q_group_size=a.q_group_size or 64,
-                                 quantize_vision=a.quantize_vision, force=a.force,
-                                 allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
-    except (ConvertError, ModelLoadError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions, ...
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (nothing was written)", file=sys.stderr)
-        return 130
-    print(out)
-    return 0
+    status, out = run_command(lambda: _run(a), (ConvertError, ModelLoadError, OSError))
+    if status == 0:
+        print(out)
+    return status
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def _run(a: argparse.Namespace):
+    if a.to_original:
+        from .to_original import convert_to_original
+
+        return convert_to_original(a.model, a.out, dtype=a.dtype, adapter=a.adapter, force=a.force,
+                                   allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
+    from .to_mlx import convert_to_mlx
+
+    return convert_to_mlx(a.model, a.out, dtype=a.dtype, quantize=a.quantize,
+                          q_bits=a.q_bits or 4, q_group_size=a.q_group_size or 64,
+                          quantize_vision=a.quantize_vision, force=a.force,
+                          allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,5 @@
-"""File side of the converter: staged output folders, streaming safetensors writer, shards.
+"""File side of the converter: streaming safetensors writer, shards (output folders: staging.py).
 
-- :func:`staged_output`: everything is written into a hidden temporary folder next to ``--out``
-  and renamed into place at the end; on any failure the temporary folder (and any parent folder
-  created for it) is removed, and an existing ``--out`` is replaced only with ``force``.
 - :func:`write_safetensors`: writes the header from the (lazy) arrays' shapes and dtypes, then
   evaluates and writes one tensor at a time, dropping it right after -- so writing a shard holds
   about one tensor in memory, not the shard.
@@ -12,15 +9,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -44,62 +40,6 @@ def human_bytes(n: float) -> str:
 
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
-# -- output folder ----------------------------------------------------------------------------
-def check_output(out: Path, source: Optional[Path], force: bool) -> None:
-    """Refuse an existing ``out`` without ``force``, a file, and any overlap with the source."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out}: exists and is not a folder")
-    if out.exists() and not force:
-        raise ConvertError(f"{out}: already exists (use --force to replace it)")
-    if source is not None:
-        src, dst = Path(source).resolve(), out.resolve()
-        if src == dst or src in dst.parents or dst in src.parents:
-            raise ConvertError(f"{out}: the output folder must not be, contain or lie inside the input {source}")
-
-
-@contextlib.contextmanager
-def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out``; rename it to ``out`` when the block succeeds.
-
-    On failure (any exception, Ctrl-C included) the temporary folder and the parent folders
-    created for it are removed and ``out`` is left as it was.
-    """
-    out = Path(out).absolute()
-    created: List[Path] = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is an ordinary one
-        for p in tmp.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        if out.exists():
-            if not force:
-                raise ConvertError(f"{out}: already exists (use --force to replace it)")
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # innermost first; only if still empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
 
 
 # -- safetensors ------------------------------------------------------------------------------
@@ -146,7 +86,21 @@ def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Option
             f.write(memoryview(buf.reshape(-1)).cast("B"))
             del a, buf
             mx.clear_cache()
+            _test_pause()
     return offset
+
+
+_written = 0
+
+
+def _test_pause() -> None:
+    """Tests only: with ``MLX_DSVL_TEST_PAUSE_AFTER_TENSORS=N``, stop after the N-th tensor
+    written (and say so on stderr) so that a test can kill the process at a known point."""
+    global _written
+    _written += 1
+    if os.environ.get("MLX_DSVL_TEST_PAUSE_AFTER_TENSORS") == str(_written):
+        log(f"test pause after {_written} tensors")
+        time.sleep(300)
 
 
 def shard_names(count: int, single: str = "model.safetensors") -> List[str]:

@@ -18,10 +18,9 @@ import mlx.core as mx
 
 from mlx_dsvl.loading import DTYPES
 
-from .files import (
-    ConvertError, check_output, copy_files, folder_bytes, human_bytes, staged_output, write_json,
-)
+from .files import ConvertError, copy_files, folder_bytes, human_bytes, write_json
 from .sources import Source, open_source, resolve_source
+from .staging import check_output, staged_output
 
 
 @dataclass
@@ -53,7 +52,7 @@ def conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pi
     t0 = time.perf_counter()
     src = resolve_source(model, allow_pickle)
     check_output(out_path, src, force)
-    with staged_output(out_path, force) as tmp:
+    with staged_output(out_path, force, progress) as tmp:
         scratch_dir = tmp / ".scratch"
 
         def scratch() -> Path:

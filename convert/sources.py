@@ -237,6 +237,11 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
     if not (path / "tokenizer_config.json").is_file() or not any((path / n).is_file() for n in TOKENIZER_FILES):
         raise ConvertError(f"{path}: missing tokenizer files (tokenizer_config.json and tokenizer.json); "
                            "the converted folder would not load")
+    side_files = _side_files(path, skip_processor=bool(generated))
+    with _as_convert_error():  # copied as they are: a damaged one would make a folder that won't load
+        for f in side_files:
+            if f.suffix == ".json":
+                read_json(f, f.name)
 
     # -- weights (lazy) -------------------------------------------------------------------
     has_safetensors = (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
@@ -285,7 +290,7 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         weights = DeepseekVL.sanitize(weights)  # conv transposes (lazy)
 
     return Source(path=path, kind=kind, config=config, model_config=model_config, weights=weights,
-                  extras=extras, side_files=_side_files(path, skip_processor=bool(generated)),
+                  extras=extras, side_files=side_files,
                   generated=generated, quantization=quantization, notes=notes, weight_files=files)
 
 

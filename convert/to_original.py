@@ -77,8 +77,6 @@ def fuse_adapters(source: Source, adapter: Path, progress: Callable[[str], None]
     (dequantized) Linear layers.  Returns the model's parameters; layers without an adapter may
     still be quantized (the caller dequantizes them)."""
     adapter = Path(adapter).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConvertError(f"{adapter}: no adapter_config.json (not an adapter folder)")
     model = DeepseekVL(source.model_config)
     weights = source.weights
     if source.quantization:
@@ -109,6 +107,8 @@ def convert_to_original(
 
     dtype: None keeps each tensor's stored dtype (a dequantized layer takes its scales' dtype).
     """
+    if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        raise ConvertError(f"{adapter}: no adapter_config.json (not an adapter folder)")  # before any work
     with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
         src, source, tmp, target = job.src, job.source, job.tmp, job.target
         progress(f"converting {src} ({source.describe()}) -> {job.out} (original layout"

@@ -265,6 +265,16 @@ def _openblas() -> bool:
     return openblas_loaded()
 
 
+def _check_args(args) -> None:
+    from .device import select_device
+
+    if args.max_tokens < 1 or args.warmup < 0:
+        raise ValueError("--max-tokens must be >= 1 and --warmup >= 0")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise ValueError(f"--json {args.json}: no such folder {os.path.dirname(os.path.abspath(args.json))}")
+    select_device(args.device)  # --device gpu without one
+
+
 def main(argv=None) -> int:
     from .blas import ensure_fast_blas
 
@@ -280,6 +290,11 @@ def main(argv=None) -> int:
     p.add_argument("--compare", action="store_true", help="bare mlx-lm, PyTorch and bandwidth comparisons")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
+    try:
+        _check_args(args)
+    except ValueError as e:  # before minutes of work: one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     res = run(args)
     for k, v in res.items():
         print(f"{k:>28}: {round(v, 4) if isinstance(v, float) else v}")

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_TOKEN_ID = 100015
+IMAGE_TOKEN_ID = 100015  # DeepSeek's tokenizer id of <image_placeholder>; load() uses the tokenizer's
 
 
 class ConfigError(ValueError):
@@ -224,7 +224,9 @@ class ModelConfig:
     vision: VisionConfig
     aligner: AlignerConfig
     language: Dict[str, Any]
-    image_token_id: int = IMAGE_TOKEN_ID
+    # config.json's ``image_token_id`` (transformers checkpoints carry one, the releases don't).
+    # The truth is the tokenizer's id of the image tag: ``load()`` gives the model that one.
+    image_token_id: Optional[int] = None
     # Normalization the original image processor applies (``do_normalize``); we apply it inside
     # the model so that pixel values stay in [0, 1] outside it.
     input_mean: Optional[Tuple[float, ...]] = None
@@ -247,11 +249,20 @@ class ModelConfig:
             vision=VisionConfig.from_dict(config["vision_config"]),
             aligner=AlignerConfig.from_dict(config["aligner_config"]),
             language=language_args(config["language_config"]),
-            image_token_id=int(config.get("image_token_id", IMAGE_TOKEN_ID)),
+            image_token_id=_optional_int(config, "image_token_id"),
             input_mean=input_mean,
             input_std=input_std,
             raw=config,
         )
+
+
+def _optional_int(config: Dict[str, Any], key: str) -> Optional[int]:
+    value = config.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return value
 
 
 def _tuple(x) -> Optional[Tuple[float, ...]]:

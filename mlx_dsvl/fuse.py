@@ -59,12 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
-    try:
-        fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force)
-    except (ValueError, OSError) as e:  # ConvertError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    from convert.staging import run_command  # SIGTERM/SIGHUP clean up like Ctrl-C; one error line
+
+    return run_command(lambda: fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force))[0]
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import sys
 from typing import List
 
 from .generation import place_images
-from .session import ChatSession, PromptTooLongError
-from .streaming import DEFAULT_SAMPLING, GenerationChunk
+from .session import ChatSession
+from .streaming import DEFAULT_SAMPLING, GenerationChunk, check_sampling
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=4096,
                    help="context limit in tokens; older turns are dropped beyond it (default: 4096)")
     p.add_argument("--chat", action="store_true",
-                   help="interactive multi-turn chat: /image PATH attaches, /new restarts, /exit quits")
+                   help="interactive multi-turn chat: /image PATH attaches, /new restarts, /exit quits; "
+                        "Ctrl-C stops a reply")
     p.add_argument("--verbose", action="store_true",
                    help="print prompt tokens/s, time to first token, generation tokens/s, peak memory")
     return p
@@ -71,18 +72,63 @@ def _print_stats(last: GenerationChunk) -> None:
 
 def _reply(session: ChatSession, text: str, images: List[str], args) -> None:
     last = None
-    for chunk in session.send(
+    notices: List[str] = []
+    session.on_truncate = notices.append  # told after the reply, not in the middle of it
+    reply = session.send(
         text, images, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed,
-    ):
-        print(chunk.text, end="", flush=True)
-        last = chunk
-    print(flush=True)
+    )
+    try:
+        for chunk in reply:
+            print(chunk.text, end="", flush=True)
+            last = chunk
+        print(flush=True)
+    finally:
+        reply.close()  # stopped early (Ctrl-C): the session keeps the partial reply
+        for n in notices:
+            print(f"[mlx-dsvl] {n} (see --max-context)", file=sys.stderr)
     if args.verbose and last is not None:
         _print_stats(last)
 
 
+COMMANDS = {
+    "/image PATH": "attach an image to your next message (repeatable)",
+    "/new": "start a new conversation",
+    "/exit": "quit (also /quit or Ctrl-D)",
+}
+
+
+def _command(session: ChatSession, line: str, pending: List[str]) -> bool:
+    """Run a /command; False for /exit.  Errors are one line and the chat goes on."""
+    name, _, rest = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/new":
+        session.reset()
+        pending.clear()
+        print("(new conversation)", file=sys.stderr)
+    elif name == "/image":
+        path = rest.strip()
+        if not path:
+            print("error: /image needs a path: /image PATH", file=sys.stderr)
+            return True
+        try:
+            session.processor.image_processor([path])  # fail now, with the path, if unreadable
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return True
+        pending.append(path)
+        print(f"(attached {path}; {len(pending)} image(s) for the next message)", file=sys.stderr)
+    else:
+        usage = "; ".join(f"{c}: {what}" for c, what in COMMANDS.items())
+        print(f"unknown command {line!r}. Commands: {usage}; start a message with // to send it "
+              "beginning with /", file=sys.stderr)
+    return True
+
+
 def _chat_loop(session: ChatSession, args) -> None:
+    """One turn at a time; a turn that fails (a bad image, too long, ...) prints one line and the
+    conversation goes on unchanged; Ctrl-C stops a reply (keeping its text), Ctrl-D quits."""
     pending: List[str] = list(args.image)
     print("Chat: /image PATH attaches an image to your next message, /new restarts, /exit quits.",
           file=sys.stderr)
@@ -97,26 +143,34 @@ def _chat_loop(session: ChatSession, args) -> None:
                 break
         if not line:
             continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/new":
-            session.reset()
-            pending = []
-            print("(new conversation)", file=sys.stderr)
+        if line.startswith("/") and not line.startswith("//"):
+            if not _command(session, line, pending):
+                break
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            session.processor.image_processor([path])  # fail now, with the path, if unreadable
-            pending.append(path)
-            print(f"(attached {path}; {len(pending)} image(s) for the next message)", file=sys.stderr)
-            continue
-        text = place_images(line, len(pending), session.processor.image_tag)
+        text = place_images(line[1:] if line.startswith("//") else line, len(pending),
+                            session.processor.image_tag)
         try:
             print("Assistant: ", end="", flush=True)
             _reply(session, text, pending, args)
         except (ValueError, OSError) as e:
-            print(f"\nerror: {e}", file=sys.stderr)
+            print(f"\nerror: {_one_line(e)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
         pending = []
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def check_args(args) -> None:
+    """Option values a run would only trip over later: ``ValueError`` naming the flag."""
+    check_sampling(flags=True, max_tokens=args.max_tokens, temperature=args.temperature,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    if args.max_context < 2:
+        raise ValueError(f"--max-context must be an integer >= 2, got {args.max_context}")
+    if not args.chat and args.prompt is None:
+        raise ValueError("--prompt is required (or use --chat)")
 
 
 def main(argv=None) -> int:
@@ -124,8 +178,10 @@ def main(argv=None) -> int:
 
     ensure_fast_blas()
     args = build_parser().parse_args(argv)
-    if not args.chat and args.prompt is None:
-        print("error: --prompt is required (or use --chat)", file=sys.stderr)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from .device import select_device
     from .loading import load
@@ -147,8 +203,8 @@ def main(argv=None) -> int:
             _reply(session, prompt, args.image, args)
     except KeyboardInterrupt:
         return 130
-    except (PromptTooLongError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # PromptTooLongError, ImagePositionError, ModelLoadError...
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

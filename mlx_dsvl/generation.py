@@ -25,6 +25,7 @@ from .streaming import (
     STOP_STRINGS,
     GenerationChunk,
     StopStringFilter,
+    check_sampling,
     last_logits,
     make_detokenizer,
     make_sampling,
@@ -68,6 +69,8 @@ def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
 
     Greedy by default, so that it returns what one-by-one greedy generation returns.
     """
+    check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                   repetition_penalty=repetition_penalty)
     if seed is not None:
         mx.random.seed(seed)
     images = list(images) if images is not None else [None] * len(conversations)

@@ -13,6 +13,7 @@ quantized layers are rebuilt as recorded before the same strict name and shape c
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
@@ -46,13 +47,19 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
     return dtype
 
 
+def is_hub_id(text: str) -> bool:
+    """``owner/name`` that is not a local path: what :func:`resolve_model_path` downloads."""
+    text = str(text)
+    return not (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1)
+
+
 def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     """A local folder as is; otherwise a hub id fetched once into the standard HF cache."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_repo)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         raise ModelLoadError(f"{text}: no such model folder")
     try:
         from huggingface_hub import snapshot_download
@@ -185,6 +192,26 @@ def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = Non
         processor = ChatProcessor.from_pretrained(path)
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: cannot load the tokenizer/processor ({e})") from None
-    return load_model(path, dtype, config), processor
+    except (OSError, ValueError) as e:  # the message names the file when it knows which
+        raise ModelLoadError(str(e) if str(path) in str(e) else f"{path}: cannot load the tokenizer/processor ({e})") from None
+    model = load_model(path, dtype, config)
+    model.image_token_id = image_token_id(path, config, processor)
+    return model, processor
+
+
+def image_token_id(path: Path, config: ModelConfig, processor) -> int:
+    """The id that marks image positions: the tokenizer's id of the image tag.
+
+    The reference processor finds image positions with the tokenizer's id and the model merges
+    wherever the processor put them, so the tokenizer is the one source.  ``config.json`` may
+    name an ``image_token_id`` too (transformers checkpoints do); when it disagrees it is
+    ignored, with a warning: a model that looked for another id would never see the images.
+    """
+    tokenizer_id = processor.image_token_id
+    if config.image_token_id is not None and config.image_token_id != tokenizer_id:
+        warnings.warn(
+            f"{path / 'config.json'}: image_token_id {config.image_token_id} differs from the "
+            f"tokenizer's id {tokenizer_id} of {processor.image_tag!r}; using the tokenizer's",
+            stacklevel=3,
+        )
+    return tokenizer_id

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .streaming import DEFAULT_SAMPLING, GenerationChunk, stream_tokens
+from .streaming import DEFAULT_SAMPLING, SAMPLING_RANGES, GenerationChunk, check_sampling, stream_tokens
 
 
 class PromptTooLongError(ValueError):
@@ -113,20 +113,21 @@ class ChatSession:
             self.messages = self.messages[cut:]
             dropped += 1
             ids = self._prompt_ids()
+        if len(ids) >= self.max_context:  # send() restores the dropped turns
+            raise PromptTooLongError(
+                f"the prompt is {len(ids)} tokens, more than the {self.max_context}-token context"
+            )
         if dropped and self.on_truncate:
             self.on_truncate(
                 f"conversation longer than the {self.max_context}-token context: dropped the "
                 f"oldest {dropped} turn(s)"
-            )
-        if len(ids) >= self.max_context:
-            raise PromptTooLongError(
-                f"the prompt is {len(ids)} tokens, more than the {self.max_context}-token context"
             )
         return ids
 
     def send(self, text: str, images: Sequence = (), **sampling) -> Iterator[GenerationChunk]:
         """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply."""
         opts = {**DEFAULT_SAMPLING, **sampling, "start_time": time.perf_counter()}
+        check_sampling(**{k: opts[k] for k in SAMPLING_RANGES})
         n_tags = text.count(self.processor.image_tag)
         if n_tags != len(images):
             raise ValueError(
@@ -134,11 +135,12 @@ class ChatSession:
                 f"but {len(images)} image(s) were given"
             )
         keys = self.add_images(images)
+        before = list(self.messages)  # a refused turn leaves the conversation as it was
         self.messages.append({"role": "user", "content": text, "images": keys})
         try:
             ids = self._fit_context(opts["max_tokens"])
         except PromptTooLongError:
-            self.messages.pop()
+            self.messages = before
             raise
         max_tokens = min(opts["max_tokens"], self.max_context - len(ids))
         reply: List[str] = []
@@ -147,10 +149,17 @@ class ChatSession:
             for chunk in self._run(ids, {**opts, "max_tokens": max_tokens}):
                 got = True
                 reply.append(chunk.text)
+                if chunk.finish_reason == "length" and max_tokens < opts["max_tokens"]:
+                    chunk.finish_reason = "context"
+                    if self.on_truncate:
+                        self.on_truncate(
+                            f"the reply stopped at the {self.max_context}-token context limit after "
+                            f"{chunk.generation_tokens} of {opts['max_tokens']} tokens"
+                        )
                 yield chunk
         except Exception:
             if not got:  # nothing generated: the question was not asked
-                self.messages.pop()
+                self.messages = before
             else:
                 self._add_reply(reply)
             raise

@@ -22,6 +22,23 @@ from .models.deepseek_vl import lm_head
 STOP_STRINGS = ("User:",)
 # Reference CLI defaults (cli_chat.py): temperature 0.2, top_p 0.95, repetition penalty 1.1.
 DEFAULT_SAMPLING = dict(temperature=0.2, top_p=0.95, repetition_penalty=1.1, max_tokens=512)
+# What each option accepts (one place: the API, the CLIs and the app check against it).
+SAMPLING_RANGES = {
+    "max_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
+}
+
+
+def check_sampling(flags: bool = False, **options) -> None:
+    """Raise ``ValueError`` for the first option outside its range (None = not given);
+    ``flags=True`` names them as command-line flags (``--top-p``)."""
+    for name, value in options.items():
+        ok, what = SAMPLING_RANGES[name]
+        if value is not None and not ok(value):
+            shown = "--" + name.replace("_", "-") if flags else name
+            raise ValueError(f"{shown} must be {what}, got {value}")
 
 
 @dataclass
@@ -36,7 +53,9 @@ class GenerationChunk:
     generation_tokens: int  # tokens generated so far
     generation_tps: float  # decode tokens per second
     peak_memory: float  # GB, mx.get_peak_memory()
-    finish_reason: Optional[str] = None  # "stop" | "length" on the last chunk
+    # on the last chunk: "stop" (EOS or a stop string), "length" (max_tokens reached) or
+    # "context" (a ChatSession's max_context reached first)
+    finish_reason: Optional[str] = None
 
 
 def make_detokenizer(processor) -> BPEStreamingDetokenizer:
@@ -92,10 +111,7 @@ class StopStringFilter:
 
 def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_penalty: float = 1.1):
     """(sampler, logits_processors) from mlx-lm; temperature 0 is greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
     processors = make_logits_processors(
         repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None

@@ -9,6 +9,9 @@ and counts, not words.
 from __future__ import annotations
 
 import io
+import ipaddress
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -202,13 +205,18 @@ def test_a_model_that_fails_to_load_shows_the_reason(app, tmp_path):
 
 def test_arguments_after_the_double_dash_set_the_sidebar(tiny_dir, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_dir), "--4bit", "--max-tokens", "9",
-                                      "--temperature", "5", "--top-p", "0.5", "--system", ""])
+                                      "--temperature", "1.2", "--top-p", "0.5", "--system", ""])
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
     assert not at.exception
     s = at.session_state
     assert (s["model_path"], s["quantize"], s["max_tokens"]) == (str(tiny_dir), True, 9)
-    assert (s["temperature"], s["top_p"], s["system_prompt"]) == (1.5, 0.5, "")  # clamped to the slider
+    assert (s["temperature"], s["top_p"], s["system_prompt"]) == (1.2, 0.5, "")
     assert conversation(at).loaded.quantized
+    # a starting value the sidebar cannot hold is refused, not silently changed
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_dir), "--temperature", "5"])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception and len(at.chat_input) == 0
+    assert at.error[0].value == "--temperature must be in [0.0, 1.5] (the sidebar's range), got 5.0"
 
 
 def test_several_images_in_one_turn(app):
@@ -227,10 +235,101 @@ def test_launch_argv_splits_streamlit_and_app_options():
     assert argv[:3] == ["streamlit", "run", "/x/chat.py"]
     st_part, app_part = argv[3:argv.index("--")], argv[argv.index("--") + 1:]
     assert app_part == ["--model", "m", "--4bit", "--system", "be brief"]
-    assert "--server.address=0.0.0.0" in st_part and "--server.address=127.0.0.1" not in st_part
-    assert st_part[st_part.index("--server.port") + 1] == "8600"
-    assert "--server.maxUploadSize=20" in st_part and "--browser.gatherUsageStats=false" in st_part
-    assert "--server.address=127.0.0.1" in chat_logic.launch_argv("c.py", [])
+    assert st_part == ["--server.port", "8600", "--server.address=0.0.0.0"]
+    # nothing added: the settings come from apps/.streamlit/config.toml, so STREAMLIT_* variables still count
+    assert chat_logic.launch_argv("c.py", []) == ["streamlit", "run", "c.py", "--"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/folder"], "error: /no/such/folder: no such model folder"),
+    (["--temperature", "-1"], "error: --temperature must be in [0.0, 1.5] (the sidebar's range), got -1.0"),
+    (["--max-tokens", "0"], "error: --max-tokens must be in [1, 4096] (the sidebar's range), got 0"),
+    (["--top-p", "abc"], "error: argument --top-p: invalid float value: 'abc'"),
+    (["--modle", "x"], "error: unrecognized arguments: --modle x"),
+    (["--adapter", "/no/run"], "error: /no/run: no adapter_config.json (not an adapter folder)"),
+    (["--device", "gpu"], "error: no GPU available to MLX"),
+    (["--model", "BROKEN"], "config.json: invalid JSON in config.json"),
+])
+def test_python_apps_chat_py_refuses_bad_options_in_one_line(args, message, tiny_dir, tmp_path):
+    """Before any server starts: one ``error:`` line and exit status 2."""
+    from mlx_dsvl.device import gpu_available
+
+    if args == ["--device", "gpu"] and gpu_available():
+        pytest.skip("this machine has a GPU: --device gpu is not an error here")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{oops")
+    args = [str(broken) if a == "BROKEN" else a for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_dir)]
+    r = subprocess.run([sys.executable, str(APP), *args, "--server.port", "1"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def listening(port: int):
+    """The local addresses with a socket listening on ``port`` (/proc/net/tcp and tcp6)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(addr)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # per-word little endian
+                found.append(str(ipaddress.ip_address(words)))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc/net (Linux)")
+@pytest.mark.parametrize("how", ["streamlit run", "python apps/chat.py"])
+def test_from_any_folder_loopback_only_and_no_usage_statistics(how, tiny_dir, tmp_path):
+    """Started from another folder, with no user config: the server listens on loopback only and
+    Streamlit does not announce (or turn on) usage statistics."""
+    import os
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HOME": str(tmp_path)}  # no ~/.streamlit/config.toml or credentials
+    env.pop("STREAMLIT_SERVER_ADDRESS", None)
+    server = ["--server.port", str(port), "--server.headless", "true"]
+    cmd = ([sys.executable, "-m", "streamlit", "run", str(APP), *server, "--", "--model", str(tiny_dir)]
+           if how == "streamlit run" else [sys.executable, str(APP), "--model", str(tiny_dir), *server])
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, ok = time.time() + 90, False
+        while time.time() < deadline and proc.poll() is None and not ok:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    ok = r.status == 200
+            except OSError:
+                time.sleep(0.3)
+        assert ok, f"server did not come up (exit {proc.poll()})"
+        addresses = listening(port)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses), addresses
+    assert "Collecting usage statistics" not in out, out
+
+
+def test_streamlit_reads_the_apps_settings_from_any_folder(tmp_path):
+    """What ``streamlit run apps/chat.py`` loads (Streamlit's own loader, as its CLI calls it),
+    from a folder without a .streamlit/ of its own."""
+    code = ("import json; from streamlit import config; config._main_script_path = %r; "
+            "config.get_config_options(force_reparse=True); "
+            "print(json.dumps([config.get_option(k) for k in "
+            "('server.address', 'browser.gatherUsageStats', 'server.maxUploadSize')]))" % str(APP))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("STREAMLIT_")}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HOME": str(tmp_path)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert __import__("json").loads(r.stdout.strip().splitlines()[-1]) == ["127.0.0.1", False, 20]
 
 
 def test_python_apps_chat_py_starts_the_server_with_openblas(tiny_dir, tmp_path):
@@ -248,7 +347,7 @@ def test_python_apps_chat_py_starts_the_server_with_openblas(tiny_dir, tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "MLX_DSVL_BLAS_REEXECUTED")}  # as a user's shell would be
+           if k not in ("LD_PRELOAD", "MLX_DSVL_BLAS_REEXECUTED", "MLX_DSVL_NO_BLAS_REEXEC")}  # a user's shell
     env["HOME"] = str(tmp_path)  # no user-level streamlit config or credentials prompt
     proc = subprocess.Popen(
         [sys.executable, str(APP), "--model", str(tiny_dir), "--server.port", str(port),

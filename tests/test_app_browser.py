@@ -1,8 +1,9 @@
 """End to end in a real browser: ``streamlit run apps/chat.py`` on a free localhost port with a
 tiny random checkpoint, driven by Playwright for Python in headless Debian Chromium.
 
-Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and ``playwright`` (pip; Playwright's
-own browser download is not used).  Set ``MLX_DSVL_APP_SCREENSHOT=docs/app.png`` to also write
+Needs ``playwright`` (pip, in the ``test`` extra) and a Chromium: Debian's ``/usr/bin/chromium``
+(``apt-get install chromium``, what CI uses), else Playwright's own (``python -m playwright install
+chromium``); without either the test is skipped with that advice.  Set ``MLX_DSVL_APP_SCREENSHOT=docs/app.png`` to also write
 the README's screenshot.
 """
 
@@ -20,12 +21,31 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
-
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+def find_chromium():
+    """Debian's Chromium, else the one ``python -m playwright install chromium`` downloads."""
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if Path(path).exists():
+            return path
+    preload = os.environ.pop("LD_PRELOAD", None)  # Playwright's driver crashes with OpenBLAS preloaded
+    try:
+        with sync_api.sync_playwright() as p:
+            path = p.chromium.executable_path
+        return path if path and Path(path).exists() else None
+    except Exception:  # noqa: BLE001 -- no driver, no browser: skip below
+        return None
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
+
+
+CHROMIUM = find_chromium()
+if CHROMIUM is None:
+    pytest.skip("no Chromium for the real-browser test: apt-get install chromium (Debian/Ubuntu) or "
+                "python -m playwright install chromium", allow_module_level=True)
 pytest.importorskip("streamlit", minversion="1.64", reason="the app needs streamlit>=1.64 (pip install -e '.[app]')")
 expect = sync_api.expect
 expect.set_options(timeout=60_000)  # assertions wait up to a minute (slow CI machines)
@@ -58,7 +78,7 @@ def other_addresses():
 
 @pytest.fixture
 def server(tiny_dir, tmp_path):
-    """The app as a user starts it, from the repository root (so .streamlit/config.toml applies)."""
+    """The app as a user starts it, from the repository root."""
     port = free_port()
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen(
@@ -126,7 +146,7 @@ def test_chat_in_a_real_browser(server, tiny_dir, tmp_path, monkeypatch):
     # The suite runs with OpenBLAS in LD_PRELOAD (mlx_dsvl.blas; the app server keeps it);
     # Playwright's node driver and Chromium crash with it ("pthread_create: Invalid argument").
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    for addr in other_addresses():  # .streamlit/config.toml: server.address = 127.0.0.1
+    for addr in other_addresses():  # apps/.streamlit/config.toml: server.address = 127.0.0.1
         with socket.socket() as s:
             s.settimeout(2)
             assert s.connect_ex((addr, port)) != 0, f"the app is reachable on {addr}"

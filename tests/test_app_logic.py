@@ -67,7 +67,7 @@ def test_parse_args(monkeypatch):
 
 def test_streamlit_config_listens_on_localhost_and_limits_uploads():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    cfg = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    cfg = tomllib.loads((ROOT / "apps" / ".streamlit" / "config.toml").read_text())
     assert cfg["server"]["address"] == "127.0.0.1"
     assert cfg["server"]["maxUploadSize"] == logic.MAX_UPLOAD_MB == 20
     assert cfg["browser"]["gatherUsageStats"] is False

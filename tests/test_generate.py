@@ -55,6 +55,56 @@ def test_cli_chat_mode_two_turns(tiny_dir, tmp_path):
     assert "(new conversation)" in p.stderr
 
 
+def test_cli_chat_survives_bad_turns_and_lists_commands(tiny_dir, tmp_path):
+    """A bad /image path, an unknown /command, a placeholder mismatch and a too-long message each
+    print one line; the chat goes on and answers the next question."""
+    img = make_image(tmp_path / "a.png")
+    lines = [f"/image {tmp_path / 'nope.png'}", "/imagine a cat", "/image",
+             f"/image {img}", "<image_placeholder><image_placeholder>Two?", "word " * 300,
+             "What now?", "/exit"]
+    p = subprocess.run(
+        [sys.executable, "-m", "mlx_dsvl.generate", "--model", str(tiny_dir), "--chat", "--max-tokens", "3",
+         "--temperature", "0", "--max-context", "200"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    err = [l for l in p.stderr.splitlines() if l.strip()]
+    assert "nope.png" in err[1] and err[1].startswith("error: ")
+    assert err[2].startswith("unknown command '/imagine a cat'") and "/image PATH" in err[2] and "/new" in err[2]
+    assert err[3] == "error: /image needs a path: /image PATH"
+    assert err[4].startswith("(attached ")
+    assert err[5].startswith("error: ") and "2 image placeholder(s)" in err[5]
+    assert err[6].startswith("error: ") and "200-token context" in err[6]
+    assert len(err) == 7 and "Traceback" not in p.stderr
+    # the model answered only the last question: the unknown command never reached it
+    assert p.stdout.count("Assistant:") == 3 and "imagine" not in p.stdout
+
+
+def test_cli_tells_when_the_context_limit_stops_the_reply(tiny_dir):
+    r = run_cli("--model", str(tiny_dir), "--prompt", "Hi", "--max-tokens", "80", "--max-context", "100",
+                "--temperature", "0", "--repetition-penalty", "1")
+    assert r.returncode == 0, r.stderr
+    notes = [l for l in r.stderr.splitlines() if "context limit" in l]
+    assert len(notes) == 1 and notes[0].startswith("[mlx-dsvl] the reply stopped at the 100-token context limit")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "0"], "--max-tokens must be an integer >= 1, got 0"),
+    (["--max-tokens", "-5"], "--max-tokens must be an integer >= 1, got -5"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.01"], "--top-p must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--max-context", "0"], "--max-context must be an integer >= 2"),
+])
+def test_cli_rejects_out_of_range_options(args, message, capsys, monkeypatch):
+    monkeypatch.setattr(mlx_dsvl, "generate", mlx_dsvl.generate)  # importing the CLI module rebinds it
+    from mlx_dsvl.generate import main
+
+    assert main(["--model", "/nowhere", "--prompt", "Hi", *args]) == 2  # before loading anything
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {message}" + err[0][len(message) + 7:]] and message in err[0]
+
+
 @pytest.mark.parametrize(
     "case", ["missing_image", "corrupt_image", "too_many_images", "hub_offline", "too_long"]
 )
@@ -180,6 +230,59 @@ def test_context_limit_drops_oldest_turns(tiny_model):
         assert chat.cache[0].offset == len(chat.cached_ids) <= 160  # never past the context
     assert told and "dropped the oldest" in told[0]
     assert chat.messages[0]["content"] != "Question number 0 about things"
+
+
+def test_a_turn_refused_for_length_leaves_the_conversation_unchanged(tiny_model):
+    """The oldest turns are dropped only when the new turn then fits; else nothing changes."""
+    model, processor = tiny_model
+    told = []
+    chat = ChatSession(model, processor, max_context=160, on_truncate=told.append)
+    list(chat.send("First question", max_tokens=4, **GREEDY))
+    list(chat.send("Second question", max_tokens=4, **GREEDY))
+    before = [dict(m) for m in chat.messages]
+    with pytest.raises(mlx_dsvl.session.PromptTooLongError, match="160-token context"):
+        list(chat.send("word " * 200, max_tokens=4, **GREEDY))
+    assert chat.messages == before and told == []
+    assert "".join(c.text for c in chat.send("Third", max_tokens=4, **GREEDY)) is not None
+    assert [m["content"] for m in chat.messages[::2]] == ["First question", "Second question", "Third"]
+
+
+def test_context_limit_is_reported_as_finish_reason_and_notice(tiny_model):
+    model, processor = tiny_model
+    told = []
+    chat = ChatSession(model, processor, max_context=100, on_truncate=told.append)
+    prompt_len = len(processor.tokenize(processor.format([{"role": "user", "content": "Hi"}])))
+    chunks = list(chat.send("Hi", max_tokens=500, temperature=0.0, repetition_penalty=1.0))
+    if chunks[-1].finish_reason == "stop":  # EOS or "User:" came first: nothing to report
+        pytest.skip("the random model stopped before the context limit")
+    assert chunks[-1].finish_reason == "context"
+    assert chunks[-1].generation_tokens == 100 - prompt_len
+    assert told == [f"the reply stopped at the 100-token context limit after {100 - prompt_len} of 500 tokens"]
+    # max_tokens within the context: "length", nothing to tell
+    told.clear()
+    chat.reset()
+    assert list(chat.send("Hi", max_tokens=3, **GREEDY))[-1].finish_reason == "length" and told == []
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
+    (dict(max_tokens=-5), "max_tokens must be an integer >= 1, got -5"),
+    (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty must be > 0"),
+])
+def test_api_rejects_out_of_range_sampling(bad, match, tiny_model):
+    model, processor = tiny_model
+    conv = [{"role": "user", "content": "Hi"}]
+    chat = ChatSession(model, processor)
+    for call in (lambda: list(chat.send("Hi", **bad)),
+                 lambda: mlx_dsvl.generation.generate(model, processor, conv, **bad),
+                 lambda: mlx_dsvl.generation.generate_batch(model, processor, [conv], **bad)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert chat.messages == []
 
 
 # -- batches ----------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_dsvl.config import ModelConfig
-from mlx_dsvl.models.deepseek_vl import CONV_SUFFIXES, DeepseekVL, merge_image_embeddings
+from mlx_dsvl.models.deepseek_vl import (
+    CONV_SUFFIXES, DeepseekVL, ImagePositionError, check_image_positions, merge_image_embeddings,
+)
 from mlx_dsvl.testing.make_checkpoint import ARCHS, checkpoint_shapes
-
-IMG = 100015
+from mlx_dsvl.testing.tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
 
 
 def loop_merge(ids, text, images):
@@ -105,6 +106,33 @@ def test_loaded_parameters_are_the_files_values(tiny_hybrid_dir, tiny_hybrid_mod
             ref = ref.transpose(0, 2, 3, 1)
         np.testing.assert_array_equal(np.array(v), ref, err_msg=k)
         assert np.abs(ref).max() > 0, f"{k} is all zeros"
+
+
+def test_image_positions_must_match_the_images():
+    """Every row a whole number of runs, at most N; the fullest row exactly N (the rest: padding)."""
+    I = 4
+    two, one, none = [1] + [IMG] * 2 * I + [2], [1] * (I + 1) + [IMG] * I + [2], [1] * (2 * I + 2)
+    check_image_positions(mx.array([two, one]), 2, I, IMG)  # a padded batch
+    check_image_positions(mx.array([two, none]), 2, I, IMG)
+    check_image_positions(mx.array([one]), 1, I, IMG)
+    cases = [([one], 2, r"4 image position\(s\) \(id %d\), but 2 image\(s\) x 4 tokens" % IMG),
+             ([none], 1, r"0 image position"),  # e.g. the ids use another image-token id
+             ([one, one], 2, r"4 image position\(s\) \(id %d\) in row 0, but 2" % IMG),
+             ([[1] + [IMG] * (I + 1)], 1, r"5 image position"),  # not a whole run
+             ([two], 1, r"8 image position")]
+    for rows, n, msg in cases:
+        with pytest.raises(ImagePositionError, match=msg):
+            check_image_positions(mx.array(rows), n, I, IMG)
+
+
+def test_model_call_refuses_images_without_their_positions(tiny_model):
+    model, _ = tiny_model
+    px = mx.zeros((1, 1, 3, 384, 384))
+    with pytest.raises(ImagePositionError, match="0 image position"):
+        model(mx.array([[1, 2, 3]]), pixel_values=px)
+    with pytest.raises(ImagePositionError, match="576 image position.*2 image"):
+        model(mx.array([[1] + [IMG] * 576]), image_embeds=mx.zeros((1, 2, 576, 64)))
+    assert model(mx.array([[1, IMG, 3]])).shape[:2] == (1, 3)  # no images: nothing to check
 
 
 def test_padded_batch_equals_unpadded(tiny_model):

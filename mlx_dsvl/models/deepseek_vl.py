@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from ..config import ModelConfig
+from ..config import IMAGE_TOKEN_ID, ModelConfig
 from .aligner import MlpProjector
 from .vision import build_vision_tower, normalize
 
@@ -53,6 +53,33 @@ def merge_image_embeddings(
     return mx.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+class ImagePositionError(ValueError):
+    """Images were given, but the ids do not hold one run of image positions per image."""
+
+
+def check_image_positions(input_ids: mx.array, num_images: int, tokens_per_image: int,
+                          image_token_id: int) -> None:
+    """Raise :class:`ImagePositionError` unless the ids hold room for exactly the images given.
+
+    ``num_images`` is N of ``[B, N, ...]`` images.  Each row must hold a whole number of runs of
+    ``tokens_per_image`` image positions, at most N; the fullest row exactly N (trailing image
+    slots of a row are batch padding).  This reads the ids on the host (one small sync), so
+    compiled code (the training step) calls :func:`merge_image_embeddings` directly and checks
+    its ids when the batch is built.
+    """
+    counts = (input_ids == image_token_id).astype(mx.int32).sum(axis=-1).reshape(-1).tolist()
+    want = num_images * tokens_per_image
+    bad = [b for b, n in enumerate(counts) if n % tokens_per_image or n > want]
+    if bad or max(counts) != want:
+        b = bad[0] if bad else max(range(len(counts)), key=counts.__getitem__)
+        row = f" in row {b}" if len(counts) > 1 else ""
+        raise ImagePositionError(
+            f"the ids hold {counts[b]} image position(s) (id {image_token_id}){row}, but "
+            f"{num_images} image(s) x {tokens_per_image} tokens were given: build the ids with this "
+            f"model's processor (its image-tag id is the model's) and one placeholder per image"
+        )
+
+
 def lm_head(language_model, h: mx.array) -> mx.array:
     """The LLM's output projection (tied to the embeddings or not): [..., D] -> [..., vocab]."""
     if getattr(language_model.args, "tie_word_embeddings", False):
@@ -67,7 +94,9 @@ class DeepseekVL(nn.Module):
         self.vision_model = build_vision_tower(config.vision)
         self.aligner = MlpProjector(config.aligner)
         self.language_model = llama.Model(llama.ModelArgs.from_dict(config.language))
-        self.image_token_id = config.image_token_id
+        # Where images go in the ids: load() sets the tokenizer's id of the image tag; a model
+        # built from a config alone starts with config.json's, else DeepSeek's.
+        self.image_token_id = IMAGE_TOKEN_ID if config.image_token_id is None else config.image_token_id
         self.input_mean, self.input_std = config.input_mean, config.input_std
 
     # -- vision -------------------------------------------------------------------------------
@@ -114,13 +143,15 @@ class DeepseekVL(nn.Module):
     ) -> mx.array:
         """Token embeddings [B, T, D] with image positions filled from pixels or embeddings.
 
-        pixel_values: [B, N, 3, S, S]; image_embeds: [B, N, I, D] (already aligned).
+        pixel_values: [B, N, 3, S, S]; image_embeds: [B, N, I, D] (already aligned).  With
+        images, the ids must hold N runs of I image positions (see check_image_positions).
         """
         embeds = self.language_model.model.embed_tokens(input_ids)
         if image_embeds is None and pixel_values is not None:
-            image_embeds = self.encode_images(pixel_values)
+            image_embeds = self.encode_images(pixel_values)  # lazy: checked before it runs
         if image_embeds is None:
             return embeds
+        check_image_positions(input_ids, image_embeds.shape[1], image_embeds.shape[2], self.image_token_id)
         return merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id)
 
     def __call__(

@@ -97,6 +97,13 @@ def format_conversation(conversation: Sequence[Message], system_prompt: str | No
     return prompt.strip()
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+
+
 def _images_from_messages(conversation: Sequence[Message]) -> list[ImageInput]:
     """Collect the original-style ``"images"`` lists attached to messages, in order."""
     found: list[ImageInput] = []
@@ -154,6 +161,8 @@ class ChatProcessor:
                 raise FileNotFoundError(f"{root}: missing tokenizer file {name}")
         if not any((root / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
             raise FileNotFoundError(f"{root}: missing tokenizer file tokenizer.json")
+        json_files = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "processor_config.json")
+        parsed = {n: _read_json(root / n) for n in json_files if (root / n).is_file()}  # damaged: named
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()  # its notes on DeepSeek's files are noise here
         try:
@@ -171,9 +180,9 @@ class ChatProcessor:
         finally:
             transformers_logging.set_verbosity(verbosity)
         image_processor = ImageProcessor.from_pretrained(root)
-        cfg: dict[str, Any] = {}
-        if (root / "processor_config.json").is_file():
-            cfg = json.loads((root / "processor_config.json").read_text(encoding="utf-8"))
+        cfg: dict[str, Any] = parsed.get("processor_config.json", {})
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{root / 'processor_config.json'}: not a JSON object")
         sft_format = cfg.get("sft_format", "deepseek")
         if sft_format != "deepseek":
             raise ValueError(

@@ -129,6 +129,17 @@ def read_config(folder: Path) -> Dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
+def image_token_id(folder: Path) -> int:
+    """The tokenizer's id of ``<image_placeholder>`` (the positions the reference processor marks),
+    read from the folder's ``tokenizer.json``; without one, config.json's id, else DeepSeek's."""
+    tok = Path(folder) / "tokenizer.json"
+    if tok.is_file():
+        for t in json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", []):
+            if t["content"] == "<image_placeholder>":
+                return int(t["id"])
+    return int(read_config(folder).get("image_token_id", 100015))
+
+
 def is_hybrid(folder: Path) -> bool:
     return "Hybrid" in read_config(folder)["vision_config"]["cls"]
 
@@ -141,7 +152,7 @@ def hf_config(folder: Path):
     vision = raw["vision_config"]
     aligner = raw["aligner_config"]["params"]
     text = _llama(raw["language_config"])
-    common = dict(text_config=text, image_token_id=int(raw.get("image_token_id", 100015)),
+    common = dict(text_config=text, image_token_id=image_token_id(folder),
                   tie_word_embeddings=False)
     if "Hybrid" in vision["cls"]:
         sam, sam_sizes = _sam(vision["params"]["high_res_cfg"])

@@ -168,12 +168,19 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    if not shard_gb > 0:
+        raise ValueError(f"shard_gb must be positive, got {shard_gb}")
     config, (image_size, mean, std, do_norm), default_dtype = ARCHS[arch]
     config = copy.deepcopy(config)
     np_dtype = np.dtype(dtype or default_dtype)
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists (use force=True / --force to replace it)")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{out}: {ancestor} is a file, not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -249,10 +256,16 @@ def main(argv=None):
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
+    if a.seed < 0 or not a.shard_gb > 0:
+        print("error: --seed must be >= 0 and --shard-gb positive", file=sys.stderr)
+        return 2
     try:
         path = make_checkpoint(a.arch, a.out, a.seed, a.dtype, a.shard_gb, a.force, verbose=True)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an unwritable --out, a full disk
+        print(f"error: {a.out}: cannot write there ({e.strerror or e})", file=sys.stderr)
         return 1
     print(path)
     return 0

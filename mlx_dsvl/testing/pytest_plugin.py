@@ -2,8 +2,15 @@
 
 Imported while pytest parses its arguments, before output capturing starts, so re-executing the
 process here is safe.  See :mod:`mlx_dsvl.blas`.
+
+The commands the tests start inherit this process's BLAS (``LD_PRELOAD``) and
+``MLX_DSVL_NO_BLAS_REEXEC=1``: they neither re-execute nor print the "install OpenBLAS" hint,
+so what they write to stderr is the same on every machine (tests count those lines).
 """
 
-from mlx_dsvl.blas import ensure_fast_blas
+import os
+
+from mlx_dsvl.blas import ENV_OFF, ensure_fast_blas
 
 ensure_fast_blas()
+os.environ[ENV_OFF] = "1"

@@ -9,7 +9,8 @@ builds a small tokenizer with the same *layout*:
   English + Chinese + emoji text;
 * the special tokens at the **real** ids: ``<｜begin▁of▁sentence｜>`` = 100000,
   ``<｜end▁of▁sentence｜>`` = 100001, reserved specials at 100002..100014 and
-  ``<image_placeholder>`` = 100015 (all ids < 102400, the LLM vocab size);
+  ``<image_placeholder>`` = 100015 (all ids < 102400, the LLM vocab size) -- or, for tests
+  that must not share that assumption, BOS, EOS and the image tag at other ids;
 * ``tokenizer_config.json`` naming ``LlamaTokenizerFast`` with BOS prepended, no EOS, pad = EOS.
 
 :func:`write_processor_configs` writes ``preprocessor_config.json`` and
@@ -34,9 +35,7 @@ LLM_VOCAB_SIZE = 102400
 
 # Specials at their fixed ids. 100002..100014 are plausible reserved names: the tests only
 # rely on BOS, EOS and the image tag, whose ids match the released tokenizer.
-SPECIAL_TOKENS: dict[int, str] = {
-    BOS_ID: BOS_TOKEN,
-    EOS_ID: EOS_TOKEN,
+RESERVED_TOKENS: dict[int, str] = {
     100002: "<｜fim▁hole｜>",
     100003: "<｜fim▁begin｜>",
     100004: "<｜fim▁end｜>",
@@ -50,8 +49,20 @@ SPECIAL_TOKENS: dict[int, str] = {
     100012: "<｜reserved▁12｜>",
     100013: "<｜reserved▁13｜>",
     100014: "<｜reserved▁14｜>",
-    IMAGE_ID: IMAGE_TAG,
 }
+SPECIAL_TOKENS: dict[int, str] = {BOS_ID: BOS_TOKEN, EOS_ID: EOS_TOKEN, **RESERVED_TOKENS, IMAGE_ID: IMAGE_TAG}
+
+
+def special_tokens(bos_id: int = BOS_ID, eos_id: int = EOS_ID, image_id: int = IMAGE_ID) -> dict[int, str]:
+    """id -> content of every special token, with BOS, EOS and the image tag at the given ids
+    (the reserved names keep theirs unless one of the three takes it)."""
+    chosen = {bos_id: BOS_TOKEN, eos_id: EOS_TOKEN, image_id: IMAGE_TAG}
+    if len(chosen) != 3:
+        raise ValueError(f"BOS, EOS and the image tag need three different ids, got {bos_id}, {eos_id}, {image_id}")
+    for i in chosen:
+        if not 1000 <= i < LLM_VOCAB_SIZE:  # above the learned vocabulary, inside the LLM's
+            raise ValueError(f"special id {i} must be in [1000, {LLM_VOCAB_SIZE})")
+    return dict(sorted({**{i: t for i, t in RESERVED_TOKENS.items() if i not in chosen}, **chosen}.items()))
 
 NUM_MERGES = 400  # merges learned on top of the 256 byte symbols
 
@@ -107,16 +118,19 @@ def _learn_bpe() -> dict:
     return json.loads(tok.to_str())
 
 
-def build_tokenizer_json() -> dict:
+def build_tokenizer_json(specials: dict[int, str] | None = None) -> dict:
     """Return the full ``tokenizer.json`` content (a dict) with specials at fixed ids.
 
-    The special tokens are placed both in the BPE vocab and in ``added_tokens`` with their
-    fixed ids, which is how the released DeepSeek tokenizer keeps ids >= 100000 stable.
+    The special tokens (``specials``, default :data:`SPECIAL_TOKENS`) are placed both in the BPE
+    vocab and in ``added_tokens`` with their fixed ids, which is how the released DeepSeek
+    tokenizer keeps ids >= 100000 stable.
     """
+    specials = SPECIAL_TOKENS if specials is None else specials
+    bos_id = next(i for i, t in specials.items() if t == BOS_TOKEN)
     data = _learn_bpe()
     vocab: dict[str, int] = data["model"]["vocab"]
-    assert max(vocab.values()) < BOS_ID, "learned vocab overlaps the special id range"
-    for idx, content in SPECIAL_TOKENS.items():
+    assert max(vocab.values()) < min(specials), "learned vocab overlaps the special id range"
+    for idx, content in specials.items():
         vocab[content] = idx
     data["added_tokens"] = [
         {
@@ -128,13 +142,13 @@ def build_tokenizer_json() -> dict:
             "normalized": False,
             "special": True,
         }
-        for idx, content in sorted(SPECIAL_TOKENS.items())
+        for idx, content in sorted(specials.items())
     ]
     # BOS prepended, nothing appended: what LlamaTokenizerFast(add_bos_token=True) builds.
     post = processors.TemplateProcessing(
         single=f"{BOS_TOKEN}:0 $A:0",
         pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, BOS_ID)],
+        special_tokens=[(BOS_TOKEN, bos_id)],
     )
     data["post_processor"] = json.loads(post.__getstate__())
     data["decoder"] = json.loads(decoders.ByteLevel().__getstate__())
@@ -142,18 +156,21 @@ def build_tokenizer_json() -> dict:
     return data
 
 
-def write_tokenizer(out_dir: str | Path) -> None:
+def write_tokenizer(out_dir: str | Path, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
+                    image_id: int = IMAGE_ID) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
 
     The result loads offline with ``transformers.AutoTokenizer.from_pretrained(out_dir)``;
-    ``"<image_placeholder>"`` encodes to ``[100000, 100015]`` (BOS + the image id).
+    ``"<image_placeholder>"`` encodes to ``[bos_id, image_id]`` (by default DeepSeek's
+    ``[100000, 100015]``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = build_tokenizer_json()
+    specials = special_tokens(bos_id, eos_id, image_id)
+    data = build_tokenizer_json(specials)
     # Sanity: the serialised file must load back with the same special ids.
     loaded = Tokenizer.from_str(json.dumps(data))
-    for idx, content in SPECIAL_TOKENS.items():
+    for idx, content in specials.items():
         got = loaded.token_to_id(content)
         if got != idx:
             raise RuntimeError(f"special token {content!r} got id {got}, expected {idx}")
@@ -169,7 +186,7 @@ def write_tokenizer(out_dir: str | Path) -> None:
             "single_word": False,
             "special": True,
         }
-        for idx, content in sorted(SPECIAL_TOKENS.items())
+        for idx, content in sorted(specials.items())
     }
     config = {
         "tokenizer_class": "LlamaTokenizerFast",

@@ -23,10 +23,9 @@ from mlx_dsvl.models.resize import antialias_bilinear_resize, bilinear_resize  #
 from mlx_dsvl.testing.make_checkpoint import make_checkpoint  # noqa: E402
 
 from mlx_dsvl.testing import hf_reference as ref  # noqa: E402
+from mlx_dsvl.testing.tokenizer import BOS_ID as BOS, IMAGE_ID as IMAGE_TOKEN  # noqa: E402  the checkpoints' ids
 
 TOL = 1e-4
-IMAGE_TOKEN = 100015
-BOS = 100000
 TOKENS_PER_IMAGE = 576
 
 

@@ -1,0 +1,254 @@
+"""Faults: a conversion killed part-way (SIGKILL, SIGTERM, SIGHUP) and run again, a full disk,
+damaged files in a model folder.  Nothing a user made is lost; leftovers are reclaimed and
+reported; every refusal is one line that names the file.
+
+The kills happen at a known point: ``MLX_DSVL_TEST_PAUSE_AFTER_TENSORS=N`` makes the converter
+stop after writing its N-th tensor and say so on stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mlx_dsvl
+from mlx_dsvl.loading import ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listing(path: Path):
+    return sorted(p.name for p in Path(path).iterdir())
+
+
+def start_convert(src, out, *extra, pause_after=None):
+    env = dict(os.environ)
+    if pause_after is not None:
+        env["MLX_DSVL_TEST_PAUSE_AFTER_TENSORS"] = str(pause_after)
+    return subprocess.Popen([sys.executable, "-m", "convert", "--model", str(src), "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def wait_for_pause(proc) -> list:
+    """stderr lines up to the test pause (the process is then asleep mid-write)."""
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("test pause after"):
+            return lines
+    raise AssertionError(f"no pause; exit {proc.wait()}: {lines}")
+
+
+def run_convert(src, out, *extra):
+    return subprocess.run([sys.executable, "-m", "convert", "--model", str(src), "--out", str(out), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+# -- kill during convert --------------------------------------------------------------------------
+def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tmp_path):
+    out = tmp_path / "models" / "out"
+    proc = start_convert(tiny_dir, out, pause_after=20)
+    wait_for_pause(proc)
+    proc.kill()
+    proc.communicate()
+    left = listing(out.parent)
+    assert len(left) == 2 and left[0].startswith(".out.partial-") and left[1] == left[0] + ".lock", left
+    partial_bytes = sum(f.stat().st_size for f in (out.parent / left[0]).rglob("*"))
+    assert partial_bytes > 0
+
+    r = run_convert(tiny_dir, out)
+    assert r.returncode == 0, r.stderr
+    assert "removed 1 partial folder(s) of interrupted conversions into out" in r.stderr
+    assert listing(out.parent) == ["out"]
+    model, _ = mlx_dsvl.load(out)
+    assert model.image_token_id == 100015
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
+    out = tmp_path / "new" / "deeper" / "out"  # parent folders made for --out go too
+    proc = start_convert(tiny_dir, out, pause_after=5)
+    wait_for_pause(proc)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, sig)
+    assert err.strip().splitlines()[-1] == f"error: stopped by {sig} (nothing was written)"
+    assert listing(tmp_path) == []
+
+
+def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    first = start_convert(tiny_dir, out, pause_after=5)
+    try:
+        wait_for_pause(first)
+        partial = [p for p in listing(tmp_path) if not p.endswith(".lock")]
+        r = run_convert(tiny_dir, out)  # a second conversion into the same --out meanwhile
+        assert r.returncode == 0, r.stderr
+        assert "removed" not in r.stderr
+        assert set(partial) <= set(listing(tmp_path)) and "out" in listing(tmp_path)
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert listing(tmp_path) == ["out"]  # the first one cleaned up after itself
+
+
+def test_an_interrupted_force_replace_gets_the_old_folder_back(tmp_path):
+    """Killed between moving the old --out aside and renaming the new one in: put it back."""
+    from convert.staging import reclaim_stale
+
+    out = tmp_path / "out"
+    old = tmp_path / ".out.old-abc123"
+    old.mkdir()
+    (old / "mine.txt").write_text("keep me")
+    (tmp_path / ".out.partial-abc123").mkdir()
+    (tmp_path / ".out.partial-abc123" / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / ".out.partial-abc123.lock").touch()
+    told = []
+    reclaim_stale(out, told.append)
+    assert listing(tmp_path) == ["out"] and (out / "mine.txt").read_text() == "keep me"
+    assert told[0].startswith("restored") and "1.00 KB freed" in told[1]
+
+
+def test_held_locks_and_lockless_folders_are_left_alone(tmp_path):
+    import fcntl
+
+    from convert.staging import reclaim_stale
+
+    out = tmp_path / "out"
+    (tmp_path / ".out.partial-live").mkdir()
+    lock = tmp_path / ".out.partial-live.lock"
+    lock.touch()
+    (tmp_path / ".out.partial-legacy").mkdir()  # an older version's leftover: no lock file
+    told = []
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # as a running writer holds it
+        assert reclaim_stale(out, told.append) == 0
+    assert listing(tmp_path) == [".out.partial-legacy", ".out.partial-live", ".out.partial-live.lock"]
+    assert len(told) == 1 and "partial-legacy" in told[0] and "no lock file" in told[0]
+
+
+# -- a full disk --------------------------------------------------------------------------------
+def test_full_disk_one_error_nothing_half_written_old_output_intact(tiny_dir, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of a shard (injected at write time): the old --out (--force) stays."""
+    import convert.files as files
+    from convert.__main__ import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    real = files.write_safetensors
+
+    def full_disk(path, tensors, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files, "write_safetensors", full_disk)
+    assert main(["--model", str(tiny_dir), "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path}: no space left on the device while writing out")
+    assert sum(line.startswith("error:") for line in err) == 1
+    assert listing(tmp_path) == ["out"] and listing(out) == ["mine.txt"]
+    assert (out / "mine.txt").read_text() == "keep me"
+    monkeypatch.setattr(files, "write_safetensors", real)
+
+
+# -- damaged files in a model folder -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("sharded") / "tiny", seed=1, shard_gb=0.02)
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "zeroed":
+        path.write_bytes(bytes(len(data)))
+    else:
+        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
+
+
+FILES = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+         "processor_config.json", "model.safetensors.index.json", "model-00002-of-00005.safetensors"]
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeroed", "random"])
+@pytest.mark.parametrize("name", FILES)
+def test_damaged_file_one_error_naming_it(name, how, tiny_dir, sharded_dir, tmp_path, capsys):
+    from convert.__main__ import main
+
+    src = sharded_dir if "0000" in name or "index" in name else tiny_dir
+    assert (src / name).is_file(), listing(src)
+    folder = tmp_path / "model"
+    shutil.copytree(src, folder)
+    damage(folder / name, how)
+    with pytest.raises(ModelLoadError) as e:
+        mlx_dsvl.load(folder)
+    assert str(e.value).startswith(str(folder / name)), str(e.value)
+
+    assert main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {folder / name}: "), err
+    assert listing(tmp_path) == ["model"]
+
+
+def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    damage(folder / "tokenizer.json", "truncated")
+    r = subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", "--model", str(folder), "--prompt", "Hi"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        line for line in r.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert f"{folder / 'tokenizer.json'}: invalid JSON" in r.stderr
+
+
+# -- bad input at every entry point ----------------------------------------------------------------
+def test_every_entry_point_refuses_bad_input_in_one_line(tiny_dir, tmp_path):
+    """A handful of bad inputs per command: one ``error:`` line on stderr, a non-zero exit, and no
+    traceback (the commands run side by side)."""
+    from mlx_dsvl.device import gpu_available
+
+    a_file = tmp_path / "a.txt"
+    a_file.write_text("not a folder")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    m = [sys.executable, "-m"]
+    cases = {
+        "bench json folder": (m + ["mlx_dsvl.bench", "--json", str(tmp_path / "no" / "x.json")], "no such folder"),
+        "bench max tokens": (m + ["mlx_dsvl.bench", "--max-tokens", "0"], "--max-tokens must be >= 1"),
+        "checkpoint file parent": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+                                        str(a_file / "x")], str(a_file / "x")),
+        "checkpoint exists": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out", str(existing)],
+                              "exists"),
+        "checkpoint shards": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+                                   str(tmp_path / "c"), "--shard-gb", "0"], "--shard-gb positive"),
+        "convert file parent": (m + ["convert", "--model", str(tiny_dir), "--out", str(a_file / "x")],
+                                f"{a_file} is a file, not a folder"),
+        "fuse not an adapter": (m + ["mlx_dsvl.fuse", "--model", str(tiny_dir), "--adapter", str(tiny_dir),
+                                     "--out", str(tmp_path / "f")], "no adapter_config.json"),
+    }
+    if not gpu_available():
+        cases["bench no gpu"] = (m + ["mlx_dsvl.bench", "--device", "gpu"], "no GPU available")
+        cases["generate no gpu"] = (m + ["mlx_dsvl.generate", "--model", str(tiny_dir), "--prompt", "Hi",
+                                         "--device", "gpu"], "no GPU available")
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (cmd, _) in cases.items()}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1, (name, err)
+        assert lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "existing"]
