@@ -17,7 +17,6 @@ checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..faults import fault_point
+from ..utils import file_digest
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
 from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
 
@@ -73,11 +73,7 @@ def list_checkpoints(out: str | os.PathLike) -> List[Path]:
 
 
 def _digest(path: Path) -> Dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
 def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict) -> None:

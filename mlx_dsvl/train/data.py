@@ -34,7 +34,6 @@ Bad input:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from ..utils import common_prefix
 
 IGNORE = -100
 IMAGE_TAG = "<image_placeholder>"
@@ -112,23 +113,7 @@ class Dataset:
         return [e.length for e in self.examples]
 
 
-def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- tokenization with loss masks ------------------------------------------------------------
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(a.shape[0], b.shape[0])
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
 
 
 def _check_alternation(messages: Sequence[Mapping[str, Any]]) -> None:
@@ -159,8 +144,8 @@ def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.
         before, after = processor.format(messages[:j]), processor.format(messages[: j + 1])
         if not (full.startswith(before) and full.startswith(after)):  # template invariant
             raise ValueError("internal error: the chat template is not prefix-stable")
-        start = _common_prefix(processor.tokenize(before), ids)
-        end = _common_prefix(processor.tokenize(after), ids)
+        start = common_prefix(processor.tokenize(before), ids)
+        end = common_prefix(processor.tokenize(after), ids)
         labels[start:end] = ids[start:end]
     labels[ids == processor.image_token_id] = IGNORE
     return ids, labels

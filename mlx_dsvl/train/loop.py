@@ -28,10 +28,11 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..faults import fault_point
 from ..models.attention import exp_from_max
+from ..utils import file_digest
 from ..models.deepseek_vl import lm_head, merge_image_embeddings
 from . import checkpoint as ckpt
 from .adapters import adapter_config, model_fingerprint, save_adapters
-from .data import Batch, BatchStream, DataError, Dataset, collate, file_digest, load_jsonl
+from .data import Batch, BatchStream, DataError, Dataset, collate, load_jsonl
 from .files import write_text_atomic
 from .plot import plot_losses
 from .rundir import RUN_CONFIG, RunDir, recover
