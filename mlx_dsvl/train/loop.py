@@ -29,7 +29,6 @@ from mlx.utils import tree_flatten, tree_map
 from ..faults import fault_point
 from ..models.attention import exp_from_max
 from ..utils import file_digest
-from ..models.deepseek_vl import lm_head, merge_image_embeddings
 from . import checkpoint as ckpt
 from .adapters import adapter_config, model_fingerprint, save_adapters
 from .data import Batch, BatchStream, DataError, Dataset, collate, load_jsonl
@@ -37,7 +36,7 @@ from .files import write_text_atomic
 from .plot import plot_losses
 from .rundir import RUN_CONFIG, RunDir, recover
 from .stages import (
-    StageError, TrainSpec, count_parameters, parse_components, setup_trainable, siglip_tower,
+    StageError, TrainSpec, count_parameters, parse_components, setup_trainable,
     vision_trainable,
 )
 from .vision_cache import VisionFeatureCache, vision_model_key
@@ -229,21 +228,6 @@ def image_embeddings(model, vis, frozen_vision: bool):
     return model.aligner(feats)
 
 
-def hidden_states(model, input_ids, img):
-    """Final-norm hidden states ``[B, T, D]`` with image rows merged (flat over the batch)."""
-    lm = model.language_model
-    B, T = input_ids.shape
-    embeds = lm.model.embed_tokens(input_ids)
-    if img is not None:
-        M, I, D = img.shape
-        flat = merge_image_embeddings(
-            input_ids.reshape(1, B * T), embeds.reshape(1, B * T, -1), img.reshape(1, M, I, D),
-            model.image_token_id,
-        )
-        embeds = flat.reshape(B, T, -1)
-    return lm.model(input_ids, input_embeddings=embeds)
-
-
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Per-row ``logsumexp(logits) - logits[target]`` ([N, V] float32, [N] -> [N]).
 
@@ -263,10 +247,10 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
 def make_loss(frozen_vision: bool):
     def loss_fn(model, input_ids, vis, label_pos, label_ids, label_w, label_mm):
         img = None if vis is None else image_embeddings(model, vis, frozen_vision)
-        h = hidden_states(model, input_ids, img)
+        h = model.hidden_states(input_ids, img)
         B, T, D = h.shape
         hs = mx.take(h.reshape(B * T, D), label_pos, axis=0)  # [N, D]: only where a loss is taken
-        logits = lm_head(model.language_model, hs).astype(mx.float32)
+        logits = model.lm_head(hs).astype(mx.float32)
         ce = cross_entropy(logits, label_ids) * label_w
         ntoks = label_w.sum()
         loss = ce.sum() / ntoks
@@ -675,9 +659,9 @@ def _train_into(run: RunDir, cfg: TrainConfig, resume_path: Optional[Path], resu
     setup_trainable(model, spec)
     if cfg.grad_checkpoint:
         if "llm" in comps:
-            enable_grad_checkpoint(model.language_model.model.layers)
+            enable_grad_checkpoint(model.layers)
         if "siglip" in comps:
-            enable_grad_checkpoint(siglip_tower(model).blocks)
+            enable_grad_checkpoint(model.towers()["siglip"].blocks)
     n_train, n_total = count_parameters(model)
 
     schedule = lr_schedule(cfg.lr, iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio)

@@ -97,16 +97,6 @@ def parse_components(stage: int, train: Optional[str | Sequence[str]], hybrid: b
     return comps
 
 
-def siglip_tower(model) -> nn.Module:
-    vm = model.vision_model
-    return vm.vision_tower_low.vision_tower if hasattr(vm, "vision_tower_low") else vm.vision_tower
-
-
-def sam_tower(model) -> Optional[nn.Module]:
-    vm = model.vision_model
-    return vm.vision_tower_high.vision_tower if hasattr(vm, "vision_tower_high") else None
-
-
 def module_prefix(model, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
@@ -155,16 +145,14 @@ def adapter_paths(model, spec: TrainSpec) -> List[str]:
                              if g in groups or n.rsplit(".", 1)[-1] in groups)
 
     if "llm" in spec.components:
-        blocks("language_model.model.layers", len(model.language_model.model.layers), LLM_TARGETS,
+        blocks("language_model.model.layers", len(model.layers), LLM_TARGETS,
                spec.llm_layers)
-        if "lm_head" in groups and hasattr(model.language_model, "lm_head"):
+        if "lm_head" in groups and not model.tied_embeddings:
             paths.append("language_model.lm_head")
-    if "siglip" in spec.components:
-        tower = siglip_tower(model)
-        blocks(module_prefix(model, tower) + ".blocks", len(tower.blocks), SIGLIP_TARGETS, None)
-    if "sam" in spec.components:
-        tower = sam_tower(model)
-        blocks(module_prefix(model, tower) + ".blocks", len(tower.blocks), SAM_TARGETS, None)
+    towers = model.towers()
+    for name, targets in (("siglip", SIGLIP_TARGETS), ("sam", SAM_TARGETS)):
+        if name in spec.components:
+            blocks(module_prefix(model, towers[name]) + ".blocks", len(towers[name].blocks), targets, None)
     return paths
 
 
@@ -195,12 +183,11 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
     if spec.method == "full":
         if "llm" in comps:
             model.language_model.unfreeze()
-        if "siglip" in comps:
-            siglip_tower(model).unfreeze()
-        if "sam" in comps:
-            sam_tower(model).unfreeze()
+        for name in ("siglip", "sam"):
+            if name in comps:
+                model.towers()[name].unfreeze()
     if "sam" in comps or "sam-neck" in comps:
-        sam = sam_tower(model)
+        sam = model.towers()["sam"]
         for name in ("neck", "neck_hd", "downsamples"):
             for layer in getattr(sam, name):
                 layer.unfreeze()
@@ -214,10 +201,6 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
 
 def vision_trainable(spec: TrainSpec) -> bool:
     return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
-
-
-def trainable_names(model) -> List[str]:
-    return [k for k, _ in tree_flatten(model.trainable_parameters())]
 
 
 def count_parameters(model) -> Tuple[int, int]:
