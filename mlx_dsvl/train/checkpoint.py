@@ -3,7 +3,7 @@
 A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
 
 * ``adapters.safetensors`` + ``adapter_config.json`` -- the trained weights (so a checkpoint is
-  also a valid ``--adapter`` folder);
+  also a valid adapter folder);
 * ``optimizer.safetensors`` -- the optimizer state (AdamW moments, step, learning rate);
 * ``rng.safetensors`` -- MLX's global random state (LoRA dropout);
 * ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
@@ -42,7 +42,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class ResumeError(ValueError):
-    """A --resume folder that cannot be resumed from (missing, damaged, foreign model, other set-up)."""
+    """A `resume` folder that cannot be resumed from (missing, damaged, foreign model, other set-up)."""
 
 
 class CheckpointWriteError(OSError):
@@ -181,20 +181,20 @@ def _fallback(root: Path, below: Optional[int]) -> str:
         if (below is None or step_of(p) < below) and damage(p) is None:
             later = step_of(steps[-1]) > step_of(p)
             return (f"the newest intact checkpoint is step {step_of(p)}: continue from it with "
-                    f"--resume {p}" + (f" --force (which drops the later steps of {root.parent})"
+                    f"`resume` {p}" + (f" `force` (which drops the later steps of {root.parent})"
                                        if later else ""))
     return "no earlier checkpoint of this run is intact: start the run again"
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` is a checkpoint folder, or a run's ``--out`` folder (its latest checkpoint).
+    """``path`` is a checkpoint folder, or a run's output folder (its latest checkpoint).
 
     A damaged checkpoint or ``latest`` pointer is never replaced silently by another step: the
     error names the damage and the newest intact checkpoint to resume from instead.
     """
     p = Path(path)
     if not p.exists():
-        raise ResumeError(f"--resume {p}: no such folder")
+        raise ResumeError(f"`resume` {p}: no such folder")
     if (p / STATE).exists() or (STEP_DIR.fullmatch(p.name) and p.parent.name == "checkpoints"):
         why = damage(p)
         if why and run_of(p):
@@ -215,7 +215,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                 raise ResumeError(f"{why}; " + _fallback(root, step_of(cand)))
             return cand
     raise ResumeError(
-        f"--resume {p}: not a training checkpoint (expected {STATE}, or a run folder with "
+        f"`resume` {p}: not a training checkpoint (expected {STATE}, or a run folder with "
         f"checkpoints/{LATEST})"
     )
 

@@ -1,4 +1,4 @@
-"""``--cache-vision-features``: encode each image once while the vision towers are frozen.
+"""``cache_vision_features``: encode each image once while the vision towers are frozen.
 
 Keyed by the image file's SHA-256 and by a model key (architecture, vision weights digest,
 dtype and image size), so a changed image, another model or another dtype never reuses stale
