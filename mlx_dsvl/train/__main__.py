@@ -39,7 +39,7 @@ exit at once); resume with --resume OUT.
 exit status: 0 done, 1 bad input or set-up, 2 bad option, 3 stopped on a non-finite loss,
 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
-GROUPS = ("what to train", "data", "optimization", "output")
+GROUPS = ("what to train", "data", "optimization", "output", "evaluation")
 
 
 def _help(f) -> str:
@@ -62,6 +62,8 @@ def _add(group, f, hints) -> None:
     kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f))
     if kind is bool:
         kw["action"] = "store_false" if f.default else "store_true"
+    elif typing.get_origin(kind) is list:  # repeatable: --flag A --flag B
+        kw.update(action="append", type=typing.get_args(kind)[0], metavar=f.metadata["metavar"])
     else:
         kw.update(type=kind, choices=f.metadata["choices"], metavar=f.metadata["metavar"])
     flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")

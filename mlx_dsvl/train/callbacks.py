@@ -2,9 +2,9 @@
 that keep ``metrics.jsonl``, print progress and draw ``loss.png``.
 
 A callback sees every record the run reports (``on_train_loss_report`` for ``"train"`` records,
-``on_val_loss_report`` for ``"val"`` and ``"eval"`` ones), runs after each optimizer step
-(``on_step_end``; it may report records of its own through ``state.report``) and at the end
-(``on_train_end``, also when the run failed).  Callbacks that write files take ``writer``: with
+``on_val_loss_report`` for ``"val"`` and ``"eval"`` ones), runs before the first step
+(``on_train_begin``), after each optimizer step (``on_step_end``; both may report records of
+their own through ``state.report``) and at the end (``on_train_end``, also when the run failed).  Callbacks that write files take ``writer``: with
 several processes only one writes.
 """
 
@@ -27,6 +27,9 @@ class TrainingCallback:
     def on_val_loss_report(self, info: Dict) -> None:
         """A ``"val"`` (validation losses) or ``"eval"`` (benchmark accuracies) record."""
 
+    def on_train_begin(self, state) -> None:
+        """Before the first step of this session (``state.step``: the step it starts from)."""
+
     def on_step_end(self, state) -> None:
         """After optimizer step ``state.step`` (:class:`~mlx_dsvl.train.loop.LoopState`)."""
 
@@ -43,6 +46,10 @@ class CallbackList(TrainingCallback):
     def report(self, rec: Dict) -> None:
         for cb in self.callbacks:
             (cb.on_train_loss_report if rec.get("type") == "train" else cb.on_val_loss_report)(rec)
+
+    def on_train_begin(self, state) -> None:
+        for cb in self.callbacks:
+            cb.on_train_begin(state)
 
     def on_step_end(self, state) -> None:
         for cb in self.callbacks:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+from ..eval.runner import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE, METHODS as EVAL_METHODS
 from .schedule import ModalityMixer, plan_iters
 from .stages import ALIGNER_ONLY_LR, METHOD_LR, METHODS, STAGES, default_lr, get_stage
 
@@ -77,7 +78,7 @@ def _lr_rule() -> str:
 
 
 REQUIRED = "required unless `resume`"
-TRAIN, DATA, OPTIM, OUTPUT = "what to train", "data", "optimization", "output"
+TRAIN, DATA, OPTIM, OUTPUT, EVAL = "what to train", "data", "optimization", "output", "evaluation"
 
 
 @dataclass
@@ -165,7 +166,7 @@ class TrainConfig:
     resume: Optional[str] = option(
         help="continue exactly from a checkpoint folder or a run's `out` folder (its latest "
         "checkpoint), in that run's folder unless `out` is given (the run's options are reused; "
-        "`iters`/`epochs`, `out`, `save_every`, validation and output options may "
+        "`iters`/`epochs`, `out`, `save_every`, validation, evaluation and output options may "
         "change, the training set-up may not)", group=OUTPUT, metavar="DIR")
     force: bool = option(
         False, "replace the earlier run in `out` (kept until this run saves its first checkpoint), "
@@ -183,6 +184,18 @@ class TrainConfig:
                          check=_at_least(1), structural=True)
     plot: bool = option(True, "do not draw loss.png", group=OUTPUT, flag="--no-plot")
     quiet: bool = option(False, "no progress output", group=OUTPUT)
+    eval_data: Optional[List[str]] = option(
+        help="a benchmark to score the model on while it trains: MMBench TSV, JSONL or CSV (as "
+        "python -m mlx_dsvl.eval reads), e.g. a multimodal set and a text-only one to watch language "
+        "retention; NAME=FILE names it in metrics.jsonl (default: the file name); repeat for several",
+        group=EVAL, metavar="[NAME=]FILE")
+    eval_every: int = option(200, "score `eval_data` before the first step, every N steps and at the "
+                             "end (0: first and last only)", group=EVAL, check=_at_least(0))
+    eval_method: str = option("likelihood", "multiple choice answered by the options' likelihood or by "
+                              "greedy generation", group=EVAL, choices=EVAL_METHODS)
+    eval_limit: Optional[int] = option(help="score only the first N questions of each set", group=EVAL,
+                                       check=_at_least(1), default_text="all")
+    eval_batch_size: int = option(EVAL_BATCH_SIZE, "questions per batch", group=EVAL, check=_at_least(1))
 
 
 # Options that define what is trained and on which data: a resumed run must keep them.

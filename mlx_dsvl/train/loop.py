@@ -112,6 +112,7 @@ def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
     mx.reset_peak_memory()
     error = None
     try:
+        cbs.on_train_begin(state)
         while state.step < args.iters and not stop():
             tic = time.perf_counter()
             grad, loss_sum, ntoks, text_batches = None, 0.0, 0.0, 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .callbacks import METRICS, Console, MetricsLog, Plot, TrainingCallback
-from .evaluation import Validation, validation_losses
+from .evaluation import Evaluation, Validation, validation_losses
 from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
 from .loss import make_loss
 from .report import Progress, Window, fmt_time, note, start_line
@@ -58,7 +58,8 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
 
 def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn,
                        extra: Sequence[TrainingCallback] = ()) -> List[TrainingCallback]:
-    """metrics.jsonl, progress, validation, ``extra``, checkpoints, loss.png -- in that order."""
+    """metrics.jsonl, progress, validation, benchmarks, ``extra``, checkpoints, loss.png -- in
+    that order (a step's records are in the history before its checkpoint is saved)."""
     cfg, run, data = parts.cfg, parts.run, parts.data
     cbs: List[TrainingCallback] = [MetricsLog(run, parts.history, parts.writer),
                                    Console(log, parts.start_step, t_start)]
@@ -67,6 +68,9 @@ def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn
         cbs.append(Validation(lambda: validation_losses(parts.model, loss_fn, val_sets, parts.processor,
                                                         cfg.batch_size, cfg.val_batches, cfg.pad_to, parts.cache),
                               cfg.val_every, log.line))
+    if parts.eval_sets:
+        cbs.append(Evaluation(parts.model, parts.processor, parts.eval_sets, cfg.eval_every, cfg.eval_method,
+                              cfg.eval_batch_size, cfg.eval_limit, log.line))
     cbs += list(extra)
 
     def moved(folder: Path) -> None:  # the cache moves with a run that replaced an earlier one

@@ -18,6 +18,7 @@ from .batches import BatchProducer, BatchStream
 from .callbacks import METRICS
 from .config import STRUCTURAL, TrainConfig, mixer_of, resolve, validate_config
 from .data import Dataset, load_jsonl
+from .evaluation import EvalSet, read_eval_sets
 from .files import write_text_atomic
 from .loss import enable_grad_checkpoint
 from .report import warn
@@ -59,6 +60,7 @@ class TrainParts:
     meta: Dict  # what every checkpoint records: config, base-model fingerprint, data digests
     resume: Optional[Resume]
     n_params: Tuple[int, int]  # (trained, total)
+    eval_sets: List[EvalSet]  # eval_data, read
     writer: bool = True  # this process writes the run's files
 
 
@@ -203,6 +205,7 @@ def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded
     spec = training_spec(cfg, model)
     frozen_vision = not vision_trainable(spec)
     data = load_datasets(cfg, processor)
+    eval_sets = read_eval_sets(cfg.eval_data)
     main, text = data["data"], data["text_data"]
     streams = {"main": BatchStream(main.lengths, cfg.batch_size, cfg.seed, stream=0),
                "text": BatchStream(text.lengths, cfg.batch_size, cfg.seed, stream=1) if text else None}
@@ -234,4 +237,4 @@ def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded
     return TrainParts(
         cfg, run, model, processor, spec, frozen_vision, data, mixer, batches, optimizer, schedule, cache,
         start_step, history, adapter_config(model, spec, str(cfg.model), fingerprint),
-        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, writer)
+        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, eval_sets, writer)
