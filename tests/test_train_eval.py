@@ -91,6 +91,11 @@ def test_evaluation_leaves_training_and_resume_exact(tiny_dir, sets, tmp_path):
     assert len(plain) == 4 and plain == straight == resumed
     assert records(tmp_path / "straight", "eval") == records(tmp_path / "resumed", "eval")
     assert [r["step"] for r in records(tmp_path / "resumed", "eval")] == [0, 1, 2, 3, 4]
+    # a resumed run keeps its sets unless told otherwise: an empty eval_data scores none
+    train(TrainConfig(out=str(tmp_path / "noeval"), resume=str(resume_from), eval_data=[""], **common),
+          explicit=["out", "resume", "eval_data"])
+    assert [r["step"] for r in records(tmp_path / "noeval", "eval")] == [0, 1, 2]  # the checkpoint's
+    assert records(tmp_path / "noeval", "train") == plain
     weights = [mx.load(str(tmp_path / n / "adapters.safetensors")) for n in ("plain", "straight", "resumed")]
     for k in weights[0]:
         a = np.array(weights[0][k])

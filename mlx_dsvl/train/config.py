@@ -187,7 +187,8 @@ class TrainConfig:
     eval_data: Optional[List[str]] = option(
         help="a benchmark to score the model on while it trains: MMBench TSV, JSONL or CSV (as "
         "python -m mlx_dsvl.eval reads), e.g. a multimodal set and a text-only one to watch language "
-        "retention; NAME=FILE names it in metrics.jsonl (default: the file name); repeat for several",
+        "retention; NAME=FILE names it in metrics.jsonl (default: the file name); repeat for several; "
+        "an empty value scores none (a resumed run's sets are kept otherwise)",
         group=EVAL, metavar="[NAME=]FILE")
     eval_every: int = option(200, "score `eval_data` before the first step, every N steps and at the "
                              "end (0: first and last only)", group=EVAL, check=_at_least(0))

@@ -95,7 +95,7 @@ class EvalSet:
 def read_eval_sets(specs: Union[None, str, Sequence[str]]) -> List[EvalSet]:
     """Read each ``[NAME=]FILE`` once (a bad row raises :class:`~mlx_dsvl.eval.EvalDataError`
     naming the file and line; an image that cannot be decoded is a bad row)."""
-    specs = [specs] if isinstance(specs, str) else list(specs or [])
+    specs = [s for s in ([specs] if isinstance(specs, str) else list(specs or [])) if s]  # "": none
     sets: List[EvalSet] = []
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
