@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..eval.runner import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE, METHODS as EVAL_METHODS
+from ..loading import DTYPES
 from .schedule import ModalityMixer, plan_iters
 from .stages import ALIGNER_ONLY_LR, METHOD_LR, METHODS, STAGES, default_lr, get_stage
 
-DTYPES = ("float32", "float16", "bfloat16")
 WARMUP_MAX, WARMUP_DIVISOR = 100, 20  # default lr warm-up: min(100, iters / 20) steps
 VISION_LR_DIVISOR = 10  # default vision lr: the LLM's / 10 (the towers move more gently)
 
@@ -176,7 +176,7 @@ class TrainConfig:
                               check=((lambda v: v == -1 or v >= 1), "must be -1 (all) or >= 1"))
     steps_per_report: int = option(10, "steps between progress lines / metrics.jsonl records",
                                    group=OUTPUT, check=_at_least(1))
-    dtype: Optional[str] = option(help="model dtype", group=TRAIN, choices=DTYPES,
+    dtype: Optional[str] = option(help="model dtype", group=TRAIN, choices=list(DTYPES),
                                   default_text="float32 on CPU, bfloat16 on a GPU")
     compile: bool = option(True, "do not compile the training step (debugging)", group=OPTIM,
                            flag="--no-compile")

@@ -232,7 +232,7 @@ def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded
         write_text_atomic(run.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
 
     batches = BatchProducer(main, streams["main"], text, streams["text"], mixer, processor, cfg.grad_accum,
-                            cfg.pad_to, cfg.skip_bad, cache, model=model, prefetch=2)
+                            cfg.pad_to, cfg.skip_bad, cache, model=model)
     batches.micro = start_step * cfg.grad_accum
     return TrainParts(
         cfg, run, model, processor, spec, frozen_vision, data, mixer, batches, optimizer, schedule, cache,
