@@ -215,3 +215,22 @@ def test_cpu_attention_equals_fused_attention_values_and_gradients():
             assert mx.allclose(a, b, atol=1e-4).item()
     finally:
         mx.set_default_device(before)
+
+
+def test_training_accessors_match_the_forward_pass(tiny_hybrid_model):
+    """hidden_states + lm_head give the forward pass's logits, per-row or flat images; towers."""
+    model, proc = tiny_hybrid_model
+    rng = np.random.default_rng(3)
+    I, D = proc.num_image_tokens, model.config.language["hidden_size"]
+    ids = np.array([[100000, 5] + [model.image_token_id] * I + [6, 7]] * 2)
+    emb = mx.array(rng.standard_normal((2, 1, I, D)).astype(np.float32))
+    want = model(mx.array(ids), image_embeds=emb)
+    h = model.hidden_states(mx.array(ids), image_embeds=emb)
+    np.testing.assert_array_equal(np.array(model.lm_head(h)), np.array(want))
+    flat = model.hidden_states(mx.array(ids), image_embeds=emb.reshape(2, I, D))  # [M, I, D]
+    np.testing.assert_array_equal(np.array(flat), np.array(h))
+    towers = model.towers()
+    assert set(towers) == {"siglip", "sam"}
+    assert towers["siglip"] is model.vision_model.vision_tower_low.vision_tower
+    assert towers["sam"] is model.vision_model.vision_tower_high.vision_tower
+    assert not model.tied_embeddings

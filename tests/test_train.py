@@ -18,8 +18,9 @@ import mlx_dsvl
 from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train.__main__ import build_parser, main as train_main
 from mlx_dsvl.train.checkpoint import ResumeError
-from mlx_dsvl.train.data import IGNORE, DataError, collate, load_jsonl, tokenize_chat, tokenize_text
-from mlx_dsvl.train.loop import ModalityMixer
+from mlx_dsvl.train.batches import collate
+from mlx_dsvl.train.data import IGNORE, DataError, load_jsonl, tokenize_chat, tokenize_text
+from mlx_dsvl.train.schedule import ModalityMixer
 from mlx_dsvl.train.stages import StageError
 from mlx_dsvl.train.synthetic import write_shapes_dataset
 
@@ -139,7 +140,7 @@ def test_long_examples_skip_policy_and_warning(chat_processor, shapes_data, tmp_
                  + json.dumps(short) + "\n")
     ds = load_jsonl(f, chat_processor, 100, long_policy="skip")
     assert len(ds) == 1 and ds[0].kind == "chat" and not ds[0].images
-    assert "skipped 1 example(s) longer than --max-seq-len 100" in capsys.readouterr().err
+    assert "skipped 1 example(s) longer than `max_seq_len` 100" in capsys.readouterr().err
     ds = load_jsonl(f, chat_processor, 100, long_policy="truncate")
     # Truncated before the image: the image example has no answer left -> skipped as empty.
     assert len(ds) == 1 and ds.stats.skipped_empty and ds.stats.truncated
@@ -322,7 +323,7 @@ def test_resume_refuses_another_model_or_setup(tiny_dir, tiny_hybrid_dir, shapes
     with pytest.raises(ResumeError, match="other base weights"):
         train(cfg(model=str(other), out=str(tmp_path / "r2"), resume=str(out)),
               explicit=["model", "out", "resume"])
-    with pytest.raises(ResumeError, match="--stage 2 differs"):
+    with pytest.raises(ResumeError, match="`stage` 2 differs"):
         train(cfg(stage=2, out=str(tmp_path / "r3"), resume=str(out)), explicit=["stage", "out", "resume"])
     with pytest.raises(ResumeError, match="not a training checkpoint"):
         train(cfg(out=str(tmp_path / "r4"), resume=str(tmp_path)), explicit=["out", "resume"])

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..config import IMAGE_TOKEN_ID, ModelConfig
 from .aligner import MlpProjector
-from .vision import build_vision_tower, normalize
+from .vision import HybridVisionTower, build_vision_tower, normalize
 
 # Tensors present in the released checkpoints that the model never uses.
 UNUSED_PREFIXES = ("vision_model.high_layer_norm.", "vision_model.low_layer_norm.")
@@ -172,6 +172,40 @@ class DeepseekVL(nn.Module):
             pad = (attention_mask.shape[1] - attention_mask.sum(axis=1)).tolist()
             cache = [BatchKVCache(pad) for _ in self.language_model.layers]
         return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
+
+    # -- what training needs ------------------------------------------------------------------
+    def towers(self) -> Dict[str, nn.Module]:
+        """The vision transformers by name: ``{"siglip": ...}``, plus ``"sam"`` in the hybrid."""
+        vm = self.vision_model
+        if isinstance(vm, HybridVisionTower):
+            return {"siglip": vm.vision_tower_low.vision_tower, "sam": vm.vision_tower_high.vision_tower}
+        return {"siglip": vm.vision_tower}
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """True when the LLM's output projection is its embedding matrix (no own ``lm_head``)."""
+        return bool(getattr(self.language_model.args, "tie_word_embeddings", False))
+
+    def hidden_states(self, input_ids: mx.array, image_embeds: Optional[mx.array] = None) -> mx.array:
+        """Final-norm hidden states ``[B, T, D]`` (apply :meth:`lm_head` for logits).
+
+        ``image_embeds``: ``[B, N, I, D]`` per row, or ``[M, I, D]``: the batch's images in row
+        order, however many each row has (a training batch), merged as if the rows were one.
+        """
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if image_embeds is not None and image_embeds.ndim == 3:
+            B, T = input_ids.shape
+            M, I, D = image_embeds.shape
+            flat = merge_image_embeddings(input_ids.reshape(1, B * T), embeds.reshape(1, B * T, -1),
+                                          image_embeds.reshape(1, M, I, D), self.image_token_id)
+            embeds = flat.reshape(B, T, -1)
+        elif image_embeds is not None:
+            embeds = merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id)
+        return self.language_model.model(input_ids, input_embeddings=embeds)
+
+    def lm_head(self, h: mx.array) -> mx.array:
+        """Hidden states ``[..., D]`` -> logits ``[..., vocab]``."""
+        return lm_head(self.language_model, h)
 
     def make_cache(self) -> List[KVCache]:
         return self.language_model.make_cache()

@@ -1,11 +1,15 @@
 """Training: ``python -m mlx_dsvl.train --stage {1,2,3}`` (the DeepSeek-VL recipe).
 
-Modules: ``data`` (JSONL -> tokenized examples with loss masks -> batches), ``stages`` (what each
-stage trains; LoRA/DoRA/QLoRA/full), ``loop`` (loss, compiled step, schedule, mixing,
-validation, logging), ``checkpoint`` (atomic save, integrity check, exact resume), ``rundir``
-(the output folder: no clobbering, ``--force`` replaces atomically), ``files`` (atomic writes),
-``adapters`` (save, load, fuse), ``vision_cache`` (``--cache-vision-features``), ``plot``
-(loss.png).
+Modules: ``config`` (every option: default, help, range; derived defaults), ``stages`` (one
+declaration per stage; what trains, LoRA/DoRA/QLoRA/full), ``data`` (JSONL -> tokenized examples
+with loss masks -> batch indices), ``batches`` (mixed, prefetched micro-batches), ``schedule``
+(learning rate, modality mix, run length), ``loss`` (loss, gradient checkpointing), ``setup``
+(model, data, optimizer, resume state -> the parts), ``loop`` (the compiled step and the loop,
+with callbacks), ``callbacks`` / ``evaluation`` / ``saving`` / ``report`` / ``plot`` (metrics,
+progress, validation, checkpoints, loss.png), ``run`` (``train``: all of it), ``checkpoint``
+(atomic save, integrity check, exact resume), ``rundir`` (the output folder: no clobbering,
+``force`` replaces atomically), ``files`` (atomic writes), ``signals`` (stop at a step
+boundary), ``adapters`` (save, load, fuse), ``vision_cache`` (``cache_vision_features``).
 
 Python API::
 
@@ -17,7 +21,9 @@ Python API::
 
 from .adapters import AdapterError, fuse_adapters, load_adapters
 from .data import DataError
-from .loop import TrainConfig, TrainingStopped, TrainResult, train
+from .config import TrainConfig
+from .loop import TrainingStopped
+from .run import TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingStopped", "train", "load_adapters",
            "fuse_adapters", "AdapterError", "DataError"]

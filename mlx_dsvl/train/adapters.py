@@ -175,10 +175,3 @@ def fuse_adapters(model, dequantize: bool = False):
     if fused:
         model.update_modules(tree_unflatten(fused))
     return model
-
-
-def dequantize(model):
-    """Turn every quantized Linear / Embedding into its float version (in place)."""
-    from mlx_lm.utils import dequantize_model
-
-    return dequantize_model(model)

@@ -3,7 +3,7 @@
 A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
 
 * ``adapters.safetensors`` + ``adapter_config.json`` -- the trained weights (so a checkpoint is
-  also a valid ``--adapter`` folder);
+  also a valid adapter folder);
 * ``optimizer.safetensors`` -- the optimizer state (AdamW moments, step, learning rate);
 * ``rng.safetensors`` -- MLX's global random state (LoRA dropout);
 * ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
@@ -17,7 +17,6 @@ checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..faults import fault_point
+from ..utils import file_digest
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
 from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
 
@@ -42,7 +42,7 @@ STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class ResumeError(ValueError):
-    """A --resume folder that cannot be resumed from (missing, damaged, foreign model, other set-up)."""
+    """A `resume` folder that cannot be resumed from (missing, damaged, foreign model, other set-up)."""
 
 
 class CheckpointWriteError(OSError):
@@ -73,11 +73,7 @@ def list_checkpoints(out: str | os.PathLike) -> List[Path]:
 
 
 def _digest(path: Path) -> Dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
 def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict) -> None:
@@ -185,20 +181,20 @@ def _fallback(root: Path, below: Optional[int]) -> str:
         if (below is None or step_of(p) < below) and damage(p) is None:
             later = step_of(steps[-1]) > step_of(p)
             return (f"the newest intact checkpoint is step {step_of(p)}: continue from it with "
-                    f"--resume {p}" + (f" --force (which drops the later steps of {root.parent})"
+                    f"`resume` {p}" + (f" `force` (which drops the later steps of {root.parent})"
                                        if later else ""))
     return "no earlier checkpoint of this run is intact: start the run again"
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` is a checkpoint folder, or a run's ``--out`` folder (its latest checkpoint).
+    """``path`` is a checkpoint folder, or a run's output folder (its latest checkpoint).
 
     A damaged checkpoint or ``latest`` pointer is never replaced silently by another step: the
     error names the damage and the newest intact checkpoint to resume from instead.
     """
     p = Path(path)
     if not p.exists():
-        raise ResumeError(f"--resume {p}: no such folder")
+        raise ResumeError(f"`resume` {p}: no such folder")
     if (p / STATE).exists() or (STEP_DIR.fullmatch(p.name) and p.parent.name == "checkpoints"):
         why = damage(p)
         if why and run_of(p):
@@ -219,7 +215,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                 raise ResumeError(f"{why}; " + _fallback(root, step_of(cand)))
             return cand
     raise ResumeError(
-        f"--resume {p}: not a training checkpoint (expected {STATE}, or a run folder with "
+        f"`resume` {p}: not a training checkpoint (expected {STATE}, or a run folder with "
         f"checkpoints/{LATEST})"
     )
 

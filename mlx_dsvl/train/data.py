@@ -1,4 +1,4 @@
-"""Training data: JSONL -> tokenized examples with loss masks -> length-bucketed batches.
+"""Training data: JSONL -> tokenized examples with loss masks (batched in :mod:`.batches`).
 
 One JSON object per line; image paths are relative to the JSONL file (absolute paths work too).
 Three kinds of line are accepted:
@@ -34,15 +34,16 @@ Bad input:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
+
+from ..utils import common_prefix
+from .report import warn
 
 IGNORE = -100
 IMAGE_TAG = "<image_placeholder>"
@@ -112,23 +113,7 @@ class Dataset:
         return [e.length for e in self.examples]
 
 
-def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- tokenization with loss masks ------------------------------------------------------------
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(a.shape[0], b.shape[0])
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(a[:n] != b[:n])
-    return int(diff[0]) if diff.size else n
 
 
 def _check_alternation(messages: Sequence[Mapping[str, Any]]) -> None:
@@ -159,8 +144,8 @@ def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.
         before, after = processor.format(messages[:j]), processor.format(messages[: j + 1])
         if not (full.startswith(before) and full.startswith(after)):  # template invariant
             raise ValueError("internal error: the chat template is not prefix-stable")
-        start = _common_prefix(processor.tokenize(before), ids)
-        end = _common_prefix(processor.tokenize(after), ids)
+        start = common_prefix(processor.tokenize(before), ids)
+        end = common_prefix(processor.tokenize(after), ids)
         labels[start:end] = ids[start:end]
     labels[ids == processor.image_token_id] = IGNORE
     return ids, labels
@@ -291,10 +276,6 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
     return Example(ids.astype(np.int32), labels.astype(np.int32), images, where, kind)
 
 
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
-
-
 def load_jsonl(
     path: str | os.PathLike,
     processor,
@@ -356,9 +337,9 @@ def _why_no_examples(s: DataStats, max_seq_len: int) -> str:
         return "no examples (the file is empty or has only blank lines)"
     why = []
     if s.skipped_bad:
-        why.append(f"{len(s.skipped_bad)} bad (skipped by --skip-bad; first: {s.skipped_bad[0]})")
+        why.append(f"{len(s.skipped_bad)} bad (skipped by `skip_bad`; first: {s.skipped_bad[0]})")
     if s.skipped_long:
-        why.append(f"{len(s.skipped_long)} longer than --max-seq-len {max_seq_len} (first: {s.skipped_long[0]})")
+        why.append(f"{len(s.skipped_long)} longer than `max_seq_len` {max_seq_len} (first: {s.skipped_long[0]})")
     if s.skipped_empty:
         why.append(f"{len(s.skipped_empty)} with nothing to learn: no assistant answer or text "
                    f"(first: {s.skipped_empty[0]})")
@@ -370,135 +351,16 @@ def report_stats(name: str, s: DataStats, max_seq_len: int, long_policy: str) ->
         return f" (first: {items[0]})" if items else ""
 
     if s.skipped_bad:
-        _warn(f"{name}: skipped {len(s.skipped_bad)} bad line(s) (--skip-bad){first(s.skipped_bad)}")
+        warn(f"{name}: skipped {len(s.skipped_bad)} bad line(s) (`skip_bad`){first(s.skipped_bad)}")
     if s.truncated:
-        _warn(
-            f"{name}: truncated {len(s.truncated)} example(s) longer than --max-seq-len "
+        warn(
+            f"{name}: truncated {len(s.truncated)} example(s) longer than `max_seq_len` "
             f"{max_seq_len} (never inside an image){first(s.truncated)}"
         )
     if s.skipped_long:
-        _warn(
-            f"{name}: skipped {len(s.skipped_long)} example(s) longer than --max-seq-len "
+        warn(
+            f"{name}: skipped {len(s.skipped_long)} example(s) longer than `max_seq_len` "
             f"{max_seq_len}{first(s.skipped_long)}"
         )
     if s.skipped_empty:
-        _warn(f"{name}: skipped {len(s.skipped_empty)} example(s) with no loss token{first(s.skipped_empty)}")
-
-
-# -- batching ---------------------------------------------------------------------------------
-
-
-class BatchStream:
-    """Endless, deterministic, length-bucketed batches of example indices over one dataset.
-
-    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, grouped
-    by length class inside windows of ``bucket_window`` batches, cut into batches, and the batch
-    order is shuffled.  A length class spans a factor ``bucket_ratio`` (1.25: lengths within
-    25% of each other), and examples of one class stay in random order.  So a batch holds
-    similar lengths and little padding, but is not sorted by exact length: that would group
-    examples by content (the length of an answer says which answer it is) and bias every step.
-    The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
-                 bucket_window: int = 16, bucket_ratio: float = 1.25):
-        if batch_size < 1:
-            raise ValueError("batch size must be >= 1")
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.buckets = np.floor(np.log(np.maximum(self.lengths, 1)) / np.log(bucket_ratio)).astype(np.int64)
-        self.batch_size = int(batch_size)
-        self.seed, self.stream, self.window = int(seed), int(stream), int(bucket_window)
-        self.epoch, self.index = 0, 0
-        self._cache: Tuple[int, List[np.ndarray]] = (-1, [])
-
-    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
-        if self._cache[0] == epoch:
-            return self._cache[1]
-        rng = np.random.default_rng([self.seed, self.stream, epoch])
-        perm = rng.permutation(len(self.lengths))
-        span = self.batch_size * max(1, self.window)
-        batches = []
-        for w in range(0, len(perm), span):
-            chunk = perm[w : w + span]
-            if self.window > 0:
-                chunk = chunk[np.argsort(self.buckets[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        order = rng.permutation(len(batches))
-        batches = [batches[i] for i in order]
-        self._cache = (epoch, batches)
-        return batches
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
-
-    def next(self) -> np.ndarray:
-        batches = self.epoch_batches(self.epoch)
-        b = batches[self.index]
-        self.index += 1
-        if self.index >= len(batches):
-            self.epoch, self.index = self.epoch + 1, 0
-        return b
-
-    def state(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state(self, s: Mapping[str, int]) -> None:
-        self.epoch, self.index = int(s["epoch"]), int(s["index"])
-
-
-@dataclass
-class Batch:
-    """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
-
-    ``input_ids`` [B, T] is right-padded (causal attention makes the padding invisible to real
-    tokens).  The loss is taken only where it is needed: ``label_pos`` [N] holds flat indices
-    ``b * T + t - 1`` of the positions whose logits predict ``label_ids`` [N]; ``label_w`` [N] is
-    1 for real targets and 0 for padding (N is rounded up to limit recompilation);
-    ``label_mm`` [N] marks targets of examples that have images.
-    """
-
-    input_ids: np.ndarray
-    label_pos: np.ndarray
-    label_ids: np.ndarray
-    label_w: np.ndarray
-    label_mm: np.ndarray
-    images: List[str]  # flat, in order of the image runs (row by row)
-    sources: List[str]
-    n_tokens: int  # real (unpadded) tokens
-    n_targets: int
-    multimodal: int  # examples with images
-    text: int  # examples without images
-
-
-def _round_up(n: int, m: int) -> int:
-    return max(m, -(-n // m) * m) if m > 1 else max(n, 1)
-
-
-def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pad_to: int = 16) -> Batch:
-    B = len(examples)
-    T = _round_up(max(e.length for e in examples), pad_to)
-    ids = np.full((B, T), pad_id, dtype=np.int32)
-    pos, tgt, mm = [], [], []
-    images: List[str] = []
-    for b, e in enumerate(examples):
-        ids[b, : e.length] = e.ids
-        t = np.flatnonzero(e.labels != IGNORE)
-        t = t[t > 0]
-        pos.append(b * T + t - 1)
-        tgt.append(e.labels[t])
-        mm.append(np.full(t.shape, float(e.has_images), np.float32))
-        images += e.images
-    pos = np.concatenate(pos).astype(np.int32)
-    n = pos.shape[0]
-    N = _round_up(n, label_pad_to)
-    label_pos = np.zeros((N,), np.int32)
-    label_ids = np.zeros((N,), np.int32)
-    label_w = np.zeros((N,), np.float32)
-    label_mm = np.zeros((N,), np.float32)
-    label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
-    return Batch(
-        ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
-        n_tokens=sum(e.length for e in examples), n_targets=n,
-        multimodal=sum(e.has_images for e in examples), text=sum(not e.has_images for e in examples),
-    )
+        warn(f"{name}: skipped {len(s.skipped_empty)} example(s) with no loss token{first(s.skipped_empty)}")

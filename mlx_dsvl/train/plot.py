@@ -1,8 +1,10 @@
-"""A loss-curve PNG drawn with Pillow (no matplotlib dependency)."""
+"""``loss.png`` drawn with Pillow (no matplotlib dependency): the loss curves, and beside them,
+when the run scores benchmarks (``eval_data``), one accuracy curve per set."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -16,6 +18,10 @@ SERIES = (
     ("val_loss_mm", "val multimodal", (23, 190, 207)),
     ("val_loss_text", "val text", (148, 103, 189)),
 )
+EVAL_COLORS = ((255, 127, 14), (31, 119, 180), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127))
+EVAL_KEY = re.compile(r"eval_(.+)_acc")
+Points = List[Tuple[float, float]]
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
@@ -33,62 +39,87 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
     return ticks
 
 
-def plot_losses(records: Sequence[Dict], path: str | Path, title: str = "training loss",
-                size: Tuple[int, int] = (900, 540)) -> Optional[Path]:
-    """Draw train/val loss curves from ``metrics.jsonl``-style records; returns the path."""
-    series: Dict[str, List[Tuple[float, float]]] = {k: [] for k, _, _ in SERIES}
+def _points(records: Sequence[Dict], key: str) -> Points:
+    out = []
     for r in records:
-        for k in series:
-            v = r.get(k)
-            if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
-                series[k].append((float(r["step"]), float(v)))
-    points = [p for s in series.values() for p in s]
-    if not points:
-        return None
-    W, H = size
-    left, right, top, bottom = 70, 20, 40, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    x0, x1 = min(xs), max(xs)
+        v = r.get(key)
+        if v is not None and isinstance(v, (int, float)) and math.isfinite(v):
+            out.append((float(r["step"]), float(v)))
+    return out
+
+
+def _panel(img: Image.Image, box: Tuple[int, int, int, int], title: str,
+           curves: Sequence[Tuple[str, Tuple[int, int, int], Points, bool]],
+           y_range: Optional[Tuple[float, float]] = None) -> None:
+    """Curves ``(label, colour, points, dots)`` in ``box`` (left, top, right, bottom) of ``img``."""
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    x_left, y_top, x_right, y_bottom = box
+    left, right, top, bottom = x_left + 70, x_right - 20, y_top + 40, y_bottom - 60
+    points = [p for _, _, pts, _ in curves for p in pts]
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
-    y0, y1 = min(ys), max(ys)
-    pad = 0.05 * (y1 - y0 or 1.0)
-    y0, y1 = y0 - pad, y1 + pad
+    if y_range is None:
+        y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+        pad = 0.05 * (y1 - y0 or 1.0)
+        y0, y1 = y0 - pad, y1 + pad
+    else:
+        y0, y1 = y_range
 
     def px(x: float, y: float) -> Tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (W - left - right),
-                top + (y1 - y) / (y1 - y0) * (H - top - bottom))
+        return (left + (x - x0) / (x1 - x0) * (right - left), top + (y1 - y) / (y1 - y0) * (bottom - top))
 
-    d.rectangle([left, top, W - right, H - bottom], outline=(120, 120, 120))
+    d.rectangle([left, top, right, bottom], outline=(120, 120, 120))
     for t in _nice_ticks(y0, y1):
         _, y = px(x0, t)
-        d.line([left, y, W - right, y], fill=(230, 230, 230))
-        d.text((5, y - 6), f"{t:.3g}", fill=(60, 60, 60), font=font)
+        d.line([left, y, right, y], fill=(230, 230, 230))
+        d.text((x_left + 5, y - 6), f"{t:.3g}", fill=(60, 60, 60), font=font)
     for t in _nice_ticks(x0, x1):
         x, _ = px(t, y0)
-        d.line([x, top, x, H - bottom], fill=(230, 230, 230))
-        d.text((x - 10, H - bottom + 6), f"{t:g}", fill=(60, 60, 60), font=font)
-    d.text((W // 2 - 15, H - 25), "step", fill=(0, 0, 0), font=font)
-    d.text((left, 12), title, fill=(0, 0, 0), font=font)
-    legend_x = W - right - 150
-    ly = top + 8
-    for key, label, color in SERIES:
-        pts = series[key]
-        if not pts:
-            continue
+        d.line([x, top, x, bottom], fill=(230, 230, 230))
+        d.text((x - 10, bottom + 6), f"{t:g}", fill=(60, 60, 60), font=font)
+    d.text(((left + right) // 2 - 15, y_bottom - 25), "step", fill=(0, 0, 0), font=font)
+    d.text((left, y_top + 12), title, fill=(0, 0, 0), font=font)
+    legend_x, ly = right - 200, top + 8
+    for label, color, pts, dots in curves:
         coords = [px(x, y) for x, y in pts]
         if len(coords) > 1:
             d.line(coords, fill=color, width=2)
-        if key.startswith("val") or len(coords) == 1:
+        if dots or len(coords) == 1:
             for cx, cy in coords:
                 d.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
         d.line([legend_x, ly + 6, legend_x + 20, ly + 6], fill=color, width=3)
         d.text((legend_x + 26, ly), label, fill=(0, 0, 0), font=font)
         ly += 16
+
+
+def eval_curves(records: Sequence[Dict]):
+    """One accuracy curve per benchmark set of the ``"eval"`` records, labelled with its kind."""
+    evals = [r for r in records if r.get("type") == "eval"]
+    names = list(dict.fromkeys(m.group(1) for r in evals for k in r if (m := EVAL_KEY.fullmatch(k))))
+    curves = []
+    for i, name in enumerate(names):
+        kind = next((r[f"eval_{name}_kind"] for r in evals if f"eval_{name}_kind" in r), None)
+        label = f"{name} ({kind})" if kind else name
+        curves.append((label, EVAL_COLORS[i % len(EVAL_COLORS)], _points(evals, f"eval_{name}_acc"), True))
+    return [c for c in curves if c[2]]
+
+
+def plot_losses(records: Sequence[Dict], path: str | Path, title: str = "training loss",
+                size: Tuple[int, int] = (900, 540)) -> Optional[Path]:
+    """Draw ``metrics.jsonl``-style records: losses, and accuracies beside them if any were
+    scored (the image is then twice as wide); returns the path (None: nothing to draw)."""
+    losses = [(label, color, _points(records, key), key.startswith("val")) for key, label, color in SERIES]
+    losses = [c for c in losses if c[2]]
+    accuracies = eval_curves(records)
+    if not losses and not accuracies:
+        return None
+    W, H = size
+    panels = [p for p in ((title, losses, None), ("benchmark accuracy (eval_data)", accuracies, (0.0, 1.0)))
+              if p[1]]
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    for i, (name, curves, y_range) in enumerate(panels):
+        _panel(img, (i * W, 0, (i + 1) * W, H), name, curves, y_range)
     path = Path(path)
     img.save(path)
     return path

@@ -37,7 +37,7 @@ def is_run(folder: Path) -> bool:
 
 
 def _sibling(out: Path, kind: str, pid) -> Path:
-    """The hidden folder ``.OUT.{kind}-PID`` beside ``out`` (resolved: ``--out .`` has no name)."""
+    """The hidden folder ``.OUT.{kind}-PID`` beside ``out`` (resolved: ``.`` has no name)."""
     out = out.resolve()
     return out.parent / f".{out.name}.{kind}-{pid}"
 
@@ -91,7 +91,7 @@ class RunDir:
         """Decide where a run into ``out`` writes (``resume``: the checkpoint it continues)."""
         recover(out)
         if out.exists() and not out.is_dir():
-            raise OutputError(f"--out {out} is a file, not a folder")
+            raise OutputError(f"`out` {out} is a file, not a folder")
         if not out.exists() or not any(out.iterdir()):
             return cls(out)
         own = resume is not None and run_of(resume) is not None and run_of(resume).resolve() == out.resolve()
@@ -99,20 +99,20 @@ class RunDir:
             later = [step_of(p) for p in list_checkpoints(out) if step_of(p) > step_of(resume)]
             if later and not force:
                 raise OutputError(
-                    f"--out {out} has checkpoints after step {step_of(resume)} (up to step "
+                    f"`out` {out} has checkpoints after step {step_of(resume)} (up to step "
                     f"{max(later)}); continuing from step {step_of(resume)} there drops them: add "
-                    f"--force to do so, or give another --out")
+                    f"`force` to do so, or give another `out`")
             return cls(out)
         if not is_run(out):
-            raise OutputError(f"--out {out} is not empty and holds no training run; choose a new or "
+            raise OutputError(f"`out` {out} is not empty and holds no training run; choose a new or "
                               f"empty folder")
         if not force:
             raise OutputError(
-                f"--out {out} holds an earlier training run ({_describe(out)}): continue it with "
-                f"--resume {out}, or replace it with --force (it is kept until the new run saves "
+                f"`out` {out} holds an earlier training run ({_describe(out)}): continue it with "
+                f"`resume` {out}, or replace it with `force` (it is kept until the new run saves "
                 f"its first checkpoint)")
         if Path.cwd().resolve().is_relative_to(out.resolve()):
-            raise OutputError(f"--force cannot replace {out}: it holds the current folder; run from "
+            raise OutputError(f"`force` cannot replace {out}: it holds the current folder; run from "
                               f"another folder")
         return cls(out, _sibling(out, "new", os.getpid()))
 

@@ -1,25 +1,22 @@
-"""What each training stage trains, and how (LoRA, DoRA, QLoRA or full).
+"""The training stages (one declaration each), and what they train and how.
 
-The paper's recipe (REFERENCE.md, "Training recipe"):
+The paper's recipe: stage 1 trains the aligner (vision encoders and LLM frozen) on image-text
+pairs; stage 2 the aligner and the LLM (vision encoders frozen) on image-text pairs mixed with
+text-only data; stage 3 the aligner, the LLM and SigLIP (SAM-B frozen) on chat data.  Adding a
+stage is adding a :class:`Stage` to :data:`STAGES`: the CLI's choices and help come from it.
 
-======  ==========================  =============================================
-stage   trained                     frozen
-======  ==========================  =============================================
-1       aligner                     both vision encoders, LLM
-2       aligner + LLM               vision encoders (mixed with text-only data)
-3       aligner + LLM + SigLIP      SAM-B
-======  ==========================  =============================================
-
-``--train`` overrides the set with any of :data:`COMPONENTS`.  ``--method`` applies to the
-transformer blocks of the LLM and of the vision towers that are trained: ``lora`` / ``dora``
-wrap their ``Linear`` layers with mlx-lm's ``LoRALinear`` / ``DoRALinear`` (on a quantized LLM
-this is QLoRA: the wrapped ``QuantizedLinear`` stays frozen and quantized), ``full`` trains every
-weight.  The aligner and SAM's neck / downsamples (``sam-neck``) are always trained in full.
+The ``train`` option overrides a stage's set with any of :data:`COMPONENTS`.  ``method`` applies
+to the transformer blocks of the LLM and of the vision towers that are trained: ``lora`` /
+``dora`` wrap their ``Linear`` layers with mlx-lm's ``LoRALinear`` / ``DoRALinear`` (on a
+quantized LLM this is QLoRA: the wrapped ``QuantizedLinear`` stays frozen and quantized),
+``full`` trains every weight.  The aligner and SAM's neck / downsamples (``sam-neck``) are always
+trained in full.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import mlx.nn as nn
@@ -28,12 +25,58 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
 COMPONENTS = ("aligner", "llm", "siglip", "sam", "sam-neck")
-STAGE_DEFAULTS: Dict[int, Tuple[str, ...]] = {
-    1: ("aligner",),
-    2: ("aligner", "llm"),
-    3: ("aligner", "llm", "siglip"),
-}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the recipe and the defaults it implies."""
+
+    number: int
+    name: str
+    components: Tuple[str, ...]  # what trains unless the ``train`` option overrides it
+    frozen: str  # what stays frozen (for the help)
+    data: str  # the data it is meant for (for the help)
+    text_ratio: float  # share of text-only batches once warmed up (with text-only data)
+    modality_warmup: Fraction = Fraction(0)  # default warm-up, as a share of the run's steps
+
+    def warmup_steps(self, run_steps: int) -> int:
+        """The default modality warm-up of a run of about ``run_steps`` steps."""
+        return max(0, int(run_steps * self.modality_warmup))
+
+    def describe(self) -> str:
+        mix = f"text share {self.text_ratio:g} with text-only data"
+        if self.modality_warmup:
+            mix += f", reached after a modality warm-up of {self.modality_warmup} of the run"
+        return (f"{self.name}: trains {' + '.join(self.components)} ({self.frozen} frozen); "
+                f"{self.data}; {mix}")
+
+
+STAGES: Tuple[Stage, ...] = (
+    Stage(1, "adaptor warm-up", ("aligner",), "vision encoders and LLM", "image-text pairs", 0.7),
+    Stage(2, "joint pre-training", ("aligner", "llm"), "vision encoders",
+          "image-text pairs mixed with text-only data", 0.7, Fraction(1, 5)),
+    Stage(3, "supervised fine-tuning", ("aligner", "llm", "siglip"), "SAM-B",
+          "chat data, text-only data optional", 0.48),
+)
+
+
+def get_stage(number: int) -> Stage:
+    for stage in STAGES:
+        if stage.number == number:
+            return stage
+    raise StageError(f"`stage` must be one of {', '.join(str(s.number) for s in STAGES)}, got {number}")
+
+
 METHODS = ("lora", "dora", "full")
+# Peak learning rates by what trains: the aligner alone, else by the method.
+ALIGNER_ONLY_LR = 1e-3
+METHOD_LR = {"lora": 1e-4, "dora": 1e-4, "full": 2e-5}
+
+
+def default_lr(components: Sequence[str], method: str) -> float:
+    return ALIGNER_ONLY_LR if tuple(components) == ("aligner",) else METHOD_LR[method]
+
+
 # LoRA targets: names of Linear layers inside the transformer blocks.
 LLM_TARGETS = {
     "attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
@@ -58,12 +101,12 @@ class TrainSpec:
 
     stage: int
     components: Tuple[str, ...]
-    method: str = "lora"
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-    targets: Tuple[str, ...] = ("attn", "mlp")
-    llm_layers: Optional[int] = None  # adapt the last N LLM blocks (None = all)
+    method: str
+    rank: int
+    scale: float
+    dropout: float
+    targets: Tuple[str, ...]
+    llm_layers: Optional[int]  # adapt the last N LLM blocks (None = all)
 
     def to_dict(self) -> Dict:
         return {
@@ -74,37 +117,26 @@ class TrainSpec:
 
 
 def parse_components(stage: int, train: Optional[str | Sequence[str]], hybrid: bool) -> Tuple[str, ...]:
-    """Resolve ``--train`` (comma list or None for the stage default) against the model."""
-    if stage not in STAGE_DEFAULTS:
-        raise StageError(f"--stage must be 1, 2 or 3, got {stage}")
+    """Resolve the ``train`` option (comma list or None for the stage's set) against the model."""
     if train is None or train == "":
-        comps = STAGE_DEFAULTS[stage]
+        comps = get_stage(stage).components
     else:
+        get_stage(stage)
         items = train.split(",") if isinstance(train, str) else list(train)
         comps = tuple(dict.fromkeys(c.strip().lower() for c in items if c.strip()))
         unknown = [c for c in comps if c not in COMPONENTS]
         if unknown:
             raise StageError(
-                f"--train: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
+                f"`train`: unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}"
             )
         if not comps:
-            raise StageError("--train names no component")
+            raise StageError("`train` names no component")
     if not hybrid and any(c in ("sam", "sam-neck") for c in comps):
         raise StageError(
-            "--train: this model has no SAM-B tower (the 1.3B layout is SigLIP only); "
+            "`train`: this model has no SAM-B tower (the 1.3B layout is SigLIP only); "
             "'sam' and 'sam-neck' need a 7B-layout (hybrid) model"
         )
     return comps
-
-
-def siglip_tower(model) -> nn.Module:
-    vm = model.vision_model
-    return vm.vision_tower_low.vision_tower if hasattr(vm, "vision_tower_low") else vm.vision_tower
-
-
-def sam_tower(model) -> Optional[nn.Module]:
-    vm = model.vision_model
-    return vm.vision_tower_high.vision_tower if hasattr(vm, "vision_tower_high") else None
 
 
 def module_prefix(model, module: nn.Module) -> str:
@@ -155,16 +187,14 @@ def adapter_paths(model, spec: TrainSpec) -> List[str]:
                              if g in groups or n.rsplit(".", 1)[-1] in groups)
 
     if "llm" in spec.components:
-        blocks("language_model.model.layers", len(model.language_model.model.layers), LLM_TARGETS,
+        blocks("language_model.model.layers", len(model.layers), LLM_TARGETS,
                spec.llm_layers)
-        if "lm_head" in groups and hasattr(model.language_model, "lm_head"):
+        if "lm_head" in groups and not model.tied_embeddings:
             paths.append("language_model.lm_head")
-    if "siglip" in spec.components:
-        tower = siglip_tower(model)
-        blocks(module_prefix(model, tower) + ".blocks", len(tower.blocks), SIGLIP_TARGETS, None)
-    if "sam" in spec.components:
-        tower = sam_tower(model)
-        blocks(module_prefix(model, tower) + ".blocks", len(tower.blocks), SAM_TARGETS, None)
+    towers = model.towers()
+    for name, targets in (("siglip", SIGLIP_TARGETS), ("sam", SAM_TARGETS)):
+        if name in spec.components:
+            blocks(module_prefix(model, towers[name]) + ".blocks", len(towers[name].blocks), targets, None)
     return paths
 
 
@@ -174,18 +204,18 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
     Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
     """
     if spec.method not in METHODS:
-        raise StageError(f"--method must be one of {', '.join(METHODS)}, got {spec.method!r}")
+        raise StageError(f"`method` must be one of {', '.join(METHODS)}, got {spec.method!r}")
     bad = [t for t in spec.targets if t not in TARGET_GROUPS + TARGET_LEAVES]
     if bad:
-        raise StageError(f"--lora-targets: unknown {', '.join(bad)}; choose from "
+        raise StageError(f"`lora_targets`: unknown {', '.join(bad)}; choose from "
                          f"{', '.join(TARGET_GROUPS + TARGET_LEAVES)}")
     if spec.method == "full" and "llm" in spec.components and llm_is_quantized(model):
         raise StageError(
-            "the loaded LLM is quantized, so it cannot be trained in full: use --method lora or "
-            "--method dora (QLoRA), or load an unquantized model"
+            "the loaded LLM is quantized, so it cannot be trained in full: use `method` lora or "
+            "`method` dora (QLoRA), or load an unquantized model"
         )
     if spec.rank < 1:
-        raise StageError("--lora-rank must be >= 1")
+        raise StageError("`lora_rank` must be >= 1")
     model.freeze()
     paths = adapter_paths(model, spec)
     adapt_modules(model, paths, spec.method, spec.rank, spec.scale, spec.dropout)
@@ -195,12 +225,11 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
     if spec.method == "full":
         if "llm" in comps:
             model.language_model.unfreeze()
-        if "siglip" in comps:
-            siglip_tower(model).unfreeze()
-        if "sam" in comps:
-            sam_tower(model).unfreeze()
+        for name in ("siglip", "sam"):
+            if name in comps:
+                model.towers()[name].unfreeze()
     if "sam" in comps or "sam-neck" in comps:
-        sam = sam_tower(model)
+        sam = model.towers()["sam"]
         for name in ("neck", "neck_hd", "downsamples"):
             for layer in getattr(sam, name):
                 layer.unfreeze()
@@ -214,10 +243,6 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
 
 def vision_trainable(spec: TrainSpec) -> bool:
     return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
-
-
-def trainable_names(model) -> List[str]:
-    return [k for k, _ in tree_flatten(model.trainable_parameters())]
 
 
 def count_parameters(model) -> Tuple[int, int]:

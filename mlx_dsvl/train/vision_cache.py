@@ -1,4 +1,4 @@
-"""``--cache-vision-features``: encode each image once while the vision towers are frozen.
+"""``cache_vision_features``: encode each image once while the vision towers are frozen.
 
 Keyed by the image file's SHA-256 and by a model key (architecture, vision weights digest,
 dtype and image size), so a changed image, another model or another dtype never reuses stale
@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..utils import file_digest
 from .files import replace_atomic, save_arrays
 
 Features = Tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
@@ -66,21 +67,11 @@ class VisionFeatureCache:
         k = (path, st.st_size, st.st_mtime_ns)
         d = self._digests.get(k)
         if d is None:
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            d = self._digests[k] = h.hexdigest()
+            d = self._digests[k] = file_digest(path)
         return d
 
     def _file(self, digest: str) -> Optional[Path]:
         return self.folder / digest[:2] / f"{digest}.safetensors" if self.folder else None
-
-    def contains(self, digest: str) -> bool:
-        if digest in self._mem:
-            return True
-        f = self._file(digest)
-        return bool(f and f.is_file())
 
     # -- get / put --------------------------------------------------------------------------
     def get(self, digest: str) -> Optional[Features]:

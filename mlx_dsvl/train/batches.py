@@ -1,0 +1,260 @@
+"""Training batches: length-bucketed batch order, padding (collate), and the mixed, prefetched
+micro-batch sequence with its MLX inputs."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from .data import IGNORE, DataError, Dataset, Example
+from .schedule import ModalityMixer
+from .vision_cache import VisionFeatureCache
+
+
+class BatchStream:
+    """Endless, deterministic, length-bucketed batches of example indices over one dataset.
+
+    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, grouped
+    by length class inside windows of ``bucket_window`` batches, cut into batches, and the batch
+    order is shuffled.  A length class spans a factor ``bucket_ratio`` (1.25: lengths within
+    25% of each other), and examples of one class stay in random order.  So a batch holds
+    similar lengths and little padding, but is not sorted by exact length: that would group
+    examples by content (the length of an answer says which answer it is) and bias every step.
+    The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
+                 bucket_window: int = 16, bucket_ratio: float = 1.25):
+        if batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.buckets = np.floor(np.log(np.maximum(self.lengths, 1)) / np.log(bucket_ratio)).astype(np.int64)
+        self.batch_size = int(batch_size)
+        self.seed, self.stream, self.window = int(seed), int(stream), int(bucket_window)
+        self.epoch, self.index = 0, 0
+        self._cache: Tuple[int, List[np.ndarray]] = (-1, [])
+
+    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
+        if self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, self.stream, epoch])
+        perm = rng.permutation(len(self.lengths))
+        span = self.batch_size * max(1, self.window)
+        batches = []
+        for w in range(0, len(perm), span):
+            chunk = perm[w : w + span]
+            if self.window > 0:
+                chunk = chunk[np.argsort(self.buckets[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
+        self._cache = (epoch, batches)
+        return batches
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def next(self) -> np.ndarray:
+        batches = self.epoch_batches(self.epoch)
+        b = batches[self.index]
+        self.index += 1
+        if self.index >= len(batches):
+            self.epoch, self.index = self.epoch + 1, 0
+        return b
+
+    def state(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, s: Mapping[str, int]) -> None:
+        self.epoch, self.index = int(s["epoch"]), int(s["index"])
+
+
+@dataclass
+class Batch:
+    """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
+
+    ``input_ids`` [B, T] is right-padded (causal attention makes the padding invisible to real
+    tokens).  The loss is taken only where it is needed: ``label_pos`` [N] holds flat indices
+    ``b * T + t - 1`` of the positions whose logits predict ``label_ids`` [N]; ``label_w`` [N] is
+    1 for real targets and 0 for padding (N is rounded up to limit recompilation);
+    ``label_mm`` [N] marks targets of examples that have images.
+    """
+
+    input_ids: np.ndarray
+    label_pos: np.ndarray
+    label_ids: np.ndarray
+    label_w: np.ndarray
+    label_mm: np.ndarray
+    images: List[str]  # flat, in order of the image runs (row by row)
+    sources: List[str]
+    n_tokens: int  # real (unpadded) tokens
+    n_targets: int
+    multimodal: int  # examples with images
+    text: int  # examples without images
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, -(-n // m) * m) if m > 1 else max(n, 1)
+
+
+def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pad_to: int = 16) -> Batch:
+    B = len(examples)
+    T = _round_up(max(e.length for e in examples), pad_to)
+    ids = np.full((B, T), pad_id, dtype=np.int32)
+    pos, tgt, mm = [], [], []
+    images: List[str] = []
+    for b, e in enumerate(examples):
+        ids[b, : e.length] = e.ids
+        t = np.flatnonzero(e.labels != IGNORE)
+        t = t[t > 0]
+        pos.append(b * T + t - 1)
+        tgt.append(e.labels[t])
+        mm.append(np.full(t.shape, float(e.has_images), np.float32))
+        images += e.images
+    pos = np.concatenate(pos).astype(np.int32)
+    n = pos.shape[0]
+    N = _round_up(n, label_pad_to)
+    label_pos = np.zeros((N,), np.int32)
+    label_ids = np.zeros((N,), np.int32)
+    label_w = np.zeros((N,), np.float32)
+    label_mm = np.zeros((N,), np.float32)
+    label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
+    return Batch(
+        ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
+        n_tokens=sum(e.length for e in examples), n_targets=n,
+        multimodal=sum(e.has_images for e in examples), text=sum(not e.has_images for e in examples),
+    )
+
+
+@dataclass
+class Prepared:
+    batch: Batch
+    is_text_stream: bool
+    pixels: Optional[np.ndarray]  # [M, 3, S, S] (None when cached or no image)
+    digests: Optional[List[str]]  # cache keys when caching
+    skipped: List[str]
+    streams_after: Dict[str, Dict[str, int]]
+    micro: int  # global micro-batch index
+    inputs: Optional[Tuple] = None  # the loss's array arguments, made on the main thread
+
+
+class BatchProducer:
+    """The training batches: a deterministic sequence of micro-batches, prefetched by a thread.
+
+    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``) comes from the text-only
+    stream when ``mixer`` draws text for it, else from the main stream.  Its images are decoded
+    and preprocessed off the main thread; an image that fails to decode raises a
+    :class:`DataError` naming it, or with ``skip_bad`` drops its example from the batch (counted).
+    :meth:`next` turns the batch into the loss's arguments on the calling thread (MLX streams
+    are per thread; cached vision features are encoded there with ``model``).
+    """
+
+    def __init__(self, main: Dataset, main_stream: BatchStream, text: Optional[Dataset],
+                 text_stream: Optional[BatchStream], mixer: Optional[ModalityMixer], processor,
+                 grad_accum: int, pad_to: int, skip_bad: bool, cache: Optional[VisionFeatureCache],
+                 model=None, prefetch: int = 2):
+        self.model = model
+        self.main, self.main_stream = main, main_stream
+        self.text, self.text_stream = text, text_stream
+        self.mixer, self.processor = mixer, processor
+        self.grad_accum, self.pad_to, self.skip_bad, self.cache = grad_accum, pad_to, skip_bad, cache
+        self.micro = 0
+        self.prefetch = prefetch
+        self._q: Optional[queue.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+
+    def streams_state(self) -> Dict[str, Dict[str, int]]:
+        s = {"main": self.main_stream.state()}
+        if self.text_stream is not None:
+            s["text"] = self.text_stream.state()
+        return s
+
+    def _make(self) -> Prepared:
+        step, k = divmod(self.micro, self.grad_accum)
+        use_text = self.mixer is not None and self.text_stream is not None and self.mixer.is_text(step, k)
+        ds, stream = (self.text, self.text_stream) if use_text else (self.main, self.main_stream)
+        examples = [ds[i] for i in stream.next()]
+        skipped: List[str] = []
+        pixels, digests = None, None
+        while True:
+            paths = [p for e in examples for p in e.images]
+            try:
+                if paths and self.cache is not None:
+                    digests = [self.cache.digest(p) for p in paths]
+                elif paths:
+                    pixels = self.processor.image_processor(paths)
+                break
+            except (ValueError, OSError) as e:  # ImageLoadError is a ValueError
+                bad = next((x for x in paths if str(x) in str(e)), None)
+                if not self.skip_bad or bad is None:
+                    src = next((ex.source for ex in examples if bad in ex.images), "")
+                    raise DataError(f"{src}: {e}" if src else str(e)) from None
+                skipped.append(f"{bad}: {e}")
+                examples = [ex for ex in examples if bad not in ex.images]
+                if not examples:
+                    examples = [ds[i] for i in stream.next()]
+        batch = collate(examples, self.processor.pad_id, self.pad_to)
+        prep = Prepared(batch, use_text, pixels, digests, skipped, self.streams_state(), self.micro)
+        self.micro += 1
+        return prep
+
+    def _worker(self):
+        try:
+            while not self._stop.is_set():
+                item = self._make()
+                while not self._stop.is_set():
+                    try:
+                        self._q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # hand the error to the consumer
+            self._q.put(e)
+
+    def _take(self) -> Prepared:
+        if self.prefetch <= 0:
+            return self._make()
+        if self._thread is None:
+            self._q = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._worker, daemon=True)
+            self._thread.start()
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def next(self) -> Prepared:
+        """The next micro-batch, with ``inputs`` set."""
+        prep = self._take()
+        vis = vision_input(prep, self.model, self.cache, self.processor)
+        ids, pos, tgt, w, mmw = batch_arrays(prep.batch)
+        prep.inputs = (ids, vis, pos, tgt, w, mmw)
+        return prep
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def vision_input(prep: Prepared, model, cache: Optional[VisionFeatureCache], processor):
+    """The ``vis`` argument of the loss: pixels, cached features or None."""
+    b = prep.batch
+    if not b.images:
+        return None
+    if cache is not None:
+        return cache.features(model, b.images, prep.digests,
+                              lambda idx: processor.image_processor([b.images[i] for i in idx]))
+    return mx.array(prep.pixels)
+
+
+def batch_arrays(b: Batch):
+    return (mx.array(b.input_ids), mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
+            mx.array(b.label_mm))

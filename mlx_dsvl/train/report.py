@@ -1,0 +1,147 @@
+"""What a run tells its user: the metrics of each report window, progress lines, warnings."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Optional
+
+import mlx.core as mx
+
+_style: Callable[[str], str] = lambda text: text  # noqa: E731 -- how option names are printed
+
+
+@contextmanager
+def option_style(style: Callable[[str], str]):
+    """Print the library's warnings and notes through ``style`` (the CLI: option names as flags)."""
+    global _style
+    old, _style = _style, style
+    try:
+        yield
+    finally:
+        _style = old
+
+
+def warn(text: str) -> None:
+    print(f"warning: {_style(text)}", file=sys.stderr)
+
+
+def note(text: str) -> None:
+    print(_style(text), file=sys.stderr, flush=True)
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """A one-line progress bar on a terminal, plain report lines otherwise."""
+
+    def __init__(self, total: int, quiet: bool, stream=None):
+        self.total, self.quiet = total, quiet
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = time.perf_counter()
+        self._last = ""
+
+    def bar(self, step: int, text: str) -> None:
+        if self.quiet or not self.tty:
+            return
+        frac = step / max(1, self.total)
+        n = 24
+        fill = int(frac * n)
+        line = f"\r[{'#' * fill}{'.' * (n - fill)}] {step}/{self.total} {text}"
+        self.stream.write(line.ljust(len(self._last)))
+        self.stream.flush()
+        self._last = line
+
+    def line(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty and self._last:
+            self.stream.write("\r" + " " * len(self._last) + "\r")
+            self._last = ""
+        print(_style(text), file=self.stream, flush=True)
+
+
+class Window:
+    """Sums over the steps since the last report; :meth:`record` makes the ``"train"`` record."""
+
+    def __init__(self, mixer=None):
+        self.mixer = mixer
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.ntoks = self.mm = self.mm_n = self.time = 0.0
+        self.tokens = self.text_batches = self.batches = self.steps = self.skipped = 0
+
+    def add_batch(self, prep, mm) -> None:
+        """One micro-batch (``mm``: its [multimodal loss sum, multimodal tokens])."""
+        self.mm += float(mm[0].item())
+        self.mm_n += float(mm[1].item())
+        self.tokens += prep.batch.n_tokens
+        self.batches += 1
+        self.skipped += len(prep.skipped)
+
+    def add_step(self, loss_sum: float, ntoks: float, text_batches: int, seconds: float) -> None:
+        self.loss += loss_sum
+        self.ntoks += ntoks
+        self.text_batches += text_batches
+        self.steps += 1
+        self.time += seconds
+
+    def record(self, step: int, lr: float, gnorm: float) -> Dict[str, Any]:
+        t = max(self.time, 1e-9)
+        rec: Dict[str, Any] = {
+            "type": "train", "step": step,
+            "loss": self.loss / max(self.ntoks, 1e-9),
+            "tokens": int(self.tokens), "target_tokens": int(self.ntoks),
+            "tokens_per_s": self.tokens / t, "steps_per_s": self.steps / t,
+            "lr": lr, "grad_norm": gnorm, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "text_batches": int(self.text_batches), "batches": int(self.batches),
+            "time": time.time(),
+        }
+        if self.mm_n > 0:
+            rec["loss_mm"] = self.mm / self.mm_n
+        if self.ntoks - self.mm_n > 0:
+            rec["loss_text"] = (self.loss - self.mm) / (self.ntoks - self.mm_n)
+        if self.mixer is not None:
+            rec["text_share"] = self.text_batches / max(1, self.batches)
+            rec["text_share_scheduled"] = self.mixer.share(step - 1)
+        if self.skipped:
+            rec["skipped_examples"] = int(self.skipped)
+        return rec
+
+    def eta(self, steps_left: int) -> float:
+        return steps_left * self.time / max(1, self.steps)
+
+
+def train_line(rec: Dict, iters: int, elapsed: float, eta: float) -> str:
+    parts = [f"mm {rec['loss_mm']:.3f}" if "loss_mm" in rec else "",
+             f"text {rec['loss_text']:.3f}" if "loss_text" in rec else ""]
+    split = ", ".join(p for p in parts if p)
+    return (f"step {rec['step']}/{iters} | loss {rec['loss']:.4f}" + (f" ({split})" if split else "")
+            + f" | {rec['tokens_per_s']:.0f} tok/s | lr {rec['lr']:.2e} | peak {rec['peak_memory_gb']:.2f} GB"
+            + (f" | text share {rec['text_share']:.2f}" if "text_share" in rec else "")
+            + f" | {fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}")
+
+
+def val_line(rec: Dict, iters: int, seconds: float) -> str:
+    return (f"step {rec['step']}/{iters} | val loss {rec['val_loss']:.4f}"
+            + (f" | val multimodal {rec['val_loss_mm']:.4f}" if "val_loss_mm" in rec else "")
+            + (f" | val text-only {rec['val_loss_text']:.4f}" if "val_loss_text" in rec else "")
+            + f" ({seconds:.1f}s)")
+
+
+def start_line(cfg, components, frozen_vision: bool, n_train: int, n_total: int, n_main: int,
+               n_text: Optional[int], resume: Optional[str], start_step: int) -> str:
+    how = cfg.method if "llm" in components or not frozen_vision else "full"
+    return (f"stage {cfg.stage}: training {', '.join(components)} ({how}) "
+            f"-- {n_train / 1e6:.3f}M of {n_total / 1e6:.1f}M parameters; {n_main} examples"
+            + (f" + {n_text} text-only (ratio {cfg.text_ratio}, warm-up {cfg.modality_warmup} steps)"
+               if n_text is not None else "")
+            + f"; {cfg.iters} steps of {cfg.batch_size} x {cfg.grad_accum}; lr {cfg.lr:g}"
+            + (f" (vision {cfg.vision_lr:g})" if not frozen_vision else "")
+            + (f" (resuming {resume} at step {start_step})" if resume else ""))

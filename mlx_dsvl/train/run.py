@@ -1,0 +1,121 @@
+"""``train(cfg)``: set a run up, run the loop with the standard callbacks, say how it ended.
+
+The convenience entry of the CLI and the Python API (as mlx-lm's ``lora.train_model`` wraps
+``tuner.trainer.train``).  To change one part, build the parts with
+:func:`mlx_dsvl.train.setup.build` and call :func:`mlx_dsvl.train.loop.train_loop` with a loss
+or callbacks of your own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .callbacks import METRICS, Console, MetricsLog, Plot, TrainingCallback
+from .evaluation import Evaluation, Validation, validation_losses
+from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
+from .loss import make_loss
+from .report import Progress, Window, fmt_time, note, start_line
+from .rundir import RunDir
+from .saving import Checkpointer
+from .setup import VISION_CACHE, TrainParts, build, prepare
+from .signals import StopSignals
+from .config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    history: List[Dict[str, Any]]
+    adapter_dir: Path
+    checkpoint: Optional[Path]
+    seconds: float
+    data_stats: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    stopped_by: int = 0  # the signal (SIGINT, SIGTERM, SIGHUP) that stopped the run early, if any
+
+
+def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
+          callbacks: Sequence[TrainingCallback] = ()) -> TrainResult:
+    """Run training as configured; see ``python -m mlx_dsvl.train --help``.
+
+    ``explicit``: the option names given on the command line (a resumed run may override only
+    non-structural ones).  ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model``
+    to train in place instead of loading it (e.g. a model quantized in memory for QLoRA).
+    ``callbacks``: more callbacks; they see every record and run before the checkpoint of a step.
+    ``cfg`` itself is never changed.
+    """
+    t_start = time.perf_counter()
+    cfg, resume = prepare(cfg, explicit)
+    run = RunDir.open(Path(cfg.out), cfg.force, resume.path if resume else None)
+    try:
+        return run_parts(build(cfg, run, resume, loaded), t_start, callbacks)
+    finally:
+        run.abandon()  # a replacement that saved no checkpoint leaves the earlier run as it was
+
+
+def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn,
+                       extra: Sequence[TrainingCallback] = ()) -> List[TrainingCallback]:
+    """metrics.jsonl, progress, validation, benchmarks, ``extra``, checkpoints, loss.png -- in
+    that order (a step's records are in the history before its checkpoint is saved)."""
+    cfg, run, data = parts.cfg, parts.run, parts.data
+    cbs: List[TrainingCallback] = [MetricsLog(run, parts.history, parts.writer),
+                                   Console(log, parts.start_step, t_start)]
+    val_sets = [(d, text_only) for d, text_only in ((data["val_data"], False), (data["val_text_data"], True)) if d]
+    if val_sets:
+        cbs.append(Validation(lambda: validation_losses(parts.model, loss_fn, val_sets, parts.processor,
+                                                        cfg.batch_size, cfg.val_batches, cfg.pad_to, parts.cache),
+                              cfg.val_every, log.line))
+    if parts.eval_sets:
+        cbs.append(Evaluation(parts.model, parts.processor, parts.eval_sets, cfg.eval_every, cfg.eval_method,
+                              cfg.eval_batch_size, cfg.eval_limit, log.line))
+    cbs += list(extra)
+
+    def moved(folder: Path) -> None:  # the cache moves with a run that replaced an earlier one
+        if parts.cache is not None and cfg.vision_cache_dir is None:
+            parts.cache.folder = folder / VISION_CACHE / parts.cache.model_key
+
+    resumed = parts.resume.path if parts.resume else None
+    cbs.append(Checkpointer(run, parts.model, parts.optimizer, parts.adapter_cfg, parts.meta, parts.history,
+                            cfg.save_every, cfg.keep_checkpoints, parts.start_step, resumed, log.line, moved,
+                            parts.writer))
+    if cfg.plot:
+        cbs.append(Plot(run, parts.history, f"stage {cfg.stage} -- {run.path.name}", parts.writer))
+    return cbs
+
+
+def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallback] = ()) -> TrainResult:
+    """The loop over built parts with the standard callbacks; the end of the run reported."""
+    cfg, run = parts.cfg, parts.run
+    log = Progress(cfg.iters, cfg.quiet)
+    main, text = parts.data["data"], parts.data["text_data"]
+    log.line(start_line(cfg, parts.spec.components, parts.frozen_vision, *parts.n_params, len(main),
+                        len(text) if text else None, parts.resume.path if parts.resume else None,
+                        parts.start_step))
+    loss_fn = make_loss(parts.frozen_vision)
+    callbacks = standard_callbacks(parts, log, t_start, loss_fn, extra)
+    saver = next(cb for cb in callbacks if isinstance(cb, Checkpointer))
+    args = LoopArgs(cfg.iters, cfg.grad_accum, cfg.max_grad_norm, cfg.steps_per_report, cfg.compile)
+    stop = StopSignals()
+    try:
+        state = train_loop(parts.model, parts.optimizer, loss_fn, parts.batches, args, callbacks,
+                           parts.start_step, parts.schedule, Window(parts.mixer), stop.requested)
+    except NonFiniteLoss as e:
+        raise TrainingStopped(f"{e}; {saver.where()}", saver.last) from None
+    finally:
+        stop.restore()
+    if stop.signum:
+        note(f"{stop.name}: " + (f"stopped at step {state.step}; resume with `resume` {run.out}"
+                                 if state.step > parts.start_step else
+                                 "stopped before the first step; nothing was saved"
+                                 + (f", {run.out} is unchanged" if run.staged else "")))
+    if parts.cache is not None:
+        log.line(f"vision feature cache: {parts.cache.hits} hits, {parts.cache.misses} images encoded")
+    seconds = time.perf_counter() - t_start
+    if not stop.signum:
+        log.line(f"done: {state.step} steps in {fmt_time(seconds)}; adapters in {run.path}; "
+                 f"metrics in {run.path / METRICS}")
+    stats = {k: (v.stats.as_dict() if v is not None else None) for k, v in parts.data.items()}
+    return TrainResult(run.out, state.step, parts.history, run.out, saver.last, seconds, stats, stop.signum)

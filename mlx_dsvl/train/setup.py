@@ -1,0 +1,240 @@
+"""Setting a run up: the options (with a resumed run's), the model and what trains, the data,
+the optimizer, the vision cache and the resume state -- the parts the loop receives."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from ..utils import file_digest
+from . import checkpoint as ckpt
+from .adapters import adapter_config, model_fingerprint
+from .batches import BatchProducer, BatchStream
+from .callbacks import METRICS
+from .config import STRUCTURAL, TrainConfig, mixer_of, resolve, validate_config
+from .data import Dataset, load_jsonl
+from .evaluation import EvalSet, read_eval_sets
+from .files import write_text_atomic
+from .loss import enable_grad_checkpoint
+from .report import warn
+from .rundir import RUN_CONFIG, RunDir, recover
+from .schedule import ModalityMixer, lr_schedule
+from .stages import (StageError, TrainSpec, count_parameters, parse_components, setup_trainable,
+                     vision_trainable)
+from .vision_cache import VisionFeatureCache, vision_model_key
+
+VISION_CACHE = "vision_cache"  # in the run folder unless `vision_cache_dir`
+DATA_FILES = ("data", "val_data", "text_data", "val_text_data")
+
+
+@dataclass
+class Resume:
+    path: Path  # the checkpoint folder
+    state: Dict[str, Any]  # its state.json
+
+
+@dataclass
+class TrainParts:
+    """A run, set up: what :func:`~mlx_dsvl.train.loop.train_loop` and its callbacks receive."""
+
+    cfg: TrainConfig  # resolved: every derived default filled in
+    run: RunDir
+    model: Any
+    processor: Any
+    spec: TrainSpec
+    frozen_vision: bool
+    data: Dict[str, Optional[Dataset]]
+    mixer: Optional[ModalityMixer]
+    batches: BatchProducer
+    optimizer: Any
+    schedule: Callable
+    cache: Optional[VisionFeatureCache]
+    start_step: int
+    history: List[Dict]  # the records so far (a resumed run's included)
+    adapter_cfg: Dict
+    meta: Dict  # what every checkpoint records: config, base-model fingerprint, data digests
+    resume: Optional[Resume]
+    n_params: Tuple[int, int]  # (trained, total)
+    eval_sets: List[EvalSet]  # eval_data, read
+    writer: bool = True  # this process writes the run's files
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def prepare(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Tuple[TrainConfig, Optional[Resume]]:
+    """Check the options and merge a resumed run's; returns a new config (``cfg`` is unchanged).
+
+    ``explicit``: the options the user gave (a resumed run may override only non-structural ones).
+    """
+    validate_config(cfg)
+    resume = None
+    if cfg.resume:
+        recover(Path(cfg.resume))  # a run folder that a killed `force` run left mid-swap
+        cfg, resume = merge_resume(cfg, explicit)
+    for req in ("stage", "model", "data", "out"):
+        if getattr(cfg, req) in (None, ""):
+            raise ValueError(f"`{req}` is required")
+    if cfg.iters is not None and cfg.epochs is not None:
+        raise ValueError("give `iters` or `epochs`, not both")
+    return cfg, resume
+
+
+def merge_resume(cfg: TrainConfig, explicit: Sequence[str]) -> Tuple[TrainConfig, Resume]:
+    """The checkpoint's run config with the options given now; structural changes are refused.
+
+    Without an output folder the run continues in the run folder that holds the checkpoint.
+    """
+    path = ckpt.find_checkpoint(cfg.resume)
+    state = ckpt.read_checkpoint(path)
+    saved = state.get("config") or {}
+    merged = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}})
+    for name in explicit:
+        new, old = getattr(cfg, name), saved.get(name)
+        if name in STRUCTURAL and new != old:
+            raise ckpt.ResumeError(f"`resume` {path}: `{name}` {new} differs from the checkpoint's {old}; "
+                                   f"a resumed run keeps the original set-up")
+        setattr(merged, name, new)
+    if "epochs" in explicit and "iters" not in explicit:
+        merged.iters = None  # the run's length is recomputed from the new epochs
+    elif "iters" in explicit:
+        merged.epochs = None
+    merged.resume, merged.force = cfg.resume, cfg.force  # what this command asks, never inherited
+    if cfg.out is not None:
+        merged.out = cfg.out
+    elif ckpt.run_of(path) is not None:
+        merged.out = str(ckpt.run_of(path))
+    else:
+        raise ckpt.ResumeError(f"`resume` {path}: this checkpoint is not inside a run folder; give `out`")
+    return merged, Resume(path, state)
+
+
+# -- parts ----------------------------------------------------------------------------------------
+
+
+def check_base_model(resume: Resume, fingerprint: Dict, model_name: str) -> None:
+    fp = resume.state.get("fingerprint") or {}
+    base = (resume.state.get("config") or {}).get("model")
+    if fp.get("arch") != fingerprint["arch"]:
+        raise ckpt.ResumeError(f"`resume` {resume.path}: this checkpoint was trained from another model "
+                               f"architecture ({base}); it cannot continue with `model` {model_name}")
+    if fp.get("weights") != fingerprint["weights"]:
+        raise ckpt.ResumeError(f"`resume` {resume.path}: this checkpoint was trained from other base "
+                               f"weights ({base}), not from `model` {model_name}; refusing to mix them")
+
+
+def training_spec(cfg: TrainConfig, model) -> TrainSpec:
+    comps = parse_components(cfg.stage, cfg.train, model.config.vision.hybrid)
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    spec = TrainSpec(cfg.stage, comps, cfg.method, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout,
+                     targets, cfg.lora_layers)
+    if cfg.cache_vision_features and vision_trainable(spec):
+        raise StageError("`cache_vision_features` needs frozen vision towers (stages 1-2, or a `train` "
+                         "set without siglip/sam/sam-neck)")
+    return spec
+
+
+def load_datasets(cfg: TrainConfig, processor) -> Dict[str, Optional[Dataset]]:
+    kw = dict(max_seq_len=cfg.max_seq_len, long_policy=cfg.long_examples, skip_bad=cfg.skip_bad,
+              verbose=not cfg.quiet)
+    return {k: (load_jsonl(getattr(cfg, k), processor, **kw) if getattr(cfg, k) else None) for k in DATA_FILES}
+
+
+def data_digests(cfg: TrainConfig) -> Dict[str, Optional[str]]:
+    return {k: (file_digest(getattr(cfg, k)) if getattr(cfg, k) else None) for k in ("data", "text_data")}
+
+
+def trainable_model(model, cfg: TrainConfig, spec: TrainSpec) -> None:
+    """Adapters and trainable flags (their initialization follows ``seed``), grad checkpointing."""
+    mx.random.seed(cfg.seed)
+    setup_trainable(model, spec)
+    if cfg.grad_checkpoint:
+        if "llm" in spec.components:
+            enable_grad_checkpoint(model.layers)
+        if "siglip" in spec.components:
+            enable_grad_checkpoint(model.towers()["siglip"].blocks)
+
+
+def make_optimizer(model, cfg: TrainConfig, frozen_vision: bool):
+    """AdamW on the schedule, with its own schedule for the vision towers' weights if they train
+    at another rate; returns ``(optimizer, the LLM's schedule)``."""
+    schedule = lr_schedule(cfg.lr, cfg.iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    if not frozen_vision and cfg.vision_lr != cfg.lr:
+        vision_opt = optim.AdamW(
+            learning_rate=lr_schedule(cfg.vision_lr, cfg.iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio),
+            weight_decay=cfg.weight_decay)
+        optimizer = optim.MultiOptimizer([vision_opt, optimizer],
+                                         [lambda path, _: path.startswith("vision_model.")])
+    optimizer.init(model.trainable_parameters())
+    return optimizer, schedule
+
+
+def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchStream]],
+            digests: Dict) -> Tuple[int, List[Dict]]:
+    """Weights, optimizer, random state and data position of the checkpoint; (step, history)."""
+    ckpt.restore(resume.path, model, optimizer)
+    saved = resume.state.get("streams", {})
+    streams["main"].load_state(saved["main"])
+    if streams["text"] is not None and "text" in saved:
+        streams["text"].load_state(saved["text"])
+    if resume.state.get("data") != digests:
+        warn("the data files changed since the checkpoint; the resumed run will not replay the "
+             "original order exactly")
+    return int(resume.state["step"]), list(resume.state.get("history", []))
+
+
+def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded=None,
+          writer: bool = True) -> TrainParts:
+    """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
+
+    ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model`` to train in place (e.g.
+    a model quantized in memory for QLoRA).  Nothing is written before the data has been read.
+    """
+    import mlx_dsvl
+
+    model, processor = loaded if loaded is not None else mlx_dsvl.load(cfg.model, dtype=cfg.dtype)
+    fingerprint = model_fingerprint(model)
+    if resume is not None:
+        check_base_model(resume, fingerprint, cfg.model)
+    spec = training_spec(cfg, model)
+    frozen_vision = not vision_trainable(spec)
+    data = load_datasets(cfg, processor)
+    eval_sets = read_eval_sets(cfg.eval_data)
+    main, text = data["data"], data["text_data"]
+    streams = {"main": BatchStream(main.lengths, cfg.batch_size, cfg.seed, stream=0),
+               "text": BatchStream(text.lengths, cfg.batch_size, cfg.seed, stream=1) if text else None}
+    cfg = resolve(cfg, spec.components, frozen_vision, streams["main"].batches_per_epoch, text is not None)
+    mixer = mixer_of(cfg)
+
+    trainable_model(model, cfg, spec)
+    n_params = count_parameters(model)
+    optimizer, schedule = make_optimizer(model, cfg, frozen_vision)
+    if writer:
+        run.create()
+    cache = None
+    if cfg.cache_vision_features:
+        cache = VisionFeatureCache(vision_model_key(model), cfg.vision_cache_dir or run.path / VISION_CACHE)
+
+    digests = data_digests(cfg)
+    start_step, history = 0, []
+    if resume is not None:
+        start_step, history = restore(resume, model, optimizer, streams, digests)
+    config = asdict(cfg)
+    if writer:
+        write_text_atomic(run.path / RUN_CONFIG, json.dumps(config, indent=2))
+        # rewritten from the history on resume
+        write_text_atomic(run.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+    batches = BatchProducer(main, streams["main"], text, streams["text"], mixer, processor, cfg.grad_accum,
+                            cfg.pad_to, cfg.skip_bad, cache, model=model)
+    batches.micro = start_step * cfg.grad_accum
+    return TrainParts(
+        cfg, run, model, processor, spec, frozen_vision, data, mixer, batches, optimizer, schedule, cache,
+        start_step, history, adapter_config(model, spec, str(cfg.model), fingerprint),
+        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, eval_sets, writer)
