@@ -90,8 +90,6 @@ def test_config_image_token_id_that_disagrees_warns(other_ids_dir, tmp_path):
 
 def test_chat_and_training_paths_use_the_tokenizer_ids(other_ids_dir):
     """ChatSession (EOS from the tokenizer) and the training loss's merge (model.image_token_id)."""
-    from mlx_dsvl.train.loop import hidden_states
-
     model, processor = mlx_dsvl.load(other_ids_dir, dtype="float32")
     chat = mlx_dsvl.ChatSession(model, processor)
     img = Image.new("RGB", (30, 30), (200, 10, 10))
@@ -100,7 +98,7 @@ def test_chat_and_training_paths_use_the_tokenizer_ids(other_ids_dir):
     batch = processor([{"role": "user", "content": "<image_placeholder>Describe."}], [img])
     ids = batch["input_ids"]
     emb = model.encode_images(batch["pixel_values"])  # [1, 1, 576, D]
-    ours = hidden_states(model, ids, emb[0])
+    ours = model.hidden_states(ids, emb[0])  # the training loss's path: [M, I, D]
     want = model.language_model.model(ids, input_embeddings=model.get_input_embeddings(ids, image_embeds=emb))
     assert float(mx.abs(ours - want).max()) < 1e-5
-    assert float(mx.abs(hidden_states(model, ids, None) - want).max()) > 1e-3
+    assert float(mx.abs(model.hidden_states(ids, None) - want).max()) > 1e-3
