@@ -25,7 +25,7 @@ import os
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, Optional
+from typing import Dict, FrozenSet, Iterable, Optional, Tuple
 
 ENV_OFF = "MLX_DSVL_NO_BLAS_REEXEC"
 _MARK = "MLX_DSVL_BLAS_REEXECUTED"
@@ -116,35 +116,46 @@ def system_openblas() -> Optional[str]:
     return None
 
 
-def find_openblas() -> Optional[str]:
-    """The OpenBLAS to preload: the pip one if it loads here, else the system one."""
+def find_openblas(with_torch: bool = False) -> Optional[str]:
+    """The OpenBLAS to preload: the pip one if it loads here, else the system one.
+
+    with_torch: the process will also run PyTorch (the test suite): pass over builds that export
+    ``cblas_sgemm_batch`` (OpenBLAS >= 0.3.27, the pip one): preloaded, that symbol replaces
+    MKL's own inside PyTorch, whose batched matmuls (``bmm``, ``einsum``) then crash.
+    """
     for lib in (pip_openblas(), system_openblas()):
-        if lib and library_core(lib) is not None:
+        if lib and library_core(lib) is not None and not (with_torch and _probe(lib)[1]):
             return lib
     return None
 
 
-@lru_cache(maxsize=None)
 def library_core(lib: str) -> Optional[str]:
     """``openblas_get_corename()`` of ``lib`` as a fresh process loads it; None when it cannot be
-    loaded (for example the pip wheel without the system's ``libgfortran.so.5``).  Asked in a
-    child process, so that this one neither maps the library nor starts its threads."""
+    loaded (for example the pip wheel without the system's ``libgfortran.so.5``)."""
+    return _probe(lib)[0]
+
+
+@lru_cache(maxsize=None)
+def _probe(lib: str) -> Tuple[Optional[str], bool]:
+    """(core name or None, exports ``cblas_sgemm_batch``), asked in a child process so that
+    this one neither maps the library nor starts its threads."""
     import subprocess
 
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     try:
-        out = subprocess.run([sys.executable, "-S", "-c", _CORE_PROBE, lib], env=env,
+        out = subprocess.run([sys.executable, "-S", "-c", _PROBE, lib], env=env,
                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+        return None, False
+    words = out.stdout.split()
+    if out.returncode != 0 or len(words) != 2:
+        return None, False
+    return words[0], words[1] == "batch"
 
 
-_CORE_PROBE = ("import ctypes, sys; h = ctypes.CDLL(sys.argv[1]); "
-               "h.openblas_get_corename.restype = ctypes.c_char_p; "
-               "print(h.openblas_get_corename().decode())")
+_PROBE = ("import ctypes, sys; h = ctypes.CDLL(sys.argv[1]); "
+          "h.openblas_get_corename.restype = ctypes.c_char_p; "
+          "print(h.openblas_get_corename().decode(), 'batch' if hasattr(h, 'cblas_sgemm_batch') else '-')")
 
 
 def loaded_core() -> Optional[str]:
@@ -216,7 +227,11 @@ def cuda_backend_installed() -> bool:
 def hint() -> str:
     """What to install for a fast BLAS, for a process that found none it could load."""
     pip_lib = pip_openblas()
-    if pip_lib:
+    if pip_lib and library_core(pip_lib):  # passed over: this process runs PyTorch too
+        what = ("ngsolve-openblas cannot be preloaded next to PyTorch (its cblas_sgemm_batch "
+                "replaces MKL's); for PyTorch processes such as the tests install a system "
+                "OpenBLAS: `apt-get install libopenblas0-pthread`")
+    elif pip_lib:
         what = (f"{pip_lib} (ngsolve-openblas) does not load: it needs the system's "
                 "libgfortran.so.5 (`apt-get install libgfortran5`)")
     else:
@@ -226,13 +241,15 @@ def hint() -> str:
             f"(set {ENV_OFF}=1 to silence this).")
 
 
-def ensure_fast_blas(argv: Optional[list] = None) -> None:
-    """Re-execute the current command with OpenBLAS preloaded when that helps (Linux only)."""
+def ensure_fast_blas(argv: Optional[list] = None, *, with_torch: bool = False) -> None:
+    """Re-execute the current command with OpenBLAS preloaded when that helps (Linux only).
+
+    with_torch: the process will also run PyTorch (see :func:`find_openblas`)."""
     if not sys.platform.startswith("linux") or os.environ.get(ENV_OFF) or os.environ.get(_MARK):
         return
     if openblas_loaded() or cuda_backend_installed():
         return
-    lib = find_openblas()
+    lib = find_openblas(with_torch)
     if lib is None:
         if not os.environ.get(_HINTED):
             os.environ[_HINTED] = "1"

@@ -72,7 +72,7 @@ def test_the_hint_appears_once_when_no_openblas_loads(monkeypatch, capsys):
     monkeypatch.setenv(blas._HINTED, "")  # restored after the test
     monkeypatch.setattr(blas, "openblas_loaded", lambda: False)
     monkeypatch.setattr(blas, "cuda_backend_installed", lambda: False)
-    monkeypatch.setattr(blas, "find_openblas", lambda: None)
+    monkeypatch.setattr(blas, "find_openblas", lambda with_torch=False: None)
     monkeypatch.setattr(blas, "pip_openblas", lambda: None)
     blas.ensure_fast_blas()
     blas.ensure_fast_blas()
@@ -83,6 +83,37 @@ def test_the_hint_appears_once_when_no_openblas_loads(monkeypatch, capsys):
     monkeypatch.setattr(blas, "pip_openblas", lambda: "/x/libopenblasp-r0.3.33.so")
     assert "/x/libopenblasp-r0.3.33.so (ngsolve-openblas) does not load" in blas.hint()
     assert "apt-get install libgfortran5" in blas.hint()
+    monkeypatch.setattr(blas, "library_core", lambda lib: "Haswell")  # loads, passed over for torch
+    assert "next to PyTorch" in blas.hint() and "apt-get install libopenblas0-pthread" in blas.hint()
+
+
+def test_with_torch_passes_over_a_library_that_replaces_mkls_batched_gemm(monkeypatch):
+    monkeypatch.setattr(blas, "pip_openblas", lambda: "/pip/libopenblasp-r0.3.33.so")
+    monkeypatch.setattr(blas, "system_openblas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(blas, "library_core", lambda lib: "Haswell")
+    monkeypatch.setattr(blas, "_probe", lambda lib: ("Haswell", lib.startswith("/pip/")))
+    assert blas.find_openblas() == "/pip/libopenblasp-r0.3.33.so"
+    assert blas.find_openblas(with_torch=True) == "/usr/lib/libopenblas.so.0"
+    monkeypatch.setattr(blas, "system_openblas", lambda: None)
+    assert blas.find_openblas(with_torch=True) is None
+
+
+def test_the_pip_library_exports_what_the_torch_check_looks_for():
+    """For real: ngsolve-openblas 0.3.33 exports cblas_sgemm_batch (so the test suite, which runs
+    PyTorch, does not preload it), and loading it in PyTorch's process makes bmm crash."""
+    pip_lib = blas.pip_openblas()
+    if pip_lib is None or blas.library_core(pip_lib) is None:
+        pytest.skip("the pip OpenBLAS is not installed or does not load: `pip install ngsolve-openblas`")
+    assert blas._probe(pip_lib)[1]
+    pytest.importorskip("torch")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    code = "import torch; torch.bmm(torch.ones(4, 8, 8), torch.ones(4, 8, 8)); print('ok')"
+    crash = subprocess.run([sys.executable, "-c", code], env={**env, "LD_PRELOAD": pip_lib},
+                           capture_output=True, text=True, timeout=120)
+    clean = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert clean.stdout.strip() == "ok"
+    assert crash.returncode != 0  # the reason for with_torch
 
 
 def _child(code: str, **env_changes) -> list:
