@@ -25,7 +25,7 @@ from typing import Callable, Dict
 
 import numpy as np
 
-ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b")
+ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b", "7b-vision")  # 7b-vision: real-size towers, small LLM
 
 
 def timed(fn: Callable, warmup: int = 0, repeats: int = 1):

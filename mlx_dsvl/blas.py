@@ -5,10 +5,12 @@ The ``mlx[cpu]`` wheel for Linux ships a slow reference BLAS.  An OpenBLAS prelo
 The entry points call :func:`ensure_fast_blas` first: on Linux, when an OpenBLAS is found and is
 not loaded yet, the process re-executes itself once with it preloaded.  Looked for, in order:
 
-1. the ``ngsolve-openblas`` wheel (installed by the ``cpu`` extra on x86-64 Linux): OpenBLAS
+1. a system OpenBLAS (``apt-get install libopenblas0-pthread``): Debian 12's 0.3.21 ran the
+   towers' many small attention matmuls much faster than the pip build below, and large ones
+   alike (docs/PERFORMANCE.md);
+2. the ``ngsolve-openblas`` wheel (installed by the ``cpu`` extra on x86-64 Linux): OpenBLAS
    0.3.33 built for every x86-64 core (DYNAMIC_ARCH), with the plain ``cblas_*`` names MLX
-   calls; newer than most distributions' and so recognizing newer CPUs;
-2. a system OpenBLAS (``apt-get install libopenblas0-pthread``).
+   calls, for machines without a system OpenBLAS.
 
 OpenBLAS picks its kernels for the CPU it finds.  An older build that does not recognize a new
 CPU falls back to generic ones (``Prescott``: about 1/3 of the speed); when the library reports
@@ -117,13 +119,14 @@ def system_openblas() -> Optional[str]:
 
 
 def find_openblas(with_torch: bool = False) -> Optional[str]:
-    """The OpenBLAS to preload: the pip one if it loads here, else the system one.
+    """The OpenBLAS to preload: the system one if it loads here, else the pip one.
 
     with_torch: the process will also run PyTorch (the test suite): pass over builds that export
-    ``cblas_sgemm_batch`` (OpenBLAS >= 0.3.27, the pip one): preloaded, that symbol replaces
-    MKL's own inside PyTorch, whose batched matmuls (``bmm``, ``einsum``) then crash.
+    ``cblas_sgemm_batch`` (recent ones such as the pip 0.3.33; not Debian 12's 0.3.21):
+    preloaded, that symbol replaces MKL's own inside PyTorch, whose batched matmuls (``bmm``,
+    ``einsum``) then crash.
     """
-    for lib in (pip_openblas(), system_openblas()):
+    for lib in (system_openblas(), pip_openblas()):
         if lib and library_core(lib) is not None and not (with_torch and _probe(lib)[1]):
             return lib
     return None

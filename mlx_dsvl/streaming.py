@@ -17,7 +17,6 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
-from .models.cpu_prefill import prefill_hidden
 from .models.deepseek_vl import lm_head
 
 STOP_STRINGS = ("User:",)
@@ -111,7 +110,7 @@ def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional
     that is 666 x 102400 logits (273 MB in float32, and on a 4-bit LM head a full dequantized
     copy of it) of which one row is used.  Here the head sees the last position only.
     """
-    return lm_head(language_model, prefill_hidden(language_model, ids, cache, input_embeddings)[:, -1, :])
+    return lm_head(language_model, language_model.model(ids, cache, input_embeddings)[:, -1, :])
 
 
 def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
@@ -128,7 +127,7 @@ def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: 
     for s in range(0, T, prefill_step_size):
         e = min(s + prefill_step_size, T)
         if e < T:
-            prefill_hidden(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
+            language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
             mx.eval([c.state for c in cache])
         else:
             logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])

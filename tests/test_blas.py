@@ -87,14 +87,18 @@ def test_the_hint_appears_once_when_no_openblas_loads(monkeypatch, capsys):
     assert "next to PyTorch" in blas.hint() and "apt-get install libopenblas0-pthread" in blas.hint()
 
 
-def test_with_torch_passes_over_a_library_that_replaces_mkls_batched_gemm(monkeypatch):
+def test_the_system_library_comes_first_and_with_torch_passes_over_a_clashing_one(monkeypatch):
     monkeypatch.setattr(blas, "pip_openblas", lambda: "/pip/libopenblasp-r0.3.33.so")
     monkeypatch.setattr(blas, "system_openblas", lambda: "/usr/lib/libopenblas.so.0")
     monkeypatch.setattr(blas, "library_core", lambda lib: "Haswell")
-    monkeypatch.setattr(blas, "_probe", lambda lib: ("Haswell", lib.startswith("/pip/")))
-    assert blas.find_openblas() == "/pip/libopenblasp-r0.3.33.so"
-    assert blas.find_openblas(with_torch=True) == "/usr/lib/libopenblas.so.0"
+    clashing = {"/pip/libopenblasp-r0.3.33.so"}
+    monkeypatch.setattr(blas, "_probe", lambda lib: ("Haswell", lib in clashing))
+    assert blas.find_openblas() == blas.find_openblas(with_torch=True) == "/usr/lib/libopenblas.so.0"
     monkeypatch.setattr(blas, "system_openblas", lambda: None)
+    assert blas.find_openblas() == "/pip/libopenblasp-r0.3.33.so"
+    assert blas.find_openblas(with_torch=True) is None
+    monkeypatch.setattr(blas, "system_openblas", lambda: "/usr/lib/libopenblas.so.0")
+    clashing.add("/usr/lib/libopenblas.so.0")  # a newer system build exports it too
     assert blas.find_openblas(with_torch=True) is None
 
 
@@ -179,7 +183,7 @@ def test_a_coretype_the_user_set_is_kept():
     assert forced == "Prescott" and core == "Prescott"
 
 
-def test_the_pip_openblas_is_found_and_preloaded_first():
+def test_the_pip_openblas_is_preloaded_where_there_is_no_system_one():
     if not sys.platform.startswith("linux"):
         pytest.skip("preloading OpenBLAS is for MLX's Linux CPU backend")
     pip_lib = blas.pip_openblas()
@@ -188,6 +192,8 @@ def test_the_pip_openblas_is_found_and_preloaded_first():
                     "(x86-64 Linux; part of the `cpu` extra)")
     if blas.library_core(pip_lib) is None:
         pytest.skip(f"{pip_lib} does not load here: `apt-get install libgfortran5`")
-    assert blas.find_openblas() == pip_lib
-    _, loaded, core = _child("import mlx_dsvl.blas as b; b.ensure_fast_blas(); " + REPORT)
+    _, loaded, core = _child("import mlx_dsvl.blas as b; b.system_openblas = lambda: None; "
+                             "b.ensure_fast_blas(); " + REPORT)
     assert loaded == os.path.realpath(pip_lib) and core != "-"
+    level = blas.cpu_level(blas.cpu_flags())
+    assert level == 0 or blas.CORE_LEVEL.get(core.lower(), 0) >= 1, core  # its core fits the CPU
