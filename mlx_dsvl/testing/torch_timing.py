@@ -1,6 +1,7 @@
 """The PyTorch reference's vision and prefill times, for ``python -m mlx_dsvl.bench --compare``.
 
     python -m mlx_dsvl.testing.torch_timing FOLDER INPUTS.npz OUT.json [--device cpu] [--dtype float32]
+        [--vision-only]
 
 INPUTS.npz holds ``pixels`` ([1, 3, S, S] in [0, 1]) and ``ids`` ([1, T]).  The benchmark runs
 this in a process of its own, without the OpenBLAS that mlx-dsvl preloads for MLX: preloaded,
@@ -42,7 +43,7 @@ def best_of(fn, runs: int, sync) -> tuple:
 
 
 def measure(folder: Path, pixels: np.ndarray, ids: np.ndarray, device: str, dtype: torch.dtype,
-            runs: int = 2) -> dict:
+            runs: int = 2, prefill: bool = True) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.set_num_threads(os.cpu_count())
     hf = build_hf_model(folder, attn_implementation="sdpa", device=device, dtype=dtype)
@@ -60,20 +61,22 @@ def measure(folder: Path, pixels: np.ndarray, ids: np.ndarray, device: str, dtyp
     with torch.no_grad():
         t_hf, feats = best_of(lambda: hf.model.get_image_features(**inputs).pooler_output, runs, sync)
         t_timm, feats_timm = best_of(timm_style, runs, sync)
-        t_ids = torch.from_numpy(ids).long().to(device)
-        embeds = hf.get_input_embeddings()(t_ids)
-        image = t_ids == int(read_config(folder).get("image_token_id", 100015))
-        embeds[image] = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        t_prefill, _ = best_of(lambda: hf(inputs_embeds=embeds, logits_to_keep=1).logits, runs, sync)
+        if prefill:
+            t_ids = torch.from_numpy(ids).long().to(device)
+            embeds = hf.get_input_embeddings()(t_ids)
+            image = t_ids == int(read_config(folder).get("image_token_id", 100015))
+            embeds[image] = feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+            t_prefill, _ = best_of(lambda: hf(inputs_embeds=embeds, logits_to_keep=1).logits, runs, sync)
     diff = float((feats - feats_timm).abs().max() / feats.abs().max())
     vision = min(t_hf, t_timm)
-    return {"torch_device": f"{device} {str(dtype).replace('torch.', '')}",
-            "torch_threads": torch.get_num_threads(),
-            "torch_vision_transformers_ms": t_hf * 1e3, "torch_vision_timm_style_ms": t_timm * 1e3,
-            "torch_vision_reference": "timm-style SigLIP" if t_timm < t_hf else "transformers",
-            "torch_vision_references_rel_diff": diff,
-            "torch_vision_aligner_ms": vision * 1e3, "torch_prefill_s": t_prefill,
-            "torch_vision_prefill_s": vision + t_prefill}
+    res = {"torch_device": f"{device} {str(dtype).replace('torch.', '')}",
+           "torch_threads": torch.get_num_threads(),
+           "torch_vision_transformers_ms": t_hf * 1e3, "torch_vision_timm_style_ms": t_timm * 1e3,
+           "torch_vision_reference": "timm-style SigLIP" if t_timm < t_hf else "transformers",
+           "torch_vision_references_rel_diff": diff, "torch_vision_aligner_ms": vision * 1e3}
+    if prefill:
+        res.update(torch_prefill_s=t_prefill, torch_vision_prefill_s=vision + t_prefill)
+    return res
 
 
 def main(argv=None) -> int:
@@ -83,9 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--vision-only", action="store_true", help="skip the prefill")
     args = p.parse_args(argv)
     data = np.load(args.inputs)
-    res = measure(args.folder, data["pixels"], data["ids"], args.device, getattr(torch, args.dtype))
+    res = measure(args.folder, data["pixels"], data["ids"], args.device, getattr(torch, args.dtype),
+                  prefill=not args.vision_only)
     args.out.write_text(json.dumps(res))
     return 0
 
