@@ -121,17 +121,18 @@ def blas_hint() -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return None
     import mlx.core as mx
-    from mlx_dsvl.blas import find_openblas, openblas_loaded
+    from mlx_dsvl.blas import find_openblas, openblas_loaded, preload_env
 
     if mx.default_device() != mx.cpu or openblas_loaded():
         return None
     lib = find_openblas()
     if lib is None:
-        return ("MLX's CPU backend is much faster with a system OpenBLAS: "
-                "`apt-get install libopenblas0-pthread`, then start the app with "
+        return ("MLX's CPU backend is much faster with OpenBLAS: `pip install ngsolve-openblas` "
+                "(x86-64) or `apt-get install libopenblas0-pthread`, then start the app with "
                 "`python apps/chat.py ...`, which preloads it.")
+    env = " ".join(f"{k}={v}" for k, v in preload_env(lib).items())
     return (f"MLX's CPU backend is much faster with OpenBLAS: start the app with `python apps/chat.py ...` "
-            f"(it preloads {lib}) or `LD_PRELOAD={lib} streamlit run apps/chat.py ...`.")
+            f"(it preloads {lib}) or `{env} streamlit run apps/chat.py ...`.")
 
 
 # -- python apps/chat.py --------------------------------------------------------------------

@@ -6,9 +6,10 @@
 Random-weight checkpoints of the real sizes are made once and cached (``~/.cache/mlx_dsvl``).
 Reports preprocessing, each vision tower, the aligner, prefill tokens/s, time to first token,
 decode tokens/s, peak memory and the turn-2 time to first token with cache reuse.  ``--compare``
-adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + prefill
-against the PyTorch reference (``transformers``, when torch is installed), and the decode bound
-(weight bytes read per token / measured memory bandwidth).
+adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + aligner and
+the prefill against the faster PyTorch reference (``transformers`` or timm-style SigLIP, in a
+process of its own; when torch is installed), and the decode bound (weight bytes read per token
+/ measured memory bandwidth).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Callable, Dict
 
 import numpy as np
 
-ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b")
+ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b", "7b-vision")  # 7b-vision: real-size towers, small LLM
 
 
 def timed(fn: Callable, warmup: int = 0, repeats: int = 1):
@@ -171,9 +172,12 @@ def run(args) -> Dict:
         ids = processor(conv, [img])["input_ids"]
         gpu_warmup = 1 if mx.default_device() == mx.gpu else 0  # kernels compile on first use
         _, ours_vision = timed(lambda: model.encode_images(batch), gpu_warmup)
-        _, ours_total = timed(lambda: last_logits(  # like transformers' logits_to_keep=1
-            model.language_model, ids, None, model.get_input_embeddings(ids, batch)), gpu_warmup)
-        res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_vision_prefill_s=ours_total)
+        embeds, _ = timed(lambda: model.get_input_embeddings(ids, batch))
+        _, ours_prefill = timed(lambda: last_logits(  # like transformers' logits_to_keep=1
+            model.language_model, ids, None, embeds), gpu_warmup)
+        res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_prefill_s=ours_prefill,
+                   ours_vision_prefill_s=ours_vision + ours_prefill)
+        del embeds
         del model, chat, feats
         import gc
 
@@ -208,55 +212,44 @@ def _our_decode_tps(model, processor, prompt, n) -> float:
 
 
 def _torch_compare(path, px, ids, ours: Dict, args) -> Dict:
-    """Vision + aligner and prefill time of transformers' model on the same weights and pixels:
-    float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU."""
+    """The PyTorch reference on the same weights and pixels (mlx_dsvl.testing.torch_timing):
+    float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU.  It runs in
+    a child process without the OpenBLAS preloaded for MLX, which would slow PyTorch down."""
+    import subprocess
+    import tempfile
+
     import mlx.core as mx
 
-    try:
-        import torch
+    from importlib.util import find_spec
 
-        from .testing.hf_reference import build_hf_model, reference_inputs
-    except ImportError as e:
-        return {"torch_compare": f"skipped ({e.name} not installed)"}
+    missing = [m for m in ("torch", "transformers") if find_spec(m) is None]
+    if missing:
+        return {"torch_compare": f"skipped ({missing[0]} not installed)"}
     if args.quantize:
         return {"torch_compare": "skipped (the reference is not quantized)"}
     if mx.default_device() == mx.gpu:
+        import torch
+
         if not torch.cuda.is_available():
             return {"torch_compare": "skipped (MLX runs on a GPU, torch has no CUDA)"}
-        device = "cuda"
-        dtype = getattr(torch, ours["dtype"])
-        sync = torch.cuda.synchronize
+        device, dtype = "cuda", ours["dtype"]
+    elif ours["dtype"] != "float32":
+        return {"torch_compare": "skipped (on the CPU only float32 is compared)"}
     else:
-        if ours["dtype"] != "float32":
-            return {"torch_compare": "skipped (on the CPU only float32 is compared)"}
-        device, dtype, sync = "cpu", torch.float32, (lambda: None)
-    torch.set_num_threads(os.cpu_count())
-    hf = build_hf_model(path, attn_implementation="sdpa", device=device, dtype=dtype)
-    inputs = {k: v.to(device, dtype) for k, v in
-              reference_inputs(torch.from_numpy(np.array(px.astype(mx.float32))), path).items()}
-    t_ids = torch.from_numpy(np.array(ids)).long().to(device)
-
-    def clock(fn) -> float:
-        if device == "cuda":  # warm-up: cuBLAS / kernel selection on first use
-            fn()
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t
-
-    with torch.no_grad():
-        t_vision = clock(lambda: hf.model.get_image_features(**inputs))
-        t_total = clock(lambda: hf(input_ids=t_ids, **inputs, logits_to_keep=1))
-    out = {"torch_device": f"{device} {str(dtype).replace('torch.', '')}",
-           "torch_threads": torch.get_num_threads(), "torch_vision_aligner_ms": t_vision * 1e3,
-           "torch_vision_prefill_s": t_total,
-           "vision_speedup": t_vision * 1e3 / ours["ours_vision_aligner_ms"],
-           "vision_prefill_speedup": t_total / ours["ours_vision_prefill_s"]}
-    del hf
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return out
+        device, dtype = "cpu", "float32"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_CORETYPE")}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs, out = os.path.join(tmp, "inputs.npz"), os.path.join(tmp, "out.json")
+        np.savez(inputs, pixels=np.array(px.astype(mx.float32)), ids=np.array(ids))
+        run = subprocess.run([sys.executable, "-m", "mlx_dsvl.testing.torch_timing", str(path), inputs,
+                              out, "--device", device, "--dtype", dtype], env=env)
+        if run.returncode != 0:
+            return {"torch_compare": f"failed (exit {run.returncode})"}
+        res = json.loads(open(out).read())
+    res.update(vision_speedup=res["torch_vision_aligner_ms"] / ours["ours_vision_aligner_ms"],
+               prefill_speedup=res["torch_prefill_s"] / ours["ours_prefill_s"],
+               vision_prefill_speedup=res["torch_vision_prefill_s"] / ours["ours_vision_prefill_s"])
+    return res
 
 
 def _openblas() -> bool:

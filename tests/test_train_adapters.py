@@ -143,8 +143,9 @@ def test_qlora_on_a_quantized_mlx_folder_then_fuse(tiny_dir, tmp_path):
     fused, fproc = mlx_dsvl.load(fused_dir)  # a plain (dequantized) original-layout folder
     assert isinstance(fused.language_model.model.layers[0].mlp.up_proj, nn.Linear)
     # float32 reassociation only: x @ (dequant(W) + s B A) against x @ dequant(W) + s (x A^T) B^T
-    # (max 2.9e-5 of the largest logit on one seed); a wrong fusion is off by 1e-2 or more
-    np.testing.assert_allclose(logits_for(fused, fproc, image), ref, atol=1e-4 * np.abs(ref).max())
+    # (2.9e-5 to 1.5e-4 of the largest logit, depending on where the 3 steps at lr 2e-2 end; the
+    # vision features agree to 5e-7); a wrong fusion is off by 1e-2 or more
+    np.testing.assert_allclose(logits_for(fused, fproc, image), ref, atol=3e-4 * np.abs(ref).max())
     w = mx.load(str(fused_dir / "model.safetensors"))
     base_keys = set(mx.load(str(Path(tiny_dir) / "model.safetensors")))
     assert set(w) == base_keys  # the original names, unused tensors included

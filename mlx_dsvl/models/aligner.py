@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import AlignerConfig
+from .cpu_math import GELU
 
 Features = Union[mx.array, Tuple[mx.array, mx.array]]
 
@@ -30,13 +31,13 @@ class MlpProjector(nn.Module):
         elif t == "mlp_gelu":
             self.layers = [nn.Linear(cfg.input_dim, cfg.n_embed)]
             for _ in range(1, cfg.depth):
-                self.layers += [nn.GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
+                self.layers += [GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
         elif t == "low_high_hybrid_split_mlp_gelu":
             self.high_up_proj = nn.Linear(cfg.input_dim, cfg.n_embed // 2)
             self.low_up_proj = nn.Linear(cfg.input_dim, cfg.n_embed // 2)
             self.layers = []
             for _ in range(1, cfg.depth):
-                self.layers += [nn.GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
+                self.layers += [GELU(), nn.Linear(cfg.n_embed, cfg.n_embed)]
         else:  # config.py validates, this guards direct construction
             raise ValueError(f"unknown projector_type {t!r}")
 

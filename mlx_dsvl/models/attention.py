@@ -3,9 +3,12 @@
 On a GPU (Metal, CUDA) this is ``mx.fast.scaled_dot_product_attention``.  MLX's CPU backend
 evaluates ``exp`` at about 10 ns per element, and the towers' softmaxes are large (one SAM-B
 global block: 12 x 4096 x 4096 scores; SigLIP-L: 24 x 16 x 577 x 577), so there the softmax is
-written with ``2 ** (x log2 e)``, which the CPU backend computes about twice as fast as ``exp``:
-attention about 28% faster, the same values to ~1e-7 (float32), differentiable and compilable.
-The softmax is computed in float32 whatever the inputs' dtype.
+written with ``2 ** x``, which the CPU backend computes about twice as fast as ``exp``, on scores
+made in base-2 units (``log2 e`` folded into the query scale and the bias): attention about 28%
+faster, the same values to ~1e-7 (float32), differentiable and compilable.  (A polynomial
+``2 ** x`` with the exponent written into the float's bits measured slower: MLX's integer and
+bit-cast ops cost more passes than ``power`` saves.)  The softmax is computed in float32
+whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-LOG2E = 1.4426950408889634
+from .cpu_math import LOG2E
 
 
 def exp_from_max(x: mx.array, axis: int = -1) -> Tuple[mx.array, mx.array]:
@@ -25,13 +28,28 @@ def exp_from_max(x: mx.array, axis: int = -1) -> Tuple[mx.array, mx.array]:
     return mx.power(2.0, (x - m) * LOG2E), m
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-              mask: Optional[mx.array] = None) -> mx.array:
-    """q [B, heads, Lq, d], k/v [B, heads, Lk, d], additive mask [.., Lq, Lk] -> [B, heads, Lq, d]."""
+def decomposed_bias(rel_h: mx.array, rel_w: mx.array) -> mx.array:
+    """[B, N, h, W, kH] and [B, N, h, W, kW] -> the full additive bias [B, N, h*W, kH*kW]."""
+    B, N, h, W, kH = rel_h.shape
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, N, h * W, -1)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[mx.array] = None,
+              rel: Optional[Tuple[mx.array, mx.array]] = None) -> mx.array:
+    """q [B, heads, Lq, d], k/v [B, heads, Lk, d] -> [B, heads, Lq, d].
+
+    mask: additive [.., Lq, Lk]; rel: SAM's decomposed bias ``(rel_h, rel_w)`` for queries on
+    h x W grid positions and keys on kH x kW (see :func:`decomposed_bias`).
+    """
     if mx.default_device() != mx.cpu:
+        if rel is not None:
+            bias = decomposed_bias(*rel).astype(q.dtype)
+            mask = bias if mask is None else mask + bias
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    s = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)  # [B, heads, Lq, Lk]
+    s = ((q * (scale * LOG2E)) @ k.swapaxes(-1, -2)).astype(mx.float32)  # [B, heads, Lq, Lk], log2 units
     if mask is not None:
-        s = s + mask.astype(mx.float32)
-    p, _ = exp_from_max(s)
+        s = s + mask.astype(mx.float32) * LOG2E
+    if rel is not None:  # the factors are small: scale them, not the bias
+        s = s + decomposed_bias(*(r.astype(mx.float32) * LOG2E for r in rel))
+    p = mx.power(2.0, s - mx.stop_gradient(s.max(axis=-1, keepdims=True)))
     return (p.astype(v.dtype) @ v) / p.sum(axis=-1, keepdims=True).astype(v.dtype)

@@ -15,6 +15,7 @@ import mlx.nn as nn
 
 from ..config import SAMConfig
 from .attention import attention
+from .cpu_math import GELU
 from .resize import bilinear_resize
 
 
@@ -24,19 +25,18 @@ def rel_pos_table(size: int, rel_pos: mx.array) -> mx.array:
     return rel_pos[idx]
 
 
-def decomposed_rel_pos_bias(q: mx.array, table_h: mx.array, table_w: mx.array) -> mx.array:
-    """MViTv2 decomposed relative position bias.
+def decomposed_rel_pos(q: mx.array, table_h: mx.array, table_w: mx.array) -> Tuple[mx.array, mx.array]:
+    """MViTv2 decomposed relative position bias, as its two factors.
 
     q: [B, heads, h*W, C] *unscaled* queries of h rows of the grid; table_h: [h, kH, C] (those
-    rows of :func:`rel_pos_table`), table_w: [W, kW, C] -> additive bias [B, heads, h*W, kH*kW].
+    rows of :func:`rel_pos_table`), table_w: [W, kW, C] -> (rel_h [B, heads, h, W, kH],
+    rel_w [B, heads, h, W, kW]); the bias of query (y, x) and key (ky, kx) is
+    rel_h[.., y, x, ky] + rel_w[.., y, x, kx] (:func:`attention.decomposed_bias`).
     """
     B, N, _, C = q.shape
     h, W = table_h.shape[0], table_w.shape[0]
     rq = q.reshape(B, N, h, W, C)
-    rel_h = mx.einsum("bnhwc,hkc->bnhwk", rq, table_h)  # [B,N,h,W,kH]
-    rel_w = mx.einsum("bnhwc,wkc->bnhwk", rq, table_w)  # [B,N,h,W,kW]
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # [B, N, h, W, kH, kW]
-    return bias.reshape(B, N, h * W, -1)
+    return mx.einsum("bnhwc,hkc->bnhwk", rq, table_h), mx.einsum("bnhwc,wkc->bnhwk", rq, table_w)
 
 
 # Queries per attention call in a global block: the rel-pos bias and the scores of 4096 x 4096
@@ -68,8 +68,8 @@ class Attention(nn.Module):
             qr = q[:, :, r * W : (r + rows) * W]  # [B, heads, rows*W, hd]
             if outs:  # one block after the other, so that only one block's bias and scores live
                 qr = mx.depends(qr, outs[-1])
-            bias = decomposed_rel_pos_bias(qr, table_h[r : r + rows], table_w)
-            outs.append(attention(qr, k, v, self.scale, bias.astype(q.dtype)))
+            rel = decomposed_rel_pos(qr, table_h[r : r + rows], table_w)
+            outs.append(attention(qr, k, v, self.scale, rel=rel))
         o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)  # [B, heads, H*W, hd]
         return self.proj(o.transpose(0, 2, 1, 3).reshape(B, H, W, D))
 
@@ -78,7 +78,7 @@ class MLPBlock(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.lin1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.lin2 = nn.Linear(hidden, dim)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from ..config import SigLIPConfig
 from .attention import attention
+from .cpu_math import GELU
 
 
 class PatchEmbed(nn.Module):
@@ -47,7 +48,7 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=True)
-        self.act = nn.GELU()  # exact erf GELU, as timm's nn.GELU default
+        self.act = GELU()  # exact erf GELU, as timm's nn.GELU default
         self.fc2 = nn.Linear(hidden, dim, bias=True)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -1,6 +1,6 @@
 """Random DeepSeek-VL checkpoints in the original deepseek-ai on-disk layout.
 
-    python -m mlx_dsvl.testing.make_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b} --out DIR [--seed N]
+    python -m mlx_dsvl.testing.make_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b,7b-vision} --out DIR [--seed N]
 
 Writes ``config.json`` (real structure; tiny archs carry explicit size overrides), safetensors
 (PyTorch layouts: conv weights [O, I, kH, kW]; one file, or shards of at most ``--shard-gb`` with
@@ -82,6 +82,14 @@ ARCHS = {
         {"vision_config": hybrid_tower(dict(SAM), dict(SIGLIP), 1024),
          "aligner_config": aligner("low_high_hybrid_split_mlp_gelu", 1024, 4096),
          "language_config": llm(num_hidden_layers=30)},  # sparse, as the real 7B config
+        (1024, list(CLIP_MEAN), list(CLIP_STD), False), "float16"),
+    # the 7B's SAM-B and SigLIP-L at real size with a small LLM (and so a small aligner output):
+    # vision benchmarks in float32 on machines that cannot hold the 7B's 28 GB of float32 weights
+    "7b-vision": (
+        {"vision_config": hybrid_tower(dict(SAM), dict(SIGLIP), 1024),
+         "aligner_config": aligner("low_high_hybrid_split_mlp_gelu", 1024, 256),
+         "language_config": llm(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                num_key_value_heads=4, num_hidden_layers=2)},
         (1024, list(CLIP_MEAN), list(CLIP_STD), False), "float16"),
 }
 
