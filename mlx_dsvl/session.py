@@ -68,10 +68,6 @@ class ChatSession:
         self.system_prompt = system_prompt
         self.max_context = int(max_context)
         self.on_truncate = on_truncate
-        self.kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start)
-        head = model.language_model.layers[0].self_attn.head_dim
-        if self.kv and head % kv_group_size:
-            raise ValueError(f"kv_group_size {kv_group_size} does not divide the LLM's head size {head}")
         self.on_slow_start = on_slow_start  # told if the process's first GPU forward is slow
         # profile: each turn's stages are evaluated apart and timed into ``timings``
         self.profile = profile
@@ -79,7 +75,9 @@ class ChatSession:
         self.encode_calls = 0  # images run through the vision tower (tests count these)
         self._features: Dict[str, mx.array] = {}  # content hash -> aligned features [I, D]
         self._tokens = PromptTokens(processor)
+        self.kv: Optional[dict] = None
         self.reset()
+        self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -88,6 +86,18 @@ class ChatSession:
         self.cache = self.model.make_cache()
         self.cached_ids: List[int] = []
         self.cached_images: List[str] = []  # keys of the images whose tokens the cache holds
+
+    def set_kv_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                     quantized_kv_start: int = 0) -> None:
+        """KV-cache quantization (see :func:`~mlx_dsvl.streaming.kv_cache_options`); a change
+        empties the cache, and the next turn prefills the conversation again with it."""
+        kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start)
+        head = self.model.language_model.layers[0].self_attn.head_dim
+        if kv and head % kv_group_size:
+            raise ValueError(f"kv_group_size {kv_group_size} does not divide the LLM's head size {head}")
+        if kv != self.kv:
+            self.kv = kv
+            self.cache, self.cached_ids, self.cached_images = self.model.make_cache(), [], []
 
     @property
     def conversation(self) -> List[dict]:
