@@ -30,7 +30,9 @@ import mlx.core as mx
 import numpy as np
 
 from .processing.chat import PromptTokens
-from .streaming import DEFAULT_SAMPLING, PROCESSOR_CONTEXT, GenerationChunk, kv_cache_options, stream_tokens
+from .streaming import (
+    DEFAULT_SAMPLING, PROCESSOR_CONTEXT, GenerationChunk, kv_cache_options, prefill, stream_tokens,
+)
 from .warmup import FirstUseNotice
 
 
@@ -262,6 +264,24 @@ class ChatSession:
         lo, hi = int(ranks[0]) // per, int(ranks[-1]) // per + 1
         feats = mx.concatenate([self._features[k] for k in keys[lo:hi]])[mx.array(ranks - lo * per)]
         return self.model.get_input_embeddings(new_ids, image_embeds=feats[None, None])[0]
+
+    def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
+        """Logits [vocab] of the first token of the reply to ``text``, without replying (for
+        benchmarks and scoring): the question is prefilled like a turn, then taken back."""
+        keys = self.add_images(images)
+        self.messages.append({"role": "user", "content": text, "images": keys})
+        try:
+            ids = self._fit_context(1)
+            keys = [k for m in self.messages for k in m["images"]]
+            keep = self._reusable_prefix(ids, keys)
+            self._trim_cache(keep)
+            logits = prefill(self.model.language_model, mx.array(ids[keep:]), self._new_embeddings(ids, keep, keys),
+                             self.cache, self.kv)
+            mx.eval(logits)
+            self.cached_ids, self.cached_images = ids.tolist()[: self.cache[0].offset], keys
+        finally:
+            self.messages.pop()
+        return logits[0]
 
     def undo(self) -> None:
         """Remove the last exchange (the cache is trimmed lazily on the next turn)."""

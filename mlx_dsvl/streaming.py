@@ -141,16 +141,40 @@ def _quantize_cache(cache: List[Any], kv: Optional[dict]) -> None:
         maybe_quantize_kv_cache(cache, kv["quantized_kv_start"], kv["kv_group_size"], kv["kv_bits"])
 
 
+def prefill_step_size(kv: Optional[dict]) -> int:
+    """Tokens per prefill pass: mlx-lm's 2048 where attention is one fused kernel (a GPU, a plain
+    cache); 512 where the attention scores are materialized (MLX's CPU backend, a quantized
+    cache), which bounds them to [heads, 512, context] instead of [heads, 2048, context]."""
+    return 2048 if kv is None and mx.default_device() == mx.gpu else 512
+
+
+def prefill(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
+            kv: Optional[dict] = None) -> mx.array:
+    """Run ``new_ids``/``new_embeds`` ([T], [T, D]) through onto ``cache`` in passes of
+    :func:`prefill_step_size`; returns the last position's logits [1, vocab] (not evaluated).
+    With ``kv`` the cache is quantized as it fills."""
+    T, step = int(new_ids.shape[0]), prefill_step_size(kv)
+    for s in range(0, T, step):
+        e = min(s + step, T)
+        if e < T:
+            language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
+            _quantize_cache(cache, kv)
+            mx.eval([c.state for c in cache])
+        else:
+            logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
+    _quantize_cache(cache, kv)
+    return logits
+
+
 def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
                 max_tokens: int, sampler, processors, history: Optional[mx.array] = None,
-                kv: Optional[dict] = None, prefill_step_size: int = 2048,
-                timings: Optional[dict] = None) -> Iterator[int]:
-    """Token ids: the prompt prefilled in full passes, then mlx-lm's ``generate_step``.
+                kv: Optional[dict] = None, timings: Optional[dict] = None) -> Iterator[int]:
+    """Token ids: the prompt prefilled (:func:`prefill`), then mlx-lm's ``generate_step``.
 
     ``generate_step`` runs the last prompt token in a pass of its own, one more full read of
     the weights; for the short prompts of a chat turn that is a large share of the time to first
-    token.  Here the whole prompt goes through in chunks of ``prefill_step_size``, the first
-    token is sampled from the last position, and ``generate_step`` decodes from it.
+    token.  Here the whole prompt goes through in passes of :func:`prefill_step_size` tokens,
+    the first token is sampled from the last position, and ``generate_step`` decodes from it.
 
     ``history``: the prompt's last tokens, the new ones included (default: ``new_ids``) -- the
     context the logits processors (the repetition penalty) see, as they would in one pass over
@@ -158,15 +182,7 @@ def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: 
     is evaluated before sampling and ``prefill_ms`` / ``first_sample_ms`` are recorded.
     """
     tic = time.perf_counter()
-    T = int(new_ids.shape[0])
-    for s in range(0, T, prefill_step_size):
-        e = min(s + prefill_step_size, T)
-        if e < T:
-            language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
-            _quantize_cache(cache, kv)
-            mx.eval([c.state for c in cache])
-        else:
-            logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
+    logits = prefill(language_model, new_ids, new_embeds, cache, kv)
     if timings is not None:
         mx.eval(logits)
         timings["prefill_ms"] = (time.perf_counter() - tic) * 1e3
@@ -177,7 +193,6 @@ def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: 
     y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item()
     if timings is not None:
         timings["first_sample_ms"] = (time.perf_counter() - tic) * 1e3
-    _quantize_cache(cache, kv)
     yield y
     if max_tokens <= 1:
         return

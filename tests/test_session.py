@@ -136,8 +136,7 @@ def test_session_with_unfused_prefills_matches_fused(tiny_model, monkeypatch):
     model, processor = tiny_model
     runs = []
     for forced in (False, True):
-        monkeypatch.setattr(llm, "unfused_prefill", lambda n, c, f=forced: f and 1 < n <= 512 and c is not None
-                            and not hasattr(c, "bits"))
+        monkeypatch.setattr(llm, "unfused_prefill", lambda n, c, f=forced: f and 1 < n <= 512 and c is not None)
         chat = ChatSession(model, processor)
         runs.append([tokens(chat.send(q, i, max_tokens=6, **GREEDY)) for q, i in
                      [("<image_placeholder>Describe it.", [image(5)]), ("And then?", [])]])
@@ -146,7 +145,7 @@ def test_session_with_unfused_prefills_matches_fused(tiny_model, monkeypatch):
 
 # -- KV-cache quantization ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def kv_model(tiny_dir, tmp_path_factory):
+def kv_dir(tiny_dir, tmp_path_factory):
     """The tiny checkpoint with 2 heads of 32 (KV quantization groups need 32 | head size)."""
     import json
     import shutil
@@ -156,7 +155,12 @@ def kv_model(tiny_dir, tmp_path_factory):
     config = json.loads((out / "config.json").read_text())
     config["language_config"].update(num_attention_heads=2, num_key_value_heads=2)
     (out / "config.json").write_text(json.dumps(config))
-    return mlx_dsvl.load(out, dtype="float32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def kv_model(kv_dir):
+    return mlx_dsvl.load(kv_dir, dtype="float32")
 
 
 def test_kv_bits_options_are_checked(tiny_model):
@@ -191,6 +195,20 @@ def test_kv_bits_session_quantizes_and_trims_its_cache(kv_model, bits):
     assert detour.cache[0].offset == len(detour.cached_ids)
 
 
+def test_quantized_cache_prefill_on_the_cpu_matches_mlx_lm(kv_model, monkeypatch):
+    """A prefill onto a quantized cache dequantizes it on the CPU: the same tokens as mlx-lm's
+    quantized attention (forced back here)."""
+    model, processor = kv_model
+    turns = [("<image_placeholder>Describe it.", [image(11)]), ("And then, in more words than before?", [])]
+    runs = []
+    for ours in (True, False):
+        if not ours:
+            monkeypatch.setattr(llm, "unfused_prefill", lambda n, c: False)
+        chat = ChatSession(model, processor, kv_bits=8, kv_group_size=32)
+        runs.append([tokens(chat.send(q, i, max_tokens=6, **GREEDY)) for q, i in turns])
+    assert runs[0] == runs[1]
+
+
 def test_kv_bits_in_the_generation_api(kv_model):
     model, processor = kv_model
     conv = [{"role": "user", "content": "Hello there"}]
@@ -198,6 +216,21 @@ def test_kv_bits_in_the_generation_api(kv_model):
     assert isinstance(out, str)
     with pytest.raises(ValueError, match="kv_bits"):
         mlx_dsvl.generate(model, processor, conv, max_tokens=4, kv_bits=5)
+
+
+def test_cli_kv_bits_and_quantize(kv_dir, tiny_dir):
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", "--prompt", "Hi", "--max-tokens", "3",
+                               "--temperature", "0", *args], capture_output=True, text=True, timeout=300)
+
+    r = cli("--model", str(kv_dir), "--kv-bits", "4", "--kv-group-size", "32", "--quantize", "4", "--verbose")
+    assert r.returncode == 0 and "Peak memory" in r.stderr, r.stderr
+    bad = cli("--model", str(tiny_dir), "--kv-bits", "8", "--kv-group-size", "32")  # head size 16
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 1 and len(lines) == 1 and "kv_group_size 32 does not divide" in lines[0], bad.stderr
 
 
 # -- the first forward of a process on a GPU ------------------------------------------------------
@@ -237,3 +270,21 @@ def test_fast_first_forward_and_cpu_say_nothing(tiny_model, monkeypatch):
     monkeypatch.setattr(warmup, "NOTICE_DELAY_S", 30.0)
     list(ChatSession(model, processor, on_slow_start=said.append).send("Hi", [], max_tokens=2, **GREEDY))
     assert said == []
+
+
+def test_cli_says_what_a_slow_first_forward_is_doing(tiny_dir, monkeypatch, capsys):
+    import importlib
+
+    from mlx_dsvl.models.deepseek_vl import DeepseekVL
+
+    cli = importlib.import_module("mlx_dsvl.generate")
+    monkeypatch.setenv("MLX_DSVL_NO_BLAS_REEXEC", "1")
+    monkeypatch.setattr(warmup, "kernels_compile", lambda: True)
+    monkeypatch.setattr(warmup, "NOTICE_DELAY_S", 0.05)
+    monkeypatch.setattr(warmup, "_first_forward_done", False)
+    real = DeepseekVL.encode_images
+    monkeypatch.setattr(DeepseekVL, "encode_images", lambda self, px: (time.sleep(0.3), real(self, px))[1])
+    image(10).save(tiny_dir.parent / "slow.png")
+    assert cli.main(["--model", str(tiny_dir), "--image", str(tiny_dir.parent / "slow.png"), "--prompt", "Hi",
+                     "--max-tokens", "2", "--dtype", "float32"]) == 0
+    assert f"[mlx-dsvl] {warmup.MESSAGE}" in capsys.readouterr().err

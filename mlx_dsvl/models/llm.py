@@ -1,4 +1,4 @@
-"""The LLM: mlx-lm's llama, with short prefills on a GPU computed without a fused kernel.
+"""The LLM: mlx-lm's llama, with two prefill paths of its own (the parameters are mlx-lm's).
 
 On CUDA, ``mx.fast.scaled_dot_product_attention`` runs a prefill through cuDNN, which builds one
 execution graph per new (query length, key length) and caches it; building one takes tens of
@@ -9,6 +9,12 @@ than the whole prefill of a short question costs.  Here a prefill of at most
 (scores, causal mask, softmax, weighted sum) from ordinary kernels, which need no per-shape
 build.  Decoding (one query) and long prefills keep the fused kernels; on the CPU backend
 nothing changes (MLX has no fused CPU kernel: it computes this same fallback).
+
+With a quantized KV cache, mlx-lm computes attention with ``mx.quantized_matmul`` against the
+packed keys and values; MLX's CPU backend runs that about 30x slower than a float matmul (a
+4096-token prompt took minutes).  A prefill on the CPU dequantizes the layer's keys and values
+instead (one layer's worth at a time) and multiplies in float through BLAS; decoding keeps
+mlx-lm's quantized path.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ UNFUSED_MAX_QUERIES = 512  # scores of 512 queries x 4096 keys x 32 heads: 128 M
 
 
 def unfused_prefill(length: int, cache: Any) -> bool:
-    """Whether a prefill of ``length`` tokens onto ``cache`` takes :func:`unfused_attention`."""
-    return (1 < length <= UNFUSED_MAX_QUERIES and cache is not None and not hasattr(cache, "bits")
-            and mx.default_device() == mx.gpu)
+    """Whether a prefill of ``length`` tokens onto ``cache`` takes :func:`unfused_attention`:
+    short ones on a GPU, and on the CPU those onto a quantized cache (dequantized first)."""
+    if length <= 1 or cache is None:
+        return False
+    if hasattr(cache, "bits"):
+        return mx.default_device() == mx.cpu
+    return length <= UNFUSED_MAX_QUERIES and mx.default_device() == mx.gpu
 
 
 def unfused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
@@ -58,6 +68,8 @@ class Attention(llama.Attention):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
         k, v = cache.update_and_fetch(k, v)
+        if hasattr(cache, "bits"):  # packed (weights, scales, biases)
+            k, v = (mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits) for t in (k, v))
         out = unfused_attention(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
