@@ -138,7 +138,7 @@ class ChatSession:
     def _prompt_ids(self) -> np.ndarray:
         return self._tokens(self.processor.format(self.conversation))
 
-    def _fit_context(self, max_tokens: int) -> List[int]:
+    def _fit_context(self, max_tokens: int) -> np.ndarray:
         ids = self._prompt_ids()
         dropped = 0
         while len(ids) + max_tokens > self.max_context and len(self.messages) > 1:
@@ -205,7 +205,9 @@ class ChatSession:
     def _add_reply(self, pieces: List[str]) -> None:
         self.messages.append({"role": "assistant", "content": "".join(pieces), "images": []})
 
-    def _run(self, ids: np.ndarray, opts: dict) -> Iterator[GenerationChunk]:
+    def _new_input(self, ids: np.ndarray):
+        """What the cache lacks of ``ids``: the cache is trimmed to the prefix it can keep, and
+        (the prompt's image keys, that prefix's length, the new tokens' embeddings) returned."""
         t = self.timings
         tic = time.perf_counter()
         keys = [k for m in self.messages for k in m["images"]]  # the prompt's images, in order
@@ -213,18 +215,21 @@ class ChatSession:
         self._trim_cache(keep)
         t["prefix_match_ms"] = (time.perf_counter() - tic) * 1e3
         tic = time.perf_counter()
-        new_ids = mx.array(ids[keep:])
         embeds = self._new_embeddings(ids, keep, keys)
         if self.profile:
             mx.eval(embeds)
         t.update(embed_merge_ms=(time.perf_counter() - tic) * 1e3, cached_tokens=keep,
                  new_tokens=len(ids) - keep)
+        return keys, keep, embeds
+
+    def _run(self, ids: np.ndarray, opts: dict) -> Iterator[GenerationChunk]:
+        keys, keep, embeds = self._new_input(ids)
         generated: List[int] = []
         try:
             yield from stream_tokens(
-                self.model.language_model, self.processor, new_ids, embeds, self.cache,
+                self.model.language_model, self.processor, mx.array(ids[keep:]), embeds, self.cache,
                 generated=generated, history=mx.array(ids[-PROCESSOR_CONTEXT:]), kv=self.kv,
-                timings=t if self.profile else None, **opts,
+                timings=self.timings if self.profile else None, **opts,
             )
         finally:
             # The cache now holds the prompt and every generated token that was fed back.
@@ -268,15 +273,12 @@ class ChatSession:
     def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
         """Logits [vocab] of the first token of the reply to ``text``, without replying (for
         benchmarks and scoring): the question is prefilled like a turn, then taken back."""
-        keys = self.add_images(images)
-        self.messages.append({"role": "user", "content": text, "images": keys})
+        self.messages.append({"role": "user", "content": text, "images": self.add_images(images)})
+        self.timings = {}
         try:
             ids = self._fit_context(1)
-            keys = [k for m in self.messages for k in m["images"]]
-            keep = self._reusable_prefix(ids, keys)
-            self._trim_cache(keep)
-            logits = prefill(self.model.language_model, mx.array(ids[keep:]), self._new_embeddings(ids, keep, keys),
-                             self.cache, self.kv)
+            keys, keep, embeds = self._new_input(ids)
+            logits = prefill(self.model.language_model, mx.array(ids[keep:]), embeds, self.cache, self.kv)
             mx.eval(logits)
             self.cached_ids, self.cached_images = ids.tolist()[: self.cache[0].offset], keys
         finally:
