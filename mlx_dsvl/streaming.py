@@ -20,8 +20,8 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from .models.deepseek_vl import lm_head
 
 STOP_STRINGS = ("User:",)
-# Prompt tokens the logits processors see (mlx-lm's repetition penalty reads the last 20).
-PROCESSOR_CONTEXT = 64
+# Tokens the repetition penalty looks back on (mlx-lm's default window), prompt tokens included.
+PROCESSOR_CONTEXT = 20
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 # Reference CLI defaults (cli_chat.py): temperature 0.2, top_p 0.95, repetition penalty 1.1.
@@ -102,7 +102,8 @@ def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_pena
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
     processors = make_logits_processors(
-        repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None
+        repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None,
+        repetition_context_size=PROCESSOR_CONTEXT,
     )
     return sampler, processors
 

@@ -108,7 +108,7 @@ import mlx.core as mx
 from mlx_dsvl.device import describe_device, select_device
 import mlx_dsvl
 select_device(os.environ["DEVICE"])
-mlx_dsvl.load(sys.argv[1], dtype="bfloat16")
+model, _ = mlx_dsvl.load(sys.argv[1], dtype="bfloat16")
 mx.clear_cache()
 print(json.dumps({"device": describe_device(), "arch": sys.argv[1], "quantize": 4, "dtype": "bfloat16",
                   "load_peak_memory_gb": mx.get_peak_memory() / 1e9, "weights_memory_gb": mx.get_active_memory() / 1e9}))

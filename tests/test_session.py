@@ -15,6 +15,7 @@ from mlx_dsvl import warmup
 from mlx_dsvl.models import llm
 from mlx_dsvl.processing.chat import SEP2, PromptTokens
 from mlx_dsvl.session import ChatSession
+from mlx_dsvl.streaming import PROCESSOR_CONTEXT
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0)
 
@@ -116,8 +117,8 @@ def test_follow_up_penalty_context_is_the_prompts_tail(tiny_model, monkeypatch):
     session_context = seen[0]
     seen.clear()
     scratch = fresh(model, processor, chat, [image(4)], max_tokens=4)
-    assert turn[-1].prompt_tokens < 20 < len(session_context)  # more than the new tokens
-    assert session_context == seen[0][-len(session_context):] and tokens(turn) == tokens(scratch)
+    assert turn[-1].prompt_tokens < len(session_context) == PROCESSOR_CONTEXT  # more than the new tokens
+    assert session_context == seen[0][-PROCESSOR_CONTEXT:] and tokens(turn) == tokens(scratch)
 
 
 def test_unfused_attention_is_the_fused_kernels_fallback():
