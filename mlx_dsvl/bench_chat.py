@@ -18,7 +18,6 @@ spends its time on, first-use costs, and KV-cache quantization over a long conve
 from __future__ import annotations
 
 import gc
-import time
 from typing import Dict, List, Optional, Sequence
 
 FIRST = "<image_placeholder>Describe this image in detail."
@@ -35,21 +34,14 @@ FILLER = ("the picture shows a quiet street with small houses, a red door, two b
 
 
 def run_turn(chat, text: str, images: Sequence, opts: dict):
-    """The turn's last chunk; its ``cpu_ttft_s``: this process's CPU time (all threads) to the
-    first chunk -- the work, which a machine shared with other jobs does not stretch as it
-    stretches the wall-clock time."""
-    last, cpu, tic = None, None, time.process_time()
+    last = None
     for last in chat.send(text, list(images), **opts):
-        if cpu is None:
-            cpu = time.process_time() - tic
-    last.cpu_ttft_s = cpu
+        pass
     return last
 
 
 def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, replay: bool = False) -> Dict:
     """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
-    import mlx.core as mx
-
     from .session import ChatSession
 
     def conversation():
@@ -65,10 +57,6 @@ def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, re
     res["turns"] = [dict(turn=i + 2, new_tokens=t.prompt_tokens, ttft_s=t.time_to_first_token,
                          over_turn1=t.time_to_first_token / first.time_to_first_token)
                     for i, t in enumerate(turns[1:])]
-    if mx.default_device() == mx.cpu:  # CPU time ratios too (MLX's GPU work is not CPU time)
-        res["ttft_cpu_s"] = first.cpu_ttft_s
-        for row, t in zip(res["turns"], turns[1:]):
-            row.update(cpu_ttft_s=t.cpu_ttft_s, over_turn1_cpu=t.cpu_ttft_s / first.cpu_ttft_s)
     res.update(turn2_prompt_tokens=turns[1].prompt_tokens, turn2_ttft_s=turns[1].time_to_first_token,
                turn2_over_turn1=res["turns"][0]["over_turn1"],
                followup_max_over_turn1=max(t["over_turn1"] for t in res["turns"]))

@@ -31,11 +31,9 @@ def test_bench_reports_all_figures(tmp_path):
     assert res["turn2_prompt_tokens"] < res["prompt_tokens"]
     assert [t["turn"] for t in res["turns"]] == [2, 3, 4, 5, 6]
     assert len({t["new_tokens"] for t in res["turns"]}) >= 4  # questions of different lengths
-    cpu = res["device"].startswith("Device(cpu")
     for t in res["turns"]:
         assert 0 < t["new_tokens"] < res["prompt_tokens"] and t["ttft_s"] > 0
         assert abs(t["over_turn1"] - t["ttft_s"] / res["ttft_s"]) < 1e-9
-        assert not cpu or abs(t["over_turn1_cpu"] - t["cpu_ttft_s"] / res["ttft_cpu_s"]) < 1e-9
     breakdown = res["followup_breakdown_ms"]
     for stage in STAGES:
         assert breakdown[stage] >= 0, stage
