@@ -111,6 +111,8 @@ def run(args) -> Dict:
     res["load_peak_memory_gb"] = mx.get_peak_memory() / 1e9
     res["weights_memory_gb"] = mx.get_active_memory() / 1e9
     res.update(bench_chat.weights_by_part(model))
+    if args.load_only:
+        return res
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     conv = [{"role": "user", "content": bench_chat.FIRST}]
@@ -146,9 +148,10 @@ def run(args) -> Dict:
 
     kv = kv_cache_options(args.kv_bits, args.kv_group_size)
     res["kv_bits"] = args.kv_bits
-    res.update(bench_chat.turn_rows(model, processor, img, opts, kv and dict(
-        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), replay=args.replay or gpu))
-    res["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    if args.turns:
+        res.update(bench_chat.turn_rows(model, processor, img, opts, kv and dict(
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), args.replay or gpu, args.turns))
+    res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
     if args.kv_context:
         try:
             res.update(bench_chat.kv_rows(model, processor, img, args.kv_context, group_size=args.kv_group_size))
@@ -317,6 +320,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-context", type=int, default=0,
                    help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
                         "many tokens (e.g. 4096; default: skipped)")
+    p.add_argument("--turns", type=int, choices=range(7), default=6,
+                   help="conversation turns to run (default 6; 1: turn 1 only; 0: towers only)")
+    p.add_argument("--load-only", action="store_true", help="measure the load (time, peak, weights) and stop")
     p.add_argument("--replay", action="store_true",
                    help="run the conversation twice to show each turn's first-use time (default on a GPU)")
     p.add_argument("--compare", action="store_true", help="bare mlx-lm, PyTorch and bandwidth comparisons")

@@ -40,20 +40,26 @@ def run_turn(chat, text: str, images: Sequence, opts: dict):
     return last
 
 
-def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, replay: bool = False) -> Dict:
-    """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
+def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, replay: bool = False,
+              n_turns: int = 1 + len(QUESTIONS)) -> Dict:
+    """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
+    first-use time."""
     from .session import ChatSession
 
     def conversation():
         chat = ChatSession(model, processor, on_truncate=None, **(kv or {}))
-        turns = [run_turn(chat, FIRST, [image], opts)] + [run_turn(chat, q, [], opts) for q in QUESTIONS]
+        turns = [run_turn(chat, FIRST, [image], opts)]
+        turns += [run_turn(chat, q, [], opts) for q in QUESTIONS[: n_turns - 1]]
         return chat, turns
 
     chat, turns = conversation()
     first = turns[0]
     res: Dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
                      ttft_s=first.time_to_first_token, decode_tps=first.generation_tps,
-                     decode_tokens=first.generation_tokens)
+                     decode_tokens=first.generation_tokens,
+                     kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9)
+    if n_turns < 2:
+        return res
     res["turns"] = [dict(turn=i + 2, new_tokens=t.prompt_tokens, ttft_s=t.time_to_first_token,
                          over_turn1=t.time_to_first_token / first.time_to_first_token)
                     for i, t in enumerate(turns[1:])]
