@@ -3,7 +3,8 @@
     python apps/chat.py [--model ...]     # the same, with OpenBLAS preloaded on Linux's CPU backend
     streamlit run apps/chat.py                                   # deepseek-ai/deepseek-vl-1.3b-chat
     streamlit run apps/chat.py -- --model /path/to/folder-or-hub-id [--4bit] [--device gpu] [--max-tokens N]
-        [--temperature T] [--top-p P] [--repetition-penalty R] [--system TEXT]  (sidebar defaults)
+        [--temperature T] [--top-p P] [--repetition-penalty R] [--kv-bits 4|8] [--system TEXT]
+        (sidebar defaults)
 
 UI only: the logic (uploads, loading, the transcript around mlx_dsvl.ChatSession) is in
 chat_logic.py next to this file.
@@ -73,6 +74,7 @@ DEFAULTS = {
     "top_p": _start("top_p", ARGS.top_p, DEFAULT_SAMPLING["top_p"]),
     "repetition_penalty": _start("repetition_penalty", ARGS.repetition_penalty, DEFAULT_SAMPLING["repetition_penalty"]),
     "max_tokens": _start("max_tokens", ARGS.max_tokens, DEFAULT_SAMPLING["max_tokens"]),
+    "kv_cache": {v: k for k, v in logic.KV_CACHE_OPTIONS.items()}[ARGS.kv_bits],
     "system_prompt": DEFAULT_SYSTEM_PROMPT if ARGS.system is None else ARGS.system,
 }
 for k, v in DEFAULTS.items():
@@ -98,6 +100,10 @@ with st.sidebar:
               help="Quantize the language model to 4 bits (group size 64) after loading: about a "
                    "third of the memory (1.3B: 8 -> 2.4 GB on CPU). On MLX's CPU backend, prompt "
                    "processing is much slower in 4-bit.")
+    st.selectbox("KV cache", list(logic.KV_CACHE_OPTIONS), key="kv_cache",
+                 help="Keep the conversation's attention keys and values quantized: about half (8-bit) "
+                      "or a third (4-bit) of their memory, which grows with the conversation (1.3B in "
+                      "bfloat16: 0.8 GB at 4096 tokens), at a small cost in accuracy.")
     st.subheader("Last reply")
     stats_slot = st.container()
     st.subheader("Sampling")
@@ -115,7 +121,7 @@ with st.sidebar:
 path = st.session_state.model_path.strip()
 key = (path, bool(st.session_state.quantize))
 try:
-    with st.spinner(f"Loading {path}{' (4-bit)' if key[1] else ''} ..."):
+    with st.spinner(logic.loading_message(*key)):
         loaded = get_model(*key)
 except Exception as e:  # noqa: BLE001 -- any reason is shown, never a traceback
     st.error(logic.load_error_message(path, e))
@@ -130,6 +136,10 @@ status = st.empty()
 conv.wait_idle(on_wait=lambda: status.caption("Finishing the previous reply ..."))
 status.empty()
 conv.session.system_prompt = st.session_state.system_prompt
+try:  # a change empties the KV cache; the conversation stays
+    conv.session.set_kv_cache(logic.KV_CACHE_OPTIONS[st.session_state.kv_cache])
+except ValueError as e:  # a model whose head size the groups do not divide
+    st.sidebar.warning(f"KV cache: {e}")
 
 st.title("DeepSeek-VL chat", anchor=False)
 st.caption(f"{path}{' · 4-bit LLM' if loaded.quantized else ''}")

@@ -29,6 +29,8 @@ MAX_UPLOAD_MB = 20  # per file; apps/.streamlit/config.toml sets server.maxUploa
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024  # Streamlit counts a megabyte as 2**20 bytes
 THUMBNAIL_SIZE = (320, 320)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# The sidebar's KV-cache choices -> ChatSession's kv_bits (groups of 64)
+KV_CACHE_OPTIONS = {"full precision": None, "8-bit": 8, "4-bit": 4}
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -41,7 +43,7 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     """The app's own arguments: ``streamlit run apps/chat.py -- --model DIR|hub-id ...``.
 
     ``--4bit`` starts with the 4-bit toggle on; ``--device auto|cpu|gpu`` as in ``generate``; ``--max-tokens``, ``--temperature``, ``--top-p``,
-    ``--repetition-penalty`` and ``--system`` set the sidebar's starting values.
+    ``--repetition-penalty``, ``--kv-bits`` and ``--system`` set the sidebar's starting values.
 
     Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unless ``strict`` (``python
     apps/chat.py`` checks its arguments before starting the server), unknown arguments are
@@ -58,6 +60,7 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--kv-bits", type=int, choices=list(KV_CACHE_OPTIONS.values())[1:], default=None)
     p.add_argument("--system", default=None)
     if strict:
         args = p.parse_args(list(argv))
@@ -221,14 +224,6 @@ def read_uploads(files: Iterable, max_bytes: int = MAX_UPLOAD_BYTES) -> Tuple[Li
 load_calls = 0  # how many times load_model really ran in this process (tests check the cache)
 
 
-def quantize_language_model(model) -> None:
-    """4-bit (group size 64) Linear and Embedding layers of the LLM, in memory, with the
-    converter's policy."""
-    from mlx_dsvl.mlx_format import quantize_model
-
-    quantize_model(model, bits=4, group_size=64)
-
-
 @dataclass
 class LoadedModel:
     model: object
@@ -236,25 +231,38 @@ class LoadedModel:
     path: str
     quantized: bool
     seconds: float
+    warmup_seconds: float = 0.0  # of ``seconds``: the GPU warm-up (0 on the CPU)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one reply at a time
 
 
+def loading_message(path: str, quantize: bool) -> str:
+    """The loading spinner's text; on a GPU it says that the first load prepares kernels."""
+    from mlx_dsvl.warmup import kernels_compile
+
+    text = f"Loading {path}{' (4-bit)' if quantize else ''}"
+    if kernels_compile():
+        text += (" and preparing its GPU kernels (the first time on this machine this can take a "
+                 "minute; later runs start faster)")
+    return text + " ..."
+
+
 def load_model(path: str, quantize: bool = False, adapter: Optional[str] = None) -> LoadedModel:
-    """``mlx_dsvl.load`` (+ adapters from ``python -m mlx_dsvl.train``, + 4-bit LLM); raises
-    ``mlx_dsvl.loading.ModelLoadError`` and friends."""
+    """``mlx_dsvl.load`` (4-bit LLM: quantized while loading, groups of 64; + adapters from
+    ``python -m mlx_dsvl.train``), then on a GPU a warm-up so that the first question does not
+    wait for kernels to compile; raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
     import mlx_dsvl
+    from mlx_dsvl.warmup import warm_up
 
     load_calls += 1
     tic = time.perf_counter()
-    model, processor = mlx_dsvl.load(path)
+    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None)
     if adapter:
         from mlx_dsvl.train.adapters import load_adapters
 
         load_adapters(model, adapter)
-    if quantize:
-        quantize_language_model(model)
-    return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic)
+    warmup_s = warm_up(model, processor, say=lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr))
+    return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic, warmup_s)
 
 
 def load_error_message(path: str, error: BaseException) -> str:

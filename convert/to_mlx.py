@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx_dsvl.loading import DTYPES
 from mlx_dsvl.mlx_format import (
     FORMAT, FORMAT_VERSION, MARKER, QUANT_BITS, QUANT_GROUP_SIZES, UNUSED_FILE, dequantize_weights,
-    quantize_predicate,
+    quantize_structure, quantize_weights,
 )
 from mlx_dsvl.models.deepseek_vl import DeepseekVL
 
@@ -91,24 +91,11 @@ def convert_to_mlx(
 
         skeleton = DeepseekVL(source.model_config)
         strict_check(src, weights, skeleton_parameters(skeleton))
-        qpaths = set()
-        if quantize:
-            nn.quantize(skeleton, group_size=q_group_size, bits=q_bits,
-                        class_predicate=quantize_predicate(q_group_size, quantize_vision))
-            qpaths = {p for p, m in skeleton.named_modules()
-                      if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+        qpaths = quantize_structure(skeleton, q_bits, q_group_size, quantize_vision) if quantize else set()
         expected = skeleton_parameters(skeleton)
 
         # Lazy graph per output tensor, in the model's order; nothing is read yet.
-        tensors: Dict[str, mx.array] = {}
-        for k in list(weights):
-            v = cast(weights.pop(k), target)
-            base, _, leaf = k.rpartition(".")
-            if leaf == "weight" and base in qpaths:
-                wq, scales, biases = mx.quantize(v, group_size=q_group_size, bits=q_bits)
-                tensors.update({k: wq, base + ".scales": scales, base + ".biases": biases})
-            else:
-                tensors[k] = v
+        tensors = quantize_weights({k: cast(v, target) for k, v in weights.items()}, qpaths, q_bits, q_group_size)
         del weights
         strict_check(src, tensors, expected)  # the quantized layout too, before writing anything
         tensors = {k: tensors[k] for k in expected}

@@ -1,15 +1,19 @@
 """``python -m mlx_dsvl.bench``: where the time and memory go, on random checkpoints of real sizes.
 
     python -m mlx_dsvl.bench --arch 1.3b [--dtype float32] [--quantize 4] [--device auto] \
-        [--json out.json] [--compare]
+        [--kv-bits 8] [--kv-context 4096] [--replay] [--json out.json] [--compare]
 
 Random-weight checkpoints of the real sizes are made once and cached (``~/.cache/mlx_dsvl``).
-Reports preprocessing, each vision tower, the aligner, prefill tokens/s, time to first token,
-decode tokens/s, peak memory and the turn-2 time to first token with cache reuse.  ``--compare``
-adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + aligner and
-the prefill against the faster PyTorch reference (``transformers`` or timm-style SigLIP, in a
-process of its own; when torch is installed), and the decode bound (weight bytes read per token
-/ measured memory bandwidth).
+Reports the load (time, peak, resident weights by part), on a GPU the first forward of the process
+(kernels compiling) and a warm-up, preprocessing, each vision tower, the aligner, then one
+conversation (:mod:`mlx_dsvl.bench_chat`): turn 1 (prefill tokens/s, time to first token, decode
+tokens/s), turns 2-6 with follow-up questions of different lengths, the stages of a follow-up turn,
+the run's peak memory and KV-cache size; ``--replay`` (default on a GPU) the first-use time of each
+turn, ``--kv-context N`` KV-cache quantization over an N-token conversation.  ``--compare``
+adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + aligner and the
+prefill against the faster PyTorch reference (``transformers`` or timm-style SigLIP, in a process of
+its own; when torch is installed), and the decode bound
+(weight bytes read per token / measured memory bandwidth).
 """
 
 from __future__ import annotations
@@ -78,39 +82,50 @@ def decode_tps(step_iter, n: int) -> float:
 
 def run(args) -> Dict:
     import mlx.core as mx
-    from mlx_lm.generate import generate_step
     from PIL import Image
 
+    from . import bench_chat
     from .device import describe_device, select_device
     from .loading import load
     from .session import ChatSession
-    from .streaming import last_logits
+    from .streaming import DEFAULT_SAMPLING, kv_cache_options, last_logits
     from .testing.make_checkpoint import cached_checkpoint
+    from .warmup import warm_up
 
     select_device(args.device)
-    path = cached_checkpoint(args.arch)
-    res: Dict = {"date": date.today().isoformat(), "arch": args.arch, "device": describe_device(),
+    gpu = mx.default_device() == mx.gpu
+    path = args.model or cached_checkpoint(args.arch)
+    res: Dict = {"date": date.today().isoformat(), "arch": args.model or args.arch, "device": describe_device(),
                  "machine": f"{platform.machine()} {os.cpu_count()} cores",
                  "blas": "openblas" if _openblas() else "bundled"}
+    mx.clear_cache()
+    mx.reset_peak_memory()
     t = time.perf_counter()
-    model, processor = load(path, dtype=args.dtype)
+    model, processor = load(path, dtype=args.dtype, quantize=args.quantize)  # quantized while loading
     res["load_s"] = time.perf_counter() - t
-    if args.quantize:
-        from .mlx_format import quantize_model
-
-        quantize_model(model, args.quantize)
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
     # Memory: what loading (and quantizing) took at its peak, what stays resident, and then the
-    # peak of the run itself (resident weights + one image + the turns), as a user who loads a
-    # ready-quantized folder would see it.
+    # peak of the run itself (resident weights + one image + the turns).
     mx.clear_cache()
     res["load_peak_memory_gb"] = mx.get_peak_memory() / 1e9
     res["weights_memory_gb"] = mx.get_active_memory() / 1e9
-    mx.reset_peak_memory()
+    res.update(bench_chat.weights_by_part(model))
+    if args.load_only:
+        return res
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
-    conv = [{"role": "user", "content": "<image_placeholder>Describe this image in detail."}]
+    conv = [{"role": "user", "content": bench_chat.FIRST}]
+    opts = dict(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.0)
+    if gpu:
+        # The first forward of a process compiles MLX's GPU kernels (cached on disk for later
+        # processes): reported apart, then a warm-up covers a conversation's other kernels.
+        say = lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr)  # noqa: E731
+        cold = ChatSession(model, processor, on_truncate=None, on_slow_start=say)
+        res["cold_ttft_s"] = bench_chat.run_turn(cold, bench_chat.FIRST, [img], opts).time_to_first_token
+        del cold
+        res["warmup_s"] = warm_up(model, processor)
+    mx.reset_peak_memory()
     batch, s = timed(lambda: processor(conv, [img])["pixel_values"])
     res["preprocess_ms"] = s * 1e3
     px = batch[0]  # [1, 3, S, S]
@@ -131,39 +146,26 @@ def run(args) -> Dict:
     _, s = timed(lambda: model.aligner(feats), w)
     res["aligner_ms"] = s * 1e3
 
-    opts = dict(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.0)
-    last = None
-    if mx.default_device() == mx.gpu:
-        # The first run on a machine JIT-compiles MLX's GPU kernels (cached on disk afterwards):
-        # reported apart, then the figures below come from a second, fresh session.
-        for last in ChatSession(model, processor, on_truncate=None).send(conv[0]["content"], [img], **opts):
-            pass
-        res["cold_ttft_s"] = last.time_to_first_token
-    chat = ChatSession(model, processor, on_truncate=None)
-    for last in chat.send(conv[0]["content"], [img], **opts):
-        pass
-    res.update(prompt_tokens=last.prompt_tokens, prefill_tps=last.prompt_tps,
-               ttft_s=last.time_to_first_token, decode_tps=last.generation_tps,
-               decode_tokens=last.generation_tokens)
-    for last in chat.send("And which colour dominates?", [], **opts):
-        pass
-    res["turn2_prompt_tokens"] = last.prompt_tokens
-    res["turn2_ttft_s"] = last.time_to_first_token
-    res["turn2_over_turn1"] = res["turn2_ttft_s"] / res["ttft_s"]
-    res["peak_memory_gb"] = mx.get_peak_memory() / 1e9
+    kv = kv_cache_options(args.kv_bits, args.kv_group_size)
+    res["kv_bits"] = args.kv_bits
+    if args.turns:
+        res.update(bench_chat.turn_rows(model, processor, img, opts, kv and dict(
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), args.replay or gpu, args.turns))
+    res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
+    if args.kv_context:
+        try:
+            res.update(bench_chat.kv_rows(model, processor, img, args.kv_context, group_size=args.kv_group_size))
+        except ValueError as e:  # groups that do not divide the head size (tiny test models)
+            res["kv_compare"] = f"skipped ({e})"
 
     if args.compare:
         n = args.max_tokens
         prompt = mx.array(np.random.default_rng(1).integers(100, 30000, 64), dtype=mx.int32)
-        # a short untimed run of each, then each twice, alternating, best of two: neither
-        # side pays for first-use kernel compilation or a busy moment alone
-        _our_decode_tps(model, processor, prompt, 4)
-        decode_tps(generate_step(prompt, model.language_model, max_tokens=4), 4)
-        ours = bare = 0.0
-        for _ in range(2):
-            ours = max(ours, _our_decode_tps(model, processor, prompt, n))
-            bare = max(bare, decode_tps(generate_step(prompt, model.language_model, max_tokens=n), n))
+        ours, bare = _decode_pair(model, processor, prompt, n, 1.0)
         res.update(decode_ours_tps=ours, decode_bare_mlx_lm_tps=bare, decode_ratio=ours / bare)
+        ours, bare = _decode_pair(model, processor, prompt, n, DEFAULT_SAMPLING["repetition_penalty"])
+        res.update(decode_penalty_ours_tps=ours, decode_penalty_bare_mlx_lm_tps=bare,
+                   decode_penalty_ratio=ours / bare)
         bw = memory_bandwidth_gbs()
         per_tok = llm_bytes_per_token(model)
         res.update(bandwidth_gbs=bw, weight_gb_per_token=per_tok / 1e9,
@@ -177,8 +179,7 @@ def run(args) -> Dict:
             model.language_model, ids, None, embeds), gpu_warmup)
         res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_prefill_s=ours_prefill,
                    ours_vision_prefill_s=ours_vision + ours_prefill)
-        del embeds
-        del model, chat, feats
+        del embeds, model, feats
         import gc
 
         gc.collect()
@@ -187,7 +188,34 @@ def run(args) -> Dict:
     return res
 
 
-def _our_decode_tps(model, processor, prompt, n) -> float:
+def _decode_pair(model, processor, prompt, n: int, penalty: float):
+    """(ours, bare mlx-lm) steady decode tokens/s, greedy, with the same repetition penalty: a
+    short untimed run of each, then each twice in the order ours, bare, bare, ours, best of two --
+    neither side pays for first-use kernel compilation, a busy moment or a machine that grows
+    busier or quieter during the runs alone."""
+    from mlx_lm.generate import generate_step
+
+    from .streaming import make_sampling
+
+    processors = make_sampling(0.0, 1.0, penalty)[1]
+
+    def bare(k):
+        return decode_tps(generate_step(prompt, model.language_model, max_tokens=k,
+                                        logits_processors=processors), k)
+
+    _our_decode_tps(model, processor, prompt, 4, penalty)
+    bare(4)
+    ours = theirs = 0.0
+    for ours_first in (True, False):
+        for mine in (ours_first, not ours_first):
+            if mine:
+                ours = max(ours, _our_decode_tps(model, processor, prompt, n, penalty))
+            else:
+                theirs = max(theirs, bare(n))
+    return ours, theirs
+
+
+def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
     """Steady decode tokens/s through the streaming path the CLI and sessions use.
 
     Our first token comes straight from the prefill pass; mlx-lm's ``generate_step`` then works
@@ -201,7 +229,7 @@ def _our_decode_tps(model, processor, prompt, n) -> float:
     embeds = model.get_input_embeddings(prompt[None])[0]
     stamps = []  # (time, tokens so far) at each chunk that carries a token
     for c in stream_tokens(model.language_model, processor, prompt, embeds, model.make_cache(),
-                           max_tokens=n, temperature=0.0, repetition_penalty=1.0):
+                           max_tokens=n, temperature=0.0, repetition_penalty=penalty):
         if c.token is not None:
             stamps.append((time.perf_counter(), c.generation_tokens))
     steady = [s for s in stamps if s[1] >= 2]
@@ -268,18 +296,36 @@ def _check_args(args) -> None:
     select_device(args.device)  # --device gpu without one
 
 
+def _fmt(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
 def main(argv=None) -> int:
     from .blas import ensure_fast_blas
 
     ensure_fast_blas()
+    from .streaming import KV_BITS, KV_GROUP_SIZES
+
     p = argparse.ArgumentParser(prog="python -m mlx_dsvl.bench", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="tiny-hybrid")
+    p.add_argument("--model", default=None, help="a model folder to measure instead of a random --arch one")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the LLM")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                   help="KV-cache quantization for the conversation (default: none)")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64)
+    p.add_argument("--kv-context", type=int, default=0,
+                   help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
+                        "many tokens (e.g. 4096; default: skipped)")
+    p.add_argument("--turns", type=int, choices=range(7), default=6,
+                   help="conversation turns to run (default 6; 1: turn 1 only; 0: towers only)")
+    p.add_argument("--load-only", action="store_true", help="measure the load (time, peak, weights) and stop")
+    p.add_argument("--replay", action="store_true",
+                   help="run the conversation twice to show each turn's first-use time (default on a GPU)")
     p.add_argument("--compare", action="store_true", help="bare mlx-lm, PyTorch and bandwidth comparisons")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
@@ -288,9 +334,19 @@ def main(argv=None) -> int:
     except ValueError as e:  # before minutes of work: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
-    res = run(args)
+    try:
+        res = run(args)
+    except ValueError as e:  # e.g. KV groups that do not divide the model's head size
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     for k, v in res.items():
-        print(f"{k:>28}: {round(v, 4) if isinstance(v, float) else v}")
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            for row in v:
+                print(f"{k:>28}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in row.items()))
+        elif isinstance(v, dict):
+            print(f"{k:>28}: " + ", ".join(f"{a} {_fmt(b)}" for a, b in v.items()))
+        else:
+            print(f"{k:>28}: {_fmt(v)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

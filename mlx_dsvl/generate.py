@@ -17,7 +17,8 @@ from typing import List
 
 from .generation import place_images
 from .session import ChatSession
-from .streaming import DEFAULT_SAMPLING, GenerationChunk, check_sampling
+from .mlx_format import QUANT_BITS
+from .streaming import DEFAULT_SAMPLING, KV_BITS, KV_GROUP_SIZES, GenerationChunk, check_sampling
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a training output folder (python -m mlx_dsvl.train): its adapters/weights are applied")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
                    help="auto = the GPU when MLX has one (Metal/CUDA), else the CPU (default: auto)")
+    p.add_argument("--quantize", type=int, choices=QUANT_BITS, default=None,
+                   help="quantize the LLM to 4 or 8 bits (groups of 64) while loading: the unquantized "
+                        "LLM is never held in memory (a folder from python -m convert --quantize loads "
+                        "quantized as it is)")
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                   help="keep the KV cache quantized to 4 or 8 bits (default: not quantized)")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
+                   help="KV-cache quantization group size (default: 64)")
+    p.add_argument("--quantized-kv-start", type=int, default=0,
+                   help="quantize the KV cache once it holds this many tokens (default: 0)")
     p.add_argument("--max-context", type=int, default=4096,
                    help="context limit in tokens; older turns are dropped beyond it (default: 4096)")
     p.add_argument("--chat", action="store_true",
@@ -188,12 +199,14 @@ def main(argv=None) -> int:
 
     try:
         select_device(args.device)
-        model, processor = load(args.model, dtype=args.dtype)
+        model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
         if args.adapter:
             from .train.adapters import load_adapters
 
             load_adapters(model, args.adapter)
-        session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context)
+        session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context,
+                              kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
+                              quantized_kv_start=args.quantized_kv_start)
         if args.chat:
             _chat_loop(session, args)
         else:

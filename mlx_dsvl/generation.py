@@ -9,7 +9,9 @@ Built on mlx-lm's ``generate_step``, samplers, logits processors and KV cache):
   several conversations at once (left padding + mask), the same greedy outputs as one by one.
 
 Sampling options: ``max_tokens`` (512), ``temperature`` (0.2; 0 = greedy), ``top_p`` (0.95),
-``repetition_penalty`` (1.1), ``seed`` -- the reference CLI's defaults.
+``repetition_penalty`` (1.1), ``seed`` -- the reference CLI's defaults.  KV-cache quantization
+(one-by-one generation): ``kv_bits`` (None, 4 or 8), ``kv_group_size`` (64),
+``quantized_kv_start`` (0).
 """
 
 from __future__ import annotations
@@ -32,9 +34,15 @@ from .streaming import (
 )
 
 def stream_generate(model, processor, conversation: Sequence[dict], images: Optional[Sequence] = None,
-                    max_context: int = 4096, **sampling) -> Iterator[GenerationChunk]:
-    """Stream the assistant's reply to ``conversation`` (its last message is the user's)."""
-    session = ChatSession(model, processor, max_context=max_context, on_truncate=None)
+                    max_context: int = 4096, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                    quantized_kv_start: int = 0, **sampling) -> Iterator[GenerationChunk]:
+    """Stream the assistant's reply to ``conversation`` (its last message is the user's).
+
+    ``kv_bits`` (4 or 8): keep the KV cache quantized in groups of ``kv_group_size`` from
+    ``quantized_kv_start`` cached tokens on (mlx-lm's quantized KV cache).
+    """
+    session = ChatSession(model, processor, max_context=max_context, on_truncate=None, kv_bits=kv_bits,
+                          kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     conv = list(conversation)
     if conv and conv[0]["role"].lower() == "system":
         session.system_prompt = conv.pop(0)["content"]

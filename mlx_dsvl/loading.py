@@ -3,7 +3,11 @@
 A folder in the original deepseek-ai layout holds ``config.json``, ``model.safetensors`` (or
 shards with ``model.safetensors.index.json``), the tokenizer and the processor configs.  Weights
 are read lazily (``mx.load`` on safetensors), converted once in ``DeepseekVL.sanitize``, cast to
-the target dtype and materialized layer by layer, so no second full copy is held.
+the target dtype and materialized one tensor at a time, so no second full copy is held.
+
+``quantize=4|8`` quantizes the LLM while loading, with the converter's policy: each weight is
+quantized as it is read, so the unquantized LLM never exists in memory, and the result is bit
+for bit what loading a ``python -m convert --quantize`` folder gives.
 
 A folder written by ``python -m convert`` (MLX format, see :mod:`mlx_dsvl.mlx_format`) has the
 same files with weights already in this package's layout: they skip ``sanitize``, and its
@@ -21,7 +25,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
-from .mlx_format import mlx_format_info, quantize_like
+from .mlx_format import (
+    QUANT_BITS, QUANT_GROUP_SIZES, mlx_format_info, quantize_like, quantize_structure, quantize_weights,
+)
 from .models.deepseek_vl import DeepseekVL
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"  # the entry points' default --model
@@ -136,9 +142,19 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
     return weights
 
 
-def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None) -> DeepseekVL:
-    """Build the model from ``path`` and load its weights strictly (names and shapes)."""
+def check_quantize(quantize: Optional[int], group_size: int) -> None:
+    if quantize is not None and quantize not in QUANT_BITS:
+        raise ValueError(f"quantize must be one of {QUANT_BITS} (bits), got {quantize}")
+    if quantize is not None and group_size not in QUANT_GROUP_SIZES:
+        raise ValueError(f"q_group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
+
+
+def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None,
+               quantize: Optional[int] = None, q_group_size: int = 64) -> DeepseekVL:
+    """Build the model from ``path`` and load its weights strictly (names and shapes);
+    ``quantize`` (bits): quantize the LLM as it loads (see the module's docstring)."""
     dtype = resolve_dtype(dtype)
+    check_quantize(quantize, q_group_size)
     config = config or load_config(path)
     model = DeepseekVL(config)
     try:
@@ -153,6 +169,12 @@ def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None) -> 
             quantize_like(model, weights, mlx_info)
         except ValueError as e:
             raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
+    if quantize is not None:
+        if mlx_info is not None and mlx_info.get("quantization"):
+            raise ModelLoadError(f"{path}: already quantized ({mlx_info['quantization']['bits']}-bit); "
+                                 "load it without quantizing again")
+        weights = quantize_weights(weights, quantize_structure(model, quantize, q_group_size), quantize,
+                                   q_group_size)
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -174,18 +196,31 @@ def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None) -> 
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     del weights
-    mx.eval(model.parameters())
+    materialize(model)
     model.eval()
     return model
 
 
-def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = None) -> Tuple[DeepseekVL, "ChatProcessor"]:
+def materialize(model: DeepseekVL) -> None:
+    """Evaluate the (lazily read, cast, quantized) parameters one tensor at a time, in the model's
+    order: a tensor read from disk and not kept as it is (a weight before its cast or its
+    quantization) is freed before the next one is read.  (Several tensors evaluated together
+    are read together: batches of 128 MB of 4-bit output held ~450 MB of half-precision input.)"""
+    for _, v in tree_flatten(model.parameters()):
+        mx.eval(v)
+
+
+def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = None,
+         quantize: Optional[int] = None, q_group_size: int = 64) -> Tuple[DeepseekVL, "ChatProcessor"]:
     """Load a DeepSeek-VL model and its chat processor from a folder or a hub id.
 
     dtype: None (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16".
+    quantize: None, 4 or 8 -- quantize the LLM's linear layers and embeddings while loading, in
+    groups of ``q_group_size`` (the same weights as ``python -m convert --quantize``).
     """
     from .processing.chat import ChatProcessor
 
+    check_quantize(quantize, q_group_size)
     path = resolve_model_path(path_or_repo)
     config = load_config(path)  # cheap checks first, the weights last
     try:
@@ -194,7 +229,7 @@ def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = Non
         raise
     except (OSError, ValueError) as e:  # the message names the file when it knows which
         raise ModelLoadError(str(e) if str(path) in str(e) else f"{path}: cannot load the tokenizer/processor ({e})") from None
-    model = load_model(path, dtype, config)
+    model = load_model(path, dtype, config, quantize, q_group_size)
     model.image_token_id = image_token_id(path, config, processor)
     return model, processor
 

@@ -128,12 +128,28 @@ def quantize_predicate(group_size: int, vision: bool = False) -> Callable[[str, 
     return predicate
 
 
-def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, vision: bool = False) -> None:
-    """Quantize a loaded model in memory with the converter's policy (:func:`quantize_predicate`)
-    and evaluate it, so the work happens here and not lazily on a later thread."""
-    nn.quantize(model, group_size=group_size, bits=bits,
-                class_predicate=quantize_predicate(group_size, vision))
-    mx.eval(model.parameters())
+def quantize_structure(model: nn.Module, bits: int = 4, group_size: int = 64, vision: bool = False) -> set:
+    """Turn the layers the converter's policy (:func:`quantize_predicate`) picks into quantized
+    layers -- structure only: their weights are meant to be replaced.  Returns their paths."""
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size, vision))
+    return {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def quantize_weights(weights: Dict[str, mx.array], paths: set, bits: int, group_size: int) -> Dict[str, mx.array]:
+    """``<path>.weight`` of each layer in ``paths`` -> its packed ``weight``, ``scales`` and
+    ``biases`` (lazily, in the weight's own dtype); other tensors pass through.  The input dict
+    is emptied as it is read.  The converter writes these tensors; loading with ``quantize``
+    computes the same ones."""
+    out: Dict[str, mx.array] = {}
+    for k in list(weights):
+        v = weights.pop(k)
+        base, _, leaf = k.rpartition(".")
+        if leaf == "weight" and base in paths:
+            wq, scales, biases = mx.quantize(v, group_size=group_size, bits=bits)
+            out.update({k: wq, base + ".scales": scales, base + ".biases": biases})
+        else:
+            out[k] = v
+    return out
 
 
 def dequantize_weights(weights: Dict[str, mx.array], quantization: Mapping[str, Any]) -> Dict[str, mx.array]:

@@ -1,11 +1,18 @@
 """``ChatSession``: a conversation that never redoes work.
 
-The session keeps the KV cache of everything already run through the LLM (with the token ids it
-holds) and the aligned features of every image already seen.  A new turn formats the whole
-conversation, finds the longest prefix that the cache already holds, trims the cache to it and
-prefills only the rest; only images new to the session go through the vision tower.  Because the
-prompt is always the from-scratch prompt, a session produces exactly the tokens a fresh encoding
-of the whole conversation would.
+The session keeps the KV cache of everything already run through the LLM (with the token ids and
+the images it holds) and the aligned features of every image already seen.  A new turn formats
+the whole conversation, finds the longest prefix that the cache already holds (same tokens, same
+images), trims the cache to it and prefills only the rest; only images new to the session go
+through the vision tower.  Because the prompt is always the from-scratch prompt, a session
+produces exactly the tokens a fresh encoding of the whole conversation would (on the CPU
+backend; on a GPU a follow-up's prefill is computed in other pieces than a fresh one, so bf16
+rounding may differ: see :mod:`mlx_dsvl.models.llm`).  With ``kv_bits`` the cache is stored
+quantized, and a follow-up attends to the quantized keys of earlier turns.
+
+A follow-up turn whose only new input is a short question costs what its new tokens cost: the
+prompt's ids up to the last reply are kept (:class:`~mlx_dsvl.processing.chat.PromptTokens`),
+only the new tokens are embedded, and only images among them are merged.
 
 When the prompt plus the reply budget would pass ``max_context`` (4096 by default, the training
 length), the oldest turns are dropped -- like the reference demo's "max history tokens" -- and
@@ -22,7 +29,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .streaming import DEFAULT_SAMPLING, SAMPLING_RANGES, GenerationChunk, check_sampling, stream_tokens
+from .processing.chat import PromptTokens
+from .streaming import (
+    DEFAULT_SAMPLING, PROCESSOR_CONTEXT, SAMPLING_RANGES, GenerationChunk, check_sampling, kv_cache_options,
+    prefill, stream_tokens,
+)
+from .warmup import FirstUseNotice
 
 
 class PromptTooLongError(ValueError):
@@ -51,15 +63,24 @@ class ChatSession:
     """
 
     def __init__(self, model, processor, system_prompt: Optional[str] = None,
-                 max_context: int = 4096, on_truncate: Optional[Callable[[str], None]] = _warn):
+                 max_context: int = 4096, on_truncate: Optional[Callable[[str], None]] = _warn,
+                 kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
+                 on_slow_start: Optional[Callable[[str], None]] = _warn, profile: bool = False):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
         self.max_context = int(max_context)
         self.on_truncate = on_truncate
+        self.on_slow_start = on_slow_start  # told if the process's first GPU forward is slow
+        # profile: each turn's stages are evaluated apart and timed into ``timings``
+        self.profile = profile
+        self.timings: Dict[str, float] = {}
         self.encode_calls = 0  # images run through the vision tower (tests count these)
         self._features: Dict[str, mx.array] = {}  # content hash -> aligned features [I, D]
+        self._tokens = PromptTokens(processor)
+        self.kv: Optional[dict] = None
         self.reset()
+        self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -67,6 +88,19 @@ class ChatSession:
         self.messages: List[dict] = []  # {"role", "content", "images": [hash, ...]}
         self.cache = self.model.make_cache()
         self.cached_ids: List[int] = []
+        self.cached_images: List[str] = []  # keys of the images whose tokens the cache holds
+
+    def set_kv_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                     quantized_kv_start: int = 0) -> None:
+        """KV-cache quantization (see :func:`~mlx_dsvl.streaming.kv_cache_options`); a change
+        empties the cache, and the next turn prefills the conversation again with it."""
+        kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start)
+        head = self.model.language_model.layers[0].self_attn.head_dim
+        if kv and head % kv_group_size:
+            raise ValueError(f"kv_group_size {kv_group_size} does not divide the LLM's head size {head}")
+        if kv != self.kv:
+            self.kv = kv
+            self.cache, self.cached_ids, self.cached_images = self.model.make_cache(), [], []
 
     @property
     def conversation(self) -> List[dict]:
@@ -102,10 +136,10 @@ class ChatSession:
         return keys
 
     # -- turns --------------------------------------------------------------------------------
-    def _prompt_ids(self) -> List[int]:
-        return self.processor.tokenize(self.processor.format(self.conversation)).tolist()
+    def _prompt_ids(self) -> np.ndarray:
+        return self._tokens(self.processor.format(self.conversation))
 
-    def _fit_context(self, max_tokens: int) -> List[int]:
+    def _fit_context(self, max_tokens: int) -> np.ndarray:
         ids = self._prompt_ids()
         dropped = 0
         while len(ids) + max_tokens > self.max_context and len(self.messages) > 1:
@@ -126,7 +160,14 @@ class ChatSession:
 
     def send(self, text: str, images: Sequence = (), **sampling) -> Iterator[GenerationChunk]:
         """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply."""
-        opts = {**DEFAULT_SAMPLING, **sampling, "start_time": time.perf_counter()}
+        with FirstUseNotice(self.on_slow_start) as notice:
+            for chunk in self._send(text, images, **sampling):
+                notice.done()
+                yield chunk
+
+    def _send(self, text: str, images: Sequence = (), **sampling) -> Iterator[GenerationChunk]:
+        tic = time.perf_counter()
+        opts = {**DEFAULT_SAMPLING, **sampling, "start_time": tic}
         check_sampling(**{k: opts[k] for k in SAMPLING_RANGES})
         n_tags = text.count(self.processor.image_tag)
         if n_tags != len(images):
@@ -137,11 +178,14 @@ class ChatSession:
         keys = self.add_images(images)
         before = list(self.messages)  # a refused turn leaves the conversation as it was
         self.messages.append({"role": "user", "content": text, "images": keys})
+        tic_prompt = time.perf_counter()
         try:
             ids = self._fit_context(opts["max_tokens"])
         except PromptTooLongError:
             self.messages = before
             raise
+        self.timings = {"images_ms": (tic_prompt - tic) * 1e3,
+                        "format_tokenize_ms": (time.perf_counter() - tic_prompt) * 1e3}
         max_tokens = min(opts["max_tokens"], self.max_context - len(ids))
         reply: List[str] = []
         got = False
@@ -171,23 +215,85 @@ class ChatSession:
     def _add_reply(self, pieces: List[str]) -> None:
         self.messages.append({"role": "assistant", "content": "".join(pieces), "images": []})
 
-    def _run(self, ids: List[int], opts: dict) -> Iterator[GenerationChunk]:
-        keep = common_prefix(self.cached_ids, ids)
-        keep = min(keep, len(ids) - 1)  # always prefill at least one token
+    def _new_input(self, ids: np.ndarray):
+        """What the cache lacks of ``ids``: the cache is trimmed to the prefix it can keep, and
+        (the prompt's image keys, that prefix's length, the new tokens' embeddings) returned."""
+        t = self.timings
+        tic = time.perf_counter()
+        keys = [k for m in self.messages for k in m["images"]]  # the prompt's images, in order
+        keep = self._reusable_prefix(ids, keys)
         self._trim_cache(keep)
-        keys = [k for m in self.messages for k in m["images"]]
-        image_embeds = mx.stack([self._features[k] for k in keys])[None] if keys else None
-        full = mx.array(ids)[None]
-        embeds = self.model.get_input_embeddings(full, image_embeds=image_embeds)[0, keep:]
+        t["prefix_match_ms"] = (time.perf_counter() - tic) * 1e3
+        tic = time.perf_counter()
+        embeds = self._new_embeddings(ids, keep, keys)
+        if self.profile:
+            mx.eval(embeds)
+        t.update(embed_merge_ms=(time.perf_counter() - tic) * 1e3, cached_tokens=keep,
+                 new_tokens=len(ids) - keep)
+        return keys, keep, embeds
+
+    def _run(self, ids: np.ndarray, opts: dict) -> Iterator[GenerationChunk]:
+        keys, keep, embeds = self._new_input(ids)
         generated: List[int] = []
         try:
             yield from stream_tokens(
-                self.model.language_model, self.processor, full[0, keep:], embeds, self.cache,
-                generated=generated, **opts,
+                self.model.language_model, self.processor, mx.array(ids[keep:]), embeds, self.cache,
+                generated=generated, history=mx.array(ids[-PROCESSOR_CONTEXT:]), kv=self.kv,
+                timings=self.timings if self.profile else None, **opts,
             )
         finally:
             # The cache now holds the prompt and every generated token that was fed back.
-            self.cached_ids = (ids + generated)[: self.cache[0].offset]
+            self.cached_ids = (ids.tolist() + generated)[: self.cache[0].offset]
+            self.cached_images = keys
+
+    def _reusable_prefix(self, ids: np.ndarray, keys: List[str]) -> int:
+        """Tokens at the start of ``ids`` the cache holds: same ids and, in image runs, the same
+        images (an image's tokens all have the same id, whatever the image)."""
+        keep = common_prefix(self.cached_ids, ids)
+        same = 0
+        while same < min(len(keys), len(self.cached_images)) and keys[same] == self.cached_images[same]:
+            same += 1
+        pos = self._image_positions(ids)
+        start = same * (self.processor.num_image_tokens + int(self.processor.add_special_token))
+        if same < len(keys) and start < len(pos):  # image ``same`` is not in the cache
+            keep = min(keep, int(pos[start]))
+        return min(keep, len(ids) - 1)  # always prefill at least one token
+
+    def _image_positions(self, ids: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(ids == self.processor.image_token_id)
+
+    def _new_embeddings(self, ids: np.ndarray, keep: int, keys: List[str]) -> mx.array:
+        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens.
+
+        The k-th image token of the prompt takes row k of the prompt's image features laid end
+        to end (as :func:`~mlx_dsvl.models.deepseek_vl.merge_image_embeddings` does for a whole
+        prompt); only the images with tokens after ``keep`` are gathered.
+        """
+        new_ids = mx.array(ids[keep:])[None]
+        pos = self._image_positions(ids)
+        first = int(np.searchsorted(pos, keep))  # rank of the first new image token
+        if first == len(pos) or not keys:
+            return self.model.get_input_embeddings(new_ids)[0]
+        per = self.processor.num_image_tokens
+        ranks = np.clip(np.arange(first, len(pos)), 0, len(keys) * per - 1)
+        lo, hi = int(ranks[0]) // per, int(ranks[-1]) // per + 1
+        feats = mx.concatenate([self._features[k] for k in keys[lo:hi]])[mx.array(ranks - lo * per)]
+        return self.model.get_input_embeddings(new_ids, image_embeds=feats[None, None])[0]
+
+    def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
+        """Logits [vocab] of the first token of the reply to ``text``, without replying (for
+        benchmarks and scoring): the question is prefilled like a turn, then taken back."""
+        self.messages.append({"role": "user", "content": text, "images": self.add_images(images)})
+        self.timings = {}
+        try:
+            ids = self._fit_context(1)
+            keys, keep, embeds = self._new_input(ids)
+            logits = prefill(self.model.language_model, mx.array(ids[keep:]), embeds, self.cache, self.kv)
+            mx.eval(logits)
+            self.cached_ids, self.cached_images = ids.tolist()[: self.cache[0].offset], keys
+        finally:
+            self.messages.pop()
+        return logits[0]
 
     def undo(self) -> None:
         """Remove the last exchange (the cache is trimmed lazily on the next turn)."""

@@ -13,13 +13,17 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from .models.deepseek_vl import lm_head
 
 STOP_STRINGS = ("User:",)
+# Tokens the repetition penalty looks back on (mlx-lm's default window), prompt tokens included.
+PROCESSOR_CONTEXT = 20
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
 # Reference CLI defaults (cli_chat.py): temperature 0.2, top_p 0.95, repetition penalty 1.1.
 DEFAULT_SAMPLING = dict(temperature=0.2, top_p=0.95, repetition_penalty=1.1, max_tokens=512)
 # What each option accepts (one place: the API, the CLIs and the app check against it).
@@ -114,7 +118,8 @@ def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_pena
     check_sampling(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
     sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
     processors = make_logits_processors(
-        repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None
+        repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None,
+        repetition_context_size=PROCESSOR_CONTEXT,
     )
     return sampler, processors
 
@@ -129,34 +134,98 @@ def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional
     return lm_head(language_model, language_model.model(ids, cache, input_embeddings)[:, -1, :])
 
 
-def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
-                max_tokens: int, sampler, processors, prefill_step_size: int = 2048) -> Iterator[int]:
-    """Token ids: the prompt prefilled in full passes, then mlx-lm's ``generate_step``.
+def kv_cache_options(kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                     quantized_kv_start: int = 0) -> Optional[dict]:
+    """Validated KV-cache quantization settings (mlx-lm's ``generate_step`` keywords), or None.
 
-    ``generate_step`` runs the last prompt token in a pass of its own, one more full read of
-    the weights; for the short prompts of a chat turn that is a large share of the time to first
-    token.  Here the whole prompt goes through in chunks of ``prefill_step_size``, the first
-    token is sampled from the last position, and ``generate_step`` decodes from it (its logits
-    processors still see the prompt's tail, as they would have).
+    ``kv_bits`` 4 or 8 stores keys and values quantized in groups of ``kv_group_size`` once a
+    cache holds ``quantized_kv_start`` tokens (0: from the first prefill on; mlx-lm's default of
+    5000 would never start within DeepSeek-VL's 4096-token context).
     """
-    T = int(new_ids.shape[0])
-    for s in range(0, T, prefill_step_size):
-        e = min(s + prefill_step_size, T)
+    if kv_bits is None:
+        return None
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"kv_bits must be one of {KV_BITS}, got {kv_bits}")
+    if kv_group_size not in KV_GROUP_SIZES:
+        raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {kv_group_size}")
+    if quantized_kv_start < 0:
+        raise ValueError(f"quantized_kv_start must be >= 0, got {quantized_kv_start}")
+    return dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+
+
+def _quantize_cache(cache: List[Any], kv: Optional[dict]) -> None:
+    if kv is not None:
+        maybe_quantize_kv_cache(cache, kv["quantized_kv_start"], kv["kv_group_size"], kv["kv_bits"])
+
+
+def prefill_step_size(kv: Optional[dict]) -> int:
+    """Tokens per prefill pass: mlx-lm's 2048 where attention is one fused kernel (a GPU, a plain
+    cache); 512 where the attention scores are materialized (MLX's CPU backend, a quantized
+    cache), which bounds them to [heads, 512, context] instead of [heads, 2048, context]."""
+    return 2048 if kv is None and mx.default_device() == mx.gpu else 512
+
+
+def prefill(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
+            kv: Optional[dict] = None) -> mx.array:
+    """Run ``new_ids``/``new_embeds`` ([T], [T, D]) through onto ``cache`` in passes of
+    :func:`prefill_step_size`; returns the last position's logits [1, vocab] (not evaluated).
+    With ``kv`` the cache is quantized as it fills."""
+    T, step = int(new_ids.shape[0]), prefill_step_size(kv)
+    for s in range(0, T, step):
+        e = min(s + step, T)
         if e < T:
             language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
+            _quantize_cache(cache, kv)
             mx.eval([c.state for c in cache])
         else:
             logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
+    _quantize_cache(cache, kv)
+    return logits
+
+
+def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
+                max_tokens: int, sampler, processors, history: Optional[mx.array] = None,
+                kv: Optional[dict] = None, timings: Optional[dict] = None) -> Iterator[int]:
+    """Token ids: the prompt prefilled (:func:`prefill`), then mlx-lm's ``generate_step``.
+
+    ``generate_step`` runs the last prompt token in a pass of its own, one more full read of
+    the weights; for the short prompts of a chat turn that is a large share of the time to first
+    token.  Here the whole prompt goes through in passes of :func:`prefill_step_size` tokens,
+    the first token is sampled from the last position, and ``generate_step`` decodes from it.
+
+    ``history``: the prompt's last tokens, the new ones included (default: ``new_ids``) -- the
+    context the logits processors (the repetition penalty) see, as they would in one pass over
+    the whole prompt.  ``kv``: :func:`kv_cache_options`.  ``timings``: when a dict, the prefill
+    is evaluated before sampling and ``prefill_ms`` / ``first_sample_ms`` are recorded.
+    """
+    tic = time.perf_counter()
+    logits = prefill(language_model, new_ids, new_embeds, cache, kv)
+    if timings is not None:
+        mx.eval(logits)
+        timings["prefill_ms"] = (time.perf_counter() - tic) * 1e3
+        tic = time.perf_counter()
+    context = (new_ids if history is None else history)[-PROCESSOR_CONTEXT:]
     for p in processors:
-        logits = p(new_ids, logits)
+        logits = p(context, logits)
     y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item()
+    if timings is not None:
+        timings["first_sample_ms"] = (time.perf_counter() - tic) * 1e3
     yield y
     if max_tokens <= 1:
         return
-    context = new_ids[-64:]
-    wrapped = [lambda toks, lg, p=p: p(mx.concatenate([context, toks]), lg) for p in processors]
+
+    def with_context(p):
+        # generate_step passes the tokens generated so far; the prompt's tail goes in front
+        # until they alone fill the processors' window (then nothing is concatenated per token)
+        def run(tokens, lg):
+            if tokens.shape[0] < PROCESSOR_CONTEXT:
+                tokens = mx.concatenate([context, tokens])
+            return p(tokens, lg)
+        return run
+
     for token, _ in generate_step(mx.array([y]), language_model, max_tokens=max_tokens - 1,
-                                  sampler=sampler, logits_processors=wrapped, prompt_cache=cache):
+                                  sampler=sampler, logits_processors=[with_context(p) for p in processors],
+                                  prompt_cache=cache, **(kv or {})):
         yield token
 
 
@@ -174,12 +243,16 @@ def stream_tokens(
     seed: Optional[int] = None,
     generated: Optional[List[int]] = None,
     start_time: Optional[float] = None,
+    history: Optional[mx.array] = None,
+    kv: Optional[dict] = None,
+    timings: Optional[dict] = None,
 ) -> Iterator[GenerationChunk]:
     """Prefill ``new_ids``/``new_embeds`` ([T], [T, D]) on top of ``cache``, then decode.
 
     Sampled token ids are appended to ``generated`` (when given) so a caller can track the cache.
     ``start_time`` (``time.perf_counter()``) is when the request began -- before image encoding --
-    so that time to first token covers everything the user waits for.
+    so that time to first token covers everything the user waits for.  ``history``, ``kv`` and
+    ``timings``: see :func:`token_steps`.
     """
     if seed is not None:
         mx.random.seed(seed)
@@ -202,7 +275,8 @@ def stream_tokens(
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
         )
 
-    steps = token_steps(language_model, new_ids, new_embeds, cache, max_tokens, sampler, processors)
+    steps = token_steps(language_model, new_ids, new_embeds, cache, max_tokens, sampler, processors,
+                        history=history, kv=kv, timings=timings)
     for token in steps:
         if n == 0:
             ttft = time.perf_counter() - tic

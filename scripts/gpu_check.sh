@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# GPU check on a CUDA machine (aim: under 8 minutes).
+# GPU check on a CUDA machine (aim: under 6 minutes).
 #   1. installs MLX's CUDA backend (the cuda12 / cuda13 extra, from nvidia-smi's CUDA version);
 #   2. makes the random 1.3B and 7B checkpoints (in the background, while 3 runs);
-#   3. runs the parity tests with MLX's default device = the GPU (float32);
-#   4. benchmarks the 1.3B and 7B in bfloat16 (with --compare: bare mlx-lm, transformers on CUDA,
-#      the decode bound) and with a 4-bit LLM + bfloat16 vision (peak memory);
-#   5. prints one summary table (logs and JSON in $OUT or ./gpu-check/).
+#   3. runs the parity and session tests with MLX's default device = the GPU (float32);
+#   4. benchmarks the 1.3B and 7B with a 4-bit LLM (quantized while loading) + bfloat16 vision
+#      (first forward, warm-up, turns 1-6, the follow-up breakdown, first-use replay, load and run
+#      peaks; the 1.3B also with an 8-bit KV cache and plain/8/4-bit KV over 4096 tokens) and in
+#      bfloat16 (with --compare: bare mlx-lm decode, transformers on CUDA, the decode bound);
+#   5. converts the 1.3B with --quantize and measures loading the folder;
+#   6. prints the summary tables (logs and JSON in $OUT or ./gpu-check/).
 #
 # Usage: bash scripts/gpu_check.sh
 #   CUDA_EXTRA=cuda13   force the extra
 #   WHEELS=DIR          a machine without a package index: install mlx, mlx-cuda-N and mlx-lm from
 #                       DIR's wheels without dependencies (torch, transformers and NVIDIA's CUDA
 #                       libraries must already be installed, as on a PyTorch CUDA image)
+#   NO_INSTALL=1        use the current Python environment as it is
 #   ARCHS="1.3b 7b"     the benchmarked sizes;  STEP_TIMEOUT=300  seconds per step at most
-#   DEVICE=cpu          rehearse the script on a machine without a GPU
+#   DEVICE=cpu          rehearse the script on a machine without a GPU (with ARCHS=tiny-hybrid)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-gpu-check}"
@@ -30,7 +34,9 @@ if [ -z "${CUDA_EXTRA:-}" ]; then
     major=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | head -1)
     CUDA_EXTRA=$([ "${major:-12}" -ge 13 ] && echo cuda13 || echo cuda12)
 fi
-if [ -n "${WHEELS:-}" ]; then
+if [ -n "${NO_INSTALL:-}" ]; then
+    PY=${PY:-python3}
+elif [ -n "${WHEELS:-}" ]; then
     say "installing MLX from $WHEELS (offline, next to the system's torch and CUDA libraries)"
     PY=python3
     SITE="${SITE:-/tmp/mlx-dsvl-site}"
@@ -69,33 +75,74 @@ for arch in $ARCHS; do
     pids+=($!)
 done
 
-say "parity tests on the GPU (float32 without TF32)"
+say "parity and session tests on the GPU (float32 without TF32)"
 MLX_ENABLE_TF32=0 timeout "$STEP_TIMEOUT" $PY -m pytest -q -p no:cacheprovider tests/parity tests/test_model.py \
-    tests/test_generate.py -k "not cli" > "$OUT_DIR/parity.txt" 2>&1
+    tests/test_generate.py tests/test_session.py -k "not cli" > "$OUT_DIR/parity.txt" 2>&1
 echo "parity exit $?: $(tail -1 "$OUT_DIR/parity.txt")"
 for p in "${pids[@]}"; do wait "$p" || echo "checkpoint maker $p failed (see $OUT_DIR/make-*.txt)"; done
 
+bench() {  # bench NAME ARGS...: one benchmark, its JSON and log in $OUT_DIR
+    local name=$1
+    shift
+    say "bench $*"
+    timeout "$STEP_TIMEOUT" $PY -m mlx_dsvl.bench --device "$DEVICE" --max-tokens 64 "$@" \
+        --json "$OUT_DIR/bench-$name.json" > "$OUT_DIR/bench-$name.txt" 2>&1 \
+        || { echo "failed:"; tail -5 "$OUT_DIR/bench-$name.txt"; }
+}
+kv=(--kv-context 4096)  # the first size only: plain, 8-bit and 4-bit KV over 4096 tokens
 for arch in $ARCHS; do
-    for q in 4 none; do
-        args=(--arch "$arch" --device "$DEVICE" --dtype bfloat16 --max-tokens 64)
-        if [ "$q" = 4 ]; then args+=(--quantize 4); else args+=(--compare); fi
-        say "bench ${args[*]}"
-        timeout "$STEP_TIMEOUT" $PY -m mlx_dsvl.bench "${args[@]}" --json "$OUT_DIR/bench-$arch-$q.json" \
-            > "$OUT_DIR/bench-$arch-$q.txt" 2>&1 || { echo "failed:"; tail -5 "$OUT_DIR/bench-$arch-$q.txt"; }
-    done
+    # 4-bit first: the first forward of the script compiles its kernels (cold_ttft_s)
+    bench "$arch-4" --arch "$arch" --dtype bfloat16 --quantize 4 "${kv[@]}"
+    kv=()
+    bench "$arch-none" --arch "$arch" --dtype bfloat16 --compare
 done
 
+arch=${ARCHS%% *}
+say "convert --quantize ($arch), then load the folder"
+timeout "$STEP_TIMEOUT" $PY -m convert --model "$MLX_DSVL_CACHE/checkpoints/$arch-seed0" --out "$OUT_DIR/q4-$arch" \
+    --quantize --force > "$OUT_DIR/convert-$arch.txt" 2>&1 \
+    && DEVICE=$DEVICE timeout "$STEP_TIMEOUT" $PY - "$OUT_DIR/q4-$arch" > "$OUT_DIR/bench-$arch-converted.json" <<'PY' \
+    || { echo "failed:"; tail -5 "$OUT_DIR/convert-$arch.txt" "$OUT_DIR/bench-$arch-converted.json"; }
+import json, os, sys
+import mlx.core as mx
+from mlx_dsvl.device import describe_device, select_device
+import mlx_dsvl
+select_device(os.environ["DEVICE"])
+model, _ = mlx_dsvl.load(sys.argv[1], dtype="bfloat16")
+mx.clear_cache()
+print(json.dumps({"device": describe_device(), "arch": sys.argv[1], "quantize": 4, "dtype": "bfloat16",
+                  "load_peak_memory_gb": mx.get_peak_memory() / 1e9, "weights_memory_gb": mx.get_active_memory() / 1e9}))
+PY
+rm -rf "$OUT_DIR/q4-$arch"
+
 $PY - "$OUT_DIR" <<'PY'
-import glob, json, sys
-rows = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json"))]
-cols = ["arch", "quantize", "dtype", "load_s", "sam_ms", "siglip_ms", "aligner_ms", "prompt_tokens",
-        "prefill_tps", "cold_ttft_s", "ttft_s", "decode_tps", "turn2_over_turn1", "weights_memory_gb",
-        "peak_memory_gb", "decode_ratio", "decode_fraction_of_bound", "ours_vision_aligner_ms",
-        "torch_vision_aligner_ms", "ours_vision_prefill_s", "torch_vision_prefill_s"]
-print(rows[0]["device"] if rows else "no benchmark finished")
-print("| " + " | ".join(cols) + " |")
-print("|" + "---|" * len(cols))
-for r in rows:
-    print("| " + " | ".join(f"{r.get(c):.3g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols) + " |")
+import glob, json, os, sys
+rows = [(os.path.basename(f)[6:-5], json.load(open(f))) for f in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json"))]
+print(rows[0][1]["device"] if rows else "no benchmark finished")
+
+def table(title, cols):
+    print(f"\n{title}\n| run | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for name, r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "-")
+            if c == "turns" and isinstance(v, list):
+                v = " ".join(f"{t['new_tokens']}:{t['over_turn1']:.2f}" for t in v)
+            elif c == "first_use_ms" and isinstance(v, list):
+                v = max(v[1:])
+            elif c == "followup_breakdown_ms" and isinstance(v, dict):
+                v = " ".join(f"{k[:-3]}={v[k]:.1f}" for k in v if k.endswith("_ms"))
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+table("Turns (time to first token; turns: new tokens:fraction of turn 1)",
+      ["cold_ttft_s", "warmup_s", "prompt_tokens", "ttft_s", "turns", "followup_max_over_turn1", "first_use_ms"])
+table("A follow-up turn, stage by stage (ms)", ["followup_breakdown_ms"])
+table("Memory (GB)", ["load_s", "load_peak_memory_gb", "weights_memory_gb", "peak_memory_gb", "kv_cache_gb",
+                      "kv16_peak_gb", "kv8_peak_gb", "kv4_peak_gb", "kv8_max_logit_diff", "kv4_max_logit_diff",
+                      "kv_logit_scale"])
+table("Speed", ["sam_ms", "siglip_ms", "aligner_ms", "prefill_tps", "decode_tps", "decode_ratio",
+                "decode_penalty_ratio", "decode_fraction_of_bound", "ours_vision_aligner_ms",
+                "torch_vision_aligner_ms", "ours_vision_prefill_s", "torch_vision_prefill_s"])
 PY
 say "done"

@@ -369,3 +369,35 @@ def test_python_apps_chat_py_starts_the_server_with_openblas(tiny_dir, tmp_path)
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "127.0.0.1" in out or "localhost" in out, out[-2000:]
+
+
+def test_kv_cache_setting(tiny_dir, tmp_path, monkeypatch):
+    """The sidebar's KV cache choice reaches the session (a change empties the cache, the
+    conversation stays); a model whose head size the groups do not divide gets a warning."""
+    import json
+    import shutil
+
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    one_head = tmp_path / "one-head"  # head size 64: groups of 64 fit
+    shutil.copytree(tiny_dir, one_head)
+    config = json.loads((one_head / "config.json").read_text())
+    config["language_config"].update(num_attention_heads=1, num_key_value_heads=1)
+    (one_head / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(one_head), "--kv-bits", "8"])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.session_state["max_tokens"] = 4
+    at.run()
+    assert at.sidebar.selectbox(key="kv_cache").value == "8-bit"
+    send(at, "Hello", [("red.png", png(), "image/png")])
+    conv = conversation(at)
+    assert conv.session.kv["kv_bits"] == 8 and all(isinstance(c, QuantizedKVCache) for c in conv.session.cache)
+    at.sidebar.selectbox(key="kv_cache").set_value("full precision").run()
+    assert conv.session.kv is None and conv.session.cached_ids == []
+    send(at, "And now?")
+    assert [m["role"] for m in conv.session.messages] == ["user", "assistant"] * 2
+    assert not any(isinstance(c, QuantizedKVCache) for c in conv.session.cache)
+
+    at.sidebar.text_input(key="model_path").set_value(str(tiny_dir)).run()  # head size 16
+    at.sidebar.selectbox(key="kv_cache").set_value("4-bit").run()
+    assert not at.exception and any("does not divide" in w.value for w in at.sidebar.warning)

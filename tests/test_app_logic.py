@@ -304,3 +304,18 @@ def test_blas_hint(monkeypatch):
     assert "LD_PRELOAD=/x/libopenblas.so.0 streamlit run apps/chat.py" in logic.blas_hint()
     monkeypatch.setattr(blas, "find_openblas", lambda: None)
     assert "apt-get install libopenblas0-pthread" in logic.blas_hint()
+
+
+def test_load_model_warms_up_on_a_gpu(tiny_dir, monkeypatch):
+    """On a GPU the app's load runs a short chat (kernels compile behind the loading spinner,
+    whose text says so); forced here on the CPU, where it is otherwise skipped."""
+    from mlx_dsvl import warmup
+
+    assert logic.load_model(str(tiny_dir)).warmup_seconds == 0.0  # CPU: nothing to compile
+    assert "GPU" not in logic.loading_message("m", False)
+    monkeypatch.setattr(warmup, "kernels_compile", lambda: True)
+    loaded = logic.load_model(str(tiny_dir), quantize=True)
+    assert 0 < loaded.warmup_seconds <= loaded.seconds
+    assert "preparing its GPU kernels" in logic.loading_message("m", True)
+    assert "later runs start faster" in logic.loading_message("m", True)
+    assert logic.parse_args(["--kv-bits", "8"]).kv_bits == 8

@@ -177,3 +177,45 @@ def test_missing_shard_and_missing_tensor(tiny_dir, tmp_path):
     index["language_model.model.ghost.weight"] = "model-00001-of-00002.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
     expect_error(d, "tensor language_model.model.ghost.weight is not in model-00001-of-00002.safetensors")
+
+
+# -- quantizing while loading -------------------------------------------------------------------
+@pytest.mark.parametrize("stored,dtype,bits,group", [("float32", "float32", 4, 32), ("float16", "bfloat16", 4, 64),
+                                                     ("float16", "float32", 8, 32)])
+def test_quantize_on_load_equals_convert_then_load(tiny_dir, tmp_path, stored, dtype, bits, group):
+    """``load(quantize=)`` gives bit for bit the model that ``python -m convert --quantize`` + load
+    gives: the same layers quantized, the same packed weights, scales and biases."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from convert.to_mlx import convert_to_mlx
+    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+
+    src = tiny_dir if stored == "float32" else make_checkpoint("tiny", tmp_path / "src16", seed=1, dtype=stored)
+    folder = convert_to_mlx(str(src), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=group,
+                            progress=lambda _: None)
+    converted, _ = mlx_dsvl.load(folder, dtype=dtype)
+    on_load, _ = mlx_dsvl.load(src, dtype=dtype, quantize=bits, q_group_size=group)
+
+    def quantized(m):
+        return sorted(p for p, x in m.named_modules() if isinstance(x, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+
+    assert quantized(on_load) == quantized(converted) and "language_model.lm_head" in quantized(on_load)
+    a, b = dict(tree_flatten(converted.parameters())), dict(tree_flatten(on_load.parameters()))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and mx.array_equal(a[k], b[k]).item(), k
+    assert a["language_model.lm_head.scales"].dtype == getattr(mx, dtype)
+
+
+def test_quantize_on_load_options(tiny_dir, tmp_path):
+    from convert.to_mlx import convert_to_mlx
+
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        mlx_dsvl.load(tiny_dir, quantize=3)
+    with pytest.raises(ValueError, match="q_group_size"):
+        mlx_dsvl.load(tiny_dir, quantize=4, q_group_size=48)
+    folder = convert_to_mlx(str(tiny_dir), str(tmp_path / "q"), quantize=True, q_group_size=32,
+                            progress=lambda _: None)
+    with pytest.raises(ModelLoadError, match="already quantized"):
+        mlx_dsvl.load(folder, quantize=4)

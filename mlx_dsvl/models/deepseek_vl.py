@@ -2,8 +2,8 @@
 
 Attribute names mirror the original checkpoint: ``vision_model``, ``aligner``,
 ``language_model`` (mlx-lm's llama ``Model``: ``language_model.model.*`` and the untied
-``language_model.lm_head``).  ``sanitize`` is the one place where the original on-disk format is
-converted (conv transposes, unused tensors dropped).
+``language_model.lm_head``; its attention in :mod:`.llm`).  ``sanitize`` is the one place where
+the original on-disk format is converted (conv transposes, unused tensors dropped).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..config import IMAGE_TOKEN_ID, ModelConfig
 from .aligner import MlpProjector
+from .llm import build_language_model
 from .vision import HybridVisionTower, build_vision_tower, normalize
 
 # Tensors present in the released checkpoints that the model never uses.
@@ -93,7 +93,7 @@ class DeepseekVL(nn.Module):
         self.config = config
         self.vision_model = build_vision_tower(config.vision)
         self.aligner = MlpProjector(config.aligner)
-        self.language_model = llama.Model(llama.ModelArgs.from_dict(config.language))
+        self.language_model = build_language_model(config.language)
         # Where images go in the ids: load() sets the tokenizer's id of the image tag; a model
         # built from a config alone starts with config.json's, else DeepSeek's.
         self.image_token_id = IMAGE_TOKEN_ID if config.image_token_id is None else config.image_token_id

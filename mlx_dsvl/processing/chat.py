@@ -211,18 +211,18 @@ class ChatProcessor:
         """The prompt string for ``conversation`` with this processor's system prompt."""
         return format_conversation(conversation, system_prompt=self.system_prompt)
 
-    def tokenize(self, prompt: str) -> np.ndarray:
+    def tokenize(self, prompt: str, bos: bool = True) -> np.ndarray:
         """Prompt -> ``[T]`` int32 ids: BOS first, each image id expanded to its copies.
 
         The original ran under transformers 4.x, whose ``LlamaTokenizerFast`` always prepends
         BOS (``add_bos_token=True``). transformers 5 ignores ``add_bos_token`` when a
         ``tokenizer.json`` exists and relies on its post-processor, so BOS is added here if
-        the tokenizer did not.
+        the tokenizer did not.  ``bos=False`` encodes a continuation: no special tokens added.
         """
-        ids = np.asarray(self.tokenizer.encode(prompt), dtype=np.int64)  # [T0]
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (ids.size == 0 or ids[0] != bos):
-            ids = np.concatenate([np.array([bos], dtype=np.int64), ids])
+        ids = np.asarray(self.tokenizer.encode(prompt, add_special_tokens=bos), dtype=np.int64)  # [T0]
+        bos_id = self.tokenizer.bos_token_id
+        if bos and bos_id is not None and (ids.size == 0 or ids[0] != bos_id):
+            ids = np.concatenate([np.array([bos_id], dtype=np.int64), ids])
         image_id = self.image_token_id
         pieces: list[np.ndarray] = []
         start = 0
@@ -314,3 +314,39 @@ class ChatProcessor:
             "image_counts": counts,
             "prompts": [p for p, _, _ in prepared],
         }
+
+
+class PromptTokens:
+    """Token ids of the successive prompts of one conversation, re-encoding only the new end.
+
+    The template puts the end-of-sentence token (:data:`SEP2`, a special token) after every
+    assistant reply, and the tokenizer splits special tokens out before it encodes the text
+    between them, so the ids of a prompt up to its last ``SEP2`` are the ids of that prefix
+    alone.  A later prompt that starts with the same prefix is encoded as those ids plus the
+    continuation's: the same ids as ``tokenize(prompt)`` (tests check it), without re-reading
+    the whole conversation every turn.
+    """
+
+    def __init__(self, processor: ChatProcessor):
+        self.processor = processor
+        self._prefix = ""
+        self._prefix_ids = np.zeros((0,), np.int32)
+
+    def __call__(self, prompt: str) -> np.ndarray:
+        if self._prefix and prompt.startswith(self._prefix):
+            rest = self.processor.tokenize(prompt[len(self._prefix):], bos=False)
+            ids = np.concatenate([self._prefix_ids, rest])
+        else:
+            ids = self.processor.tokenize(prompt)
+        self._remember(prompt, ids)
+        return ids
+
+    def _remember(self, prompt: str, ids: np.ndarray) -> None:
+        """Keep the prompt up to its last SEP2 (and its ids) when the two correspond."""
+        cut = prompt.rfind(SEP2) + len(SEP2)
+        eos = np.flatnonzero(ids == self.processor.tokenizer.eos_token_id)
+        whitespace_next = cut < len(prompt) and prompt[cut].isspace()  # a token may absorb it
+        if cut < len(SEP2) or whitespace_next or eos.size != prompt.count(SEP2):
+            self._prefix = ""
+            return
+        self._prefix, self._prefix_ids = prompt[:cut], ids[: eos[-1] + 1]

@@ -1,0 +1,139 @@
+"""The conversation rows of ``python -m mlx_dsvl.bench``: turns 1-6, what a follow-up turn
+spends its time on, first-use costs, and KV-cache quantization over a long conversation.
+
+- **Turns.** One image and a question, then five follow-up questions of different lengths (10-60
+  tokens with the template), each timed to its first token in one session; each follow-up as a
+  fraction of turn 1.
+- **Breakdown.** One more follow-up with ``ChatSession(profile=True)``: every stage evaluated
+  apart and timed (images, formatting + tokenizing, prefix match + cache trim, embedding +
+  image merge, prefill, first sample).
+- **First use.** With ``replay`` the same conversation runs again in a new session: every
+  shape is then known to the process, so a turn's time minus its replay's is what it spent on
+  first-use work (kernels compiled, graphs built for a new shape).
+- **KV bits.** A conversation of ``context`` tokens (one image, earlier turns of filler text, a
+  last question) prefilled with a plain and with quantized KV caches: peak memory, cache size
+  and the largest difference of the reply's first-token logits from the plain cache's.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Dict, List, Optional, Sequence
+
+FIRST = "<image_placeholder>Describe this image in detail."
+QUESTIONS = (  # turns 2..6: 13 to 53 tokens each with the template (the test tokenizer's counts)
+    "And which colour dominates?",
+    "Is there any text in the picture? If there is, read it out exactly as it is written there.",
+    "What else?",
+    "Is it a photograph or a painting, and how can you tell?",
+    "Why do you think so? Give two reasons.",
+)
+BREAKDOWN = "Which part would you crop first?"
+FILLER = ("the picture shows a quiet street with small houses, a red door, two bicycles and a tree "
+          "whose leaves are turning yellow while a cat sleeps on the warm stones near the wall ")
+
+
+def run_turn(chat, text: str, images: Sequence, opts: dict):
+    last = None
+    for last in chat.send(text, list(images), **opts):
+        pass
+    return last
+
+
+def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, replay: bool = False,
+              n_turns: int = 1 + len(QUESTIONS)) -> Dict:
+    """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
+    first-use time."""
+    from .session import ChatSession
+
+    def conversation():
+        chat = ChatSession(model, processor, on_truncate=None, **(kv or {}))
+        turns = [run_turn(chat, FIRST, [image], opts)]
+        turns += [run_turn(chat, q, [], opts) for q in QUESTIONS[: n_turns - 1]]
+        return chat, turns
+
+    chat, turns = conversation()
+    first = turns[0]
+    res: Dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
+                     ttft_s=first.time_to_first_token, decode_tps=first.generation_tps,
+                     decode_tokens=first.generation_tokens,
+                     kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9)
+    if n_turns < 2:
+        return res
+    res["turns"] = [dict(turn=i + 2, new_tokens=t.prompt_tokens, ttft_s=t.time_to_first_token,
+                         over_turn1=t.time_to_first_token / first.time_to_first_token)
+                    for i, t in enumerate(turns[1:])]
+    res.update(turn2_prompt_tokens=turns[1].prompt_tokens, turn2_ttft_s=turns[1].time_to_first_token,
+               turn2_over_turn1=res["turns"][0]["over_turn1"],
+               followup_max_over_turn1=max(t["over_turn1"] for t in res["turns"]))
+    chat.profile = True
+    last = run_turn(chat, BREAKDOWN, [], opts)
+    res["followup_breakdown_ms"] = {**{k: round(v, 3) for k, v in chat.timings.items()},
+                                    "ttft_ms": round(last.time_to_first_token * 1e3, 3)}
+    res["kv_cache_gb"] = sum(c.nbytes for c in chat.cache) / 1e9
+    if replay:
+        del chat
+        _, again = conversation()
+        res["first_use_ms"] = [round((a.time_to_first_token - b.time_to_first_token) * 1e3, 3)
+                               for a, b in zip(turns, again)]
+    return res
+
+
+def long_conversation(processor, image_key: str, context: int) -> List[dict]:
+    """ChatSession messages: an image question, then filler exchanges up to ``context`` - 64 tokens."""
+    messages = [{"role": "user", "content": FIRST, "images": [image_key]}]
+    words = FILLER.split()
+    i = 0
+    while True:
+        reply = " ".join(words[(i + k) % len(words)] for k in range(40))
+        trial = messages + [{"role": "assistant", "content": reply, "images": []},
+                            {"role": "user", "content": f"Go on ({i}).", "images": []}]
+        n = len(processor.tokenize(processor.format([{"role": m["role"], "content": m["content"]} for m in trial])))
+        if n > context - 64:
+            return messages
+        messages, i = trial, i + 1
+
+
+def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> Dict:
+    """Peak memory, cache size and first-token logit difference of ``context``-token
+    conversations with a plain and with quantized KV caches."""
+    import mlx.core as mx
+
+    from .session import ChatSession
+
+    res: Dict = {"kv_context_tokens": None}
+    features = {}  # one vision pass for all the runs
+    reference = None
+    for b in (None, *bits):
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        chat = ChatSession(model, processor, on_truncate=None, max_context=max(4096, context + 64),
+                           kv_bits=b, kv_group_size=group_size)
+        chat._features = features
+        key = chat.add_images([image])[0]
+        chat.messages = long_conversation(processor, key, context)
+        logits = chat.next_logits("Summarize our conversation in one sentence.").astype(mx.float32)
+        name = f"kv{b or 16}"
+        res["kv_context_tokens"] = chat.cache[0].offset
+        res[f"{name}_peak_gb"] = mx.get_peak_memory() / 1e9
+        res[f"{name}_cache_gb"] = sum(c.nbytes for c in chat.cache) / 1e9
+        if reference is None:
+            reference = logits
+        else:
+            res[f"{name}_max_logit_diff"] = float(mx.abs(logits - reference).max())
+            res[f"{name}_same_top1"] = bool(mx.argmax(logits).item() == mx.argmax(reference).item())
+        del chat
+    res["kv_logit_scale"] = float(mx.abs(reference).max())  # what the differences compare with
+    return res
+
+
+def weights_by_part(model) -> Dict:
+    """GB of resident parameters: vision towers + aligner, LLM without / with its embeddings."""
+    from mlx.utils import tree_flatten
+
+    parts = {"vision": 0, "llm": 0, "llm_embeddings": 0}
+    for k, v in tree_flatten(model.parameters()):
+        part = ("llm_embeddings" if "embed_tokens" in k else "llm") if k.startswith("language_model.") else "vision"
+        parts[part] += v.nbytes
+    return {f"weights_{k}_gb": v / 1e9 for k, v in parts.items()}
