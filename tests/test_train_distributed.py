@@ -37,7 +37,7 @@ from mlx_dsvl.train import run as run_module
 from mlx_dsvl.train.batches import BatchStream, collate
 from mlx_dsvl.train.callbacks import TrainingCallback
 from mlx_dsvl.train.checkpoint import ResumeError, damage
-from mlx_dsvl.train.distributed import World, global_batch_check
+from mlx_dsvl.train.distributed import World, global_batch_check, launcher
 from mlx_dsvl.train.loop import TrainingStopped
 from mlx_dsvl.train.loss import make_loss
 from mlx_dsvl.train.synthetic import make_images, write_shapes_dataset
@@ -48,15 +48,6 @@ TOL = 1e-5  # float32 sums in another order
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-
-def launcher():
-    script = Path(sys.executable).with_name("mlx.launch")
-    if script.is_file():
-        return [str(script)]
-    found = shutil.which("mlx.launch")
-    return [found] if found else [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch "
-                                                        "import main; sys.exit(main())"]
 
 
 def free_ports() -> int:

@@ -21,10 +21,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -187,6 +190,15 @@ class World:
 
 
 SOLO = World()  # one process
+
+
+def launcher() -> List[str]:
+    """The command of this Python environment's ``mlx.launch`` (benchmarks and tests start it)."""
+    script = Path(sys.executable).with_name("mlx.launch")
+    found = str(script) if script.is_file() else shutil.which("mlx.launch")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"]
 
 
 @contextmanager

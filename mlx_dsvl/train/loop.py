@@ -23,7 +23,6 @@ from typing import Callable, Dict, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_map
 
 from ..faults import fault_point
@@ -137,7 +136,7 @@ def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
         cbs.on_train_begin(state)
         while state.step < args.iters and not stop():
             tic = time.perf_counter()
-            grad, local, text_batches, bad = None, np.zeros(len(StepSums.FIELDS)), 0, []
+            grad, local, text_batches, bad = None, StepSums(), 0, []
             for _ in range(args.grad_accum):
                 prep = batches.next()
                 state.streams = prep.streams_after
@@ -147,12 +146,12 @@ def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
                 lv, nv = float(loss.item()), float(n.item())
                 if not math.isfinite(lv):
                     bad += prep.batch.sources[:3]
-                local += [lv * nv, nv, float(mm[0].item()), float(mm[1].item()), prep.batch.n_tokens,
-                          len(prep.skipped)]
+                local += StepSums(lv * nv, nv, float(mm[0].item()), float(mm[1].item()), prep.batch.n_tokens,
+                                  len(prep.skipped))
                 text_batches += int(prep.is_text_stream)
                 for s in prep.skipped:
                     warn(f"skipped an example with a bad image (`skip_bad`): {s}", local=True)
-            sums = StepSums(*world.sum(local, f"the losses of step {state.step + 1}"))
+            sums = StepSums(*world.sum(local.as_list(), f"the losses of step {state.step + 1}"))
             if not math.isfinite(sums.loss):
                 where = f" (batch {', '.join(bad)})" if bad else " (on another process)" if world.size > 1 else ""
                 raise NonFiniteLoss(f"loss became {sums.loss} at step {state.step + 1}{where}; training "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 
@@ -95,15 +95,21 @@ class Progress:
 @dataclass
 class StepSums:
     """One optimizer step summed over its micro-batches (and processes): the loss sum and target
-    tokens, the same over multimodal examples, the real (unpadded) tokens, skipped examples."""
+    tokens, the same over multimodal examples, the real (unpadded) tokens, skipped examples; in
+    this order (:meth:`as_list`), as the processes sum them."""
 
-    FIELDS = ("loss", "ntoks", "mm", "mm_n", "tokens", "skipped")
     loss: float = 0.0
     ntoks: float = 0.0
     mm: float = 0.0
     mm_n: float = 0.0
     tokens: float = 0.0
     skipped: float = 0.0
+
+    def as_list(self) -> List[float]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def __add__(self, other: "StepSums") -> "StepSums":
+        return StepSums(*(a + b for a, b in zip(self.as_list(), other.as_list())))
 
 
 class Window:
@@ -119,8 +125,7 @@ class Window:
         self.text_batches = self.batches = self.steps = 0
 
     def add_step(self, sums: StepSums, text_batches: int, batches: int, seconds: float) -> None:
-        for k in StepSums.FIELDS:
-            setattr(self.sums, k, getattr(self.sums, k) + getattr(sums, k))
+        self.sums = self.sums + sums
         self.text_batches += text_batches
         self.batches += batches
         self.steps += 1
