@@ -37,7 +37,7 @@ from mlx_dsvl.train import run as run_module
 from mlx_dsvl.train.batches import BatchStream, collate
 from mlx_dsvl.train.callbacks import TrainingCallback
 from mlx_dsvl.train.checkpoint import ResumeError, damage
-from mlx_dsvl.train.distributed import World, global_batch_check, launcher
+from mlx_dsvl.train.distributed import World, fingerprint, global_batch_check, launcher
 from mlx_dsvl.train.loop import TrainingStopped
 from mlx_dsvl.train.loss import make_loss
 from mlx_dsvl.train.synthetic import make_images, write_shapes_dataset
@@ -121,7 +121,8 @@ def data(tmp_path_factory):
     good = (root / "images" / "11-00000.png").read_bytes()
     (root / "images" / "cut.png").write_bytes(good[: len(good) // 2])  # a header, half the data
     d["bad_pairs"] = root / "bad_pairs.jsonl"
-    d["bad_pairs"].write_text(d["pairs"].read_text() + json.dumps({"image": "images/cut.png", "text": "cut"}) + "\n")
+    cut = json.dumps({"image": "images/cut.png", "text": "cut"}) + "\n"
+    d["bad_pairs"].write_text(d["pairs"].read_text() + cut)
     d["text"] = root / "text.jsonl"
     d["text"].write_text("".join(json.dumps({"text": f"{i} and {i} make {2 * i}."}) + "\n" for i in range(6)))
     rows = []
@@ -168,7 +169,8 @@ def runs(tiny_dir, data, tmp_path_factory):
     spec = root / "runs.json"
     spec.write_text(json.dumps(list(two.values())))
     res = launch(str(WORKER), str(spec))
-    assert all((Path(kw["out"]) / "adapters.safetensors").is_file() for kw in two.values()), res.stdout + res.stderr
+    done = [(Path(kw["out"]) / "adapters.safetensors").is_file() for kw in two.values()]
+    assert all(done), res.stdout + res.stderr
     one = {}
     for name, kw in cfgs.items():
         if name == "lora-dropout":
@@ -257,8 +259,8 @@ def test_a_non_finite_loss_on_another_process_stops_before_the_update(tiny_dir, 
     out, four = tmp_path / "nan", tmp_path / "four.jsonl"  # global batches of 2: each share has one
     four.write_text("".join(l.replace('"images/', f'"{data["chat"].parent}/images/')
                             for l in data["chat"].read_text().splitlines(True)[:4]))
-    with pytest.raises(TrainingStopped, match=r"loss became nan at step 2 \(on another process\); training "
-                                              r"stopped without saving; the last good checkpoint is kept: .*step-0000001"):
+    with pytest.raises(TrainingStopped, match=r"loss became nan at step 2 \(on another process\); training stopped "
+                                              r"without saving; the last good checkpoint is kept: .*step-0000001"):
         train(TrainConfig(stage=3, model=str(tiny_dir), data=str(four), out=str(out), iters=4,
                           batch_size=1, save_every=1, warmup=0, quiet=True, plot=False, compile=False),
               loaded=loaded, callbacks=[Snapshot()])
@@ -286,6 +288,22 @@ def test_a_step_left_without_examples_changes_nothing(tiny_dir, data, tmp_path, 
     ref = dict(tree_flatten(base.parameters()))
     saved = weights(tmp_path / "o")
     assert saved and all(np.array_equal(v, np.array(ref[k])) for k, v in saved.items())
+
+
+def test_processes_that_set_up_different_runs_are_stopped_before_anything_is_written():
+    class Rank0Of2(World):
+        def __init__(self, other):
+            super().__init__()
+            self.rank, self.size, self.other = 0, 2, other
+
+        def gather(self, x, what):
+            return mx.stack([x, fingerprint(self.other)])
+
+    facts = {"options": {"lr": 1e-4}, "data files": {"data": "ab12"}, "base model": {"weights": "cd"}}
+    Rank0Of2(dict(facts)).agree(facts)  # the same: nothing to say
+    with pytest.raises(ValueError, match=r"the processes of this run differ in data files: rank\(s\) 1 differ "
+                                         r"from rank 0 \(every host needs the same options, model, data"):
+        Rank0Of2({**facts, "data files": {"data": "ff00"}}).agree(facts)
 
 
 def test_the_global_batch_decides_whether_a_checkpoint_can_continue():
@@ -320,8 +338,8 @@ def test_the_runs_share_out_work_and_output(runs):
     assert all(len(mx.load(str(p))) >= 1 for p in files)
     # Validation and benchmark records are the same as one process's.
     for kind in ("val", "eval"):
-        a = [r for r in map(json.loads, (two["full"] / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
-        b = [r for r in map(json.loads, (one["full"] / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
+        a, b = ([r for r in map(json.loads, (run["full"] / "metrics.jsonl").read_text().splitlines())
+                 if r["type"] == kind] for run in (two, one))
         assert len(a) == len(b) >= 1
         if kind == "val":
             np.testing.assert_allclose([r["val_loss"] for r in a], [r["val_loss"] for r in b], rtol=TOL)
@@ -366,8 +384,10 @@ def test_stop_failure_and_resume_agree_across_processes(runs, tiny_dir, data, tm
     # Rank 1 killed during step 4 (after the checkpoint of step 3): rank 0 says so within seconds.
     res = launch("-m", "mlx_dsvl.train", "--resume", str(out), "--save-every", "1", fault="step:2:KILL:1")
     log = res.stdout + res.stderr
-    assert "[rank 0] error: lost the connection to another process of the run during the losses of step 4" in log, log
-    assert f"the last good checkpoint is kept: {out / 'checkpoints' / 'step-0000003'}; resume with --resume {out}" in log
+    assert "[rank 0] error: lost the connection to another process of the run during the losses of step 4" \
+        in log, log
+    last = out / "checkpoints" / "step-0000003"
+    assert f"the last good checkpoint is kept: {last}; resume with --resume {out}" in log
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000003"
     assert damage(out / "checkpoints" / "step-0000003") is None
     print(f"launch with a killed process: {res.seconds:.1f} s")
@@ -375,7 +395,8 @@ def test_stop_failure_and_resume_agree_across_processes(runs, tiny_dir, data, tm
     res = launch("-m", "mlx_dsvl.train", "--resume", str(out))
     assert (out / "adapters.safetensors").is_file(), res.stdout + res.stderr
     ref = runs["two"]["lora-dropout"]
-    assert [(r["step"], r["loss"]) for r in train_records(out)] == [(r["step"], r["loss"]) for r in train_records(ref)]
+    assert [(r["step"], r["loss"]) for r in train_records(out)] == \
+        [(r["step"], r["loss"]) for r in train_records(ref)]
     wa, wb = weights(out), weights(ref)
     assert all(np.array_equal(wa[k], wb[k]) for k in wb)
 

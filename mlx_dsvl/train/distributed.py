@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_map
 
 from .report import error
 
@@ -78,10 +79,13 @@ class Watchdog:
                 os._exit(EXIT_LOST)
 
 
-def _digest(value: Any) -> np.ndarray:
-    """Two int32 of the SHA-256 of ``value`` as JSON (a fingerprint the ranks can compare)."""
-    text = json.dumps(value, sort_keys=True, default=str).encode()
-    return np.frombuffer(hashlib.sha256(text).digest()[:8], dtype=np.int32)
+def fingerprint(facts: Dict[str, Any]) -> mx.array:
+    """Two int32 of the SHA-256 of each fact as JSON, by name (what the ranks compare)."""
+    def one(value) -> np.ndarray:
+        text = json.dumps(value, sort_keys=True, default=str).encode()
+        return np.frombuffer(hashlib.sha256(text).digest()[:8], dtype=np.int32)
+
+    return mx.array(np.concatenate([one(facts[k]) for k in sorted(facts)]))
 
 
 class World:
@@ -165,6 +169,16 @@ class World:
             mx.eval(out)
         return out
 
+    def from_rank0(self, tree):
+        """``tree`` (arrays) as rank 0 has it, on every rank: added to zeros, bit for bit."""
+        if self.size == 1:
+            return tree
+        with self.collective("rank 0's weights", watched=False):
+            out = tree_map(lambda x: mx.distributed.all_sum(x if self.writer else mx.zeros_like(x),
+                                                            group=self.group), tree)
+            mx.eval(out)
+        return out
+
     def average_gradients(self, grad):
         """The mean over the ranks of a gradient tree (inside the compiled update; mlx's grouped
         all-reduce of small arrays)."""
@@ -177,8 +191,7 @@ class World:
         if self.size == 1:
             return
         names = sorted(facts)
-        mine = mx.array(np.concatenate([_digest(facts[k]) for k in names]))
-        rows = np.array(self.gather(mine, "the start-up check that every process has the same set-up"))
+        rows = np.array(self.gather(fingerprint(facts), "the check that every process set up the same run"))
         for i, name in enumerate(names):
             col = rows[:, 2 * i : 2 * i + 2]
             odd = [r for r in range(self.size) if not np.array_equal(col[r], col[0])]

@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
 
 from ..utils import file_digest
 from . import checkpoint as ckpt
@@ -221,12 +220,6 @@ def rank_random_state(world: World, saved: Optional[mx.array]) -> None:
     ckpt.set_rng_state(key)
 
 
-def weights_digest(model) -> List[str]:
-    """A cheap fingerprint of the trained weights (the processes must start from the same)."""
-    sums = [mx.sum(v.astype(mx.float32)) for _, v in tree_flatten(model.trainable_parameters())]
-    return [f"{x:.9e}" for x in mx.stack(sums).tolist()] if sums else []
-
-
 def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded=None,
           world: World = SOLO) -> TrainParts:
     """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
@@ -263,7 +256,9 @@ def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded
     rank_random_state(world, rng_ranks)
     config = asdict(cfg)
     world.agree({"options": config, "base model": fingerprint, "data files": digests,
-                 "starting step and trained weights": [start_step, weights_digest(model)]})
+                 "starting step and checkpoint files": [start_step, resume and resume.state.get("files")]})
+    # Every process starts from rank 0's weights, however its own initialization came out.
+    model.update(world.from_rank0(model.trainable_parameters()))
     if world.writer:
         run.create()
         write_text_atomic(run.path / RUN_CONFIG, json.dumps(config, indent=2))
