@@ -2,6 +2,12 @@
 LoRA tokens/s and peak memory, on random checkpoints (tiny-hybrid and the real 1.3B size).
 
     python benchmarks/train_bench.py [--arch tiny-hybrid 1.3b] [--ckpt-dir /tmp] [--out bench.json]
+    python benchmarks/train_bench.py --data-parallel [--arch tiny-hybrid] [--out dp.json]
+
+``--data-parallel`` instead trains stage 3 (LoRA) through the command line on one process with
+batch 2B and on two (``mlx.launch -n 2 --backend ring``, this machine) with batch B each, the
+same global batches: tokens/s of each (all processes' tokens over rank 0's step time) and how
+far the two runs' losses and adapters differ.
 
 Checkpoints are built once with ``make_checkpoint`` under ``--ckpt-dir`` (``dsvl-<arch>``; the
 1.3B one is 3.95 GB) and reused.  Each measurement is a real ``mlx_dsvl.train`` run on synthetic
@@ -14,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,12 +108,55 @@ def run(arch: str, ckpt: Path, work: Path) -> dict:
     return res
 
 
+def data_parallel(arch: str, ckpt: Path, work: Path) -> dict:
+    """Stage-3 LoRA on one process (batch 2B) and on two (batch B each); tokens/s and equality."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_dsvl.train.distributed import launcher
+    from mlx_dsvl.train.synthetic import write_shapes_dataset
+
+    n_images, batch, steps = PLAN[arch]
+    size = json.loads((ckpt / "preprocessor_config.json").read_text())["image_size"]
+    data = write_shapes_dataset(work / "data", 2 * n_images, seed=0, size=min(size, 512))
+    common = ["-m", "mlx_dsvl.train", "--stage", "3", "--model", str(ckpt), "--data", str(data["chat"]),
+              "--iters", str(steps + 1), "--steps-per-report", "1", "--save-every", "0", "--warmup", "0",
+              "--no-plot", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    # Two processes on one CPU share its cores: OpenBLAS threads of each, half of them.
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    runs = {1: [sys.executable, *common, "--out", str(work / "one"), "--batch-size", str(2 * batch)],
+            2: [*launcher(), "-n", "2", "--backend", "ring", "--env", f"OPENBLAS_NUM_THREADS={threads}", "--",
+                sys.executable, *common, "--out", str(work / "two"), "--batch-size", str(batch)]}
+    res = {"arch": arch, "global_batch": 2 * batch, "steps_measured": steps, "blas_threads_per_process": threads}
+    recs = {}
+    for n, cmd in runs.items():
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True)
+        out = work / ("one" if n == 1 else "two")
+        recs[n] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        timed = recs[n][1:]  # the first step compiles
+        res[f"tokens_per_s_{n}"] = sum(r["tokens"] for r in timed) / sum(1 / r["steps_per_s"] for r in timed)
+        res[f"wall_s_{n}"] = time.perf_counter() - t
+        print(f"[{arch}] {n} process(es): {res[f'tokens_per_s_{n}']:.0f} tokens/s", flush=True)
+    res["speedup"] = res["tokens_per_s_2"] / res["tokens_per_s_1"]
+    res["max_rel_loss_diff"] = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(recs[1], recs[2]))
+    wa, wb = (mx.load(str(work / d / "adapters.safetensors")) for d in ("one", "two"))
+    res["max_weight_diff"] = max(float(np.abs(np.array(wa[k]) - np.array(wb[k])).max()) for k in wa)
+    print(f"[{arch}] 2 vs 1 process: {res['speedup']:.2f}x; max relative loss difference "
+          f"{res['max_rel_loss_diff']:.1e}, max adapter difference {res['max_weight_diff']:.1e}", flush=True)
+    return res
+
+
 def main(argv=None) -> int:
     ensure_fast_blas()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["tiny-hybrid", "1.3b"], choices=sorted(PLAN))
     p.add_argument("--ckpt-dir", default="/tmp", help="where the random checkpoints live (default /tmp)")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
+    p.add_argument("--data-parallel", action="store_true",
+                   help="measure one process against two (mlx.launch) instead")
     a = p.parse_args(argv)
     import mlx.core as mx
 
@@ -114,11 +165,21 @@ def main(argv=None) -> int:
         ckpt = checkpoint(arch, Path(a.ckpt_dir))
         work = Path(tempfile.mkdtemp(prefix=f"dsvl-train-bench-{arch}-"))
         try:
-            results.append(run(arch, ckpt, work))
+            results.append((data_parallel if a.data_parallel else run)(arch, ckpt, work))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     env = {"device": str(mx.default_device()), "mlx": mx.__version__, "machine": platform.machine(),
            "processor": platform.processor() or platform.machine()}
+    if a.data_parallel:
+        print("\n| model | global batch | 1 process tokens/s | 2 processes tokens/s | speed-up | "
+              "max rel. loss diff | max adapter diff |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['arch']} | {r['global_batch']} | {r['tokens_per_s_1']:.0f} | {r['tokens_per_s_2']:.0f} | "
+                  f"{r['speedup']:.2f}x | {r['max_rel_loss_diff']:.1e} | {r['max_weight_diff']:.1e} |")
+        if a.out:
+            Path(a.out).write_text(json.dumps({"env": env, "results": results}, indent=2))
+        return 0
     print("\n| model | stage 1 s/step | stage 1 cached s/step | speed-up | stage 3 LoRA tokens/s | "
           "stage 3 s/step | peak memory |")
     print("|---|---|---|---|---|---|---|")

@@ -1,9 +1,11 @@
-"""Fault injection for the fault tests: ``MLX_DSVL_FAULT=POINT:N:ACTION``.
+"""Fault injection for the fault tests: ``MLX_DSVL_FAULT=POINT:N:ACTION[:RANK]``.
 
 The ``N``-th time this process reaches ``fault_point(POINT)``, ``ACTION`` happens: ``KILL``,
-``TERM``, ``HUP`` or ``INT`` sends that signal to the process itself (delivered at once), and
-``ENOSPC`` raises ``OSError(ENOSPC)`` as a full disk would.  Without the variable (always,
-outside the tests) a fault point costs one dictionary lookup.
+``TERM``, ``HUP``, ``INT`` or ``STOP`` sends that signal to the process itself (delivered at
+once; ``STOP`` freezes it, as a hung process or a vanished machine looks to the others), and
+``ENOSPC`` raises ``OSError(ENOSPC)`` as a full disk would.  With ``RANK``, only the process of
+that rank among those ``mlx.launch`` started (its ``MLX_RANK``) does it.  Without the variable
+(always, outside the tests) a fault point costs one dictionary lookup.
 
 Points: ``step`` (training: a micro-batch computed, the step not yet counted or saved),
 ``checkpoint-file`` (a checkpoint's file written into its temporary folder: the adapters
@@ -26,8 +28,8 @@ def fault_point(name: str) -> None:
     spec = os.environ.get(ENV)
     if not spec:
         return
-    point, n, action = spec.split(":")
-    if point != name:
+    point, n, action, *rank = spec.split(":")
+    if point != name or (rank and os.environ.get("MLX_RANK", "0") != rank[0]):
         return
     _hits[name] += 1
     if _hits[name] != int(n):

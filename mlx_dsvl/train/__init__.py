@@ -9,7 +9,9 @@ with callbacks), ``callbacks`` / ``evaluation`` / ``saving`` / ``report`` / ``pl
 progress, validation, checkpoints, loss.png), ``run`` (``train``: all of it), ``checkpoint``
 (atomic save, integrity check, exact resume), ``rundir`` (the output folder: no clobbering,
 ``force`` replaces atomically), ``files`` (atomic writes), ``signals`` (stop at a step
-boundary), ``adapters`` (save, load, fuse), ``vision_cache`` (``cache_vision_features``).
+boundary), ``adapters`` (save, load, fuse), ``vision_cache`` (``cache_vision_features``),
+``distributed`` (data-parallel on the processes ``mlx.launch`` starts: shares of each global
+batch, gradient and loss sums, agreed decisions, watchdog).
 
 Python API::
 

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from typing import List, Optional, Sequence, Tuple
 
 from ..device import DEVICES
-from .config import TrainConfig, as_flags
+from .config import DATA, DIST, EVAL, OPTIM, OUTPUT, TRAIN, TrainConfig, as_flags
 from .stages import STAGES
 
 EPILOG = """\
@@ -36,10 +36,16 @@ loss.png, run_config.json.  A folder that holds an earlier run is never written 
 Ctrl-C, SIGTERM or SIGHUP: the current step ends, a checkpoint is saved, then exit (once more:
 exit at once); resume with --resume OUT.
 
+several processes, data-parallel (each takes its share of every global batch of
+--batch-size x processes; rank 0 writes):
+  mlx.launch -n 2 -- python -m mlx_dsvl.train ...            two processes on this machine
+  mlx.launch --hostfile hosts.json -- python -m mlx_dsvl.train ...   one per host (ring, NCCL, MPI)
+
 exit status: 0 done, 1 bad input or set-up, 2 bad option, 3 stopped on a non-finite loss,
-128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
+4 another process of the run failed or stopped answering, 128+N stopped by signal N (130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP; with several processes rank 0 says how the run ended, the others exit 0).
 """
-GROUPS = ("what to train", "data", "optimization", "output", "evaluation")
+GROUPS = (TRAIN, DATA, OPTIM, OUTPUT, EVAL, DIST)
 
 
 def _help(f) -> str:
@@ -102,43 +108,56 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     ensure_fast_blas()
     cfg, explicit, device = parse_args(argv)
+    import mlx.core as mx
+
+    from .report import as_process, option_style
+
+    group = mx.distributed.init()  # the processes that mlx.launch started (or this one alone)
+    with option_style(as_flags), as_process(group.rank(), group.size()):
+        return run(cfg, explicit, device)
+
+
+def run(cfg: TrainConfig, explicit: List[str], device: str) -> int:
+    """Train; errors as one line (with several processes, prefixed by the rank) and a status."""
     from ..device import select_device
     from ..loading import ModelLoadError
     from .adapters import AdapterError
     from .checkpoint import ResumeError
     from .config import ConfigError
     from .data import DataError
+    from .distributed import EXIT_LOST, ProcessLost
     from .loop import TrainingStopped
-    from .report import option_style
+    from .report import error as say_error, who
     from .run import train
     from .stages import StageError
+
+    def error(e) -> None:
+        say_error(str(e))
 
     if cfg.resume is None:
         missing = [f"--{k}" for k in ("stage", "model", "data", "out") if getattr(cfg, k) is None]
         if missing:
-            print(f"error: {', '.join(missing)} required (or --resume DIR)", file=sys.stderr)
+            error(f"{', '.join(missing)} required (or --resume DIR)")
             return 2
-
-    def error(e) -> None:
-        print(f"error: {as_flags(str(e))}", file=sys.stderr)
-
     try:
         select_device(device)
-        with option_style(as_flags):
-            result = train(cfg, explicit)
+        result = train(cfg, explicit)
     except ConfigError as e:
         error(e)
         return 2
+    except ProcessLost as e:
+        error(e)
+        return EXIT_LOST
     except TrainingStopped as e:
         error(e)
         return 3
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{who()}interrupted", file=sys.stderr)
         return 130
     except (DataError, ModelLoadError, ResumeError, StageError, AdapterError, ValueError, OSError) as e:
         error(e)
         return 1
-    return 128 + result.stopped_by if result.stopped_by else 0
+    return 128 + result.stopped_by if result.stopped_by and result.rank == 0 else 0
 
 
 if __name__ == "__main__":

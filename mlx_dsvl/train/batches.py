@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -104,8 +104,10 @@ def _round_up(n: int, m: int) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pad_to: int = 16) -> Batch:
-    B = len(examples)
-    T = _round_up(max(e.length for e in examples), pad_to)
+    """Pad ``examples`` into a batch; none gives one row of padding with no target (a process's
+    empty share of a short global batch, or a batch whose every image was bad): it learns nothing."""
+    B = max(1, len(examples))
+    T = _round_up(max((e.length for e in examples), default=1), pad_to)
     ids = np.full((B, T), pad_id, dtype=np.int32)
     pos, tgt, mm = [], [], []
     images: List[str] = []
@@ -117,14 +119,15 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
         tgt.append(e.labels[t])
         mm.append(np.full(t.shape, float(e.has_images), np.float32))
         images += e.images
-    pos = np.concatenate(pos).astype(np.int32)
+    pos = np.concatenate(pos or [np.zeros(0, np.int64)]).astype(np.int32)
     n = pos.shape[0]
     N = _round_up(n, label_pad_to)
     label_pos = np.zeros((N,), np.int32)
     label_ids = np.zeros((N,), np.int32)
     label_w = np.zeros((N,), np.float32)
     label_mm = np.zeros((N,), np.float32)
-    label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
+    if n:
+        label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
     return Batch(
         ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
         n_tokens=sum(e.length for e in examples), n_targets=n,
@@ -136,21 +139,24 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
 class Prepared:
     batch: Batch
     is_text_stream: bool
-    pixels: Optional[np.ndarray]  # [M, 3, S, S] (None when cached or no image)
+    pixels: Optional[np.ndarray]  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
     digests: Optional[List[str]]  # cache keys when caching
     skipped: List[str]
     streams_after: Dict[str, Dict[str, int]]
     micro: int  # global micro-batch index
     inputs: Optional[Tuple] = None  # the loss's array arguments, made on the main thread
+    uncached: List[int] = field(default_factory=list)  # images not in the cache when prepared
 
 
 class BatchProducer:
     """The training batches: a deterministic sequence of micro-batches, prefetched by a thread.
 
     Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``) comes from the text-only
-    stream when ``mixer`` draws text for it, else from the main stream.  Its images are decoded
-    and preprocessed off the main thread; an image that fails to decode raises a
-    :class:`DataError` naming it, or with ``skip_bad`` drops its example from the batch (counted).
+    stream when ``mixer`` draws text for it, else from the main stream; ``shard`` picks this
+    process's share of each (global) batch.  Its images are decoded and preprocessed off the main
+    thread; an image that fails to decode raises a :class:`DataError` naming it, or with
+    ``skip_bad`` drops its example from the batch (counted; the streams never move for it, so the
+    processes of a run stay on the same batches whatever each of them drops).
     :meth:`next` turns the batch into the loss's arguments on the calling thread (MLX streams
     are per thread; cached vision features are encoded there with ``model``).
     """
@@ -158,8 +164,8 @@ class BatchProducer:
     def __init__(self, main: Dataset, main_stream: BatchStream, text: Optional[Dataset],
                  text_stream: Optional[BatchStream], mixer: Optional[ModalityMixer], processor,
                  grad_accum: int, pad_to: int, skip_bad: bool, cache: Optional[VisionFeatureCache],
-                 model=None, prefetch: int = 2):
-        self.model = model
+                 model=None, prefetch: int = 2, shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
+        self.model, self.shard = model, shard
         self.main, self.main_stream = main, main_stream
         self.text, self.text_stream = text, text_stream
         self.mixer, self.processor = mixer, processor
@@ -180,14 +186,16 @@ class BatchProducer:
         step, k = divmod(self.micro, self.grad_accum)
         use_text = self.mixer is not None and self.text_stream is not None and self.mixer.is_text(step, k)
         ds, stream = (self.text, self.text_stream) if use_text else (self.main, self.main_stream)
-        examples = [ds[i] for i in stream.next()]
+        examples = [ds[i] for i in self.shard(stream.next())]
         skipped: List[str] = []
-        pixels, digests = None, None
+        pixels, digests, uncached = None, None, []
         while True:
             paths = [p for e in examples for p in e.images]
             try:
-                if paths and self.cache is not None:
+                if paths and self.cache is not None:  # the images still to encode are decoded here too
                     digests = [self.cache.digest(p) for p in paths]
+                    uncached = [i for i, d in enumerate(digests) if not self.cache.has(d)]
+                    pixels = self.processor.image_processor([paths[i] for i in uncached]) if uncached else None
                 elif paths:
                     pixels = self.processor.image_processor(paths)
                 break
@@ -198,10 +206,9 @@ class BatchProducer:
                     raise DataError(f"{src}: {e}" if src else str(e)) from None
                 skipped.append(f"{bad}: {e}")
                 examples = [ex for ex in examples if bad not in ex.images]
-                if not examples:
-                    examples = [ds[i] for i in stream.next()]
         batch = collate(examples, self.processor.pad_id, self.pad_to)
-        prep = Prepared(batch, use_text, pixels, digests, skipped, self.streams_state(), self.micro)
+        prep = Prepared(batch, use_text, pixels, digests, skipped, self.streams_state(), self.micro,
+                        uncached=uncached)
         self.micro += 1
         return prep
 
@@ -250,8 +257,14 @@ def vision_input(prep: Prepared, model, cache: Optional[VisionFeatureCache], pro
     if not b.images:
         return None
     if cache is not None:
-        return cache.features(model, b.images, prep.digests,
-                              lambda idx: processor.image_processor([b.images[i] for i in idx]))
+        ready = dict(zip(prep.uncached, prep.pixels)) if prep.pixels is not None else {}
+
+        def pixels_for(idx):  # decoded while the batch was prepared, unless evicted since
+            if all(i in ready for i in idx):
+                return np.stack([ready[i] for i in idx])
+            return processor.image_processor([b.images[i] for i in idx])
+
+        return cache.features(model, b.images, prep.digests, pixels_for)
     return mx.array(prep.pixels)
 
 

@@ -5,7 +5,8 @@ A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
 * ``adapters.safetensors`` + ``adapter_config.json`` -- the trained weights (so a checkpoint is
   also a valid adapter folder);
 * ``optimizer.safetensors`` -- the optimizer state (AdamW moments, step, learning rate);
-* ``rng.safetensors`` -- MLX's global random state (LoRA dropout);
+* ``rng.safetensors`` -- MLX's global random state (LoRA dropout); with several processes, every
+  process's (``ranks``; ``state`` is rank 0's);
 * ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
   the base model's fingerprint, and the size and SHA-256 of each other file.
 
@@ -62,6 +63,11 @@ def run_of(checkpoint: Path) -> Optional[Path]:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
+def step_dir(out: str | os.PathLike, step: int) -> Path:
+    """Where checkpoint ``step`` of the run in ``out`` lives."""
+    return checkpoint_root(out) / f"step-{step:07d}"
+
+
 def list_checkpoints(out: str | os.PathLike) -> List[Path]:
     """The run's checkpoint folders, oldest first."""
     root = checkpoint_root(out)
@@ -76,13 +82,17 @@ def _digest(path: Path) -> Dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
-def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict) -> None:
+def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict,
+                 rng_ranks: Optional[mx.array]) -> None:
     """The checkpoint's files, ``state.json`` last with every other file's size and digest."""
     save_adapters(folder, model, adapter_cfg)
     fault_point("checkpoint-file")
     save_arrays(folder / OPTIMIZER, dict(tree_flatten(optimizer.state)))
     fault_point("checkpoint-file")
-    save_arrays(folder / RNG, {"state": mx.random.state[0]})
+    rng = {"state": mx.random.state[0]}
+    if rng_ranks is not None:
+        rng["ranks"] = rng_ranks
+    save_arrays(folder / RNG, rng)
     fault_point("checkpoint-file")
     files = {}
     for f in FILES:
@@ -101,8 +111,10 @@ def save_checkpoint(
     adapter_cfg: Dict,
     state: Dict[str, Any],
     keep: int = 0,
+    rng_ranks: Optional[mx.array] = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it.
+    """Write checkpoint ``step`` atomically and point ``latest`` at it (``rng_ranks``: the random
+    state of every process of a run on several).
 
     Checkpoints of later steps (left by a run that was rolled back to an earlier one) are
     removed once this one is in place, then all but the ``keep`` newest (0 keeps all).  On any
@@ -111,10 +123,10 @@ def save_checkpoint(
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root)
-    final = root / f"step-{step:07d}"
+    final = step_dir(out, step)
     tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
     try:
-        _write_files(tmp, model, optimizer, adapter_cfg, {**state, "step": step})
+        _write_files(tmp, model, optimizer, adapter_cfg, {**state, "step": step}, rng_ranks)
         tmp.chmod(0o755)
         if final.exists():  # the same step of an abandoned timeline: moved aside, then removed
             old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
@@ -225,8 +237,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return json.loads((path / STATE).read_text())
 
 
-def restore(path: Path, model, optimizer) -> None:
-    """Load trained weights, optimizer state and RNG state from checkpoint ``path``."""
+def restore(path: Path, model, optimizer) -> Optional[mx.array]:
+    """Load trained weights, optimizer state and RNG state (rank 0's) from checkpoint ``path``;
+    returns every process's random state when several saved it (``[processes, 2]``), else None."""
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
     params = dict(tree_flatten(model.trainable_parameters()))
     missing = sorted(set(params) - set(weights))
@@ -246,8 +259,10 @@ def restore(path: Path, model, optimizer) -> None:
     if set(have) != set(opt):
         raise ResumeError(f"{path}: the optimizer state does not match this set-up")
     optimizer.state = tree_map_with_path(lambda k, v: opt[k].astype(v.dtype), optimizer.state)
-    set_rng_state(mx.load(str(path / RNG))["state"])
+    rng = mx.load(str(path / RNG))
+    set_rng_state(rng["state"])
     mx.eval(model.parameters(), optimizer.state, mx.random.state)
+    return rng.get("ranks")
 
 
 def set_rng_state(key: mx.array) -> None:

@@ -79,6 +79,7 @@ def _lr_rule() -> str:
 
 REQUIRED = "required unless `resume`"
 TRAIN, DATA, OPTIM, OUTPUT, EVAL = "what to train", "data", "optimization", "output", "evaluation"
+DIST = "several processes (mlx.launch)"
 
 
 @dataclass
@@ -197,6 +198,10 @@ class TrainConfig:
     eval_limit: Optional[int] = option(help="score only the first N questions of each set", group=EVAL,
                                        check=_at_least(1), default_text="all")
     eval_batch_size: int = option(EVAL_BATCH_SIZE, "questions per batch", group=EVAL, check=_at_least(1))
+    dist_timeout: float = option(
+        300.0, "stop when one process waits this many seconds for the others (one hung, or its machine "
+        "is unreachable; a process that dies stops the run at once); 0 waits forever", group=DIST,
+        check=NON_NEGATIVE)
 
 
 # Options that define what is trained and on which data: a resumed run must keep them.

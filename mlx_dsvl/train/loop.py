@@ -1,13 +1,16 @@
 """The training loop: it receives built parts (model, optimizer, loss, batches) and callbacks.
 
-The shape of mlx-lm's ``tuner/trainer.py``: the step is compiled with ``mx.compile(step,
-inputs=state, outputs=state)`` over the model, optimizer and random state; micro-batches are
-accumulated token-weighted; every ``steps_per_report`` steps a ``"train"`` record goes to the
-callbacks, which also validate, evaluate and save (see :mod:`mlx_dsvl.train.callbacks`).
+The shape of mlx-lm's ``tuner/trainer.py``: the step is compiled with ``mx.compile(fn,
+inputs=state, outputs=state)`` over the model, optimizer and random state, in two parts: each
+micro-batch's gradient is accumulated token-weighted, then the update averages it over the
+processes, clips and applies it.  Every ``steps_per_report`` steps a ``"train"`` record goes to
+the callbacks, which also validate, evaluate and save (see :mod:`mlx_dsvl.train.callbacks`).
 
-Seams for several processes: ``batches`` yields this process's share, ``average_gradients``
-combines the accumulated gradient before clipping, ``should_stop`` is where a stop is agreed,
-and the callbacks that write take a ``writer`` flag.
+With several processes (:mod:`mlx_dsvl.train.distributed`): ``batches`` yields this process's
+share of each global batch, ``world`` sums each step's losses and token counts (every decision
+-- a non-finite loss, a step left without examples -- is taken on those sums, so every process
+takes it) and averages the gradients, ``should_stop`` is where a stop is agreed, and the
+callbacks that write take a ``writer`` flag.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from mlx.utils import tree_map
 
 from ..faults import fault_point
 from .callbacks import CallbackList, TrainingCallback
-from .report import Window, warn
+from .distributed import SOLO, World
+from .report import StepSums, Window, warn
 
 
 class TrainingStopped(RuntimeError):
@@ -61,50 +65,67 @@ class LoopState:
     stopped: bool = False  # ended early because should_stop() said so
 
 
-def make_step(model, optimizer, loss_fn, grad_accum: int, max_grad_norm: float, compile: bool,
+def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, compile: bool,
               average_gradients: Optional[Callable] = None):
-    """``step(*inputs, prev_grad, prev_tokens) -> (loss, ntoks, mm, grad_norm, grad)`` and the
-    state it updates.  ``prev_tokens`` is given on a step's last micro-batch: then the summed
-    gradient is divided by the step's tokens, clipped and applied, and ``grad`` comes back None."""
+    """``(accumulate, update, state)``: ``accumulate(*inputs, prev_grad) -> (loss, ntoks, mm,
+    grad)`` adds a micro-batch's gradient to ``prev_grad``; ``update(grad, tokens) -> grad_norm``
+    averages it over the processes, divides it by the step's ``tokens`` (per process), clips and
+    applies it.  ``weighted``: gradients are summed token-weighted (several micro-batches or
+    processes: then the step's gradient is that of its tokens' mean loss), else used as they
+    come; ``state`` is what both change (model, optimizer, random state)."""
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(*args):
-        *inputs, prev_grad, prev_tokens = args
+    def accumulate(*args):
+        *inputs, prev_grad = args
         (loss, ntoks, mm), grad = loss_value_and_grad(model, *inputs)
-        if grad_accum > 1:
-            # Token-weighted accumulation: sum (mean loss x tokens) gradients, divide at the end.
+        if weighted:  # sum (mean loss x tokens) gradients; the update divides by the tokens
             grad = tree_map(lambda g: g * ntoks, grad)
             if prev_grad is not None:
                 grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        norm = mx.array(0.0)
-        if prev_tokens is not None:  # last micro-batch of the step: update
-            if grad_accum > 1:
-                grad = tree_map(lambda g: g / (prev_tokens + ntoks), grad)
-            if average_gradients is not None:
-                grad = average_gradients(grad)
-            if max_grad_norm > 0:
-                grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
-            optimizer.update(model, grad)
-            grad = None
-        return loss, ntoks, mm, norm, grad
+        return loss, ntoks, mm, grad
 
-    return (mx.compile(step_fn, inputs=state, outputs=state) if compile else step_fn), state
+    def update(grad, tokens):
+        if average_gradients is not None:
+            grad = average_gradients(grad)
+        if weighted:
+            grad = tree_map(lambda g: g / tokens, grad)
+        norm = mx.array(0.0)
+        if max_grad_norm > 0:
+            grad, norm = optim.clip_grad_norm(grad, max_grad_norm)
+        optimizer.update(model, grad)
+        return norm
+
+    if compile:
+        accumulate = mx.compile(accumulate, inputs=state, outputs=state)
+        update = mx.compile(update, inputs=state, outputs=state)
+    return accumulate, update, state
+
+
+def skip_update(optimizer) -> None:
+    """Count a step that had nothing to learn from (the schedule stays in step with the loop)."""
+    for opt in getattr(optimizer, "optimizers", [optimizer]):
+        opt.state["step"] = opt.step + 1
 
 
 def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
                callbacks: Sequence[TrainingCallback] = (), start_step: int = 0, schedule=None,
                window: Optional[Window] = None, should_stop: Optional[Callable[[], bool]] = None,
-               average_gradients: Optional[Callable] = None) -> LoopState:
+               world: World = SOLO) -> LoopState:
     """Train from ``start_step`` to ``args.iters`` optimizer steps; returns where it ended.
 
     ``batches.next()`` gives micro-batches with ``inputs`` (``loss_fn``'s arguments after the
     model), ``streams_after``, ``is_text_stream``, ``skipped`` and ``batch``; ``schedule(step)``:
-    the learning rate reported; ``window``: the sums behind each ``"train"`` record.
+    the learning rate reported; ``window``: the sums behind each ``"train"`` record;
+    ``should_stop()``: checked before each step (with several processes every rank must get the
+    same answer); ``world``: the processes that share each step (this one's share comes from
+    ``batches``; each step's sums and gradient are combined over them).
     """
     cbs = CallbackList(callbacks)
-    step, compiled_state = make_step(model, optimizer, loss_fn, args.grad_accum, args.max_grad_norm,
-                                     args.compile, average_gradients)
+    weighted = args.grad_accum > 1 or world.size > 1
+    accumulate, update, compiled_state = make_step(
+        model, optimizer, loss_fn, weighted, args.max_grad_norm, args.compile,
+        world.average_gradients if world.size > 1 else None)
     window = window if window is not None else Window()
     state = LoopState(start_step, args.iters, cbs.report)
     stop = should_stop or (lambda: False)
@@ -115,26 +136,37 @@ def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
         cbs.on_train_begin(state)
         while state.step < args.iters and not stop():
             tic = time.perf_counter()
-            grad, loss_sum, ntoks, text_batches = None, 0.0, 0.0, 0
-            for k in range(args.grad_accum):
+            grad, local, text_batches, bad = None, StepSums(), 0, []
+            for _ in range(args.grad_accum):
                 prep = batches.next()
                 state.streams = prep.streams_after
-                prev_tokens = mx.array(ntoks, dtype=mx.float32) if k == args.grad_accum - 1 else None
-                loss, n, mm, norm, grad = step(*prep.inputs, grad, prev_tokens)
-                mx.eval(compiled_state, loss, n, mm, norm, grad)
+                loss, n, mm, grad = accumulate(*prep.inputs, grad)
+                mx.eval(compiled_state, loss, n, mm, grad)
                 fault_point("step")
                 lv, nv = float(loss.item()), float(n.item())
                 if not math.isfinite(lv):
-                    raise NonFiniteLoss(f"loss became {lv} at step {state.step + 1} (batch "
-                                        f"{', '.join(prep.batch.sources[:3])}); training stopped without saving")
-                loss_sum, ntoks = loss_sum + lv * nv, ntoks + nv
-                window.add_batch(prep, mm)
+                    bad += prep.batch.sources[:3]
+                local += StepSums(lv * nv, nv, float(mm[0].item()), float(mm[1].item()), prep.batch.n_tokens,
+                                  len(prep.skipped))
                 text_batches += int(prep.is_text_stream)
                 for s in prep.skipped:
-                    warn(f"skipped an example with a bad image (`skip_bad`): {s}")
+                    warn(f"skipped an example with a bad image (`skip_bad`): {s}", local=True)
+            sums = StepSums(*world.sum(local.as_list(), f"the losses of step {state.step + 1}"))
+            if not math.isfinite(sums.loss):
+                where = f" (batch {', '.join(bad)})" if bad else " (on another process)" if world.size > 1 else ""
+                raise NonFiniteLoss(f"loss became {sums.loss} at step {state.step + 1}{where}; training "
+                                    f"stopped without saving")
+            if sums.ntoks > 0:
+                with world.collective(f"the gradients of step {state.step + 1}"):
+                    norm = update(grad, mx.array(sums.ntoks / world.size, dtype=mx.float32))
+                    mx.eval(compiled_state, norm)
+            else:  # every example of the step was dropped (`skip_bad`)
+                skip_update(optimizer)
+                norm = mx.array(0.0)
+                warn(f"step {state.step + 1} had no example left (`skip_bad`); nothing was learnt from it")
             state.step += 1
-            window.add_step(loss_sum, ntoks, text_batches, time.perf_counter() - tic)
-            state.loss = loss_sum / max(ntoks, 1)
+            window.add_step(sums, text_batches, args.grad_accum, time.perf_counter() - tic)
+            state.loss = sums.loss / max(sums.ntoks, 1)
             state.lr = float(schedule(mx.array(state.step - 1)).item()) if schedule else math.nan
             if state.step % args.steps_per_report == 0 or state.step == args.iters:
                 cbs.report(window.record(state.step, state.lr, float(norm.item())))

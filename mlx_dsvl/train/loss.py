@@ -54,7 +54,7 @@ def make_loss(frozen_vision: bool):
         logits = model.lm_head(hs).astype(mx.float32)
         ce = cross_entropy(logits, label_ids) * label_w
         ntoks = label_w.sum()
-        loss = ce.sum() / ntoks
+        loss = ce.sum() / mx.maximum(ntoks, 1)  # a batch without targets (an empty share) learns nothing
         mm = mx.stack([(ce * label_mm).sum(), (label_w * label_mm).sum()])
         return loss, ntoks, mm
 

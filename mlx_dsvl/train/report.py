@@ -5,11 +5,13 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 
 _style: Callable[[str], str] = lambda text: text  # noqa: E731 -- how option names are printed
+_rank, _size = 0, 1  # this process among the run's processes
 
 
 @contextmanager
@@ -23,12 +25,36 @@ def option_style(style: Callable[[str], str]):
         _style = old
 
 
-def warn(text: str) -> None:
-    print(f"warning: {_style(text)}", file=sys.stderr)
+@contextmanager
+def as_process(rank: int, size: int):
+    """Speak as process ``rank`` of ``size``: rank 0 says what every process would say alike;
+    what concerns one process's share (``local``) every process says, with its rank."""
+    global _rank, _size
+    old, (_rank, _size) = (_rank, _size), (rank, size)
+    try:
+        yield
+    finally:
+        _rank, _size = old
+
+
+def who() -> str:
+    """``"[rank R] "`` when several processes share the output, else nothing."""
+    return f"[rank {_rank}] " if _size > 1 else ""
+
+
+def warn(text: str, local: bool = False) -> None:
+    if _rank == 0 or local:
+        print(f"{who() if local else ''}warning: {_style(text)}", file=sys.stderr)
 
 
 def note(text: str) -> None:
-    print(_style(text), file=sys.stderr, flush=True)
+    if _rank == 0:
+        print(_style(text), file=sys.stderr, flush=True)
+
+
+def error(text: str) -> None:
+    """An error line: every process says its own (with its rank when there are several)."""
+    print(f"{who()}error: {_style(text)}", file=sys.stderr, flush=True)
 
 
 def fmt_time(s: float) -> str:
@@ -66,6 +92,26 @@ class Progress:
         print(_style(text), file=self.stream, flush=True)
 
 
+@dataclass
+class StepSums:
+    """One optimizer step summed over its micro-batches (and processes): the loss sum and target
+    tokens, the same over multimodal examples, the real (unpadded) tokens, skipped examples; in
+    this order (:meth:`as_list`), as the processes sum them."""
+
+    loss: float = 0.0
+    ntoks: float = 0.0
+    mm: float = 0.0
+    mm_n: float = 0.0
+    tokens: float = 0.0
+    skipped: float = 0.0
+
+    def as_list(self) -> List[float]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def __add__(self, other: "StepSums") -> "StepSums":
+        return StepSums(*(a + b for a, b in zip(self.as_list(), other.as_list())))
+
+
 class Window:
     """Sums over the steps since the last report; :meth:`record` makes the ``"train"`` record."""
 
@@ -74,44 +120,37 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.loss = self.ntoks = self.mm = self.mm_n = self.time = 0.0
-        self.tokens = self.text_batches = self.batches = self.steps = self.skipped = 0
+        self.sums = StepSums()
+        self.time = 0.0
+        self.text_batches = self.batches = self.steps = 0
 
-    def add_batch(self, prep, mm) -> None:
-        """One micro-batch (``mm``: its [multimodal loss sum, multimodal tokens])."""
-        self.mm += float(mm[0].item())
-        self.mm_n += float(mm[1].item())
-        self.tokens += prep.batch.n_tokens
-        self.batches += 1
-        self.skipped += len(prep.skipped)
-
-    def add_step(self, loss_sum: float, ntoks: float, text_batches: int, seconds: float) -> None:
-        self.loss += loss_sum
-        self.ntoks += ntoks
+    def add_step(self, sums: StepSums, text_batches: int, batches: int, seconds: float) -> None:
+        self.sums = self.sums + sums
         self.text_batches += text_batches
+        self.batches += batches
         self.steps += 1
         self.time += seconds
 
     def record(self, step: int, lr: float, gnorm: float) -> Dict[str, Any]:
-        t = max(self.time, 1e-9)
+        t, s = max(self.time, 1e-9), self.sums
         rec: Dict[str, Any] = {
             "type": "train", "step": step,
-            "loss": self.loss / max(self.ntoks, 1e-9),
-            "tokens": int(self.tokens), "target_tokens": int(self.ntoks),
-            "tokens_per_s": self.tokens / t, "steps_per_s": self.steps / t,
+            "loss": s.loss / max(s.ntoks, 1e-9),
+            "tokens": int(s.tokens), "target_tokens": int(s.ntoks),
+            "tokens_per_s": s.tokens / t, "steps_per_s": self.steps / t,
             "lr": lr, "grad_norm": gnorm, "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "text_batches": int(self.text_batches), "batches": int(self.batches),
             "time": time.time(),
         }
-        if self.mm_n > 0:
-            rec["loss_mm"] = self.mm / self.mm_n
-        if self.ntoks - self.mm_n > 0:
-            rec["loss_text"] = (self.loss - self.mm) / (self.ntoks - self.mm_n)
+        if s.mm_n > 0:
+            rec["loss_mm"] = s.mm / s.mm_n
+        if s.ntoks - s.mm_n > 0:
+            rec["loss_text"] = (s.loss - s.mm) / (s.ntoks - s.mm_n)
         if self.mixer is not None:
             rec["text_share"] = self.text_batches / max(1, self.batches)
             rec["text_share_scheduled"] = self.mixer.share(step - 1)
-        if self.skipped:
-            rec["skipped_examples"] = int(self.skipped)
+        if s.skipped:
+            rec["skipped_examples"] = int(s.skipped)
         return rec
 
     def eta(self, steps_left: int) -> float:
@@ -142,6 +181,8 @@ def start_line(cfg, components, frozen_vision: bool, n_train: int, n_total: int,
             f"-- {n_train / 1e6:.3f}M of {n_total / 1e6:.1f}M parameters; {n_main} examples"
             + (f" + {n_text} text-only (ratio {cfg.text_ratio}, warm-up {cfg.modality_warmup} steps)"
                if n_text is not None else "")
-            + f"; {cfg.iters} steps of {cfg.batch_size} x {cfg.grad_accum}; lr {cfg.lr:g}"
+            + f"; {cfg.iters} steps of {cfg.batch_size}"
+            + (f" x {_size} processes (a global batch of {cfg.batch_size * _size})" if _size > 1 else "")
+            + f" x {cfg.grad_accum}; lr {cfg.lr:g}"
             + (f" (vision {cfg.vision_lr:g})" if not frozen_vision else "")
             + (f" (resuming {resume} at step {start_step})" if resume else ""))

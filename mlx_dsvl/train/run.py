@@ -3,21 +3,24 @@
 The convenience entry of the CLI and the Python API (as mlx-lm's ``lora.train_model`` wraps
 ``tuner.trainer.train``).  To change one part, build the parts with
 :func:`mlx_dsvl.train.setup.build` and call :func:`mlx_dsvl.train.loop.train_loop` with a loss
-or callbacks of your own.
+or callbacks of your own.  Started by ``mlx.launch`` it trains data-parallel on the processes
+launched (:mod:`mlx_dsvl.train.distributed`).
 """
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .callbacks import METRICS, Console, MetricsLog, Plot, TrainingCallback
+from .distributed import ProcessLost, World
 from .evaluation import Evaluation, Validation, validation_losses
 from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
 from .loss import make_loss
-from .report import Progress, Window, fmt_time, note, start_line
+from .report import Progress, Window, as_process, fmt_time, note, start_line
 from .rundir import RunDir
 from .saving import Checkpointer
 from .setup import VISION_CACHE, TrainParts, build, prepare
@@ -35,6 +38,7 @@ class TrainResult:
     seconds: float
     data_stats: Dict[str, Dict[str, int]] = field(default_factory=dict)
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM, SIGHUP) that stopped the run early, if any
+    rank: int = 0  # this process among the run's processes (rank 0 wrote the outputs)
 
 
 def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
@@ -48,12 +52,19 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
     ``cfg`` itself is never changed.
     """
     t_start = time.perf_counter()
-    cfg, resume = prepare(cfg, explicit)
-    run = RunDir.open(Path(cfg.out), cfg.force, resume.path if resume else None)
+    world = World.init(cfg.dist_timeout)
     try:
-        return run_parts(build(cfg, run, resume, loaded), t_start, callbacks)
+        with as_process(world.rank, world.size):
+            cfg, resume = prepare(cfg, explicit, world)
+            # Rank 0 alone decides where the run writes (and cleans up after killed runs).
+            run = (RunDir.open(Path(cfg.out), cfg.force, resume.path if resume else None) if world.writer
+                   else RunDir(Path(cfg.out)))
+            try:
+                return run_parts(build(cfg, run, resume, loaded, world), t_start, callbacks)
+            finally:
+                run.abandon()  # a replacement that saved no checkpoint leaves the earlier run as it was
     finally:
-        run.abandon()  # a replacement that saved no checkpoint leaves the earlier run as it was
+        world.close()
 
 
 def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn,
@@ -80,7 +91,7 @@ def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn
     resumed = parts.resume.path if parts.resume else None
     cbs.append(Checkpointer(run, parts.model, parts.optimizer, parts.adapter_cfg, parts.meta, parts.history,
                             cfg.save_every, cfg.keep_checkpoints, parts.start_step, resumed, log.line, moved,
-                            parts.writer))
+                            parts.world))
     if cfg.plot:
         cbs.append(Plot(run, parts.history, f"stage {cfg.stage} -- {run.path.name}", parts.writer))
     return cbs
@@ -88,8 +99,8 @@ def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn
 
 def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallback] = ()) -> TrainResult:
     """The loop over built parts with the standard callbacks; the end of the run reported."""
-    cfg, run = parts.cfg, parts.run
-    log = Progress(cfg.iters, cfg.quiet)
+    cfg, run, world = parts.cfg, parts.run, parts.world
+    log = Progress(cfg.iters, cfg.quiet or not world.writer)
     main, text = parts.data["data"], parts.data["text_data"]
     log.line(start_line(cfg, parts.spec.components, parts.frozen_vision, *parts.n_params, len(main),
                         len(text) if text else None, parts.resume.path if parts.resume else None,
@@ -98,24 +109,38 @@ def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallbac
     callbacks = standard_callbacks(parts, log, t_start, loss_fn, extra)
     saver = next(cb for cb in callbacks if isinstance(cb, Checkpointer))
     args = LoopArgs(cfg.iters, cfg.grad_accum, cfg.max_grad_norm, cfg.steps_per_report, cfg.compile)
-    stop = StopSignals()
+    stop, agreed = StopSignals(), [0]
+    resume_hint = f"; resume with `resume` {run.out}"
+    if world.watchdog is not None:
+        world.watchdog.explain = lambda: f"; {saver.where()}" + (resume_hint if saver.last else "")
+
+    def should_stop() -> bool:  # a signal that reached any process stops all of them at this step
+        agreed[0] = int(world.max(stop.signum, "the agreement on stopping"))
+        return agreed[0] > 0
+
     try:
         state = train_loop(parts.model, parts.optimizer, loss_fn, parts.batches, args, callbacks,
-                           parts.start_step, parts.schedule, Window(parts.mixer), stop.requested)
+                           parts.start_step, parts.schedule, Window(parts.mixer), should_stop, world)
+        world.barrier("rank 0 writing the run's outputs")
     except NonFiniteLoss as e:
         raise TrainingStopped(f"{e}; {saver.where()}", saver.last) from None
+    except ProcessLost as e:
+        raise ProcessLost(f"{e}; {saver.where()}" + (resume_hint if saver.last else "")) from None
     finally:
         stop.restore()
-    if stop.signum:
-        note(f"{stop.name}: " + (f"stopped at step {state.step}; resume with `resume` {run.out}"
-                                 if state.step > parts.start_step else
-                                 "stopped before the first step; nothing was saved"
-                                 + (f", {run.out} is unchanged" if run.staged else "")))
+    signum = agreed[0] if state.stopped else 0
+    if signum:
+        name = signal.Signals(signum).name + ("" if stop.signum else " (sent to another process of the run)")
+        note(f"{name}: " + (f"stopped at step {state.step}; resume with `resume` {run.out}"
+                            if state.step > parts.start_step else
+                            "stopped before the first step; nothing was saved"
+                            + (f", {run.out} is unchanged" if run.staged else "")))
     if parts.cache is not None:
         log.line(f"vision feature cache: {parts.cache.hits} hits, {parts.cache.misses} images encoded")
     seconds = time.perf_counter() - t_start
-    if not stop.signum:
+    if not signum:
         log.line(f"done: {state.step} steps in {fmt_time(seconds)}; adapters in {run.path}; "
                  f"metrics in {run.path / METRICS}")
     stats = {k: (v.stats.as_dict() if v is not None else None) for k, v in parts.data.items()}
-    return TrainResult(run.out, state.step, parts.history, run.out, saver.last, seconds, stats, stop.signum)
+    return TrainResult(run.out, state.step, parts.history, run.out, saver.last, seconds, stats, signum,
+                       world.rank)

@@ -1,5 +1,6 @@
 """Saving during training: checkpoints every N steps, at the end and on a stop signal, then the
-final adapters; the first checkpoint of a ``force`` run swaps its folder into place."""
+final adapters; the first checkpoint of a ``force`` run swaps its folder into place.  With
+several processes rank 0 writes; the others hand it their random state and wait until it is done."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mlx.utils import tree_flatten
 from . import checkpoint as ckpt
 from .adapters import save_adapters
 from .callbacks import TrainingCallback
+from .distributed import SOLO, World
 from .evaluation import due
 from .loop import TrainingStopped
 from .rundir import RunDir
@@ -22,17 +24,18 @@ class Checkpointer(TrainingCallback):
 
     ``meta``: what every checkpoint's state records besides the step, data position and history
     (config, base-model fingerprint, data digests); ``last``: the checkpoint resumed from.
-    ``on_publish(folder)`` runs when a staged (``force``) run takes its place.
+    ``on_publish(folder)`` runs when a staged (``force``) run takes its place.  ``world``: the
+    processes of the run (rank 0 writes).
     """
 
     def __init__(self, run: RunDir, model, optimizer, adapter_cfg: Dict, meta: Dict, history: List[Dict],
                  every: int, keep: int, start_step: int, last: Optional[Path] = None,
                  say: Callable[[str], None] = print, on_publish: Optional[Callable[[Path], None]] = None,
-                 writer: bool = True):
+                 world: World = SOLO):
         self.run, self.model, self.optimizer, self.adapter_cfg = run, model, optimizer, adapter_cfg
         self.meta, self.history, self.every, self.keep = meta, history, every, keep
         self.start_step, self.saved_step, self.last = start_step, start_step, last
-        self.say, self.on_publish, self.writer = say, on_publish, writer
+        self.say, self.on_publish, self.world, self.writer = say, on_publish, world, world.writer
 
     def where(self, staged: bool = False) -> str:
         """What is left on disk if the run stops now."""
@@ -46,14 +49,17 @@ class Checkpointer(TrainingCallback):
         if bad:
             raise TrainingStopped(f"trained weights became non-finite at step {step} ({bad[0]}); "
                                   f"training stopped without saving; {self.where(staged=True)}", self.last)
-        if not self.writer:
-            self.saved_step = step
+        ranks = self.world.gather(mx.random.state[0], f"the random states for checkpoint {step}")
+        if not self.writer:  # rank 0 writes it (or fails, and the run ends)
+            self.world.barrier(f"rank 0 writing checkpoint {step}")
+            self.saved_step, self.last = step, ckpt.step_dir(self.run.out, step)
             return
         state = {"config": self.meta["config"], "fingerprint": self.meta["fingerprint"], "streams": streams,
-                 "history": self.history, "data": self.meta["data"], "version": 1}
+                 "history": self.history, "data": self.meta["data"], "processes": self.world.size,
+                 "version": 1}
         try:
-            self.last = ckpt.save_checkpoint(self.run.path, step, self.model, self.optimizer,
-                                             self.adapter_cfg, state, self.keep)
+            self.last = ckpt.save_checkpoint(self.run.path, step, self.model, self.optimizer, self.adapter_cfg,
+                                             state, self.keep, ranks if self.world.size > 1 else None)
         except OSError as e:
             raise ckpt.CheckpointWriteError(
                 f"cannot write the checkpoint of step {step} into {self.run.out / 'checkpoints'} "
@@ -65,6 +71,7 @@ class Checkpointer(TrainingCallback):
                 self.on_publish(self.run.path)
             self.say(f"replaced the earlier run in {self.run.out}")
         self.say(f"saved checkpoint {self.last}")
+        self.world.barrier(f"rank 0 writing checkpoint {step}")
 
     def on_step_end(self, state) -> None:
         if due(state.step, self.every, state.iters):

@@ -1,5 +1,10 @@
 """Setting a run up: the options (with a resumed run's), the model and what trains, the data,
-the optimizer, the vision cache and the resume state -- the parts the loop receives."""
+the optimizer, the vision cache and the resume state -- the parts the loop receives.
+
+With several processes every one sets the same run up (each reads the options, model, data and
+checkpoint at the same paths), checks that all did so alike before anything is written, and
+then reads only its share of each global batch; rank 0 alone writes.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from .batches import BatchProducer, BatchStream
 from .callbacks import METRICS
 from .config import STRUCTURAL, TrainConfig, mixer_of, resolve, validate_config
 from .data import Dataset, load_jsonl
+from .distributed import SOLO, World, global_batch_check
 from .evaluation import EvalSet, read_eval_sets
 from .files import write_text_atomic
 from .loss import enable_grad_checkpoint
@@ -61,13 +67,19 @@ class TrainParts:
     resume: Optional[Resume]
     n_params: Tuple[int, int]  # (trained, total)
     eval_sets: List[EvalSet]  # eval_data, read
-    writer: bool = True  # this process writes the run's files
+    world: World = SOLO  # the processes of the run
+
+    @property
+    def writer(self) -> bool:
+        """This process writes the run's files."""
+        return self.world.writer
 
 
 # -- options --------------------------------------------------------------------------------------
 
 
-def prepare(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Tuple[TrainConfig, Optional[Resume]]:
+def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
+            ) -> Tuple[TrainConfig, Optional[Resume]]:
     """Check the options and merge a resumed run's; returns a new config (``cfg`` is unchanged).
 
     ``explicit``: the options the user gave (a resumed run may override only non-structural ones).
@@ -75,8 +87,9 @@ def prepare(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Tuple[TrainConfig
     validate_config(cfg)
     resume = None
     if cfg.resume:
-        recover(Path(cfg.resume))  # a run folder that a killed `force` run left mid-swap
-        cfg, resume = merge_resume(cfg, explicit)
+        if world.writer:
+            recover(Path(cfg.resume))  # a run folder that a killed `force` run left mid-swap
+        cfg, resume = merge_resume(cfg, explicit, world.size)
     for req in ("stage", "model", "data", "out"):
         if getattr(cfg, req) in (None, ""):
             raise ValueError(f"`{req}` is required")
@@ -85,8 +98,9 @@ def prepare(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Tuple[TrainConfig
     return cfg, resume
 
 
-def merge_resume(cfg: TrainConfig, explicit: Sequence[str]) -> Tuple[TrainConfig, Resume]:
-    """The checkpoint's run config with the options given now; structural changes are refused.
+def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) -> Tuple[TrainConfig, Resume]:
+    """The checkpoint's run config with the options given now; structural changes are refused
+    (the batch size may change with the number of ``processes`` if the global batch stays).
 
     Without an output folder the run continues in the run folder that holds the checkpoint.
     """
@@ -94,9 +108,13 @@ def merge_resume(cfg: TrainConfig, explicit: Sequence[str]) -> Tuple[TrainConfig
     state = ckpt.read_checkpoint(path)
     saved = state.get("config") or {}
     merged = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}})
+    batch = cfg.batch_size if "batch_size" in explicit else merged.batch_size
+    why = global_batch_check(merged.batch_size, int(state.get("processes", 1)), batch, processes)
+    if why:
+        raise ckpt.ResumeError(f"`resume` {path}: {why}")
     for name in explicit:
         new, old = getattr(cfg, name), saved.get(name)
-        if name in STRUCTURAL and new != old:
+        if name in STRUCTURAL and new != old and name != "batch_size":
             raise ckpt.ResumeError(f"`resume` {path}: `{name}` {new} differs from the checkpoint's {old}; "
                                    f"a resumed run keeps the original set-up")
         setattr(merged, name, new)
@@ -176,9 +194,10 @@ def make_optimizer(model, cfg: TrainConfig, frozen_vision: bool):
 
 
 def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchStream]],
-            digests: Dict) -> Tuple[int, List[Dict]]:
-    """Weights, optimizer, random state and data position of the checkpoint; (step, history)."""
-    ckpt.restore(resume.path, model, optimizer)
+            digests: Dict) -> Tuple[int, List[Dict], Optional[mx.array]]:
+    """Weights, optimizer, random state and data position of the checkpoint; (step, history,
+    every process's random state when several saved theirs)."""
+    rng_ranks = ckpt.restore(resume.path, model, optimizer)
     saved = resume.state.get("streams", {})
     streams["main"].load_state(saved["main"])
     if streams["text"] is not None and "text" in saved:
@@ -186,15 +205,29 @@ def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchS
     if resume.state.get("data") != digests:
         warn("the data files changed since the checkpoint; the resumed run will not replay the "
              "original order exactly")
-    return int(resume.state["step"]), list(resume.state.get("history", []))
+    return int(resume.state["step"]), list(resume.state.get("history", [])), rng_ranks
+
+
+def rank_random_state(world: World, saved: Optional[mx.array]) -> None:
+    """Each process's own random stream (its shard's LoRA dropout masks), split from the run's;
+    from a checkpoint of as many processes, each one's saved stream."""
+    if world.size == 1:
+        return
+    if saved is not None and saved.shape[0] == world.size:
+        key = saved[world.rank]
+    else:
+        key = mx.random.split(mx.random.state[0], world.size)[world.rank]
+    ckpt.set_rng_state(key)
 
 
 def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded=None,
-          writer: bool = True) -> TrainParts:
+          world: World = SOLO) -> TrainParts:
     """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
 
     ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model`` to train in place (e.g.
-    a model quantized in memory for QLoRA).  Nothing is written before the data has been read.
+    a model quantized in memory for QLoRA).  Nothing is written before the data has been read
+    (and, with several processes in ``world``, before all of them have checked that they set up
+    the same run; then rank 0 writes).
     """
     import mlx_dsvl
 
@@ -207,34 +240,41 @@ def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded
     data = load_datasets(cfg, processor)
     eval_sets = read_eval_sets(cfg.eval_data)
     main, text = data["data"], data["text_data"]
-    streams = {"main": BatchStream(main.lengths, cfg.batch_size, cfg.seed, stream=0),
-               "text": BatchStream(text.lengths, cfg.batch_size, cfg.seed, stream=1) if text else None}
+    batch = cfg.batch_size * world.size  # the global batch: each process takes its share
+    streams = {"main": BatchStream(main.lengths, batch, cfg.seed, stream=0),
+               "text": BatchStream(text.lengths, batch, cfg.seed, stream=1) if text else None}
     cfg = resolve(cfg, spec.components, frozen_vision, streams["main"].batches_per_epoch, text is not None)
     mixer = mixer_of(cfg)
 
     trainable_model(model, cfg, spec)
     n_params = count_parameters(model)
     optimizer, schedule = make_optimizer(model, cfg, frozen_vision)
-    if writer:
-        run.create()
-    cache = None
-    if cfg.cache_vision_features:
-        cache = VisionFeatureCache(vision_model_key(model), cfg.vision_cache_dir or run.path / VISION_CACHE)
-
     digests = data_digests(cfg)
-    start_step, history = 0, []
+    start_step, history, rng_ranks = 0, [], None
     if resume is not None:
-        start_step, history = restore(resume, model, optimizer, streams, digests)
+        start_step, history, rng_ranks = restore(resume, model, optimizer, streams, digests)
+    rank_random_state(world, rng_ranks)
     config = asdict(cfg)
-    if writer:
+    world.agree({"options": config, "base model": fingerprint, "data files": digests,
+                 "starting step and checkpoint files": [start_step, resume and resume.state.get("files")]})
+    # Every process starts from rank 0's weights, however its own initialization came out.
+    model.update(world.from_rank0(model.trainable_parameters()))
+    if world.writer:
+        run.create()
         write_text_atomic(run.path / RUN_CONFIG, json.dumps(config, indent=2))
         # rewritten from the history on resume
         write_text_atomic(run.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    cache = None
+    if cfg.cache_vision_features:
+        # Rank 0 keeps the run's cache; another process shares a `vision_cache_dir` (written
+        # entry by entry under unique temporary names) or keeps its features in memory.
+        folder = cfg.vision_cache_dir or (run.path / VISION_CACHE if world.writer else None)
+        cache = VisionFeatureCache(vision_model_key(model), folder)
 
     batches = BatchProducer(main, streams["main"], text, streams["text"], mixer, processor, cfg.grad_accum,
-                            cfg.pad_to, cfg.skip_bad, cache, model=model)
+                            cfg.pad_to, cfg.skip_bad, cache, model=model, shard=world.shard)
     batches.micro = start_step * cfg.grad_accum
     return TrainParts(
         cfg, run, model, processor, spec, frozen_vision, data, mixer, batches, optimizer, schedule, cache,
         start_step, history, adapter_config(model, spec, str(cfg.model), fingerprint),
-        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, eval_sets, writer)
+        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, eval_sets, world)

@@ -6,6 +6,8 @@ import signal
 import sys
 import threading
 
+from .report import who
+
 
 class StopSignals:
     """SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run at the end of the current step, which
@@ -35,7 +37,7 @@ class StopSignals:
         if self.signum:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"{self.name}: stopping after this step to save a checkpoint (once more: stop at "
+        print(f"{who()}{self.name}: stopping after this step to save a checkpoint (once more: stop at "
               f"once, without saving)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:

@@ -74,6 +74,11 @@ class VisionFeatureCache:
         return self.folder / digest[:2] / f"{digest}.safetensors" if self.folder else None
 
     # -- get / put --------------------------------------------------------------------------
+    def has(self, digest: str) -> bool:
+        """Whether features of ``digest`` are kept (callable from another thread)."""
+        f = self._file(digest)
+        return digest in self._mem or bool(f and f.is_file())
+
     def get(self, digest: str) -> Optional[Features]:
         feats = self._mem.get(digest)
         if feats is not None:
