@@ -22,7 +22,7 @@ MB = 1024 * 1024
 
 def build_parser() -> argparse.ArgumentParser:
     from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
-    from ..streaming import DEFAULT_SAMPLING
+    from ..streaming import DEFAULT_SAMPLING, KV_BITS, KV_GROUP_SIZES
 
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.server",
@@ -41,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adapter", default=None, help="a training output folder (python -m mlx_dsvl.train) to apply")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: auto (the GPU if any)")
     a("--4bit", dest="quantize", action="store_true",
-      help="quantize the language model to 4 bits (group size 64) after loading")
+      help="quantize the language model to 4 bits (group size 64) while loading")
+    a("--kv-bits", type=int, choices=KV_BITS, default=None,
+      help="keep KV caches quantized to 4 or 8 bits: the decode batch's (attention reads the "
+           "packed keys and values) and the prefix cache's entries, whose quantized bytes count "
+           "against --cache-mb (default: not quantized)")
+    a("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
+      help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")
     a("--max-context", type=int, default=4096,
       help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
     a("--max-tokens", type=int, default=DEFAULT_SAMPLING["max_tokens"],
@@ -78,15 +84,11 @@ def say(message: str) -> None:
 def load_model(args):
     from ..loading import load
 
-    model, processor = load(args.model, dtype=args.dtype)
-    if args.adapter:
+    model, processor = load(args.model, dtype=args.dtype, quantize=4 if args.quantize else None)
+    if args.adapter:  # (as python -m mlx_dsvl.generate: onto the quantized model)
         from ..train.adapters import load_adapters
 
         load_adapters(model, args.adapter)
-    if args.quantize:
-        from ..mlx_format import quantize_model
-
-        quantize_model(model, bits=4, group_size=64)
     return model, processor
 
 
@@ -101,6 +103,7 @@ def serve(args) -> int:
     import uvicorn
 
     from ..device import describe_device, select_device
+    from ..streaming import kv_cache_options
     from .app import ServerConfig, create_app
     from .images import ImagePolicy
     from .scheduler import Scheduler
@@ -115,9 +118,11 @@ def serve(args) -> int:
     tic = time.perf_counter()
     model, processor = load_model(args)
     say(f"model loaded in {time.perf_counter() - tic:.1f} s")
+    kv = kv_cache_options(args.kv_bits, args.kv_group_size,
+                          head_dim=model.language_model.layers[0].self_attn.head_dim)
     scheduler = Scheduler(model, processor, max_batch=args.max_batch, max_queue=args.max_queue,
                           cache_bytes=int(args.cache_mb * MB),
-                          image_cache_bytes=int(args.image_cache_mb * MB), device=device)
+                          image_cache_bytes=int(args.image_cache_mb * MB), device=device, kv=kv)
     name = served_name(args)
     config = ServerConfig(model_name=name, model_aliases=(args.model,), max_context=args.max_context,
                           defaults=defaults, api_key=args.api_key,
