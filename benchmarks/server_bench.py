@@ -77,7 +77,7 @@ def follow_up(args, h) -> dict:
     prefix cache).  TTFT of each turn, and the bytes the conversation's KV adds to the prefix
     cache (``/stats``; with --kv-bits, the quantized bytes)."""
     before = h.get("/stats").json()["prefix_cache"]["bytes"]
-    body = body_for(args, -2, 0)
+    body = body_for(args, 10 ** 6, 0)  # (a client id no level uses)
     first = one_request(h, body)
     turn2 = body["messages"] + [{"role": "assistant", "content": first["text"]},
                                 {"role": "user", "content": "And what else is there?"}]
