@@ -85,19 +85,53 @@ def test_quantized_batch_rows_decode_as_single_caches(bits):
 
 
 # -- the scheduler --------------------------------------------------------------------------------
-def ask(sched, processor, conv, max_tokens):
-    from mlx_dsvl.server.scheduler import Delta, Failed, Finished, Job
+def submit(sched, processor, conv, max_tokens) -> queue.Queue:
+    from mlx_dsvl.server.scheduler import Job
     from mlx_dsvl.server.schema import SamplingParams
 
     events = queue.Queue()
     ids = processor.tokenize(processor.format(conv)).tolist()
-    sched.submit(Job(f"j{len(conv)}", ids, [], {}, SamplingParams(temperature=0, repetition_penalty=1.0,
-                                                                   max_tokens=max_tokens), events.put))
+    sched.submit(Job(f"j{len(conv)}-{len(ids)}", ids, [], {}, SamplingParams(
+        temperature=0, repetition_penalty=1.0, max_tokens=max_tokens), events.put))
+    return events
+
+
+def reply(events: queue.Queue):
+    """(the reply's text, its Finished event)."""
+    from mlx_dsvl.server.scheduler import Delta, Failed, Finished
+
     text = ""
     while not isinstance(e := events.get(timeout=120), Finished):
         assert not isinstance(e, Failed), e
         text += e.text if isinstance(e, Delta) else ""
     return text, e
+
+
+def ask(sched, processor, conv, max_tokens):
+    return reply(submit(sched, processor, conv, max_tokens))
+
+
+def test_quantized_batch_replies_equal_alone(kv_local):
+    """Three requests of different lengths decoded together on the quantized batch cache (rows
+    joining and leaving): each greedy reply is the one it gets alone."""
+    from mlx_dsvl.server.scheduler import Scheduler
+    from mlx_dsvl.streaming import kv_cache_options
+
+    model, processor = kv_local
+    convs = [[{"role": "user", "content": q}] for q in (Q1, Q2, "Count from one to five, then stop.")]
+    lengths = (6, 14, 10)
+    kv = kv_cache_options(8, GROUP)
+    sched = Scheduler(model, processor, kv=kv, cache_bytes=0)
+    sched.start()
+    alone = [ask(sched, processor, c, n)[0] for c, n in zip(convs, lengths)]
+    sched.stop()
+    sched = Scheduler(model, processor, max_batch=3, kv=kv, cache_bytes=0)
+    pending = [submit(sched, processor, c, n) for c, n in zip(convs, lengths)]  # all wait: one batch
+    sched.start()
+    together = [reply(events)[0] for events in pending]
+    sched.stop()
+    assert sched.counters["peak_batch"] == 3
+    assert together == alone and all(alone)
 
 
 def test_follow_up_logits_match_chat_session_and_cache_bytes(kv_local, monkeypatch):
