@@ -27,10 +27,10 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import mlx_dsvl
-from convert.files import ConvertError
-from convert.keymaps import original_to_hf
-from convert.to_mlx import convert_to_mlx
-from convert.to_original import convert_to_original
+from mlx_dsvl.convert.files import ConvertError
+from mlx_dsvl.convert.keymaps import original_to_hf
+from mlx_dsvl.convert.to_mlx import convert_to_mlx
+from mlx_dsvl.convert.to_original import convert_to_original
 from mlx_dsvl.mlx_format import MARKER
 from mlx_dsvl.models.deepseek_vl import UNUSED_PREFIXES
 from mlx_dsvl.testing.make_checkpoint import make_checkpoint
@@ -540,7 +540,7 @@ def test_cli_bad_input(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("name", IN_PROCESS)
 def test_cli_bad_input_in_process(name, tiny_dir, tmp_path, capsys):
-    from convert.__main__ import main
+    from mlx_dsvl.convert.__main__ import main
 
     src, extra, fragment = _bad_inputs(tiny_dir, tmp_path / "inputs")[name]
     out = tmp_path / "outs" / "model"
@@ -559,7 +559,7 @@ def test_cli_converts(tiny_dir, tmp_path, capsys):
     assert r.stdout.strip() == str(out)
     assert "[1/1] model.safetensors" in r.stderr and "8-bit" in r.stderr and "done:" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    from convert.__main__ import main
+    from mlx_dsvl.convert.__main__ import main
 
     for argv, msg in [(["--q-bits", "8"], "need --quantize"),
                       (["--to-original", "--quantize"], "cannot be used with --to-original"),

@@ -25,10 +25,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_dsvl.config import ConfigError, ModelConfig
-from mlx_dsvl.loading import ModelLoadError, read_json, read_weights
-from mlx_dsvl.mlx_format import UNUSED_FILE, mlx_format_info, strip_marker
-from mlx_dsvl.models.deepseek_vl import UNUSED_PARTS, UNUSED_PREFIXES, DeepseekVL
+from ..config import ConfigError, ModelConfig
+from ..loading import ModelLoadError, read_json, read_weights
+from ..mlx_format import UNUSED_FILE, mlx_format_info, strip_marker
+from ..models.deepseek_vl import UNUSED_PARTS, UNUSED_PREFIXES, DeepseekVL
 
 from . import hf_config
 from .files import ConvertError, write_safetensors

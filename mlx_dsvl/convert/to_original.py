@@ -17,8 +17,8 @@ from typing import Callable, Dict, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_dsvl.mlx_format import dequantize_weights, quantize_like
-from mlx_dsvl.models.deepseek_vl import CONV_SUFFIXES, DeepseekVL
+from ..mlx_format import dequantize_weights, quantize_like
+from ..models.deepseek_vl import CONV_SUFFIXES, DeepseekVL
 
 from .files import ConvertError, log, write_shards
 from .job import conversion

@@ -16,12 +16,12 @@ from typing import Callable, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_dsvl.loading import DTYPES
-from mlx_dsvl.mlx_format import (
+from ..loading import DTYPES
+from ..mlx_format import (
     FORMAT, FORMAT_VERSION, MARKER, QUANT_BITS, QUANT_GROUP_SIZES, UNUSED_FILE, dequantize_weights,
     quantize_structure, quantize_weights,
 )
-from mlx_dsvl.models.deepseek_vl import DeepseekVL
+from ..models.deepseek_vl import DeepseekVL
 
 from .files import ConvertError, log, write_safetensors, write_shards
 from .job import conversion

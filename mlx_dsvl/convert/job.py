@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import mlx.core as mx
 
-from mlx_dsvl.loading import DTYPES
+from ..loading import DTYPES
 
 from .files import ConvertError, copy_files, folder_bytes, human_bytes, write_json
 from .sources import Source, open_source, resolve_source
