@@ -18,19 +18,13 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..mlx_format import dequantize_weights, quantize_like
-from ..models.deepseek_vl import CONV_SUFFIXES, DeepseekVL
+from ..model_folder import check_weights, to_pytorch_layout
+from ..models.deepseek_vl import DeepseekVL
 
 from .files import ConvertError, log, write_shards
 from .job import conversion
-from .sources import Source, skeleton_parameters, strict_check
+from .sources import Source, skeleton_parameters
 from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype
-
-
-def to_pytorch_layout(k: str, v: mx.array) -> mx.array:
-    """MLX conv weights [O, kH, kW, I] -> PyTorch [O, I, kH, kW]; everything else as is."""
-    if k.endswith(CONV_SUFFIXES) and v.ndim == 4:
-        return v.transpose(0, 3, 1, 2)
-    return v
 
 
 DSVL_ADAPTER_FORMAT = "mlx-dsvl-adapters"
@@ -81,7 +75,7 @@ def fuse_adapters(source: Source, adapter: Path, progress: Callable[[str], None]
     weights = source.weights
     if source.quantization:
         quantize_like(model, weights, {"quantization": source.quantization})
-    strict_check(source.path, weights, skeleton_parameters(model))
+    check_weights(source.path, weights, skeleton_parameters(model))
     model.load_weights(list(weights.items()), strict=True)
     source.weights = weights = None
     mx.eval(model.parameters())
@@ -121,7 +115,7 @@ def convert_to_original(
         if source.quantization:
             weights = dequantize_weights(weights, source.quantization)
         skeleton = skeleton_parameters(DeepseekVL(source.model_config))
-        strict_check(src, weights, skeleton)
+        check_weights(src, weights, skeleton)
         tensors: Dict[str, mx.array] = {}
         for k in skeleton:  # the model's order, then the unused tensors kept verbatim
             tensors[k] = to_pytorch_layout(k, cast(weights.pop(k), target))
