@@ -201,7 +201,7 @@ def main(argv=None) -> int:
         select_device(args.device)
         model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
         if args.adapter:
-            from .train.adapters import load_adapters
+            from .adapters import load_adapters
 
             load_adapters(model, args.adapter)
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context,

@@ -70,6 +70,20 @@ def test_library_never_imports_the_top_level_convert():
     assert not converter_users, converter_users  # the library does not depend on its converter
 
 
+def test_only_training_imports_training():
+    """Adapters are a library module: generation, the server, eval, the converter and the app
+    load them without the training package."""
+    users = []
+    paths = [*PACKAGE.rglob("*.py"), *(ROOT / "apps").glob("*.py")]
+    for path in sorted(paths):
+        mod = module_name(path)
+        if mod == "mlx_dsvl.train" or mod.startswith(("mlx_dsvl.train.", "mlx_dsvl.testing")):
+            continue
+        users += [f"{path.relative_to(ROOT)}:{line} imports {target}" for line, target in imported_modules(path)
+                  if target == "mlx_dsvl.train" or target.startswith("mlx_dsvl.train.")]
+    assert not users, users
+
+
 def test_package_claims_only_mlx_dsvl():
     from setuptools import find_namespace_packages
 

@@ -4,19 +4,19 @@ Writes what the reference PyTorch code and ``transformers``' converter read: saf
 the original names with PyTorch conv layouts (``[O, I, kH, kW]``), the unused tensors the
 released files carry when the MLX folder kept them, the original ``config.json`` (no MLX
 marker), the tokenizer and processor files.  Quantized layers are dequantized
-(``mx.dequantize``).  With ``adapter``, LoRA adapters are loaded onto the model and fused first.
+(``mx.dequantize``).  With ``adapter``, adapters are loaded onto the model and fused first (:mod:`mlx_dsvl.adapters`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
+from ..adapters import AdapterError, adapter_kind, adapter_layers, fuse_adapters, load_adapters, read_adapter_config
 from ..mlx_format import dequantize_weights, quantize_like
 from ..model_folder import check_weights, to_pytorch_layout
 from ..models.deepseek_vl import DeepseekVL
@@ -27,49 +27,11 @@ from .sources import Source, skeleton_parameters
 from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype
 
 
-DSVL_ADAPTER_FORMAT = "mlx-dsvl-adapters"
-
-
-def _apply_adapters(model: DeepseekVL, adapter: Path) -> str:
-    """Load the adapters in ``adapter`` onto ``model``; returns how (for the progress line).
-
-    Two formats: this package's (``"format": "mlx-dsvl-adapters"``, whole-model names, written
-    by ``python -m mlx_dsvl.train``) through ``mlx_dsvl.train.adapters.load_adapters``, and
-    mlx-lm's (``fine_tune_type`` / ``lora_parameters``, names inside the LLM) through
-    ``mlx_lm.tuner.utils.load_adapters`` on ``model.language_model``.
-    """
-    cfg_file = adapter / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise ConvertError(f"{adapter}: no adapter_config.json (not an adapter folder)")
-    try:
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{cfg_file}: invalid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConvertError(f"{cfg_file}: not a JSON object")
-    if cfg.get("format") == DSVL_ADAPTER_FORMAT:
-        try:
-            from mlx_dsvl.train.adapters import load_adapters
-        except ImportError as e:
-            raise ConvertError(f"{adapter}: mlx-dsvl adapters need mlx_dsvl.train ({e})") from None
-        target, how = model, "mlx_dsvl.train.adapters"
-    elif "lora_parameters" in cfg or "fine_tune_type" in cfg:
-        from mlx_lm.tuner.utils import load_adapters
-
-        target, how = model.language_model, "mlx-lm adapters on the LLM"
-    else:
-        raise ConvertError(f"{cfg_file}: unknown adapter format (expected mlx-dsvl's or mlx-lm's)")
-    try:
-        load_adapters(target, str(adapter))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConvertError(f"{adapter}: cannot load the adapters ({' '.join(str(e).split())})") from None
-    return how
-
-
-def fuse_adapters(source: Source, adapter: Path, progress: Callable[[str], None]) -> Dict[str, mx.array]:
-    """Load the model, apply the adapters in ``adapter`` and fuse LoRA/DoRA layers into plain
-    (dequantized) Linear layers.  Returns the model's parameters; layers without an adapter may
-    still be quantized (the caller dequantizes them)."""
+def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]) -> Dict[str, mx.array]:
+    """Build the model, apply the adapters in ``adapter`` (:func:`mlx_dsvl.adapters.load_adapters`:
+    this package's or mlx-lm's) and fuse them into plain (dequantized) layers.  Returns the
+    model's parameters; layers without an adapter may still be quantized (the caller
+    dequantizes them)."""
     adapter = Path(adapter).expanduser()
     model = DeepseekVL(source.model_config)
     weights = source.weights
@@ -79,11 +41,15 @@ def fuse_adapters(source: Source, adapter: Path, progress: Callable[[str], None]
     model.load_weights(list(weights.items()), strict=True)
     source.weights = weights = None
     mx.eval(model.parameters())
-    how = _apply_adapters(model, adapter)
-    fused = [(name, m.fuse(dequantize=True)) for name, m in model.named_modules() if hasattr(m, "fuse")]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-    progress(f"  applied {adapter} ({how}): {len(fused)} LoRA/DoRA layer(s) fused")
+    try:
+        kind = adapter_kind(read_adapter_config(adapter))
+        load_adapters(model, adapter)
+    except (AdapterError, OSError, KeyError, TypeError) as e:
+        raise ConvertError(f"{adapter}: cannot load the adapters ({' '.join(str(e).split())})") from None
+    fused = len(adapter_layers(model))
+    fuse_adapters(model, dequantize=True)
+    how = "mlx-lm adapters on the LLM" if kind == "mlx-lm" else "mlx-dsvl adapters"
+    progress(f"  applied {adapter} ({how}): {fused} LoRA/DoRA layer(s) fused")
     return dict(tree_flatten(model.parameters()))
 
 
@@ -101,14 +67,17 @@ def convert_to_original(
 
     dtype: None keeps each tensor's stored dtype (a dequantized layer takes its scales' dtype).
     """
-    if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
-        raise ConvertError(f"{adapter}: no adapter_config.json (not an adapter folder)")  # before any work
+    if adapter:  # before any work: an adapter folder of a known format
+        try:
+            read_adapter_config(adapter)
+        except AdapterError as e:
+            raise ConvertError(str(e)) from None
     with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
         src, source, tmp, target = job.src, job.source, job.tmp, job.target
         progress(f"converting {src} ({source.describe()}) -> {job.out} (original layout"
                  + (f", {dtype}" if dtype else "") + (f", fusing {adapter}" if adapter else "") + ")")
         if adapter:
-            weights = fuse_adapters(source, Path(adapter), progress)
+            weights = fused_weights(source, Path(adapter), progress)
         else:
             weights = source.weights
             source.weights = None

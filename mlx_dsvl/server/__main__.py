@@ -80,7 +80,7 @@ def load_model(args):
 
     model, processor = load(args.model, dtype=args.dtype)
     if args.adapter:
-        from ..train.adapters import load_adapters
+        from ..adapters import load_adapters
 
         load_adapters(model, args.adapter)
     if args.quantize:
