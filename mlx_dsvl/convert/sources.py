@@ -5,8 +5,8 @@ Kinds:
 - ``original``: the deepseek-ai layout (``vision_config`` / ``aligner_config`` /
   ``language_config``; PyTorch names and conv layouts);
 - ``transformers``: ``deepseek_vl`` / ``deepseek_vl_hybrid`` (either SigLIP naming generation),
-  renamed with :func:`convert.keymaps.hf_to_original` and given an original ``config.json``;
-- ``mlx``: a folder written by ``python -m convert`` (possibly quantized).
+  renamed with :func:`.keymaps.hf_to_original` and given an original ``config.json``;
+- ``mlx``: a folder written by this converter (possibly quantized).
 
 Weights: safetensors (single file or shards + index) read lazily with ``mx.load`` -- nothing is
 read from disk until a tensor is evaluated; PyTorch pickles (``.bin`` / ``.pt`` / ``.pth``) only
