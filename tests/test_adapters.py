@@ -39,19 +39,11 @@ def test_reader_errors(tmp_path):
 
 
 def test_mlx_lm_adapters_load_onto_the_llm_and_fuse(tiny_dir, tmp_path):
-    from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.tuner.utils import load_adapters as mlx_lm_load
 
-    model, processor = mlx_dsvl.load(tiny_dir)
-    params = {"rank": 4, "scale": 2.0, "dropout": 0.0}
-    linear_to_lora_layers(model.language_model, 2, params)
-    rng = np.random.default_rng(0)
-    lora = {k: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))
-            for k, v in tree_flatten(model.language_model.parameters()) if k.endswith(("lora_a", "lora_b"))}
-    mx.save_safetensors(str(tmp_path / "adapters.safetensors"), lora)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}))
+    from mlx_dsvl.testing.adapters import write_mlx_lm_adapter
 
+    write_mlx_lm_adapter(tiny_dir, tmp_path)
     ids = mx.array([[1, 5, 9, 200, 7]])
     by_hand, _ = mlx_dsvl.load(tiny_dir)
     mlx_lm_load(by_hand.language_model, str(tmp_path))

@@ -328,20 +328,10 @@ def test_quantized_to_original_dequantizes_and_loads_in_transformers(quantized, 
 # -- adapters ---------------------------------------------------------------------------------
 def _make_adapter(base: Path, out: Path) -> Path:
     """An mlx-lm LoRA adapter on the LLM (random, non-zero lora_b) saved in mlx-lm's format."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_dsvl.testing.adapters import write_mlx_lm_adapter
 
-    model, _ = mlx_dsvl.load(base)
-    params = {"rank": 4, "scale": 2.0, "dropout": 0.0}
-    linear_to_lora_layers(model.language_model, 2, params)
-    rng = np.random.default_rng(0)
-    lora = {k: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))
-            for k, v in tree_flatten(model.language_model.parameters()) if k.endswith(("lora_a", "lora_b"))}
     out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), lora)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}))
-    return out
+    return write_mlx_lm_adapter(base, out)
 
 
 @pytest.mark.parametrize("which", ["float", "4-bit"])
