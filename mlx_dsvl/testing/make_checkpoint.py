@@ -27,7 +27,6 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..config import CLIP_MEAN, CLIP_STD, ModelConfig
-from ..model_folder import plan_shards, shard_names
 
 SIGLIP = {"model_name": "siglip_large_patch16_384", "image_size": 384, "select_feature": "same",
           "select_layer": -1}
@@ -161,6 +160,7 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
     """Write a random checkpoint of ``arch`` to ``out`` (via a temporary folder + rename)."""
     from safetensors.numpy import save_file
 
+    from ..model_folder import plan_shards, shard_names  # (imports MLX: not at module level)
     from .tokenizer import write_processor_configs, write_tokenizer
 
     if arch not in ARCHS:
