@@ -84,6 +84,27 @@ def test_only_training_imports_training():
     assert not users, users
 
 
+# The house's lower rooms: what each may import from the rest of the library.
+LOWER_ROOMS = {"mlx_dsvl.models": ("mlx_dsvl.models", "mlx_dsvl.config"),
+               "mlx_dsvl.processing": ("mlx_dsvl.processing", "mlx_dsvl.config")}
+
+
+def test_lower_rooms_never_import_higher_ones():
+    """models/ knows nothing of processing, loading, generation or training; processing/ knows
+    nothing of the models; no library module imports the app or the benchmarks."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        mod = module_name(path)
+        allowed = next((ok for room, ok in LOWER_ROOMS.items() if mod == room or mod.startswith(room + ".")), None)
+        for line, target in imported_modules(path):
+            if target.split(".")[0] in ("apps", "benchmarks"):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+            if allowed and target.startswith("mlx_dsvl") and target != "mlx_dsvl" and not any(
+                    target == a or target.startswith(a + ".") for a in allowed):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target}")
+    assert not bad, bad
+
+
 def test_package_claims_only_mlx_dsvl():
     from setuptools import find_namespace_packages
 
