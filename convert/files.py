@@ -21,6 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from mlx_dsvl.faults import fault_point
+
 
 class ConvertError(ValueError):
     """A conversion that cannot be done; the message (one line) says what and where."""
@@ -86,7 +88,7 @@ def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Option
             f.write(memoryview(buf.reshape(-1)).cast("B"))
             del a, buf
             mx.clear_cache()
-            _test_pause()
+            fault_point("tensor")
     return offset
 
 
