@@ -34,11 +34,11 @@ class Control(NamedTuple):
 
 
 class SamplingError(ValueError):
-    """An option outside its valid range; ``option`` names it."""
+    """An option outside its valid range: ``option`` names it, ``problem`` says what is wrong."""
 
-    def __init__(self, option: str, message: str):
-        super().__init__(message)
-        self.option = option
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
 
 
 def _count(v) -> bool:
@@ -70,7 +70,7 @@ class SamplingOptions:
 
     def __post_init__(self):
         for name, problem in self.problems():
-            raise SamplingError(name, f"{name} {problem}")
+            raise SamplingError(name, problem)
 
     def problems(self):
         """``(option, "must be ..., got ...")`` for each option outside its range."""
@@ -80,14 +80,14 @@ class SamplingOptions:
                 yield f.name, f"must be {f.metadata['what']}, got {value}"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, **extra) -> "SamplingOptions":
+    def from_args(cls, args: argparse.Namespace) -> "SamplingOptions":
         """The options of parsed :func:`add_arguments` flags (those not added keep their
         defaults); a value out of range is a ``ValueError`` that names the flag."""
         given = {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if hasattr(args, f.name)}
         try:
-            return cls(**given, **extra)
+            return cls(**given)
         except SamplingError as e:
-            raise ValueError(f"{flag(e.option)} {str(e)[len(e.option) + 1:]}") from None
+            raise ValueError(f"{flag(e.option)} {e.problem}") from None
 
     def with_(self, **options) -> "SamplingOptions":
         """A checked copy with ``options`` changed (an unknown name is a ``TypeError``)."""

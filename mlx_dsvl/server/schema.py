@@ -242,7 +242,7 @@ class SamplingParams(SamplingOptions):
         )
         for name, ok, why in checks:
             if not ok:
-                raise SamplingError(name, f"{name} {why}, got {getattr(self, name)!r}")
+                raise SamplingError(name, f"{why}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_request(cls, req: ChatCompletionRequest, defaults: "SamplingParams") -> "SamplingParams":
@@ -259,7 +259,7 @@ class SamplingParams(SamplingOptions):
             name = e.option
             if name == "max_tokens" and req.max_completion_tokens is not None:
                 name = "max_completion_tokens"
-            raise APIError(400, str(e).replace("max_tokens", name, 1), param=name) from None
+            raise APIError(400, f"{name} {e.problem}", param=name) from None
 
 
 # -- responses ------------------------------------------------------------------------------
