@@ -80,7 +80,7 @@ def task(tmp_path_factory):
     test = read(write_task(root / "test", N_TEST, seed=777))  # balanced: 12 per colour
     model, processor = mlx_dsvl.load(ckpt)
     result = train(TrainConfig(stage=3, model=str(ckpt), data=str(train_set), out=str(root / "run"),
-                               iters=STEPS, batch_size=BATCH, lr=1e-3, warmup=10, lora_dropout=0.05,
+                               iters=STEPS, batch_size=BATCH, lr=5e-4, warmup=10, lora_dropout=0.05,
                                lora_targets="attn,mlp,lm_head", save_every=0, steps_per_report=20,
                                quiet=True),
                    loaded=(model, processor))

@@ -560,7 +560,7 @@ def test_port_in_use_is_one_clear_error(server, text_ckpt, image_dir, tmp_path):
 
 
 def test_cli_loading_options(text_ckpt):
-    """--4bit quantizes the language model (as the app's toggle); the served name defaults to
+    """--4bit (= --quantize 4) quantizes the language model while loading (as the app's toggle); the served name defaults to
     the folder's name."""
     import mlx.nn as nn
 
@@ -572,5 +572,6 @@ def test_cli_loading_options(text_ckpt):
     assert "QuantizedLinear" in kinds and not any(
         isinstance(m, nn.QuantizedLinear) for _, m in model.vision_model.named_modules())
     assert served_name(args) == "tiny-text"
+    assert args.quantize == 4 and build_parser().parse_args(["--quantize", "8"]).quantize == 8
     assert served_name(build_parser().parse_args(["--model", "org/some-model"])) == "org/some-model"
     assert build_parser().parse_args([]).host == "127.0.0.1"

@@ -22,6 +22,7 @@ MB = 1024 * 1024
 
 def build_parser() -> argparse.ArgumentParser:
     from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
+    from ..mlx_format import QUANT_BITS
     from ..sampling import add_arguments
 
     p = argparse.ArgumentParser(
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     a("--adapter", default=None, help="a training output folder (python -m mlx_dsvl.train) to apply")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: auto (the GPU if any)")
-    a("--4bit", dest="quantize", action="store_true",
-      help="quantize the language model to 4 bits (group size 64) while loading")
+    a("--quantize", type=int, choices=QUANT_BITS, default=None,
+      help="quantize the LLM to 4 or 8 bits (groups of 64) while loading, as generate --quantize")
+    a("--4bit", dest="quantize", action="store_const", const=4, help="the same as --quantize 4")
     a("--max-context", type=int, default=4096,
       help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
@@ -73,8 +75,8 @@ def say(message: str) -> None:
 def load_model(args):
     from ..loading import load
 
-    model, processor = load(args.model, dtype=args.dtype, quantize=4 if args.quantize else None)
-    if args.adapter:
+    model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
+    if args.adapter:  # on the quantized layers, as generate does
         from ..train.adapters import load_adapters
 
         load_adapters(model, args.adapter)
