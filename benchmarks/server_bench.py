@@ -8,7 +8,10 @@ afterwards.  Every client sends ``--requests`` requests one after the other, eac
 prompt (and, with ``--images``, its own random image), ``stream: true``, ``ignore_eos`` (so that
 each reply is exactly ``--max-tokens`` tokens) and greedy decoding.  Per level it reports
 requests/s and output tokens/s over the wall time of the level, and the p50/p95 time to first
-token (request sent -> first text chunk), prints a table and writes JSON.
+token (request sent -> first text chunk), prints a table and writes JSON.  Before the levels,
+one conversation alone (turn 1, then a turn 2 that repeats it) gives the TTFT of each turn and
+the bytes its KV adds to the prefix cache; ``--kv-bits 8`` (with ``--model``) starts the server
+with quantized KV caches, for a before/after.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ def random_png(seed: int, size: int = 384) -> str:
 
 
 def one_request(client, body) -> dict:
-    """Send one streaming request; time to first text chunk, total time, output tokens."""
+    """Send one streaming request; time to first text chunk, total time, output tokens, the
+    reply, the prompt tokens taken from the prefix cache."""
     tic = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, text, cached = None, 0, "", 0
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             r.read()
@@ -60,9 +64,28 @@ def one_request(client, body) -> dict:
                 raise RuntimeError(chunk["error"]["message"])
             if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
                 ttft = time.perf_counter() - tic
+            text += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": ttft, "seconds": time.perf_counter() - tic, "tokens": tokens}
+                cached = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"ttft": ttft, "seconds": time.perf_counter() - tic, "tokens": tokens, "text": text,
+            "cached_tokens": cached}
+
+
+def follow_up(args, h) -> dict:
+    """One conversation alone: turn 1, then turn 2 repeating it (its prefix comes from the
+    prefix cache).  TTFT of each turn, and the bytes the conversation's KV adds to the prefix
+    cache (``/stats``; with --kv-bits, the quantized bytes)."""
+    before = h.get("/stats").json()["prefix_cache"]["bytes"]
+    body = body_for(args, 10 ** 6, 0)  # (a client id no level uses)
+    first = one_request(h, body)
+    turn2 = body["messages"] + [{"role": "assistant", "content": first["text"]},
+                                {"role": "user", "content": "And what else is there?"}]
+    second = one_request(h, {**body, "messages": turn2})
+    stats = h.get("/stats").json()
+    return {"kv_bits": stats.get("kv_bits"), "turn1_ttft_s": first["ttft"], "turn2_ttft_s": second["ttft"],
+            "turn2_cached_tokens": second["cached_tokens"],
+            "prefix_cache_bytes_added": stats["prefix_cache"]["bytes"] - before}
 
 
 def body_for(args, client_id: int, i: int) -> dict:
@@ -121,6 +144,9 @@ def start_server(args):
     args.url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlx_dsvl.server", "--model", args.model, "--port", str(port),
            "--log-level", "warning", *shlex.split(args.server_args)]
+    for flag in ("kv_bits", "kv_group_size"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     print("starting:", " ".join(cmd), file=sys.stderr)
     proc = subprocess.Popen(cmd)
     import httpx
@@ -156,7 +182,11 @@ def main(argv=None) -> int:
     p.add_argument("--api-key", default=os.environ.get("MLX_DSVL_API_KEY"))
     p.add_argument("--model", default=None, help="start a server with this model instead of using --url")
     p.add_argument("--server-args", default="", help="extra arguments for the started server")
-    p.add_argument("--clients", default="1,4,16", help="concurrency levels (default: %(default)s)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="with --model: start the server with --kv-bits (quantized KV caches)")
+    p.add_argument("--kv-group-size", type=int, default=None, help="with --model: its --kv-group-size")
+    p.add_argument("--clients", default="1,4,16",
+                   help="concurrency levels, '' for none (default: %(default)s)")
     p.add_argument("--requests", type=int, default=2, help="requests per client per level (default: 2)")
     p.add_argument("--max-tokens", type=int, default=64, help="reply length in tokens (default: 64)")
     p.add_argument("--images", action="store_true", help="one random image per request")
@@ -165,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--start-timeout", type=float, default=600, help="server start-up timeout in s")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    levels = [int(x) for x in args.clients.split(",")]
+    levels = [int(x) for x in args.clients.split(",") if x.strip()]
     proc = start_server(args) if args.model else None
     try:
         import httpx
@@ -174,6 +204,8 @@ def main(argv=None) -> int:
         with httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout) as h:
             model = h.get("/v1/models").json()["data"][0]["id"]
             one_request(h, {**body_for(args, -1, 0), "max_tokens": 4})  # warm-up
+            conversation = follow_up(args, h)
+        print(f"follow-up: {conversation}", file=sys.stderr, flush=True)
         results = []
         for n in levels:
             print(f"{n} client(s) x {args.requests} request(s) ...", file=sys.stderr, flush=True)
@@ -182,12 +214,16 @@ def main(argv=None) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    print_table(results)
+    if results:
+        print_table(results)
+    print("one conversation: TTFT turn 1 {turn1_ttft_s:.3f} s, turn 2 {turn2_ttft_s:.3f} s ({turn2_cached_tokens} "
+          "prompt tokens cached), prefix cache +{prefix_cache_bytes_added} bytes (kv_bits {kv_bits})"
+          .format(**conversation))
     if args.json:
         out = {"date": date.today().isoformat(), "machine": platform.platform(),
                "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                "model": model, "args": {k: v for k, v in vars(args).items() if k != "api_key"},
-               "levels": results}
+               "follow_up": conversation, "levels": results}
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(out, indent=2))
         tmp.replace(args.json)

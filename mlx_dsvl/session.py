@@ -84,10 +84,8 @@ class ChatSession:
                      quantized_kv_start: int = 0) -> None:
         """KV-cache quantization (see :func:`~mlx_dsvl.streaming.kv_cache_options`); a change
         empties the cache, and the next turn prefills the conversation again with it."""
-        kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start)
-        head = self.model.language_model.layers[0].self_attn.head_dim
-        if kv and head % kv_group_size:
-            raise ValueError(f"kv_group_size {kv_group_size} does not divide the LLM's head size {head}")
+        kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start,
+                              head_dim=self.model.language_model.layers[0].self_attn.head_dim)
         if kv != self.kv:
             self.kv = kv
             self.cache, self.cached_ids, self.cached_images = self.model.make_cache(), [], []

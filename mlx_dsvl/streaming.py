@@ -104,12 +104,13 @@ def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional
 
 
 def kv_cache_options(kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                     quantized_kv_start: int = 0) -> Optional[dict]:
+                     quantized_kv_start: int = 0, head_dim: Optional[int] = None) -> Optional[dict]:
     """Validated KV-cache quantization settings (mlx-lm's ``generate_step`` keywords), or None.
 
     ``kv_bits`` 4 or 8 stores keys and values quantized in groups of ``kv_group_size`` once a
     cache holds ``quantized_kv_start`` tokens (0: from the first prefill on; mlx-lm's default of
-    5000 would never start within DeepSeek-VL's 4096-token context).
+    5000 would never start within DeepSeek-VL's 4096-token context).  ``head_dim``: the LLM's
+    head size, which the group size must divide.
     """
     if kv_bits is None:
         return None
@@ -119,10 +120,12 @@ def kv_cache_options(kv_bits: Optional[int] = None, kv_group_size: int = 64,
         raise ValueError(f"kv_group_size must be one of {KV_GROUP_SIZES}, got {kv_group_size}")
     if quantized_kv_start < 0:
         raise ValueError(f"quantized_kv_start must be >= 0, got {quantized_kv_start}")
+    if head_dim is not None and head_dim % kv_group_size:
+        raise ValueError(f"kv_group_size {kv_group_size} does not divide the LLM's head size {head_dim}")
     return dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
 
 
-def _quantize_cache(cache: List[Any], kv: Optional[dict]) -> None:
+def quantize_cache(cache: List[Any], kv: Optional[dict]) -> None:
     if kv is not None:
         maybe_quantize_kv_cache(cache, kv["quantized_kv_start"], kv["kv_group_size"], kv["kv_bits"])
 
@@ -144,11 +147,11 @@ def prefill(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List
         e = min(s + step, T)
         if e < T:
             language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
-            _quantize_cache(cache, kv)
+            quantize_cache(cache, kv)
             mx.eval([c.state for c in cache])
         else:
             logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
-    _quantize_cache(cache, kv)
+    quantize_cache(cache, kv)
     return logits
 
 

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
     from ..mlx_format import QUANT_BITS
     from ..sampling import add_arguments
+    from ..streaming import KV_BITS, KV_GROUP_SIZES
 
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.server",
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantize", type=int, choices=QUANT_BITS, default=None,
       help="quantize the LLM to 4 or 8 bits (groups of 64) while loading, as generate --quantize")
     a("--4bit", dest="quantize", action="store_const", const=4, help="the same as --quantize 4")
+    a("--kv-bits", type=int, choices=KV_BITS, default=None,
+      help="keep KV caches quantized to 4 or 8 bits: the decode batch's (attention reads the "
+           "packed keys and values) and the prefix cache's entries, whose quantized bytes count "
+           "against --cache-mb (default: not quantized)")
+    a("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
+      help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")
     a("--max-context", type=int, default=4096,
       help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
@@ -94,6 +101,7 @@ def serve(args) -> int:
     import uvicorn
 
     from ..device import describe_device, select_device
+    from ..streaming import kv_cache_options
     from .app import ServerConfig, create_app
     from .images import ImagePolicy
     from .scheduler import Scheduler
@@ -107,9 +115,11 @@ def serve(args) -> int:
     tic = time.perf_counter()
     model, processor = load_model(args)
     say(f"model loaded in {time.perf_counter() - tic:.1f} s")
+    kv = kv_cache_options(args.kv_bits, args.kv_group_size,
+                          head_dim=model.language_model.layers[0].self_attn.head_dim)
     scheduler = Scheduler(model, processor, max_batch=args.max_batch, max_queue=args.max_queue,
                           cache_bytes=int(args.cache_mb * MB),
-                          image_cache_bytes=int(args.image_cache_mb * MB), device=device)
+                          image_cache_bytes=int(args.image_cache_mb * MB), device=device, kv=kv)
     name = served_name(args)
     config = ServerConfig(model_name=name, model_aliases=(args.model,), max_context=args.max_context,
                           defaults=defaults, api_key=args.api_key,

@@ -10,6 +10,10 @@ sampling options.  The worker loop:
    rest are encoded (or taken from the image-feature cache), and the rest of the prompt but its
    last token is prefilled into a single-sequence KV cache, which then joins the batch's
    left-padded ``BatchKVCache`` (mlx-lm);
+   with ``kv`` (``--kv-bits``) the prompt is prefilled as ``ChatSession(kv_bits=...)`` does it
+   (float attention within each pass, the cache quantized after it), and the batch cache, the
+   decode step's attention and the prefix cache's entries are all quantized
+   (:mod:`.batch_cache`);
 3. runs one decode step for the whole batch (each row feeds its last token and samples its
    next one with its own sampler, repetition penalty and PRNG key), streams the new text of
    each row to its client, and retires finished rows, whose KV cache (prompt + reply) goes to
@@ -33,12 +37,12 @@ from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_p
 
 from ..models.deepseek_vl import lm_head, merge_image_embeddings
 from ..sampling import PROCESSOR_CONTEXT
-from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer
+from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer, prefill_step_size, quantize_cache
+from .batch_cache import merge_row
 from .caches import ByteLRU, PrefixCache, prefix_key
 from .schema import SamplingParams
 
@@ -117,10 +121,12 @@ class Scheduler:
 
     def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
-                 device: Optional[mx.Device] = None, prefill_step: int = 2048):
+                 device: Optional[mx.Device] = None, prefill_step: int = 2048,
+                 kv: Optional[dict] = None):
         self.model, self.processor = model, processor
         self.lm = model.language_model
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
+        self.kv = kv  # KV-cache quantization (streaming.kv_cache_options), None = float
         self.device = device or mx.default_device()
         self.prefixes = PrefixCache(cache_bytes)
         self.features = ByteLRU(image_cache_bytes)
@@ -128,7 +134,7 @@ class Scheduler:
         self.image_id = processor.image_token_id
         self.per_image = processor.num_image_tokens
         self.rows: List[Row] = []
-        self.cache: Optional[List[BatchKVCache]] = None
+        self.cache: Optional[list] = None  # per layer: BatchKVCache or BatchQuantizedKVCache
         self._inbox: "queue.Queue[Job]" = queue.Queue()
         self._waiting: "deque[Job]" = deque()
         self._lock = threading.Lock()
@@ -159,7 +165,7 @@ class Scheduler:
             live = len(self._live)
         active = len(self.rows)
         return {**self.counters, "active": active, "waiting": max(live - active, 0),
-                "max_batch": self.max_batch,
+                "max_batch": self.max_batch, "kv_bits": self.kv and self.kv["kv_bits"],
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
                                  "max_bytes": self.prefixes.max_bytes},
                 "image_cache": {"entries": len(self.features), "bytes": self.features.nbytes,
@@ -270,7 +276,7 @@ class Scheduler:
             print(f"[mlx-dsvl server] request {job.id} failed in prefill: {e!r}", file=sys.stderr)
             self._fail([job], 500, f"prefill failed: {type(e).__name__}: {e}")
             return
-        merged = [BatchKVCache.merge([c]) for c in kv]
+        merged = merge_row(kv, self.kv)
         if self.cache is None:
             self.cache = merged
         else:
@@ -281,8 +287,7 @@ class Scheduler:
         self._emit(job, Started(row.cached))
 
     def new_cache(self) -> List[Any]:
-        """A request's KV cache (KV-cache quantization would hook in here and in the batch
-        merge: mlx-lm's BatchKVCache has no quantized form yet)."""
+        """A request's KV cache: float; with ``kv`` the prefill quantizes it as it fills."""
         return self.model.make_cache()
 
     def _prefill(self, job: Job):
@@ -297,11 +302,15 @@ class Scheduler:
             for c in kv:
                 c.trim(cached - n)
             cached = n
-        for start in range(cached, n, self.prefill_step):
-            end = min(start + self.prefill_step, n)
+        # with kv: the library's passes (ChatSession's), each quantized once it is in the cache
+        step = self.prefill_step if self.kv is None else prefill_step_size(self.kv)
+        for start in range(cached, n, step):
+            end = min(start + step, n)
             tokens, embeds = self.embeddings(job, start, end)
             self.lm.model(tokens, kv, embeds)
+            quantize_cache(kv, self.kv)
             mx.eval([c.state for c in kv])
+        quantize_cache(kv, self.kv)  # (a prompt of one token: an empty cache)
         self.prefixes.store(key[:n], kv)
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(ids)
