@@ -255,7 +255,7 @@ def load_model(path: str, quantize: bool = False, adapter: Optional[str] = None)
     tic = time.perf_counter()
     model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None)
     if adapter:
-        from mlx_dsvl.train.adapters import load_adapters
+        from mlx_dsvl.adapters import load_adapters
 
         load_adapters(model, adapter)
     warmup_s = warm_up(model, processor, say=lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr))

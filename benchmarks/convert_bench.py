@@ -3,7 +3,7 @@
     python benchmarks/convert_bench.py [--arch 1.3b 7b] [--bits 4 8] [--group-size 64]
                                        [--work DIR] [--no-forward] [--json FILE]
 
-For each (arch, bits): runs ``python -m convert --quantize`` in a child process and reports its
+For each (arch, bits): runs ``python -m mlx_dsvl.convert --quantize`` in a child process and reports its
 wall time and peak memory (the child's max RSS: ``getrusage(RUSAGE_CHILDREN)`` in a small
 launcher process that runs only that child), the output folder size, then ``mlx_dsvl.load`` time (its default dtype unless
 ``--load-dtype``: float32 on the CPU backend, where float16 quantized matmuls are very slow) and
@@ -120,7 +120,7 @@ def main():
             print(json.dumps(base), file=sys.stderr)
             for bits in a.bits:
                 out = work / f"{arch}-q{bits}"
-                cmd = [sys.executable, "-m", "convert", "--model", str(src), "--out", str(out), "--quantize",
+                cmd = [sys.executable, "-m", "mlx_dsvl.convert", "--model", str(src), "--out", str(out), "--quantize",
                        "--q-bits", str(bits), "--q-group-size", str(a.group_size), "--force"]
                 rc, _, err, wall, rss = run_measured(cmd, cwd=ROOT)
                 if rc != 0:

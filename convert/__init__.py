@@ -1,9 +1,6 @@
-"""Checkpoint conversion: ``python -m convert``.
+"""``python -m convert`` from the repository root: the converter, :mod:`mlx_dsvl.convert`.
 
-- :mod:`convert.to_mlx`: original deepseek-ai or ``transformers`` checkpoints -> MLX folder
-  (dtype, 4/8-bit quantization), streamed tensor by tensor;
-- :mod:`convert.to_original`: MLX folder -> original layout (dequantized, LoRA adapters fused);
-- :mod:`convert.keymaps`: original <-> ``transformers`` tensor names;
-- :mod:`convert.hf_config`: ``transformers`` config -> original ``config.json`` and processor files;
-- :mod:`convert.sources`, :mod:`convert.files`: reading inputs, writing outputs.
+The converter lives in the library's namespace (installing mlx-dsvl claims no top-level
+``convert`` module); this folder only keeps the repository's short command working.  Installed
+elsewhere, use ``python -m mlx_dsvl.convert`` or ``mlx-dsvl-convert`` (same flags, same output).
 """

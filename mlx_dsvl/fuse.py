@@ -2,8 +2,9 @@
 
     python -m mlx_dsvl.fuse --model BASE --adapter RUN_DIR --out FUSED [--dtype float16]
 
-The name the training docs use for ``python -m convert --to-original --model BASE --adapter
-RUN_DIR --out FUSED``, which does the work: it loads ``BASE`` (an original or MLX folder --
+The name the training docs use for ``python -m mlx_dsvl.convert --to-original --model BASE
+--adapter RUN_DIR --out FUSED`` (``python -m convert ...`` from the repository root), which does
+the work: it loads ``BASE`` (an original or MLX folder --
 quantized too -- or a hub id), applies ``RUN_DIR``'s adapters (this package's, LoRA/DoRA folded
 into the weights and fully trained tensors such as the aligner replacing the base ones, or
 mlx-lm's), dequantizes a quantized base, and writes ``FUSED`` in the original deepseek-ai layout
@@ -11,8 +12,7 @@ mlx-lm's), dequantizes a quantized base, and writes ``FUSED`` in the original de
 staged in a temporary folder and renamed at the end.  ``mlx_dsvl.load(FUSED)`` loads it like any
 released checkpoint, and so does the original PyTorch code.
 
-This entry point sits above both packages: it imports ``convert`` (which imports ``mlx_dsvl``),
-never the other way round.
+Like the converter it is an entry point: nothing else in the library imports it.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = Non
     """Fuse ``adapter_dir`` into ``model_path`` and write the original layout to ``out``.
 
     ``dtype``: float16, bfloat16 or float32 on disk (default: as the base stores its weights).
-    Raises ``convert.files.ConvertError`` (a ``ValueError``) on bad input.
+    Raises ``mlx_dsvl.convert.files.ConvertError`` (a ``ValueError``) on bad input.
     """
-    from convert.files import log
-    from convert.to_original import convert_to_original
+    from .convert.files import log
+    from .convert.to_original import convert_to_original
 
     path = convert_to_original(model_path, out, dtype=dtype, adapter=adapter_dir, force=force,
                                shard_gb=shard_gb, progress=log if verbose else (lambda _msg: None))
@@ -47,8 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.fuse",
         description="Fold trained adapters (python -m mlx_dsvl.train --out DIR) into a full model "
-                    "written in the original deepseek-ai layout (python -m convert --to-original "
-                    "--adapter DIR does the same).",
+                    "written in the original deepseek-ai layout (python -m mlx_dsvl.convert "
+                    "--to-original --adapter DIR does the same).",
     )
     p.add_argument("--model", required=True, help="the base model the adapters were trained on (folder or hub id)")
     p.add_argument("--adapter", required=True,
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
-    from convert.staging import run_command  # SIGTERM/SIGHUP clean up like Ctrl-C; one error line
+    from .convert.staging import run_command  # SIGTERM/SIGHUP clean up like Ctrl-C; one error line
 
     return run_command(lambda: fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force))[0]
 

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = the GPU when MLX has one (Metal/CUDA), else the CPU (default: auto)")
     p.add_argument("--quantize", type=int, choices=QUANT_BITS, default=None,
                    help="quantize the LLM to 4 or 8 bits (groups of 64) while loading: the unquantized "
-                        "LLM is never held in memory (a folder from python -m convert --quantize loads "
+                        "LLM is never held in memory (a folder from python -m mlx_dsvl.convert --quantize loads "
                         "quantized as it is)")
     p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
                    help="keep the KV cache quantized to 4 or 8 bits (default: not quantized)")
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         select_device(args.device)
         model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
         if args.adapter:
-            from .train.adapters import load_adapters
+            from .adapters import load_adapters
 
             load_adapters(model, args.adapter)
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context,

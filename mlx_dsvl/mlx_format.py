@@ -1,4 +1,4 @@
-"""The MLX-format model folder: what ``python -m convert`` writes and ``mlx_dsvl.load`` reads.
+"""The MLX-format model folder: what ``python -m mlx_dsvl.convert`` writes and ``mlx_dsvl.load`` reads.
 
 An MLX folder is the original deepseek-ai folder with its weights already converted:
 

@@ -27,12 +27,12 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 import mlx_dsvl
-from convert.files import ConvertError
-from convert.keymaps import original_to_hf
-from convert.to_mlx import convert_to_mlx
-from convert.to_original import convert_to_original
+from mlx_dsvl.convert.files import ConvertError
+from mlx_dsvl.convert.keymaps import original_to_hf
+from mlx_dsvl.convert.to_mlx import convert_to_mlx
+from mlx_dsvl.convert.to_original import convert_to_original
 from mlx_dsvl.mlx_format import MARKER
-from mlx_dsvl.models.deepseek_vl import UNUSED_PREFIXES
+from mlx_dsvl.model_folder import UNUSED_PREFIXES
 from mlx_dsvl.testing.make_checkpoint import make_checkpoint
 
 QUIET = dict(progress=lambda s: None)
@@ -328,20 +328,10 @@ def test_quantized_to_original_dequantizes_and_loads_in_transformers(quantized, 
 # -- adapters ---------------------------------------------------------------------------------
 def _make_adapter(base: Path, out: Path) -> Path:
     """An mlx-lm LoRA adapter on the LLM (random, non-zero lora_b) saved in mlx-lm's format."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_dsvl.testing.adapters import write_mlx_lm_adapter
 
-    model, _ = mlx_dsvl.load(base)
-    params = {"rank": 4, "scale": 2.0, "dropout": 0.0}
-    linear_to_lora_layers(model.language_model, 2, params)
-    rng = np.random.default_rng(0)
-    lora = {k: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))
-            for k, v in tree_flatten(model.language_model.parameters()) if k.endswith(("lora_a", "lora_b"))}
     out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), lora)
-    (out / "adapter_config.json").write_text(json.dumps(
-        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params}))
-    return out
+    return write_mlx_lm_adapter(base, out)
 
 
 @pytest.mark.parametrize("which", ["float", "4-bit"])
@@ -540,7 +530,7 @@ def test_cli_bad_input(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("name", IN_PROCESS)
 def test_cli_bad_input_in_process(name, tiny_dir, tmp_path, capsys):
-    from convert.__main__ import main
+    from mlx_dsvl.convert.__main__ import main
 
     src, extra, fragment = _bad_inputs(tiny_dir, tmp_path / "inputs")[name]
     out = tmp_path / "outs" / "model"
@@ -559,7 +549,7 @@ def test_cli_converts(tiny_dir, tmp_path, capsys):
     assert r.stdout.strip() == str(out)
     assert "[1/1] model.safetensors" in r.stderr and "8-bit" in r.stderr and "done:" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    from convert.__main__ import main
+    from mlx_dsvl.convert.__main__ import main
 
     for argv, msg in [(["--q-bits", "8"], "need --quantize"),
                       (["--to-original", "--quantize"], "cannot be used with --to-original"),

@@ -98,7 +98,7 @@ def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
 
 def test_an_interrupted_force_replace_gets_the_old_folder_back(tmp_path):
     """Killed between moving the old --out aside and renaming the new one in: put it back."""
-    from convert.staging import reclaim_stale
+    from mlx_dsvl.convert.staging import reclaim_stale
 
     out = tmp_path / "out"
     old = tmp_path / ".out.old-abc123"
@@ -116,7 +116,7 @@ def test_an_interrupted_force_replace_gets_the_old_folder_back(tmp_path):
 def test_held_locks_and_lockless_folders_are_left_alone(tmp_path):
     import fcntl
 
-    from convert.staging import reclaim_stale
+    from mlx_dsvl.convert.staging import reclaim_stale
 
     out = tmp_path / "out"
     (tmp_path / ".out.partial-live").mkdir()
@@ -134,8 +134,8 @@ def test_held_locks_and_lockless_folders_are_left_alone(tmp_path):
 # -- a full disk --------------------------------------------------------------------------------
 def test_full_disk_one_error_nothing_half_written_old_output_intact(tiny_dir, tmp_path, monkeypatch, capsys):
     """ENOSPC in the middle of a shard (injected at write time): the old --out (--force) stays."""
-    import convert.files as files
-    from convert.__main__ import main
+    import mlx_dsvl.convert.files as files
+    from mlx_dsvl.convert.__main__ import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -182,7 +182,7 @@ FILES = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config
 @pytest.mark.parametrize("how", ["truncated", "zeroed", "random"])
 @pytest.mark.parametrize("name", FILES)
 def test_damaged_file_one_error_naming_it(name, how, tiny_dir, sharded_dir, tmp_path, capsys):
-    from convert.__main__ import main
+    from mlx_dsvl.convert.__main__ import main
 
     src = sharded_dir if "0000" in name or "index" in name else tiny_dir
     assert (src / name).is_file(), listing(src)

@@ -188,7 +188,7 @@ def test_quantize_on_load_equals_convert_then_load(tiny_dir, tmp_path, stored, d
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from convert.to_mlx import convert_to_mlx
+    from mlx_dsvl.convert.to_mlx import convert_to_mlx
     from mlx_dsvl.testing.make_checkpoint import make_checkpoint
 
     src = tiny_dir if stored == "float32" else make_checkpoint("tiny", tmp_path / "src16", seed=1, dtype=stored)
@@ -209,7 +209,7 @@ def test_quantize_on_load_equals_convert_then_load(tiny_dir, tmp_path, stored, d
 
 
 def test_quantize_on_load_options(tiny_dir, tmp_path):
-    from convert.to_mlx import convert_to_mlx
+    from mlx_dsvl.convert.to_mlx import convert_to_mlx
 
     with pytest.raises(ValueError, match="quantize must be one of"):
         mlx_dsvl.load(tiny_dir, quantize=3)

@@ -8,8 +8,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_dsvl.config import ModelConfig
+from mlx_dsvl.model_folder import CONV_SUFFIXES, sanitize
 from mlx_dsvl.models.deepseek_vl import (
-    CONV_SUFFIXES, DeepseekVL, ImagePositionError, check_image_positions, merge_image_embeddings,
+    ImagePositionError, check_image_positions, merge_image_embeddings,
 )
 from mlx_dsvl.testing.make_checkpoint import ARCHS, checkpoint_shapes
 from mlx_dsvl.testing.tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
@@ -85,7 +86,7 @@ def test_sanitize_drops_unused_and_transposes_convs():
         "vision_model.vision_tower.patch_embed.proj.weight": mx.zeros((8, 3, 16, 16)),
         "vision_model.vision_tower.blocks.0.attn.qkv.weight": mx.zeros((12, 4)),
     }
-    out = DeepseekVL.sanitize(w)
+    out = sanitize(w)
     assert sorted(out) == [
         "vision_model.vision_tower.blocks.0.attn.qkv.weight",
         "vision_model.vision_tower.patch_embed.proj.weight",

@@ -118,7 +118,7 @@ def test_qlora_trains_adapters_on_a_quantized_llm(tiny_dir, tmp_path):
 
 def test_qlora_on_a_quantized_mlx_folder_then_fuse(tiny_dir, tmp_path):
     """python -m convert --quantize -> QLoRA training from disk -> fuse to the original layout."""
-    from convert.__main__ import main as convert_main
+    from mlx_dsvl.convert.__main__ import main as convert_main
 
     q4 = tmp_path / "tiny-q4"
     assert convert_main(["--model", str(tiny_dir), "--out", str(q4), "--quantize", "--q-bits", "4",

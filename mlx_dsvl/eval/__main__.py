@@ -143,7 +143,7 @@ def _run(args) -> int:
     select_device(args.device)
     model, processor = load(args.model, dtype=args.dtype)
     if args.adapter:
-        from ..train.adapters import load_adapters
+        from ..adapters import load_adapters
 
         load_adapters(model, args.adapter)
     progress = Progress(len(items), quiet=args.quiet)

@@ -2,8 +2,9 @@
 
 Attribute names mirror the original checkpoint: ``vision_model``, ``aligner``,
 ``language_model`` (mlx-lm's llama ``Model``: ``language_model.model.*`` and the untied
-``language_model.lm_head``; its attention in :mod:`.llm`).  ``sanitize`` is the one place where
-the original on-disk format is converted (conv transposes, unused tensors dropped).
+``language_model.lm_head``; its attention in :mod:`.llm`).  The original on-disk format is
+converted in one place, :func:`mlx_dsvl.model_folder.sanitize` (conv transposes, unused tensors
+dropped).
 """
 
 from __future__ import annotations
@@ -18,22 +19,6 @@ from ..config import IMAGE_TOKEN_ID, ModelConfig
 from .aligner import MlpProjector
 from .llm import build_language_model
 from .vision import HybridVisionTower, build_vision_tower, normalize
-
-# Tensors present in the released checkpoints that the model never uses.
-UNUSED_PREFIXES = ("vision_model.high_layer_norm.", "vision_model.low_layer_norm.")
-UNUSED_PARTS = ("attn_pool.", "rotary_emb.")
-CONV_SUFFIXES = (
-    "patch_embed.proj.weight",
-    "neck.0.weight",
-    "neck.2.weight",
-    "neck_hd.0.weight",
-    "neck_hd.2.weight",
-    "downsamples.0.weight",
-    "downsamples.1.weight",
-    "downsamples.2.weight",
-    "downsamples.3.weight",
-)
-
 
 def merge_image_embeddings(
     input_ids: mx.array, text_embeds: mx.array, image_embeds: mx.array, image_token_id: int
@@ -213,16 +198,3 @@ class DeepseekVL(nn.Module):
     @property
     def layers(self):
         return self.language_model.layers
-
-    # -- loading ------------------------------------------------------------------------------
-    @staticmethod
-    def sanitize(weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
-        """Original deepseek-ai checkpoint tensors -> this module's names and layouts."""
-        out = {}
-        for k, v in weights.items():
-            if k.startswith(UNUSED_PREFIXES) or any(p in k for p in UNUSED_PARTS):
-                continue
-            if k.endswith(CONV_SUFFIXES) and v.ndim == 4:
-                v = v.transpose(0, 2, 3, 1)  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
-            out[k] = v
-        return out

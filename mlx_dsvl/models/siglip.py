@@ -3,7 +3,7 @@
 Attribute names mirror the checkpoint keys under ``vision_tower``: ``patch_embed.proj``,
 ``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``.
 No class token, no pre-norm, exact (erf) GELU, LayerNorm eps 1e-6, the final ``norm`` applied,
-no pooling head (``attn_pool.*`` is dropped by ``sanitize``).
+no pooling head (``attn_pool.*`` is dropped by ``mlx_dsvl.model_folder.sanitize``).
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def load_model(args):
 
     model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
     if args.adapter:  # on the quantized layers, as generate does
-        from ..train.adapters import load_adapters
+        from ..adapters import load_adapters
 
         load_adapters(model, args.adapter)
     return model, processor

@@ -1,10 +1,10 @@
 """``transformers``' DeepseekVL / DeepseekVLHybrid built from one of our checkpoint folders.
 
-Independent of ``mlx_dsvl``: the folder's original ``config.json`` is read here with its own
+Independent of ``mlx_dsvl``'s model and loading code (only the converter's name maps are shared): the folder's original ``config.json`` is read here with its own
 copy of the reference size tables, every ``transformers`` config field that matters is set
 explicitly (its defaults are wrong for DeepSeek-VL: tanh GELU, a SigLIP pooling head, tied
 embeddings), and every parameter is loaded from the folder's safetensors through
-:mod:`convert.keymaps` with ``strict=True`` -- nothing keeps ``transformers``' init (which zeros
+:mod:`mlx_dsvl.convert.keymaps` with ``strict=True`` -- nothing keeps ``transformers``' init (which zeros
 ``high_res_vision_alpha``, SAM's ``pos_embed`` and the rel-pos tables).
 
 :func:`reference_inputs` makes, from a [0, 1] image batch, exactly what the original model feeds
@@ -21,7 +21,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch  # test/benchmark-only dependency: this module is imported on demand
 
-from convert.keymaps import original_to_hf
+from mlx_dsvl.convert.keymaps import original_to_hf
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

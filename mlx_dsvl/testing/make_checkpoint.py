@@ -22,7 +22,7 @@ import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -98,7 +98,8 @@ def checkpoint_shapes(config: Dict) -> Dict[str, Tuple[int, ...]]:
     """Every tensor of the original checkpoint, with its PyTorch shape, in key order."""
     from mlx.utils import tree_flatten
 
-    from ..models.deepseek_vl import CONV_SUFFIXES, DeepseekVL
+    from ..model_folder import CONV_SUFFIXES
+    from ..models.deepseek_vl import DeepseekVL
 
     cfg = ModelConfig.from_dict(config)
     model = DeepseekVL(cfg)  # MLX arrays are lazy: building the 7B allocates nothing
@@ -154,24 +155,12 @@ def random_tensor(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -
     return w
 
 
-def plan_shards(shapes: Dict[str, Tuple[int, ...]], itemsize: int, max_bytes: int) -> List[List[str]]:
-    shards: List[List[str]] = [[]]
-    size = 0
-    for k, s in shapes.items():
-        n = int(np.prod(s)) * itemsize
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(k)
-        size += n
-    return shards
-
-
 def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None = None,
                     shard_gb: float = 5.0, force: bool = False, verbose: bool = False) -> Path:
     """Write a random checkpoint of ``arch`` to ``out`` (via a temporary folder + rename)."""
     from safetensors.numpy import save_file
 
+    from ..model_folder import plan_shards, shard_names  # (imports MLX: not at module level)
     from .tokenizer import write_processor_configs, write_tokenizer
 
     if arch not in ARCHS:
@@ -193,9 +182,11 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shapes = checkpoint_shapes(config)
-        shards = plan_shards(shapes, np_dtype.itemsize, int(shard_gb * 1e9))
-        names = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        # tensor by tensor, as released checkpoints are cut (a module's weight and bias may
+        # land in different shards), unlike the converter, which keeps modules together
+        sizes = {k: int(np.prod(s)) * np_dtype.itemsize for k, s in shapes.items()}
+        shards = plan_shards(sizes, int(shard_gb * 1e9), group=lambda k: k)
+        names = shard_names(len(shards))
         weight_map, total = {}, 0
 
         def make(k: str) -> np.ndarray:

@@ -9,7 +9,8 @@ with callbacks), ``callbacks`` / ``evaluation`` / ``saving`` / ``report`` / ``pl
 progress, validation, checkpoints, loss.png), ``run`` (``train``: all of it), ``checkpoint``
 (atomic save, integrity check, exact resume), ``rundir`` (the output folder: no clobbering,
 ``force`` replaces atomically), ``files`` (atomic writes), ``signals`` (stop at a step
-boundary), ``adapters`` (save, load, fuse), ``vision_cache`` (``cache_vision_features``),
+boundary), ``adapters`` (saving a run's adapters; the format, loading and fusing are
+:mod:`mlx_dsvl.adapters`, re-exported here), ``vision_cache`` (``cache_vision_features``),
 ``distributed`` (data-parallel on the processes ``mlx.launch`` starts: shares of each global
 batch, gradient and loss sums, agreed decisions, watchdog).
 
@@ -21,7 +22,7 @@ Python API::
     load_adapters(model, "run")      # LoRA/DoRA + fully trained weights, in place
 """
 
-from .adapters import AdapterError, fuse_adapters, load_adapters
+from ..adapters import AdapterError, fuse_adapters, load_adapters
 from .data import DataError
 from .config import TrainConfig
 from .loop import TrainingStopped

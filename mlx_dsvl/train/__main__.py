@@ -121,7 +121,7 @@ def run(cfg: TrainConfig, explicit: List[str], device: str) -> int:
     """Train; errors as one line (with several processes, prefixed by the rank) and a status."""
     from ..device import select_device
     from ..loading import ModelLoadError
-    from .adapters import AdapterError
+    from ..adapters import AdapterError
     from .checkpoint import ResumeError
     from .config import ConfigError
     from .data import DataError

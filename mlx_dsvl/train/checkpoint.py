@@ -31,7 +31,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..faults import fault_point
 from ..utils import file_digest
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapters
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .adapters import save_adapters
 from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
 
 STATE = "state.json"

@@ -18,7 +18,7 @@ import mlx.optimizers as optim
 
 from ..utils import file_digest
 from . import checkpoint as ckpt
-from .adapters import adapter_config, model_fingerprint
+from ..adapters import adapter_config, model_fingerprint
 from .batches import BatchProducer, BatchStream
 from .callbacks import METRICS
 from .config import STRUCTURAL, TrainConfig, mixer_of, resolve, validate_config

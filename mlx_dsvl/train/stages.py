@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.dora import DoRALinear
-from mlx_lm.tuner.lora import LoRALinear
+from mlx.utils import tree_flatten
+
+from ..adapters import ADAPTER_TYPES, AdapterError, adapt_modules
 
 COMPONENTS = ("aligner", "llm", "siglip", "sam", "sam-neck")
 
@@ -88,7 +88,6 @@ TARGET_GROUPS = ("attn", "mlp", "lm_head")
 # Single layers may be named too (the last part of their name).
 TARGET_LEAVES = tuple(sorted({n.rsplit(".", 1)[-1] for t in (LLM_TARGETS, SIGLIP_TARGETS, SAM_TARGETS)
                               for names in t.values() for n in names}))
-ADAPTER_TYPES = (LoRALinear, DoRALinear)
 
 
 class StageError(ValueError):
@@ -151,27 +150,6 @@ def llm_is_quantized(model) -> bool:
                for _, m in model.language_model.named_modules())
 
 
-def wrap_linear(module: nn.Module, method: str, rank: int, scale: float, dropout: float) -> nn.Module:
-    cls = DoRALinear if method == "dora" else LoRALinear
-    if isinstance(module, ADAPTER_TYPES):
-        raise StageError("layer already has an adapter")
-    if not isinstance(module, (nn.Linear, nn.QuantizedLinear)):
-        raise StageError(f"cannot put a {method} adapter on a {type(module).__name__}")
-    return cls.from_base(module, r=rank, dropout=dropout, scale=scale)
-
-
-def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: float, dropout: float) -> None:
-    """Wrap the Linear layers at ``paths`` (full dotted names in ``model``) with adapters."""
-    modules = dict(model.named_modules())
-    updates = []
-    for p in paths:
-        if p not in modules:
-            raise StageError(f"no module {p!r} in this model")
-        updates.append((p, wrap_linear(modules[p], method, rank, scale, dropout)))
-    if updates:
-        model.update_modules(tree_unflatten(updates))
-
-
 def adapter_paths(model, spec: TrainSpec) -> List[str]:
     """Full names of the Linear layers that ``spec`` puts adapters on."""
     if spec.method == "full":
@@ -218,7 +196,10 @@ def setup_trainable(model, spec: TrainSpec) -> List[str]:
         raise StageError("`lora_rank` must be >= 1")
     model.freeze()
     paths = adapter_paths(model, spec)
-    adapt_modules(model, paths, spec.method, spec.rank, spec.scale, spec.dropout)
+    try:
+        adapt_modules(model, paths, spec.method, spec.rank, spec.scale, spec.dropout)
+    except AdapterError as e:
+        raise StageError(str(e)) from None
     comps = set(spec.components)
     if "aligner" in comps:
         model.aligner.unfreeze()

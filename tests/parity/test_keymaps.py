@@ -1,11 +1,11 @@
-"""``convert.keymaps``: original <-> ``transformers`` names, both directions, both layouts."""
+"""``mlx_dsvl.convert.keymaps``: original <-> ``transformers`` names, both directions, both layouts."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from convert.keymaps import ORIGINAL_UNUSED, hf_to_original, original_to_hf
+from mlx_dsvl.convert.keymaps import ORIGINAL_UNUSED, hf_to_original, original_to_hf
 from mlx_dsvl.testing.make_checkpoint import make_checkpoint
 
 from mlx_dsvl.testing import hf_reference as ref

@@ -5,8 +5,8 @@ Kinds:
 - ``original``: the deepseek-ai layout (``vision_config`` / ``aligner_config`` /
   ``language_config``; PyTorch names and conv layouts);
 - ``transformers``: ``deepseek_vl`` / ``deepseek_vl_hybrid`` (either SigLIP naming generation),
-  renamed with :func:`convert.keymaps.hf_to_original` and given an original ``config.json``;
-- ``mlx``: a folder written by ``python -m convert`` (possibly quantized).
+  renamed with :func:`.keymaps.hf_to_original` and given an original ``config.json``;
+- ``mlx``: a folder written by this converter (possibly quantized).
 
 Weights: safetensors (single file or shards + index) read lazily with ``mx.load`` -- nothing is
 read from disk until a tensor is evaluated; PyTorch pickles (``.bin`` / ``.pt`` / ``.pth``) only
@@ -17,21 +17,20 @@ anything is written.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_dsvl.config import ConfigError, ModelConfig
-from mlx_dsvl.loading import ModelLoadError, read_json, read_weights
-from mlx_dsvl.mlx_format import UNUSED_FILE, mlx_format_info, strip_marker
-from mlx_dsvl.models.deepseek_vl import UNUSED_PARTS, UNUSED_PREFIXES, DeepseekVL
+from ..config import ConfigError, ModelConfig
+from ..mlx_format import UNUSED_FILE, mlx_format_info, strip_marker
+from ..model_folder import read_json, read_weights, sanitize, split_unused, weight_file_names
+from ..models.deepseek_vl import DeepseekVL
 
 from . import hf_config
-from .files import ConvertError, write_safetensors
+from .files import ConvertError, as_convert_error, write_safetensors
 from .keymaps import hf_to_original, is_hf_state_dict
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -66,28 +65,10 @@ class Source:
         return f"{self.kind} format, {layout}{qtxt}, {len(self.weight_files)} weight file(s)"
 
 
-def resolve_source(model: str, allow_pickle: bool = False) -> Path:
-    """A local folder as is; a hub id (``owner/name``) fetched into the Hugging Face cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ConvertError(f"{model}: not a folder")
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ConvertError(f"{model}: no such model folder")
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.md"]
-    if allow_pickle:
-        patterns += ["*.bin", "*.pt", "*.pth"]
-    try:
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
-        except Exception:
-            return Path(snapshot_download(model, allow_patterns=patterns))
-    except Exception as e:
-        raise ConvertError(f"could not download {model!r} from the Hugging Face hub and it is not in the local "
-                           f"cache ({type(e).__name__}); pass a local folder instead") from None
+def hub_patterns(allow_pickle: bool) -> Tuple[str, ...]:
+    """What a hub download fetches beyond ``mlx_dsvl.load``'s: the chat template and model card
+    (copied along), and the pickles when they may be read."""
+    return ("*.jinja", "*.md") + (tuple("*" + s for s in PICKLE_SUFFIXES) if allow_pickle else ())
 
 
 def _detect_kind(path: Path, config: Dict[str, Any]) -> str:
@@ -186,15 +167,6 @@ def _side_files(path: Path, skip_processor: bool) -> List[Path]:
     return out
 
 
-@contextmanager
-def _as_convert_error() -> Iterator[None]:
-    """The loader's errors (bad JSON, missing shard, truncated file, ...) as this tool's."""
-    try:
-        yield
-    except ModelLoadError as e:
-        raise ConvertError(str(e)) from None
-
-
 def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callable[[], Path]] = None,
                 log: Callable[[str], None] = print) -> Source:
     """Open ``path`` (a folder) and check everything short of reading the tensors' data."""
@@ -204,7 +176,7 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         raise ConvertError(f"{path}: no such model folder")
     if not cfg_file.is_file():
         raise ConvertError(f"{path}: no config.json, so not a model folder")
-    with _as_convert_error():
+    with as_convert_error():
         raw = read_json(cfg_file, "config.json")
     if not isinstance(raw, dict):
         raise ConvertError(f"{cfg_file}: not a JSON object")
@@ -228,7 +200,7 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         prep_file = path / "preprocessor_config.json"
         if not prep_file.is_file():
             raise ConvertError(f"{path}: missing preprocessor_config.json")
-        with _as_convert_error():
+        with as_convert_error():
             prep = read_json(prep_file, "preprocessor_config.json")
     try:
         model_config = ModelConfig.from_dict(config, prep)
@@ -238,7 +210,7 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         raise ConvertError(f"{path}: missing tokenizer files (tokenizer_config.json and tokenizer.json); "
                            "the converted folder would not load")
     side_files = _side_files(path, skip_processor=bool(generated))
-    with _as_convert_error():  # copied as they are: a damaged one would make a folder that won't load
+    with as_convert_error():  # copied as they are: a damaged one would make a folder that won't load
         for f in side_files:
             if f.suffix == ".json":
                 read_json(f, f.name)
@@ -246,11 +218,9 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
     # -- weights (lazy) -------------------------------------------------------------------
     has_safetensors = (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
     if has_safetensors:
-        with _as_convert_error():
+        with as_convert_error():
             weights = read_weights(path)  # index / missing shard / missing tensor / truncation checks
-        index = path / "model.safetensors.index.json"
-        files = (sorted(set(read_json(index, "weight index")["weight_map"].values())) if index.exists()
-                 else sorted(p.name for p in path.glob("*.safetensors")))
+            files = weight_file_names(path)
     else:
         pickles = _pickle_files(path)
         if not pickles:
@@ -284,29 +254,12 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
                 weights = hf_to_original(weights, hybrid=model_config.vision.hybrid)
             except (KeyError, ValueError) as e:
                 raise ConvertError(f"{path}: {e.args[0] if e.args else e}") from None
-        for k in list(weights):
-            if k.startswith(UNUSED_PREFIXES) or any(p in k for p in UNUSED_PARTS):
-                extras[k] = weights.pop(k)
-        weights = DeepseekVL.sanitize(weights)  # conv transposes (lazy)
+        weights, extras = split_unused(weights)
+        weights = sanitize(weights)  # conv transposes (lazy)
 
     return Source(path=path, kind=kind, config=config, model_config=model_config, weights=weights,
                   extras=extras, side_files=side_files,
                   generated=generated, quantization=quantization, notes=notes, weight_files=files)
-
-
-def strict_check(path: Path, weights: Dict[str, mx.array], expected: Dict[str, mx.array]) -> None:
-    """Names and shapes exactly the model's (the same rule and wording as ``mlx_dsvl.load``)."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing:
-        raise ConvertError(f"{path}: missing weight {missing[0]}"
-                           + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if unexpected:
-        raise ConvertError(f"{path}: unexpected weight {unexpected[0]}"
-                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for k, v in weights.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ConvertError(f"{path}: weight {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
 
 
 def skeleton_parameters(model: DeepseekVL) -> Dict[str, mx.array]:

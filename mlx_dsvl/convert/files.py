@@ -1,4 +1,5 @@
-"""File side of the converter: streaming safetensors writer, shards (output folders: staging.py).
+"""File side of the converter: streaming safetensors writer, shards (output folders: staging.py;
+the shard plan and names: :mod:`mlx_dsvl.model_folder`).
 
 - :func:`write_safetensors`: writes the header from the (lazy) arrays' shapes and dtypes, then
   evaluates and writes one tensor at a time, dropping it right after -- so writing a shard holds
@@ -10,22 +11,33 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-from mlx_dsvl.faults import fault_point
+from ..faults import fault_point
+from ..model_folder import ModelLoadError, plan_shards, shard_names
 
 
 class ConvertError(ValueError):
     """A conversion that cannot be done; the message (one line) says what and where."""
+
+
+@contextmanager
+def as_convert_error() -> Iterator[None]:
+    """The folder reader's errors (bad JSON, missing shard, truncated file, strict check, ...)
+    as this tool's."""
+    try:
+        yield
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
 
 
 def log(msg: str) -> None:
@@ -92,45 +104,6 @@ def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Option
     return offset
 
 
-_written = 0
-
-
-def _test_pause() -> None:
-    """Tests only: with ``MLX_DSVL_TEST_PAUSE_AFTER_TENSORS=N``, stop after the N-th tensor
-    written (and say so on stderr) so that a test can kill the process at a known point."""
-    global _written
-    _written += 1
-    if os.environ.get("MLX_DSVL_TEST_PAUSE_AFTER_TENSORS") == str(_written):
-        log(f"test pause after {_written} tensors")
-        time.sleep(300)
-
-
-def shard_names(count: int, single: str = "model.safetensors") -> List[str]:
-    if count == 1:
-        return [single]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-
-
-def plan_shards(tensors: Dict[str, mx.array], max_bytes: int) -> List[List[str]]:
-    """Consecutive groups of names, each at most ``max_bytes`` (unless one module is larger).
-
-    The tensors of one module (``x.weight``, ``x.scales``, ``x.biases``, ``x.bias``) stay together.
-    """
-    modules: Dict[str, List[str]] = {}
-    for k in tensors:
-        modules.setdefault(k.rpartition(".")[0], []).append(k)
-    shards: List[List[str]] = [[]]
-    size = 0
-    for keys in modules.values():
-        n = sum(tensors[k].nbytes for k in keys)
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].extend(keys)
-        size += n
-    return shards
-
-
 def write_shards(
     folder: Path,
     tensors: Dict[str, mx.array],
@@ -143,7 +116,7 @@ def write_shards(
 
     Emptied as written.  Returns (file names, total data bytes).
     """
-    groups = plan_shards(tensors, max_bytes)
+    groups = plan_shards({k: v.nbytes for k, v in tensors.items()}, max_bytes)
     names = shard_names(len(groups))
     weight_map: Dict[str, str] = {}
     total = 0

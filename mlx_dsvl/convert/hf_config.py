@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from mlx_dsvl.config import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_ID, SAM_MODELS, SIGLIP_MODELS
+from ..config import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_ID, SAM_MODELS, SIGLIP_MODELS
 
 from .files import ConvertError
 

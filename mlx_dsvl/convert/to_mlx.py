@@ -16,16 +16,17 @@ from typing import Callable, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_dsvl.loading import DTYPES
-from mlx_dsvl.mlx_format import (
+from ..loading import DTYPES
+from ..mlx_format import (
     FORMAT, FORMAT_VERSION, MARKER, QUANT_BITS, QUANT_GROUP_SIZES, UNUSED_FILE, dequantize_weights,
     quantize_structure, quantize_weights,
 )
-from mlx_dsvl.models.deepseek_vl import DeepseekVL
+from ..model_folder import check_weights
+from ..models.deepseek_vl import DeepseekVL
 
 from .files import ConvertError, log, write_safetensors, write_shards
 from .job import conversion
-from .sources import skeleton_parameters, strict_check
+from .sources import skeleton_parameters
 
 DEFAULT_SHARD_GB = 5.0
 
@@ -90,14 +91,14 @@ def convert_to_mlx(
             source.notes.append(f"dequantized the source's {source.quantization['bits']}-bit weights first")
 
         skeleton = DeepseekVL(source.model_config)
-        strict_check(src, weights, skeleton_parameters(skeleton))
+        check_weights(src, weights, skeleton_parameters(skeleton))
         qpaths = quantize_structure(skeleton, q_bits, q_group_size, quantize_vision) if quantize else set()
         expected = skeleton_parameters(skeleton)
 
         # Lazy graph per output tensor, in the model's order; nothing is read yet.
         tensors = quantize_weights({k: cast(v, target) for k, v in weights.items()}, qpaths, q_bits, q_group_size)
         del weights
-        strict_check(src, tensors, expected)  # the quantized layout too, before writing anything
+        check_weights(src, tensors, expected)  # the quantized layout too, before writing anything
         tensors = {k: tensors[k] for k in expected}
         out_dtype = dominant_dtype(tensors)
         extras = dict(source.extras)

@@ -16,10 +16,11 @@ from typing import Callable, Dict, Iterator, Optional
 
 import mlx.core as mx
 
-from mlx_dsvl.loading import DTYPES
+from ..loading import DTYPES
 
-from .files import ConvertError, copy_files, folder_bytes, human_bytes, write_json
-from .sources import Source, open_source, resolve_source
+from ..model_folder import resolve_model_path
+from .files import ConvertError, as_convert_error, copy_files, folder_bytes, human_bytes, write_json
+from .sources import Source, hub_patterns, open_source
 from .staging import check_output, staged_output
 
 
@@ -43,14 +44,23 @@ class Job:
 def conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pickle: bool,
                shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     """Check the common arguments, open ``model`` and stage ``out``; the body writes into
-    ``job.tmp``.  An exception anywhere leaves no trace next to ``out``."""
+    ``job.tmp``.  An exception anywhere leaves no trace next to ``out``; the folder reader's
+    errors (:mod:`mlx_dsvl.model_folder`, the body's strict checks too) come out as ConvertError."""
+    with as_convert_error():
+        with _conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+            yield job
+
+
+@contextmanager
+def _conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pickle: bool,
+                shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if shard_gb <= 0:
         raise ConvertError("--shard-gb must be positive")
     out_path = Path(out).expanduser()
     t0 = time.perf_counter()
-    src = resolve_source(model, allow_pickle)
+    src = resolve_model_path(model, hub_patterns(allow_pickle))
     check_output(out_path, src, force)
     with staged_output(out_path, force, progress) as tmp:
         scratch_dir = tmp / ".scratch"
