@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_logic as logic  # noqa: E402
 
 from mlx_dsvl.processing.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from mlx_dsvl.streaming import DEFAULT_SAMPLING  # noqa: E402
+from mlx_dsvl.sampling import DEFAULTS as SAMPLING_DEFAULTS, controls  # noqa: E402
 
 if __name__ == "__main__" and not st.runtime.exists():
     # `python apps/chat.py [app options] [--server.port N ...]`: preload OpenBLAS on Linux's CPU
@@ -60,20 +60,18 @@ def get_model(path: str, quantize: bool) -> logic.LoadedModel:
 
 
 # -- settings -----------------------------------------------------------------------------------
-RANGES = logic.SLIDERS  # the sidebar widgets' limits
+CONTROLS = controls()  # the sampling widgets: label, limits, step (mlx_dsvl.sampling)
 
 
-def _start(name: str, given, default):
-    return type(RANGES[name][0])(default if given is None else given)  # checked above
+def _start(name: str):
+    given = getattr(ARGS, name)  # checked against the widget's limits above
+    return type(CONTROLS[name].low)(getattr(SAMPLING_DEFAULTS, name) if given is None else given)
 
 
 DEFAULTS = {
     "model_path": ARGS.model,
     "quantize": ARGS.quantize,
-    "temperature": _start("temperature", ARGS.temperature, DEFAULT_SAMPLING["temperature"]),
-    "top_p": _start("top_p", ARGS.top_p, DEFAULT_SAMPLING["top_p"]),
-    "repetition_penalty": _start("repetition_penalty", ARGS.repetition_penalty, DEFAULT_SAMPLING["repetition_penalty"]),
-    "max_tokens": _start("max_tokens", ARGS.max_tokens, DEFAULT_SAMPLING["max_tokens"]),
+    **{name: _start(name) for name in CONTROLS},
     "kv_cache": {v: k for k, v in logic.KV_CACHE_OPTIONS.items()}[ARGS.kv_bits],
     "system_prompt": DEFAULT_SYSTEM_PROMPT if ARGS.system is None else ARGS.system,
 }
@@ -83,8 +81,7 @@ for k, v in DEFAULTS.items():
 
 def sampling() -> dict:
     s = st.session_state
-    return dict(temperature=float(s.temperature), top_p=float(s.top_p),
-                repetition_penalty=float(s.repetition_penalty), max_tokens=int(s.max_tokens))
+    return {name: type(c.low)(s[name]) for name, c in CONTROLS.items()}
 
 
 def request(action: str) -> None:
@@ -107,11 +104,9 @@ with st.sidebar:
     st.subheader("Last reply")
     stats_slot = st.container()
     st.subheader("Sampling")
-    st.slider("Temperature", *RANGES["temperature"], step=0.05, key="temperature", help="0 = greedy")
-    st.slider("Top-p", *RANGES["top_p"], step=0.01, key="top_p")
-    st.slider("Repetition penalty", *RANGES["repetition_penalty"], step=0.01, key="repetition_penalty",
-              help="1 = off")
-    st.number_input("Max new tokens", *RANGES["max_tokens"], step=64, key="max_tokens")
+    for name, c in CONTROLS.items():  # integers in a number box, the rest on sliders
+        widget = st.number_input if isinstance(c.low, int) else st.slider
+        widget(c.label, c.low, c.high, step=c.step, key=name, help=c.help)
     st.text_area("System prompt", key="system_prompt", height=100, help="Empty: no system prompt.")
     for warning in (logic.address_warning(st.get_option("server.address")), logic.blas_hint()):
         if warning:

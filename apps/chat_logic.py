@@ -22,6 +22,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from mlx_dsvl.processing.image import ImageLoadError, load_image
+from mlx_dsvl.sampling import add_arguments, controls
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 MODEL_ENV = "MLX_DSVL_APP_MODEL"  # the model when no --model is given (tests use it)
@@ -56,10 +57,7 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     p.add_argument("--adapter", default=None)  # a training output folder applied after loading
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    add_arguments(p, defaults=False, skip=("seed",))
     p.add_argument("--kv-bits", type=int, choices=list(KV_CACHE_OPTIONS.values())[1:], default=None)
     p.add_argument("--system", default=None)
     if strict:
@@ -75,8 +73,7 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
 
 
 # The sidebar widgets' limits; a starting value (--temperature ...) must lie within them.
-SLIDERS = {"temperature": (0.0, 1.5), "top_p": (0.05, 1.0), "repetition_penalty": (1.0, 2.0),
-           "max_tokens": (1, 4096)}
+SLIDERS = {name: (c.low, c.high) for name, c in controls().items()}
 
 
 def check_start_values(args: argparse.Namespace) -> None:
@@ -117,7 +114,7 @@ def address_warning(address: Optional[str]) -> Optional[str]:
 
 
 def blas_hint() -> Optional[str]:
-    """On Linux's CPU backend without OpenBLAS loaded: how to start the app ~10x faster.
+    """On Linux's CPU backend without OpenBLAS loaded: how to start the app much faster.
 
     (``python apps/chat.py`` re-executes itself with OpenBLAS preloaded before it starts the
     server; ``streamlit run`` cannot, so its users preload it.)"""
@@ -395,7 +392,7 @@ class Conversation:
     def prompt_text(self, text: str, n_images: int) -> str:
         """The user text the model sees: one image placeholder per image, before the text
         (unless the user placed the placeholders themselves)."""
-        from mlx_dsvl.generation import place_images
+        from mlx_dsvl.processing.chat import place_images
 
         return place_images(text, n_images, self.session.processor.image_tag)
 

@@ -19,22 +19,23 @@ import time
 
 def library_rate(model, processor, conv, n: int) -> float:
     import mlx_dsvl
+    from mlx_dsvl.sampling import GREEDY
 
     first = None
-    for _ in mlx_dsvl.stream_generate(model, processor, conv, temperature=0, repetition_penalty=1.0,
-                                      max_tokens=n):
+    for _ in mlx_dsvl.stream_generate(model, processor, conv, sampling=GREEDY, max_tokens=n):
         first = first or time.perf_counter()
     return (n - 1) / (time.perf_counter() - first)
 
 
 def scheduler_rate(model, processor, conv, n: int, batch: int) -> float:
     from mlx_dsvl.server.scheduler import Delta, Finished, Job, Scheduler
+    from mlx_dsvl.sampling import GREEDY
     from mlx_dsvl.server.schema import SamplingParams
 
     ids = processor.tokenize(processor.format(conv)).tolist()
     events: queue.Queue = queue.Queue()
     sched = Scheduler(model, processor, max_batch=batch, cache_bytes=0)
-    params = SamplingParams(temperature=0, repetition_penalty=1.0, max_tokens=n, ignore_eos=True)
+    params = SamplingParams(**GREEDY.with_(max_tokens=n).as_dict(), ignore_eos=True)
     for i in range(batch):
         sched.submit(Job(str(i), ids, [], {}, params, lambda e: events.put((time.perf_counter(), e))))
     sched.start()

@@ -11,7 +11,7 @@ and the system OpenBLAS, each with the core it picks itself and forced to each c
 then the library and core ``mlx_dsvl.blas.ensure_fast_blas`` chooses.  Two PyTorch rows show
 what a preloaded OpenBLAS does to PyTorch in the same process (it takes over PyTorch's
 ``sgemm_``).  ``--siglip`` adds one real-size SigLIP-L/16@384 forward (random weights, no
-checkpoint needed) per row: about 6 s with OpenBLAS, 1-2 minutes with the bundled BLAS.
+checkpoint needed) per row: seconds with OpenBLAS, minutes with the bundled BLAS.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ def run(args) -> Dict:
     from .device import describe_device, select_device
     from .loading import load
     from .session import ChatSession
-    from .streaming import DEFAULT_SAMPLING, kv_cache_options, last_logits
+    from .sampling import DEFAULTS, GREEDY
+    from .streaming import kv_cache_options, last_logits
     from .testing.make_checkpoint import cached_checkpoint
     from .warmup import warm_up
 
@@ -116,7 +117,7 @@ def run(args) -> Dict:
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     conv = [{"role": "user", "content": bench_chat.FIRST}]
-    opts = dict(max_tokens=args.max_tokens, temperature=0.0, repetition_penalty=1.0)
+    opts = GREEDY.with_(max_tokens=args.max_tokens).as_dict()
     if gpu:
         # The first forward of a process compiles MLX's GPU kernels (cached on disk for later
         # processes): reported apart, then a warm-up covers a conversation's other kernels.
@@ -163,7 +164,7 @@ def run(args) -> Dict:
         prompt = mx.array(np.random.default_rng(1).integers(100, 30000, 64), dtype=mx.int32)
         ours, bare = _decode_pair(model, processor, prompt, n, 1.0)
         res.update(decode_ours_tps=ours, decode_bare_mlx_lm_tps=bare, decode_ratio=ours / bare)
-        ours, bare = _decode_pair(model, processor, prompt, n, DEFAULT_SAMPLING["repetition_penalty"])
+        ours, bare = _decode_pair(model, processor, prompt, n, DEFAULTS.repetition_penalty)
         res.update(decode_penalty_ours_tps=ours, decode_penalty_bare_mlx_lm_tps=bare,
                    decode_penalty_ratio=ours / bare)
         bw = memory_bandwidth_gbs()
@@ -195,9 +196,9 @@ def _decode_pair(model, processor, prompt, n: int, penalty: float):
     busier or quieter during the runs alone."""
     from mlx_lm.generate import generate_step
 
-    from .streaming import make_sampling
+    from .sampling import GREEDY
 
-    processors = make_sampling(0.0, 1.0, penalty)[1]
+    processors = GREEDY.with_(repetition_penalty=penalty).make_logits_processors()
 
     def bare(k):
         return decode_tps(generate_step(prompt, model.language_model, max_tokens=k,
@@ -224,12 +225,15 @@ def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
     mlx-lm's rate, whose pipeline is full before its first token: from the first chunk after
     that refill to the last token's chunk.
     """
+    from .sampling import GREEDY
     from .streaming import stream_tokens
 
+    opts = GREEDY.with_(repetition_penalty=penalty)
     embeds = model.get_input_embeddings(prompt[None])[0]
     stamps = []  # (time, tokens so far) at each chunk that carries a token
     for c in stream_tokens(model.language_model, processor, prompt, embeds, model.make_cache(),
-                           max_tokens=n, temperature=0.0, repetition_penalty=penalty):
+                           sampler=opts.make_sampler(), processors=opts.make_logits_processors(),
+                           max_tokens=n):
         if c.token is not None:
             stamps.append((time.perf_counter(), c.generation_tokens))
     steady = [s for s in stamps if s[1] >= 2]

@@ -1,7 +1,7 @@
 """Fast BLAS for MLX's Linux CPU backend.
 
 The ``mlx[cpu]`` wheel for Linux ships a slow reference BLAS.  An OpenBLAS preloaded with
-``LD_PRELOAD`` replaces its GEMM (fp32 2048x2048 matmul on 2 cores: about 6 -> 200 GFLOP/s).
+``LD_PRELOAD`` replaces its GEMM, many times faster (docs/PERFORMANCE.md, "OpenBLAS").
 The entry points call :func:`ensure_fast_blas` first: on Linux, when an OpenBLAS is found and is
 not loaded yet, the process re-executes itself once with it preloaded.  Looked for, in order:
 
@@ -13,7 +13,7 @@ not loaded yet, the process re-executes itself once with it preloaded.  Looked f
    calls, for machines without a system OpenBLAS.
 
 OpenBLAS picks its kernels for the CPU it finds.  An older build that does not recognize a new
-CPU falls back to generic ones (``Prescott``: about 1/3 of the speed); when the library reports
+CPU falls back to generic ones (``Prescott``: a fraction of the speed); when the library reports
 such a core on a CPU with AVX2+FMA or AVX-512, ``OPENBLAS_CORETYPE`` is set for the re-executed
 process to the best core the library knows for those flags, unless the user set it already.
 ``MLX_DSVL_NO_BLAS_REEXEC=1`` turns all of this off.  When no OpenBLAS can be loaded, a hint

@@ -63,19 +63,40 @@ def _fields(cls, params: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @dataclass
-class SigLIPConfig:
+class ViTConfig:
+    """What both vision towers share: a stride-``patch_size`` patch embedding of an
+    ``image_size`` square and ``layers`` blocks (``heads``-head attention, an MLP of
+    ``mlp_ratio`` x ``width``, LayerNorm ``eps``).  A subclass names its reference table."""
+
     image_size: int = 384
     patch_size: int = 16
     width: int = 1024
     layers: int = 24
     heads: int = 16
     mlp_ratio: float = 4.0
-    select_layer: int = -1
     eps: float = 1e-6
+
+    # not dataclass fields: the reference table (model_name -> sizes), its default, the name
+    _KIND, _TABLE, _DEFAULT_NAME = "ViT", {}, ""
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @classmethod
+    def from_params(cls, params: Dict[str, Any]):
+        """The named model's sizes (``model_name``), overridden by explicit size fields."""
+        name = params.get("model_name", cls._DEFAULT_NAME)
+        if name not in cls._TABLE:
+            raise ConfigError(f"unknown {cls._KIND} model_name {name!r}; supported: {sorted(cls._TABLE)}")
+        return cls(**{**cls._TABLE[name], **_fields(cls, params)})
+
+
+@dataclass
+class SigLIPConfig(ViTConfig):
+    select_layer: int = -1
+
+    _KIND, _TABLE, _DEFAULT_NAME = "SigLIP", SIGLIP_MODELS, "siglip_large_patch16_384"
 
     @property
     def num_layers(self) -> int:
@@ -88,44 +109,23 @@ class SigLIPConfig:
     def mlp_dim(self) -> int:
         return int(self.width * self.mlp_ratio)
 
-    @classmethod
-    def from_params(cls, params: Dict[str, Any]) -> "SigLIPConfig":
-        name = params.get("model_name", "siglip_large_patch16_384")
-        if name not in SIGLIP_MODELS:
-            raise ConfigError(
-                f"unknown SigLIP model_name {name!r}; supported: {sorted(SIGLIP_MODELS)}"
-            )
-        return cls(**{**SIGLIP_MODELS[name], **_fields(cls, params)})
-
 
 @dataclass
-class SAMConfig:
+class SAMConfig(ViTConfig):
     image_size: int = 1024
-    patch_size: int = 16
     width: int = 768
     layers: int = 12
     heads: int = 12
-    mlp_ratio: float = 4.0
     window_size: int = 14
     global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)
     downsample_channels: Tuple[int, ...] = (512, 1024)
     prompt_embed_dim: int = 256
-    eps: float = 1e-6
+
+    _KIND, _TABLE, _DEFAULT_NAME = "SAM", SAM_MODELS, "sam_b_downsample"
 
     def __post_init__(self):
         self.global_attn_indexes = tuple(self.global_attn_indexes)
         self.downsample_channels = tuple(self.downsample_channels)
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def from_params(cls, params: Dict[str, Any]) -> "SAMConfig":
-        name = params.get("model_name", "sam_b_downsample")
-        if name not in SAM_MODELS:
-            raise ConfigError(f"unknown SAM model_name {name!r}; supported: {sorted(SAM_MODELS)}")
-        return cls(**{**SAM_MODELS[name], **_fields(cls, params)})
 
 
 @dataclass

@@ -15,10 +15,11 @@ import argparse
 import sys
 from typing import List
 
-from .generation import place_images
+from .processing.chat import place_images
 from .session import ChatSession
 from .mlx_format import QUANT_BITS
-from .streaming import DEFAULT_SAMPLING, KV_BITS, KV_GROUP_SIZES, GenerationChunk, check_sampling
+from .sampling import SamplingOptions, add_arguments
+from .streaming import KV_BITS, KV_GROUP_SIZES, GenerationChunk
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 
@@ -36,14 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with no placeholder the images go before the text)")
     p.add_argument("--prompt", default=None, help="the user message (required unless --chat)")
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_SAMPLING["max_tokens"],
-                   help="maximum new tokens (default: 512)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"],
-                   help="sampling temperature, 0 = greedy (default: 0.2)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"], help="nucleus sampling (default: 0.95)")
-    p.add_argument("--repetition-penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"],
-                   help="repetition penalty, 1 = off (default: 1.1)")
-    p.add_argument("--seed", type=int, default=None, help="random seed")
+    add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--adapter", default=None,
@@ -85,10 +79,7 @@ def _reply(session: ChatSession, text: str, images: List[str], args) -> None:
     last = None
     notices: List[str] = []
     session.on_truncate = notices.append  # told after the reply, not in the middle of it
-    reply = session.send(
-        text, images, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
+    reply = session.send(text, images, SamplingOptions.from_args(args))
     try:
         for chunk in reply:
             print(chunk.text, end="", flush=True)
@@ -176,8 +167,7 @@ def _one_line(e: BaseException) -> str:
 
 def check_args(args) -> None:
     """Option values a run would only trip over later: ``ValueError`` naming the flag."""
-    check_sampling(flags=True, max_tokens=args.max_tokens, temperature=args.temperature,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty)
+    SamplingOptions.from_args(args)
     if args.max_context < 2:
         raise ValueError(f"--max-context must be an integer >= 2, got {args.max_context}")
     if not args.chat and args.prompt is None:

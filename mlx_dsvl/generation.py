@@ -8,9 +8,9 @@ Built on mlx-lm's ``generate_step``, samplers, logits processors and KV cache):
 - ``generate_batch(model, processor, conversations, images=None, **sampling) -> list[str]``:
   several conversations at once (left padding + mask), the same greedy outputs as one by one.
 
-Sampling options: ``max_tokens`` (512), ``temperature`` (0.2; 0 = greedy), ``top_p`` (0.95),
-``repetition_penalty`` (1.1), ``seed`` -- the reference CLI's defaults.  KV-cache quantization
-(one-by-one generation): ``kv_bits`` (None, 4 or 8), ``kv_group_size`` (64),
+Sampling options: the fields of :class:`~mlx_dsvl.sampling.SamplingOptions` as keywords
+(``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``repetition_penalty``, ``seed``), or a
+whole one as ``sampling=``.  KV-cache quantization (one-by-one generation): ``kv_bits`` (None, 4 or 8), ``kv_group_size`` (64),
 ``quantized_kv_start`` (0).
 """
 
@@ -21,17 +21,10 @@ from typing import Iterator, List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache
 
+from .processing.chat import place_images  # noqa: F401 -- public here too
+from .sampling import GREEDY, SamplingOptions
 from .session import ChatSession
-from .streaming import (
-    DEFAULT_SAMPLING,
-    STOP_STRINGS,
-    GenerationChunk,
-    StopStringFilter,
-    check_sampling,
-    last_logits,
-    make_detokenizer,
-    make_sampling,
-)
+from .streaming import STOP_STRINGS, GenerationChunk, StopStringFilter, last_logits, make_detokenizer
 
 def stream_generate(model, processor, conversation: Sequence[dict], images: Optional[Sequence] = None,
                     max_context: int = 4096, kv_bits: Optional[int] = None, kv_group_size: int = 64,
@@ -70,17 +63,16 @@ def generate(model, processor, conversation: Sequence[dict], images: Optional[Se
 
 
 def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
-                   images: Optional[Sequence[Sequence]] = None, max_tokens: int = 512,
-                   temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                   seed: Optional[int] = None) -> List[str]:
+                   images: Optional[Sequence[Sequence]] = None, sampling: Optional[SamplingOptions] = None,
+                   **options) -> List[str]:
     """Replies to several conversations at once (left-padded batch, one KV cache per layer).
 
-    Greedy by default, so that it returns what one-by-one greedy generation returns.
+    ``sampling`` (default :data:`~mlx_dsvl.sampling.GREEDY`, so that it returns what one-by-one
+    greedy generation returns) with ``options`` (``max_tokens=...``) changed.
     """
-    check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                   repetition_penalty=repetition_penalty)
-    if seed is not None:
-        mx.random.seed(seed)
+    opts = (sampling or GREEDY).with_(**options)
+    if opts.seed is not None:
+        mx.random.seed(opts.seed)
     images = list(images) if images is not None else [None] * len(conversations)
     batch = processor.batch(list(zip(conversations, images)))
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -88,13 +80,13 @@ def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
     pad = (ids.shape[1] - mask.sum(axis=1)).tolist()
     cache = [BatchKVCache(pad) for _ in model.language_model.layers]
     embeds = model.get_input_embeddings(ids, batch["pixel_values"])
-    sampler, processors = make_sampling(temperature, top_p, repetition_penalty)
+    sampler, processors = opts.make_sampler(), opts.make_logits_processors()
     eos = processor.tokenizer.eos_token_id
     logits = last_logits(model.language_model, ids, cache, embeds)
     history = ids
     out: List[List[int]] = [[] for _ in range(B)]
     done = [False] * B
-    for _ in range(max_tokens):
+    for _ in range(opts.max_tokens):
         for p in processors:
             logits = mx.stack([p(history[b], logits[b:b + 1])[0] for b in range(B)])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -127,11 +119,3 @@ def _finish_text(processor, tokens: List[int]) -> str:
     detok.finalize()
     f = StopStringFilter()
     return f.push(detok.text) + f.flush()
-
-
-def place_images(prompt: str, n_images: int, tag: str = "<image_placeholder>") -> str:
-    """With images but no placeholder, put one placeholder per image before the text (as the
-    reference demo does)."""
-    if n_images and tag not in prompt:
-        return tag * n_images + prompt
-    return prompt

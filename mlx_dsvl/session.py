@@ -30,10 +30,9 @@ import mlx.core as mx
 import numpy as np
 
 from .processing.chat import PromptTokens
-from .streaming import (
-    DEFAULT_SAMPLING, PROCESSOR_CONTEXT, SAMPLING_RANGES, GenerationChunk, check_sampling, kv_cache_options,
-    prefill, stream_tokens,
-)
+from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
+from .streaming import GenerationChunk, kv_cache_options, prefill, stream_tokens
+from .utils import common_prefix
 from .warmup import FirstUseNotice
 
 
@@ -43,15 +42,6 @@ class PromptTooLongError(ValueError):
 
 def _warn(message: str) -> None:
     print(f"[mlx-dsvl] {message}", file=sys.stderr)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    a_, b_ = np.asarray(a[:n]), np.asarray(b[:n])
-    diff = np.flatnonzero(a_ != b_)
-    return int(diff[0]) if diff.size else n
 
 
 class ChatSession:
@@ -156,17 +146,20 @@ class ChatSession:
             )
         return ids
 
-    def send(self, text: str, images: Sequence = (), **sampling) -> Iterator[GenerationChunk]:
-        """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply."""
+    def send(self, text: str, images: Sequence = (), sampling: Optional[SamplingOptions] = None,
+             **options) -> Iterator[GenerationChunk]:
+        """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply.
+
+        ``sampling`` (default: :data:`~mlx_dsvl.sampling.DEFAULTS`) with ``options``
+        (``temperature=0``, ``max_tokens=64``, ...: :class:`~mlx_dsvl.sampling.SamplingOptions`'
+        fields) changed."""
         with FirstUseNotice(self.on_slow_start) as notice:
-            for chunk in self._send(text, images, **sampling):
+            for chunk in self._send(text, images, (sampling or DEFAULTS).with_(**options)):
                 notice.done()
                 yield chunk
 
-    def _send(self, text: str, images: Sequence = (), **sampling) -> Iterator[GenerationChunk]:
+    def _send(self, text: str, images: Sequence, opts: SamplingOptions) -> Iterator[GenerationChunk]:
         tic = time.perf_counter()
-        opts = {**DEFAULT_SAMPLING, **sampling, "start_time": tic}
-        check_sampling(**{k: opts[k] for k in SAMPLING_RANGES})
         n_tags = text.count(self.processor.image_tag)
         if n_tags != len(images):
             raise ValueError(
@@ -178,25 +171,25 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text, "images": keys})
         tic_prompt = time.perf_counter()
         try:
-            ids = self._fit_context(opts["max_tokens"])
+            ids = self._fit_context(opts.max_tokens)
         except PromptTooLongError:
             self.messages = before
             raise
         self.timings = {"images_ms": (tic_prompt - tic) * 1e3,
                         "format_tokenize_ms": (time.perf_counter() - tic_prompt) * 1e3}
-        max_tokens = min(opts["max_tokens"], self.max_context - len(ids))
+        max_tokens = min(opts.max_tokens, self.max_context - len(ids))
         reply: List[str] = []
         got = False
         try:
-            for chunk in self._run(ids, {**opts, "max_tokens": max_tokens}):
+            for chunk in self._run(ids, opts, max_tokens, tic):
                 got = True
                 reply.append(chunk.text)
-                if chunk.finish_reason == "length" and max_tokens < opts["max_tokens"]:
+                if chunk.finish_reason == "length" and max_tokens < opts.max_tokens:
                     chunk.finish_reason = "context"
                     if self.on_truncate:
                         self.on_truncate(
                             f"the reply stopped at the {self.max_context}-token context limit after "
-                            f"{chunk.generation_tokens} of {opts['max_tokens']} tokens"
+                            f"{chunk.generation_tokens} of {opts.max_tokens} tokens"
                         )
                 yield chunk
         except Exception:
@@ -230,14 +223,19 @@ class ChatSession:
                  new_tokens=len(ids) - keep)
         return keys, keep, embeds
 
-    def _run(self, ids: np.ndarray, opts: dict) -> Iterator[GenerationChunk]:
+    def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int,
+             start_time: float) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
         generated: List[int] = []
+        if opts.seed is not None:
+            mx.random.seed(opts.seed)
         try:
             yield from stream_tokens(
                 self.model.language_model, self.processor, mx.array(ids[keep:]), embeds, self.cache,
-                generated=generated, history=mx.array(ids[-PROCESSOR_CONTEXT:]), kv=self.kv,
-                timings=self.timings if self.profile else None, **opts,
+                sampler=opts.make_sampler(), processors=opts.make_logits_processors(),
+                max_tokens=max_tokens, generated=generated, start_time=start_time,
+                history=mx.array(ids[-PROCESSOR_CONTEXT:]), kv=self.kv,
+                timings=self.timings if self.profile else None,
             )
         finally:
             # The cache now holds the prompt and every generated token that was fed back.

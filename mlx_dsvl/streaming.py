@@ -14,35 +14,15 @@ from typing import Any, Iterator, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from .models.deepseek_vl import lm_head
+from .sampling import DEFAULTS, PROCESSOR_CONTEXT
 
 STOP_STRINGS = ("User:",)
-# Tokens the repetition penalty looks back on (mlx-lm's default window), prompt tokens included.
-PROCESSOR_CONTEXT = 20
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
-# Reference CLI defaults (cli_chat.py): temperature 0.2, top_p 0.95, repetition penalty 1.1.
-DEFAULT_SAMPLING = dict(temperature=0.2, top_p=0.95, repetition_penalty=1.1, max_tokens=512)
-# What each option accepts (one place: the API, the CLIs and the app check against it).
-SAMPLING_RANGES = {
-    "max_tokens": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
-}
-
-
-def check_sampling(flags: bool = False, **options) -> None:
-    """Raise ``ValueError`` for the first option outside its range (None = not given);
-    ``flags=True`` names them as command-line flags (``--top-p``)."""
-    for name, value in options.items():
-        ok, what = SAMPLING_RANGES[name]
-        if value is not None and not ok(value):
-            shown = "--" + name.replace("_", "-") if flags else name
-            raise ValueError(f"{shown} must be {what}, got {value}")
+DEFAULT_SAMPLING = DEFAULTS.as_dict()  # the defaults as keywords (SamplingOptions is the source)
 
 
 @dataclass
@@ -111,17 +91,6 @@ class StopStringFilter:
     def _release(self, s: str) -> str:
         self.text += s
         return s
-
-
-def make_sampling(temperature: float = 0.2, top_p: float = 0.95, repetition_penalty: float = 1.1):
-    """(sampler, logits_processors) from mlx-lm; temperature 0 is greedy."""
-    check_sampling(temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
-    sampler = make_sampler(temp=temperature, top_p=top_p if top_p < 1 else 0.0)
-    processors = make_logits_processors(
-        repetition_penalty=repetition_penalty if repetition_penalty and repetition_penalty != 1.0 else None,
-        repetition_context_size=PROCESSOR_CONTEXT,
-    )
-    return sampler, processors
 
 
 def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional[mx.array] = None) -> mx.array:
@@ -239,11 +208,9 @@ def stream_tokens(
     new_embeds: mx.array,
     cache: List[Any],
     *,
-    max_tokens: int = 512,
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    repetition_penalty: float = 1.1,
-    seed: Optional[int] = None,
+    sampler,
+    processors: List[Any],
+    max_tokens: int = DEFAULTS.max_tokens,
     generated: Optional[List[int]] = None,
     start_time: Optional[float] = None,
     history: Optional[mx.array] = None,
@@ -252,14 +219,13 @@ def stream_tokens(
 ) -> Iterator[GenerationChunk]:
     """Prefill ``new_ids``/``new_embeds`` ([T], [T, D]) on top of ``cache``, then decode.
 
+    ``sampler`` and ``processors``: :meth:`~mlx_dsvl.sampling.SamplingOptions.make_sampler` and
+    ``make_logits_processors``, built by the caller (which also seeds the random state).
     Sampled token ids are appended to ``generated`` (when given) so a caller can track the cache.
     ``start_time`` (``time.perf_counter()``) is when the request began -- before image encoding --
     so that time to first token covers everything the user waits for.  ``history``, ``kv`` and
     ``timings``: see :func:`token_steps`.
     """
-    if seed is not None:
-        mx.random.seed(seed)
-    sampler, processors = make_sampling(temperature, top_p, repetition_penalty)
     eos = {processor.tokenizer.eos_token_id}
     detok = make_detokenizer(processor)
     stop = StopStringFilter()

@@ -74,7 +74,6 @@ def warm_up(model, processor, say: Optional[Callable[[str], None]] = None) -> fl
     from PIL import Image
 
     from .session import ChatSession
-    from .streaming import DEFAULT_SAMPLING
 
     tic = time.perf_counter()
     chat = ChatSession(model, processor, on_truncate=None, on_slow_start=say)
@@ -82,6 +81,6 @@ def warm_up(model, processor, say: Optional[Callable[[str], None]] = None) -> fl
     turns = [(tag + "Describe the image.", [Image.new("RGB", (64, 48), (128, 128, 128))])]
     turns += [(" ".join(["word"] * n), []) for n in (8, 24, 48, 100)]
     for text, images in turns:
-        for _ in chat.send(text, images, **{**DEFAULT_SAMPLING, "max_tokens": 3}):
+        for _ in chat.send(text, images, max_tokens=3):
             pass
     return time.perf_counter() - tic

@@ -164,15 +164,17 @@ def test_an_interrupted_reply_is_kept_and_the_conversation_goes_on(loaded):
     calls = []
 
     def stop_after_three(turn):
-        calls.append(turn.text)
+        calls.append((turn.text, turn.stats.generation_tokens))
         if len(calls) == 3:
             raise Interrupt()
 
     with pytest.raises(Interrupt):
         on_thread(conv.send, "Tell me a story", [red()], on_chunk=stop_after_three, max_tokens=200)
     reply = conv.turns[-1]
-    assert reply.role == "assistant" and reply.stopped and reply.text == calls[-1]
-    assert reply.stats.generation_tokens == 3
+    assert reply.role == "assistant" and reply.stopped and reply.text == calls[-1][0]
+    # nothing generated after the interruption (a sampled token that ends inside a character
+    # gives no text of its own, so three pieces of text may take more than three tokens)
+    assert reply.stats.generation_tokens == calls[-1][1] >= 3
     msgs = conv.session.messages
     assert [m["role"] for m in msgs] == ["user", "assistant"] and msgs[-1]["content"] == reply.text
     assert not conv._busy.locked() and not loaded.lock.locked()

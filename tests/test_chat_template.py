@@ -1,8 +1,9 @@
 """The "deepseek" prompt template and the chat processor.
 
-Expected prompts are written out by hand from the template rules (REFERENCE.md, "Prompt
-format"; ``SeparatorStyle.DeepSeek`` in the original ``conversation.py``), not produced by
-our code.
+Expected prompts are written out by hand from the template rules (``SeparatorStyle.DeepSeek``
+in the original ``conversation.py``: the system prompt, "User: ..." and "Assistant:" joined by
+blank lines, a finished reply closed by the end-of-sentence token instead), not produced by our
+code.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 damaged files in a model folder.  Nothing a user made is lost; leftovers are reclaimed and
 reported; every refusal is one line that names the file.
 
-The kills happen at a known point: ``MLX_DSVL_TEST_PAUSE_AFTER_TENSORS=N`` makes the converter
-stop after writing its N-th tensor and say so on stderr.
+The kills happen at a known point: ``MLX_DSVL_FAULT=tensor:N:ACTION`` (:mod:`mlx_dsvl.faults`)
+makes the converter signal itself after writing its N-th tensor (``STOP``: it freezes there).
 """
 
 from __future__ import annotations
@@ -30,22 +30,19 @@ def listing(path: Path):
     return sorted(p.name for p in Path(path).iterdir())
 
 
-def start_convert(src, out, *extra, pause_after=None):
+def start_convert(src, out, *extra, fault=None):
+    """``fault``: ``(N, ACTION)``, the signal the converter sends itself after its N-th tensor."""
     env = dict(os.environ)
-    if pause_after is not None:
-        env["MLX_DSVL_TEST_PAUSE_AFTER_TENSORS"] = str(pause_after)
+    if fault is not None:
+        env["MLX_DSVL_FAULT"] = "tensor:{}:{}".format(*fault)
     return subprocess.Popen([sys.executable, "-m", "convert", "--model", str(src), "--out", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
 
 
-def wait_for_pause(proc) -> list:
-    """stderr lines up to the test pause (the process is then asleep mid-write)."""
-    lines = []
-    for line in proc.stderr:
-        lines.append(line.rstrip("\n"))
-        if line.startswith("test pause after"):
-            return lines
-    raise AssertionError(f"no pause; exit {proc.wait()}: {lines}")
+def wait_until_stopped(proc) -> None:
+    """Until a ``STOP`` fault has frozen the process mid-write."""
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the converter ended instead (status {status})"
 
 
 def run_convert(src, out, *extra):
@@ -56,10 +53,9 @@ def run_convert(src, out, *extra):
 # -- kill during convert --------------------------------------------------------------------------
 def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tmp_path):
     out = tmp_path / "models" / "out"
-    proc = start_convert(tiny_dir, out, pause_after=20)
-    wait_for_pause(proc)
-    proc.kill()
-    proc.communicate()
+    proc = start_convert(tiny_dir, out, fault=(20, "KILL"))
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     left = listing(out.parent)
     assert len(left) == 2 and left[0].startswith(".out.partial-") and left[1] == left[0] + ".lock", left
     partial_bytes = sum(f.stat().st_size for f in (out.parent / left[0]).rglob("*"))
@@ -76,10 +72,8 @@ def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tm
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
     out = tmp_path / "new" / "deeper" / "out"  # parent folders made for --out go too
-    proc = start_convert(tiny_dir, out, pause_after=5)
-    wait_for_pause(proc)
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=60)
+    proc = start_convert(tiny_dir, out, fault=(5, sig[3:]))
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + getattr(signal, sig)
     assert err.strip().splitlines()[-1] == f"error: stopped by {sig} (nothing was written)"
     assert listing(tmp_path) == []
@@ -87,16 +81,17 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
 
 def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    first = start_convert(tiny_dir, out, pause_after=5)
+    first = start_convert(tiny_dir, out, fault=(5, "STOP"))
     try:
-        wait_for_pause(first)
+        wait_until_stopped(first)
         partial = [p for p in listing(tmp_path) if not p.endswith(".lock")]
         r = run_convert(tiny_dir, out)  # a second conversion into the same --out meanwhile
         assert r.returncode == 0, r.stderr
         assert "removed" not in r.stderr
         assert set(partial) <= set(listing(tmp_path)) and "out" in listing(tmp_path)
     finally:
-        first.terminate()
+        first.terminate()  # delivered once it runs again
+        first.send_signal(signal.SIGCONT)
         first.communicate(timeout=60)
     assert listing(tmp_path) == ["out"]  # the first one cleaned up after itself
 

@@ -98,18 +98,17 @@ def test_follow_up_encodes_only_its_new_tokens(tiny_hybrid_model):
 def test_follow_up_penalty_context_is_the_prompts_tail(tiny_model, monkeypatch):
     """The logits processors (the repetition penalty) see the prompt's last tokens, as in a fresh
     encoding -- not only the few tokens new to the cache."""
-    import mlx_dsvl.streaming as streaming
+    from mlx_dsvl.sampling import SamplingOptions
 
     model, processor = tiny_model
     seen = []
 
-    def recording(temperature, top_p, repetition_penalty):
-        def record(tokens, logits):
-            seen.append(tokens.tolist())
-            return logits
-        return (lambda logprobs: mx.argmax(logprobs, axis=-1)), [record]
+    def record(tokens, logits):
+        seen.append(tokens.tolist())
+        return logits
 
-    monkeypatch.setattr(streaming, "make_sampling", recording)
+    monkeypatch.setattr(SamplingOptions, "make_sampler", lambda self: lambda lp: mx.argmax(lp, axis=-1))
+    monkeypatch.setattr(SamplingOptions, "make_logits_processors", lambda self: [record])
     chat = ChatSession(model, processor)
     list(chat.send("<image_placeholder>Describe it.", [image(4)], max_tokens=4))
     seen.clear()

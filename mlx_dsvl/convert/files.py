@@ -11,7 +11,6 @@ the shard plan and names: :mod:`mlx_dsvl.model_folder`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import sys
@@ -23,6 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
+from ..faults import fault_point
 from ..model_folder import ModelLoadError, plan_shards, shard_names
 
 
@@ -100,21 +100,8 @@ def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Option
             f.write(memoryview(buf.reshape(-1)).cast("B"))
             del a, buf
             mx.clear_cache()
-            _test_pause()
+            fault_point("tensor")
     return offset
-
-
-_written = 0
-
-
-def _test_pause() -> None:
-    """Tests only: with ``MLX_DSVL_TEST_PAUSE_AFTER_TENSORS=N``, stop after the N-th tensor
-    written (and say so on stderr) so that a test can kill the process at a known point."""
-    global _written
-    _written += 1
-    if os.environ.get("MLX_DSVL_TEST_PAUSE_AFTER_TENSORS") == str(_written):
-        log(f"test pause after {_written} tensors")
-        time.sleep(300)
 
 
 def write_shards(

@@ -5,7 +5,7 @@ The original file names its towers (``CLIPVisionTower`` with ``siglip_large_patc
 ``{"cls", "params"}`` blocks; sizes that differ from the named reference models are written as
 explicit overrides in ``params`` (what :mod:`mlx_dsvl.config` reads).  The ``transformers``
 processor files differ from the original ones, so the original ``preprocessor_config.json`` and
-``processor_config.json`` are rebuilt from the family's reference values (REFERENCE.md): 1.3B ->
+``processor_config.json`` are rebuilt from what each family's released files hold: 1.3B ->
 384 px, mean = std = 0.5, normalized in the processor; 7B -> 1024 px, CLIP mean/std, not
 normalized in the processor (each tower normalizes its own input inside the model).
 """

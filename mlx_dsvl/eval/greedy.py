@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from ..generation import generate_batch
+from ..sampling import GREEDY
 from .answers import extract_choice, short_answer_scores
 from .items import Item, conversation
 
@@ -21,7 +22,7 @@ def score(model, processor, items: Sequence[Item], pictures: Dict[str, object],
     """One record per item: the reply, the option it names (or the short-answer scores)."""
     convs = [conversation(it, system_prompt, processor.image_tag) for it in items]
     images = [[pictures[k] for k in it.image_keys] for it in items]
-    replies = generate_batch(model, processor, convs, images, max_tokens=max_tokens, temperature=0.0)
+    replies = generate_batch(model, processor, convs, images, GREEDY, max_tokens=max_tokens)
     records = []
     for it, reply in zip(items, replies):
         reply = reply.strip()

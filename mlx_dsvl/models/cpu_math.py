@@ -1,7 +1,7 @@
 """Elementwise functions written for MLX's CPU backend, where transcendental ops are slow.
 
 On Linux x86, MLX's CPU ``erf``, ``exp`` and ``sigmoid`` evaluate one element at a time through
-the C library (tens of ns per element, against about 1 ns for a multiply-add, which vectorizes).
+the C library, many times slower than a multiply-add, which vectorizes (docs/PERFORMANCE.md).
 The exact (erf) GELU of SigLIP, SAM-B and the aligner is therefore built here from multiplies,
 adds and one divide (a rational approximation of ``erf``), compiled into one pass, with a
 hand-written gradient.  The GPU backends keep ``nn.gelu``.

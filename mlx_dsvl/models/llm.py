@@ -11,8 +11,8 @@ build.  Decoding (one query) and long prefills keep the fused kernels; on the CP
 nothing changes (MLX has no fused CPU kernel: it computes this same fallback).
 
 With a quantized KV cache, mlx-lm computes attention with ``mx.quantized_matmul`` against the
-packed keys and values; MLX's CPU backend runs that about 30x slower than a float matmul (a
-4096-token prompt took minutes).  A prefill on the CPU dequantizes the layer's keys and values
+packed keys and values; MLX's CPU backend runs that far slower than a float matmul
+(docs/PERFORMANCE.md, "Memory").  A prefill on the CPU dequantizes the layer's keys and values
 instead (one layer's worth at a time) and multiplies in float through BLAS; decoding keeps
 mlx-lm's quantized path.
 """

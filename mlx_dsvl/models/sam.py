@@ -16,6 +16,7 @@ import mlx.nn as nn
 from ..config import SAMConfig
 from .attention import attention
 from .cpu_math import GELU
+from .patch_embed import PatchEmbed
 from .resize import bilinear_resize
 
 
@@ -128,15 +129,6 @@ class Block(nn.Module):
             x = self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.proj(x)  # [B, H, W, 3] -> [B, H/p, W/p, width]
 
 
 def make_neck(width: int, out: int, eps: float) -> list:

@@ -14,17 +14,7 @@ import mlx.nn as nn
 from ..config import SigLIPConfig
 from .attention import attention
 from .cpu_math import GELU
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size: int, width: int):
-        super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=True)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # x: [B, H, W, 3] -> [B, (H/p)*(W/p), width], row-major over the patch grid
-        x = self.proj(x)
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+from .patch_embed import PatchEmbed
 
 
 class Attention(nn.Module):
@@ -80,7 +70,8 @@ class SigLIPViT(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.patch_embed(x) + self.pos_embed
+        x = self.patch_embed(x)  # [B, grid, grid, width] -> [B, grid*grid, width], row-major
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)

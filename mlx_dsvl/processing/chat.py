@@ -33,6 +33,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "and assist the user with a variety of tasks using natural language."
 )
 SEP = "\n\n"
+IMAGE_TAG = "<image_placeholder>"  # the released checkpoints' tag (processor_config.json may name another)
 SEP2 = "<｜end▁of▁sentence｜>"
 _ROLE_NAMES = {"system": "system", "user": "User", "assistant": "Assistant"}
 
@@ -97,6 +98,14 @@ def format_conversation(conversation: Sequence[Message], system_prompt: str | No
     return prompt.strip()
 
 
+def place_images(prompt: str, n_images: int, tag: str = IMAGE_TAG) -> str:
+    """With images but no placeholder, one placeholder per image goes before the text (as the
+    original demo does)."""
+    if n_images and tag not in prompt:
+        return tag * n_images + prompt
+    return prompt
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -130,7 +139,7 @@ class ChatProcessor:
         self,
         tokenizer: Any,
         image_processor: ImageProcessor,
-        image_tag: str = "<image_placeholder>",
+        image_tag: str = IMAGE_TAG,
         num_image_tokens: int = 576,
         add_special_token: bool = False,
         system_prompt: str | None = None,
@@ -191,7 +200,7 @@ class ChatProcessor:
         return cls(
             tokenizer,
             image_processor,
-            image_tag=cfg.get("image_tag", "<image_placeholder>"),
+            image_tag=cfg.get("image_tag", IMAGE_TAG),
             num_image_tokens=cfg.get("num_image_tokens", 576),
             add_special_token=cfg.get("add_special_token", False),
         )

@@ -32,8 +32,7 @@ from typing import Iterable, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..config import CLIP_MEAN, CLIP_STD
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 

@@ -23,7 +23,8 @@ MB = 1024 * 1024
 def build_parser() -> argparse.ArgumentParser:
     from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
     from ..mlx_format import QUANT_BITS
-    from ..streaming import DEFAULT_SAMPLING, KV_BITS, KV_GROUP_SIZES
+    from ..sampling import add_arguments
+    from ..streaming import KV_BITS, KV_GROUP_SIZES
 
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.server",
@@ -52,13 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")
     a("--max-context", type=int, default=4096,
       help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
-    a("--max-tokens", type=int, default=DEFAULT_SAMPLING["max_tokens"],
-      help="reply length when a request sets none (default: 512)")
-    a("--temperature", type=float, default=DEFAULT_SAMPLING["temperature"],
-      help="default temperature, 0 = greedy (default: 0.2)")
-    a("--top-p", type=float, default=DEFAULT_SAMPLING["top_p"], help="default top_p (default: 0.95)")
-    a("--repetition-penalty", type=float, default=DEFAULT_SAMPLING["repetition_penalty"],
-      help="default repetition penalty, 1 = off (default: 1.1)")
+    # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
+    add_arguments(p, lead="a request's default: ", skip=("seed",))
     a("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
     a("--max-queue", type=int, default=64,
       help="requests waiting for a batch slot before new ones get 503 (default: 64)")
@@ -111,8 +107,7 @@ def serve(args) -> int:
     from .scheduler import Scheduler
     from .schema import SamplingParams
 
-    defaults = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens)
+    defaults = SamplingParams.from_args(args)
     images = ImagePolicy(args.allow_remote_images, args.allow_local_images,
                          int(args.max_image_mb * MB), args.remote_timeout)
     device = select_device(args.device)

@@ -37,15 +37,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import apply_top_p, make_logits_processors
+from mlx_lm.sample_utils import apply_top_p
 
 from ..models.deepseek_vl import lm_head, merge_image_embeddings
+from ..sampling import PROCESSOR_CONTEXT
 from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer, prefill_step_size, quantize_cache
 from .batch_cache import merge_row
 from .caches import ByteLRU, PrefixCache, prefix_key
 from .schema import SamplingParams
 
-PENALTY_CONTEXT = 64  # prompt tokens the repetition penalty may look back at (as the library)
 
 
 # -- what flows between the HTTP side and the worker ------------------------------------------
@@ -105,7 +105,7 @@ class Row:
     def sample(self, logits: mx.array) -> mx.array:
         """[1, vocab] logits -> [1] token, with this request's options."""
         for p in self.processors:
-            logits = p(mx.array(self.context[-PENALTY_CONTEXT:]), logits)
+            logits = p(mx.array(self.context[-PROCESSOR_CONTEXT:]), logits)
         s = self.job.sampling
         if s.temperature == 0:
             return mx.argmax(logits, axis=-1)
@@ -317,10 +317,9 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little")
-        penalty = s.repetition_penalty if s.repetition_penalty != 1 else None
         row = Row(job=job, key=key, cached=cached, next_input=ids[-1],
-                  context=list(ids[-PENALTY_CONTEXT:]), rng=mx.random.key(seed % 2**64),
-                  processors=make_logits_processors(repetition_penalty=penalty),
+                  context=list(ids[-PROCESSOR_CONTEXT:]), rng=mx.random.key(seed % 2**64),
+                  processors=s.make_logits_processors(),
                   detok=make_detokenizer(self.processor), stop=StopStringFilter(STOP_STRINGS + s.stop))
         return row, kv
 

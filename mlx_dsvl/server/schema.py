@@ -16,7 +16,7 @@ from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..streaming import DEFAULT_SAMPLING
+from ..sampling import SamplingError, SamplingOptions
 
 
 class APIError(Exception):
@@ -223,34 +223,26 @@ def to_conversation(messages: List[Message], image_tag: str) -> Tuple[List[dict]
 
 # -- sampling: the one place where OpenAI names meet our sampler's ----------------------------
 @dataclass(frozen=True)
-class SamplingParams:
+class SamplingParams(SamplingOptions):
     """A request's sampling options, checked; the server's defaults are an instance too.
 
-    ``temperature`` 0 is greedy; ``repetition_penalty`` 1 is off; ``stop`` adds to the template's
-    own ``User:`` stop.  Defaults: the DeepSeek-VL reference CLI's (as ``python -m
-    mlx_dsvl.generate``).
+    :class:`~mlx_dsvl.sampling.SamplingOptions` (its defaults and ranges, as ``python -m
+    mlx_dsvl.generate``) plus ``stop``, which adds to the template's own ``User:`` stop, and
+    ``ignore_eos``.
     """
 
-    temperature: float = DEFAULT_SAMPLING["temperature"]
-    top_p: float = DEFAULT_SAMPLING["top_p"]
-    repetition_penalty: float = DEFAULT_SAMPLING["repetition_penalty"]
-    max_tokens: int = DEFAULT_SAMPLING["max_tokens"]
-    seed: Optional[int] = None
     stop: Tuple[str, ...] = field(default=())
     ignore_eos: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         checks = (
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0 (1 = off)"),
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("stop", all(self.stop), "stop strings must not be empty"),
             ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
         )
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}", name)
+                raise SamplingError(name, f"{why}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_request(cls, req: ChatCompletionRequest, defaults: "SamplingParams") -> "SamplingParams":
@@ -263,12 +255,11 @@ class SamplingParams:
         changes["ignore_eos"] = req.ignore_eos
         try:
             return replace(defaults, **changes)
-        except ValueError as e:
-            name = e.args[1] if len(e.args) > 1 else None
+        except SamplingError as e:
+            name = e.option
             if name == "max_tokens" and req.max_completion_tokens is not None:
                 name = "max_completion_tokens"
-            raise APIError(400, f"{e.args[0]}".replace("max_tokens", name or "max_tokens", 1),
-                           param=name) from None
+            raise APIError(400, f"{name} {e.problem}", param=name) from None
 
 
 # -- responses ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 INPUTS.npz holds ``pixels`` ([1, 3, S, S] in [0, 1]) and ``ids`` ([1, T]).  The benchmark runs
 this in a process of its own, without the OpenBLAS that mlx-dsvl preloads for MLX: preloaded,
 OpenBLAS takes over PyTorch's ``sgemm_`` and its worker threads spin next to PyTorch's OpenMP
-threads, which made ``transformers``' SigLIP-L 13x slower on 2 cores (docs/PERFORMANCE.md).
+threads, which made ``transformers``' SigLIP-L many times slower on 2 cores (docs/PERFORMANCE.md).
 
 Vision + aligner is timed two ways on the same weights, and the faster one is the reference:
 ``transformers``' ``get_image_features`` (sdpa attention), and SigLIP computed as timm computes

@@ -42,11 +42,11 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from ..processing.chat import IMAGE_TAG, place_images
 from ..utils import common_prefix
 from .report import warn
 
 IGNORE = -100
-IMAGE_TAG = "<image_placeholder>"
 
 
 class DataError(ValueError):
@@ -253,8 +253,7 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
         if "image" in obj and "images" in obj:
             raise DataError(f"{where}: give either 'image' or 'images', not both")
         images = _resolve_images(obj.get("image", obj.get("images")), base, where)
-        if images and IMAGE_TAG not in text:
-            text = IMAGE_TAG * len(images) + text
+        text = place_images(text, len(images))
         kind = "pair" if images else "text"
         ids, labels = tokenize_text(processor, text)
     else:

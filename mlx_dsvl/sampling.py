@@ -1,0 +1,143 @@
+"""Sampling options: each option's default, valid range, help and app control, in one place.
+
+Everything that samples derives from :class:`SamplingOptions`: the flags of ``python -m
+mlx_dsvl.generate`` and of the server (:func:`add_arguments`), the Python API
+(``stream_generate``, ``generate``, ``ChatSession.send``, ``generate_batch``), the server's
+request defaults (``server.schema.SamplingParams`` is a subclass), the app's sidebar
+(:func:`controls`) and eval's greedy answers (:data:`GREEDY`).  The sampler and the logits
+processors are built from it once, where a request comes in (mlx-lm's ``make_sampler`` /
+``make_logits_processors``).  Importing this module loads no MLX (the app and the CLIs parse
+their flags before MLX is loaded).
+
+Adding an option: a field here (default, help, check, control) and its use in
+:meth:`SamplingOptions.make_sampler` or :meth:`SamplingOptions.make_logits_processors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+# Tokens the repetition penalty looks back on (mlx-lm's default window), prompt tokens included.
+PROCESSOR_CONTEXT = 20
+
+
+class Control(NamedTuple):
+    """The app's widget for an option: a slider (floats) or a number box (integers)."""
+
+    label: str
+    low: Any  # the widget's range, inside the option's valid range
+    high: Any
+    step: Any
+    help: Optional[str] = None
+
+
+class SamplingError(ValueError):
+    """An option outside its valid range: ``option`` names it, ``problem`` says what is wrong."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option, self.problem = option, problem
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _option(default, help: str, valid: Optional[Callable] = None, what: str = "",
+            control: Optional[Control] = None):
+    return field(default=default, metadata=dict(help=help, valid=valid, what=what, control=control))
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a reply is sampled; checked when made (:class:`SamplingError` names the option).
+
+    The defaults are the original DeepSeek-VL command line's: temperature 0.2, top-p 0.95,
+    repetition penalty 1.1.
+    """
+
+    temperature: float = _option(0.2, "sampling temperature, 0 = greedy", lambda v: v >= 0,
+                                 ">= 0 (0 = greedy)", Control("Temperature", 0.0, 1.5, 0.05, "0 = greedy"))
+    top_p: float = _option(0.95, "nucleus sampling", lambda v: 0 < v <= 1, "in (0, 1]",
+                           Control("Top-p", 0.05, 1.0, 0.01))
+    repetition_penalty: float = _option(1.1, "repetition penalty, 1 = off", lambda v: v > 0, "> 0 (1 = off)",
+                                        Control("Repetition penalty", 1.0, 2.0, 0.01, "1 = off"))
+    max_tokens: int = _option(512, "maximum new tokens", _count, "an integer >= 1",
+                              Control("Max new tokens", 1, 4096, 64))
+    seed: Optional[int] = _option(None, "random seed")
+
+    def __post_init__(self):
+        for name, problem in self.problems():
+            raise SamplingError(name, problem)
+
+    def problems(self):
+        """``(option, "must be ..., got ...")`` for each option outside its range."""
+        for f in fields(SamplingOptions):
+            valid, value = f.metadata.get("valid"), getattr(self, f.name)
+            if valid is not None and not valid(value):
+                yield f.name, f"must be {f.metadata['what']}, got {value}"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SamplingOptions":
+        """The options of parsed :func:`add_arguments` flags (those not added keep their
+        defaults); a value out of range is a ``ValueError`` that names the flag."""
+        given = {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if hasattr(args, f.name)}
+        try:
+            return cls(**given)
+        except SamplingError as e:
+            raise ValueError(f"{flag(e.option)} {e.problem}") from None
+
+    def with_(self, **options) -> "SamplingOptions":
+        """A checked copy with ``options`` changed (an unknown name is a ``TypeError``)."""
+        return replace(self, **options) if options else self
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
+
+    # -- mlx-lm's sampler and logits processors ---------------------------------------------
+    def make_sampler(self) -> Callable:
+        """Log-probabilities [B, vocab] -> tokens [B]; temperature 0 is greedy (argmax)."""
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0)
+
+    def make_logits_processors(self) -> List[Callable]:
+        """``(tokens, logits) -> logits`` steps: the repetition penalty over the last
+        :data:`PROCESSOR_CONTEXT` tokens (none at 1)."""
+        from mlx_lm.sample_utils import make_logits_processors
+
+        penalty = self.repetition_penalty if self.repetition_penalty != 1.0 else None
+        return make_logits_processors(repetition_penalty=penalty, repetition_context_size=PROCESSOR_CONTEXT)
+
+
+DEFAULTS = SamplingOptions()
+# The same outputs as one-by-one greedy decoding (generate_batch's and eval's default).
+GREEDY = SamplingOptions(temperature=0.0, top_p=1.0, repetition_penalty=1.0)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, lead: str = "", defaults: bool = True,
+                  skip=()) -> None:
+    """One flag per option (``--top-p``...), with its help and default; ``lead`` goes before
+    each help text; ``defaults=False``: unset flags are None."""
+    for f in fields(SamplingOptions):
+        if f.name in skip:
+            continue
+        kind = int if "int" in str(f.type) else float
+        shown = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(flag(f.name), type=kind, default=f.default if defaults else None,
+                            help=f"{lead}{f.metadata['help']}{shown}")
+
+
+def controls() -> Dict[str, Control]:
+    """Option name -> its app widget, in display order (the fields' order)."""
+    return {f.name: f.metadata["control"] for f in fields(SamplingOptions) if f.metadata.get("control")}
+
+
+__all__ = ["SamplingOptions", "SamplingError", "Control", "DEFAULTS", "GREEDY", "PROCESSOR_CONTEXT",
+           "add_arguments", "controls", "flag"]
