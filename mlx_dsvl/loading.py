@@ -102,7 +102,7 @@ def materialize(model: DeepseekVL) -> None:
     """Evaluate the (lazily read, cast, quantized) parameters one tensor at a time, in the model's
     order: a tensor read from disk and not kept as it is (a weight before its cast or its
     quantization) is freed before the next one is read.  (Several tensors evaluated together
-    are read together: batches of 128 MB of 4-bit output held ~450 MB of half-precision input.)"""
+    are read together, which raised the load peak: docs/PERFORMANCE.md, Memory.)"""
     for _, v in tree_flatten(model.parameters()):
         mx.eval(v)
 

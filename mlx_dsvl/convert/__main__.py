@@ -78,7 +78,8 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             parser.error(f"{', '.join(bad)} cannot be used with --to-original")
     else:
         if a.adapter:
-            parser.error("--adapter is for --to-original (python -m mlx_dsvl.fuse fuses into an MLX folder)")
+            parser.error("--adapter is for --to-original (adapters are fused into the original layout; "
+                         "python -m mlx_dsvl.fuse does the same)")
         if not a.quantize and (a.q_bits is not None or a.q_group_size is not None or a.quantize_vision):
             parser.error("--q-bits, --q-group-size and --quantize-vision need --quantize")
     status, out = run_command(lambda: _run(a), (ConvertError, ModelLoadError, OSError))
