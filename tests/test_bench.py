@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -75,11 +74,9 @@ def test_pytorch_reference_timing_takes_the_faster_of_two_faithful_paths(tiny_hy
 def test_bench_kv_bits_and_quantize_on_load(tiny_dir, tmp_path):
     """A model folder of head size 32 (KV groups of 32), quantized while loading, its conversation
     with an 8-bit KV cache, and the long-conversation comparison of KV settings."""
-    model = tmp_path / "two-heads"
-    shutil.copytree(tiny_dir, model)
-    config = json.loads((model / "config.json").read_text())
-    config["language_config"].update(num_attention_heads=2, num_key_value_heads=2)
-    (model / "config.json").write_text(json.dumps(config))
+    from mlx_dsvl.testing.make_checkpoint import with_language_config
+
+    model = with_language_config(tiny_dir, tmp_path / "two-heads", num_attention_heads=2, num_key_value_heads=2)
     res, _ = bench(tmp_path, "--model", str(model), "--quantize", "4", "--kv-bits", "8", "--kv-group-size", "32",
                    "--kv-context", "1024")
     assert res["quantize"] == 4 and res["kv_bits"] == 8 and res["arch"] == str(model)

@@ -4,9 +4,7 @@ and the command line's checks."""
 
 from __future__ import annotations
 
-import json
 import queue
-import shutil
 import subprocess
 import sys
 
@@ -28,12 +26,10 @@ Q2 = "And tomorrow?"
 @pytest.fixture(scope="module")
 def kv_ckpt(text_ckpt, tmp_path_factory):
     """The text checkpoint with 2 heads of 32 (a KV quantization group must divide the head)."""
-    out = tmp_path_factory.mktemp("kv") / "tiny-kv"
-    shutil.copytree(text_ckpt, out)
-    config = json.loads((out / "config.json").read_text())
-    config["language_config"].update(num_attention_heads=2, num_key_value_heads=2)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    from mlx_dsvl.testing.make_checkpoint import with_language_config
+
+    return with_language_config(text_ckpt, tmp_path_factory.mktemp("kv") / "tiny-kv",
+                                num_attention_heads=2, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")

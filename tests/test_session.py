@@ -147,15 +147,10 @@ def test_session_with_unfused_prefills_matches_fused(tiny_model, monkeypatch):
 @pytest.fixture(scope="module")
 def kv_dir(tiny_dir, tmp_path_factory):
     """The tiny checkpoint with 2 heads of 32 (KV quantization groups need 32 | head size)."""
-    import json
-    import shutil
+    from mlx_dsvl.testing.make_checkpoint import with_language_config
 
-    out = tmp_path_factory.mktemp("kv") / "tiny-2heads"
-    shutil.copytree(tiny_dir, out)
-    config = json.loads((out / "config.json").read_text())
-    config["language_config"].update(num_attention_heads=2, num_key_value_heads=2)
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+    return with_language_config(tiny_dir, tmp_path_factory.mktemp("kv") / "tiny-2heads",
+                                num_attention_heads=2, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")

@@ -225,6 +225,18 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
     return out
 
 
+def with_language_config(src: str | Path, out: str | Path, **fields) -> Path:
+    """A copy of checkpoint ``src`` at ``out`` whose ``language_config`` has ``fields`` changed
+    (e.g. 2 attention heads of 32 for a tiny model: KV-cache quantization groups of 32 must divide
+    the head size).  Fields that reshape no tensor only."""
+    out = Path(out)
+    shutil.copytree(src, out)
+    config = json.loads((out / "config.json").read_text())
+    config["language_config"].update(fields)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) -> Path:
     """A random checkpoint of ``arch`` made once and kept (benchmarks reuse it across runs).
 
