@@ -99,7 +99,7 @@ done
 
 arch=${ARCHS%% *}
 say "convert --quantize ($arch), then load the folder"
-timeout "$STEP_TIMEOUT" $PY -m convert --model "$MLX_DSVL_CACHE/checkpoints/$arch-seed0" --out "$OUT_DIR/q4-$arch" \
+timeout "$STEP_TIMEOUT" $PY -m mlx_dsvl.convert --model "$MLX_DSVL_CACHE/checkpoints/$arch-seed0" --out "$OUT_DIR/q4-$arch" \
     --quantize --force > "$OUT_DIR/convert-$arch.txt" 2>&1 \
     && DEVICE=$DEVICE timeout "$STEP_TIMEOUT" $PY - "$OUT_DIR/q4-$arch" > "$OUT_DIR/bench-$arch-converted.json" <<'PY' \
     || { echo "failed:"; tail -5 "$OUT_DIR/convert-$arch.txt" "$OUT_DIR/bench-$arch-converted.json"; }
