@@ -9,7 +9,6 @@ makes the converter signal itself after writing its N-th tensor (``STOP``: it fr
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -17,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import mlx_dsvl
 from mlx_dsvl.loading import ModelLoadError
+from mlx_dsvl.testing.damage import damage_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,16 +164,6 @@ def sharded_dir(tmp_path_factory):
     return make_checkpoint("tiny", tmp_path_factory.mktemp("sharded") / "tiny", seed=1, shard_gb=0.02)
 
 
-def damage(path: Path, how: str) -> None:
-    data = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "zeroed":
-        path.write_bytes(bytes(len(data)))
-    else:
-        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
-
-
 FILES = ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
          "processor_config.json", "model.safetensors.index.json", "model-00002-of-00005.safetensors"]
 
@@ -188,7 +177,7 @@ def test_damaged_file_one_error_naming_it(name, how, tiny_dir, sharded_dir, tmp_
     assert (src / name).is_file(), listing(src)
     folder = tmp_path / "model"
     shutil.copytree(src, folder)
-    damage(folder / name, how)
+    damage_file(folder / name, how)
     with pytest.raises(ModelLoadError) as e:
         mlx_dsvl.load(folder)
     assert str(e.value).startswith(str(folder / name)), str(e.value)
@@ -202,7 +191,7 @@ def test_damaged_file_one_error_naming_it(name, how, tiny_dir, sharded_dir, tmp_
 def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
-    damage(folder / "tokenizer.json", "truncated")
+    damage_file(folder / "tokenizer.json", "truncated")
     r = subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", "--model", str(folder), "--prompt", "Hi"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [

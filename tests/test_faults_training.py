@@ -25,6 +25,7 @@ import pytest
 
 from mlx_dsvl import faults
 from mlx_dsvl.train.__main__ import main as train_main
+from mlx_dsvl.testing.damage import damage_file
 from mlx_dsvl.train.checkpoint import damage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,16 +222,6 @@ def finished_run(tiny_dir, text_data, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     assert latest(out) == STEP.format(4)
     return out
-
-
-def damage_file(path: Path, how: str) -> None:
-    data = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "zeroed":
-        path.write_bytes(bytes(len(data)))
-    else:
-        path.write_bytes(np.random.default_rng(0).bytes(len(data)))
 
 
 def resume_error(args, monkeypatch, capsys):
