@@ -206,28 +206,25 @@ def original_to_hf(
     for key, value in state_dict.items():
         if _unused(key, ORIGINAL_UNUSED):
             continue
-        for pattern, target, kind in compiled:
-            m = pattern.match(key)
-            if m is None:
-                continue
-            groups = m.groupdict()
-            if kind == "qkv":
-                rows = _shape(value)[0]
-                if rows % 3:
-                    raise ValueError(f"{key}: fused qkv with {rows} rows is not divisible by 3")
-                d = rows // 3
-                for j, name in enumerate("qkv"):
-                    _put(out, _fill(target, {**groups, "qkv": name}), value[j * d:(j + 1) * d], key)
-            elif kind == "pos":
-                shape = _shape(value)
-                if len(shape) != 3 or shape[0] != 1:
-                    raise ValueError(f"{key}: expected a [1, N, D] position table, got {list(shape)}")
-                _put(out, _fill(target, groups), value[0], key)
-            else:
-                _put(out, _fill(target, groups), value, key)
-            break
-        else:
+        match = _first_match(compiled, key)
+        if match is None:
             unknown.append(key)
+            continue
+        target, kind, groups = match
+        if kind == "qkv":
+            rows = _shape(value)[0]
+            if rows % 3:
+                raise ValueError(f"{key}: fused qkv with {rows} rows is not divisible by 3")
+            d = rows // 3
+            for j, name in enumerate("qkv"):
+                _put(out, _fill(target, {**groups, "qkv": name}), value[j * d:(j + 1) * d], key)
+        elif kind == "pos":
+            shape = _shape(value)
+            if len(shape) != 3 or shape[0] != 1:
+                raise ValueError(f"{key}: expected a [1, N, D] position table, got {list(shape)}")
+            _put(out, _fill(target, groups), value[0], key)
+        else:
+            _put(out, _fill(target, groups), value, key)
     if unknown:
         raise KeyError(
             f"no transformers name for {len(unknown)} original tensor(s) "
@@ -263,27 +260,24 @@ def hf_to_original(state_dict: Mapping[str, Any], hybrid: Optional[bool] = None)
     for key, value in state_dict.items():
         if _unused(key, HF_UNUSED):
             continue
-        for pattern, target, kind in compiled:
-            m = pattern.match(key)
-            if m is None:
-                continue
-            groups = m.groupdict()
-            if kind == "qkv":
-                fused = _fill(target, groups)
-                part = pending.setdefault(fused, {})
-                if groups["qkv"] in part:
-                    raise KeyError(f"{key}: duplicate tensor for {fused} (two naming generations?)")
-                part[groups["qkv"]] = value
-            elif kind == "pos":
-                shape = _shape(value)
-                if len(shape) != 2:
-                    raise ValueError(f"{key}: expected an [N, D] position table, got {list(shape)}")
-                _put(out, _fill(target, groups), value[None], key)
-            else:
-                _put(out, _fill(target, groups), value, key)
-            break
-        else:
+        match = _first_match(compiled, key)
+        if match is None:
             unknown.append(key)
+            continue
+        target, kind, groups = match
+        if kind == "qkv":
+            fused = _fill(target, groups)
+            part = pending.setdefault(fused, {})
+            if groups["qkv"] in part:
+                raise KeyError(f"{key}: duplicate tensor for {fused} (two naming generations?)")
+            part[groups["qkv"]] = value
+        elif kind == "pos":
+            shape = _shape(value)
+            if len(shape) != 2:
+                raise ValueError(f"{key}: expected an [N, D] position table, got {list(shape)}")
+            _put(out, _fill(target, groups), value[None], key)
+        else:
+            _put(out, _fill(target, groups), value, key)
     if unknown:
         raise KeyError(
             f"no original name for {len(unknown)} transformers tensor(s) "
@@ -295,6 +289,15 @@ def hf_to_original(state_dict: Mapping[str, Any], hybrid: Optional[bool] = None)
             raise KeyError(f"{fused}: missing the {'/'.join(missing)} projection(s) to fuse")
         _put(out, fused, _concat0([parts["q"], parts["k"], parts["v"]]), fused)
     return out
+
+
+def _first_match(compiled, key: str):
+    """(target, kind, named groups) of the first rule whose pattern matches ``key``, or None."""
+    for pattern, target, kind in compiled:
+        m = pattern.match(key)
+        if m is not None:
+            return target, kind, m.groupdict()
+    return None
 
 
 def _put(out: Dict[str, Any], key: str, value: Any, source: str) -> None:
