@@ -550,6 +550,38 @@ def test_prompt_embeddings_from_inside_an_image(local):
     assert sched.counters["images_encoded"] == 2  # each image once, then from the cache
 
 
+def test_full_image_cache_evicts_no_image_a_request_needs(local):
+    """Cache room for two images; X, then Y, then [Z, X]: caching Z evicts the least recently
+    used entry, which must not be X, counted as cached for this very request."""
+    import hashlib
+
+    import mlx.core as mx
+
+    from mlx_dsvl.server.scheduler import Job, Scheduler
+    from mlx_dsvl.server.schema import SamplingParams
+
+    model, processor = local
+    pics = {name: Image.open(io.BytesIO(make_png(seed=s))) for name, s in (("x", 51), ("y", 52), ("z", 53))}
+    per_image = processor.num_image_tokens * model.language_model.model.embed_tokens.weight.shape[1] * 4
+    sched = Scheduler(model, processor, cache_bytes=0, image_cache_bytes=2 * per_image + 16)
+
+    def embed(*names):
+        conv = [{"role": "user", "content": "<image_placeholder>" * len(names) + "What?"}]
+        batch = processor(conv, [pics[n] for n in names])
+        px = np.array(batch["pixel_values"][0])
+        keys = [hashlib.sha256(p.tobytes()).hexdigest() for p in px]
+        job = Job("j", batch["input_ids"][0].tolist(), keys, dict(zip(keys, px)), SamplingParams(), print)
+        _, emb = sched.embeddings(job, 0, len(job.ids))
+        full = model.get_input_embeddings(batch["input_ids"], batch["pixel_values"])[0]
+        assert mx.allclose(emb[0], full, atol=1e-6).item(), names
+
+    embed("x")
+    embed("y")
+    embed("z", "x")
+    assert sched.counters["images_encoded"] == 3 and sched.counters["image_cache_hits"] == 1
+    assert len(sched.features) == 2  # still within its budget
+
+
 def test_port_in_use_is_one_clear_error(server, text_ckpt, image_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", str(text_ckpt),
                         "--port", str(server.port), "--log-level", "critical"],

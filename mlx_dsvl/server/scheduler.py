@@ -340,17 +340,23 @@ class Scheduler:
         return tokens, merge_image_embeddings(tokens, embeds, flat[None, None], self.image_id)
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
-        todo = list(dict.fromkeys(k for k in keys if k not in self.features))
-        self.counters["image_cache_hits"] += len(keys) - len(todo)
-        fresh = {}
+        """Features of each image in ``keys``: from the cache (which marks them recently used),
+        else encoded together and cached; held here, so caching one cannot evict another."""
+        found = {}
+        for k in dict.fromkeys(keys):
+            f = self.features.get(k)
+            if f is not None:
+                found[k] = f
+        todo = [k for k in dict.fromkeys(keys) if k not in found]
+        self.counters["image_cache_hits"] += sum(k in found for k in keys)
         if todo:
             feats = self.model.encode_images(mx.array(np.stack([job.pixels[k] for k in todo])))
             mx.eval(feats)
             self.counters["images_encoded"] += len(todo)
             for k, f in zip(todo, feats):
-                fresh[k] = f
+                found[k] = f
                 self.features.put(k, f, f.nbytes)
-        return [fresh[k] if k in fresh else self.features.get(k) for k in keys]
+        return [found[k] for k in keys]
 
     # -- decoding -------------------------------------------------------------------------------
     def _step(self) -> None:
