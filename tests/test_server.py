@@ -492,6 +492,15 @@ def test_remote_images_size_limit_and_timeout(tmp_path):
         def do_GET(self):
             if self.path == "/slow.png":
                 time.sleep(1.5)
+            if self.path == "/trickle.png":  # every read within the timeout, the whole far past it
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                for i in range(8):
+                    self.wfile.write(png[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.3)
+                return
             if self.path == "/missing.png":
                 self.send_response(404)
                 self.end_headers()
@@ -513,10 +522,13 @@ def test_remote_images_size_limit_and_timeout(tmp_path):
         assert asyncio.run(policy.fetch(base + "/ok.png", "p")) == png
         for path, status, code in (("/big.png", 413, "image_too_large"),
                                    ("/slow.png", 400, "image_fetch_failed"),
+                                   ("/trickle.png", 400, "image_fetch_failed"),
                                    ("/missing.png", 400, "image_fetch_failed")):
+            tic = time.monotonic()
             with pytest.raises(APIError) as e:
                 asyncio.run(policy.fetch(base + path, "p"))
             assert (e.value.status, e.value.code) == (status, code), path
+            assert time.monotonic() - tic < 1.5, path  # the timeout is 0.5 s for the whole fetch
         with pytest.raises(APIError) as e:
             asyncio.run(ImagePolicy().fetch(base + "/ok.png", "p"))
         assert e.value.code == "remote_images_disabled"

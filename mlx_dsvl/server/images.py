@@ -12,6 +12,7 @@ decompression-bomb pixel limit when decoded -> 400.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+import httpx
 from PIL import Image
 
 from ..processing.image import ImageLoadError, load_image
@@ -75,29 +77,31 @@ class ImagePolicy:
             raise APIError(400, f"{param}: the data URL is not valid base64", param=param) from None
 
     async def _remote(self, url: str, param: str) -> bytes:
-        import httpx
-
-        data = bytearray()
+        """The whole fetch (connect, redirects, every read) within ``timeout`` seconds."""
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=True,
-                                         max_redirects=3) as client:
-                async with client.stream("GET", url) as r:
-                    if r.status_code != 200:
-                        raise APIError(400, f"{param}: fetching the image gave HTTP {r.status_code}",
-                                       param=param, code="image_fetch_failed")
-                    size = int(r.headers.get("content-length") or 0)
-                    if size > self.max_bytes:
-                        raise self._too_large(size, param)
-                    async for chunk in r.aiter_bytes():
-                        data += chunk
-                        if len(data) > self.max_bytes:
-                            raise self._too_large(len(data), param)
-        except httpx.TimeoutException:
-            raise APIError(400, f"{param}: fetching the image timed out after {self.timeout:g} s",
+            return await asyncio.wait_for(self._download(url, param), self.timeout)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            raise APIError(400, f"{param}: fetching the image took longer than {self.timeout:g} s",
                            param=param, code="image_fetch_failed") from None
         except httpx.HTTPError as e:
             raise APIError(400, f"{param}: could not fetch the image ({type(e).__name__})",
                            param=param, code="image_fetch_failed") from None
+
+    async def _download(self, url: str, param: str) -> bytes:
+        data = bytearray()
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=True,
+                                     max_redirects=3) as client:
+            async with client.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise APIError(400, f"{param}: fetching the image gave HTTP {r.status_code}",
+                                   param=param, code="image_fetch_failed")
+                size = int(r.headers.get("content-length") or 0)
+                if size > self.max_bytes:
+                    raise self._too_large(size, param)
+                async for chunk in r.aiter_bytes():
+                    data += chunk
+                    if len(data) > self.max_bytes:
+                        raise self._too_large(len(data), param)
         return bytes(data)
 
     def _local(self, url: str, param: str) -> bytes:
