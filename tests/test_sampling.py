@@ -54,6 +54,8 @@ def test_the_apps_controls_hold_the_defaults_and_lie_inside_the_valid_ranges():
     (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=2.5), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(top_p=float("nan")), "top_p"),
 ])
 def test_a_value_out_of_range_names_its_option(bad, option):
     with pytest.raises(SamplingError) as e:

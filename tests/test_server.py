@@ -415,6 +415,21 @@ ERROR_CASES = {
     "not an image": ({"messages": image_msg("data:image/png;base64," + base64.b64encode(b"x" * 99).decode())},
                      400, "messages[0].content[0]"),
     "decompression bomb": ({"messages": image_msg(data_url(bomb_png()))}, 400, "messages[0].content[0]"),
+    "lone surrogate": ({"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
+    "lone surrogate, system": ({"messages": [{"role": "system", "content": "\udfff"}, *USER]}, 400,
+                               "messages[0].content"),
+    "lone surrogate, stop": ({"messages": USER, "stop": ["\ud800"]}, 400, "stop[0]"),
+    "temperature Infinity": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+                             400, None),
+    "temperature 1e999": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+                          400, "temperature"),
+    "repetition_penalty 1e999": (b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e999}',
+                                 400, "repetition_penalty"),
+    "max_tokens true": ({"messages": USER, "max_tokens": True}, 400, "max_tokens"),
+    "stream 'yes'": ({"messages": USER, "stream": "yes"}, 400, "stream"),
+    "empty stop": ({"messages": USER, "stop": ["x", ""]}, 400, "stop"),
+    "file url on another host": ({"messages": image_msg("file://otherhost/inside.png")}, 400,
+                                 "messages[0].content[0]"),
     "image over 20 MB": ({"messages": image_msg("data:image/png;base64," + "A" * (28 * 2**20))}, 413,
                          "messages[0].content[0]"),
 }
@@ -431,6 +446,8 @@ def test_bad_requests_get_openai_errors(server, case):
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param, err
     assert err["type"] == "invalid_request_error"
+    words = err["message"].split()
+    assert not any(a == b for a, b in zip(words, words[1:])), err  # not "stop stop strings ..."
 
 
 def test_local_images_only_inside_the_allowed_folder(server, image_dir, tmp_path):
@@ -444,8 +461,11 @@ def test_local_images_only_inside_the_allowed_folder(server, image_dir, tmp_path
         def post(url):
             return h.post("/v1/chat/completions", json={"messages": image_msg(url), "max_tokens": 2})
 
-        for url in ("inside.png", f"file://{image_dir / 'inside.png'}", str(image_dir / "inside.png")):
+        for url in ("inside.png", f"file://{image_dir / 'inside.png'}", str(image_dir / "inside.png"),
+                    f"file://localhost{image_dir / 'inside.png'}"):
             assert post(url).status_code == 200, url
+        r = post(f"file://otherhost{image_dir / 'inside.png'}")  # not this machine's file
+        assert r.status_code == 400 and r.json()["error"]["code"] == "path_not_allowed"
         r = post("link.png")  # a symbolic link out of the folder
         assert r.status_code == 400 and r.json()["error"]["code"] == "path_not_allowed"
         assert post(str(outside)).json()["error"]["code"] == "path_not_allowed"
@@ -473,9 +493,71 @@ def test_api_key_and_body_limit(server):
             for _ in range(51):
                 yield b"x" * 2**20
 
-        r = h.post("/v1/chat/completions", content=chunks(), headers=auth)
+        r = h.post("/v1/chat/completions", content=chunks(), headers={**auth, "content-type": "application/json"})
         assert r.status_code == 413
         assert h.get("/health").status_code == 200  # still serving
+
+
+def test_the_door_host_origin_and_content_type(server):
+    """DNS rebinding (a foreign Host), other web pages (Origin), cross-site "simple" requests
+    (text/plain or form bodies need no CORS preflight): refused before the key is even checked."""
+    ok = json.dumps({"messages": USER, "max_tokens": 2})
+    with http(server) as h:
+        def post(**headers):
+            return h.post("/v1/chat/completions", content=ok, headers=headers)
+
+        for host in (f"localhost:{server.port}", f"[::1]:{server.port}", "127.0.0.2", "app.localhost"):
+            assert post(**{"content-type": "application/json", "host": host}).status_code == 200, host
+        assert post(**{"content-type": "application/json; charset=utf-8"}).status_code == 200
+        for host in (f"evil.example:{server.port}", "192.168.1.10", "localhost.evil.example"):
+            r = post(**{"content-type": "application/json", "host": host})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed", host
+        r = post(**{"content-type": "application/json", "origin": "https://evil.example"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+        assert "access-control-allow-origin" not in r.headers
+        r = h.options("/v1/chat/completions", headers={"origin": "https://evil.example",
+                                                         "access-control-request-method": "POST"})
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+            r = post(**({"content-type": kind} if kind else {}))
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", kind
+        assert h.head("/health").status_code == 200
+
+
+def test_mime_base64_with_line_breaks(server):
+    """What plain `base64` prints (76-character lines) is the same image."""
+    png = make_png(seed=8)
+    replies = []
+    with http(server) as h:
+        for b64 in (base64.b64encode(png).decode(), base64.encodebytes(png).decode()):
+            r = h.post("/v1/chat/completions", json={
+                "messages": image_msg("data:image/png;base64," + b64), "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            replies.append(r.json()["choices"][0]["message"]["content"])
+    assert replies[0] == replies[1]
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--max-batch", "0"], "--max-batch: must be >= 1, got 0"),
+    (["--max-queue", "-1"], "--max-queue: must be >= 0, got -1"),
+    (["--cache-mb", "-5"], "--cache-mb: must be a finite number >= 0, got -5"),
+    (["--image-cache-mb", "nan"], "--image-cache-mb: must be a finite number >= 0, got nan"),
+    (["--max-body-mb", "0"], "--max-body-mb: must be a finite number > 0, got 0"),
+    (["--remote-timeout", "-1"], "--remote-timeout: must be a finite number > 0, got -1"),
+    (["--port", "70000"], "--port: must be >= 1 and <= 65535, got 70000"),
+    (["--max-context", "1"], "--max-context: must be >= 2, got 1"),
+])
+def test_bad_server_options_are_one_line_before_loading(flags, says):
+    r = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", "/nonexistent", *flags],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_context_that_cannot_hold_an_image_is_refused(text_ckpt):
+    r = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", str(text_ckpt),
+                        "--max-context", "10"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: --max-context 10 cannot hold one image (576 tokens)" in r.stderr
 
 
 # -- the image policy on its own (remote fetching) -------------------------------------------

@@ -9,6 +9,7 @@ its own.  Ctrl-C or SIGTERM stops both.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -18,6 +19,26 @@ from pathlib import Path
 
 API_KEY_ENV = "MLX_DSVL_API_KEY"
 MB = 1024 * 1024
+
+
+def _number(kind, low, high=math.inf, above: bool = False):
+    """An argparse ``type``: a finite ``kind`` within [low, high] (``above``: (low, high])."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            bound = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}"
+                                             if kind is float else f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT, SIZE_MB, POSITIVE = _number(int, 1), _number(float, 0), _number(float, 0, above=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model id in /v1/models (default: the hub id, or the folder's name)")
     a("--host", default="127.0.0.1",
       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
-    a("--port", type=int, default=8080, help="port (default: 8080)")
+    a("--port", type=_number(int, 1, 65535), default=8080, help="port (default: 8080)")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
     a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -51,23 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
            "against --cache-mb (default: not quantized)")
     a("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
       help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")
-    a("--max-context", type=int, default=4096,
+    a("--max-context", type=_number(int, 2), default=4096,
       help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
     add_arguments(p, lead="a request's default: ", skip=("seed",))
-    a("--max-batch", type=int, default=8, help="requests decoded together (default: 8)")
-    a("--max-queue", type=int, default=64,
+    a("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
+    a("--max-queue", type=_number(int, 0), default=64,
       help="requests waiting for a batch slot before new ones get 503 (default: 64)")
-    a("--cache-mb", type=float, default=1024,
+    a("--cache-mb", type=SIZE_MB, default=1024,
       help="prefix (KV) cache for follow-up requests, in MB; 0 = off (default: 1024)")
-    a("--image-cache-mb", type=float, default=256,
+    a("--image-cache-mb", type=SIZE_MB, default=256,
       help="encoded-image cache, in MB; 0 = off (default: 256)")
-    a("--max-body-mb", type=float, default=50, help="largest request body, in MB (default: 50)")
-    a("--max-image-mb", type=float, default=20, help="largest image, in MB (default: 20)")
+    a("--max-body-mb", type=POSITIVE, default=50, help="largest request body, in MB (default: 50)")
+    a("--max-image-mb", type=POSITIVE, default=20, help="largest image, in MB (default: 20)")
+    a("--allowed-hosts", metavar="NAMES", default="",
+      help="comma-separated Host names to answer to besides loopback ones (behind a proxy, or a "
+           "name on the network); '*' = any (default: loopback names only on a loopback --host, "
+           "any name on another --host)")
+    a("--allowed-origins", metavar="URLS", default="",
+      help="comma-separated web page origins (https://app.example) allowed to call the server "
+           "from a browser (CORS) (default: none)")
     a("--allow-remote-images", action="store_true",
       help="fetch http(s) image URLs (off by default: it lets clients make this server fetch any "
            "address it can reach)")
-    a("--remote-timeout", type=float, default=10.0, help="timeout of one image fetch, in s (default: 10)")
+    a("--remote-timeout", type=POSITIVE, default=10.0, help="time limit of one image fetch (connecting and the whole download), in s (default: 10)")
     a("--allow-local-images", metavar="DIR", default=None,
       help="allow file:// and plain image paths, only inside DIR (symbolic links resolved)")
     a("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
@@ -106,6 +134,7 @@ def serve(args) -> int:
     from .images import ImagePolicy
     from .scheduler import Scheduler
     from .schema import SamplingParams
+    from .security import allowed_hosts, is_loopback_name
 
     defaults = SamplingParams.from_args(args)
     images = ImagePolicy(args.allow_remote_images, args.allow_local_images,
@@ -115,6 +144,9 @@ def serve(args) -> int:
     tic = time.perf_counter()
     model, processor = load_model(args)
     say(f"model loaded in {time.perf_counter() - tic:.1f} s")
+    if args.max_context <= processor.num_image_tokens + 1:
+        raise ValueError(f"--max-context {args.max_context} cannot hold one image "
+                         f"({processor.num_image_tokens} tokens) and a question")
     kv = kv_cache_options(args.kv_bits, args.kv_group_size,
                           head_dim=model.language_model.layers[0].self_attn.head_dim)
     scheduler = Scheduler(model, processor, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -123,7 +155,9 @@ def serve(args) -> int:
     name = served_name(args)
     config = ServerConfig(model_name=name, model_aliases=(args.model,), max_context=args.max_context,
                           defaults=defaults, api_key=args.api_key,
-                          max_body_bytes=int(args.max_body_mb * MB), images=images)
+                          max_body_bytes=int(args.max_body_mb * MB), images=images,
+                          hosts=allowed_hosts(args.host, args.allowed_hosts.split(",")),
+                          origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()))
     app = create_app(scheduler, processor, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level=args.log_level, timeout_graceful_shutdown=5))
@@ -144,7 +178,7 @@ def serve(args) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     say(f"listening on http://{host}:{args.port} (OpenAI base URL http://{host}:{args.port}/v1, "
         f"model {name!r}{', API key required' if args.api_key else ''})")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if not is_loopback_name(args.host) and not args.api_key:
         say(f"warning: listening on {args.host} without --api-key: anyone who can reach this "
             "address can use the model")
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stop())

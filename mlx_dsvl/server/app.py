@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,6 +32,8 @@ from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
 from .schema import (APIError, SamplingParams, chunk_body, completion_body, error_body,
                      parse_request, to_conversation, usage_body)
 from .security import Guard
+
+RETRY_AFTER_S = 1  # told with every 503 (busy, shutting down): a slot frees within a reply
 
 
 @dataclass
@@ -42,6 +45,8 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_body_bytes: int = 50 * 1024 * 1024
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    hosts: Optional[Tuple[str, ...]] = ()  # Host names served besides loopback ones; None = any
+    origins: Tuple[str, ...] = ()  # web pages allowed to call (CORS); none by default
 
 
 @dataclass
@@ -81,6 +86,10 @@ class PromptBuilder:
         return Prepared(ids, keys, dict(zip(keys, pixels)))
 
 
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -112,13 +121,19 @@ class Events:
 
 def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mlx-dsvl", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       hosts=config.hosts, origins=config.origins)
+    if config.origins:  # outside the guard: it answers the allowed pages' preflights
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.origins),
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
     prompts = PromptBuilder(processor, config.max_context)
     names = (config.model_name, *config.model_aliases)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status,
+                            headers=retry)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
@@ -130,7 +145,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
         return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"),
                             status_code=500)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
@@ -146,7 +161,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            data = json.loads(await request.body())
+            data = json.loads(await request.body(), parse_constant=_not_json)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         req = parse_request(data)

@@ -68,7 +68,7 @@ class ImagePolicy:
         if not m or "base64" not in m.group("params").lower().split(";"):
             raise APIError(400, f"{param}: malformed data URL (expected data:image/...;base64,...)",
                            param=param)
-        payload = url[m.end():]
+        payload = "".join(url[m.end():].split())  # MIME line breaks (base64's own output)
         if len(payload) * 3 // 4 > self.max_bytes + 3:  # before decoding it
             raise self._too_large(len(payload) * 3 // 4, param)
         try:
@@ -109,7 +109,14 @@ class ImagePolicy:
             raise APIError(400, f"{param}: local image paths are disabled on this server (start it "
                                 "with --allow-local-images DIR to allow files inside DIR); send the "
                                 "image as a data: URL", param=param, code="local_images_disabled")
-        path = unquote(urlparse(url).path) if url[:7].lower() == "file://" else url
+        if url[:7].lower() == "file://":
+            parts = urlparse(url)
+            if parts.netloc.lower() not in ("", "localhost"):
+                raise APIError(400, f"{param}: file:// URLs on another host ({parts.netloc}) are not "
+                                    "served", param=param, code="path_not_allowed")
+            path = unquote(parts.path)
+        else:
+            path = url
         try:
             real = Path(os.path.realpath(self.local_dir / path))  # an absolute path replaces the base
             inside = real.is_relative_to(self.local_dir)

@@ -123,6 +123,8 @@ class Scheduler:
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
                  device: Optional[mx.Device] = None, prefill_step: int = 2048,
                  kv: Optional[dict] = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.processor = model, processor
         self.lm = model.language_model
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from ..sampling import SamplingError, SamplingOptions
 
@@ -70,35 +70,35 @@ class Message(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(_Model):
     messages: List[Message] = Field(min_length=1)
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
+    max_tokens: Optional[StrictInt] = None
+    max_completion_tokens: Optional[StrictInt] = None
+    temperature: Optional[StrictFloat] = None
+    top_p: Optional[StrictFloat] = None
     stop: Union[str, List[str], None] = None
-    seed: Optional[int] = None
-    stream: bool = False
+    seed: Optional[StrictInt] = None
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    repetition_penalty: Optional[float] = None  # extension (mlx-lm, vLLM)
-    ignore_eos: bool = False  # extension (vLLM): fixed-length replies for benchmarks
+    repetition_penalty: Optional[StrictFloat] = None  # extension (mlx-lm, vLLM)
+    ignore_eos: StrictBool = False  # extension (vLLM): fixed-length replies for benchmarks
     user: Optional[str] = None
     # Fields that change the answer; accepted only at their neutral values (see UNSUPPORTED).
-    n: Optional[int] = None
+    n: Optional[StrictInt] = None
     tools: Optional[Any] = None
     tool_choice: Optional[Any] = None
     functions: Optional[Any] = None
     function_call: Optional[Any] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = None
     response_format: Optional[Any] = None
     logit_bias: Optional[Any] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
     audio: Optional[Any] = None
     modalities: Optional[Any] = None
     prediction: Optional[Any] = None
@@ -163,10 +163,39 @@ def _validation_error(e: ValidationError) -> APIError:
     return APIError(400, f"{param}: {text}" if param else text, param=param)
 
 
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a lone UTF-16 surrogate ("\\ud800" is valid JSON, but no text)
+        return False
+
+
+def _lone_surrogate(data: Any) -> Optional[Tuple]:
+    """The location of the first string (or object key) that is no text, or None."""
+    todo: list = [((), data)]
+    while todo:
+        loc, value = todo.pop()
+        if isinstance(value, str) and not _is_text(value):
+            return loc
+        if isinstance(value, dict):
+            if not all(_is_text(k) for k in value):
+                return loc
+            todo.extend(((*loc, k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend(((*loc, i), v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
 def parse_request(data: Any) -> ChatCompletionRequest:
     """JSON value -> a checked request; raises :class:`APIError` (400) naming the field."""
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    loc = _lone_surrogate(data)
+    if loc is not None:
+        param = _param(loc) or None
+        raise APIError(400, f"{param or 'the request body'}: a string holds a lone UTF-16 surrogate "
+                            "(such as \\ud800), which is not text", param=param)
     try:
         req = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
@@ -232,13 +261,13 @@ class SamplingParams(SamplingOptions):
     """
 
     stop: Tuple[str, ...] = field(default=())
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     def __post_init__(self):
         super().__post_init__()
         checks = (
-            ("stop", all(self.stop), "stop strings must not be empty"),
-            ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
+            ("stop", all(self.stop), "must not hold an empty string"),
+            ("stop", len(self.stop) <= 16, "must hold at most 16 strings"),
         )
         for name, ok, why in checks:
             if not ok:
@@ -282,7 +311,7 @@ def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: 
 
 def chunk_body(cid: str, model: str, created: int, delta: Optional[dict],
                finish_reason: Optional[str] = None, usage: Optional[dict] = None,
-               include_usage: bool = False) -> dict:
+               include_usage: StrictBool = False) -> dict:
     """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk (no choices)."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [] if delta is None else

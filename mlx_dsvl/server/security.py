@@ -1,19 +1,61 @@
-"""The server's door: API key and request-body size, checked before anything else runs.
+"""The server's door, checked before anything else runs, in this order:
 
-A pure ASGI middleware, so that a request without the right key is refused before its body is
-read, and a body over the limit is refused as soon as its ``Content-Length`` (or, when chunked,
-its running size) passes the limit -- never read into memory in full.
+1. the ``Host`` header names this server (DNS rebinding: a web page whose name an attacker points
+   at 127.0.0.1 reaches a loopback server with its own name as ``Host``): on a loopback address
+   only loopback names (``localhost``, ``*.localhost``, ``127.0.0.0/8``, ``::1``) and
+   ``--allowed-hosts`` are served; on another address any name unless ``--allowed-hosts`` says;
+2. a browser's ``Origin``, when sent, is one of ``--allowed-origins`` (none by default: no web
+   page may use the server; with some, CORS answers their preflights);
+3. ``Authorization: Bearer KEY`` when the server has a key (constant-time comparison);
+4. a ``POST`` body is JSON (``Content-Type: application/json``): a web page can send text/plain
+   or form bodies to any address without asking (no CORS preflight), never JSON;
+5. the body is at most ``max_body_bytes``: refused as soon as its ``Content-Length`` (or, when
+   chunked, its running size) passes the limit, never read into memory in full.
+
+A pure ASGI middleware, so that a refused request's body is never read.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
-from typing import Optional
+from typing import Iterable, Optional, Tuple
 
 from .schema import error_body
 
 OPEN_PATHS = ("/health",)  # served without the API key (load balancers, start-up checks)
+JSON_TYPES = ("application/json",)  # and application/*+json
+
+
+def is_loopback_name(host: str) -> bool:
+    """``localhost``, ``*.localhost`` (browsers resolve those to loopback themselves), or a
+    loopback address."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind: str, extra: Iterable[str] = ()) -> Optional[Tuple[str, ...]]:
+    """The ``Host`` names to serve (besides loopback names); None = any.  A loopback server
+    serves ``extra`` only; a server on another address any name unless ``extra`` names some
+    (``*`` = any)."""
+    extra = tuple(h.strip().lower() for h in extra if h.strip())
+    if "*" in extra or (not extra and not is_loopback_name(bind)):
+        return None
+    return extra
+
+
+def host_name(value: bytes) -> str:
+    """A ``Host`` header without its port: ``[::1]:8080`` -> ``::1``."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
 
 
 async def send_error(send, status: int, body: dict, headers=()) -> None:
@@ -25,13 +67,43 @@ async def send_error(send, status: int, body: dict, headers=()) -> None:
 
 
 class Guard:
-    """``Authorization: Bearer KEY`` on every route but :data:`OPEN_PATHS` (constant-time
-    comparison), and request bodies of at most ``max_body_bytes``."""
+    """The checks of this module's docstring; ``hosts`` None = any ``Host``."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int,
+                 hosts: Optional[Tuple[str, ...]] = (), origins: Tuple[str, ...] = ()):
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.max_body = int(max_body_bytes)
+        self.hosts = hosts
+        self.origins = tuple(o.rstrip("/").lower() for o in origins)
+
+    def _refusal(self, scope, headers: dict) -> Optional[Tuple[int, dict, list]]:
+        host = headers.get(b"host")
+        if host is not None and self.hosts is not None:
+            name = host_name(host)
+            if not (is_loopback_name(name) or name in self.hosts):
+                return 403, error_body(
+                    f"this server does not answer to the host name {name!r}; start it with "
+                    f"--allowed-hosts {name} to allow it", code="host_not_allowed"), []
+        origin = headers.get(b"origin")
+        if origin is not None and origin.decode("latin-1").rstrip("/").lower() not in self.origins:
+            origin = origin.decode("latin-1")
+            return 403, error_body(
+                f"requests from web pages of {origin} are not allowed; start the server with "
+                f"--allowed-origins {origin} to allow them", code="origin_not_allowed"), []
+        if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+            return 401, error_body("missing or incorrect API key: send 'Authorization: Bearer KEY'",
+                                   code="invalid_api_key"), [(b"www-authenticate", b"Bearer")]
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return 413, self._too_large(int(declared)), []
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            if not (kind in JSON_TYPES or (kind.startswith("application/") and kind.endswith("+json"))):
+                return 415, error_body(
+                    f"the request body must be JSON, sent with 'Content-Type: application/json' "
+                    f"(got {kind or 'no content type'!r})", code="unsupported_media_type"), []
+        return None
 
     def _authorized(self, scope) -> bool:
         for name, value in scope.get("headers", ()):
@@ -48,14 +120,9 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
-            return await send_error(
-                send, 401, error_body("missing or incorrect API key: send 'Authorization: Bearer KEY'",
-                                      code="invalid_api_key"),
-                headers=[(b"www-authenticate", b"Bearer")])
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            return await send_error(send, 413, self._too_large(int(declared)))
+        refused = self._refusal(scope, dict(scope.get("headers", ())))
+        if refused is not None:
+            return await send_error(send, *refused)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         body = bytearray()
