@@ -5,8 +5,12 @@ door's host, origin and content-type checks with their options, and 503's Retry-
 from __future__ import annotations
 
 import base64
+import ctypes
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -187,3 +191,36 @@ def test_busy_is_a_503_with_retry_after(tiny_model):
         idle.start()
         first.join(timeout=60)
         idle.stop()
+
+
+MEMORY_PROBE = """
+import io, sys
+from concurrent.futures import ThreadPoolExecutor
+from PIL import Image
+import mlx_dsvl
+from mlx_dsvl.server.app import PromptBuilder
+
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+_, processor = mlx_dsvl.load(sys.argv[1], dtype="float32")
+buf = io.BytesIO()
+Image.new("RGB", (9000, 9000), (200, 30, 90)).save(buf, format="JPEG")  # 81 megapixels
+prompts = PromptBuilder(processor, 4096)
+before = resident_mb()
+with ThreadPoolExecutor(1) as pool:  # as the server does: on a worker thread
+    pool.submit(prompts.build, [{"role": "user", "content": "<image_placeholder>hi"}],
+                [(buf.getvalue(), "p")]).result()
+print(resident_mb() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or not hasattr(ctypes.CDLL(None), "malloc_trim"),
+                    reason="measures glibc's resident memory through /proc (Linux with glibc only)")
+def test_a_huge_image_leaves_no_memory_behind(tiny_dir):
+    """An 81-megapixel image (243 MB decoded) left ~640 MB resident after its request (glibc keeps
+    the freed blocks)."""
+    r = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tiny_dir)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split()[-1]) < 120, r.stdout  # MB still resident after the request

@@ -27,12 +27,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
 from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
 from .schema import (APIError, SamplingParams, chunk_body, completion_body, error_body,
                      parse_request, to_conversation, usage_body)
 from .security import Guard
 
+LARGE_PIXELS = 16_000_000  # after decoding more, freed memory is handed back to the system
 RETRY_AFTER_S = 1  # told with every 503 (busy, shutting down): a slot frees within a reply
 
 
@@ -73,6 +75,10 @@ class PromptBuilder:
     def build(self, conversation: List[dict], images: Sequence[Tuple[bytes, str]]) -> Prepared:
         pictures = [decode_image(data, param) for data, param in images]
         pixels = self.processor.image_processor(pictures)  # [N, 3, S, S]
+        decoded = sum(p.width * p.height for p in pictures)
+        del pictures
+        if decoded > LARGE_PIXELS:
+            release_free_memory()
         keys = [hashlib.sha256(px.tobytes()).hexdigest() for px in pixels]
         with self._lock:
             try:
