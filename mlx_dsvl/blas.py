@@ -269,12 +269,7 @@ def ensure_fast_blas(argv: Optional[list] = None, *, with_torch: bool = False) -
 
 
 def _own_argv() -> list:
-    """The current interpreter arguments (``-m module`` preserved) for re-execution."""
-    try:
-        cmdline = Path("/proc/self/cmdline").read_bytes().split(b"\0")[1:]
-        args = [a.decode() for a in cmdline if a]
-        if args:
-            return args
-    except OSError:
-        pass
-    return list(sys.argv)
+    """This interpreter's arguments after the executable, as typed: interpreter options and
+    ``-m module`` kept, empty arguments kept, bytes that are not UTF-8 kept (Python decodes
+    them with ``surrogateescape``; ``execve`` encodes them back)."""
+    return list(sys.orig_argv[1:]) if sys.orig_argv else list(sys.argv)

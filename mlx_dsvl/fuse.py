@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .utils import print_names
+
 
 def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = None,
          shard_gb: float = 5.0, force: bool = False, verbose: bool = True) -> Path:
@@ -36,7 +38,7 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = Non
     path = convert_to_original(model_path, out, dtype=dtype, adapter=adapter_dir, force=force,
                                shard_gb=shard_gb, progress=log if verbose else (lambda _msg: None))
     if verbose:
-        print(f"fused {adapter_dir} into {model_path} -> {path}")
+        print_names(f"fused {adapter_dir} into {model_path} -> {path}")
     return path
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-from typing import Sequence
+import sys
+from typing import Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -37,3 +38,16 @@ def file_digest(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 <<
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def print_names(text: str, file: Optional[TextIO] = None) -> None:
+    """``print(text)`` for text holding file names: a name's bytes that are not UTF-8 (Python's
+    ``surrogateescape`` stand-ins) go out as they came in, where ``print`` would raise
+    ``UnicodeEncodeError`` (stdout is strict in most UTF-8 locales)."""
+    file = sys.stdout if file is None else file
+    try:
+        print(text, file=file)
+    except UnicodeEncodeError:
+        file.flush()
+        file.buffer.write(os.fsencode(text + "\n"))
+        file.buffer.flush()

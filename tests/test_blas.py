@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mlx_dsvl import blas
 
@@ -120,15 +121,20 @@ def test_the_pip_library_exports_what_the_torch_check_looks_for():
     assert crash.returncode != 0  # the reason for with_torch
 
 
-def _child(code: str, **env_changes) -> list:
-    """Run ``code`` after ``ensure_fast_blas()`` in a fresh interpreter that has not preloaded
-    anything yet, as a user's shell starts it; its last line of output, split."""
+def _user_env(**env_changes) -> dict:
+    """The environment of a command a user's shell starts: nothing preloaded, re-execution on."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", blas._MARK, blas.ENV_OFF, "OPENBLAS_CORETYPE")}
     env.update(env_changes)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
+    return env
+
+
+def _child(code: str, *args, **env_changes) -> list:
+    """Run ``code`` (then ``args``) after ``ensure_fast_blas()`` in a fresh interpreter as a
+    user's shell starts it; its last line of output, split."""
+    out = subprocess.run([sys.executable, "-c", code, *args], env=_user_env(**env_changes),
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1].split()
 
@@ -197,3 +203,35 @@ def test_the_pip_openblas_is_preloaded_where_there_is_no_system_one():
     assert loaded == os.path.realpath(pip_lib) and core != "-"
     level = blas.cpu_level(blas.cpu_flags())
     assert level == 0 or blas.CORE_LEVEL.get(core.lower(), 0) >= 1, core  # its core fits the CPU
+
+
+def test_the_reexecuted_process_gets_the_arguments_as_typed():
+    """Empty arguments (``--system ''``, one in the middle, one last) and bytes that are not UTF-8
+    reach the re-executed process unchanged."""
+    _need_openblas()
+    args = ("--system", "", "two words", "", b"caf\xe9.png", "")
+    code = ("import os, sys, mlx_dsvl.blas as b; b.ensure_fast_blas(); "
+            "print(b.openblas_loaded(), sys.argv[0], ','.join(os.fsencode(a).hex() for a in sys.argv[1:]))")
+    loaded, first, typed = _child(code, *args)
+    assert loaded == "True" and first == "-c"
+    assert typed.split(",") == [os.fsencode(a).hex() for a in args]
+
+
+def _generate(*args) -> subprocess.CompletedProcess:
+    """``python -m mlx_dsvl.generate ARGS`` as a user's shell starts it (it re-executes itself)."""
+    return subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", *args], env=_user_env(),
+                          capture_output=True, timeout=300)
+
+
+def test_generate_takes_an_empty_system_prompt_and_a_latin1_file_name(tiny_dir, tmp_path):
+    _need_openblas()
+    image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    Image.new("RGB", (32, 32), "red").save(image)
+    out = _generate("--model", str(tiny_dir), "--system", "", "--image", image, "--prompt", "hi",
+                    "--max-tokens", "2")
+    assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
+    missing = _generate("--model", str(tiny_dir), "--image", bytes(tmp_path) + b"/na\xefve.png",
+                        "--prompt", "hi")
+    assert missing.returncode == 1 and b"Traceback" not in missing.stderr
+    line, = missing.stderr.decode(errors="replace").splitlines()
+    assert line.startswith("error: image file not found:") and "na" in line and "ve.png" in line

@@ -559,6 +559,16 @@ def test_cli_converts(tiny_dir, tmp_path, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+def test_cli_prints_an_out_folder_whose_name_is_not_utf8(tiny_dir, tmp_path):
+    """As typed in a Latin-1 terminal; stdout strict, as in a UTF-8 locale."""
+    out = bytes(tmp_path) + b"/caf\xe9"
+    r = subprocess.run([sys.executable, "-m", "convert", "--model", str(tiny_dir), "--out", out],
+                       capture_output=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout == out + b"\n"
+    assert (Path(os.fsdecode(out)) / "config.json").is_file()
+
+
 # -- loading MLX folders: strictness ----------------------------------------------------------
 def test_load_rejects_inconsistent_mlx_folders(quantized, tmp_path):
     from mlx_dsvl.loading import ModelLoadError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -106,7 +107,7 @@ def test_cli_rejects_out_of_range_options(args, message, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "case", ["missing_image", "corrupt_image", "too_many_images", "hub_offline", "too_long"]
+    "case", ["missing_image", "corrupt_image", "too_many_images", "hub_offline", "too_long", "latin1_prompt"]
 )
 def test_cli_bad_input_one_clear_line(case, tiny_dir, tmp_path, monkeypatch):
     img = make_image(tmp_path / "ok.png")
@@ -131,6 +132,9 @@ def test_cli_bad_input_one_clear_line(case, tiny_dir, tmp_path, monkeypatch):
     elif case == "too_long":
         args = ["--model", str(tiny_dir), "--prompt", "word " * 300, "--max-context", "200"]
         expect = "context"
+    elif case == "latin1_prompt":  # typed in a Latin-1 terminal: Python keeps the byte as \udce9
+        args = ["--model", str(tiny_dir), "--prompt", os.fsdecode(b"caf\xe9 au lait")]
+        expect = "the prompt is not UTF-8 text: '\\udce9' in 'User: caf\\udce9 au lait'"
     r = subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", *args],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0

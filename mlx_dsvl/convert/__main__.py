@@ -20,6 +20,7 @@ import sys
 from typing import List, Optional
 
 from ..loading import ModelLoadError
+from ..utils import print_names
 
 from .files import ConvertError
 from .staging import run_command
@@ -84,7 +85,7 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
             parser.error("--q-bits, --q-group-size and --quantize-vision need --quantize")
     status, out = run_command(lambda: _run(a), (ConvertError, ModelLoadError, OSError))
     if status == 0:
-        print(out)
+        print_names(str(out))
     return status
 
 

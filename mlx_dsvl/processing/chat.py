@@ -98,6 +98,19 @@ def format_conversation(conversation: Sequence[Message], system_prompt: str | No
     return prompt.strip()
 
 
+def check_unicode(prompt: str) -> None:
+    """``ValueError`` for text the tokenizer cannot encode: lone surrogates, such as Python's
+    stand-ins for the bytes of a command-line argument that were not UTF-8."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        start = prompt.rfind("\n", 0, e.start) + 1
+        end = prompt.find("\n", e.end)
+        line = prompt[start:end if end >= 0 else len(prompt)]
+        raise ValueError(f"the prompt is not UTF-8 text: {prompt[e.start:e.end]!r} in {line!r} (a byte "
+                         "that is not UTF-8, typed in a terminal set to another encoding?)") from None
+
+
 def place_images(prompt: str, n_images: int, tag: str = IMAGE_TAG) -> str:
     """With images but no placeholder, one placeholder per image goes before the text (as the
     original demo does)."""
@@ -228,6 +241,7 @@ class ChatProcessor:
         ``tokenizer.json`` exists and relies on its post-processor, so BOS is added here if
         the tokenizer did not.  ``bos=False`` encodes a continuation: no special tokens added.
         """
+        check_unicode(prompt)
         ids = np.asarray(self.tokenizer.encode(prompt, add_special_tokens=bos), dtype=np.int64)  # [T0]
         bos_id = self.tokenizer.bos_token_id
         if bos and bos_id is not None and (ids.size == 0 or ids[0] != bos_id):
