@@ -438,3 +438,53 @@ def test_progress_lines_without_a_terminal():
         p(done, done // 2, done)
     lines = buf.getvalue().splitlines()
     assert 5 <= len(lines) <= 11 and lines[-1].startswith("20/20 acc 50.0%")
+
+
+# -- hardening: stale runs, option checks, labels, encodings ---------------------------------
+
+
+def test_cli_tsv_without_an_image_column_says_so(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "noimg.tsv"
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in mmbench_rows()[:2]]
+    write_tsv(path, rows, header=[h for h in TSV_HEADER if h != "image"])
+    assert main(["--model", str(tiny_dir), "--data", str(path), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"warning: {path}: no 'image' column: its questions are scored as text only" in err
+    assert read(path).warnings == [f"{path}: no 'image' column: its questions are scored as text only"]
+
+
+def encoded_sets(tmp_path):
+    """The same two questions as .jsonl, .csv and .tsv (name -> (path, text))."""
+    jsonl = ('{"question": "Colour of the sky?", "choices": ["blue", "red"], "answer": "A"}\n'
+             '{"question": "Café or tea?", "choices": ["café", "tea"], "answer": "B"}\n')
+    csv_text = "question,A,B,answer\nColour of the sky?,blue,red,A\nCafé or tea?,café,tea,B\n"
+    tsv = ("index\tquestion\tA\tB\tanswer\n0\tColour of the sky?\tblue\tred\tA\n"
+           "1\tCafé or tea?\tcafé\ttea\tB\n")
+    return {name: (tmp_path / f"d.{name}", text) for name, text in
+            (("jsonl", jsonl), ("csv", csv_text), ("tsv", tsv))}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv"])
+def test_utf8_bom_is_accepted(tmp_path, kind):
+    path, text = encoded_sets(tmp_path)[kind]
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    items = read(path).items
+    assert [it.question for it in items] == ["Colour of the sky?", "Café or tea?"]
+    assert [it.answer_letter for it in items] == ["A", "B"] and items[1].choices == ["café", "tea"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv"])
+def test_non_utf8_file_names_file_line_and_byte(tmp_path, kind, capsys):
+    path, text = encoded_sets(tmp_path)[kind]
+    raw = text.encode("latin-1")  # é is the single byte 0xe9: not UTF-8
+    offset = raw.index(b"\xe9")
+    line = raw[:offset].count(b"\n") + 1
+    path.write_bytes(raw)
+    want = (f"{path}:{line}: not UTF-8 text (byte 0xe9 at byte offset {offset}); "
+            "save the file as UTF-8")
+    with pytest.raises(EvalDataError) as e:
+        read(path)
+    assert str(e.value) == want
+    assert main_exit(["--data", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {want}"]

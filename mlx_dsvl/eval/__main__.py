@@ -128,6 +128,8 @@ def _run(args) -> int:
     from .runner import evaluate, prepare_items
 
     data = read(args.data, skip_bad=args.skip_bad)
+    for msg in data.warnings:
+        print(f"warning: {msg}", file=sys.stderr)
     for msg in data.skipped[:5]:
         print(f"skipped: {msg}", file=sys.stderr)
     if len(data.skipped) > 5:
