@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -24,4 +25,12 @@ def file_digest(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 <<
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def files_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 over files, each by its name and :func:`file_digest` (renaming one changes it)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0{file_digest(p)}\n".encode())
     return h.hexdigest()

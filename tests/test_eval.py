@@ -443,6 +443,87 @@ def test_progress_lines_without_a_terminal():
 # -- hardening: stale runs, option checks, labels, encodings ---------------------------------
 
 
+def letter_set(path, answers):
+    """Text-only multiple choice, one question per answer letter (A-C)."""
+    lines = [{"question": f"Which number is {i}?", "choices": [str(i), str(i + 1), str(i + 2)],
+              "answer": a, "id": f"q{i}"} for i, a in enumerate(answers)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_cli_same_size_edit_of_the_data_is_not_resumed(tiny_dir, tmp_path, capsys):
+    """Every answer letter changed in place (the file keeps its size): the rerun is refused, not
+    answered with the old accuracy; --overwrite scores the new answers."""
+    path = letter_set(tmp_path / "d.jsonl", "ABCABC")
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--data", str(path), "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    size = path.stat().st_size
+    letter_set(path, "BCABCA")  # every answer moved to the next letter
+    assert path.stat().st_size == size
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out} holds the results of another run (--data ")
+    assert "content" in err[0] and "--overwrite" in err[0]
+    assert main(args + ["--overwrite"]) == 0
+    preds = read_predictions(out / "predictions.jsonl")
+    assert [p["answer"] for p in preds] == list("BCABCA")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["correct"] == sum(p["prediction"] == a for p, a in zip(preds, "BCABCA"))
+
+
+def test_cli_another_run_names_the_option_that_changed(tiny_dir, tmp_path, capsys):
+    path = letter_set(tmp_path / "d.jsonl", "AB")
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--data", str(path), "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args + ["--method", "generate", "--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(args) == 1  # likelihood now: --method changed (not max_tokens, not target)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"error: {out} holds the results of another run "
+                             "(--method: 'generate', now 'likelihood'")
+    assert err[0].endswith("use another --out, or --overwrite to replace them")
+
+
+def test_run_settings_follow_content_not_names(tmp_path, monkeypatch):
+    """The adapters' and the data's bytes identify a run; the model's folder however it is named."""
+    from mlx_dsvl.eval.__main__ import build_parser, run_settings
+
+    (tmp_path / "m").mkdir()
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text('{"rank": 8}')
+    (ad / "adapters.safetensors").write_bytes(b"\x00" * 64)
+    data = letter_set(tmp_path / "d.jsonl", "AB")
+    monkeypatch.chdir(tmp_path)
+
+    def settings(model):
+        args = build_parser().parse_args(["--model", model, "--adapter", "ad", "--data", "d.jsonl"])
+        return run_settings(args, "float32", generates=False)
+
+    first = settings("m")
+    assert settings(str(tmp_path / "m")) == first
+    (ad / "adapters.safetensors").write_bytes(b"\x01" * 64)  # trained further, same size
+    assert settings("m") != first
+    again = settings("m")
+    letter_set(data, "BA")
+    assert settings("m") != again
+
+
+def test_cli_reply_length_of_short_answers_is_part_of_the_run(tiny_dir, small_set, tmp_path, capsys):
+    """Under likelihood the short answers are still generated: --max-tokens matters to them."""
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--data", str(small_set), "--out", str(out), "--device", "cpu",
+            "--quiet", "--limit", "2"]
+    small_set.write_text("\n".join(small_set.read_text().splitlines()[-2:]) + "\n")  # the short answers
+    assert main(args + ["--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--max-tokens", "3"]) == 1
+    assert "(--max-tokens: 2, now 3)" in capsys.readouterr().err
+
+
 def test_cli_tsv_without_an_image_column_says_so(tiny_dir, tmp_path, capsys):
     path = tmp_path / "noimg.tsv"
     rows = [{k: v for k, v in r.items() if k != "image"} for r in mmbench_rows()[:2]]

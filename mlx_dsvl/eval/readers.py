@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 from ..processing.image import ImageLoadError, load_image
+from ..utils import file_digest, files_digest
 from .items import IMAGE_TAG, LETTERS, EvalDataError, Item
 
 SUFFIXES = (".tsv", ".jsonl", ".csv")
@@ -84,23 +85,34 @@ def check_image(get, where: str):
         raise EvalDataError(f"{where}: {e}") from None
 
 
-def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
-    """Read an evaluation file or a folder of them (see the module docstring)."""
+def data_files(path) -> List[Path]:
+    """The files :func:`read` reads for ``path``: the file itself, or a folder's data files."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
         if not files:
             raise EvalDataError(f"{path}: no {'/'.join(SUFFIXES)} files in this folder")
-        rows = RowReader(skip_bad, check_images)
-        for f in files:
-            _read_file(f, rows, prefix=f.stem)
-        return rows.result
+        return files
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file or folder")
     if path.suffix.lower() not in SUFFIXES:
         raise EvalDataError(f"{path}: unknown format; expected a {', '.join(SUFFIXES)} file")
+    return [path]
+
+
+def data_digest(path) -> str:
+    """SHA-256 of what :func:`read` reads: a file's bytes (as ``sha256sum`` prints it), or a
+    folder's data files, by name and digest.  Image files a JSONL names are not included."""
+    files = data_files(path)
+    return files_digest(files) if Path(path).is_dir() else file_digest(files[0])
+
+
+def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
+    """Read an evaluation file or a folder of them (see the module docstring)."""
+    folder = Path(path).is_dir()
     rows = RowReader(skip_bad, check_images)
-    _read_file(path, rows, prefix=None)
+    for f in data_files(path):
+        _read_file(f, rows, prefix=f.stem if folder else None)
     return rows.result
 
 
