@@ -512,6 +512,18 @@ def test_run_settings_follow_content_not_names(tmp_path, monkeypatch):
     assert settings("m") != again
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "generate", "--target", "text"],
+     "error: --target applies to --method likelihood only (--method generate reads the option "
+     "out of the reply)"),
+    (["--method", "generate", "--target", "letter"], "error: --target applies to --method likelihood only"),
+])
+def test_cli_target_with_generate_is_refused(small_set, tmp_path, capsys, extra, message):
+    assert main_exit(["--data", str(small_set), "--out", str(tmp_path / "o")] + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
+
+
 def test_cli_reply_length_of_short_answers_is_part_of_the_run(tiny_dir, small_set, tmp_path, capsys):
     """Under likelihood the short answers are still generated: --max-tokens matters to them."""
     out = tmp_path / "run"

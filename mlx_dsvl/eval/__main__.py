@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["likelihood", "generate"], default="likelihood",
                    help="multiple choice by option log-likelihood, or by greedy generation and "
                         "answer extraction (default: likelihood); short answers are always generated")
-    p.add_argument("--target", choices=["letter", "text"], default="letter",
-                   help="likelihood of the option's letter (' A') or of its text (default: letter)")
+    p.add_argument("--target", choices=["letter", "text"], default=None,
+                   help="likelihood of the option's letter (' A') or of its text (default: letter; "
+                        "--method likelihood only)")
     p.add_argument("--circular", action="store_true",
                    help="MMBench circular evaluation: right only if every rotation of the options is")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -78,6 +79,10 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < lo:
             raise SystemExit(_fail(f"--{name.replace('_', '-')} must be >= {lo}, got {v}", 2))
+    if args.target is not None and args.method != "likelihood":
+        raise SystemExit(_fail(f"--target applies to --method likelihood only (--method {args.method} "
+                               "reads the option out of the reply)", 2))
+    args.target = args.target or "letter"
     if not Path(args.data).exists():
         raise SystemExit(_fail(f"--data {args.data}: no such file or folder", 2))
     if args.adapter and not Path(args.adapter).is_dir():
