@@ -524,6 +524,23 @@ def test_cli_target_with_generate_is_refused(small_set, tmp_path, capsys, extra,
     assert len(err) == 1 and err[0].startswith(message)
 
 
+def test_summary_names_the_method_used(tiny_model):
+    """Short answers are generated: a short-answer set's summary says so, a mixed one counts both."""
+    from mlx_dsvl.eval import evaluate
+
+    model, processor = tiny_model
+    short = [Item(id="s1", question="Say yes.", answers=["yes"]),
+             Item(id="s2", question="Hi?", answers=["hi"])]
+    s = evaluate(model, processor, short, max_tokens=2)
+    assert s["method"] == "generate" and s["methods"] == {"generate": 2} and "target" not in s
+    mixed = [Item(id="m", question="2+2?", choices=["4", "5"], answer=0)] + short[:1]
+    s = evaluate(model, processor, mixed, max_tokens=2)
+    assert s["method"] == "likelihood" and s["target"] == "letter"
+    assert s["methods"] == {"likelihood": 1, "generate": 1}
+    with pytest.raises(ValueError, match="target applies to method='likelihood' only"):
+        evaluate(model, processor, mixed, method="generate", target="text")
+
+
 def test_cli_reply_length_of_short_answers_is_part_of_the_run(tiny_dir, small_set, tmp_path, capsys):
     """Under likelihood the short answers are still generated: --max-tokens matters to them."""
     out = tmp_path / "run"
