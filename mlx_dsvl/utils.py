@@ -6,7 +6,8 @@ import ctypes
 import hashlib
 import os
 import sys
-from typing import Optional, Sequence, TextIO
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, TextIO
 
 import numpy as np
 
@@ -51,3 +52,11 @@ def print_names(text: str, file: Optional[TextIO] = None) -> None:
         file.flush()
         file.buffer.write(os.fsencode(text + "\n"))
         file.buffer.flush()
+
+
+def files_digest(paths: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 over files, each by its name and :func:`file_digest` (renaming one changes it)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(f"{Path(p).name}\0{file_digest(p)}\n".encode())
+    return h.hexdigest()

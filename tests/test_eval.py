@@ -438,3 +438,163 @@ def test_progress_lines_without_a_terminal():
         p(done, done // 2, done)
     lines = buf.getvalue().splitlines()
     assert 5 <= len(lines) <= 11 and lines[-1].startswith("20/20 acc 50.0%")
+
+
+# -- hardening: stale runs, option checks, labels, encodings ---------------------------------
+
+
+def letter_set(path, answers):
+    """Text-only multiple choice, one question per answer letter (A-C)."""
+    lines = [{"question": f"Which number is {i}?", "choices": [str(i), str(i + 1), str(i + 2)],
+              "answer": a, "id": f"q{i}"} for i, a in enumerate(answers)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def test_cli_same_size_edit_of_the_data_is_not_resumed(tiny_dir, tmp_path, capsys):
+    """Every answer letter changed in place (the file keeps its size): the rerun is refused, not
+    answered with the old accuracy; --overwrite scores the new answers."""
+    path = letter_set(tmp_path / "d.jsonl", "ABCABC")
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--data", str(path), "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args) == 0
+    size = path.stat().st_size
+    letter_set(path, "BCABCA")  # every answer moved to the next letter
+    assert path.stat().st_size == size
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out} holds the results of another run (--data ")
+    assert "content" in err[0] and "--overwrite" in err[0]
+    assert main(args + ["--overwrite"]) == 0
+    preds = read_predictions(out / "predictions.jsonl")
+    assert [p["answer"] for p in preds] == list("BCABCA")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["correct"] == sum(p["prediction"] == a for p, a in zip(preds, "BCABCA"))
+
+
+def test_cli_another_run_names_the_option_that_changed(tiny_dir, tmp_path, capsys):
+    path = letter_set(tmp_path / "d.jsonl", "AB")
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--data", str(path), "--out", str(out), "--device", "cpu", "--quiet"]
+    assert main(args + ["--method", "generate", "--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(args) == 1  # likelihood now: --method changed (not max_tokens, not target)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f"error: {out} holds the results of another run "
+                             "(--method: 'generate', now 'likelihood'")
+    assert err[0].endswith("use another --out, or --overwrite to replace them")
+
+
+def test_run_settings_follow_content_not_names(tmp_path, monkeypatch):
+    """The adapters' and the data's bytes identify a run; the model's folder however it is named."""
+    from mlx_dsvl.eval.__main__ import build_parser, run_settings
+
+    (tmp_path / "m").mkdir()
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text('{"rank": 8}')
+    (ad / "adapters.safetensors").write_bytes(b"\x00" * 64)
+    data = letter_set(tmp_path / "d.jsonl", "AB")
+    monkeypatch.chdir(tmp_path)
+
+    def settings(model):
+        args = build_parser().parse_args(["--model", model, "--adapter", "ad", "--data", "d.jsonl"])
+        return run_settings(args, "float32", generates=False)
+
+    first = settings("m")
+    assert settings(str(tmp_path / "m")) == first
+    (ad / "adapters.safetensors").write_bytes(b"\x01" * 64)  # trained further, same size
+    assert settings("m") != first
+    again = settings("m")
+    letter_set(data, "BA")
+    assert settings("m") != again
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "generate", "--target", "text"],
+     "error: --target applies to --method likelihood only (--method generate reads the option "
+     "out of the reply)"),
+    (["--method", "generate", "--target", "letter"], "error: --target applies to --method likelihood only"),
+])
+def test_cli_target_with_generate_is_refused(small_set, tmp_path, capsys, extra, message):
+    assert main_exit(["--data", str(small_set), "--out", str(tmp_path / "o")] + extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
+
+
+def test_summary_names_the_method_used(tiny_model):
+    """Short answers are generated: a short-answer set's summary says so, a mixed one counts both."""
+    from mlx_dsvl.eval import evaluate
+
+    model, processor = tiny_model
+    short = [Item(id="s1", question="Say yes.", answers=["yes"]),
+             Item(id="s2", question="Hi?", answers=["hi"])]
+    s = evaluate(model, processor, short, max_tokens=2)
+    assert s["method"] == "generate" and s["methods"] == {"generate": 2} and "target" not in s
+    mixed = [Item(id="m", question="2+2?", choices=["4", "5"], answer=0)] + short[:1]
+    s = evaluate(model, processor, mixed, max_tokens=2)
+    assert s["method"] == "likelihood" and s["target"] == "letter"
+    assert s["methods"] == {"likelihood": 1, "generate": 1}
+    with pytest.raises(ValueError, match="target applies to method='likelihood' only"):
+        evaluate(model, processor, mixed, method="generate", target="text")
+
+
+def test_cli_reply_length_of_short_answers_is_part_of_the_run(tiny_dir, small_set, tmp_path, capsys):
+    """Under likelihood the short answers are still generated: --max-tokens matters to them."""
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--data", str(small_set), "--out", str(out), "--device", "cpu",
+            "--quiet", "--limit", "2"]
+    small_set.write_text("\n".join(small_set.read_text().splitlines()[-2:]) + "\n")  # the short answers
+    assert main(args + ["--max-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--max-tokens", "3"]) == 1
+    assert "(--max-tokens: 2, now 3)" in capsys.readouterr().err
+
+
+def test_cli_tsv_without_an_image_column_says_so(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "noimg.tsv"
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in mmbench_rows()[:2]]
+    write_tsv(path, rows, header=[h for h in TSV_HEADER if h != "image"])
+    assert main(["--model", str(tiny_dir), "--data", str(path), "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"warning: {path}: no 'image' column: its questions are scored as text only" in err
+    assert read(path).warnings == [f"{path}: no 'image' column: its questions are scored as text only"]
+
+
+def encoded_sets(tmp_path):
+    """The same two questions as .jsonl, .csv and .tsv (name -> (path, text))."""
+    jsonl = ('{"question": "Colour of the sky?", "choices": ["blue", "red"], "answer": "A"}\n'
+             '{"question": "Café or tea?", "choices": ["café", "tea"], "answer": "B"}\n')
+    csv_text = "question,A,B,answer\nColour of the sky?,blue,red,A\nCafé or tea?,café,tea,B\n"
+    tsv = ("index\tquestion\tA\tB\tanswer\n0\tColour of the sky?\tblue\tred\tA\n"
+           "1\tCafé or tea?\tcafé\ttea\tB\n")
+    return {name: (tmp_path / f"d.{name}", text) for name, text in
+            (("jsonl", jsonl), ("csv", csv_text), ("tsv", tsv))}
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv"])
+def test_utf8_bom_is_accepted(tmp_path, kind):
+    path, text = encoded_sets(tmp_path)[kind]
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    items = read(path).items
+    assert [it.question for it in items] == ["Colour of the sky?", "Café or tea?"]
+    assert [it.answer_letter for it in items] == ["A", "B"] and items[1].choices == ["café", "tea"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv"])
+def test_non_utf8_file_names_file_line_and_byte(tmp_path, kind, capsys):
+    path, text = encoded_sets(tmp_path)[kind]
+    raw = text.encode("latin-1")  # é is the single byte 0xe9: not UTF-8
+    offset = raw.index(b"\xe9")
+    line = raw[:offset].count(b"\n") + 1
+    path.write_bytes(raw)
+    want = (f"{path}:{line}: not UTF-8 text (byte 0xe9 at byte offset {offset}); "
+            "save the file as UTF-8")
+    with pytest.raises(EvalDataError) as e:
+        read(path)
+    assert str(e.value) == want
+    assert main_exit(["--data", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {want}"]

@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..utils import files_digest
 from .greedy import DEFAULT_MAX_TOKENS
+from .readers import data_digest
 from .runner import DEFAULT_BATCH_SIZE
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
@@ -21,7 +24,8 @@ data (by extension; a folder reads every such file in it):
 
 outputs in --out: predictions.jsonl (one line per question, appended as it goes: rerun the same
 command to resume), summary.json (accuracy overall and per category with 95% Wilson intervals),
-run.json (the settings); the table is printed at the end.
+run.json (the settings, the data and adapters by SHA-256: another run is refused unless
+--overwrite); the table is printed at the end.
 
 exit status: 0 done, 1 bad input, 2 bad arguments, 130 interrupted (rerun to resume).
 """
@@ -46,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["likelihood", "generate"], default="likelihood",
                    help="multiple choice by option log-likelihood, or by greedy generation and "
                         "answer extraction (default: likelihood); short answers are always generated")
-    p.add_argument("--target", choices=["letter", "text"], default="letter",
-                   help="likelihood of the option's letter (' A') or of its text (default: letter)")
+    p.add_argument("--target", choices=["letter", "text"], default=None,
+                   help="likelihood of the option's letter (' A') or of its text (default: letter; "
+                        "--method likelihood only)")
     p.add_argument("--circular", action="store_true",
                    help="MMBench circular evaluation: right only if every rotation of the options is")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
@@ -74,6 +79,10 @@ def check_args(args) -> None:
         v = getattr(args, name)
         if v is not None and v < lo:
             raise SystemExit(_fail(f"--{name.replace('_', '-')} must be >= {lo}, got {v}", 2))
+    if args.target is not None and args.method != "likelihood":
+        raise SystemExit(_fail(f"--target applies to --method likelihood only (--method {args.method} "
+                               "reads the option out of the reply)", 2))
+    args.target = args.target or "letter"
     if not Path(args.data).exists():
         raise SystemExit(_fail(f"--data {args.data}: no such file or folder", 2))
     if args.adapter and not Path(args.adapter).is_dir():
@@ -85,16 +94,22 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
-def run_settings(args) -> dict:
-    """What the predictions depend on: a resumed run must match it."""
-    data = Path(args.data).resolve()
-    files = sorted(data.iterdir()) if data.is_dir() else [data]
-    return {"model": args.model, "adapter": args.adapter and str(Path(args.adapter).resolve()),
-            "data": str(data), "data_bytes": sum(f.stat().st_size for f in files if f.is_file()),
-            "method": args.method, "target": args.target if args.method == "likelihood" else None,
-            "max_tokens": args.max_tokens if args.method == "generate" else None,
-            "circular": args.circular, "system": args.system, "dtype": args.dtype,
-            "skip_bad": args.skip_bad}
+def run_settings(args, dtype: str, generates: bool) -> dict:
+    """What the predictions depend on, by option: a resumed run must match it.  Files by content
+    (the data, the adapters), the model by its folder (or hub id), ``dtype`` as resolved; the
+    reply length only when ``generates`` (replies are generated)."""
+    model = Path(args.model).expanduser()
+    adapter = args.adapter and Path(args.adapter).resolve()
+    return {"--model": str(model.resolve()) if model.exists() else args.model,
+            "--adapter": adapter and str(adapter),
+            "--adapter content (SHA-256)": adapter and files_digest(
+                adapter / n for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) if (adapter / n).is_file()),
+            "--data": str(Path(args.data).resolve()),
+            "--data content (SHA-256)": data_digest(args.data),
+            "--method": args.method, "--target": args.target if args.method == "likelihood" else None,
+            "--max-tokens": args.max_tokens if generates else None,
+            "--circular": args.circular, "--system": args.system, "--dtype": dtype,
+            "--skip-bad": args.skip_bad}
 
 
 def default_out(args) -> str:
@@ -122,12 +137,14 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from ..device import select_device
-    from ..loading import load
+    from ..loading import load, resolve_dtype
     from .readers import read
     from .report import SUMMARY, PredictionLog, Progress, table, write_json_atomic
     from .runner import evaluate, prepare_items
 
     data = read(args.data, skip_bad=args.skip_bad)
+    for msg in data.warnings:
+        print(f"warning: {msg}", file=sys.stderr)
     for msg in data.skipped[:5]:
         print(f"skipped: {msg}", file=sys.stderr)
     if len(data.skipped) > 5:
@@ -136,11 +153,13 @@ def _run(args) -> int:
     if not items:
         return _fail(f"{args.data}: no questions to score", 1)
     out = Path(args.out or default_out(args))
-    log = PredictionLog(out, run_settings(args), overwrite=args.overwrite)
+    select_device(args.device)
+    dtype = str(resolve_dtype(args.dtype)).rsplit(".", 1)[-1]
+    generates = args.method == "generate" or not all(it.is_mc for it in items)
+    log = PredictionLog(out, run_settings(args, dtype, generates), overwrite=args.overwrite)
     done = {it.id: log.done[it.id] for it in items if it.id in log.done}
     if not args.quiet:
         print(f"{len(items)} rows to score ({len(done)} already in {log.path}) -> {out}", file=sys.stderr)
-    select_device(args.device)
     model, processor = load(args.model, dtype=args.dtype)
     if args.adapter:
         from ..adapters import load_adapters

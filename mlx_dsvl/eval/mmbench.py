@@ -9,7 +9,8 @@ published reader (VLMEvalKit's) applies them:
   ``NULL``, ``N/A``, ...); a question may have fewer than four options (C/D missing);
 * ``image`` is a base64-encoded image, a Python-style list of them (several images), or -- to
   save space -- the ``index`` of another row whose image it shares (any cell of at most 64
-  characters); rows without an image are text only;
+  characters); rows without an image are text only (a file without the column too, with a
+  warning: MMBench's questions are about their images);
 * the dev files already hold MMBench's circular rotations: row ``k * 1_000_000 + i`` is
   rotation ``k`` of question ``i`` (its options shifted), sharing its image.  They are scored
   only under ``--circular``; without it only the original questions are.
@@ -23,9 +24,10 @@ import base64
 import csv
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .items import LETTERS, EvalDataError, Item
+from .readers import text_lines
 
 # pandas.read_csv's default missing-value strings (what the published reader sees as NaN).
 NA_VALUES = frozenset({
@@ -55,42 +57,43 @@ def missing(v: Optional[str]) -> bool:
 def read_tsv(path: Path, rows, prefix: Optional[str]) -> None:
     """Append the file's questions to ``rows`` (a :class:`~mlx_dsvl.eval.readers.RowReader`)."""
     _raise_field_limit()
-    records = _records(path)
+    header, records = _records(path)
+    if "image" not in header:
+        rows.result.warnings.append(f"{path}: no 'image' column: its questions are scored as text only")
     images = {r["index"]: r.get("image") for _, r in records if r.get("index")}
     for where, r in records:
         rows.add(where, lambda: _item(r, where, path, images, prefix))
 
 
-def _records(path: Path) -> List[tuple]:
-    """``(where, {column: cell})`` per data row; the header is checked first."""
+def _records(path: Path) -> Tuple[List[str], List[tuple]]:
+    """The header and ``(where, {column: cell})`` per data row; the header is checked first."""
     out = []
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None:
-            raise EvalDataError(f"{path}: empty file")
-        header = [h.strip() for h in header]
-        absent = [c for c in REQUIRED if c not in header]
-        if absent:
-            raise EvalDataError(
-                f"{path}:1: missing column(s) {', '.join(absent)}; an MMBench TSV has "
-                "index, question, hint, A, B, C, D, answer, category, l2-category, image"
-            )
-        if "answer" not in header:
-            raise EvalDataError(f"{path}: no 'answer' column: a test split cannot be scored locally "
-                                "(MMBench's test answers are kept by its evaluation server)")
-        start = 2
-        for record in reader:
-            where = f"{path}:{start}"
-            start = reader.line_num + 1
-            if not record or (len(record) == 1 and not record[0].strip()):
-                continue
-            if len(record) != len(header):
-                out.append((where, {"__error__": f"{len(record)} tab-separated cells, the header "
-                                                  f"has {len(header)} (an unquoted tab or newline?)"}))
-                continue
-            out.append((where, dict(zip(header, record))))
-    return out
+    reader = csv.reader(text_lines(path), delimiter="\t")
+    header = next(reader, None)
+    if header is None:
+        raise EvalDataError(f"{path}: empty file")
+    header = [h.strip() for h in header]
+    absent = [c for c in REQUIRED if c not in header]
+    if absent:
+        raise EvalDataError(
+            f"{path}:1: missing column(s) {', '.join(absent)}; an MMBench TSV has "
+            "index, question, hint, A, B, C, D, answer, category, l2-category, image"
+        )
+    if "answer" not in header:
+        raise EvalDataError(f"{path}: no 'answer' column: a test split cannot be scored locally "
+                            "(MMBench's test answers are kept by its evaluation server)")
+    start = 2
+    for record in reader:
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not record or (len(record) == 1 and not record[0].strip()):
+            continue
+        if len(record) != len(header):
+            out.append((where, {"__error__": f"{len(record)} tab-separated cells, the header "
+                                              f"has {len(header)} (an unquoted tab or newline?)"}))
+            continue
+        out.append((where, dict(zip(header, record))))
+    return header, out
 
 
 def _rotation_of(index: str, images: Dict[str, Optional[str]]):

@@ -17,9 +17,11 @@ default categories prefixed by the file name):
   no header and the columns of the original MMLU files (question, options..., answer letter;
   the category is the file name without ``_test``/``_dev``/``_val``).
 
-Every malformed row raises :class:`EvalDataError` naming ``file:line`` and what was expected;
-with ``skip_bad`` it is counted and skipped instead.  Images are decoded once while reading
-(``check_images``), so that a broken one is a row error before any model time is spent.
+Files are UTF-8 (a leading byte-order mark is dropped).  Every malformed row raises
+:class:`EvalDataError` naming ``file:line`` and what was expected; with ``skip_bad`` it is counted
+and skipped instead (bytes that are not UTF-8 always stop the read).  Images are decoded once
+while reading (``check_images``), so that a broken one is a row error before any model time is
+spent.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from ..processing.image import ImageLoadError, load_image
+from ..utils import file_digest, files_digest
 from .items import IMAGE_TAG, LETTERS, EvalDataError, Item
 
 SUFFIXES = (".tsv", ".jsonl", ".csv")
@@ -42,6 +45,7 @@ class ReadResult:
     items: List[Item] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # one message per skipped row
     rows: int = 0
+    warnings: List[str] = field(default_factory=list)  # read, but maybe not as meant
 
 
 class RowReader:
@@ -81,23 +85,34 @@ def check_image(get, where: str):
         raise EvalDataError(f"{where}: {e}") from None
 
 
-def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
-    """Read an evaluation file or a folder of them (see the module docstring)."""
+def data_files(path) -> List[Path]:
+    """The files :func:`read` reads for ``path``: the file itself, or a folder's data files."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
         if not files:
             raise EvalDataError(f"{path}: no {'/'.join(SUFFIXES)} files in this folder")
-        rows = RowReader(skip_bad, check_images)
-        for f in files:
-            _read_file(f, rows, prefix=f.stem)
-        return rows.result
+        return files
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file or folder")
     if path.suffix.lower() not in SUFFIXES:
         raise EvalDataError(f"{path}: unknown format; expected a {', '.join(SUFFIXES)} file")
+    return [path]
+
+
+def data_digest(path) -> str:
+    """SHA-256 of what :func:`read` reads: a file's bytes (as ``sha256sum`` prints it), or a
+    folder's data files, by name and digest.  Image files a JSONL names are not included."""
+    files = data_files(path)
+    return files_digest(files) if Path(path).is_dir() else file_digest(files[0])
+
+
+def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
+    """Read an evaluation file or a folder of them (see the module docstring)."""
+    folder = Path(path).is_dir()
     rows = RowReader(skip_bad, check_images)
-    _read_file(path, rows, prefix=None)
+    for f in data_files(path):
+        _read_file(f, rows, prefix=f.stem if folder else None)
     return rows.result
 
 
@@ -116,16 +131,29 @@ def _read_file(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
         raise EvalDataError(f"{path}: no rows")
 
 
+def text_lines(path: Path) -> Iterator[str]:
+    """The file's lines as UTF-8 text, a leading byte-order mark dropped; a byte that is not
+    UTF-8 raises :class:`EvalDataError` naming the file, the line and the byte offset."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise EvalDataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                    f"byte offset {offset + e.start}); save the file as UTF-8") from None
+            offset += len(raw)
+
+
 # -- JSONL ------------------------------------------------------------------------------------
 
 
 def read_jsonl(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
     base = path.resolve().parent
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                where = f"{path}:{lineno}"
-                rows.add(where, lambda: _jsonl_item(line, where, base, lineno, prefix))
+    for lineno, line in enumerate(text_lines(path), 1):
+        if line.strip():
+            where = f"{path}:{lineno}"
+            rows.add(where, lambda: _jsonl_item(line, where, base, lineno, prefix))
 
 
 def _jsonl_item(line: str, where: str, base: Path, lineno: int, prefix: Optional[str]) -> Item:
@@ -229,21 +257,20 @@ def _short_answers(answer, where: str) -> List[str]:
 
 def read_csv(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
     category = re.sub(r"_(test|dev|val|validation|train)$", "", path.stem)
-    with open(path, "r", encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header, start, first = None, 1, True
-        for record in reader:
-            where = f"{path}:{start}"
-            start = reader.line_num + 1
-            if not record or not any(c.strip() for c in record):
-                continue
-            if first and _is_header(record):
-                header = [c.strip() for c in record]
-                _check_header(header, where)
-                first = False
-                continue
+    reader = csv.reader(text_lines(path))
+    header, start, first = None, 1, True
+    for record in reader:
+        where = f"{path}:{start}"
+        start = reader.line_num + 1
+        if not record or not any(c.strip() for c in record):
+            continue
+        if first and _is_header(record):
+            header = [c.strip() for c in record]
+            _check_header(header, where)
             first = False
-            rows.add(where, lambda: _csv_item(record, header, where, category, prefix))
+            continue
+        first = False
+        rows.add(where, lambda: _csv_item(record, header, where, category, prefix))
 
 
 def _is_header(record: List[str]) -> bool:

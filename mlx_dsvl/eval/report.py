@@ -2,9 +2,10 @@
 
 ``predictions.jsonl`` is append-only, one record per line written with a single ``write`` and
 flushed, so an interrupted run leaves whole lines (and at worst one torn last line, ignored and
-cut off on resume).  ``run.json`` records what the predictions were made with; a rerun with the
-same settings resumes, with others it is refused unless the folder is cleared with
-``--overwrite``.  ``summary.json`` appears atomically (temporary file + rename).
+cut off on resume).  ``run.json`` records what the predictions were made with, in the caller's
+order (the first change is the one named); a rerun with the same settings resumes, with others
+it is refused unless the folder is cleared with ``--overwrite``.  ``summary.json`` appears
+atomically (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -54,13 +55,12 @@ class PredictionLog:
         run_path = self.out / RUN
         if run_path.exists():
             earlier = json.loads(run_path.read_text(encoding="utf-8"))
-            diff = [k for k in sorted(set(run) | set(earlier)) if run.get(k) != earlier.get(k)]
+            keys = [*run, *(k for k in earlier if k not in run)]
+            diff = [k for k in keys if run.get(k) != earlier.get(k)]
             if diff:
-                k = diff[0]
-                raise OutputError(
-                    f"{self.out} holds the results of another run ({k}: {earlier.get(k)!r}, now "
-                    f"{run.get(k)!r}); use another --out, or --overwrite to replace them"
-                )
+                change = _change(diff, earlier, run)
+                raise OutputError(f"{self.out} holds the results of another run ({change}); "
+                                  "use another --out, or --overwrite to replace them")
         elif self.path.exists() and self.path.stat().st_size:
             raise OutputError(f"{self.path} exists without {RUN}; use another --out, or "
                               "--overwrite to replace it")
@@ -99,6 +99,14 @@ class PredictionLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _change(keys: List[str], earlier: Dict, now: Dict) -> str:
+    """The first setting that changed, old and new value, then the names of the others."""
+    k = keys[0]
+    text = f"{k}: {earlier[k]!r}" if k in earlier else f"{k}: not recorded"
+    text += f", now {now[k]!r}" if k in now else ", not a setting now"
+    return text + (f"; also {', '.join(keys[1:])}" if keys[1:] else "")
 
 
 class Progress:

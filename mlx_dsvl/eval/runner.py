@@ -10,6 +10,7 @@ random state is untouched) and every module's mode is restored afterwards.  Noth
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -117,11 +118,14 @@ def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
 
     ``data``: a file or folder (see :mod:`mlx_dsvl.eval.readers`), a :class:`ReadResult`, or
     items -- read once and pass the items when calling repeatedly (a training callback).
-    ``method``: ``"likelihood"`` or ``"generate"`` for multiple choice; ``target``: what the
+    ``method``: ``"likelihood"`` or ``"generate"`` for multiple choice (short answers are always
+    generated; the summary's ``method`` and ``methods`` say what was used); ``target``: what the
     likelihood scores (``"letter"`` or ``"text"``); ``limit``: the first N questions (with all
     their rotations under ``circular``).  ``done``: records by id already made (resume);
     ``on_records(records)`` after each batch; ``progress(rows_done, rows_correct, rows_new)``.
     """
+    if method == "generate" and target != "letter":
+        raise ValueError("target applies to method='likelihood' only")
     t0 = time.perf_counter()
     items, left_out = prepare_items(data, circular, limit, skip_bad)
     done = dict(done or {})
@@ -138,9 +142,11 @@ def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
         if progress is not None:
             progress(n_done, n_correct, n_new)
     summary = summarize(kept, circular)
-    summary.update(method=method, circular=circular, rotations_left_out=left_out,
-                   resumed=len(items) - len(todo), seconds=round(time.perf_counter() - t0, 3))
-    if method == "likelihood":
+    used = Counter(r["method"] for r in kept if "skipped" not in r)  # rows per method
+    summary.update(method=method if method in used or not used else "generate", methods=dict(used),
+                   circular=circular, rotations_left_out=left_out, resumed=len(items) - len(todo),
+                   seconds=round(time.perf_counter() - t0, 3))
+    if "likelihood" in used:
         summary["target"] = target
     return summary
 
