@@ -144,6 +144,25 @@ def test_resume_from_an_earlier_step_needs_force(tiny_dir, text_data, earlier_ru
     assert steps(out) == [STEP.format(s) for s in (2, 4, 6)]
 
 
+def test_resume_on_smaller_data_continues_on_it(tiny_dir, text_data, tmp_path, capsys):
+    """The data file changed (here: shorter than the checkpoint's position in its epoch): the
+    resumed run says so and goes on over the new data from the next epoch, never an IndexError."""
+    out = tmp_path / "run"
+    assert train_main(args_for(tiny_dir, text_data, out, iters=3) + ["--save-every", "3"]) == 0
+    state = json.loads((out / "checkpoints" / STEP.format(3) / "state.json").read_text())
+    assert state["streams"]["main"] == {"epoch": 0, "index": 3}  # 8 lines, batches of 2
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(text_data.read_text().splitlines(keepends=True)[:2]))
+    capsys.readouterr()
+    assert train_main(["--resume", str(out), "--data", str(small), "--iters", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the data files changed since the checkpoint" in err and "Traceback" not in err, err
+    assert latest(out) == STEP.format(5)
+    state = json.loads((out / "checkpoints" / STEP.format(5) / "state.json").read_text())
+    # past the end of the new data's one batch: epoch 1 starts; steps 4 and 5 take epochs 1 and 2
+    assert state["streams"]["main"] == {"epoch": 3, "index": 0}
+
+
 def test_resume_refuses_another_run_in_out(tiny_dir, text_data, earlier_run, tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(earlier_run, a)

@@ -203,8 +203,9 @@ def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchS
     if streams["text"] is not None and "text" in saved:
         streams["text"].load_state(saved["text"])
     if resume.state.get("data") != digests:
-        warn("the data files changed since the checkpoint; the resumed run will not replay the "
-             "original order exactly")
+        warn("the data files changed since the checkpoint; the resumed run goes on over the new data "
+             "(from the same position in the epoch, or the next epoch if the data is now shorter), "
+             "not in the original order")
     return int(resume.state["step"]), list(resume.state.get("history", [])), rng_ranks
 
 
