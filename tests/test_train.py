@@ -143,8 +143,11 @@ def test_long_examples_skip_policy_and_warning(chat_processor, shapes_data, tmp_
     assert len(ds) == 1 and ds[0].kind == "chat" and not ds[0].images
     assert "skipped 1 example(s) longer than `max_seq_len` 100" in capsys.readouterr().err
     ds = load_jsonl(f, chat_processor, 100, long_policy="truncate")
-    # Truncated before the image: the image example has no answer left -> skipped as empty.
-    assert len(ds) == 1 and ds.stats.skipped_empty and ds.stats.truncated
+    # Truncated before the image, the image example has no answer left: skipped as too long.
+    assert len(ds) == 1 and not ds.stats.skipped_empty and not ds.stats.truncated
+    assert ds.stats.skipped_long == [f"{f}:1 needs {len(load_jsonl(f, chat_processor, 2048)[0].ids)} tokens, "
+                                     f"1 image of 576 tokens"]
+    assert "skipped 1 example(s) longer than `max_seq_len` 100" in capsys.readouterr().err
 
 
 # -- data: bad input ---------------------------------------------------------------------------

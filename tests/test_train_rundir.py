@@ -5,6 +5,7 @@ every bad option or input is one ``error:`` line and a non-zero exit, before any
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -253,6 +254,25 @@ def test_a_training_file_without_examples_says_why(tiny_dir, tmp_path, capsys, c
     err = one_error(capsys)
     assert err.startswith(f"error: {data}: {expected}"), err
     assert "warnings above" not in err
+
+
+def test_a_max_seq_len_too_short_for_the_images_says_so(tiny_dir, tmp_path, capsys):
+    """Truncating at --max-seq-len left no answer (the image's 576 tokens do not fit): the line is
+    named with the length it needs, not blamed for having no answer."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "<image_placeholder>Colour?"},
+                                             {"role": "assistant", "content": "Red."}],
+                                "images": ["red.png"]}) + "\n")
+    assert train_main(args_for(tiny_dir, data, tmp_path / "o") + ["--max-seq-len", "300"]) == 1
+    err = one_error(capsys)
+    need = re.search(r"needs (\d+) tokens", err)
+    assert err.startswith(f"error: {data}: no usable example in its 1 line(s): 1 longer than --max-seq-len "
+                          f"300 (first: {data}:1 needs "), err
+    assert need and int(need.group(1)) > 576 and "1 image of 576 tokens" in err, err
+    assert "nothing to learn" not in err, err
 
 
 def test_skipped_lines_are_counted_with_their_reasons(tiny_dir, tmp_path, capsys):
