@@ -128,6 +128,19 @@ def test_resume_alone_continues_in_the_run(tiny_dir, text_data, tmp_path, capsys
     assert latest(tmp_path / "branch") == STEP.format(8)
 
 
+def test_output_options_can_be_turned_back_on_when_resuming(tiny_dir, text_data, tmp_path, capsys):
+    """A run started with --quiet --no-plot (and --no-compile) resumes verbose, with its plot."""
+    out = tmp_path / "run"
+    assert train_main(args_for(tiny_dir, text_data, out, iters=2)) == 0
+    assert capsys.readouterr().out == "" and not (out / "loss.png").exists()
+    assert train_main(["--resume", str(out), "--iters", "3", "--no-quiet", "--plot"]) == 0
+    assert "step 3/3 | loss" in capsys.readouterr().out
+    assert (out / "loss.png").is_file()
+    assert json.loads((out / "run_config.json").read_text())["quiet"] is False
+    assert train_main(["--resume", str(out), "--iters", "4", "--quiet"]) == 0  # and off again
+    assert capsys.readouterr().out == ""
+
+
 def test_resume_from_an_earlier_step_needs_force(tiny_dir, text_data, earlier_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(earlier_run, out)
