@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -30,6 +30,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
+
+from .model_folder import folder_fingerprint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -80,11 +82,13 @@ def fuse_adapters(model, dequantize: bool = False):
 
 # -- the format -------------------------------------------------------------------------------
 def model_fingerprint(model) -> Dict:
-    """Identify a base model: its architecture and a digest of some of its weights.
+    """Identify a base model: its architecture and digests of its weights.
 
     ``arch`` hashes every parameter's name and (unquantized) shape; ``weights`` hashes rounded
     statistics of the 1-D tensors (norms and biases, never quantized), so the same model loaded
-    in another dtype matches while a different checkpoint does not.
+    in another dtype matches while a different checkpoint does not; ``folder``, for a model
+    loaded from a folder, is :func:`~mlx_dsvl.model_folder.folder_fingerprint` (it tells apart
+    variants whose norms are the same, like a model with adapters fused in).
     """
     arch = hashlib.sha256()
     stats = hashlib.sha256()
@@ -102,7 +106,11 @@ def model_fingerprint(model) -> Dict:
             s = float(mx.sum(v.astype(mx.float32)).item())
             q = float(mx.sum(mx.abs(v.astype(mx.float32))).item())
             stats.update(f"{base}:{s:.3e}:{q:.3e}".encode())
-    return {"arch": arch.hexdigest()[:16], "weights": stats.hexdigest()[:16]}
+    fingerprint = {"arch": arch.hexdigest()[:16], "weights": stats.hexdigest()[:16]}
+    folder = getattr(model, "source_folder", None)
+    if folder is not None:
+        fingerprint["folder"] = folder_fingerprint(folder)
+    return fingerprint
 
 
 def trained_weights(model) -> Dict[str, mx.array]:
@@ -220,17 +228,21 @@ def _read_weights(folder: Path) -> Dict[str, mx.array]:
 
 
 def _check_base(model, folder: Path, cfg: Dict) -> None:
+    """Refuse another architecture; warn in one line on other base weights (a fine-tuned variant
+    of the same shape may be meant).  Adapters that recorded no fingerprint are not checked."""
     fp = (cfg.get("base_model") or {}).get("fingerprint") or {}
     if not fp:
         return
     here = model_fingerprint(model)
+    base = cfg["base_model"].get("path")
     if fp.get("arch") and fp["arch"] != here["arch"]:
-        raise AdapterError(
-            f"{folder}: these adapters were trained on a different model architecture "
-            f"(base {cfg['base_model'].get('path')!r})"
-        )
-    if fp.get("weights") and fp["weights"] != here["weights"]:
-        warnings.warn(
-            f"{folder}: the base model differs from the one these adapters were trained on "
-            f"({cfg['base_model'].get('path')!r}); results may be off", stacklevel=3,
-        )
+        raise AdapterError(f"{folder}: these adapters were trained on a different model architecture "
+                           f"(base {base!r})")
+    was, now = fp.get("folder") or {}, here.get("folder") or {}
+    if (fp.get("weights") and fp["weights"] != here["weights"]) or (
+            was.get("layout") == now.get("layout") and None not in (was.get("files"), now.get("files"))
+            and was["files"] != now["files"]):
+        this = getattr(model, "source_folder", None) or "this model"
+        print(f"warning: adapter {folder} was trained on base {base} ({fp.get('weights')}/{was.get('files')}), "
+              f"not on {this} ({here['weights']}/{now.get('files')}): its weights differ; results may be off",
+              file=sys.stderr, flush=True)

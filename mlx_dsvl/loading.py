@@ -95,6 +95,7 @@ def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None,
     del weights
     materialize(model)
     model.eval()
+    model.source_folder = path  # what adapters record as their base (its fingerprint)
     return model
 
 

@@ -17,6 +17,7 @@ Every failure is a :class:`ModelLoadError` whose one-line message names the file
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
@@ -130,6 +131,33 @@ def weight_files(path: Path) -> Dict[str, Path]:
 
 def weight_file_names(path: Path) -> List[str]:
     return sorted({f.name for f in weight_files(path).values()})
+
+
+def folder_fingerprint(path: Path, sample: int = 64) -> Dict[str, str]:
+    """What identifies a folder's weights, cheaply (headers and ``sample`` bytes from the middle
+    of every tensor, not whole files): ``layout`` (original, or MLX with its dtype and
+    quantization: only folders of one layout have comparable files) and ``files``, a digest of
+    each weight file's name, size, safetensors header and those bytes."""
+    config = read_json(path / "config.json", "config.json (not a model folder?)")
+    info = mlx_format_info(config)
+    quant = (info or {}).get("quantization")
+    layout = "original" if info is None else " ".join(
+        ["mlx", str(info.get("dtype"))] + ([f"q{quant['bits']}/{quant['group_size']}"] if quant else []))
+    digest = hashlib.sha256()
+    for f in sorted(set(weight_files(path).values())):
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = fh.read(n)
+                digest.update(f"{f.name}:{f.stat().st_size}:".encode() + header)
+                for entry in json.loads(header).values():
+                    if isinstance(entry, dict) and "data_offsets" in entry:
+                        start, end = entry["data_offsets"]
+                        fh.seek(8 + n + max(start, (start + end - sample) // 2))
+                        digest.update(fh.read(min(sample, end - start)))
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{f}: cannot read safetensors header ({e})") from None
+    return {"layout": layout, "files": digest.hexdigest()[:16]}
 
 
 def read_weights(path: Path) -> Dict[str, mx.array]:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -142,8 +143,11 @@ def test_long_examples_skip_policy_and_warning(chat_processor, shapes_data, tmp_
     assert len(ds) == 1 and ds[0].kind == "chat" and not ds[0].images
     assert "skipped 1 example(s) longer than `max_seq_len` 100" in capsys.readouterr().err
     ds = load_jsonl(f, chat_processor, 100, long_policy="truncate")
-    # Truncated before the image: the image example has no answer left -> skipped as empty.
-    assert len(ds) == 1 and ds.stats.skipped_empty and ds.stats.truncated
+    # Truncated before the image, the image example has no answer left: skipped as too long.
+    assert len(ds) == 1 and not ds.stats.skipped_empty and not ds.stats.truncated
+    assert ds.stats.skipped_long == [f"{f}:1 needs {len(load_jsonl(f, chat_processor, 2048)[0].ids)} tokens, "
+                                     f"1 image of 576 tokens"]
+    assert "skipped 1 example(s) longer than `max_seq_len` 100" in capsys.readouterr().err
 
 
 # -- data: bad input ---------------------------------------------------------------------------
@@ -255,6 +259,32 @@ def test_one_step_changes_exactly_the_stage_parameters(tiny_dir, shapes_data, tm
         assert any("language_model.model.layers." in k for k in trainable)
     if stage == 1:
         assert not any(k.startswith(("language_model.", "vision_model.")) for k in changed)
+
+
+@pytest.mark.parametrize("method,train_set", [("full", "aligner,llm,sam,siglip"), ("lora", None)])
+def test_parameter_counts_are_of_one_model(tiny_hybrid_dir, method, train_set):
+    """Trainable and total count the same model (adapter factors and tensors held by non-leaf
+    modules, like the towers' position embeddings, in both): the trainable part never exceeds it."""
+    from mlx_dsvl.train.report import start_line
+    from mlx_dsvl.train.stages import TrainSpec, count_parameters, parse_components, setup_trainable
+
+    model, _ = mlx_dsvl.load(tiny_hybrid_dir)
+    base = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if method == "lora":  # QLoRA: the quantized LLM counts as many parameters as before
+        nn.quantize(model.language_model, group_size=32, bits=4)
+    comps = parse_components(3, train_set, True)
+    setup_trainable(model, TrainSpec(3, comps, method, 4, 20.0, 0.0, ("attn", "mlp"), None))
+    trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    factors = sum(v.size for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b")))
+    every = base + factors
+    assert count_parameters(model) == (trained, every)
+    if method == "full":
+        assert trained == every  # everything trains
+    line = start_line(cfg(stage=3, iters=1, lr=1e-3, vision_lr=1e-4), comps, False, trained, every, 4, None,
+                      None, 0)
+    m = re.search(r"-- ([\d.]+)M trainable of ([\d.]+)M parameters", line)
+    assert m and float(m.group(1)) <= float(m.group(2)), line
+    assert (m.group(1) == m.group(2)) == (method == "full"), line
 
 
 def test_hybrid_stage3_keeps_sam_frozen_and_sam_neck_override(tiny_hybrid_dir, tmp_path):

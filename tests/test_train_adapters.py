@@ -149,3 +149,41 @@ def test_qlora_on_a_quantized_mlx_folder_then_fuse(tiny_dir, tmp_path):
     w = mx.load(str(fused_dir / "model.safetensors"))
     base_keys = set(mx.load(str(Path(tiny_dir) / "model.safetensors")))
     assert set(w) == base_keys  # the original names, unused tensors included
+
+
+def test_an_adapter_applied_to_another_base_of_the_same_shape_warns(tiny_dir, tmp_path, capsys):
+    """Training records the base's fingerprint; applying the adapter to a base whose weights differ
+    (here one matrix: the norms and biases are the same, as in a fine-tuned variant) warns in one
+    line naming the adapter and both bases.  The base itself, adapters without a recorded
+    fingerprint and mlx-lm's adapters apply silently."""
+    import shutil
+
+    from mlx_dsvl.testing.adapters import write_mlx_lm_adapter
+
+    data = write_shapes_dataset(tmp_path / "d", 2, seed=5)
+    run = tmp_path / "run"
+    train(cfg(stage=3, model=str(tiny_dir), data=str(data["chat"]), out=str(run), iters=1))
+    recorded = json.loads((run / "adapter_config.json").read_text())["base_model"]
+    assert recorded["path"] == str(tiny_dir) and recorded["fingerprint"]["folder"]["files"]
+    variant = tmp_path / "variant"
+    shutil.copytree(tiny_dir, variant)
+    weights, meta = mx.load(str(variant / "model.safetensors"), return_metadata=True)
+    name = next(k for k in weights if k.endswith("layers.0.self_attn.q_proj.weight"))
+    weights[name] = weights[name] * 1.01
+    mx.save_safetensors(str(variant / "model.safetensors"), weights, meta)
+    capsys.readouterr()
+
+    load_adapters(mlx_dsvl.load(tiny_dir)[0], run)
+    assert capsys.readouterr().err == ""
+    load_adapters(mlx_dsvl.load(variant)[0], run)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"warning: adapter {run} was trained on "), err
+    assert str(tiny_dir) in err and str(variant) in err, err
+    # no recorded fingerprint (older adapters), mlx-lm's format: no warning
+    config = json.loads((run / "adapter_config.json").read_text())
+    config["base_model"]["fingerprint"] = None
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    load_adapters(mlx_dsvl.load(variant)[0], run)
+    write_mlx_lm_adapter(tiny_dir, tmp_path / "mlx_lm")
+    load_adapters(mlx_dsvl.load(variant)[0], tmp_path / "mlx_lm")
+    assert capsys.readouterr().err == ""

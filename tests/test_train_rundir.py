@@ -5,6 +5,7 @@ every bad option or input is one ``error:`` line and a non-zero exit, before any
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -127,6 +128,19 @@ def test_resume_alone_continues_in_the_run(tiny_dir, text_data, tmp_path, capsys
     assert latest(tmp_path / "branch") == STEP.format(8)
 
 
+def test_output_options_can_be_turned_back_on_when_resuming(tiny_dir, text_data, tmp_path, capsys):
+    """A run started with --quiet --no-plot (and --no-compile) resumes verbose, with its plot."""
+    out = tmp_path / "run"
+    assert train_main(args_for(tiny_dir, text_data, out, iters=2)) == 0
+    assert capsys.readouterr().out == "" and not (out / "loss.png").exists()
+    assert train_main(["--resume", str(out), "--iters", "3", "--no-quiet", "--plot"]) == 0
+    assert "step 3/3 | loss" in capsys.readouterr().out
+    assert (out / "loss.png").is_file()
+    assert json.loads((out / "run_config.json").read_text())["quiet"] is False
+    assert train_main(["--resume", str(out), "--iters", "4", "--quiet"]) == 0  # and off again
+    assert capsys.readouterr().out == ""
+
+
 def test_resume_from_an_earlier_step_needs_force(tiny_dir, text_data, earlier_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(earlier_run, out)
@@ -142,6 +156,25 @@ def test_resume_from_an_earlier_step_needs_force(tiny_dir, text_data, earlier_ru
     # resuming elsewhere (a new folder) needs no --force and leaves the run alone
     assert train_main(["--resume", str(ck4), "--out", str(tmp_path / "branch"), "--iters", "6"]) == 0
     assert steps(out) == [STEP.format(s) for s in (2, 4, 6)]
+
+
+def test_resume_on_smaller_data_continues_on_it(tiny_dir, text_data, tmp_path, capsys):
+    """The data file changed (here: shorter than the checkpoint's position in its epoch): the
+    resumed run says so and goes on over the new data from the next epoch, never an IndexError."""
+    out = tmp_path / "run"
+    assert train_main(args_for(tiny_dir, text_data, out, iters=3) + ["--save-every", "3"]) == 0
+    state = json.loads((out / "checkpoints" / STEP.format(3) / "state.json").read_text())
+    assert state["streams"]["main"] == {"epoch": 0, "index": 3}  # 8 lines, batches of 2
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(text_data.read_text().splitlines(keepends=True)[:2]))
+    capsys.readouterr()
+    assert train_main(["--resume", str(out), "--data", str(small), "--iters", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the data files changed since the checkpoint" in err and "Traceback" not in err, err
+    assert latest(out) == STEP.format(5)
+    state = json.loads((out / "checkpoints" / STEP.format(5) / "state.json").read_text())
+    # past the end of the new data's one batch: epoch 1 starts; steps 4 and 5 take epochs 1 and 2
+    assert state["streams"]["main"] == {"epoch": 3, "index": 0}
 
 
 def test_resume_refuses_another_run_in_out(tiny_dir, text_data, earlier_run, tmp_path, capsys):
@@ -234,6 +267,25 @@ def test_a_training_file_without_examples_says_why(tiny_dir, tmp_path, capsys, c
     err = one_error(capsys)
     assert err.startswith(f"error: {data}: {expected}"), err
     assert "warnings above" not in err
+
+
+def test_a_max_seq_len_too_short_for_the_images_says_so(tiny_dir, tmp_path, capsys):
+    """Truncating at --max-seq-len left no answer (the image's 576 tokens do not fit): the line is
+    named with the length it needs, not blamed for having no answer."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "red.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "<image_placeholder>Colour?"},
+                                             {"role": "assistant", "content": "Red."}],
+                                "images": ["red.png"]}) + "\n")
+    assert train_main(args_for(tiny_dir, data, tmp_path / "o") + ["--max-seq-len", "300"]) == 1
+    err = one_error(capsys)
+    need = re.search(r"needs (\d+) tokens", err)
+    assert err.startswith(f"error: {data}: no usable example in its 1 line(s): 1 longer than --max-seq-len "
+                          f"300 (first: {data}:1 needs "), err
+    assert need and int(need.group(1)) > 576 and "1 image of 576 tokens" in err, err
+    assert "nothing to learn" not in err, err
 
 
 def test_skipped_lines_are_counted_with_their_reasons(tiny_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from typing import List, Optional, Sequence, Tuple
 
 from ..device import DEVICES
-from .config import DATA, DIST, EVAL, OPTIM, OUTPUT, TRAIN, TrainConfig, as_flags
+from .config import DATA, DIST, EVAL, OPTIM, OUTPUT, THIS_COMMAND, TRAIN, TrainConfig, as_flags
 from .stages import STAGES
 
 EPILOG = """\
@@ -66,13 +66,18 @@ def _add(group, f, hints) -> None:
     if args and type(None) in args:  # Optional[X] -> X
         kind = next(a for a in args if a is not type(None))
     kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f))
+    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
     if kind is bool:
         kw["action"] = "store_false" if f.default else "store_true"
+        if not f.metadata["structural"] and f.name not in THIS_COMMAND:  # a resumed run's may change
+            undo = flag.replace("--no-", "--", 1) if flag.startswith("--no-") else flag.replace("--", "--no-", 1)
+            kw["help"] += f"; {undo} undoes it (e.g. a resumed run's)"
+            group.add_argument(undo, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                               action="store_true" if f.default else "store_false")
     elif typing.get_origin(kind) is list:  # repeatable: --flag A --flag B
         kw.update(action="append", type=typing.get_args(kind)[0], metavar=f.metadata["metavar"])
     else:
         kw.update(type=kind, choices=f.metadata["choices"], metavar=f.metadata["metavar"])
-    flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
     group.add_argument(flag, **kw)
 
 

@@ -72,7 +72,11 @@ class BatchStream:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state(self, s: Mapping[str, int]) -> None:
+        """Continue at a saved position; one past the end of its epoch (the data has fewer
+        batches than when it was saved) continues at the start of the next epoch."""
         self.epoch, self.index = int(s["epoch"]), int(s["index"])
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
 
 
 @dataclass

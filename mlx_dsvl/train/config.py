@@ -206,6 +206,8 @@ class TrainConfig:
 
 # Options that define what is trained and on which data: a resumed run must keep them.
 STRUCTURAL = tuple(f.name for f in fields(TrainConfig) if f.metadata["structural"])
+# What one command asks: never inherited from a resumed run.
+THIS_COMMAND = ("resume", "force")
 OPTION_NAMES = frozenset(f.name for f in fields(TrainConfig))
 
 

@@ -28,8 +28,9 @@ Bad input:
   image path.  With ``skip_bad=True`` such lines are skipped and counted instead.
 * an example longer than ``max_seq_len`` is truncated at a token boundary that is never inside
   an image's 576 tokens (a cut that would split an image drops that whole image), or skipped
-  with ``long_policy="skip"``; either way a warning is printed.  An example left without any
-  loss token is skipped with a warning.
+  with ``long_policy="skip"``; either way a warning is printed.  One whose truncation would leave
+  no loss token (e.g. its images do not fit) is skipped as too long, with the length it needs; one
+  without any loss token at all is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -310,15 +311,16 @@ def load_jsonl(
                 stats.skipped_bad.append(str(e))
                 continue
             if ex.length > max_seq_len:
-                if long_policy == "skip":
-                    stats.skipped_long.append(f"{where} ({ex.length} tokens)")
-                    continue
                 ids, labels, imgs = truncate(
                     ex.ids, ex.labels, ex.images, max_seq_len, processor.image_token_id,
                     processor.num_image_tokens,
                 )
+                cut = Example(ids, labels, imgs, ex.source, ex.kind)
+                if long_policy == "skip" or (ex.n_targets and not cut.n_targets):  # no answer fits
+                    stats.skipped_long.append(_needs(ex, processor.num_image_tokens))
+                    continue
                 stats.truncated.append(f"{where} ({ex.length} -> {ids.shape[0]} tokens)")
-                ex = Example(ids, labels, imgs, ex.source, ex.kind)
+                ex = cut
             if ex.n_targets == 0:
                 stats.skipped_empty.append(where)
                 continue
@@ -329,6 +331,13 @@ def load_jsonl(
     if not examples:
         raise DataError(f"{path}: {_why_no_examples(stats, max_seq_len)}")
     return Dataset(str(path), examples, stats)
+
+
+def _needs(ex: Example, image_tokens: int) -> str:
+    """``file:line needs N tokens`` (with its images' share): what `max_seq_len` must hold."""
+    n = len(ex.images)
+    images = f", {n} image{'s' if n > 1 else ''} of {image_tokens} tokens" if n else ""
+    return f"{ex.source} needs {ex.length} tokens{images}"
 
 
 def _why_no_examples(s: DataStats, max_seq_len: int) -> str:

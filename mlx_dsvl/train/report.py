@@ -178,7 +178,7 @@ def start_line(cfg, components, frozen_vision: bool, n_train: int, n_total: int,
                n_text: Optional[int], resume: Optional[str], start_step: int) -> str:
     how = cfg.method if "llm" in components or not frozen_vision else "full"
     return (f"stage {cfg.stage}: training {', '.join(components)} ({how}) "
-            f"-- {n_train / 1e6:.3f}M of {n_total / 1e6:.1f}M parameters; {n_main} examples"
+            f"-- {n_train / 1e6:.3f}M trainable of {n_total / 1e6:.3f}M parameters; {n_main} examples"
             + (f" + {n_text} text-only (ratio {cfg.text_ratio}, warm-up {cfg.modality_warmup} steps)"
                if n_text is not None else "")
             + f"; {cfg.iters} steps of {cfg.batch_size}"

@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from ..adapters import adapter_config, model_fingerprint
 from .batches import BatchProducer, BatchStream
 from .callbacks import METRICS
-from .config import STRUCTURAL, TrainConfig, mixer_of, resolve, validate_config
+from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, validate_config
 from .data import Dataset, load_jsonl
 from .distributed import SOLO, World, global_batch_check
 from .evaluation import EvalSet, read_eval_sets
@@ -122,7 +122,8 @@ def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) 
         merged.iters = None  # the run's length is recomputed from the new epochs
     elif "iters" in explicit:
         merged.epochs = None
-    merged.resume, merged.force = cfg.resume, cfg.force  # what this command asks, never inherited
+    for name in THIS_COMMAND:
+        setattr(merged, name, getattr(cfg, name))
     if cfg.out is not None:
         merged.out = cfg.out
     elif ckpt.run_of(path) is not None:
@@ -203,8 +204,9 @@ def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchS
     if streams["text"] is not None and "text" in saved:
         streams["text"].load_state(saved["text"])
     if resume.state.get("data") != digests:
-        warn("the data files changed since the checkpoint; the resumed run will not replay the "
-             "original order exactly")
+        warn("the data files changed since the checkpoint; the resumed run goes on over the new data "
+             "(from the same position in the epoch, or the next epoch if the data is now shorter), "
+             "not in the original order")
     return int(resume.state["step"]), list(resume.state.get("history", [])), rng_ranks
 
 

@@ -227,8 +227,16 @@ def vision_trainable(spec: TrainSpec) -> bool:
 
 
 def count_parameters(model) -> Tuple[int, int]:
-    """(trainable, total) parameter counts (quantized weights counted unpacked)."""
-    from mlx_lm.utils import get_total_parameters
+    """(trainable, total) parameters of the model as it trains, adapter factors included; a
+    quantized weight counts unpacked, its scales and biases do not."""
+    modules = dict(model.named_modules())
 
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    return trainable, get_total_parameters(model)
+    def size(name: str, v) -> int:
+        owner, _, leaf = name.rpartition(".")
+        bits = getattr(modules.get(owner), "bits", None)
+        if bits is None:
+            return v.size
+        return 0 if leaf in ("scales", "biases") else v.size * 32 // bits if leaf == "weight" else v.size
+
+    trainable = sum(size(k, v) for k, v in tree_flatten(model.trainable_parameters()))
+    return trainable, sum(size(k, v) for k, v in tree_flatten(model.parameters()))
