@@ -31,7 +31,7 @@ import numpy as np
 
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
-from .streaming import GenerationChunk, kv_cache_options, prefill, stream_tokens
+from .streaming import GenerationChunk, Row, kv_cache_options, prefill, stream_tokens
 from .utils import common_prefix
 from .warmup import FirstUseNotice
 
@@ -226,20 +226,15 @@ class ChatSession:
     def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int,
              start_time: float) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
-        generated: List[int] = []
-        if opts.seed is not None:
-            mx.random.seed(opts.seed)
+        row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens)
         try:
-            yield from stream_tokens(
-                self.model.language_model, self.processor, mx.array(ids[keep:]), embeds, self.cache,
-                sampler=opts.make_sampler(), processors=opts.make_logits_processors(),
-                max_tokens=max_tokens, generated=generated, start_time=start_time,
-                history=mx.array(ids[-PROCESSOR_CONTEXT:]), kv=self.kv,
-                timings=self.timings if self.profile else None,
-            )
+            yield from stream_tokens(self.model.language_model, self.processor, mx.array(ids[keep:]),
+                                     lambda s, e: embeds[s:e], self.cache, row=row,
+                                     start_time=start_time, kv=self.kv,
+                                     timings=self.timings if self.profile else None)
         finally:
             # The cache now holds the prompt and every generated token that was fed back.
-            self.cached_ids = (ids.tolist() + generated)[: self.cache[0].offset]
+            self.cached_ids = (ids.tolist() + row.generated)[: self.cache[0].offset]
             self.cached_images = keys
 
     def _reusable_prefix(self, ids: np.ndarray, keys: List[str]) -> int:
@@ -284,7 +279,8 @@ class ChatSession:
         try:
             ids = self._fit_context(1)
             keys, keep, embeds = self._new_input(ids)
-            logits = prefill(self.model.language_model, mx.array(ids[keep:]), embeds, self.cache, self.kv)
+            logits = prefill(self.model.language_model, mx.array(ids[keep:]), lambda s, e: embeds[s:e],
+                             self.cache, self.kv)
             mx.eval(logits)
             self.cached_ids, self.cached_images = ids.tolist()[: self.cache[0].offset], keys
         finally:

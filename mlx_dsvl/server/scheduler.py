@@ -37,15 +37,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import apply_top_p
 
-from ..models.deepseek_vl import lm_head, merge_image_embeddings
-from ..sampling import PROCESSOR_CONTEXT
-from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer, prefill_step_size, quantize_cache
-from .batch_cache import merge_row
+from ..models.deepseek_vl import merge_image_embeddings
+from ..streaming import Batch, Output, Row, prefill
 from .caches import ByteLRU, PrefixCache, prefix_key
 from .schema import SamplingParams
-
 
 
 # -- what flows between the HTTP side and the worker ------------------------------------------
@@ -88,32 +84,12 @@ class Busy(Exception):
 
 
 @dataclass
-class Row:
-    """One request in the decode batch."""
+class Slot:
+    """What the scheduler keeps of an admitted request (a decode row's ``tag``)."""
 
     job: Job
     key: List[Any]  # prefix_key of the prompt
-    cached: int
-    next_input: int  # the token this row feeds at the next step
-    context: List[int]  # recent tokens for the repetition penalty
-    rng: mx.array
-    processors: list
-    detok: Any = None
-    stop: Any = None
-    generated: List[int] = field(default_factory=list)
-
-    def sample(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> [1] token, with this request's options."""
-        for p in self.processors:
-            logits = p(mx.array(self.context[-PROCESSOR_CONTEXT:]), logits)
-        s = self.job.sampling
-        if s.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if s.top_p < 1:
-            logprobs = apply_top_p(logprobs, s.top_p)
-        self.rng, key = mx.random.split(self.rng)
-        return mx.random.categorical(logprobs * (1 / s.temperature), key=key)
+    cached: int  # prompt tokens taken from the prefix cache
 
 
 class Scheduler:
@@ -121,13 +97,13 @@ class Scheduler:
 
     def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
-                 device: Optional[mx.Device] = None, prefill_step: int = 2048,
+                 device: Optional[mx.Device] = None,
                  kv: Optional[dict] = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.processor = model, processor
         self.lm = model.language_model
-        self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.kv = kv  # KV-cache quantization (streaming.kv_cache_options), None = float
         self.device = device or mx.default_device()
         self.prefixes = PrefixCache(cache_bytes)
@@ -135,8 +111,7 @@ class Scheduler:
         self.eos = processor.tokenizer.eos_token_id
         self.image_id = processor.image_token_id
         self.per_image = processor.num_image_tokens
-        self.rows: List[Row] = []
-        self.cache: Optional[list] = None  # per layer: BatchKVCache or BatchQuantizedKVCache
+        self.batch = Batch(self.lm, self.eos, kv, on_finish=self._store_reply)
         self._inbox: "queue.Queue[Job]" = queue.Queue()
         self._waiting: "deque[Job]" = deque()
         self._lock = threading.Lock()
@@ -165,7 +140,7 @@ class Scheduler:
     def stats(self) -> dict:
         with self._lock:
             live = len(self._live)
-        active = len(self.rows)
+        active = len(self.batch.rows)
         return {**self.counters, "active": active, "waiting": max(live - active, 0),
                 "max_batch": self.max_batch, "kv_bits": self.kv and self.kv["kv_bits"],
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
@@ -198,23 +173,23 @@ class Scheduler:
                 self._once()
         finally:  # stopped or interrupted: end every request still here, none waits forever
             self._waiting.extend(self._take_inbox())
-            self._fail([r.job for r in self.rows] + list(self._waiting), 503,
+            self._fail([r.tag.job for r in self.batch.rows] + list(self._waiting), 503,
                        "the server is shutting down")
             self._waiting.clear()
 
     def _once(self) -> None:
         """Cancellations, admissions, one decode step."""
-        if not self.rows and not self._waiting:  # idle: wait for work
+        if not self.batch.rows and not self._waiting:  # idle: wait for work
             try:
                 self._waiting.append(self._inbox.get(timeout=0.2))
             except queue.Empty:
                 return
         self._waiting.extend(self._take_inbox())
         self._drop_cancelled()
-        while self._waiting and len(self.rows) < self.max_batch:
+        while self._waiting and len(self.batch.rows) < self.max_batch:
             self._admit(self._waiting.popleft())
             self._drop_cancelled()
-        if self.rows:
+        if self.batch.rows:
             self._step()
 
     def _take_inbox(self) -> List[Job]:
@@ -230,8 +205,7 @@ class Scheduler:
             self._emit(job, Failed(status, message))
             self._forget(job, "failed")
         gone = {job.id for job in jobs}
-        if any(r.job.id in gone for r in self.rows):
-            self._keep([i for i, r in enumerate(self.rows) if r.job.id not in gone])
+        self.batch.remove([r for r in self.batch.rows if r.tag.job.id in gone])
 
     def _emit(self, job: Job, event) -> bool:
         try:
@@ -255,75 +229,49 @@ class Scheduler:
         for job in [j for j in self._waiting if j.id in gone]:
             self._waiting.remove(job)
             self._forget(job, "cancelled")
-        drop = [i for i, r in enumerate(self.rows) if r.job.id in gone]
-        for i in drop:
-            self._forget(self.rows[i].job, "cancelled")
-        if drop:
-            self._keep([i for i in range(len(self.rows)) if i not in drop])
-
-    def _keep(self, keep: List[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = None
-            mx.clear_cache()
-        else:
-            for c in self.cache:
-                c.filter(keep)
+        drop = [r for r in self.batch.rows if r.tag.job.id in gone]
+        for r in drop:
+            self._forget(r.tag.job, "cancelled")
+        self.batch.remove(drop)
 
     # -- admission: prefix cache, images, prefill -----------------------------------------------
     def _admit(self, job: Job) -> None:
         try:
-            row, kv = self._prefill(job)
+            self._prefill(job)
         except Exception as e:  # this request only; the batch goes on
             print(f"[mlx-dsvl server] request {job.id} failed in prefill: {e!r}", file=sys.stderr)
             self._fail([job], 500, f"prefill failed: {type(e).__name__}: {e}")
             return
-        merged = merge_row(kv, self.kv)
-        if self.cache is None:
-            self.cache = merged
-        else:
-            for a, b in zip(self.cache, merged):
-                a.extend(b)
-        self.rows.append(row)
-        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.rows))
-        self._emit(job, Started(row.cached))
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.batch.rows))
+        self._emit(job, Started(self.batch.rows[-1].tag.cached))
 
     def new_cache(self) -> List[Any]:
         """A request's KV cache: float; with ``kv`` the prefill quantizes it as it fills."""
         return self.model.make_cache()
 
-    def _prefill(self, job: Job):
-        """(the request's row, its KV cache holding the prompt but its last token)."""
+    def _prefill(self, job: Job) -> None:
+        """The prompt through the engine's prefill (after its longest cached prefix); the
+        request joins the decode batch with its first token sampled."""
         ids, s = job.ids, job.sampling
         key = prefix_key(ids, job.image_keys, self.image_id, self.per_image)
-        n = len(ids) - 1  # the last prompt token is fed by the first decode step
         kv, cached = self.prefixes.fetch(key)
         if kv is None:
             kv, cached = self.new_cache(), 0
-        elif cached > n:  # the whole prompt was cached: its last token is fed again
+        elif cached >= len(ids):  # the whole prompt was cached: its last token is run again
             for c in kv:
-                c.trim(cached - n)
-            cached = n
-        # with kv: the library's passes (ChatSession's), each quantized once it is in the cache
-        step = self.prefill_step if self.kv is None else prefill_step_size(self.kv)
-        for start in range(cached, n, step):
-            end = min(start + step, n)
-            tokens, embeds = self.embeddings(job, start, end)
-            self.lm.model(tokens, kv, embeds)
-            quantize_cache(kv, self.kv)
-            mx.eval([c.state for c in kv])
-        quantize_cache(kv, self.kv)  # (a prompt of one token: an empty cache)
-        self.prefixes.store(key[:n], kv)
+                c.trim(cached - len(ids) + 1)
+            cached = len(ids) - 1
+        logits = prefill(self.lm, mx.array(ids[cached:]),
+                         lambda a, b: self.embeddings(job, cached + a, cached + b)[1][0], kv, self.kv)
+        mx.eval(logits, [c.state for c in kv])
+        self.prefixes.store(key, kv)
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(ids)
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
-        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little")
-        row = Row(job=job, key=key, cached=cached, next_input=ids[-1],
-                  context=list(ids[-PROCESSOR_CONTEXT:]), rng=mx.random.key(seed % 2**64),
-                  processors=s.make_logits_processors(),
-                  detok=make_detokenizer(self.processor), stop=StopStringFilter(STOP_STRINGS + s.stop))
-        return row, kv
+        row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
+                        tag=Slot(job, key, cached))
+        self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
         """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D]).
@@ -362,55 +310,30 @@ class Scheduler:
 
     # -- decoding -------------------------------------------------------------------------------
     def _step(self) -> None:
-        rows = self.rows
+        rows = list(self.batch.rows)
         try:
-            inputs = mx.array([[r.next_input] for r in rows])  # [B, 1]
-            logits = lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :])  # [B, vocab]
-            if all(r.job.sampling.temperature == 0 and not r.processors for r in rows):
-                tokens = mx.argmax(logits, axis=-1)
-            else:
-                tokens = mx.concatenate([r.sample(logits[b:b + 1]) for b, r in enumerate(rows)])
-            tokens = tokens.tolist()
+            outs = self.batch.step()
         except Exception as e:
             print(f"[mlx-dsvl server] decode step failed: {e!r}", file=sys.stderr)
-            self._fail([r.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
+            self._fail([r.tag.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
-        self.counters["generated_tokens"] += len(rows)
-        keep = []
-        for i, (r, t) in enumerate(zip(rows, tokens)):
-            reason = self._advance(r, t)
-            if reason is None:
-                keep.append(i)
-            else:
-                self._finish(i, r, reason)
-        if len(keep) < len(rows):
-            self._keep(keep)
+        self.counters["generated_tokens"] += len(outs)
+        for out in outs:
+            self._deliver(out)
 
-    def _advance(self, r: Row, token: int) -> Optional[str]:
-        """Take a sampled token: stream its text; the finish reason when the row is done."""
-        r.generated.append(token)
-        r.context.append(token)
-        r.next_input = token
-        if token == self.eos and not r.job.sampling.ignore_eos:
-            return "stop"
-        r.detok.add_token(token)
-        text = r.stop.push(r.detok.last_segment)
+    def _deliver(self, out: Output) -> None:
+        slot, text = out.row.tag, out.text + out.tail
         if text:
-            self._emit(r.job, Delta(text))
-        if r.stop.stopped:
-            return "stop"
-        return "length" if len(r.generated) >= r.job.sampling.max_tokens else None
+            self._emit(slot.job, Delta(text))
+        if out.finish_reason is not None:
+            self._emit(slot.job, Finished(out.finish_reason, len(slot.job.ids), len(out.row.generated),
+                                          slot.cached))
+            self._forget(slot.job, "finished")
 
-    def _finish(self, i: int, r: Row, reason: str) -> None:
-        if not r.stop.stopped:
-            r.detok.finalize()
-            tail = r.stop.push(r.detok.last_segment) + r.stop.flush()
-            if tail:
-                self._emit(r.job, Delta(tail))
-        if self.prefixes.max_bytes:  # the cache holds the prompt and the reply but its last token
-            kv = [c.extract(i) for c in self.cache]
+    def _store_reply(self, row: Row, kv: List[Any]) -> None:
+        """A finished row's KV cache (prompt and reply) goes to the prefix cache for the
+        follow-up request."""
+        if self.prefixes.max_bytes:
             mx.eval([c.state for c in kv])  # a copy now: a lazy slice would hold the whole batch
-            self.prefixes.store(r.key + r.generated[:-1], kv)
-        self._emit(r.job, Finished(reason, len(r.job.ids), len(r.generated), r.cached))
-        self._forget(r.job, "finished")
+            self.prefixes.store((row.tag.key + row.generated)[:kv[0].offset], kv)
