@@ -62,7 +62,7 @@ class SamplingOptions:
     """
 
     temperature: float = _option(0.2, "sampling temperature, 0 = greedy", lambda v: 0 <= v < math.inf,
-                                 "a finite number >= 0 (0 = greedy)", Control("Temperature", 0.0, 1.5, 0.05, "0 = greedy"))
+                                 ">= 0 and finite (0 = greedy)", Control("Temperature", 0.0, 1.5, 0.05, "0 = greedy"))
     top_p: float = _option(0.95, "nucleus sampling", lambda v: 0 < v <= 1, "in (0, 1]",
                            Control("Top-p", 0.05, 1.0, 0.01))
     top_k: int = _option(0, "sample among the k most likely tokens, 0 = all", lambda v: _count(v, 0),
@@ -70,7 +70,7 @@ class SamplingOptions:
     min_p: float = _option(0.0, "drop tokens less likely than min_p x the most likely one, 0 = off",
                            lambda v: 0 <= v < 1, "in [0, 1) (0 = off)", Control("Min-p", 0.0, 0.5, 0.01, "0 = off"))
     repetition_penalty: float = _option(1.1, "repetition penalty, 1 = off", lambda v: 0 < v < math.inf,
-                                        "a finite number > 0 (1 = off)",
+                                        "> 0 and finite (1 = off)",
                                         Control("Repetition penalty", 1.0, 2.0, 0.01, "1 = off"))
     max_tokens: int = _option(512, "maximum new tokens", _count, "an integer >= 1",
                               Control("Max new tokens", 1, 4096, 64))

@@ -544,13 +544,32 @@ def test_mime_base64_with_line_breaks(server):
     (["--image-cache-mb", "nan"], "--image-cache-mb: must be a finite number >= 0, got nan"),
     (["--max-body-mb", "0"], "--max-body-mb: must be a finite number > 0, got 0"),
     (["--remote-timeout", "-1"], "--remote-timeout: must be a finite number > 0, got -1"),
-    (["--port", "70000"], "--port: must be >= 1 and <= 65535, got 70000"),
+    (["--port", "70000"], "--port: must be >= 0 and <= 65535, got 70000"),
     (["--max-context", "1"], "--max-context: must be >= 2, got 1"),
 ])
 def test_bad_server_options_are_one_line_before_loading(flags, says):
     r = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", "/nonexistent", *flags],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_port_0_listens_on_a_free_port_and_says_which(text_ckpt, tmp_path):
+    import re
+
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_dsvl.server", "--model", str(text_ckpt), "--port", "0",
+                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not (m := re.search(r"listening on http://127\.0\.0\.1:(\d+)", log.read_text())):
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        port = int(m.group(1))
+        assert port != 0 and httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def test_a_context_that_cannot_hold_an_image_is_refused(text_ckpt):

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model id in /v1/models (default: the hub id, or the folder's name)")
     a("--host", default="127.0.0.1",
       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
-    a("--port", type=_number(int, 1, 65535), default=8080, help="port (default: 8080)")
+    a("--port", type=_number(int, 0, 65535), default=8080, help="port; 0 = any free one (default: 8080)")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
     a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -125,6 +125,14 @@ def served_name(args) -> str:
     return path.resolve().name if path.is_dir() else args.model
 
 
+def bound_port(server, asked: int) -> int:
+    """The port uvicorn listens on (``--port 0``: the one the system chose)."""
+    for listener in getattr(server, "servers", ()):
+        for sock in listener.sockets:
+            return sock.getsockname()[1]
+    return asked
+
+
 def serve(args) -> int:
     import uvicorn
 
@@ -176,7 +184,8 @@ def serve(args) -> int:
         print(f"error: could not listen on {args.host}:{args.port} (see above)", file=sys.stderr)
         return 1
     host = f"[{args.host}]" if ":" in args.host else args.host
-    say(f"listening on http://{host}:{args.port} (OpenAI base URL http://{host}:{args.port}/v1, "
+    port = bound_port(server, args.port)
+    say(f"listening on http://{host}:{port} (OpenAI base URL http://{host}:{port}/v1, "
         f"model {name!r}{', API key required' if args.api_key else ''})")
     if not is_loopback_name(args.host) and not args.api_key:
         say(f"warning: listening on {args.host} without --api-key: anyone who can reach this "
