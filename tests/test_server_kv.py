@@ -14,7 +14,7 @@ import pytest
 for _name in ("fastapi", "uvicorn", "httpx", "openai"):
     pytest.importorskip(_name, reason=f"the server tests need {_name}: pip install -e '.[server,test]'")
 
-from test_server import KEY, Server, client, stats, text_ckpt  # noqa: E402,F401 (a fixture)
+from test_server import KEY, Server, client, stats  # noqa: E402
 
 import mlx_dsvl  # noqa: E402
 
