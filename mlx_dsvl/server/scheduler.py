@@ -39,11 +39,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_top_p
 
-from ..models.deepseek_vl import lm_head, merge_image_embeddings
+from ..models.deepseek_vl import lm_head
 from ..sampling import PROCESSOR_CONTEXT
 from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer, prefill_step_size, quantize_cache
 from .batch_cache import merge_row
-from .caches import ByteLRU, PrefixCache, prefix_key
+from .caches import ByteLRU, PrefixCache
 from .schema import SamplingParams
 
 
@@ -92,7 +92,7 @@ class Row:
     """One request in the decode batch."""
 
     job: Job
-    key: List[Any]  # prefix_key of the prompt
+    key: List[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
     cached: int
     next_input: int  # the token this row feeds at the next step
     context: List[int]  # recent tokens for the repetition penalty
@@ -133,8 +133,7 @@ class Scheduler:
         self.prefixes = PrefixCache(cache_bytes)
         self.features = ByteLRU(image_cache_bytes)
         self.eos = processor.tokenizer.eos_token_id
-        self.image_id = processor.image_token_id
-        self.per_image = processor.num_image_tokens
+        self.image_tokens = processor.image_tokens
         self.rows: List[Row] = []
         self.cache: Optional[list] = None  # per layer: BatchKVCache or BatchQuantizedKVCache
         self._inbox: "queue.Queue[Job]" = queue.Queue()
@@ -295,7 +294,7 @@ class Scheduler:
     def _prefill(self, job: Job):
         """(the request's row, its KV cache holding the prompt but its last token)."""
         ids, s = job.ids, job.sampling
-        key = prefix_key(ids, job.image_keys, self.image_id, self.per_image)
+        key = self.image_tokens.keyed(ids, job.image_keys)
         n = len(ids) - 1  # the last prompt token is fed by the first decode step
         kv, cached = self.prefixes.fetch(key)
         if kv is None:
@@ -330,16 +329,11 @@ class Scheduler:
 
         Only the images that overlap the range are needed (a range may begin inside one)."""
         tokens = mx.array(job.ids[start:end])[None]
-        embeds = self.lm.model.embed_tokens(tokens)
-        is_image = np.asarray(job.ids[:end]) == self.image_id
-        inside = int(is_image[start:].sum())
-        if not inside:
-            return tokens, embeds
-        before = int(is_image[:start].sum())
-        first, last = before // self.per_image, (before + inside - 1) // self.per_image
-        feats = self._image_features(job, job.image_keys[first:last + 1])
-        flat = mx.concatenate(feats)[before - first * self.per_image:]  # [inside, D]
-        return tokens, merge_image_embeddings(tokens, embeds, flat[None, None], self.image_id)
+        span = self.image_tokens.overlap(job.ids, start, end, len(job.image_keys))
+        if span.first == span.stop:
+            return tokens, self.model.get_input_embeddings(tokens)
+        feats = mx.stack(self._image_features(job, job.image_keys[span.first:span.stop]))  # [n, I, D]
+        return tokens, self.model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
         """Features of each image in ``keys``: from the cache (which marks them recently used),
