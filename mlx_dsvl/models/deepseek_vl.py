@@ -144,11 +144,11 @@ class DeepseekVL(nn.Module):
         if image_embeds.ndim == 4:
             B, N, I, D = image_embeds.shape
             check_image_positions(input_ids, N, I, self.image_token_id)
-            image_embeds, first = image_embeds.reshape(B * N, I, D), mx.arange(B) * (N * I)
+            image_embeds, row_skip = image_embeds.reshape(B * N, I, D), mx.arange(B) * (N * I)
         else:  # each row goes on where the one before it stopped
             counts = (input_ids == self.image_token_id).astype(mx.int32).sum(axis=1)
-            first = skip + mx.cumsum(counts) - counts
-        return merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id, first)
+            row_skip = skip + mx.cumsum(counts) - counts
+        return merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id, row_skip)
 
     def __call__(
         self,
