@@ -244,32 +244,20 @@ class ChatSession:
         same = 0
         while same < min(len(keys), len(self.cached_images)) and keys[same] == self.cached_images[same]:
             same += 1
-        pos = self._image_positions(ids)
-        start = same * (self.processor.num_image_tokens + int(self.processor.add_special_token))
-        if same < len(keys) and start < len(pos):  # image ``same`` is not in the cache
-            keep = min(keep, int(pos[start]))
+        start = self.processor.image_tokens.start_of(ids, same)
+        if same < len(keys) and start is not None:  # image ``same`` is not in the cache
+            keep = min(keep, start)
         return min(keep, len(ids) - 1)  # always prefill at least one token
 
-    def _image_positions(self, ids: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(ids == self.processor.image_token_id)
-
     def _new_embeddings(self, ids: np.ndarray, keep: int, keys: List[str]) -> mx.array:
-        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens.
-
-        The k-th image token of the prompt takes row k of the prompt's image features laid end
-        to end (as :func:`~mlx_dsvl.models.deepseek_vl.merge_image_embeddings` does for a whole
-        prompt); only the images with tokens after ``keep`` are gathered.
-        """
+        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens;
+        only the images with tokens after ``keep`` are gathered."""
         new_ids = mx.array(ids[keep:])[None]
-        pos = self._image_positions(ids)
-        first = int(np.searchsorted(pos, keep))  # rank of the first new image token
-        if first == len(pos) or not keys:
+        span = self.processor.image_tokens.overlap(ids, keep, len(ids), len(keys))
+        if span.first == span.stop:
             return self.model.get_input_embeddings(new_ids)[0]
-        per = self.processor.num_image_tokens
-        ranks = np.clip(np.arange(first, len(pos)), 0, len(keys) * per - 1)
-        lo, hi = int(ranks[0]) // per, int(ranks[-1]) // per + 1
-        feats = mx.concatenate([self._features[k] for k in keys[lo:hi]])[mx.array(ranks - lo * per)]
-        return self.model.get_input_embeddings(new_ids, image_embeds=feats[None, None])[0]
+        feats = mx.stack([self._features[k] for k in keys[span.first:span.stop]])  # [n, I, D]
+        return self.model.get_input_embeddings(new_ids, image_embeds=feats, skip=span.skip)[0]
 
     def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
         """Logits [vocab] of the first token of the reply to ``text``, without replying (for

@@ -3,9 +3,10 @@
 - :class:`PrefixCache`: KV caches of token prefixes already run through the LLM (mlx-lm's
   ``LRUPromptCache``: a trie over the tokens, nearest-prefix lookup, trimming, byte budget).
   Its keys are the prompt's token ids with every image position replaced by the image's content
-  hash (:func:`prefix_key`): all images share one token id, so ids alone would let a request
-  reuse the KV of another request's different image.  Two keys agree on a prefix only when
-  their text and their images agree, so a hit gives exactly the KV a fresh prefill would.
+  hash (:meth:`~mlx_dsvl.processing.image_tokens.ImageTokens.keyed`): all images share one
+  token id, so ids alone would let a request reuse the KV of another request's different image.
+  Two keys agree on a prefix only when their text and their images agree, so a hit gives
+  exactly the KV a fresh prefill would.
 - :class:`ByteLRU`: aligned image features by content hash (the same pixels always give the
   same features).
 """
@@ -13,23 +14,11 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Hashable, List, Optional, Tuple
 
 from mlx_lm.models.cache import LRUPromptCache
 
 _MODEL = "model"  # LRUPromptCache keys its trie by model; this server has one
-
-
-def prefix_key(ids: Sequence[int], image_keys: Sequence[str], image_token_id: int,
-               tokens_per_image: int) -> List[Any]:
-    """Token ids with the k-th run of image tokens replaced by ``("image", image_keys[k])``."""
-    out: List[Any] = list(ids)
-    rank = 0
-    for i, t in enumerate(out):
-        if t == image_token_id:
-            out[i] = ("image", image_keys[rank // tokens_per_image])
-            rank += 1
-    return out
 
 
 class ByteLRU:
@@ -67,7 +56,7 @@ class ByteLRU:
 
 
 class PrefixCache:
-    """KV caches by :func:`prefix_key`; ``max_bytes == 0`` turns it off."""
+    """KV caches by prompt key (see the module docstring); ``max_bytes == 0`` turns it off."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)

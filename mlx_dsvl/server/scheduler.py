@@ -38,9 +38,8 @@ from typing import Any, Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from ..models.deepseek_vl import merge_image_embeddings
 from ..streaming import Batch, Output, Row, prefill
-from .caches import ByteLRU, PrefixCache, prefix_key
+from .caches import ByteLRU, PrefixCache
 from .schema import SamplingParams
 
 
@@ -88,7 +87,7 @@ class Slot:
     """What the scheduler keeps of an admitted request (a decode row's ``tag``)."""
 
     job: Job
-    key: List[Any]  # prefix_key of the prompt
+    key: List[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
     cached: int  # prompt tokens taken from the prefix cache
 
 
@@ -109,8 +108,7 @@ class Scheduler:
         self.prefixes = PrefixCache(cache_bytes)
         self.features = ByteLRU(image_cache_bytes)
         self.eos = processor.tokenizer.eos_token_id
-        self.image_id = processor.image_token_id
-        self.per_image = processor.num_image_tokens
+        self.image_tokens = processor.image_tokens
         self.batch = Batch(self.lm, self.eos, kv, on_finish=self._store_reply)
         self._inbox: "queue.Queue[Job]" = queue.Queue()
         self._waiting: "deque[Job]" = deque()
@@ -253,7 +251,7 @@ class Scheduler:
         """The prompt through the engine's prefill (after its longest cached prefix); the
         request joins the decode batch with its first token sampled."""
         ids, s = job.ids, job.sampling
-        key = prefix_key(ids, job.image_keys, self.image_id, self.per_image)
+        key = self.image_tokens.keyed(ids, job.image_keys)
         kv, cached = self.prefixes.fetch(key)
         if kv is None:
             kv, cached = self.new_cache(), 0
@@ -278,16 +276,11 @@ class Scheduler:
 
         Only the images that overlap the range are needed (a range may begin inside one)."""
         tokens = mx.array(job.ids[start:end])[None]
-        embeds = self.lm.model.embed_tokens(tokens)
-        is_image = np.asarray(job.ids[:end]) == self.image_id
-        inside = int(is_image[start:].sum())
-        if not inside:
-            return tokens, embeds
-        before = int(is_image[:start].sum())
-        first, last = before // self.per_image, (before + inside - 1) // self.per_image
-        feats = self._image_features(job, job.image_keys[first:last + 1])
-        flat = mx.concatenate(feats)[before - first * self.per_image:]  # [inside, D]
-        return tokens, merge_image_embeddings(tokens, embeds, flat[None, None], self.image_id)
+        span = self.image_tokens.overlap(job.ids, start, end, len(job.image_keys))
+        if span.first == span.stop:
+            return tokens, self.model.get_input_embeddings(tokens)
+        feats = mx.stack(self._image_features(job, job.image_keys[span.first:span.stop]))  # [n, I, D]
+        return tokens, self.model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
         """Features of each image in ``keys``: from the cache (which marks them recently used),
