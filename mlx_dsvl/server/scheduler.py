@@ -6,10 +6,10 @@ sampling options.  The worker loop:
 1. drops requests whose client went away (:meth:`Scheduler.cancel`), at once: waiting or in
    the batch, their slot is free for the next step;
 2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
-   (KV cache of text + images, see :mod:`.caches`) is reused, only the images that overlap the
-   rest are encoded (or taken from the image-feature cache), and the rest of the prompt but its
-   last token is prefilled into a single-sequence KV cache, which then joins the batch's
-   left-padded ``BatchKVCache`` (mlx-lm);
+   (KV cache of text + images, see :mod:`mlx_dsvl.caches`) is reused, only the images that
+   overlap the rest are encoded (or taken from the image-feature cache), and the rest of the
+   prompt but its last token is prefilled into a single-sequence KV cache, which then joins the
+   batch's left-padded ``BatchKVCache`` (mlx-lm);
    with ``kv`` (``--kv-bits``) the prompt is prefilled as ``ChatSession(kv_bits=...)`` does it
    (float attention within each pass, the cache quantized after it), and the batch cache, the
    decode step's attention and the prefix cache's entries are all quantized
@@ -39,11 +39,11 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.sample_utils import apply_top_p
 
+from ..caches import ImageFeatureCache, PrefixCache, prefix_key
 from ..models.deepseek_vl import lm_head, merge_image_embeddings
 from ..sampling import PROCESSOR_CONTEXT
 from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer, prefill_step_size, quantize_cache
 from .batch_cache import merge_row
-from .caches import ByteLRU, PrefixCache, prefix_key
 from .schema import SamplingParams
 
 
@@ -131,7 +131,7 @@ class Scheduler:
         self.kv = kv  # KV-cache quantization (streaming.kv_cache_options), None = float
         self.device = device or mx.default_device()
         self.prefixes = PrefixCache(cache_bytes)
-        self.features = ByteLRU(image_cache_bytes)
+        self.features = ImageFeatureCache(image_cache_bytes)
         self.eos = processor.tokenizer.eos_token_id
         self.image_id = processor.image_token_id
         self.per_image = processor.num_image_tokens
@@ -297,13 +297,9 @@ class Scheduler:
         ids, s = job.ids, job.sampling
         key = prefix_key(ids, job.image_keys, self.image_id, self.per_image)
         n = len(ids) - 1  # the last prompt token is fed by the first decode step
-        kv, cached = self.prefixes.fetch(key)
+        kv, cached = self.prefixes.fetch(key)  # at most n: the last token is fed again
         if kv is None:
             kv, cached = self.new_cache(), 0
-        elif cached > n:  # the whole prompt was cached: its last token is fed again
-            for c in kv:
-                c.trim(cached - n)
-            cached = n
         # with kv: the library's passes (ChatSession's), each quantized once it is in the cache
         step = self.prefill_step if self.kv is None else prefill_step_size(self.kv)
         for start in range(cached, n, step):
@@ -342,23 +338,13 @@ class Scheduler:
         return tokens, merge_image_embeddings(tokens, embeds, flat[None, None], self.image_id)
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
-        """Features of each image in ``keys``: from the cache (which marks them recently used),
-        else encoded together and cached; held here, so caching one cannot evict another."""
-        found = {}
-        for k in dict.fromkeys(keys):
-            f = self.features.get(k)
-            if f is not None:
-                found[k] = f
-        todo = [k for k in dict.fromkeys(keys) if k not in found]
-        self.counters["image_cache_hits"] += sum(k in found for k in keys)
-        if todo:
-            feats = self.model.encode_images(mx.array(np.stack([job.pixels[k] for k in todo])))
-            mx.eval(feats)
-            self.counters["images_encoded"] += len(todo)
-            for k, f in zip(todo, feats):
-                found[k] = f
-                self.features.put(k, f, f.nbytes)
-        return [found[k] for k in keys]
+        """Features of each image in ``keys``: from the cache, else encoded together and cached
+        (:meth:`~mlx_dsvl.caches.ImageFeatureCache.fetch`: caching one cannot evict another)."""
+        found = self.features.fetch(keys, lambda todo: self.model.encode_images(
+            mx.array(np.stack([job.pixels[k] for k in todo]))))
+        self.counters["image_cache_hits"] += found.hits
+        self.counters["images_encoded"] += found.encoded
+        return found.features
 
     # -- decoding -------------------------------------------------------------------------------
     def _step(self) -> None:
