@@ -121,13 +121,11 @@ def prefix_key(ids: Sequence[int], image_keys: Sequence[str], image_token_id: in
     """Token ids with the k-th run of image tokens replaced by ``("image", image_keys[k])``;
     image ids past the last image (a generated one) stay ids."""
     out: List[Any] = list(ids)
-    rank = 0
-    for i, t in enumerate(out):
-        if t == image_token_id:
-            k = rank // tokens_per_image
-            if k < len(image_keys):
-                out[i] = ("image", image_keys[k])
-            rank += 1
+    pos = np.flatnonzero(np.asarray(out) == image_token_id).tolist() if out else []
+    for k, name in enumerate(image_keys):
+        item = ("image", name)
+        for i in pos[k * tokens_per_image:(k + 1) * tokens_per_image]:
+            out[i] = item
     return out
 
 
@@ -135,8 +133,9 @@ def reusable_prefix(cached: Sequence[Any], key: Sequence[Any]) -> int:
     """How many of ``key``'s first tokens a KV cache holding ``cached`` can give: their shared
     prefix, but never the last token of ``key``, which must be fed for the reply's logits."""
     n = min(len(cached), len(key))
-    same = next((i for i in range(n) if cached[i] != key[i]), n)
-    return max(min(same, len(key) - 1), 0)
+    if list(cached[:n]) != list(key[:n]):
+        n = next(i for i in range(n) if cached[i] != key[i])
+    return max(min(n, len(key) - 1), 0)
 
 
 class PrefixCache:
