@@ -99,9 +99,10 @@ class ImageTokens:
         return index
 
     def keyed(self, ids: Sequence[int], image_keys: Sequence[Any]) -> List[Any]:
-        """The ids with each position of image ``k`` replaced by ``("image", image_keys[k])``."""
+        """The ids with each position of image ``k`` replaced by ``("image", image_keys[k])``
+        (the prefix caches' keys); image ids past the last image (a generated one) stay ids."""
         out: List[Any] = list(ids)
-        for i, k in enumerate(self.image_index(ids).tolist()):
-            if k >= 0:
-                out[i] = ("image", image_keys[k])
+        index = self.image_index(ids)
+        for i in np.flatnonzero((index >= 0) & (index < len(image_keys))).tolist():
+            out[i] = ("image", image_keys[index[i]])
         return out

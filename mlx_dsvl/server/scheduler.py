@@ -6,10 +6,10 @@ sampling options.  The worker loop:
 1. drops requests whose client went away (:meth:`Scheduler.cancel`), at once: waiting or in
    the batch, their slot is free for the next step;
 2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
-   (KV cache of text + images, see :mod:`.caches`) is reused, only the images that overlap the
-   rest are encoded (or taken from the image-feature cache), and the rest of the prompt but its
-   last token is prefilled into a single-sequence KV cache, which then joins the batch's
-   left-padded ``BatchKVCache`` (mlx-lm);
+   (KV cache of text + images, see :mod:`mlx_dsvl.caches`) is reused, only the images that
+   overlap the rest are encoded (or taken from the image-feature cache), and the rest of the
+   prompt but its last token is prefilled into a single-sequence KV cache, which then joins the
+   batch's left-padded ``BatchKVCache`` (mlx-lm);
    with ``kv`` (``--kv-bits``) the prompt is prefilled as ``ChatSession(kv_bits=...)`` does it
    (float attention within each pass, the cache quantized after it), and the batch cache, the
    decode step's attention and the prefix cache's entries are all quantized
@@ -38,8 +38,8 @@ from typing import Any, Callable, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
+from ..caches import ImageFeatureCache, PrefixCache
 from ..streaming import Batch, Output, Row, prefill
-from .caches import ByteLRU, PrefixCache
 from .schema import SamplingParams
 
 
@@ -106,7 +106,7 @@ class Scheduler:
         self.kv = kv  # KV-cache quantization (streaming.kv_cache_options), None = float
         self.device = device or mx.default_device()
         self.prefixes = PrefixCache(cache_bytes)
-        self.features = ByteLRU(image_cache_bytes)
+        self.features = ImageFeatureCache(image_cache_bytes)
         self.eos = processor.tokenizer.eos_token_id
         self.image_tokens = processor.image_tokens
         self.batch = Batch(self.lm, self.eos, kv, on_finish=self._store_reply)
@@ -252,13 +252,9 @@ class Scheduler:
         request joins the decode batch with its first token sampled."""
         ids, s = job.ids, job.sampling
         key = self.image_tokens.keyed(ids, job.image_keys)
-        kv, cached = self.prefixes.fetch(key)
+        kv, cached = self.prefixes.fetch(key)  # never the last token: it gives the first logits
         if kv is None:
             kv, cached = self.new_cache(), 0
-        elif cached >= len(ids):  # the whole prompt was cached: its last token is run again
-            for c in kv:
-                c.trim(cached - len(ids) + 1)
-            cached = len(ids) - 1
         logits = prefill(self.lm, mx.array(ids[cached:]),
                          lambda a, b: self.embeddings(job, cached + a, cached + b)[1][0], kv, self.kv)
         mx.eval(logits, [c.state for c in kv])
@@ -283,23 +279,13 @@ class Scheduler:
         return tokens, self.model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
-        """Features of each image in ``keys``: from the cache (which marks them recently used),
-        else encoded together and cached; held here, so caching one cannot evict another."""
-        found = {}
-        for k in dict.fromkeys(keys):
-            f = self.features.get(k)
-            if f is not None:
-                found[k] = f
-        todo = [k for k in dict.fromkeys(keys) if k not in found]
-        self.counters["image_cache_hits"] += sum(k in found for k in keys)
-        if todo:
-            feats = self.model.encode_images(mx.array(np.stack([job.pixels[k] for k in todo])))
-            mx.eval(feats)
-            self.counters["images_encoded"] += len(todo)
-            for k, f in zip(todo, feats):
-                found[k] = f
-                self.features.put(k, f, f.nbytes)
-        return [found[k] for k in keys]
+        """Features of each image in ``keys``: from the cache, else encoded together and cached
+        (:meth:`~mlx_dsvl.caches.ImageFeatureCache.fetch`: caching one cannot evict another)."""
+        found = self.features.fetch(keys, lambda todo: self.model.encode_images(
+            mx.array(np.stack([job.pixels[k] for k in todo]))))
+        self.counters["image_cache_hits"] += found.hits
+        self.counters["images_encoded"] += found.encoded
+        return found.features
 
     # -- decoding -------------------------------------------------------------------------------
     def _step(self) -> None:
