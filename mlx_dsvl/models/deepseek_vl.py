@@ -165,8 +165,7 @@ class DeepseekVL(nn.Module):
         """
         embeds = self.get_input_embeddings(input_ids, pixel_values, image_embeds)
         if attention_mask is not None and cache is None:
-            pad = (attention_mask.shape[1] - attention_mask.sum(axis=1)).tolist()
-            cache = [BatchKVCache(pad) for _ in self.language_model.layers]
+            cache = self.make_cache((attention_mask.shape[1] - attention_mask.sum(axis=1)).tolist())
         return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
 
     # -- what training needs ------------------------------------------------------------------
@@ -195,8 +194,12 @@ class DeepseekVL(nn.Module):
         """Hidden states ``[..., D]`` -> logits ``[..., vocab]``."""
         return lm_head(self.language_model, h)
 
-    def make_cache(self) -> List[KVCache]:
-        return self.language_model.make_cache()
+    def make_cache(self, left_padding: Optional[List[int]] = None) -> List[KVCache]:
+        """The LLM's KV cache: one sequence's, or with ``left_padding`` (per row) a left-padded
+        batch's, in which each row computes as if unpadded."""
+        if left_padding is None:
+            return self.language_model.make_cache()
+        return [BatchKVCache(left_padding) for _ in self.language_model.layers]
 
     @property
     def layers(self):

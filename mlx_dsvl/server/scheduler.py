@@ -8,14 +8,11 @@ sampling options.  The worker loop:
 2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
    (KV cache of text + images, see :mod:`mlx_dsvl.caches`) is reused, only the images that
    overlap the rest are encoded (or taken from the image-feature cache), and the rest of the
-   prompt but its last token is prefilled into a single-sequence KV cache, which then joins the
-   batch's left-padded ``BatchKVCache`` (mlx-lm);
-   with ``kv`` (``--kv-bits``) the prompt is prefilled as ``ChatSession(kv_bits=...)`` does it
-   (float attention within each pass, the cache quantized after it), and the batch cache, the
-   decode step's attention and the prefix cache's entries are all quantized
-   (:mod:`.batch_cache`);
+   prompt goes through the engine's :func:`~mlx_dsvl.streaming.prefill` (as a session's, with
+   ``kv`` quantized as it fills); the request joins the engine's
+   :class:`~mlx_dsvl.streaming.Batch` with its first token sampled from the prefill's logits;
 3. runs one decode step for the whole batch (each row feeds its last token and samples its
-   next one with its own sampler, repetition penalty and PRNG key), streams the new text of
+   next one with its own sampler, repetition penalty and random key), streams the new text of
    each row to its client, and retires finished rows, whose KV cache (prompt + reply) goes to
    the prefix cache for the follow-up request.
 
@@ -27,12 +24,11 @@ goes on.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
