@@ -76,6 +76,15 @@ def test_prefix_key_names_each_image_run_by_its_image():
     assert prefix_key([1, IMG, IMG, 2, IMG], ["A"], IMG, 2)[-1] == IMG
 
 
+def test_keys_of_numpy_ids_compare_with_image_names():
+    """A session's ids are numpy: where a dropped turn puts an image against text, the keys
+    must compare (numpy ints against ("image", ...) tuples raised 'truth value ... ambiguous')."""
+    layout = ImageTokens(IMG, 2)
+    key = layout.keyed(np.array([1, IMG, IMG, 2]), ["A"])
+    assert all(type(k) is int for k in (key[0], key[3]))
+    assert reusable_prefix(layout.keyed(np.array([1, 5, 6, 2, 3]), []), key) == 1
+
+
 def test_reusable_prefix_stops_at_the_first_differing_token_or_image():
     ids = [1, 2, IMG, IMG, IMG, 3, IMG, IMG, IMG, 4, 5]
 

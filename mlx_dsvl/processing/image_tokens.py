@@ -101,7 +101,7 @@ class ImageTokens:
     def keyed(self, ids: Sequence[int], image_keys: Sequence[Any]) -> List[Any]:
         """The ids with each position of image ``k`` replaced by ``("image", image_keys[k])``
         (the prefix caches' keys); image ids past the last image (a generated one) stay ids."""
-        out: List[Any] = list(ids)
+        out: List[Any] = np.asarray(ids).tolist()  # Python ints: they compare with the tuples
         index = self.image_index(ids)
         for i in np.flatnonzero((index >= 0) & (index < len(image_keys))).tolist():
             out[i] = ("image", image_keys[index[i]])
