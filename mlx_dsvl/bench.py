@@ -217,23 +217,23 @@ def _decode_pair(model, processor, prompt, n: int, penalty: float):
 
 
 def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
-    """Steady decode tokens/s through the streaming path the CLI and sessions use.
+    """Steady decode tokens/s through the engine the CLI, sessions and the server use.
 
-    Our first token comes straight from the prefill pass; mlx-lm's ``generate_step`` then works
-    one step ahead, so the second token arrives after two steps (the pipeline filling: the
-    reply's total time is unchanged, the first token is just earlier).  Counted like bare
-    mlx-lm's rate, whose pipeline is full before its first token: from the first chunk after
-    that refill to the last token's chunk.
+    Our first token comes straight from the prefill pass; the engine then works one step
+    ahead, so the second token arrives after two steps (the pipeline filling: the reply's total
+    time is unchanged, the first token is just earlier).  Counted like bare mlx-lm's rate,
+    whose pipeline is full before its first token: from the first chunk after that refill to
+    the last token's chunk.
     """
     from .sampling import GREEDY
-    from .streaming import stream_tokens
+    from .streaming import Row, stream_tokens
 
-    opts = GREEDY.with_(repetition_penalty=penalty)
+    opts = GREEDY.with_(repetition_penalty=penalty, max_tokens=n)
     embeds = model.get_input_embeddings(prompt[None])[0]
+    row = Row.start(processor, opts, prompt.tolist())
     stamps = []  # (time, tokens so far) at each chunk that carries a token
-    for c in stream_tokens(model.language_model, processor, prompt, embeds, model.make_cache(),
-                           sampler=opts.make_sampler(), processors=opts.make_logits_processors(),
-                           max_tokens=n):
+    for c in stream_tokens(model.language_model, processor, prompt, lambda s, e: embeds[s:e],
+                           model.make_cache(), row=row):
         if c.token is not None:
             stamps.append((time.perf_counter(), c.generation_tokens))
     steady = [s for s in stamps if s[1] >= 2]

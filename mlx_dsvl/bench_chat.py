@@ -99,18 +99,18 @@ def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4),
     conversations with a plain and with quantized KV caches."""
     import mlx.core as mx
 
+    from .caches import ImageFeatureCache
     from .session import ChatSession
 
     res: Dict = {"kv_context_tokens": None}
-    features = {}  # one vision pass for all the runs
+    features = ImageFeatureCache()  # one vision pass for all the runs
     reference = None
     for b in (None, *bits):
         gc.collect()
         mx.clear_cache()
         mx.reset_peak_memory()
         chat = ChatSession(model, processor, on_truncate=None, max_context=max(4096, context + 64),
-                           kv_bits=b, kv_group_size=group_size)
-        chat._features = features
+                           kv_bits=b, kv_group_size=group_size, image_cache=features)
         key = chat.add_images([image])[0]
         chat.messages = long_conversation(processor, key, context)
         logits = chat.next_logits("Summarize our conversation in one sentence.").astype(mx.float32)

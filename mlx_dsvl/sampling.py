@@ -10,13 +10,15 @@ processors are built from it once, where a request comes in (mlx-lm's ``make_sam
 their flags before MLX is loaded).
 
 Adding an option: a field here (default, help, check, control) and its use in
-:meth:`SamplingOptions.make_sampler` or :meth:`SamplingOptions.make_logits_processors`.
+:meth:`SamplingOptions.make_sampler` or :meth:`SamplingOptions.make_logits_processors`; the
+server's request model names it too (its JSON field).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
@@ -42,8 +44,8 @@ class SamplingError(ValueError):
         self.option, self.problem = option, problem
 
 
-def _count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+def _count(v, least: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
 def _option(default, help: str, valid: Optional[Callable] = None, what: str = "",
@@ -63,6 +65,10 @@ class SamplingOptions:
                                  ">= 0 and finite (0 = greedy)", Control("Temperature", 0.0, 1.5, 0.05, "0 = greedy"))
     top_p: float = _option(0.95, "nucleus sampling", lambda v: 0 < v <= 1, "in (0, 1]",
                            Control("Top-p", 0.05, 1.0, 0.01))
+    top_k: int = _option(0, "sample among the k most likely tokens, 0 = all", lambda v: _count(v, 0),
+                         "an integer >= 0 (0 = all)", Control("Top-k", 0, 200, 1, "0 = all"))
+    min_p: float = _option(0.0, "drop tokens less likely than min_p x the most likely one, 0 = off",
+                           lambda v: 0 <= v < 1, "in [0, 1) (0 = off)", Control("Min-p", 0.0, 0.5, 0.01, "0 = off"))
     repetition_penalty: float = _option(1.1, "repetition penalty, 1 = off", lambda v: 0 < v < math.inf,
                                         "> 0 and finite (1 = off)",
                                         Control("Repetition penalty", 1.0, 2.0, 0.01, "1 = off"))
@@ -100,10 +106,28 @@ class SamplingOptions:
 
     # -- mlx-lm's sampler and logits processors ---------------------------------------------
     def make_sampler(self) -> Callable:
-        """Log-probabilities [B, vocab] -> tokens [B]; temperature 0 is greedy (argmax)."""
-        from mlx_lm.sample_utils import make_sampler
+        """Log-probabilities [1, vocab] -> token [1]: mlx-lm's filters (top-p, min-p, top-k, in
+        its order), then a draw with this sampler's own random key (from ``seed``, else fresh),
+        so that a seeded reply is the same alone or in a batch.  Temperature 0 is argmax."""
+        import mlx.core as mx
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0)
+        if self.temperature == 0:
+            return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        filters = [f for use, f in (
+            (self.top_p < 1, lambda x: apply_top_p(x, self.top_p)),
+            (self.min_p > 0, lambda x: apply_min_p(x, self.min_p)),
+            (self.top_k > 0, lambda x: apply_top_k(x, self.top_k))) if use]
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little")
+        key = [mx.random.key(seed % 2**64)]
+
+        def sample(logprobs):
+            for f in filters:
+                logprobs = f(logprobs)
+            key[0], draw = mx.random.split(key[0])
+            return mx.random.categorical(logprobs * (1 / self.temperature), key=draw)
+
+        return sample
 
     def make_logits_processors(self) -> List[Callable]:
         """``(tokens, logits) -> logits`` steps: the repetition penalty over the last

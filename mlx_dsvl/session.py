@@ -1,14 +1,17 @@
 """``ChatSession``: a conversation that never redoes work.
 
 The session keeps the KV cache of everything already run through the LLM (with the token ids and
-the images it holds) and the aligned features of every image already seen.  A new turn formats
-the whole conversation, finds the longest prefix that the cache already holds (same tokens, same
-images), trims the cache to it and prefills only the rest; only images new to the session go
-through the vision tower.  Because the prompt is always the from-scratch prompt, a session
-produces exactly the tokens a fresh encoding of the whole conversation would (on the CPU
-backend; on a GPU a follow-up's prefill is computed in other pieces than a fresh one, so bf16
-rounding may differ: see :mod:`mlx_dsvl.models.llm`).  With ``kv_bits`` the cache is stored
-quantized, and a follow-up attends to the quantized keys of earlier turns.
+the images it holds), the aligned features of the conversation's images, and those of images
+seen before in an :class:`~mlx_dsvl.caches.ImageFeatureCache` bounded in bytes (256 MB by
+default; least recently used first out).  A new turn formats the whole conversation, finds the
+longest prefix that the cache already holds (same tokens, same images:
+:func:`~mlx_dsvl.caches.reusable_prefix`, the server's rule), trims the cache to it and
+prefills only the rest; only images in neither go through the vision tower.  Because the
+prompt is always the from-scratch prompt, a session produces exactly the tokens a fresh
+encoding of the whole conversation would (on the CPU backend; on a GPU a follow-up's prefill is
+computed in other pieces than a fresh one, so bf16 rounding may differ: see
+:mod:`mlx_dsvl.models.llm`).  With ``kv_bits`` the cache is stored quantized, and a follow-up
+attends to the quantized keys of earlier turns.
 
 A follow-up turn whose only new input is a short question costs what its new tokens cost: the
 prompt's ids up to the last reply are kept (:class:`~mlx_dsvl.processing.chat.PromptTokens`),
@@ -21,7 +24,6 @@ length), the oldest turns are dropped -- like the reference demo's "max history 
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -29,10 +31,10 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
-from .streaming import GenerationChunk, kv_cache_options, prefill, stream_tokens
-from .utils import common_prefix
+from .streaming import GenerationChunk, Row, kv_cache_options, prefill, stream_tokens
 from .warmup import FirstUseNotice
 
 
@@ -55,7 +57,9 @@ class ChatSession:
     def __init__(self, model, processor, system_prompt: Optional[str] = None,
                  max_context: int = 4096, on_truncate: Optional[Callable[[str], None]] = _warn,
                  kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
-                 on_slow_start: Optional[Callable[[str], None]] = _warn, profile: bool = False):
+                 on_slow_start: Optional[Callable[[str], None]] = _warn, profile: bool = False,
+                 image_cache_bytes: int = IMAGE_CACHE_BYTES,
+                 image_cache: Optional[ImageFeatureCache] = None):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -66,7 +70,10 @@ class ChatSession:
         self.profile = profile
         self.timings: Dict[str, float] = {}
         self.encode_calls = 0  # images run through the vision tower (tests count these)
-        self._features: Dict[str, mx.array] = {}  # content hash -> aligned features [I, D]
+        # features of images seen before, at most ``image_cache_bytes`` (or ``image_cache``:
+        # one shared with other sessions, with its own bound)
+        self.image_features = ImageFeatureCache(image_cache_bytes) if image_cache is None else image_cache
+        self._features: Dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
         self._tokens = PromptTokens(processor)
         self.kv: Optional[dict] = None
         self.reset()
@@ -76,6 +83,7 @@ class ChatSession:
     def reset(self) -> None:
         """Start a new conversation (image features stay cached: same image, same features)."""
         self.messages: List[dict] = []  # {"role", "content", "images": [hash, ...]}
+        self._features = {}
         self.cache = self.model.make_cache()
         self.cached_ids: List[int] = []
         self.cached_images: List[str] = []  # keys of the images whose tokens the cache holds
@@ -104,23 +112,20 @@ class ChatSession:
 
     # -- images -------------------------------------------------------------------------------
     def add_images(self, images: Sequence) -> List[str]:
-        """Preprocess, hash and (only if unseen) encode images; returns their content keys."""
+        """Preprocess and hash images and hold their features for the conversation (encoded only
+        if neither the conversation nor the cache has them); returns their content keys."""
         if not images:
             return []
         pixels = self.processor.image_processor(list(images))  # [N, 3, S, S] float32
-        keys, todo = [], []
-        for i, px in enumerate(pixels):
-            key = hashlib.sha256(px.tobytes()).hexdigest()
-            keys.append(key)
-            if key not in self._features and key not in [k for k, _ in todo]:
-                todo.append((key, i))
-        if todo:
-            batch = mx.array(np.stack([pixels[i] for _, i in todo]))
-            feats = self.model.encode_images(batch)  # [M, I, D]
-            mx.eval(feats)
-            self.encode_calls += len(todo)
-            for (key, _), f in zip(todo, feats):
-                self._features[key] = f
+        keys = [image_key(px) for px in pixels]
+        by_key = dict(zip(keys, pixels))
+        new = [k for k in by_key if k not in self._features]
+        found = self.image_features.fetch(new, lambda todo: self.model.encode_images(
+            mx.array(np.stack([by_key[k] for k in todo]))))
+        self.encode_calls += found.encoded
+        in_use = {k for m in self.messages for k in m["images"]}.union(keys)
+        held = {**self._features, **dict(zip(new, found.features))}
+        self._features = {k: f for k, f in held.items() if k in in_use}
         return keys
 
     # -- turns --------------------------------------------------------------------------------
@@ -226,55 +231,32 @@ class ChatSession:
     def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int,
              start_time: float) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
-        generated: List[int] = []
-        if opts.seed is not None:
-            mx.random.seed(opts.seed)
+        row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens)
         try:
-            yield from stream_tokens(
-                self.model.language_model, self.processor, mx.array(ids[keep:]), embeds, self.cache,
-                sampler=opts.make_sampler(), processors=opts.make_logits_processors(),
-                max_tokens=max_tokens, generated=generated, start_time=start_time,
-                history=mx.array(ids[-PROCESSOR_CONTEXT:]), kv=self.kv,
-                timings=self.timings if self.profile else None,
-            )
+            yield from stream_tokens(self.model.language_model, self.processor, mx.array(ids[keep:]),
+                                     lambda s, e: embeds[s:e], self.cache, row=row,
+                                     start_time=start_time, kv=self.kv,
+                                     timings=self.timings if self.profile else None)
         finally:
             # The cache now holds the prompt and every generated token that was fed back.
-            self.cached_ids = (ids.tolist() + generated)[: self.cache[0].offset]
+            self.cached_ids = (ids.tolist() + row.generated)[: self.cache[0].offset]
             self.cached_images = keys
 
     def _reusable_prefix(self, ids: np.ndarray, keys: List[str]) -> int:
-        """Tokens at the start of ``ids`` the cache holds: same ids and, in image runs, the same
-        images (an image's tokens all have the same id, whatever the image)."""
-        keep = common_prefix(self.cached_ids, ids)
-        same = 0
-        while same < min(len(keys), len(self.cached_images)) and keys[same] == self.cached_images[same]:
-            same += 1
-        pos = self._image_positions(ids)
-        start = same * (self.processor.num_image_tokens + int(self.processor.add_special_token))
-        if same < len(keys) and start < len(pos):  # image ``same`` is not in the cache
-            keep = min(keep, int(pos[start]))
-        return min(keep, len(ids) - 1)  # always prefill at least one token
-
-    def _image_positions(self, ids: np.ndarray) -> np.ndarray:
-        return np.flatnonzero(ids == self.processor.image_token_id)
+        """Tokens at the start of ``ids`` the cache holds (:func:`~mlx_dsvl.caches.reusable_prefix`:
+        same ids and, in image runs, the same images; never the last token)."""
+        layout = self.processor.image_tokens
+        return reusable_prefix(layout.keyed(self.cached_ids, self.cached_images), layout.keyed(ids, keys))
 
     def _new_embeddings(self, ids: np.ndarray, keep: int, keys: List[str]) -> mx.array:
-        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens.
-
-        The k-th image token of the prompt takes row k of the prompt's image features laid end
-        to end (as :func:`~mlx_dsvl.models.deepseek_vl.merge_image_embeddings` does for a whole
-        prompt); only the images with tokens after ``keep`` are gathered.
-        """
+        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens;
+        only the images with tokens after ``keep`` are gathered."""
         new_ids = mx.array(ids[keep:])[None]
-        pos = self._image_positions(ids)
-        first = int(np.searchsorted(pos, keep))  # rank of the first new image token
-        if first == len(pos) or not keys:
+        span = self.processor.image_tokens.overlap(ids, keep, len(ids), len(keys))
+        if span.first == span.stop:
             return self.model.get_input_embeddings(new_ids)[0]
-        per = self.processor.num_image_tokens
-        ranks = np.clip(np.arange(first, len(pos)), 0, len(keys) * per - 1)
-        lo, hi = int(ranks[0]) // per, int(ranks[-1]) // per + 1
-        feats = mx.concatenate([self._features[k] for k in keys[lo:hi]])[mx.array(ranks - lo * per)]
-        return self.model.get_input_embeddings(new_ids, image_embeds=feats[None, None])[0]
+        feats = mx.stack([self._features[k] for k in keys[span.first:span.stop]])  # [n, I, D]
+        return self.model.get_input_embeddings(new_ids, image_embeds=feats, skip=span.skip)[0]
 
     def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
         """Logits [vocab] of the first token of the reply to ``text``, without replying (for
@@ -284,7 +266,8 @@ class ChatSession:
         try:
             ids = self._fit_context(1)
             keys, keep, embeds = self._new_input(ids)
-            logits = prefill(self.model.language_model, mx.array(ids[keep:]), embeds, self.cache, self.kv)
+            logits = prefill(self.model.language_model, mx.array(ids[keep:]), lambda s, e: embeds[s:e],
+                             self.cache, self.kv)
             mx.eval(logits)
             self.cached_ids, self.cached_images = ids.tolist()[: self.cache[0].offset], keys
         finally:

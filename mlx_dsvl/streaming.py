@@ -1,28 +1,35 @@
-"""The token loop shared by one-shot generation, chat sessions and the app.
+"""The generation engine: one prefill and one decode step under every way of producing tokens.
 
-Built on mlx-lm: ``generate_step`` (decoding with a KV cache), its samplers and logits
-processors, and its byte-level BPE streaming detokenizer (multi-byte characters split across
-tokens are held back until complete).  This module adds the DeepSeek-VL stop rules (EOS and the
-``User:`` stop string, which never reaches the output) and per-chunk statistics.
+``generate``/``stream_generate`` and ``ChatSession`` (the CLI's ``--chat``, the app),
+``generate_batch`` (and eval's generate method) and the server's scheduler all run a prompt
+through :func:`prefill` (in passes, images merged by the caller's embeddings) and then decode
+with a :class:`Batch`: each step feeds every row's last token through the LLM in one forward and
+samples each row's next token with its own sampler and logits processors
+(:meth:`~mlx_dsvl.sampling.SamplingOptions.make_sampler`), one row or many.  The next step is
+computed while the last one's tokens are read (``mx.async_eval``, as mlx-lm's ``generate_step``).
+Rows stop on EOS, on ``User:`` (and a request's own stop strings, which never reach the output)
+and at their token budget; text comes out through mlx-lm's byte-level BPE streaming
+detokenizer (multi-byte characters split across tokens are held back until complete).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step, maybe_quantize_kv_cache
+import numpy as np
+from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
+from .batch_cache import merge_row
 from .models.deepseek_vl import lm_head
-from .sampling import DEFAULTS, PROCESSOR_CONTEXT
+from .sampling import PROCESSOR_CONTEXT, SamplingOptions
 
 STOP_STRINGS = ("User:",)
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
-DEFAULT_SAMPLING = DEFAULTS.as_dict()  # the defaults as keywords (SamplingOptions is the source)
 
 
 @dataclass
@@ -137,103 +144,194 @@ def prefill_step_size(kv: Optional[dict]) -> int:
     return 2048 if kv is None and mx.default_device() == mx.gpu else 512
 
 
-def prefill(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
+Embed = Callable[[int, int], mx.array]  # (start, end) -> embeddings [end - start, D] of those ids
+
+
+def prefill(language_model, new_ids: mx.array, embed: Embed, cache: List[Any],
             kv: Optional[dict] = None) -> mx.array:
-    """Run ``new_ids``/``new_embeds`` ([T], [T, D]) through onto ``cache`` in passes of
-    :func:`prefill_step_size`; returns the last position's logits [1, vocab] (not evaluated).
+    """Run ``new_ids`` ([T]) through onto ``cache`` in passes of :func:`prefill_step_size`,
+    each pass's input embeddings from ``embed(start, end)`` (text and images merged; a pass may
+    begin inside an image); returns the last position's logits [1, vocab] (not evaluated).
     With ``kv`` the cache is quantized as it fills."""
     T, step = int(new_ids.shape[0]), prefill_step_size(kv)
     for s in range(0, T, step):
         e = min(s + step, T)
         if e < T:
-            language_model.model(new_ids[None, s:e], cache, new_embeds[None, s:e])
+            language_model.model(new_ids[None, s:e], cache, embed(s, e)[None])
             quantize_cache(cache, kv)
             mx.eval([c.state for c in cache])
         else:
-            logits = last_logits(language_model, new_ids[None, s:e], cache, new_embeds[None, s:e])
+            logits = last_logits(language_model, new_ids[None, s:e], cache, embed(s, e)[None])
     quantize_cache(cache, kv)
     return logits
 
 
-def token_steps(language_model, new_ids: mx.array, new_embeds: mx.array, cache: List[Any],
-                max_tokens: int, sampler, processors, history: Optional[mx.array] = None,
-                kv: Optional[dict] = None, timings: Optional[dict] = None) -> Iterator[int]:
-    """Token ids: the prompt prefilled (:func:`prefill`), then mlx-lm's ``generate_step``.
+# -- decoding ---------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Row:
+    """One reply being decoded: its options, stop rules and progress.  ``tag``: the caller's."""
 
-    ``generate_step`` runs the last prompt token in a pass of its own, one more full read of
-    the weights; for the short prompts of a chat turn that is a large share of the time to first
-    token.  Here the whole prompt goes through in passes of :func:`prefill_step_size` tokens,
-    the first token is sampled from the last position, and ``generate_step`` decodes from it.
+    options: SamplingOptions
+    max_tokens: int
+    context: mx.array  # what the logits processors see: the prompt's tail, then the reply
+    detok: BPEStreamingDetokenizer
+    stop: StopStringFilter
+    ignore_eos: bool = False
+    tag: Any = None
+    sampler: Callable = None
+    processors: list = None
+    y: Optional[mx.array] = None  # the token sampled last, not read yet [1]
+    generated: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
 
-    ``history``: the prompt's last tokens, the new ones included (default: ``new_ids``) -- the
-    context the logits processors (the repetition penalty) see, as they would in one pass over
-    the whole prompt.  ``kv``: :func:`kv_cache_options`.  ``timings``: when a dict, the prefill
-    is evaluated before sampling and ``prefill_ms`` / ``first_sample_ms`` are recorded.
+    @classmethod
+    def start(cls, processor, options: SamplingOptions, prompt_tail: Sequence[int],
+              max_tokens: Optional[int] = None, stops: Sequence[str] = (), ignore_eos: bool = False,
+              tag: Any = None) -> "Row":
+        """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
+        (default ``options.max_tokens``) may be cut to the context."""
+        return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
+                   context=mx.array(np.asarray(prompt_tail, dtype=np.int32)[-PROCESSOR_CONTEXT:]),
+                   detok=make_detokenizer(processor), stop=StopStringFilter(STOP_STRINGS + tuple(stops)),
+                   ignore_eos=ignore_eos, tag=tag, sampler=options.make_sampler(),
+                   processors=options.make_logits_processors())
+
+    @property
+    def greedy(self) -> bool:
+        return self.options.temperature == 0 and not self.processors
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """[1, vocab] logits -> [1] token, with this row's processors and sampler."""
+        for p in self.processors:
+            logits = p(self.context, logits)
+        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+
+@dataclass
+class Output:
+    """What a step gave a row: its token, the text it released, and when the row is done, its
+    finish reason ("stop": EOS or a stop string, "length") and the text held back until then."""
+
+    row: Row
+    token: int
+    text: str
+    finish_reason: Optional[str] = None
+    tail: str = ""
+
+
+class Batch:
+    """Rows decoded together over one KV cache: one forward per step for all of them.
+
+    ``batched=False``: one row, decoding on the caller's own cache (a session's, quantized as
+    it grows with ``kv``); else rows join and leave a left-padded batch cache (quantized with
+    ``kv``).  ``on_finish(row, cache)``: told of each finished row with its KV cache, which then
+    holds the prompt and every reply token but the last's unread successor."""
+
+    def __init__(self, language_model, eos_token_id: int, kv: Optional[dict] = None,
+                 batched: bool = True, on_finish: Optional[Callable[[Row, List[Any]], None]] = None):
+        self.lm, self.eos, self.kv, self.batched = language_model, eos_token_id, kv, batched
+        self.on_finish = on_finish
+        self.rows: List[Row] = []
+        self.cache: Optional[List[Any]] = None
+
+    def add(self, row: Row, cache: List[Any], logits: mx.array) -> None:
+        """``cache`` holds the row's prompt, ``logits`` [1, vocab] are its last position's: the
+        row's first token is sampled from them (computed in the background) and the row joins."""
+        if not self.batched and self.rows:
+            raise ValueError("an unbatched Batch decodes one row")
+        row.y = row.sample(logits)
+        mx.async_eval(row.y)
+        if not self.batched:
+            self.cache = cache
+        elif self.cache is None:
+            self.cache = merge_row(cache, self.kv)
+        else:
+            for a, b in zip(self.cache, merge_row(cache, self.kv)):
+                a.extend(b)
+        self.rows.append(row)
+
+    def step(self) -> List[Output]:
+        """Read every row's pending token (while the next ones are computed); finished rows
+        leave the batch."""
+        rows = list(self.rows)
+        last = [r for r in rows if len(r.generated) + 1 >= r.max_tokens]  # no successor needed
+        self.remove(last, finished=True)
+        if self.rows:
+            self._forward(self.rows)
+        tokens = mx.concatenate([r.y for r in rows]).tolist()
+        outs = [self._advance(r, t) for r, t in zip(rows, tokens)]
+        self.remove([r for r in self.rows if r.finish_reason], finished=True)
+        for r in self.rows:
+            r.y = r.next
+        return outs
+
+    def remove(self, rows: Sequence[Row], finished: bool = False) -> None:
+        """Take ``rows`` out (finished: ``on_finish`` is told first; else cancelled)."""
+        if not rows:
+            return
+        keep = [i for i, r in enumerate(self.rows) if r not in rows]
+        if finished and self.on_finish is not None:
+            for i, r in enumerate(self.rows):
+                if r in rows:
+                    self.on_finish(r, [c.extract(i) for c in self.cache] if self.batched else self.cache)
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+            if self.batched:
+                mx.clear_cache()
+        elif self.batched:
+            for c in self.cache:
+                c.filter(keep)
+
+    def _forward(self, rows: List[Row]) -> None:
+        """Feed each row's pending token; each row's next token (``row.next``), lazily."""
+        if not self.batched:
+            quantize_cache(self.cache, self.kv)
+        inputs = mx.concatenate([r.y for r in rows])[:, None]  # [B, 1]
+        logits = lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :])  # [B, vocab]
+        if all(r.greedy for r in rows):
+            nxt = mx.argmax(logits, axis=-1)
+            for b, r in enumerate(rows):
+                r.next = nxt[b:b + 1]
+        else:
+            for b, r in enumerate(rows):
+                if r.processors:
+                    r.context = mx.concatenate([r.context, r.y])[-PROCESSOR_CONTEXT:]
+                r.next = r.sample(logits[b:b + 1])
+        mx.async_eval([r.next for r in rows])
+
+    def _advance(self, r: Row, token: int) -> Output:
+        r.generated.append(token)
+        text, reason = "", None
+        if token == self.eos and not r.ignore_eos:
+            reason = "stop"
+        else:
+            r.detok.add_token(token)
+            text = r.stop.push(r.detok.last_segment)
+            reason = "stop" if r.stop.stopped else "length" if len(r.generated) >= r.max_tokens else None
+        out = Output(r, token, text, reason)
+        if reason is not None:
+            r.finish_reason = reason
+            r.detok.finalize()
+            out.tail = ("" if r.stop.stopped else r.stop.push(r.detok.last_segment)) + r.stop.flush()
+        return out
+
+
+def stream_tokens(language_model, processor, new_ids: mx.array, embed: Embed, cache: List[Any], *,
+                  row: Row, start_time: Optional[float] = None, kv: Optional[dict] = None,
+                  timings: Optional[dict] = None) -> Iterator[GenerationChunk]:
+    """Prefill ``new_ids`` on top of ``cache``, then decode ``row`` alone (a :class:`Batch` of
+    one on this cache), as chunks with running statistics.
+
+    ``start_time`` (``time.perf_counter()``) is when the request began -- before image encoding
+    -- so that time to first token covers everything the user waits for.  ``timings``: when a
+    dict, the prefill is evaluated before sampling and ``prefill_ms`` / ``first_sample_ms`` are
+    recorded.  ``row.generated`` holds the sampled tokens (a caller tracks its cache with them).
     """
-    tic = time.perf_counter()
-    logits = prefill(language_model, new_ids, new_embeds, cache, kv)
-    if timings is not None:
-        mx.eval(logits)
-        timings["prefill_ms"] = (time.perf_counter() - tic) * 1e3
-        tic = time.perf_counter()
-    context = (new_ids if history is None else history)[-PROCESSOR_CONTEXT:]
-    for p in processors:
-        logits = p(context, logits)
-    y = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True)).item()
-    if timings is not None:
-        timings["first_sample_ms"] = (time.perf_counter() - tic) * 1e3
-    yield y
-    if max_tokens <= 1:
-        return
-
-    def with_context(p):
-        # generate_step passes the tokens generated so far; the prompt's tail goes in front
-        # until they alone fill the processors' window (then nothing is concatenated per token)
-        def run(tokens, lg):
-            if tokens.shape[0] < PROCESSOR_CONTEXT:
-                tokens = mx.concatenate([context, tokens])
-            return p(tokens, lg)
-        return run
-
-    for token, _ in generate_step(mx.array([y]), language_model, max_tokens=max_tokens - 1,
-                                  sampler=sampler, logits_processors=[with_context(p) for p in processors],
-                                  prompt_cache=cache, **(kv or {})):
-        yield token
-
-
-def stream_tokens(
-    language_model,
-    processor,
-    new_ids: mx.array,
-    new_embeds: mx.array,
-    cache: List[Any],
-    *,
-    sampler,
-    processors: List[Any],
-    max_tokens: int = DEFAULTS.max_tokens,
-    generated: Optional[List[int]] = None,
-    start_time: Optional[float] = None,
-    history: Optional[mx.array] = None,
-    kv: Optional[dict] = None,
-    timings: Optional[dict] = None,
-) -> Iterator[GenerationChunk]:
-    """Prefill ``new_ids``/``new_embeds`` ([T], [T, D]) on top of ``cache``, then decode.
-
-    ``sampler`` and ``processors``: :meth:`~mlx_dsvl.sampling.SamplingOptions.make_sampler` and
-    ``make_logits_processors``, built by the caller (which also seeds the random state).
-    Sampled token ids are appended to ``generated`` (when given) so a caller can track the cache.
-    ``start_time`` (``time.perf_counter()``) is when the request began -- before image encoding --
-    so that time to first token covers everything the user waits for.  ``history``, ``kv`` and
-    ``timings``: see :func:`token_steps`.
-    """
-    eos = {processor.tokenizer.eos_token_id}
-    detok = make_detokenizer(processor)
-    stop = StopStringFilter()
     n_prompt = int(new_ids.shape[0])
     tic = time.perf_counter() if start_time is None else start_time
     ttft = prompt_tps = 0.0
     n = 0
-    finish = "length"
 
     def chunk(text, token, reason=None):
         gen_time = time.perf_counter() - tic - ttft
@@ -244,28 +342,25 @@ def stream_tokens(
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
         )
 
-    steps = token_steps(language_model, new_ids, new_embeds, cache, max_tokens, sampler, processors,
-                        history=history, kv=kv, timings=timings)
-    for token in steps:
+    t0 = time.perf_counter()
+    logits = prefill(language_model, new_ids, embed, cache, kv)
+    batch = Batch(language_model, processor.tokenizer.eos_token_id, kv, batched=False)
+    if timings is not None:
+        mx.eval(logits)
+        timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+    batch.add(row, cache, logits)
+    if timings is not None:
+        mx.eval(row.y)
+        timings["first_sample_ms"] = (time.perf_counter() - t0) * 1e3
+    while batch.rows:
+        (out,) = batch.step()
         if n == 0:
             ttft = time.perf_counter() - tic
             prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
         n += 1
-        if generated is not None:
-            generated.append(token)
-        if token in eos:
-            finish = "stop"
-            break
-        detok.add_token(token)
-        text = stop.push(detok.last_segment)
-        if stop.stopped:
-            finish = "stop"
-            if text:
-                yield chunk(text, token)
-            break
-        if text:
-            yield chunk(text, token)
-    detok.finalize()
-    tail = stop.push(detok.last_segment) if not stop.stopped else ""
-    tail += stop.flush()
-    yield chunk(tail, None, finish)
+        if out.text:
+            yield chunk(out.text, out.token)
+    yield chunk(out.tail, None, row.finish_reason)
+
+

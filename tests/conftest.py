@@ -53,3 +53,25 @@ def tiny_hybrid_model(tiny_hybrid_dir):
     import mlx_dsvl
 
     return mlx_dsvl.load(tiny_hybrid_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def text_ckpt(tiny_dir, tmp_path_factory):
+    """The tiny random checkpoint with LM-head rows zeroed for the ids its tiny tokenizer does not
+    define: replies are then real, prompt-dependent text (otherwise the random head favours
+    undefined ids, which all print as "!")."""
+    import json
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-text"
+    shutil.copytree(tiny_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    defined = {*vocab.values(), *(t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"])}
+    head = weights["language_model.lm_head.weight"]
+    head[np.setdiff1d(np.arange(head.shape[0]), sorted(defined))] = 0
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

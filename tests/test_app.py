@@ -189,6 +189,30 @@ def test_widgets_reach_the_session_and_never_reload_the_model(app, tiny_dir):
     assert chat_logic.load_calls == calls + 2
 
 
+def test_every_sampling_control_reaches_the_session(app, monkeypatch):
+    """Each option with an app control (all but the seed): the sidebar's value is what
+    ChatSession.send gets (tests/test_sampling_walk.py: each then changes the reply)."""
+    from dataclasses import fields
+
+    from mlx_dsvl.sampling import DEFAULTS, SamplingOptions, controls
+
+    sent = {}
+
+    def record(self, text, images=(), sampling=None, **options):
+        sent.update(options)
+        return iter(())
+
+    monkeypatch.setattr("mlx_dsvl.session.ChatSession.send", record)
+    assert set(controls()) == {f.name for f in fields(SamplingOptions)} - {"seed"}
+    at = app()
+    changed = {name: c.high if c.high != getattr(DEFAULTS, name) else c.low for name, c in controls().items()}
+    for name, value in changed.items():
+        (at.sidebar.number_input if isinstance(value, int) else at.sidebar.slider)(key=name).set_value(value)
+    at.run()
+    send(at, "Hi")
+    assert {k: sent.get(k) for k in changed} == changed
+
+
 def test_a_model_that_fails_to_load_shows_the_reason(app, tmp_path):
     at = app()
     at.sidebar.text_input(key="model_path").set_value(str(tmp_path / "nowhere")).run()

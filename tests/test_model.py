@@ -40,7 +40,9 @@ def test_merge_matches_loop_batch_and_several_images():
     ])
     text = rng.standard_normal((2, ids.shape[1], D)).astype(np.float32)
     images = rng.standard_normal((2, 2, I, D)).astype(np.float32)
-    got = merge_image_embeddings(mx.array(ids), mx.array(text), mx.array(images), IMG)
+    # the images laid end to end; each row starts at its own first slot
+    flat = mx.array(images.reshape(4, I, D))
+    got = merge_image_embeddings(mx.array(ids), mx.array(text), flat, IMG, mx.array([0, 2 * I]))
     np.testing.assert_array_equal(np.array(got), loop_merge(ids, text, images))
 
 

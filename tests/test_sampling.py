@@ -42,7 +42,7 @@ def test_the_apps_controls_hold_the_defaults_and_lie_inside_the_valid_ranges():
         import chat_logic
     finally:
         sys.path.pop(0)
-    assert set(chat_logic.SLIDERS) == {"temperature", "top_p", "repetition_penalty", "max_tokens"}
+    assert set(chat_logic.SLIDERS) == {"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens"}
     app_args = chat_logic.parse_args([])
     for name, c in controls().items():
         assert getattr(app_args, name) is None  # unset: the app starts from DEFAULTS
@@ -62,7 +62,7 @@ def test_a_value_out_of_range_names_its_option(bad, option):
         DEFAULTS.with_(**bad)
     assert e.value.option == option and str(e.value).startswith(f"{option} must be ")
     with pytest.raises(TypeError):
-        DEFAULTS.with_(top_k=5)  # not an option
+        DEFAULTS.with_(typical_p=0.5)  # not an option
 
 
 def test_greedy_sampler_is_argmax_and_the_penalty_follows_its_definition():

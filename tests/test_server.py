@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,24 +31,6 @@ GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.1}}
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def text_ckpt(tiny_dir, tmp_path_factory):
-    """The tiny random checkpoint with LM-head rows zeroed for the ids its tiny tokenizer does not
-    define: replies are then real, prompt-dependent text (otherwise the random head favours
-    undefined ids, which all print as "!")."""
-    from safetensors.numpy import load_file, save_file
-
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-text"
-    shutil.copytree(tiny_dir, out)
-    weights = load_file(str(out / "model.safetensors"))
-    vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
-    defined = {*vocab.values(), *(t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"])}
-    head = weights["language_model.lm_head.weight"]
-    head[np.setdiff1d(np.arange(head.shape[0]), sorted(defined))] = 0
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 @pytest.fixture(scope="module")
 def local(text_ckpt):
     return mlx_dsvl.load(text_ckpt, dtype="float32")

@@ -14,7 +14,7 @@ import pytest
 for _name in ("fastapi", "uvicorn", "httpx", "openai"):
     pytest.importorskip(_name, reason=f"the server tests need {_name}: pip install -e '.[server,test]'")
 
-from test_server import KEY, Server, client, stats, text_ckpt  # noqa: E402,F401 (a fixture)
+from test_server import KEY, Server, client, stats  # noqa: E402
 
 import mlx_dsvl  # noqa: E402
 
@@ -46,7 +46,7 @@ def test_quantized_batch_rows_decode_as_single_caches(bits):
     from mlx_lm.models.base import scaled_dot_product_attention
     from mlx_lm.models.cache import QuantizedKVCache
 
-    from mlx_dsvl.server.batch_cache import BatchQuantizedKVCache
+    from mlx_dsvl.batch_cache import BatchQuantizedKVCache
 
     H, D = 2, 64
     mx.random.seed(0)
@@ -132,12 +132,11 @@ def test_quantized_batch_replies_equal_alone(kv_local):
 
 def test_follow_up_logits_match_chat_session_and_cache_bytes(kv_local, monkeypatch):
     """A follow-up request on a quantized prefix: its first-token logits are those of
-    ChatSession(kv_bits) up to a small part of what quantization itself moves them (the one
-    difference: ChatSession runs turn 1's last prompt token in its float prefill pass, the
-    server in a quantized decode step); the prefix cache holds the bytes of the packed format."""
+    ChatSession(kv_bits) (one engine: the same prefill passes, the same quantized decode
+    steps), while quantization itself moves them; the prefix cache holds the bytes of the
+    packed format."""
     from mlx_lm.models.cache import QuantizedKVCache
 
-    import mlx_dsvl.server.scheduler as sched_mod
     import mlx_dsvl.streaming as streaming
     from mlx_dsvl.models.deepseek_vl import lm_head
     from mlx_dsvl.server.scheduler import Scheduler
@@ -153,7 +152,6 @@ def test_follow_up_logits_match_chat_session_and_cache_bytes(kv_local, monkeypat
         mx.eval(seen[-1])  # on the thread whose stream made it
         return out
 
-    monkeypatch.setattr(sched_mod, "lm_head", spy)
     monkeypatch.setattr(streaming, "lm_head", spy)
     server, chat, nbytes = {}, {}, {}
     for bits in (None, 8, 4):
@@ -185,7 +183,7 @@ def test_follow_up_logits_match_chat_session_and_cache_bytes(kv_local, monkeypat
     for bits in (8, 4):
         moved = gap(chat[bits], chat[None])  # what quantization does to the logits
         assert moved > 1e-3, bits
-        assert gap(server[bits], chat[bits]) < 0.1 * moved, (bits, gap(server[bits], chat[bits]), moved)
+        assert gap(server[bits], chat[bits]) < 1e-4, (bits, gap(server[bits], chat[bits]), moved)
         # per float32 element (4 bytes): bits/8 packed + a float32 scale and bias per group
         assert nbytes[bits] / nbytes[None] == pytest.approx((bits / 8 + 8 / GROUP) / 4, rel=1e-6)
 

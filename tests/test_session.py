@@ -3,6 +3,7 @@ the first-use notice."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import mlx.core as mx
@@ -67,6 +68,39 @@ def test_new_image_in_place_of_an_old_one_is_not_taken_from_the_cache(tiny_model
     scratch = fresh(model, processor, chat, [image(2)], max_tokens=6, **GREEDY)
     assert tokens(turn) == tokens(scratch)
     assert turn[-1].prompt_tokens > processor.num_image_tokens  # the new image was prefilled
+
+
+def test_image_features_stay_within_their_bound_and_come_back_when_needed(tiny_model):
+    """Room for two images' features, four image turns: the cache keeps the two latest; the
+    conversation keeps the features of its own images (a turn dropped past the context re-runs
+    the rest), and an evicted image sent again is encoded again; every reply is a fresh one's."""
+    model, processor = tiny_model
+    pics = [image(61 + i) for i in range(4)]
+    pixels = processor.image_processor(pics)
+    by_key = {hashlib.sha256(px.tobytes()).hexdigest(): pic for px, pic in zip(pixels, pics)}
+    per = model.encode_images(mx.array(pixels[:1]))[0].nbytes
+    chat = ChatSession(model, processor, image_cache_bytes=2 * per + 16, on_truncate=None,
+                       max_context=4 * (processor.num_image_tokens + 60))
+
+    def same_as_fresh(turn):
+        images = [by_key[k] for m in chat.messages for k in m["images"]]
+        assert tokens(turn) == tokens(fresh(model, processor, chat, images, max_tokens=3, **GREEDY))
+        assert chat.image_features.nbytes <= chat.image_features.max_bytes
+
+    for i, pic in enumerate(pics):
+        same_as_fresh(list(chat.send(f"<image_placeholder>Picture {i}?", [pic], max_tokens=3, **GREEDY)))
+    assert len(chat.messages) == 8 and len(chat.image_features) == 2 and chat.encode_calls == 4
+    # past the context: the first turn goes, the rest (one image evicted) is prefilled again
+    turn = list(chat.send("And all of them? " + "Say more. " * 50, max_tokens=3, **GREEDY))
+    kept = [k for m in chat.messages for k in m["images"]]
+    assert len(kept) == 3 and kept[0] not in chat.image_features
+    assert turn[-1].prompt_tokens > 3 * processor.num_image_tokens  # no cached prefix: all again
+    same_as_fresh(turn)
+    assert chat.encode_calls == 4  # held by the conversation, not encoded again
+    # the first image, evicted and out of the conversation, comes back: encoded again
+    chat.reset()
+    same_as_fresh(list(chat.send("<image_placeholder>Picture 0?", [pics[0]], max_tokens=3, **GREEDY)))
+    assert chat.encode_calls == 5
 
 
 def test_follow_up_encodes_only_its_new_tokens(tiny_hybrid_model):

@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
 
 from ..models.deepseek_vl import lm_head
 from .items import Item, conversation
@@ -92,7 +91,7 @@ def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) 
     """Sum of log-probabilities of each option's tokens after its item's prompt."""
     lm = model.language_model
     ids, pad = left_pad([e.ids for e in encoded], processor.pad_id)
-    cache = [BatchKVCache(pad) for _ in lm.layers]
+    cache = model.make_cache(pad)
     embeds = model.get_input_embeddings(ids, image_embeds=image_embeds)
     first = log_softmax(lm_head(lm, lm.model(ids, cache=cache, input_embeddings=embeds)[:, -1, :]))
 

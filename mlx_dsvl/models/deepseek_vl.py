@@ -9,7 +9,7 @@ dropped).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,21 +20,21 @@ from .aligner import MlpProjector
 from .llm import build_language_model
 from .vision import HybridVisionTower, build_vision_tower, normalize
 
-def merge_image_embeddings(
-    input_ids: mx.array, text_embeds: mx.array, image_embeds: mx.array, image_token_id: int
-) -> mx.array:
-    """Overwrite image-token positions with image embeddings, vectorized.
 
-    input_ids: [B, T]; text_embeds: [B, T, D]; image_embeds: [B, N, I, D] (N images of I tokens
-    per sample, trailing ones may be padding).  The k-th run of I image tokens in row b takes
-    image k of row b, row by row in order.
+def merge_image_embeddings(input_ids: mx.array, text_embeds: mx.array, image_embeds: mx.array,
+                           image_token_id: int, skip: Union[int, mx.array] = 0) -> mx.array:
+    """Overwrite image-token positions with image features, vectorized.
+
+    input_ids: [B, T]; text_embeds: [B, T, D]; image_embeds: [M, I, D], read as the images'
+    tokens laid end to end ([M * I, D]).  Row b's k-th image position takes token
+    ``skip[b] + k`` of them (``skip``: an int for every row, or [B]), the last one past the end.
     """
-    B, N, I, D = image_embeds.shape
+    M, I, D = image_embeds.shape
     is_image = input_ids == image_token_id  # [B, T]
     rank = mx.cumsum(is_image.astype(mx.int32), axis=1) - 1  # k-th image token of its row
-    rank = mx.clip(rank, 0, N * I - 1)
-    flat = image_embeds.reshape(B, N * I, D)
-    gathered = mx.take_along_axis(flat, rank[..., None], axis=1)  # [B, T, D]
+    rank = rank + (skip[:, None] if isinstance(skip, mx.array) else skip)
+    rank = mx.clip(rank, 0, M * I - 1)
+    gathered = mx.take(image_embeds.reshape(M * I, D), rank, axis=0)  # [B, T, D]
     return mx.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
@@ -125,19 +125,30 @@ class DeepseekVL(nn.Module):
         input_ids: mx.array,
         pixel_values: Optional[mx.array] = None,
         image_embeds: Optional[mx.array] = None,
+        skip: int = 0,
     ) -> mx.array:
-        """Token embeddings [B, T, D] with image positions filled from pixels or embeddings.
+        """Token embeddings [B, T, D] with image positions filled from pixels or features.
 
-        pixel_values: [B, N, 3, S, S]; image_embeds: [B, N, I, D] (already aligned).  With
-        images, the ids must hold N runs of I image positions (see check_image_positions).
+        Per row: pixel_values [B, N, 3, S, S] or image_embeds [B, N, I, D], trailing slots of a
+        row may be padding; each row's ids must hold its runs of I image positions (checked:
+        :func:`check_image_positions`).  Laid end to end: image_embeds [M, I, D], the images the
+        ids overlap in order, row after row (a training batch), the first image position being
+        token ``skip`` of them (a piece of a prompt that begins inside an image); not checked,
+        so compiled code may call it (processing's ``ImageTokens.overlap`` finds the images).
         """
         embeds = self.language_model.model.embed_tokens(input_ids)
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_images(pixel_values)  # lazy: checked before it runs
         if image_embeds is None:
             return embeds
-        check_image_positions(input_ids, image_embeds.shape[1], image_embeds.shape[2], self.image_token_id)
-        return merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id)
+        if image_embeds.ndim == 4:
+            B, N, I, D = image_embeds.shape
+            check_image_positions(input_ids, N, I, self.image_token_id)
+            image_embeds, row_skip = image_embeds.reshape(B * N, I, D), mx.arange(B) * (N * I)
+        else:  # each row goes on where the one before it stopped
+            counts = (input_ids == self.image_token_id).astype(mx.int32).sum(axis=1)
+            row_skip = skip + mx.cumsum(counts) - counts
+        return merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id, row_skip)
 
     def __call__(
         self,
@@ -154,8 +165,7 @@ class DeepseekVL(nn.Module):
         """
         embeds = self.get_input_embeddings(input_ids, pixel_values, image_embeds)
         if attention_mask is not None and cache is None:
-            pad = (attention_mask.shape[1] - attention_mask.sum(axis=1)).tolist()
-            cache = [BatchKVCache(pad) for _ in self.language_model.layers]
+            cache = self.make_cache((attention_mask.shape[1] - attention_mask.sum(axis=1)).tolist())
         return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
 
     # -- what training needs ------------------------------------------------------------------
@@ -175,25 +185,21 @@ class DeepseekVL(nn.Module):
         """Final-norm hidden states ``[B, T, D]`` (apply :meth:`lm_head` for logits).
 
         ``image_embeds``: ``[B, N, I, D]`` per row, or ``[M, I, D]``: the batch's images in row
-        order, however many each row has (a training batch), merged as if the rows were one.
+        order, however many each row has (a training batch); see :meth:`get_input_embeddings`.
         """
-        embeds = self.language_model.model.embed_tokens(input_ids)
-        if image_embeds is not None and image_embeds.ndim == 3:
-            B, T = input_ids.shape
-            M, I, D = image_embeds.shape
-            flat = merge_image_embeddings(input_ids.reshape(1, B * T), embeds.reshape(1, B * T, -1),
-                                          image_embeds.reshape(1, M, I, D), self.image_token_id)
-            embeds = flat.reshape(B, T, -1)
-        elif image_embeds is not None:
-            embeds = merge_image_embeddings(input_ids, embeds, image_embeds, self.image_token_id)
+        embeds = self.get_input_embeddings(input_ids, image_embeds=image_embeds)
         return self.language_model.model(input_ids, input_embeddings=embeds)
 
     def lm_head(self, h: mx.array) -> mx.array:
         """Hidden states ``[..., D]`` -> logits ``[..., vocab]``."""
         return lm_head(self.language_model, h)
 
-    def make_cache(self) -> List[KVCache]:
-        return self.language_model.make_cache()
+    def make_cache(self, left_padding: Optional[List[int]] = None) -> List[KVCache]:
+        """The LLM's KV cache: one sequence's, or with ``left_padding`` (per row) a left-padded
+        batch's, in which each row computes as if unpadded."""
+        if left_padding is None:
+            return self.language_model.make_cache()
+        return [BatchKVCache(left_padding) for _ in self.language_model.layers]
 
     @property
     def layers(self):

@@ -13,7 +13,7 @@ Template (``SeparatorStyle.DeepSeek`` of the original ``conversation.py``), role
 
 Tokenization follows the original ``VLChatProcessor.process_one``: the whole prompt is encoded
 by the tokenizer (BOS first, added here if its post-processor did not), then every image-tag
-id is replaced by ``num_image_tokens`` copies of itself.
+id is replaced by ``num_image_tokens`` copies of itself (:mod:`.image_tokens` owns that layout).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .image import ImageInput, ImageProcessor
+from .image_tokens import ImageTokens
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. "
@@ -143,8 +144,6 @@ class ChatProcessor:
         image_processor: an :class:`ImageProcessor`.
         image_tag: the placeholder string marking an image in user text.
         num_image_tokens: copies of the image id per image (576 in every release).
-        add_special_token: original option; when True the tag id is kept in front of the copies
-            (``num_image_tokens + 1`` ids per image). Every release uses False.
         system_prompt: default system prompt (``None`` -> :data:`DEFAULT_SYSTEM_PROMPT`).
     """
 
@@ -154,20 +153,17 @@ class ChatProcessor:
         image_processor: ImageProcessor,
         image_tag: str = IMAGE_TAG,
         num_image_tokens: int = 576,
-        add_special_token: bool = False,
         system_prompt: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_tag = image_tag
-        self.num_image_tokens = int(num_image_tokens)
-        self.add_special_token = bool(add_special_token)
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
         # Look the id up once: get_vocab() builds a fresh 100k-entry dict on every call.
         image_id = tokenizer.get_vocab().get(image_tag)
         if image_id is None:
             raise ValueError(f"image tag {image_tag!r} is not in the tokenizer vocabulary")
-        self._image_token_id = int(image_id)
+        self.image_tokens = ImageTokens(int(image_id), int(num_image_tokens))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "ChatProcessor":
@@ -210,18 +206,25 @@ class ChatProcessor:
             raise ValueError(
                 f"{root / 'processor_config.json'}: unsupported sft_format {sft_format!r}"
             )
+        if cfg.get("add_special_token", False):
+            raise ValueError(f"{root / 'processor_config.json'}: add_special_token true is not supported "
+                             "(no release sets it; the original model could not merge its ids either)")
         return cls(
             tokenizer,
             image_processor,
             image_tag=cfg.get("image_tag", IMAGE_TAG),
             num_image_tokens=cfg.get("num_image_tokens", 576),
-            add_special_token=cfg.get("add_special_token", False),
         )
 
     @property
     def image_token_id(self) -> int:
         """Tokenizer id of the image tag (100015 for DeepSeek-VL)."""
-        return self._image_token_id
+        return self.image_tokens.token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image ids per image (576 in every release)."""
+        return self.image_tokens.per_image
 
     @property
     def pad_id(self) -> int:
@@ -246,24 +249,14 @@ class ChatProcessor:
         bos_id = self.tokenizer.bos_token_id
         if bos and bos_id is not None and (ids.size == 0 or ids[0] != bos_id):
             ids = np.concatenate([np.array([bos_id], dtype=np.int64), ids])
-        image_id = self.image_token_id
-        pieces: list[np.ndarray] = []
-        start = 0
-        for pos in np.flatnonzero(ids == image_id):
-            end = pos + 1 if self.add_special_token else pos
-            pieces.append(ids[start:end])
-            pieces.append(np.full((self.num_image_tokens,), image_id, dtype=np.int64))
-            start = pos + 1
-        pieces.append(ids[start:])
-        return np.concatenate(pieces).astype(np.int32)
+        return self.image_tokens.expand(ids).astype(np.int32)
 
     def _prepare(self, conversation: Sequence[Message], images: Iterable[ImageInput] | None):
         """One sample -> ``(prompt, ids [T] int32, pixels [N, 3, S, S] float32)``."""
         prompt = self.format(conversation)
         ids = self.tokenize(prompt)
         image_list = _images_from_messages(conversation) if images is None else list(images)
-        n_ids = int(np.sum(ids == self.image_token_id))
-        n_tags = n_ids // (self.num_image_tokens + int(self.add_special_token))
+        n_tags = self.image_tokens.count(ids)
         if n_tags != len(image_list):
             raise ValueError(
                 f"the prompt has {n_tags} image placeholder(s) {self.image_tag!r} "

@@ -2,7 +2,7 @@
 
 Files: ``__main__`` (command line), ``app`` (routes, errors, streaming), ``schema`` (request
 and response shapes, sampling options), ``scheduler`` (the model's worker: batched decoding,
-admission, cancellation), ``caches`` (prefix KV and image-feature caches), ``images`` (where
-images may come from), ``security`` (API key, body size).  The server sits on the library; the
-library never imports it.
+admission, cancellation), ``images`` (where images may come from), ``security`` (API key,
+body size).  The server sits on the library (its prefix KV and image-feature caches:
+:mod:`mlx_dsvl.caches`); the library never imports it.
 """

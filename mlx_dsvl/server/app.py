@@ -12,7 +12,6 @@ and its request cancelled, which frees its batch slot at the next step.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import threading
 import time
@@ -27,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..caches import image_key
 from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
 from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
@@ -79,7 +79,7 @@ class PromptBuilder:
         del pictures
         if decoded > LARGE_PIXELS:
             release_free_memory()
-        keys = [hashlib.sha256(px.tobytes()).hexdigest() for px in pixels]
+        keys = [image_key(px) for px in pixels]
         with self._lock:
             try:
                 ids = self.processor.tokenize(self.processor.format(conversation)).tolist()

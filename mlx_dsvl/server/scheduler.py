@@ -6,16 +6,13 @@ sampling options.  The worker loop:
 1. drops requests whose client went away (:meth:`Scheduler.cancel`), at once: waiting or in
    the batch, their slot is free for the next step;
 2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
-   (KV cache of text + images, see :mod:`.caches`) is reused, only the images that overlap the
-   rest are encoded (or taken from the image-feature cache), and the rest of the prompt but its
-   last token is prefilled into a single-sequence KV cache, which then joins the batch's
-   left-padded ``BatchKVCache`` (mlx-lm);
-   with ``kv`` (``--kv-bits``) the prompt is prefilled as ``ChatSession(kv_bits=...)`` does it
-   (float attention within each pass, the cache quantized after it), and the batch cache, the
-   decode step's attention and the prefix cache's entries are all quantized
-   (:mod:`.batch_cache`);
+   (KV cache of text + images, see :mod:`mlx_dsvl.caches`) is reused, only the images that
+   overlap the rest are encoded (or taken from the image-feature cache), and the rest of the
+   prompt goes through the engine's :func:`~mlx_dsvl.streaming.prefill` (as a session's, with
+   ``kv`` quantized as it fills); the request joins the engine's
+   :class:`~mlx_dsvl.streaming.Batch` with its first token sampled from the prefill's logits;
 3. runs one decode step for the whole batch (each row feeds its last token and samples its
-   next one with its own sampler, repetition penalty and PRNG key), streams the new text of
+   next one with its own sampler, repetition penalty and random key), streams the new text of
    each row to its client, and retires finished rows, whose KV cache (prompt + reply) goes to
    the prefix cache for the follow-up request.
 
@@ -27,25 +24,19 @@ goes on.
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.sample_utils import apply_top_p
 
-from ..models.deepseek_vl import lm_head, merge_image_embeddings
-from ..sampling import PROCESSOR_CONTEXT
-from ..streaming import STOP_STRINGS, StopStringFilter, make_detokenizer, prefill_step_size, quantize_cache
-from .batch_cache import merge_row
-from .caches import ByteLRU, PrefixCache, prefix_key
+from ..caches import ImageFeatureCache, PrefixCache
+from ..streaming import Batch, Output, Row, prefill
 from .schema import SamplingParams
-
 
 
 # -- what flows between the HTTP side and the worker ------------------------------------------
@@ -88,32 +79,12 @@ class Busy(Exception):
 
 
 @dataclass
-class Row:
-    """One request in the decode batch."""
+class Slot:
+    """What the scheduler keeps of an admitted request (a decode row's ``tag``)."""
 
     job: Job
-    key: List[Any]  # prefix_key of the prompt
-    cached: int
-    next_input: int  # the token this row feeds at the next step
-    context: List[int]  # recent tokens for the repetition penalty
-    rng: mx.array
-    processors: list
-    detok: Any = None
-    stop: Any = None
-    generated: List[int] = field(default_factory=list)
-
-    def sample(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> [1] token, with this request's options."""
-        for p in self.processors:
-            logits = p(mx.array(self.context[-PROCESSOR_CONTEXT:]), logits)
-        s = self.job.sampling
-        if s.temperature == 0:
-            return mx.argmax(logits, axis=-1)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if s.top_p < 1:
-            logprobs = apply_top_p(logprobs, s.top_p)
-        self.rng, key = mx.random.split(self.rng)
-        return mx.random.categorical(logprobs * (1 / s.temperature), key=key)
+    key: List[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
+    cached: int  # prompt tokens taken from the prefix cache
 
 
 class Scheduler:
@@ -121,22 +92,20 @@ class Scheduler:
 
     def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
-                 device: Optional[mx.Device] = None, prefill_step: int = 2048,
+                 device: Optional[mx.Device] = None,
                  kv: Optional[dict] = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.processor = model, processor
         self.lm = model.language_model
-        self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.kv = kv  # KV-cache quantization (streaming.kv_cache_options), None = float
         self.device = device or mx.default_device()
         self.prefixes = PrefixCache(cache_bytes)
-        self.features = ByteLRU(image_cache_bytes)
+        self.features = ImageFeatureCache(image_cache_bytes)
         self.eos = processor.tokenizer.eos_token_id
-        self.image_id = processor.image_token_id
-        self.per_image = processor.num_image_tokens
-        self.rows: List[Row] = []
-        self.cache: Optional[list] = None  # per layer: BatchKVCache or BatchQuantizedKVCache
+        self.image_tokens = processor.image_tokens
+        self.batch = Batch(self.lm, self.eos, kv, on_finish=self._store_reply)
         self._inbox: "queue.Queue[Job]" = queue.Queue()
         self._waiting: "deque[Job]" = deque()
         self._lock = threading.Lock()
@@ -165,7 +134,7 @@ class Scheduler:
     def stats(self) -> dict:
         with self._lock:
             live = len(self._live)
-        active = len(self.rows)
+        active = len(self.batch.rows)
         return {**self.counters, "active": active, "waiting": max(live - active, 0),
                 "max_batch": self.max_batch, "kv_bits": self.kv and self.kv["kv_bits"],
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
@@ -198,23 +167,23 @@ class Scheduler:
                 self._once()
         finally:  # stopped or interrupted: end every request still here, none waits forever
             self._waiting.extend(self._take_inbox())
-            self._fail([r.job for r in self.rows] + list(self._waiting), 503,
+            self._fail([r.tag.job for r in self.batch.rows] + list(self._waiting), 503,
                        "the server is shutting down")
             self._waiting.clear()
 
     def _once(self) -> None:
         """Cancellations, admissions, one decode step."""
-        if not self.rows and not self._waiting:  # idle: wait for work
+        if not self.batch.rows and not self._waiting:  # idle: wait for work
             try:
                 self._waiting.append(self._inbox.get(timeout=0.2))
             except queue.Empty:
                 return
         self._waiting.extend(self._take_inbox())
         self._drop_cancelled()
-        while self._waiting and len(self.rows) < self.max_batch:
+        while self._waiting and len(self.batch.rows) < self.max_batch:
             self._admit(self._waiting.popleft())
             self._drop_cancelled()
-        if self.rows:
+        if self.batch.rows:
             self._step()
 
     def _take_inbox(self) -> List[Job]:
@@ -230,8 +199,7 @@ class Scheduler:
             self._emit(job, Failed(status, message))
             self._forget(job, "failed")
         gone = {job.id for job in jobs}
-        if any(r.job.id in gone for r in self.rows):
-            self._keep([i for i, r in enumerate(self.rows) if r.job.id not in gone])
+        self.batch.remove([r for r in self.batch.rows if r.tag.job.id in gone])
 
     def _emit(self, job: Job, event) -> bool:
         try:
@@ -255,162 +223,92 @@ class Scheduler:
         for job in [j for j in self._waiting if j.id in gone]:
             self._waiting.remove(job)
             self._forget(job, "cancelled")
-        drop = [i for i, r in enumerate(self.rows) if r.job.id in gone]
-        for i in drop:
-            self._forget(self.rows[i].job, "cancelled")
-        if drop:
-            self._keep([i for i in range(len(self.rows)) if i not in drop])
-
-    def _keep(self, keep: List[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = None
-            mx.clear_cache()
-        else:
-            for c in self.cache:
-                c.filter(keep)
+        drop = [r for r in self.batch.rows if r.tag.job.id in gone]
+        for r in drop:
+            self._forget(r.tag.job, "cancelled")
+        self.batch.remove(drop)
 
     # -- admission: prefix cache, images, prefill -----------------------------------------------
     def _admit(self, job: Job) -> None:
         try:
-            row, kv = self._prefill(job)
+            self._prefill(job)
         except Exception as e:  # this request only; the batch goes on
             print(f"[mlx-dsvl server] request {job.id} failed in prefill: {e!r}", file=sys.stderr)
             self._fail([job], 500, f"prefill failed: {type(e).__name__}: {e}")
             return
-        merged = merge_row(kv, self.kv)
-        if self.cache is None:
-            self.cache = merged
-        else:
-            for a, b in zip(self.cache, merged):
-                a.extend(b)
-        self.rows.append(row)
-        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.rows))
-        self._emit(job, Started(row.cached))
+        self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.batch.rows))
+        self._emit(job, Started(self.batch.rows[-1].tag.cached))
 
     def new_cache(self) -> List[Any]:
         """A request's KV cache: float; with ``kv`` the prefill quantizes it as it fills."""
         return self.model.make_cache()
 
-    def _prefill(self, job: Job):
-        """(the request's row, its KV cache holding the prompt but its last token)."""
+    def _prefill(self, job: Job) -> None:
+        """The prompt through the engine's prefill (after its longest cached prefix); the
+        request joins the decode batch with its first token sampled."""
         ids, s = job.ids, job.sampling
-        key = prefix_key(ids, job.image_keys, self.image_id, self.per_image)
-        n = len(ids) - 1  # the last prompt token is fed by the first decode step
-        kv, cached = self.prefixes.fetch(key)
+        key = self.image_tokens.keyed(ids, job.image_keys)
+        kv, cached = self.prefixes.fetch(key)  # never the last token: it gives the first logits
         if kv is None:
             kv, cached = self.new_cache(), 0
-        elif cached > n:  # the whole prompt was cached: its last token is fed again
-            for c in kv:
-                c.trim(cached - n)
-            cached = n
-        # with kv: the library's passes (ChatSession's), each quantized once it is in the cache
-        step = self.prefill_step if self.kv is None else prefill_step_size(self.kv)
-        for start in range(cached, n, step):
-            end = min(start + step, n)
-            tokens, embeds = self.embeddings(job, start, end)
-            self.lm.model(tokens, kv, embeds)
-            quantize_cache(kv, self.kv)
-            mx.eval([c.state for c in kv])
-        quantize_cache(kv, self.kv)  # (a prompt of one token: an empty cache)
-        self.prefixes.store(key[:n], kv)
+        logits = prefill(self.lm, mx.array(ids[cached:]),
+                         lambda a, b: self.embeddings(job, cached + a, cached + b)[1][0], kv, self.kv)
+        mx.eval(logits, [c.state for c in kv])
+        self.prefixes.store(key, kv)
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(ids)
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
-        seed = s.seed if s.seed is not None else int.from_bytes(os.urandom(8), "little")
-        row = Row(job=job, key=key, cached=cached, next_input=ids[-1],
-                  context=list(ids[-PROCESSOR_CONTEXT:]), rng=mx.random.key(seed % 2**64),
-                  processors=s.make_logits_processors(),
-                  detok=make_detokenizer(self.processor), stop=StopStringFilter(STOP_STRINGS + s.stop))
-        return row, kv
+        row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
+                        tag=Slot(job, key, cached))
+        self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
         """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D]).
 
         Only the images that overlap the range are needed (a range may begin inside one)."""
         tokens = mx.array(job.ids[start:end])[None]
-        embeds = self.lm.model.embed_tokens(tokens)
-        is_image = np.asarray(job.ids[:end]) == self.image_id
-        inside = int(is_image[start:].sum())
-        if not inside:
-            return tokens, embeds
-        before = int(is_image[:start].sum())
-        first, last = before // self.per_image, (before + inside - 1) // self.per_image
-        feats = self._image_features(job, job.image_keys[first:last + 1])
-        flat = mx.concatenate(feats)[before - first * self.per_image:]  # [inside, D]
-        return tokens, merge_image_embeddings(tokens, embeds, flat[None, None], self.image_id)
+        span = self.image_tokens.overlap(job.ids, start, end, len(job.image_keys))
+        if span.first == span.stop:
+            return tokens, self.model.get_input_embeddings(tokens)
+        feats = mx.stack(self._image_features(job, job.image_keys[span.first:span.stop]))  # [n, I, D]
+        return tokens, self.model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
-        """Features of each image in ``keys``: from the cache (which marks them recently used),
-        else encoded together and cached; held here, so caching one cannot evict another."""
-        found = {}
-        for k in dict.fromkeys(keys):
-            f = self.features.get(k)
-            if f is not None:
-                found[k] = f
-        todo = [k for k in dict.fromkeys(keys) if k not in found]
-        self.counters["image_cache_hits"] += sum(k in found for k in keys)
-        if todo:
-            feats = self.model.encode_images(mx.array(np.stack([job.pixels[k] for k in todo])))
-            mx.eval(feats)
-            self.counters["images_encoded"] += len(todo)
-            for k, f in zip(todo, feats):
-                found[k] = f
-                self.features.put(k, f, f.nbytes)
-        return [found[k] for k in keys]
+        """Features of each image in ``keys``: from the cache, else encoded together and cached
+        (:meth:`~mlx_dsvl.caches.ImageFeatureCache.fetch`: caching one cannot evict another)."""
+        found = self.features.fetch(keys, lambda todo: self.model.encode_images(
+            mx.array(np.stack([job.pixels[k] for k in todo]))))
+        self.counters["image_cache_hits"] += found.hits
+        self.counters["images_encoded"] += found.encoded
+        return found.features
 
     # -- decoding -------------------------------------------------------------------------------
     def _step(self) -> None:
-        rows = self.rows
+        rows = list(self.batch.rows)
         try:
-            inputs = mx.array([[r.next_input] for r in rows])  # [B, 1]
-            logits = lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :])  # [B, vocab]
-            if all(r.job.sampling.temperature == 0 and not r.processors for r in rows):
-                tokens = mx.argmax(logits, axis=-1)
-            else:
-                tokens = mx.concatenate([r.sample(logits[b:b + 1]) for b, r in enumerate(rows)])
-            tokens = tokens.tolist()
+            outs = self.batch.step()
         except Exception as e:
             print(f"[mlx-dsvl server] decode step failed: {e!r}", file=sys.stderr)
-            self._fail([r.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
+            self._fail([r.tag.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
-        self.counters["generated_tokens"] += len(rows)
-        keep = []
-        for i, (r, t) in enumerate(zip(rows, tokens)):
-            reason = self._advance(r, t)
-            if reason is None:
-                keep.append(i)
-            else:
-                self._finish(i, r, reason)
-        if len(keep) < len(rows):
-            self._keep(keep)
+        self.counters["generated_tokens"] += len(outs)
+        for out in outs:
+            self._deliver(out)
 
-    def _advance(self, r: Row, token: int) -> Optional[str]:
-        """Take a sampled token: stream its text; the finish reason when the row is done."""
-        r.generated.append(token)
-        r.context.append(token)
-        r.next_input = token
-        if token == self.eos and not r.job.sampling.ignore_eos:
-            return "stop"
-        r.detok.add_token(token)
-        text = r.stop.push(r.detok.last_segment)
+    def _deliver(self, out: Output) -> None:
+        slot, text = out.row.tag, out.text + out.tail
         if text:
-            self._emit(r.job, Delta(text))
-        if r.stop.stopped:
-            return "stop"
-        return "length" if len(r.generated) >= r.job.sampling.max_tokens else None
+            self._emit(slot.job, Delta(text))
+        if out.finish_reason is not None:
+            self._emit(slot.job, Finished(out.finish_reason, len(slot.job.ids), len(out.row.generated),
+                                          slot.cached))
+            self._forget(slot.job, "finished")
 
-    def _finish(self, i: int, r: Row, reason: str) -> None:
-        if not r.stop.stopped:
-            r.detok.finalize()
-            tail = r.stop.push(r.detok.last_segment) + r.stop.flush()
-            if tail:
-                self._emit(r.job, Delta(tail))
-        if self.prefixes.max_bytes:  # the cache holds the prompt and the reply but its last token
-            kv = [c.extract(i) for c in self.cache]
+    def _store_reply(self, row: Row, kv: List[Any]) -> None:
+        """A finished row's KV cache (prompt and reply) goes to the prefix cache for the
+        follow-up request."""
+        if self.prefixes.max_bytes:
             mx.eval([c.state for c in kv])  # a copy now: a lazy slice would hold the whole batch
-            self.prefixes.store(r.key + r.generated[:-1], kv)
-        self._emit(r.job, Finished(reason, len(r.job.ids), len(r.generated), r.cached))
-        self._forget(r.job, "finished")
+            self.prefixes.store((row.tag.key + row.generated)[:kv[0].offset], kv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
@@ -84,7 +84,9 @@ class ChatCompletionRequest(_Model):
     seed: Optional[StrictInt] = None
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    repetition_penalty: Optional[StrictFloat] = None  # extension (mlx-lm, vLLM)
+    repetition_penalty: Optional[StrictFloat] = None  # extensions (mlx-lm, vLLM): ...
+    top_k: Optional[StrictInt] = None
+    min_p: Optional[StrictFloat] = None
     ignore_eos: StrictBool = False  # extension (vLLM): fixed-length replies for benchmarks
     user: Optional[str] = None
     # Fields that change the answer; accepted only at their neutral values (see UNSUPPORTED).
@@ -275,9 +277,9 @@ class SamplingParams(SamplingOptions):
 
     @classmethod
     def from_request(cls, req: ChatCompletionRequest, defaults: "SamplingParams") -> "SamplingParams":
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        given = dict(temperature=req.temperature, top_p=req.top_p, max_tokens=max_tokens,
-                     repetition_penalty=req.repetition_penalty, seed=req.seed)
+        given = {f.name: getattr(req, f.name) for f in fields(SamplingOptions)}  # each option by its name
+        if req.max_completion_tokens is not None:
+            given["max_tokens"] = req.max_completion_tokens
         changes = {k: v for k, v in given.items() if v is not None}
         if req.stop is not None:
             changes["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import numpy as np
 
 from ..processing.chat import IMAGE_TAG, place_images
+from ..processing.image_tokens import ImageTokens
 from ..utils import common_prefix
 from .report import warn
 
@@ -148,7 +149,7 @@ def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.
         start = common_prefix(processor.tokenize(before), ids)
         end = common_prefix(processor.tokenize(after), ids)
         labels[start:end] = ids[start:end]
-    labels[ids == processor.image_token_id] = IGNORE
+    labels[processor.image_tokens.is_image(ids)] = IGNORE
     return ids, labels
 
 
@@ -161,23 +162,15 @@ def tokenize_text(processor, text: str) -> Tuple[np.ndarray, np.ndarray]:
     bos = processor.tokenizer.bos_token_id
     if bos is not None and ids.shape[0] and ids[0] == bos:
         labels[0] = IGNORE
-    labels[ids == processor.image_token_id] = IGNORE
+    labels[processor.image_tokens.is_image(ids)] = IGNORE
     return ids.astype(np.int32), labels.astype(np.int32)
 
 
-def image_runs(ids: np.ndarray, image_id: int) -> List[Tuple[int, int]]:
-    """``[(start, end), ...]`` of the runs of image ids (end exclusive)."""
-    is_img = np.concatenate([[False], ids == image_id, [False]])
-    edges = np.flatnonzero(is_img[1:] != is_img[:-1])
-    return [(int(s), int(e)) for s, e in zip(edges[0::2], edges[1::2])]
-
-
-def truncate(ids, labels, images, max_len: int, image_id: int, num_image_tokens: int):
+def truncate(ids, labels, images, max_len: int, layout: ImageTokens):
     """Cut to ``max_len`` tokens, never inside an image: a split image is dropped whole."""
-    runs = _split_runs(image_runs(ids, image_id), num_image_tokens)
     cut = max_len
     kept = 0
-    for s, e in runs:
+    for s, e in layout.runs(ids):
         if e <= cut:
             kept += 1
         elif s < cut:
@@ -186,15 +179,6 @@ def truncate(ids, labels, images, max_len: int, image_id: int, num_image_tokens:
         else:
             break
     return ids[:cut], labels[:cut], images[:kept]
-
-
-def _split_runs(runs, n):
-    """Adjacent images form one long run: split it into per-image runs of ``n`` tokens."""
-    out = []
-    for s, e in runs:
-        for k in range(s, e, n):
-            out.append((k, min(k + n, e)))
-    return out
 
 
 # -- JSONL parsing ----------------------------------------------------------------------------
@@ -233,7 +217,6 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
     """One decoded JSON value -> :class:`Example` (not yet length-checked)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    n_tok = processor.num_image_tokens
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not messages:
@@ -262,7 +245,7 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
             f"{where}: expected 'messages' (chat), 'image' + 'text' (image-text pair) or 'text' "
             f"(text-only); got keys {sorted(obj)}"
         )
-    n_runs = int(np.sum(ids == processor.image_token_id)) // n_tok
+    n_runs = processor.image_tokens.count(ids)
     if n_runs != len(images):
         raise DataError(
             f"{where}: the text has {n_runs} {IMAGE_TAG} placeholder(s) but {len(images)} image(s) "
@@ -311,10 +294,7 @@ def load_jsonl(
                 stats.skipped_bad.append(str(e))
                 continue
             if ex.length > max_seq_len:
-                ids, labels, imgs = truncate(
-                    ex.ids, ex.labels, ex.images, max_seq_len, processor.image_token_id,
-                    processor.num_image_tokens,
-                )
+                ids, labels, imgs = truncate(ex.ids, ex.labels, ex.images, max_seq_len, processor.image_tokens)
                 cut = Example(ids, labels, imgs, ex.source, ex.kind)
                 if long_policy == "skip" or (ex.n_targets and not cut.n_targets):  # no answer fits
                     stats.skipped_long.append(_needs(ex, processor.num_image_tokens))
