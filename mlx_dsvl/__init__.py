@@ -7,6 +7,12 @@ the BLAS check that runs before MLX is loaded) can be imported without it.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use
+    from .generation import generate, generate_batch, stream_generate
+    from .loading import load
+    from .session import ChatSession
 
 _API = {"load": ".loading", "generate": ".generation", "stream_generate": ".generation",
         "generate_batch": ".generation", "ChatSession": ".session"}

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -34,6 +34,9 @@ from .model_folder import (  # noqa: F401 -- ModelLoadError .. read_weights: thi
     weight_files,
 )
 from .models.deepseek_vl import DeepseekVL
+
+if TYPE_CHECKING:
+    from .processing.chat import ChatProcessor
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"  # the entry points' default --model
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

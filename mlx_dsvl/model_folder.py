@@ -113,7 +113,7 @@ def load_config(path: Path) -> ModelConfig:
 # -- weight files -----------------------------------------------------------------------------
 def weight_files(path: Path) -> Dict[str, Path]:
     """Map tensor name -> safetensors file, checking that every named shard exists
-    (without an index: ``{"": file}`` for each ``*.safetensors``)."""
+    (without an index: ``{"*NAME": file}`` for each ``*.safetensors``, tensor names unknown)."""
     index = path / INDEX
     if index.exists():
         weight_map = read_json(index, "weight index").get("weight_map")
@@ -126,7 +126,7 @@ def weight_files(path: Path) -> Dict[str, Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no model.safetensors (or shards with an index) found")
-    return {"": f for f in files}
+    return {f"*{f.name}": f for f in files}
 
 
 def weight_file_names(path: Path) -> List[str]:
@@ -169,7 +169,7 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
             weights.update(mx.load(str(f)))
         except Exception as e:
             raise ModelLoadError(f"{f}: cannot read safetensors file ({e})") from None
-    if "" not in files:
+    if (path / INDEX).exists():
         absent = sorted(k for k in files if k not in weights)
         if absent:
             raise ModelLoadError(

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
+
+import mlx_dsvl
 
 from mlx_dsvl.model_folder import (
-    ModelLoadError, check_weights, plan_shards, resolve_model_path, sanitize, shard_names, split_unused,
+    ModelLoadError, check_weights, plan_shards, read_weights, resolve_model_path, sanitize, shard_names, split_unused,
     to_mlx_layout, to_pytorch_layout,
 )
 
@@ -69,3 +74,18 @@ def test_resolve_model_path(tmp_path):
         resolve_model_path(f)
     with pytest.raises(ModelLoadError, match="no such model folder"):
         resolve_model_path(tmp_path / "nope")
+
+
+def test_shards_without_an_index_are_all_read(tiny_dir, tmp_path):
+    """A folder of several *.safetensors files and no index: every file's tensors are read (only
+    the last file was, and the strict check then named a missing tensor)."""
+    folder = tmp_path / "two-shards"
+    shutil.copytree(tiny_dir, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(weights)
+    half = len(names) // 2
+    for i, part in enumerate((names[:half], names[half:])):
+        save_file({k: weights[k] for k in part}, str(folder / f"part-{i}.safetensors"), metadata={"format": "pt"})
+    assert sorted(read_weights(folder)) == names
+    mlx_dsvl.load(folder, dtype="float32")  # the strict check passes

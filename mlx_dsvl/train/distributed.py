@@ -6,7 +6,7 @@ in the same order -- is cut into one contiguous share per rank (:meth:`World.sha
 sums its share's token-weighted gradient; :meth:`World.average_gradients` sums those across
 the ranks, so that dividing by the step's tokens gives exactly one process's gradient of the
 whole batch (up to float reassociation).  Every decision that changes what the ranks do next is
-taken on numbers they share (:meth:`World.sum`, :meth:`World.any`): the losses and token counts
+taken on numbers they share (:meth:`World.sum`): the losses and token counts
 of each step, a stop signal that reached any of them, and the set-up they start from
 (:meth:`World.agree`).  Rank 0 alone writes the run's files.
 

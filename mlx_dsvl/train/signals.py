@@ -30,9 +30,6 @@ class StopSignals:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def requested(self) -> bool:
-        return bool(self.signum)
-
     def _handle(self, signum, frame):
         if self.signum:
             raise KeyboardInterrupt
