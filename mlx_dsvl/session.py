@@ -34,7 +34,7 @@ import numpy as np
 from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
-from .streaming import GenerationChunk, Row, kv_cache_options, prefill, stream_tokens
+from .streaming import GenerationChunk, Row, kv_cache_options, prefill, range_embeddings, stream_tokens
 from .warmup import FirstUseNotice
 
 
@@ -249,14 +249,9 @@ class ChatSession:
         return reusable_prefix(layout.keyed(self.cached_ids, self.cached_images), layout.keyed(ids, keys))
 
     def _new_embeddings(self, ids: np.ndarray, keep: int, keys: List[str]) -> mx.array:
-        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens;
-        only the images with tokens after ``keep`` are gathered."""
-        new_ids = mx.array(ids[keep:])[None]
-        span = self.processor.image_tokens.overlap(ids, keep, len(ids), len(keys))
-        if span.first == span.stop:
-            return self.model.get_input_embeddings(new_ids)[0]
-        feats = mx.stack([self._features[k] for k in keys[span.first:span.stop]])  # [n, I, D]
-        return self.model.get_input_embeddings(new_ids, image_embeds=feats, skip=span.skip)[0]
+        """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens."""
+        return range_embeddings(self.model, ids, keep, len(ids), layout=self.processor.image_tokens,
+                                image_keys=keys, features=lambda ks: [self._features[k] for k in ks])
 
     def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
         """Logits [vocab] of the first token of the reply to ``text``, without replying (for

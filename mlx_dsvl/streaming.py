@@ -147,6 +147,19 @@ def prefill_step_size(kv: Optional[dict]) -> int:
 Embed = Callable[[int, int], mx.array]  # (start, end) -> embeddings [end - start, D] of those ids
 
 
+def range_embeddings(model, ids: Sequence[int], start: int, end: int, *, layout,
+                     image_keys: Sequence[str], features: Callable[[List[str]], List[mx.array]]) -> mx.array:
+    """Input embeddings [end - start, D] of ``ids[start:end]``: token embeddings, and at image
+    positions the features of the images the range overlaps (``layout.overlap``; the range may
+    begin inside one), asked of ``features(keys)`` for those images only."""
+    tokens = mx.array(np.asarray(ids[start:end]))[None]
+    span = layout.overlap(ids, start, end, len(image_keys))
+    if span.first == span.stop:
+        return model.get_input_embeddings(tokens)[0]
+    feats = mx.stack(features(list(image_keys[span.first:span.stop])))  # [n, I, D]
+    return model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)[0]
+
+
 def prefill(language_model, new_ids: mx.array, embed: Embed, cache: List[Any],
             kv: Optional[dict] = None) -> mx.array:
     """Run ``new_ids`` ([T]) through onto ``cache`` in passes of :func:`prefill_step_size`,

@@ -35,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
-from ..streaming import Batch, Output, Row, prefill
+from ..streaming import Batch, Output, Row, prefill, range_embeddings
 from .schema import SamplingParams
 
 
@@ -264,15 +264,11 @@ class Scheduler:
         self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
-        """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D]).
-
-        Only the images that overlap the range are needed (a range may begin inside one)."""
-        tokens = mx.array(job.ids[start:end])[None]
-        span = self.image_tokens.overlap(job.ids, start, end, len(job.image_keys))
-        if span.first == span.stop:
-            return tokens, self.model.get_input_embeddings(tokens)
-        feats = mx.stack(self._image_features(job, job.image_keys[span.first:span.stop]))  # [n, I, D]
-        return tokens, self.model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)
+        """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D])
+        (:func:`~mlx_dsvl.streaming.range_embeddings`: only the images the range overlaps)."""
+        embeds = range_embeddings(self.model, job.ids, start, end, layout=self.image_tokens,
+                                  image_keys=job.image_keys, features=lambda ks: self._image_features(job, ks))
+        return mx.array(job.ids[start:end])[None], embeds[None]
 
     def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
         """Features of each image in ``keys``: from the cache, else encoded together and cached
