@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from mlx_dsvl.sampling import add_arguments, controls
 
@@ -88,7 +88,7 @@ def check_launch(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.adapter}: no adapter_config.json (not an adapter folder)")
 
 
-def address_warning(address: Optional[str]) -> Optional[str]:
+def address_warning(address: str | None) -> str | None:
     """A warning when the server is reachable from other machines (not loopback only)."""
     if address and address.strip().strip("[]") in LOOPBACK:
         return None
@@ -98,7 +98,7 @@ def address_warning(address: Optional[str]) -> Optional[str]:
     return f"This server listens on {address}: anyone who can reach it can use the model."
 
 
-def blas_hint() -> Optional[str]:
+def blas_hint() -> str | None:
     """On Linux's CPU backend without OpenBLAS loaded: how to start the app much faster.
 
     (``python apps/chat.py`` re-executes itself with OpenBLAS preloaded before it starts the
@@ -106,6 +106,7 @@ def blas_hint() -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return None
     import mlx.core as mx
+
     from mlx_dsvl.blas import find_openblas, openblas_loaded, preload_env
 
     if mx.default_device() != mx.cpu or openblas_loaded():
@@ -121,7 +122,7 @@ def blas_hint() -> Optional[str]:
 
 
 # -- python apps/chat.py --------------------------------------------------------------------
-def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
+def launch_argv(script: str, argv: Sequence[str]) -> list[str]:
     """``python apps/chat.py ARGS`` -> the ``streamlit run`` command line it stands for.
 
     Streamlit's own ``--section.option[=value]`` flags go before ``--``, the app's options after
@@ -129,8 +130,8 @@ def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
     ``apps/.streamlit/config.toml``, which Streamlit reads next to the script from any folder,
     so flags and ``STREAMLIT_*`` variables the user gives still win.
     """
-    st_args: List[str] = []
-    app_args: List[str] = []
+    st_args: list[str] = []
+    app_args: list[str] = []
     items = iter(argv)
     for a in items:
         if a.startswith("--") and "." in a.split("=", 1)[0]:

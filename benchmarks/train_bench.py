@@ -57,11 +57,12 @@ def step_times(history, skip_first=1):
 
 
 def run(arch: str, ckpt: Path, work: Path) -> dict:
+    import json as _json
+
     import mlx.core as mx
 
     from mlx_dsvl.train import TrainConfig, train
     from mlx_dsvl.train.synthetic import write_shapes_dataset
-    import json as _json
 
     n_images, batch, s3_steps = PLAN[arch]
     size = _json.loads((ckpt / "preprocessor_config.json").read_text())["image_size"]

@@ -10,9 +10,11 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load on first use
-    from .generation import generate, generate_batch, stream_generate
-    from .loading import load
-    from .session import ChatSession
+    from .generation import generate as generate
+    from .generation import generate_batch as generate_batch
+    from .generation import stream_generate as stream_generate
+    from .loading import load as load
+    from .session import ChatSession as ChatSession
 
 _API = {"load": ".loading", "generate": ".generation", "stream_generate": ".generation",
         "generate_batch": ".generation", "ChatSession": ".session"}

@@ -22,8 +22,8 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -65,7 +65,7 @@ def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: fl
         model.update_modules(tree_unflatten(updates))
 
 
-def adapter_layers(model) -> List[Tuple[str, nn.Module]]:
+def adapter_layers(model) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer that can fold an adapter into itself (mlx-lm's ``fuse``)."""
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "fuse")]
 
@@ -81,7 +81,7 @@ def fuse_adapters(model, dequantize: bool = False):
 
 
 # -- the format -------------------------------------------------------------------------------
-def model_fingerprint(model) -> Dict:
+def model_fingerprint(model) -> dict:
     """Identify a base model: its architecture and digests of its weights.
 
     ``arch`` hashes every parameter's name and (unquantized) shape; ``weights`` hashes rounded
@@ -113,7 +113,7 @@ def model_fingerprint(model) -> Dict:
     return fingerprint
 
 
-def trained_weights(model) -> Dict[str, mx.array]:
+def trained_weights(model) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
@@ -121,7 +121,7 @@ def adapted_paths(model) -> list:
     return [name for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
 
 
-def adapter_config(model, spec, base_path: Optional[str], fingerprint: Optional[Dict]) -> Dict:
+def adapter_config(model, spec, base_path: str | None, fingerprint: dict | None) -> dict:
     """The ``adapter_config.json`` of ``model`` trained with ``spec`` (``method``, ``rank``,
     ``scale``, ``dropout``, ``to_dict()``)."""
     return {
@@ -137,7 +137,7 @@ def adapter_config(model, spec, base_path: Optional[str], fingerprint: Optional[
     }
 
 
-def adapter_kind(cfg: Dict) -> Optional[str]:
+def adapter_kind(cfg: dict) -> str | None:
     """``"mlx-dsvl"``, ``"mlx-lm"`` or None (unknown) for an ``adapter_config.json``."""
     if cfg.get("format") == FORMAT:
         return "mlx-dsvl"
@@ -146,7 +146,7 @@ def adapter_kind(cfg: Dict) -> Optional[str]:
     return None
 
 
-def read_adapter_config(folder: str | os.PathLike) -> Dict:
+def read_adapter_config(folder: str | os.PathLike) -> dict:
     """The folder's ``adapter_config.json``, checked to be this package's or mlx-lm's."""
     folder = Path(folder).expanduser()
     cfg_file = folder / ADAPTER_CONFIG
@@ -217,7 +217,7 @@ def load_adapters(model, adapter_dir: str | os.PathLike, check_base: bool = True
     return model
 
 
-def _read_weights(folder: Path) -> Dict[str, mx.array]:
+def _read_weights(folder: Path) -> dict[str, mx.array]:
     wfile = folder / ADAPTER_WEIGHTS
     if not wfile.is_file():
         raise AdapterError(f"{folder}: missing {ADAPTER_WEIGHTS}")
@@ -227,7 +227,7 @@ def _read_weights(folder: Path) -> Dict[str, mx.array]:
         raise AdapterError(f"{wfile}: cannot read safetensors file ({e})") from None
 
 
-def _check_base(model, folder: Path, cfg: Dict) -> None:
+def _check_base(model, folder: Path, cfg: dict) -> None:
     """Refuse another architecture; warn in one line on other base weights (a fine-tuned variant
     of the same shape may be meant).  Adapters that recorded no fingerprint are not checked."""
     fp = (cfg.get("base_model") or {}).get("fingerprint") or {}

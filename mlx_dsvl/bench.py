@@ -24,8 +24,8 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import date
-from typing import Callable, Dict
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     v = mx.random.normal((1, 1, cols))
     mx.eval(w, v)
     _, s = timed(lambda: v @ w.T, warmup=1, repeats=3)
-    del w
+    w = None  # frees the matrix (the lambda holds the name)
     return n_bytes / s / 1e9
 
 
@@ -80,15 +80,15 @@ def decode_tps(step_iter, n: int) -> float:
     return (n - 1) / (time.perf_counter() - t)
 
 
-def run(args) -> Dict:
+def run(args) -> dict:
     import mlx.core as mx
     from PIL import Image
 
     from . import bench_chat
     from .device import describe_device, select_device
     from .loading import load
-    from .session import ChatSession
     from .sampling import DEFAULTS, GREEDY
+    from .session import ChatSession
     from .streaming import kv_cache_options, last_logits
     from .testing.make_checkpoint import cached_checkpoint
     from .warmup import warm_up
@@ -96,7 +96,7 @@ def run(args) -> Dict:
     select_device(args.device)
     gpu = mx.default_device() == mx.gpu
     path = args.model or cached_checkpoint(args.arch)
-    res: Dict = {"date": date.today().isoformat(), "arch": args.model or args.arch, "device": describe_device(),
+    res: dict = {"date": date.today().isoformat(), "arch": args.model or args.arch, "device": describe_device(),
                  "machine": f"{platform.machine()} {os.cpu_count()} cores",
                  "blas": "openblas" if _openblas() else "bundled"}
     mx.clear_cache()
@@ -243,16 +243,15 @@ def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
     return (k1 - k0) / (t1 - t0)
 
 
-def _torch_compare(path, px, ids, ours: Dict, args) -> Dict:
+def _torch_compare(path, px, ids, ours: dict, args) -> dict:
     """The PyTorch reference on the same weights and pixels (mlx_dsvl.testing.torch_timing):
     float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU.  It runs in
     a child process without the OpenBLAS preloaded for MLX, which would slow PyTorch down."""
     import subprocess
     import tempfile
+    from importlib.util import find_spec
 
     import mlx.core as mx
-
-    from importlib.util import find_spec
 
     missing = [m for m in ("torch", "transformers") if find_spec(m) is None]
     if missing:

@@ -18,7 +18,7 @@ spends its time on, first-use costs, and KV-cache quantization over a long conve
 from __future__ import annotations
 
 import gc
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 FIRST = "<image_placeholder>Describe this image in detail."
 QUESTIONS = (  # turns 2..6: 13 to 53 tokens each with the template (the test tokenizer's counts)
@@ -34,14 +34,12 @@ FILLER = ("the picture shows a quiet street with small houses, a red door, two b
 
 
 def run_turn(chat, text: str, images: Sequence, opts: dict):
-    last = None
-    for last in chat.send(text, list(images), **opts):
-        pass
+    *_, last = chat.send(text, list(images), **opts)
     return last
 
 
-def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, replay: bool = False,
-              n_turns: int = 1 + len(QUESTIONS)) -> Dict:
+def turn_rows(model, processor, image, opts: dict, kv: dict | None = None, replay: bool = False,
+              n_turns: int = 1 + len(QUESTIONS)) -> dict:
     """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
     first-use time."""
     from .session import ChatSession
@@ -54,7 +52,7 @@ def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, re
 
     chat, turns = conversation()
     first = turns[0]
-    res: Dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
+    res: dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
                      ttft_s=first.time_to_first_token, decode_tps=first.generation_tps,
                      decode_tokens=first.generation_tokens,
                      kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9)
@@ -79,7 +77,7 @@ def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, re
     return res
 
 
-def long_conversation(processor, image_key: str, context: int) -> List[dict]:
+def long_conversation(processor, image_key: str, context: int) -> list[dict]:
     """ChatSession messages: an image question, then filler exchanges up to ``context`` - 64 tokens."""
     messages = [{"role": "user", "content": FIRST, "images": [image_key]}]
     words = FILLER.split()
@@ -94,7 +92,7 @@ def long_conversation(processor, image_key: str, context: int) -> List[dict]:
         messages, i = trial, i + 1
 
 
-def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> Dict:
+def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> dict:
     """Peak memory, cache size and first-token logit difference of ``context``-token
     conversations with a plain and with quantized KV caches."""
     import mlx.core as mx
@@ -102,7 +100,7 @@ def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4),
     from .caches import ImageFeatureCache
     from .session import ChatSession
 
-    res: Dict = {"kv_context_tokens": None}
+    res: dict = {"kv_context_tokens": None}
     features = ImageFeatureCache()  # one vision pass for all the runs
     reference = None
     for b in (None, *bits):
@@ -128,7 +126,7 @@ def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4),
     return res
 
 
-def weights_by_part(model) -> Dict:
+def weights_by_part(model) -> dict:
     """GB of resident parameters: vision towers + aligner, LLM without / with its embeddings."""
     from mlx.utils import tree_flatten
 

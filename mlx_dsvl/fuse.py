@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .utils import print_names
 
 
-def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = None,
+def fuse(model_path: str, adapter_dir: str, out: str, dtype: str | None = None,
          shard_gb: float = 5.0, force: bool = False, verbose: bool = True) -> Path:
     """Fuse ``adapter_dir`` into ``model_path`` and write the original layout to ``out``.
 
@@ -42,7 +42,7 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = Non
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from .blas import ensure_fast_blas
 
     ensure_fast_blas()

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List
 
-from .processing.chat import place_images
-from .session import ChatSession
 from .mlx_format import QUANT_BITS
+from .processing.chat import place_images
 from .sampling import SamplingOptions, add_arguments
+from .session import ChatSession
 from .streaming import KV_BITS, KV_GROUP_SIZES, GenerationChunk
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
@@ -75,9 +74,9 @@ def _print_stats(last: GenerationChunk) -> None:
     )
 
 
-def _reply(session: ChatSession, text: str, images: List[str], args) -> None:
+def _reply(session: ChatSession, text: str, images: list[str], args) -> None:
     last = None
-    notices: List[str] = []
+    notices: list[str] = []
     session.on_truncate = notices.append  # told after the reply, not in the middle of it
     reply = session.send(text, images, SamplingOptions.from_args(args))
     try:
@@ -100,7 +99,7 @@ COMMANDS = {
 }
 
 
-def _command(session: ChatSession, line: str, pending: List[str]) -> bool:
+def _command(session: ChatSession, line: str, pending: list[str]) -> bool:
     """Run a /command; False for /exit.  Errors are one line and the chat goes on."""
     name, _, rest = line.partition(" ")
     if name in ("/exit", "/quit"):
@@ -131,7 +130,7 @@ def _command(session: ChatSession, line: str, pending: List[str]) -> bool:
 def _chat_loop(session: ChatSession, args) -> None:
     """One turn at a time; a turn that fails (a bad image, too long, ...) prints one line and the
     conversation goes on unchanged; Ctrl-C stops a reply (keeping its text), Ctrl-D quits."""
-    pending: List[str] = list(args.image)
+    pending: list[str] = list(args.image)
     print("Chat: /image PATH attaches an image to your next message, /new restarts, /exit quits.",
           file=sys.stderr)
     first = args.prompt

@@ -17,15 +17,16 @@ whole one as ``sampling=``.  KV-cache quantization (one-by-one generation): ``kv
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from .processing.chat import place_images  # noqa: F401 -- public here too
 from .sampling import GREEDY, PROCESSOR_CONTEXT, SamplingOptions
 from .session import ChatSession
 from .streaming import Batch, GenerationChunk, Row, prefill
 
-def stream_generate(model, processor, conversation: Sequence[dict], images: Optional[Sequence] = None,
-                    max_context: int = 4096, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+
+def stream_generate(model, processor, conversation: Sequence[dict], images: Sequence | None = None,
+                    max_context: int = 4096, kv_bits: int | None = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 0, **sampling) -> Iterator[GenerationChunk]:
     """Stream the assistant's reply to ``conversation`` (its last message is the user's).
 
@@ -54,15 +55,15 @@ def stream_generate(model, processor, conversation: Sequence[dict], images: Opti
     yield from session.send(conv[-1]["content"], images[start:], **sampling)
 
 
-def generate(model, processor, conversation: Sequence[dict], images: Optional[Sequence] = None,
+def generate(model, processor, conversation: Sequence[dict], images: Sequence | None = None,
              **sampling) -> str:
     """The assistant's reply to ``conversation`` as one string."""
     return "".join(c.text for c in stream_generate(model, processor, conversation, images, **sampling))
 
 
 def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
-                   images: Optional[Sequence[Sequence]] = None, sampling: Optional[SamplingOptions] = None,
-                   **options) -> List[str]:
+                   images: Sequence[Sequence] | None = None, sampling: SamplingOptions | None = None,
+                   **options) -> list[str]:
     """Replies to several conversations at once: each prompt is prefilled alone, then all are
     decoded together (one :class:`~mlx_dsvl.streaming.Batch`), each as if alone.
 
@@ -79,7 +80,7 @@ def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
         ids = inputs["input_ids"]  # [1, T]
         embeds = model.get_input_embeddings(ids, inputs["pixel_values"])[0]
         cache = model.make_cache()
-        logits = prefill(lm, ids[0], lambda s, e: embeds[s:e], cache)
+        logits = prefill(lm, ids[0], lambda s, e, x=embeds: x[s:e], cache)
         batch.add(Row.start(processor, opts, ids[0, -PROCESSOR_CONTEXT:].tolist(), tag=i), cache, logits)
     while batch.rows:
         for out in batch.step():

@@ -20,17 +20,29 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Tuple, Union
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .mlx_format import (
-    QUANT_BITS, QUANT_GROUP_SIZES, mlx_format_info, quantize_like, quantize_structure, quantize_weights,
+    QUANT_BITS,
+    QUANT_GROUP_SIZES,
+    mlx_format_info,
+    quantize_like,
+    quantize_structure,
+    quantize_weights,
 )
 from .model_folder import (  # noqa: F401 -- ModelLoadError .. read_weights: this module's API too
-    ModelLoadError, check_weights, is_hub_id, load_config, read_json, read_weights, resolve_model_path, sanitize,
+    ModelLoadError,
+    check_weights,
+    is_hub_id,
+    load_config,
+    read_json,
+    read_weights,
+    resolve_model_path,
+    sanitize,
     weight_files,
 )
 from .models.deepseek_vl import DeepseekVL
@@ -47,7 +59,7 @@ def default_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
+def resolve_dtype(dtype: None | str | mx.Dtype) -> mx.Dtype:
     if dtype is None:
         return default_dtype()
     if isinstance(dtype, str):
@@ -57,15 +69,15 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
     return dtype
 
 
-def check_quantize(quantize: Optional[int], group_size: int) -> None:
+def check_quantize(quantize: int | None, group_size: int) -> None:
     if quantize is not None and quantize not in QUANT_BITS:
         raise ValueError(f"quantize must be one of {QUANT_BITS} (bits), got {quantize}")
     if quantize is not None and group_size not in QUANT_GROUP_SIZES:
         raise ValueError(f"q_group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
 
 
-def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None,
-               quantize: Optional[int] = None, q_group_size: int = 64) -> DeepseekVL:
+def load_model(path: Path, dtype=None, config: ModelConfig | None = None,
+               quantize: int | None = None, q_group_size: int = 64) -> DeepseekVL:
     """Build the model from ``path`` and load its weights strictly (names and shapes);
     ``quantize`` (bits): quantize the LLM as it loads (see the module's docstring)."""
     dtype = resolve_dtype(dtype)
@@ -111,8 +123,8 @@ def materialize(model: DeepseekVL) -> None:
         mx.eval(v)
 
 
-def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = None,
-         quantize: Optional[int] = None, q_group_size: int = 64) -> Tuple[DeepseekVL, "ChatProcessor"]:
+def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None,
+         quantize: int | None = None, q_group_size: int = 64) -> tuple[DeepseekVL, ChatProcessor]:
     """Load a DeepSeek-VL model and its chat processor from a folder or a hub id.
 
     dtype: None (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16".

@@ -28,7 +28,8 @@ weights load as they are (nothing is quantized again).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,7 +45,7 @@ LLM_PREFIX = "language_model."
 VISION_PREFIXES = ("vision_model.", "aligner.")
 
 
-def mlx_format_info(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def mlx_format_info(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The marker block of an MLX-format ``config.json`` (validated), or None for other folders.
 
     Raises ``ValueError`` (message without the path) for a marker this version cannot read.
@@ -72,7 +73,7 @@ def mlx_format_info(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     return info
 
 
-def strip_marker(config: Mapping[str, Any]) -> Dict[str, Any]:
+def strip_marker(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config.json`` without the MLX marker: the original deepseek-ai config."""
     return {k: v for k, v in config.items() if k != MARKER}
 
@@ -135,12 +136,12 @@ def quantize_structure(model: nn.Module, bits: int = 4, group_size: int = 64, vi
     return {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
 
-def quantize_weights(weights: Dict[str, mx.array], paths: set, bits: int, group_size: int) -> Dict[str, mx.array]:
+def quantize_weights(weights: dict[str, mx.array], paths: set, bits: int, group_size: int) -> dict[str, mx.array]:
     """``<path>.weight`` of each layer in ``paths`` -> its packed ``weight``, ``scales`` and
     ``biases`` (lazily, in the weight's own dtype); other tensors pass through.  The input dict
     is emptied as it is read.  The converter writes these tensors; loading with ``quantize``
     computes the same ones."""
-    out: Dict[str, mx.array] = {}
+    out: dict[str, mx.array] = {}
     for k in list(weights):
         v = weights.pop(k)
         base, _, leaf = k.rpartition(".")
@@ -152,14 +153,14 @@ def quantize_weights(weights: Dict[str, mx.array], paths: set, bits: int, group_
     return out
 
 
-def dequantize_weights(weights: Dict[str, mx.array], quantization: Mapping[str, Any]) -> Dict[str, mx.array]:
+def dequantize_weights(weights: dict[str, mx.array], quantization: Mapping[str, Any]) -> dict[str, mx.array]:
     """(weight, scales, biases) triples -> plain ``weight`` in the scales' dtype (lazily).
 
     Other tensors pass through; the input dict is emptied as it is read (so that nothing keeps
     the packed tensors alive once their dequantized version is evaluated).
     """
     paths = quantized_paths(weights)
-    out: Dict[str, mx.array] = {}
+    out: dict[str, mx.array] = {}
     for k in list(weights):
         if k not in weights:
             continue

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -59,7 +59,7 @@ def is_hub_id(text: str) -> bool:
     return not (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1)
 
 
-def resolve_model_path(path_or_repo: Union[str, Path], extra_patterns: Sequence[str] = ()) -> Path:
+def resolve_model_path(path_or_repo: str | Path, extra_patterns: Sequence[str] = ()) -> Path:
     """A local folder as is; otherwise a hub id fetched once into the standard HF cache
     (:data:`HUB_PATTERNS` plus ``extra_patterns``)."""
     path = Path(path_or_repo).expanduser()
@@ -87,7 +87,7 @@ def resolve_model_path(path_or_repo: Union[str, Path], extra_patterns: Sequence[
 
 
 # -- config -----------------------------------------------------------------------------------
-def read_json(path: Path, what: str) -> Dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing {what}")
     try:
@@ -111,7 +111,7 @@ def load_config(path: Path) -> ModelConfig:
 
 
 # -- weight files -----------------------------------------------------------------------------
-def weight_files(path: Path) -> Dict[str, Path]:
+def weight_files(path: Path) -> dict[str, Path]:
     """Map tensor name -> safetensors file, checking that every named shard exists
     (without an index: ``{"*NAME": file}`` for each ``*.safetensors``, tensor names unknown)."""
     index = path / INDEX
@@ -129,11 +129,11 @@ def weight_files(path: Path) -> Dict[str, Path]:
     return {f"*{f.name}": f for f in files}
 
 
-def weight_file_names(path: Path) -> List[str]:
+def weight_file_names(path: Path) -> list[str]:
     return sorted({f.name for f in weight_files(path).values()})
 
 
-def folder_fingerprint(path: Path, sample: int = 64) -> Dict[str, str]:
+def folder_fingerprint(path: Path, sample: int = 64) -> dict[str, str]:
     """What identifies a folder's weights, cheaply (headers and ``sample`` bytes from the middle
     of every tensor, not whole files): ``layout`` (original, or MLX with its dtype and
     quantization: only folders of one layout have comparable files) and ``files``, a digest of
@@ -160,10 +160,10 @@ def folder_fingerprint(path: Path, sample: int = 64) -> Dict[str, str]:
     return {"layout": layout, "files": digest.hexdigest()[:16]}
 
 
-def read_weights(path: Path) -> Dict[str, mx.array]:
+def read_weights(path: Path) -> dict[str, mx.array]:
     """Lazily read all tensors named by the folder's safetensors files (or its index)."""
     files = weight_files(path)
-    weights: Dict[str, mx.array] = {}
+    weights: dict[str, mx.array] = {}
     for f in sorted(set(files.values())):
         try:
             weights.update(mx.load(str(f)))
@@ -179,21 +179,21 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
     return weights
 
 
-def shard_names(count: int, single: str = "model.safetensors") -> List[str]:
+def shard_names(count: int, single: str = "model.safetensors") -> list[str]:
     if count == 1:
         return [single]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def plan_shards(sizes: Mapping[str, int], max_bytes: int,
-                group: Callable[[str], str] = lambda k: k.rpartition(".")[0]) -> List[List[str]]:
+                group: Callable[[str], str] = lambda k: k.rpartition(".")[0]) -> list[list[str]]:
     """Consecutive groups of the names in ``sizes`` (bytes), each at most ``max_bytes`` unless
     one group is larger.  Tensors with the same ``group`` key (by default one module's
     ``weight``/``bias``/``scales``/``biases``) stay in one shard."""
-    modules: Dict[str, List[str]] = {}
+    modules: dict[str, list[str]] = {}
     for k in sizes:
         modules.setdefault(group(k), []).append(k)
-    shards: List[List[str]] = [[]]
+    shards: list[list[str]] = [[]]
     size = 0
     for keys in modules.values():
         n = sum(sizes[k] for k in keys)
@@ -232,7 +232,7 @@ def is_unused(name: str) -> bool:
     return name.startswith(UNUSED_PREFIXES) or any(p in name for p in UNUSED_PARTS)
 
 
-def split_unused(weights: Mapping[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[str, mx.array]]:
+def split_unused(weights: Mapping[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
     """(the tensors the model uses, the unused ones), original names both."""
     used, unused = {}, {}
     for k, v in weights.items():
@@ -254,7 +254,7 @@ def to_pytorch_layout(k: str, v: mx.array) -> mx.array:
     return v
 
 
-def sanitize(weights: Mapping[str, mx.array]) -> Dict[str, mx.array]:
+def sanitize(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
     """Original deepseek-ai checkpoint tensors -> this package's names and layouts (lazily):
     the unused tensors dropped, the convs transposed."""
     return {k: to_mlx_layout(k, v) for k, v in split_unused(weights)[0].items()}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -54,12 +54,12 @@ class ChatSession:
     ...     print(chunk.text, end="")
     """
 
-    def __init__(self, model, processor, system_prompt: Optional[str] = None,
-                 max_context: int = 4096, on_truncate: Optional[Callable[[str], None]] = _warn,
-                 kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
-                 on_slow_start: Optional[Callable[[str], None]] = _warn, profile: bool = False,
+    def __init__(self, model, processor, system_prompt: str | None = None,
+                 max_context: int = 4096, on_truncate: Callable[[str], None] | None = _warn,
+                 kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
+                 on_slow_start: Callable[[str], None] | None = _warn, profile: bool = False,
                  image_cache_bytes: int = IMAGE_CACHE_BYTES,
-                 image_cache: Optional[ImageFeatureCache] = None):
+                 image_cache: ImageFeatureCache | None = None):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -68,27 +68,27 @@ class ChatSession:
         self.on_slow_start = on_slow_start  # told if the process's first GPU forward is slow
         # profile: each turn's stages are evaluated apart and timed into ``timings``
         self.profile = profile
-        self.timings: Dict[str, float] = {}
+        self.timings: dict[str, float] = {}
         self.encode_calls = 0  # images run through the vision tower (tests count these)
         # features of images seen before, at most ``image_cache_bytes`` (or ``image_cache``:
         # one shared with other sessions, with its own bound)
         self.image_features = ImageFeatureCache(image_cache_bytes) if image_cache is None else image_cache
-        self._features: Dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
+        self._features: dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
         self._tokens = PromptTokens(processor)
-        self.kv: Optional[dict] = None
+        self.kv: dict | None = None
         self.reset()
         self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new conversation (image features stay cached: same image, same features)."""
-        self.messages: List[dict] = []  # {"role", "content", "images": [hash, ...]}
+        self.messages: list[dict] = []  # {"role", "content", "images": [hash, ...]}
         self._features = {}
         self.cache = self.model.make_cache()
-        self.cached_ids: List[int] = []
-        self.cached_images: List[str] = []  # keys of the images whose tokens the cache holds
+        self.cached_ids: list[int] = []
+        self.cached_images: list[str] = []  # keys of the images whose tokens the cache holds
 
-    def set_kv_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+    def set_kv_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
                      quantized_kv_start: int = 0) -> None:
         """KV-cache quantization (see :func:`~mlx_dsvl.streaming.kv_cache_options`); a change
         empties the cache, and the next turn prefills the conversation again with it."""
@@ -99,7 +99,7 @@ class ChatSession:
             self.cache, self.cached_ids, self.cached_images = self.model.make_cache(), [], []
 
     @property
-    def conversation(self) -> List[dict]:
+    def conversation(self) -> list[dict]:
         conv = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         return conv + [{"role": m["role"], "content": m["content"]} for m in self.messages]
 
@@ -111,7 +111,7 @@ class ChatSession:
         self.cached_ids = self.cached_ids[:keep]
 
     # -- images -------------------------------------------------------------------------------
-    def add_images(self, images: Sequence) -> List[str]:
+    def add_images(self, images: Sequence) -> list[str]:
         """Preprocess and hash images and hold their features for the conversation (encoded only
         if neither the conversation nor the cache has them); returns their content keys."""
         if not images:
@@ -151,7 +151,7 @@ class ChatSession:
             )
         return ids
 
-    def send(self, text: str, images: Sequence = (), sampling: Optional[SamplingOptions] = None,
+    def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None,
              **options) -> Iterator[GenerationChunk]:
         """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply.
 
@@ -183,7 +183,7 @@ class ChatSession:
         self.timings = {"images_ms": (tic_prompt - tic) * 1e3,
                         "format_tokenize_ms": (time.perf_counter() - tic_prompt) * 1e3}
         max_tokens = min(opts.max_tokens, self.max_context - len(ids))
-        reply: List[str] = []
+        reply: list[str] = []
         got = False
         try:
             for chunk in self._run(ids, opts, max_tokens, tic):
@@ -208,7 +208,7 @@ class ChatSession:
             raise
         self._add_reply(reply)
 
-    def _add_reply(self, pieces: List[str]) -> None:
+    def _add_reply(self, pieces: list[str]) -> None:
         self.messages.append({"role": "assistant", "content": "".join(pieces), "images": []})
 
     def _new_input(self, ids: np.ndarray):
@@ -242,13 +242,13 @@ class ChatSession:
             self.cached_ids = (ids.tolist() + row.generated)[: self.cache[0].offset]
             self.cached_images = keys
 
-    def _reusable_prefix(self, ids: np.ndarray, keys: List[str]) -> int:
+    def _reusable_prefix(self, ids: np.ndarray, keys: list[str]) -> int:
         """Tokens at the start of ``ids`` the cache holds (:func:`~mlx_dsvl.caches.reusable_prefix`:
         same ids and, in image runs, the same images; never the last token)."""
         layout = self.processor.image_tokens
         return reusable_prefix(layout.keyed(self.cached_ids, self.cached_images), layout.keyed(ids, keys))
 
-    def _new_embeddings(self, ids: np.ndarray, keep: int, keys: List[str]) -> mx.array:
+    def _new_embeddings(self, ids: np.ndarray, keep: int, keys: list[str]) -> mx.array:
         """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens."""
         return range_embeddings(self.model, ids, keep, len(ids), layout=self.processor.image_tokens,
                                 image_keys=keys, features=lambda ks: [self._features[k] for k in ks])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -33,7 +33,7 @@ class FirstUseNotice:
     a no-op for every later forward, on the CPU, or with ``say=None``.  Also a context manager.
     """
 
-    def __init__(self, say: Optional[Callable[[str], None]]):
+    def __init__(self, say: Callable[[str], None] | None):
         self._timer = None
         if say is not None and not _first_forward_done and kernels_compile():
             self._timer = threading.Timer(NOTICE_DELAY_S, say, args=(MESSAGE,))
@@ -54,14 +54,14 @@ class FirstUseNotice:
             self._timer.cancel()
             self._timer = None
 
-    def __enter__(self) -> "FirstUseNotice":
+    def __enter__(self) -> FirstUseNotice:
         return self
 
     def __exit__(self, *exc) -> None:
         self.cancel()
 
 
-def warm_up(model, processor, say: Optional[Callable[[str], None]] = None) -> float:
+def warm_up(model, processor, say: Callable[[str], None] | None = None) -> float:
     """On a GPU, run a short throw-away chat so that a conversation's kernels are compiled:
     the vision towers, an image prompt's prefill, follow-up prefills of 4 lengths (4-bit
     matmuls compile one kernel per range of token counts), sampling and decoding.

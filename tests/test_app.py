@@ -345,10 +345,10 @@ def test_from_any_folder_loopback_only_and_no_usage_statistics(how, tiny_dir, tm
 def test_streamlit_reads_the_apps_settings_from_any_folder(tmp_path):
     """What ``streamlit run apps/chat.py`` loads (Streamlit's own loader, as its CLI calls it),
     from a folder without a .streamlit/ of its own."""
-    code = ("import json; from streamlit import config; config._main_script_path = %r; "
+    code = (f"import json; from streamlit import config; config._main_script_path = {str(APP)!r}; "
             "config.get_config_options(force_reparse=True); "
             "print(json.dumps([config.get_option(k) for k in "
-            "('server.address', 'browser.gatherUsageStats', 'server.maxUploadSize')]))" % str(APP))
+            "('server.address', 'browser.gatherUsageStats', 'server.maxUploadSize')]))")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("STREAMLIT_")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HOME": str(tmp_path)},
                        capture_output=True, text=True, timeout=120)

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from mlx_dsvl import faults
-from mlx_dsvl.train.__main__ import main as train_main
 from mlx_dsvl.testing.damage import damage_file
+from mlx_dsvl.train.__main__ import main as train_main
 from mlx_dsvl.train.checkpoint import damage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -208,7 +208,7 @@ def test_session_matches_from_scratch_and_encodes_each_image_once(tiny_hybrid_mo
 
     model.encode_images = counting
     try:
-        turn1 = list(chat.send("<image_placeholder>What is this?", [a], max_tokens=6, **GREEDY))
+        list(chat.send("<image_placeholder>What is this?", [a], max_tokens=6, **GREEDY))
         cached_before = len(chat.cached_ids)
         turn2 = list(chat.send("And this one <image_placeholder>?", [b], max_tokens=6, **GREEDY))
         turn3 = list(chat.send("Compare them.", [], max_tokens=6, **GREEDY))

@@ -10,7 +10,9 @@ from mlx.utils import tree_flatten
 from mlx_dsvl.config import ModelConfig
 from mlx_dsvl.model_folder import CONV_SUFFIXES, sanitize
 from mlx_dsvl.models.deepseek_vl import (
-    ImagePositionError, check_image_positions, merge_image_embeddings,
+    ImagePositionError,
+    check_image_positions,
+    merge_image_embeddings,
 )
 from mlx_dsvl.testing.make_checkpoint import ARCHS, checkpoint_shapes
 from mlx_dsvl.testing.tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
@@ -118,9 +120,9 @@ def test_image_positions_must_match_the_images():
     check_image_positions(mx.array([two, one]), 2, I, IMG)  # a padded batch
     check_image_positions(mx.array([two, none]), 2, I, IMG)
     check_image_positions(mx.array([one]), 1, I, IMG)
-    cases = [([one], 2, r"4 image position\(s\) \(id %d\), but 2 image\(s\) x 4 tokens" % IMG),
+    cases = [([one], 2, rf"4 image position\(s\) \(id {IMG}\), but 2 image\(s\) x 4 tokens"),
              ([none], 1, r"0 image position"),  # e.g. the ids use another image-token id
-             ([one, one], 2, r"4 image position\(s\) \(id %d\) in row 0, but 2" % IMG),
+             ([one, one], 2, rf"4 image position\(s\) \(id {IMG}\) in row 0, but 2"),
              ([[1] + [IMG] * (I + 1)], 1, r"5 image position"),  # not a whole run
              ([two], 1, r"8 image position")]
     for rows, n, msg in cases:

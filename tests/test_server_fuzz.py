@@ -20,7 +20,8 @@ from PIL import Image
 for _name in ("fastapi", "httpx", "hypothesis"):
     pytest.importorskip(_name, reason=f"these tests need {_name}: pip install -e '.[server,test]'")
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 from starlette.testclient import TestClient  # noqa: E402
 
 from mlx_dsvl.server.app import ServerConfig, create_app  # noqa: E402

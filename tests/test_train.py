@@ -17,9 +17,10 @@ from PIL import Image
 
 import mlx_dsvl
 from mlx_dsvl.train import TrainConfig, train
-from mlx_dsvl.train.__main__ import build_parser, main as train_main
-from mlx_dsvl.train.checkpoint import ResumeError
+from mlx_dsvl.train.__main__ import build_parser
+from mlx_dsvl.train.__main__ import main as train_main
 from mlx_dsvl.train.batches import collate
+from mlx_dsvl.train.checkpoint import ResumeError
 from mlx_dsvl.train.data import IGNORE, DataError, load_jsonl, tokenize_chat, tokenize_text
 from mlx_dsvl.train.schedule import ModalityMixer
 from mlx_dsvl.train.stages import StageError

@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
 
 from ..loading import ModelLoadError
 from ..utils import print_names
-
 from .files import ConvertError
 from .staging import run_command
 
@@ -34,7 +32,7 @@ def default_prog() -> str:
     return name if name and not name.endswith(".py") else "python -m mlx_dsvl.convert"
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or default_prog(),
         description="Convert DeepSeek-VL checkpoints (original deepseek-ai or transformers layout) to an "
@@ -64,7 +62,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..blas import ensure_fast_blas
 
     if argv is None:

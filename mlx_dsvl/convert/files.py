@@ -15,9 +15,9 @@ import shutil
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -64,13 +64,13 @@ _ST_DTYPES = {
 }
 
 
-def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> int:
+def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> int:
     """Write ``tensors`` (lazy arrays welcome) to ``path``; the dict is emptied as it is written.
 
     Returns the number of data bytes.  The header is built from shapes and dtypes alone, then
     each tensor is evaluated, written and dropped before the next one is computed.
     """
-    header: Dict[str, object] = {}
+    header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
@@ -106,19 +106,19 @@ def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Option
 
 def write_shards(
     folder: Path,
-    tensors: Dict[str, mx.array],
+    tensors: dict[str, mx.array],
     max_bytes: int,
-    metadata: Dict[str, str],
+    metadata: dict[str, str],
     always_index: bool,
     progress: Callable[[str], None] = log,
-) -> Tuple[List[str], int]:
+) -> tuple[list[str], int]:
     """Write ``tensors`` as shards (+ ``model.safetensors.index.json`` when several, or always).
 
     Emptied as written.  Returns (file names, total data bytes).
     """
     groups = plan_shards({k: v.nbytes for k, v in tensors.items()}, max_bytes)
     names = shard_names(len(groups))
-    weight_map: Dict[str, str] = {}
+    weight_map: dict[str, str] = {}
     total = 0
     for i, (fname, keys) in enumerate(zip(names, groups)):
         t0 = time.perf_counter()
@@ -139,6 +139,6 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def copy_files(files: List[Path], folder: Path) -> None:
+def copy_files(files: list[Path], folder: Path) -> None:
     for f in files:
         shutil.copyfile(f, folder / f.name)  # follows symlinks (hub cache snapshots)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
 
 import mlx.core as mx
 
 from ..loading import DTYPES
-
 from ..model_folder import resolve_model_path
 from .files import ConvertError, as_convert_error, copy_files, folder_bytes, human_bytes, write_json
 from .sources import Source, hub_patterns, open_source
@@ -30,9 +29,9 @@ class Job:
     source: Source  # its weights, configs and side files
     out: Path  # the final output folder
     tmp: Path  # the staged output folder (renamed to ``out`` at the end)
-    target: Optional[mx.Dtype]  # the requested dtype; None keeps each tensor's
+    target: mx.Dtype | None  # the requested dtype; None keeps each tensor's
 
-    def write_configs(self, config: Dict) -> None:
+    def write_configs(self, config: dict) -> None:
         """``config.json``, then the source's tokenizer/processor files and generated ones."""
         write_json(self.tmp / "config.json", config)
         copy_files(self.source.side_files, self.tmp)
@@ -41,7 +40,7 @@ class Job:
 
 
 @contextmanager
-def conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pickle: bool,
+def conversion(model: str, out: str, dtype: str | None, force: bool, allow_pickle: bool,
                shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     """Check the common arguments, open ``model`` and stage ``out``; the body writes into
     ``job.tmp``.  An exception anywhere leaves no trace next to ``out``; the folder reader's
@@ -52,7 +51,7 @@ def conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pi
 
 
 @contextmanager
-def _conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pickle: bool,
+def _conversion(model: str, out: str, dtype: str | None, force: bool, allow_pickle: bool,
                 shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")

@@ -21,8 +21,8 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
 
 from .files import ConvertError, folder_bytes, human_bytes, log
 
@@ -63,7 +63,7 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def run_command(work: Callable[[], object], errors: tuple = (ValueError, OSError)) -> Tuple[int, object]:
+def run_command(work: Callable[[], object], errors: tuple = (ValueError, OSError)) -> tuple[int, object]:
     """Run a command's ``work()``: SIGTERM/SIGHUP clean up like Ctrl-C, and ``errors``, Ctrl-C
     and those signals are one ``error:`` line.  Returns (exit status, the result or None)."""
     try:
@@ -80,7 +80,7 @@ def run_command(work: Callable[[], object], errors: tuple = (ValueError, OSError
         return 128 + e.signum, None
 
 
-def check_output(out: Path, source: Optional[Path], force: bool) -> None:
+def check_output(out: Path, source: Path | None, force: bool) -> None:
     """Refuse an existing ``out`` without ``force``, a file, and any overlap with the source."""
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -172,7 +172,7 @@ def staged_output(out: Path, force: bool = False, progress: Callable[[str], None
     was; after ``kill -9``, the next run into ``out`` removes them (:func:`reclaim_stale`).
     """
     out = Path(out).absolute()
-    created: List[Path] = []
+    created: list[Path] = []
     parent = out.parent
     while not parent.exists():
         created.append(parent)

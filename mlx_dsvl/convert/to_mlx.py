@@ -10,20 +10,26 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..loading import DTYPES
 from ..mlx_format import (
-    FORMAT, FORMAT_VERSION, MARKER, QUANT_BITS, QUANT_GROUP_SIZES, UNUSED_FILE, dequantize_weights,
-    quantize_structure, quantize_weights,
+    FORMAT,
+    FORMAT_VERSION,
+    MARKER,
+    QUANT_BITS,
+    QUANT_GROUP_SIZES,
+    UNUSED_FILE,
+    dequantize_weights,
+    quantize_structure,
+    quantize_weights,
 )
 from ..model_folder import check_weights
 from ..models.deepseek_vl import DeepseekVL
-
 from .files import ConvertError, log, write_safetensors, write_shards
 from .job import conversion
 from .sources import skeleton_parameters
@@ -35,7 +41,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("mlx.core.", ""))
 
 
-def dominant_dtype(tensors: Dict[str, mx.array]) -> Optional[str]:
+def dominant_dtype(tensors: dict[str, mx.array]) -> str | None:
     """The floating dtype holding the most bytes (what ``torch_dtype`` should say)."""
     count: Counter = Counter()
     for v in tensors.values():
@@ -44,13 +50,13 @@ def dominant_dtype(tensors: Dict[str, mx.array]) -> Optional[str]:
     return dtype_name(count.most_common(1)[0][0]) if count else None
 
 
-def cast(v: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+def cast(v: mx.array, dtype: mx.Dtype | None) -> mx.array:
     if dtype is None or not mx.issubdtype(v.dtype, mx.floating) or v.dtype == dtype:
         return v
     return v.astype(dtype)
 
 
-def set_torch_dtype(config: Dict, dtype: Optional[str]) -> None:
+def set_torch_dtype(config: dict, dtype: str | None) -> None:
     if dtype is None:
         return
     config["torch_dtype"] = dtype
@@ -62,7 +68,7 @@ def set_torch_dtype(config: Dict, dtype: Optional[str]) -> None:
 def convert_to_mlx(
     model: str,
     out: str,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,

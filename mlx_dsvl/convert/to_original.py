@@ -10,8 +10,8 @@ marker), the tokenizer and processor files.  Quantized layers are dequantized
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -20,14 +20,13 @@ from ..adapters import AdapterError, adapter_kind, adapter_layers, fuse_adapters
 from ..mlx_format import dequantize_weights, quantize_like
 from ..model_folder import check_weights, to_pytorch_layout
 from ..models.deepseek_vl import DeepseekVL
-
 from .files import ConvertError, log, write_shards
 from .job import conversion
 from .sources import Source, skeleton_parameters
 from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype
 
 
-def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]) -> Dict[str, mx.array]:
+def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]) -> dict[str, mx.array]:
     """Build the model, apply the adapters in ``adapter`` (:func:`mlx_dsvl.adapters.load_adapters`:
     this package's or mlx-lm's) and fuse them into plain (dequantized) layers.  Returns the
     model's parameters; layers without an adapter may still be quantized (the caller
@@ -56,8 +55,8 @@ def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]
 def convert_to_original(
     model: str,
     out: str,
-    dtype: Optional[str] = None,
-    adapter: Optional[str] = None,
+    dtype: str | None = None,
+    adapter: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     shard_gb: float = DEFAULT_SHARD_GB,
@@ -85,7 +84,7 @@ def convert_to_original(
             weights = dequantize_weights(weights, source.quantization)
         skeleton = skeleton_parameters(DeepseekVL(source.model_config))
         check_weights(src, weights, skeleton)
-        tensors: Dict[str, mx.array] = {}
+        tensors: dict[str, mx.array] = {}
         for k in skeleton:  # the model's order, then the unused tensors kept verbatim
             tensors[k] = to_pytorch_layout(k, cast(weights.pop(k), target))
         del weights

@@ -7,7 +7,7 @@ Short answers: normalized exact match and ANLS against every accepted answer.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from ..generation import generate_batch
 from ..sampling import GREEDY
@@ -17,8 +17,8 @@ from .items import Item, conversation
 DEFAULT_MAX_TOKENS = 32
 
 
-def score(model, processor, items: Sequence[Item], pictures: Dict[str, object],
-          system_prompt: Optional[str] = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> List[dict]:
+def score(model, processor, items: Sequence[Item], pictures: dict[str, object],
+          system_prompt: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[dict]:
     """One record per item: the reply, the option it names (or the short-answer scores)."""
     convs = [conversation(it, system_prompt, processor.image_tag) for it in items]
     images = [[pictures[k] for k in it.image_keys] for it in items]

@@ -20,8 +20,9 @@ Short answers end with "Answer the question using a single word or phrase." inst
 from __future__ import annotations
 
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -45,16 +46,16 @@ class Item:
 
     id: str
     question: str
-    choices: Optional[List[str]] = None  # multiple choice: option texts in letter order
-    answer: Optional[int] = None  # multiple choice: index of the right option
-    answers: Optional[List[str]] = None  # short answer: every accepted answer
-    hint: Optional[str] = None
-    category: Optional[str] = None
-    l2_category: Optional[str] = None
-    images: List[Callable[[], Any]] = field(default_factory=list)
-    image_keys: List[str] = field(default_factory=list)
+    choices: list[str] | None = None  # multiple choice: option texts in letter order
+    answer: int | None = None  # multiple choice: index of the right option
+    answers: list[str] | None = None  # short answer: every accepted answer
+    hint: str | None = None
+    category: str | None = None
+    l2_category: str | None = None
+    images: list[Callable[[], Any]] = field(default_factory=list)
+    image_keys: list[str] = field(default_factory=list)
     source: str = ""  # "file:line", for error messages
-    group: Optional[str] = None
+    group: str | None = None
     rotation: int = 0
 
     @property
@@ -66,7 +67,7 @@ class Item:
         return LETTERS[: len(self.choices or ())]
 
     @property
-    def answer_letter(self) -> Optional[str]:
+    def answer_letter(self) -> str | None:
         return LETTERS[self.answer] if self.is_mc and self.answer is not None else None
 
 
@@ -89,8 +90,8 @@ def prompt_text(item: Item, image_tag: str = IMAGE_TAG) -> str:
     return text
 
 
-def conversation(item: Item, system_prompt: Optional[str] = None,
-                 image_tag: str = IMAGE_TAG) -> List[dict]:
+def conversation(item: Item, system_prompt: str | None = None,
+                 image_tag: str = IMAGE_TAG) -> list[dict]:
     """The conversation to send: an optional system message, then the user's question."""
     conv = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     return conv + [{"role": "user", "content": prompt_text(item, image_tag)}]
@@ -104,14 +105,14 @@ def rotate(item: Item, k: int) -> Item:
                    answer=(item.answer - k) % n, group=item.group or item.id, rotation=k)
 
 
-def circular(items: Sequence[Item]) -> List[Item]:
+def circular(items: Sequence[Item]) -> list[Item]:
     """MMBench's circular evaluation: every rotation of each multiple-choice item's options.
 
     An item already carrying rotations (a published MMBench TSV ships them as extra rows) is
     kept as it is; short-answer items stay single.
     """
     have_groups = {it.group for it in items if it.rotation > 0}
-    out: List[Item] = []
+    out: list[Item] = []
     for it in items:
         if not it.is_mc or (it.group or it.id) in have_groups:
             out.append(replace(it, group=it.group or it.id))
@@ -123,7 +124,7 @@ def circular(items: Sequence[Item]) -> List[Item]:
     return sorted(out, key=lambda it: (order[it.group], it.rotation))
 
 
-def select(items: Sequence[Item], use_circular: bool) -> Tuple[List[Item], int]:
+def select(items: Sequence[Item], use_circular: bool) -> tuple[list[Item], int]:
     """Items to score: every rotation with ``use_circular``, else the originals only.
 
     Returns the items and how many shipped rotations were left out (all of them without
@@ -137,7 +138,7 @@ def select(items: Sequence[Item], use_circular: bool) -> Tuple[List[Item], int]:
     return circular(kept), len(items) - len(kept)
 
 
-def first_groups(items: Sequence[Item], limit: Optional[int]) -> List[Item]:
+def first_groups(items: Sequence[Item], limit: int | None) -> list[Item]:
     """The items of the first ``limit`` questions (all rotations of each); ``None``: all."""
     if limit is None:
         return list(items)

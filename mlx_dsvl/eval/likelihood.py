@@ -16,8 +16,8 @@ token (single letters), the second pass is skipped: the prompt's last logits hol
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -34,12 +34,12 @@ class Encoded:
 
     prompt: str
     ids: np.ndarray  # [T] int32
-    options: List[np.ndarray]  # per option: [L_j] int32
-    option_bytes: List[int]
+    options: list[np.ndarray]  # per option: [L_j] int32
+    option_bytes: list[int]
 
 
 def encode(processor, item: Item, target: str = "letter",
-           system_prompt: Optional[str] = None) -> Encoded:
+           system_prompt: str | None = None) -> Encoded:
     """Tokenize the prompt and each option's reply (``" A"`` or ``" red"``)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -58,7 +58,7 @@ def encode(processor, item: Item, target: str = "letter",
     return Encoded(prompt, ids, options, [len(r.encode("utf-8")) for r in replies])
 
 
-def image_embeddings(model, processor, items: Sequence[Item], pictures: Dict[str, object]):
+def image_embeddings(model, processor, items: Sequence[Item], pictures: dict[str, object]):
     """``[B, Nmax, I, D]`` aligned embeddings (each distinct image key encoded once), or None."""
     keys = list(dict.fromkeys(k for it in items for k in it.image_keys))
     if not keys:
@@ -87,7 +87,7 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) -> List[List[float]]:
+def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) -> list[list[float]]:
     """Sum of log-probabilities of each option's tokens after its item's prompt."""
     lm = model.language_model
     ids, pad = left_pad([e.ids for e in encoded], processor.pad_id)
@@ -121,8 +121,8 @@ def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) 
     return out
 
 
-def score(model, processor, items: Sequence[Item], pictures: Dict[str, object],
-          target: str = "letter", system_prompt: Optional[str] = None) -> List[dict]:
+def score(model, processor, items: Sequence[Item], pictures: dict[str, object],
+          target: str = "letter", system_prompt: str | None = None) -> list[dict]:
     """One record per item: option scores, the chosen letter, whether it is right."""
     encoded = [encode(processor, it, target, system_prompt) for it in items]
     all_scores = option_logprobs(model, processor, encoded,

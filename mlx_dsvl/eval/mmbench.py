@@ -23,8 +23,8 @@ import ast
 import base64
 import csv
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from .items import LETTERS, EvalDataError, Item
 from .readers import text_lines
@@ -50,11 +50,11 @@ def _raise_field_limit() -> None:
             limit //= 2
 
 
-def missing(v: Optional[str]) -> bool:
+def missing(v: str | None) -> bool:
     return v is None or v.strip() in NA_VALUES
 
 
-def read_tsv(path: Path, rows, prefix: Optional[str]) -> None:
+def read_tsv(path: Path, rows, prefix: str | None) -> None:
     """Append the file's questions to ``rows`` (a :class:`~mlx_dsvl.eval.readers.RowReader`)."""
     _raise_field_limit()
     header, records = _records(path)
@@ -62,10 +62,10 @@ def read_tsv(path: Path, rows, prefix: Optional[str]) -> None:
         rows.result.warnings.append(f"{path}: no 'image' column: its questions are scored as text only")
     images = {r["index"]: r.get("image") for _, r in records if r.get("index")}
     for where, r in records:
-        rows.add(where, lambda: _item(r, where, path, images, prefix))
+        rows.add(where, partial(_item, r, where, path, images, prefix))
 
 
-def _records(path: Path) -> Tuple[List[str], List[tuple]]:
+def _records(path: Path) -> tuple[list[str], list[tuple]]:
     """The header and ``(where, {column: cell})`` per data row; the header is checked first."""
     out = []
     reader = csv.reader(text_lines(path), delimiter="\t")
@@ -96,7 +96,7 @@ def _records(path: Path) -> Tuple[List[str], List[tuple]]:
     return header, out
 
 
-def _rotation_of(index: str, images: Dict[str, Optional[str]]):
+def _rotation_of(index: str, images: dict[str, str | None]):
     """``(group, rotation)`` of a row: rotations are ``k * 10**6 + i`` with ``i`` in the file."""
     if index.isdigit() and int(index) >= ROTATION:
         base = str(int(index) % ROTATION)
@@ -105,8 +105,8 @@ def _rotation_of(index: str, images: Dict[str, Optional[str]]):
     return index, 0
 
 
-def _item(r: Dict[str, str], where: str, path: Path, images: Dict[str, Optional[str]],
-          prefix: Optional[str]) -> Item:
+def _item(r: dict[str, str], where: str, path: Path, images: dict[str, str | None],
+          prefix: str | None) -> Item:
     if "__error__" in r:
         raise EvalDataError(f"{where}: {r['__error__']}")
     index = r["index"].strip()
@@ -132,7 +132,7 @@ def _item(r: Dict[str, str], where: str, path: Path, images: Dict[str, Optional[
     )
 
 
-def _options(r: Dict[str, str], where: str) -> List[str]:
+def _options(r: dict[str, str], where: str) -> list[str]:
     present = [c for c in LETTERS if c in r and not missing(r[c])]
     n = len(present)
     if present != list(LETTERS[:n]) or n < 2:
@@ -141,7 +141,7 @@ def _options(r: Dict[str, str], where: str) -> List[str]:
     return [r[c].strip() for c in present]
 
 
-def _image_cells(index: str, images: Dict[str, Optional[str]], where: str, path: Path):
+def _image_cells(index: str, images: dict[str, str | None], where: str, path: Path):
     """The row's base64 images (references followed) and keys naming them."""
     cell = images.get(index)
     if missing(cell):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..processing.image import ImageLoadError, load_image
 from . import greedy, likelihood
@@ -36,8 +36,8 @@ def inference_mode(model):
             m._set_training_mode(training)
 
 
-def prepare_items(data: Union[str, ReadResult, Sequence[Item]], circular: bool = False,
-                  limit: Optional[int] = None, skip_bad: bool = False) -> Tuple[List[Item], int]:
+def prepare_items(data: str | ReadResult | Sequence[Item], circular: bool = False,
+                  limit: int | None = None, skip_bad: bool = False) -> tuple[list[Item], int]:
     """Items to score (``data`` read if it is a path; rotations picked; the first ``limit``
     questions) and how many shipped rotations were left out (see :func:`items.select`)."""
     if not isinstance(data, (ReadResult, list, tuple)):
@@ -75,14 +75,14 @@ def load_pictures(items: Sequence[Item]):
 
 
 def score_batch(model, processor, batch: Sequence[Item], method: str, target: str = "letter",
-                system_prompt: Optional[str] = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
-                skip_bad: bool = False) -> List[dict]:
+                system_prompt: str | None = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
+                skip_bad: bool = False) -> list[dict]:
     """Records for one batch, in its order (short answers are always generated)."""
     pictures, failed = load_pictures(batch)
     if failed and not skip_bad:
         raise EvalDataError(next(iter(failed.values())))
     ok = [it for it in batch if it.id not in failed]
-    by_id: Dict[str, dict] = {it.id: {**base_record(it, method), "skipped": failed[it.id]}
+    by_id: dict[str, dict] = {it.id: {**base_record(it, method), "skipped": failed[it.id]}
                               for it in batch if it.id in failed}
     scored = [it for it in ok if it.is_mc and method == "likelihood"]
     generated = [it for it in ok if not (it.is_mc and method == "likelihood")]
@@ -96,7 +96,7 @@ def score_batch(model, processor, batch: Sequence[Item], method: str, target: st
 
 
 def iter_records(model, processor, items: Sequence[Item], method: str = "likelihood",
-                 batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[List[dict]]:
+                 batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[list[dict]]:
     """Each batch's records, in item order (``options``: see :func:`score_batch`)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -107,13 +107,13 @@ def iter_records(model, processor, items: Sequence[Item], method: str = "likelih
             yield score_batch(model, processor, items[i: i + batch_size], method, **options)
 
 
-def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
-             method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, limit: Optional[int] = None,
-             circular: bool = False, target: str = "letter", system_prompt: Optional[str] = None,
+def evaluate(model, processor, data: str | ReadResult | Sequence[Item],
+             method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
+             circular: bool = False, target: str = "letter", system_prompt: str | None = None,
              max_tokens: int = greedy.DEFAULT_MAX_TOKENS, skip_bad: bool = False,
-             done: Optional[Mapping[str, dict]] = None,
-             on_records: Optional[Callable[[List[dict]], None]] = None,
-             progress: Optional[Callable[[int, int, int], None]] = None) -> Dict[str, object]:
+             done: Mapping[str, dict] | None = None,
+             on_records: Callable[[list[dict]], None] | None = None,
+             progress: Callable[[int, int, int], None] | None = None) -> dict[str, object]:
     """Score ``model`` on ``data`` and return the summary (accuracy, 95% interval, categories).
 
     ``data``: a file or folder (see :mod:`mlx_dsvl.eval.readers`), a :class:`ReadResult`, or

@@ -12,14 +12,12 @@ dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import mlx.core as mx
 
 from .cpu_math import LOG2E
 
 
-def exp_from_max(x: mx.array, axis: int = -1) -> Tuple[mx.array, mx.array]:
+def exp_from_max(x: mx.array, axis: int = -1) -> tuple[mx.array, mx.array]:
     """``(exp(x - m), m)`` with ``m`` the maximum along ``axis`` (kept, no gradient), the
     exponential computed as ``2 ** ((x - m) log2 e)``: the same values, faster than
     ``exp`` on MLX's CPU backend (docs/PERFORMANCE.md).  Softmax numerators here and in the
@@ -34,8 +32,8 @@ def decomposed_bias(rel_h: mx.array, rel_w: mx.array) -> mx.array:
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, N, h * W, -1)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[mx.array] = None,
-              rel: Optional[Tuple[mx.array, mx.array]] = None) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None,
+              rel: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """q [B, heads, Lq, d], k/v [B, heads, Lk, d] -> [B, heads, Lq, d].
 
     mask: additive [.., Lq, Lk]; rel: SAM's decomposed bias ``(rel_h, rel_w)`` for queries on

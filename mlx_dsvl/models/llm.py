@@ -19,7 +19,7 @@ mlx-lm's quantized path.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models import llama
@@ -38,7 +38,7 @@ def unfused_prefill(length: int, cache: Any) -> bool:
 
 
 def unfused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                      mask: Union[None, str, mx.array]) -> mx.array:
+                      mask: None | str | mx.array) -> mx.array:
     """MLX's fallback for ``mx.fast.scaled_dot_product_attention``, op for op.
 
     q [B, H, L, D], k/v [B, H, S, D] (as many key as query heads);
@@ -59,7 +59,7 @@ def unfused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
 class Attention(llama.Attention):
     """mlx-lm's llama attention (same parameters); short GPU prefills go unfused."""
 
-    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
         if self.n_heads != self.n_kv_heads or not unfused_prefill(L, cache):
             return super().__call__(x, mask, cache)  # (grouped queries: not in DeepSeek-VL)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -166,7 +167,7 @@ class ChatProcessor:
         self.image_tokens = ImageTokens(int(image_id), int(num_image_tokens))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ChatProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike) -> ChatProcessor:
         """Load the tokenizer, ``processor_config.json`` and ``preprocessor_config.json``."""
         from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy, only needed here
         from transformers.utils import logging as transformers_logging

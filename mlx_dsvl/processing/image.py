@@ -26,15 +26,15 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config import CLIP_MEAN, CLIP_STD
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+ImageInput = str | os.PathLike | bytes | Image.Image
 
 
 class ImageLoadError(ValueError):
@@ -136,7 +136,7 @@ class ImageProcessor:
             self.background_color = tuple(int(x * 255) for x in self.image_mean)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ImageProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike) -> ImageProcessor:
         """Build from ``folder/preprocessor_config.json``; unknown keys are ignored."""
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():

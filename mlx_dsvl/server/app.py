@@ -16,8 +16,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -30,8 +30,16 @@ from ..caches import image_key
 from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
 from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
-from .schema import (APIError, SamplingParams, chunk_body, completion_body, error_body,
-                     parse_request, to_conversation, usage_body)
+from .schema import (
+    APIError,
+    SamplingParams,
+    chunk_body,
+    completion_body,
+    error_body,
+    parse_request,
+    to_conversation,
+    usage_body,
+)
 from .security import Guard
 
 LARGE_PIXELS = 16_000_000  # after decoding more, freed memory is handed back to the system
@@ -41,21 +49,21 @@ RETRY_AFTER_S = 1  # told with every 503 (busy, shutting down): a slot frees wit
 @dataclass
 class ServerConfig:
     model_name: str  # the id in /v1/models
-    model_aliases: Tuple[str, ...] = ()  # other names a request's "model" may use
+    model_aliases: tuple[str, ...] = ()  # other names a request's "model" may use
     max_context: int = 4096
     defaults: SamplingParams = field(default_factory=SamplingParams)
-    api_key: Optional[str] = None
+    api_key: str | None = None
     max_body_bytes: int = 50 * 1024 * 1024
     images: ImagePolicy = field(default_factory=ImagePolicy)
-    hosts: Optional[Tuple[str, ...]] = ()  # Host names served besides loopback ones; None = any
-    origins: Tuple[str, ...] = ()  # web pages allowed to call (CORS); none by default
+    hosts: tuple[str, ...] | None = ()  # Host names served besides loopback ones; None = any
+    origins: tuple[str, ...] = ()  # web pages allowed to call (CORS); none by default
 
 
 @dataclass
 class Prepared:
-    ids: List[int]
-    image_keys: List[str]
-    pixels: Dict[str, np.ndarray]
+    ids: list[int]
+    image_keys: list[str]
+    pixels: dict[str, np.ndarray]
 
 
 class PromptBuilder:
@@ -72,7 +80,7 @@ class PromptBuilder:
                                 f"than the {self.max_context}-token context", param="messages",
                            code="context_length_exceeded")
 
-    def build(self, conversation: List[dict], images: Sequence[Tuple[bytes, str]]) -> Prepared:
+    def build(self, conversation: list[dict], images: Sequence[tuple[bytes, str]]) -> Prepared:
         pictures = [decode_image(data, param) for data, param in images]
         pixels = self.processor.image_processor(pictures)  # [N, 3, S, S]
         decoded = sum(p.width * p.height for p in pictures)
@@ -244,7 +252,7 @@ async def _stream(events: Events, model: str, include_usage: bool):
 
 
 async def _collect(events: Events, model: str) -> Response:
-    pieces: List[str] = []
+    pieces: list[str] = []
     while True:
         event = await events.next()
         if event is None:

@@ -18,7 +18,6 @@ import binascii
 import os
 import re
 from pathlib import Path
-from typing import Optional
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -34,7 +33,7 @@ _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?
 class ImagePolicy:
     """Fetches image bytes from a URL under the server's rules; errors are :class:`APIError`."""
 
-    def __init__(self, allow_remote: bool = False, local_dir: Optional[str] = None,
+    def __init__(self, allow_remote: bool = False, local_dir: str | None = None,
                  max_bytes: int = MAX_IMAGE_BYTES, timeout: float = 10.0):
         self.allow_remote = allow_remote
         self.local_dir = Path(os.path.realpath(local_dir)) if local_dir else None

@@ -28,8 +28,9 @@ import queue
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -43,9 +44,9 @@ from .schema import SamplingParams
 @dataclass(eq=False)
 class Job:
     id: str
-    ids: List[int]  # the whole prompt
-    image_keys: List[str]  # content hash of each image, in prompt order
-    pixels: Dict[str, np.ndarray]  # content hash -> [3, S, S] float32
+    ids: list[int]  # the whole prompt
+    image_keys: list[str]  # content hash of each image, in prompt order
+    pixels: dict[str, np.ndarray]  # content hash -> [3, S, S] float32
     sampling: SamplingParams  # max_tokens already within the context
     emit: Callable[[Any], None]  # thread-safe sink for the events below
 
@@ -83,7 +84,7 @@ class Slot:
     """What the scheduler keeps of an admitted request (a decode row's ``tag``)."""
 
     job: Job
-    key: List[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
+    key: list[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
     cached: int  # prompt tokens taken from the prefix cache
 
 
@@ -92,8 +93,8 @@ class Scheduler:
 
     def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
-                 device: Optional[mx.Device] = None,
-                 kv: Optional[dict] = None):
+                 device: mx.Device | None = None,
+                 kv: dict | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.processor = model, processor
@@ -106,13 +107,13 @@ class Scheduler:
         self.eos = processor.tokenizer.eos_token_id
         self.image_tokens = processor.image_tokens
         self.batch = Batch(self.lm, self.eos, kv, on_finish=self._store_reply)
-        self._inbox: "queue.Queue[Job]" = queue.Queue()
-        self._waiting: "deque[Job]" = deque()
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
         self._live: set = set()  # submitted and not finished
         self._cancelled: set = set()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0,
                              prefilled_tokens=0, cached_tokens=0, generated_tokens=0,
                              images_encoded=0, image_cache_hits=0, decode_steps=0, peak_batch=0)
@@ -186,7 +187,7 @@ class Scheduler:
         if self.batch.rows:
             self._step()
 
-    def _take_inbox(self) -> List[Job]:
+    def _take_inbox(self) -> list[Job]:
         jobs = []
         while True:
             try:
@@ -194,7 +195,7 @@ class Scheduler:
             except queue.Empty:
                 return jobs
 
-    def _fail(self, jobs: List[Job], status: int, message: str) -> None:
+    def _fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
             self._emit(job, Failed(status, message))
             self._forget(job, "failed")
@@ -239,7 +240,7 @@ class Scheduler:
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.batch.rows))
         self._emit(job, Started(self.batch.rows[-1].tag.cached))
 
-    def new_cache(self) -> List[Any]:
+    def new_cache(self) -> list[Any]:
         """A request's KV cache: float; with ``kv`` the prefill quantizes it as it fills."""
         return self.model.make_cache()
 
@@ -270,7 +271,7 @@ class Scheduler:
                                   image_keys=job.image_keys, features=lambda ks: self._image_features(job, ks))
         return mx.array(job.ids[start:end])[None], embeds[None]
 
-    def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
+    def _image_features(self, job: Job, keys: list[str]) -> list[mx.array]:
         """Features of each image in ``keys``: from the cache, else encoded together and cached
         (:meth:`~mlx_dsvl.caches.ImageFeatureCache.fetch`: caching one cannot evict another)."""
         found = self.features.fetch(keys, lambda todo: self.model.encode_images(
@@ -302,7 +303,7 @@ class Scheduler:
                                           slot.cached))
             self._forget(slot.job, "finished")
 
-    def _store_reply(self, row: Row, kv: List[Any]) -> None:
+    def _store_reply(self, row: Row, kv: list[Any]) -> None:
         """A finished row's KV cache (prompt and reply) goes to the prefix cache for the
         follow-up request."""
         if self.prefixes.max_bytes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from typing import Iterable, Optional, Tuple
+from collections.abc import Iterable
 
 from .schema import error_body
 
@@ -40,7 +40,7 @@ def is_loopback_name(host: str) -> bool:
         return False
 
 
-def allowed_hosts(bind: str, extra: Iterable[str] = ()) -> Optional[Tuple[str, ...]]:
+def allowed_hosts(bind: str, extra: Iterable[str] = ()) -> tuple[str, ...] | None:
     """The ``Host`` names to serve (besides loopback names); None = any.  A loopback server
     serves ``extra`` only; a server on another address any name unless ``extra`` names some
     (``*`` = any)."""
@@ -69,15 +69,15 @@ async def send_error(send, status: int, body: dict, headers=()) -> None:
 class Guard:
     """The checks of this module's docstring; ``hosts`` None = any ``Host``."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int,
-                 hosts: Optional[Tuple[str, ...]] = (), origins: Tuple[str, ...] = ()):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int,
+                 hosts: tuple[str, ...] | None = (), origins: tuple[str, ...] = ()):
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.max_body = int(max_body_bytes)
         self.hosts = hosts
         self.origins = tuple(o.rstrip("/").lower() for o in origins)
 
-    def _refusal(self, scope, headers: dict) -> Optional[Tuple[int, dict, list]]:
+    def _refusal(self, scope, headers: dict) -> tuple[int, dict, list] | None:
         host = headers.get(b"host")
         if host is not None and self.hosts is not None:
             name = host_name(host)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
 
 import numpy as np
 import torch  # test/benchmark-only dependency: this module is imported on demand
@@ -44,7 +43,7 @@ LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=1100
                       hidden_act="silu")
 
 
-def _siglip(params: Dict) -> Dict:
+def _siglip(params: dict) -> dict:
     cfg = {**SIGLIP_TABLE[params.get("model_name", "siglip_large_patch16_384")]}
     cfg.update({k: params[k] for k in ("image_size", "patch_size", "width", "layers", "heads",
                                        "mlp_ratio") if k in params})
@@ -68,7 +67,7 @@ def _siglip(params: Dict) -> Dict:
     )
 
 
-def _sam(params: Dict) -> Tuple[Dict, Dict]:
+def _sam(params: dict) -> tuple[dict, dict]:
     cfg = {**SAM_TABLE[params.get("model_name", "sam_b_downsample")]}
     cfg.update({k: params[k] for k in ("image_size", "patch_size", "width", "layers", "heads",
                                        "mlp_ratio", "global_attn_indexes", "downsample_channels",
@@ -100,7 +99,7 @@ def _sam(params: Dict) -> Tuple[Dict, Dict]:
     ), cfg
 
 
-def _llama(lang: Dict) -> Dict:
+def _llama(lang: dict) -> dict:
     a = {**LLAMA_DEFAULTS, **{k: v for k, v in lang.items() if k in LLAMA_DEFAULTS and v is not None}}
     if a["num_key_value_heads"] is None:
         a["num_key_value_heads"] = a["num_attention_heads"]
@@ -125,7 +124,7 @@ def _llama(lang: Dict) -> Dict:
     )
 
 
-def read_config(folder: Path) -> Dict:
+def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
@@ -168,14 +167,14 @@ def hf_config(folder: Path):
     return DeepseekVLConfig(vision_config=siglip, **common)
 
 
-def original_state_dict(folder: Path) -> Dict[str, np.ndarray]:
+def original_state_dict(folder: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
              else ["model.safetensors"])
-    out: Dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
     for f in files:
         out.update(load_file(str(folder / f)))
     return out
@@ -216,7 +215,7 @@ def build_hf_model(folder: Path, attn_implementation: str = "eager", device: str
     return model
 
 
-def reference_inputs(x: torch.Tensor, folder: Path) -> Dict[str, torch.Tensor]:
+def reference_inputs(x: torch.Tensor, folder: Path) -> dict[str, torch.Tensor]:
     """[M, 3, S, S] float32 pixels in [0, 1] -> the keyword inputs the HF model needs.
 
     1.3B: SigLIP input = (x - mean) / std with the processor's mean/std (0.5).

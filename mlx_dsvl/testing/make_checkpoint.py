@@ -22,7 +22,6 @@ import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Tuple
 
 import numpy as np
 
@@ -39,11 +38,11 @@ TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 
             "num_key_value_heads": 4, "num_hidden_layers": 2}
 
 
-def clip_tower(siglip: Dict) -> Dict:
+def clip_tower(siglip: dict) -> dict:
     return {"cls": "CLIPVisionTower", "model_type": "vision", "params": siglip}
 
 
-def hybrid_tower(sam: Dict, siglip: Dict, out_dim: int) -> Dict:
+def hybrid_tower(sam: dict, siglip: dict, out_dim: int) -> dict:
     high = {**sam, "output_dim": out_dim, "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)}
     low = {**siglip, "output_dim": out_dim, "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3}
     return {"cls": "HybridVisionTower", "model_type": "vision",
@@ -51,12 +50,12 @@ def hybrid_tower(sam: Dict, siglip: Dict, out_dim: int) -> Dict:
                        "high_res_cfg": high, "low_res_cfg": low}}
 
 
-def aligner(kind: str, input_dim: int, n_embed: int) -> Dict:
+def aligner(kind: str, input_dim: int, n_embed: int) -> dict:
     return {"cls": "MlpProjector", "model_type": "aligner",
             "params": {"depth": 2, "input_dim": input_dim, "n_embed": n_embed, "projector_type": kind}}
 
 
-def llm(**fields) -> Dict:
+def llm(**fields) -> dict:
     return {"model_type": "llama", "max_position_embeddings": 16384, "vocab_size": 102400,
             "torch_dtype": "float16", **fields}
 
@@ -94,7 +93,7 @@ ARCHS = {
 }
 
 
-def checkpoint_shapes(config: Dict) -> Dict[str, Tuple[int, ...]]:
+def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of the original checkpoint, with its PyTorch shape, in key order."""
     from mlx.utils import tree_flatten
 
@@ -135,7 +134,7 @@ def tensor_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def random_tensor(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -> np.ndarray:
+def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Random values at a scale that keeps activations sane, never zero tables."""
     if name.endswith("inv_freq"):
         return (1.0 / 10000 ** (np.arange(0, 2 * shape[0], 2) / (2 * shape[0]))).astype(np.float32)

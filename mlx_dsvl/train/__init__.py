@@ -23,8 +23,8 @@ Python API::
 """
 
 from ..adapters import AdapterError, fuse_adapters, load_adapters
-from .data import DataError
 from .config import TrainConfig
+from .data import DataError
 from .loop import TrainingStopped
 from .run import TrainResult, train
 

@@ -9,16 +9,25 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict
 
 from ..adapters import (  # noqa: F401 -- re-exported
-    ADAPTER_CONFIG, ADAPTER_TYPES, ADAPTER_WEIGHTS, FORMAT, AdapterError, adapted_paths, adapter_config,
-    fuse_adapters, load_adapters, model_fingerprint, read_adapter_config, trained_weights,
+    ADAPTER_CONFIG,
+    ADAPTER_TYPES,
+    ADAPTER_WEIGHTS,
+    FORMAT,
+    AdapterError,
+    adapted_paths,
+    adapter_config,
+    fuse_adapters,
+    load_adapters,
+    model_fingerprint,
+    read_adapter_config,
+    trained_weights,
 )
 from .files import replace_atomic, save_arrays, write_text_atomic
 
 
-def save_adapters(folder: str | os.PathLike, model, config: Dict) -> None:
+def save_adapters(folder: str | os.PathLike, model, config: dict) -> None:
     """Write ``adapters.safetensors`` (the trainable parameters) and ``adapter_config.json``
     (``config``, from :func:`mlx_dsvl.adapters.adapter_config`) into an existing folder; each
     file replaces an earlier one in one step."""

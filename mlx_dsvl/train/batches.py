@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -37,9 +37,9 @@ class BatchStream:
         self.batch_size = int(batch_size)
         self.seed, self.stream, self.window = int(seed), int(stream), int(bucket_window)
         self.epoch, self.index = 0, 0
-        self._cache: Tuple[int, List[np.ndarray]] = (-1, [])
+        self._cache: tuple[int, list[np.ndarray]] = (-1, [])
 
-    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, self.stream, epoch])
@@ -68,7 +68,7 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
         return b
 
-    def state(self) -> Dict[str, int]:
+    def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state(self, s: Mapping[str, int]) -> None:
@@ -95,8 +95,8 @@ class Batch:
     label_ids: np.ndarray
     label_w: np.ndarray
     label_mm: np.ndarray
-    images: List[str]  # flat, in order of the image runs (row by row)
-    sources: List[str]
+    images: list[str]  # flat, in order of the image runs (row by row)
+    sources: list[str]
     n_tokens: int  # real (unpadded) tokens
     n_targets: int
     multimodal: int  # examples with images
@@ -114,7 +114,7 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
     T = _round_up(max((e.length for e in examples), default=1), pad_to)
     ids = np.full((B, T), pad_id, dtype=np.int32)
     pos, tgt, mm = [], [], []
-    images: List[str] = []
+    images: list[str] = []
     for b, e in enumerate(examples):
         ids[b, : e.length] = e.ids
         t = np.flatnonzero(e.labels != IGNORE)
@@ -143,13 +143,13 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
 class Prepared:
     batch: Batch
     is_text_stream: bool
-    pixels: Optional[np.ndarray]  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
-    digests: Optional[List[str]]  # cache keys when caching
-    skipped: List[str]
-    streams_after: Dict[str, Dict[str, int]]
+    pixels: np.ndarray | None  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
+    digests: list[str] | None  # cache keys when caching
+    skipped: list[str]
+    streams_after: dict[str, dict[str, int]]
     micro: int  # global micro-batch index
-    inputs: Optional[Tuple] = None  # the loss's array arguments, made on the main thread
-    uncached: List[int] = field(default_factory=list)  # images not in the cache when prepared
+    inputs: tuple | None = None  # the loss's array arguments, made on the main thread
+    uncached: list[int] = field(default_factory=list)  # images not in the cache when prepared
 
 
 class BatchProducer:
@@ -165,9 +165,9 @@ class BatchProducer:
     are per thread; cached vision features are encoded there with ``model``).
     """
 
-    def __init__(self, main: Dataset, main_stream: BatchStream, text: Optional[Dataset],
-                 text_stream: Optional[BatchStream], mixer: Optional[ModalityMixer], processor,
-                 grad_accum: int, pad_to: int, skip_bad: bool, cache: Optional[VisionFeatureCache],
+    def __init__(self, main: Dataset, main_stream: BatchStream, text: Dataset | None,
+                 text_stream: BatchStream | None, mixer: ModalityMixer | None, processor,
+                 grad_accum: int, pad_to: int, skip_bad: bool, cache: VisionFeatureCache | None,
                  model=None, prefetch: int = 2, shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
         self.model, self.shard = model, shard
         self.main, self.main_stream = main, main_stream
@@ -176,11 +176,11 @@ class BatchProducer:
         self.grad_accum, self.pad_to, self.skip_bad, self.cache = grad_accum, pad_to, skip_bad, cache
         self.micro = 0
         self.prefetch = prefetch
-        self._q: Optional[queue.Queue] = None
-        self._thread: Optional[threading.Thread] = None
+        self._q: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def streams_state(self) -> Dict[str, Dict[str, int]]:
+    def streams_state(self) -> dict[str, dict[str, int]]:
         s = {"main": self.main_stream.state()}
         if self.text_stream is not None:
             s["text"] = self.text_stream.state()
@@ -191,7 +191,7 @@ class BatchProducer:
         use_text = self.mixer is not None and self.text_stream is not None and self.mixer.is_text(step, k)
         ds, stream = (self.text, self.text_stream) if use_text else (self.main, self.main_stream)
         examples = [ds[i] for i in self.shard(stream.next())]
-        skipped: List[str] = []
+        skipped: list[str] = []
         pixels, digests, uncached = None, None, []
         while True:
             paths = [p for e in examples for p in e.images]
@@ -255,7 +255,7 @@ class BatchProducer:
             self._thread.join(timeout=5)
 
 
-def vision_input(prep: Prepared, model, cache: Optional[VisionFeatureCache], processor):
+def vision_input(prep: Prepared, model, cache: VisionFeatureCache | None, processor):
     """The ``vis`` argument of the loss: pixels, cached features or None."""
     b = prep.batch
     if not b.images:

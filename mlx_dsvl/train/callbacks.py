@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from .plot import plot_losses
 from .report import Progress, train_line, warn
@@ -21,10 +21,10 @@ METRICS = "metrics.jsonl"
 
 
 class TrainingCallback:
-    def on_train_loss_report(self, info: Dict) -> None:
+    def on_train_loss_report(self, info: dict) -> None:
         """A ``"train"`` record: the losses and speed of the steps since the last report."""
 
-    def on_val_loss_report(self, info: Dict) -> None:
+    def on_val_loss_report(self, info: dict) -> None:
         """A ``"val"`` (validation losses) or ``"eval"`` (benchmark accuracies) record."""
 
     def on_train_begin(self, state) -> None:
@@ -33,7 +33,7 @@ class TrainingCallback:
     def on_step_end(self, state) -> None:
         """After optimizer step ``state.step`` (:class:`~mlx_dsvl.train.loop.LoopState`)."""
 
-    def on_train_end(self, state, error: Optional[BaseException]) -> None:
+    def on_train_end(self, state, error: BaseException | None) -> None:
         """The loop ended: finished, stopped (``state.stopped``) or failed with ``error``."""
 
 
@@ -43,7 +43,7 @@ class CallbackList(TrainingCallback):
     def __init__(self, callbacks: Sequence[TrainingCallback]):
         self.callbacks = list(callbacks)
 
-    def report(self, rec: Dict) -> None:
+    def report(self, rec: dict) -> None:
         for cb in self.callbacks:
             (cb.on_train_loss_report if rec.get("type") == "train" else cb.on_val_loss_report)(rec)
 
@@ -72,10 +72,10 @@ class MetricsLog(TrainingCallback):
     """Keeps every record in ``history`` (saved in checkpoints) and appends it to the run's
     ``metrics.jsonl`` (``run.path`` moves when a staged run takes its place)."""
 
-    def __init__(self, run, history: List[Dict], writer: bool = True):
+    def __init__(self, run, history: list[dict], writer: bool = True):
         self.run, self.history, self.writer = run, history, writer
 
-    def _add(self, rec: Dict) -> None:
+    def _add(self, rec: dict) -> None:
         self.history.append(rec)
         if self.writer:
             with open(self.run.path / METRICS, "a") as f:
@@ -94,7 +94,7 @@ class Console(TrainingCallback):
     def on_step_end(self, state) -> None:
         self.progress.bar(state.step, f"loss {state.loss:.3f} lr {state.lr:.2e}")
 
-    def on_train_loss_report(self, info: Dict) -> None:
+    def on_train_loss_report(self, info: dict) -> None:
         now = time.perf_counter()
         pace = (now - self.t_loop) / max(1, info["step"] - self.start_step)
         eta = (self.progress.total - info["step"]) * pace
@@ -104,7 +104,7 @@ class Console(TrainingCallback):
 class Plot(TrainingCallback):
     """Draws ``loss.png`` from the history at the end (a failed plot never loses a run)."""
 
-    def __init__(self, run, history: List[Dict], title: str, writer: bool = True):
+    def __init__(self, run, history: list[dict], title: str, writer: bool = True):
         self.run, self.history, self.title, self.writer = run, history, title, writer
 
     def on_train_end(self, state, error) -> None:

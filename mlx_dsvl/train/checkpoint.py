@@ -24,14 +24,14 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..faults import fault_point
 from ..utils import file_digest
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .adapters import save_adapters
 from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
 
@@ -59,7 +59,7 @@ def step_of(path: Path) -> int:
     return int(STEP_DIR.fullmatch(path.name).group(1))
 
 
-def run_of(checkpoint: Path) -> Optional[Path]:
+def run_of(checkpoint: Path) -> Path | None:
     """The run folder that holds ``checkpoint`` (``RUN/checkpoints/step-N``), if any."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
@@ -69,7 +69,7 @@ def step_dir(out: str | os.PathLike, step: int) -> Path:
     return checkpoint_root(out) / f"step-{step:07d}"
 
 
-def list_checkpoints(out: str | os.PathLike) -> List[Path]:
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     """The run's checkpoint folders, oldest first."""
     root = checkpoint_root(out)
     return sorted((p for p in root.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)),
@@ -79,12 +79,12 @@ def list_checkpoints(out: str | os.PathLike) -> List[Path]:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _digest(path: Path) -> Dict[str, Any]:
+def _digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
-def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict,
-                 rng_ranks: Optional[mx.array]) -> None:
+def _write_files(folder: Path, model, optimizer, adapter_cfg: dict, state: dict,
+                 rng_ranks: mx.array | None) -> None:
     """The checkpoint's files, ``state.json`` last with every other file's size and digest."""
     save_adapters(folder, model, adapter_cfg)
     fault_point("checkpoint-file")
@@ -109,10 +109,10 @@ def save_checkpoint(
     step: int,
     model,
     optimizer,
-    adapter_cfg: Dict,
-    state: Dict[str, Any],
+    adapter_cfg: dict,
+    state: dict[str, Any],
     keep: int = 0,
-    rng_ranks: Optional[mx.array] = None,
+    rng_ranks: mx.array | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and point ``latest`` at it (``rng_ranks``: the random
     state of every process of a run on several).
@@ -153,7 +153,7 @@ def save_checkpoint(
 # -- reading ------------------------------------------------------------------------------------
 
 
-def damage(path: Path) -> Optional[str]:
+def damage(path: Path) -> str | None:
     """Why checkpoint folder ``path`` cannot be resumed from (None: it is intact).
 
     Each file's size and SHA-256 are recorded in ``state.json`` when it is written; checkpoints
@@ -187,7 +187,7 @@ def damage(path: Path) -> Optional[str]:
     return None
 
 
-def _fallback(root: Path, below: Optional[int]) -> str:
+def _fallback(root: Path, below: int | None) -> str:
     """The clause naming the newest intact checkpoint before step ``below`` (None: any)."""
     steps = list_checkpoints(root.parent)
     for p in reversed(steps):
@@ -233,12 +233,12 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def read_checkpoint(path: Path) -> Dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     """The state of a checkpoint that :func:`find_checkpoint` returned (so: intact)."""
     return json.loads((path / STATE).read_text())
 
 
-def restore(path: Path, model, optimizer) -> Optional[mx.array]:
+def restore(path: Path, model, optimizer) -> mx.array | None:
     """Load trained weights, optimizer state and RNG state (rank 0's) from checkpoint ``path``;
     returns every process's random state when several saved it (``[processes, 2]``), else None."""
     weights = mx.load(str(path / ADAPTER_WEIGHTS))

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class Example:
 
     ids: np.ndarray  # [T] int32 token ids, BOS first, image ids expanded
     labels: np.ndarray  # [T] int32: target at t (predicted from ids[:t]) or IGNORE
-    images: List[str]  # resolved image paths, one per run of image tokens, in order
+    images: list[str]  # resolved image paths, one per run of image tokens, in order
     source: str  # "file:line"
     kind: str  # "chat" | "pair" | "text"
 
@@ -82,12 +83,12 @@ class Example:
 class DataStats:
     lines: int = 0
     examples: int = 0
-    skipped_bad: List[str] = field(default_factory=list)  # reasons
-    truncated: List[str] = field(default_factory=list)  # sources
-    skipped_long: List[str] = field(default_factory=list)
-    skipped_empty: List[str] = field(default_factory=list)
+    skipped_bad: list[str] = field(default_factory=list)  # reasons
+    truncated: list[str] = field(default_factory=list)  # sources
+    skipped_long: list[str] = field(default_factory=list)
+    skipped_empty: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> Dict[str, int]:
+    def as_dict(self) -> dict[str, int]:
         return {
             "lines": self.lines,
             "examples": self.examples,
@@ -101,7 +102,7 @@ class DataStats:
 @dataclass
 class Dataset:
     path: str
-    examples: List[Example]
+    examples: list[Example]
     stats: DataStats
 
     def __len__(self) -> int:
@@ -111,7 +112,7 @@ class Dataset:
         return self.examples[i]
 
     @property
-    def lengths(self) -> List[int]:
+    def lengths(self) -> list[int]:
         return [e.length for e in self.examples]
 
 
@@ -134,7 +135,7 @@ def _check_alternation(messages: Sequence[Mapping[str, Any]]) -> None:
             )
 
 
-def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Chat messages -> ``(ids, labels)`` with loss on assistant answers and their EOS."""
     _check_alternation(messages)
     full = processor.format(messages)
@@ -153,7 +154,7 @@ def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.
     return ids, labels
 
 
-def tokenize_text(processor, text: str) -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_text(processor, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Plain (possibly interleaved) text -> ``(ids, labels)``: BOS, text, EOS; loss on text+EOS."""
     ids = processor.tokenize(text)
     eos = processor.tokenizer.eos_token_id
@@ -184,7 +185,7 @@ def truncate(ids, labels, images, max_len: int, layout: ImageTokens):
 # -- JSONL parsing ----------------------------------------------------------------------------
 
 
-def _resolve_images(value: Any, base: Path, where: str) -> List[str]:
+def _resolve_images(value: Any, base: Path, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -207,8 +208,8 @@ def check_image(path: str) -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:  # header only; the pixels are decoded when batched
-            im.size
+        with Image.open(path):  # reads the header only; the pixels are decoded when batched
+            pass
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
 
@@ -275,8 +276,8 @@ def load_jsonl(
         raise ValueError(f"long_policy must be 'truncate' or 'skip', got {long_policy!r}")
     base = path.resolve().parent
     stats = DataStats()
-    examples: List[Example] = []
-    with open(path, "r", encoding="utf-8") as f:
+    examples: list[Example] = []
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -25,9 +25,10 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,7 +54,7 @@ class Watchdog:
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank = float(timeout), rank
         self.explain: Callable[[], str] = lambda: ""
-        self._since: Optional[float] = None
+        self._since: float | None = None
         self._what = ""
         self._done = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="mlx-dsvl-watchdog").start()
@@ -79,7 +80,7 @@ class Watchdog:
                 os._exit(EXIT_LOST)
 
 
-def fingerprint(facts: Dict[str, Any]) -> mx.array:
+def fingerprint(facts: dict[str, Any]) -> mx.array:
     """Two int32 of the SHA-256 of each fact as JSON, by name (what the ranks compare)."""
     def one(value) -> np.ndarray:
         text = json.dumps(value, sort_keys=True, default=str).encode()
@@ -102,7 +103,7 @@ class World:
         self.watchdog = Watchdog(timeout, self.rank) if self.size > 1 and timeout > 0 else None
 
     @classmethod
-    def init(cls, timeout: float = 0) -> "World":
+    def init(cls, timeout: float = 0) -> World:
         """The processes that ``mlx.launch`` started (or this one alone)."""
         group = mx.distributed.init()
         return cls(group if group.size() > 1 else None, timeout)
@@ -184,7 +185,7 @@ class World:
         all-reduce of small arrays)."""
         return nn.average_gradients(grad, group=self.group)
 
-    def agree(self, facts: Dict[str, Any]) -> None:
+    def agree(self, facts: dict[str, Any]) -> None:
         """Check that every rank starts from the same set-up (options, model, data, step); a
         difference raises one line naming what differs on which ranks.  Unwatched: the ranks may
         finish loading at quite different times."""
@@ -205,7 +206,7 @@ class World:
 SOLO = World()  # one process
 
 
-def launcher() -> List[str]:
+def launcher() -> list[str]:
     """The command of this Python environment's ``mlx.launch`` (benchmarks and tests start it)."""
     script = Path(sys.executable).with_name("mlx.launch")
     found = str(script) if script.is_file() else shutil.which("mlx.launch")
@@ -219,7 +220,7 @@ def _nothing():
     yield
 
 
-def global_batch_check(saved_batch: int, saved_size: int, batch: int, size: int) -> Optional[str]:
+def global_batch_check(saved_batch: int, saved_size: int, batch: int, size: int) -> str | None:
     """Why a checkpoint of ``saved_size`` processes x ``saved_batch`` cannot continue with ``size``
     x ``batch`` (None: it can).  The data order is that of the global batch, so a run continues
     exactly on any number of processes that keeps the global batch the same."""

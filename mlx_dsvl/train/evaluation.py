@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
@@ -15,14 +15,14 @@ import numpy as np
 from ..eval import Item, evaluate, read
 from .batches import Prepared, batch_arrays, collate, vision_input
 from .callbacks import TrainingCallback
-from .data import DataError, Dataset
 from .config import ConfigError
+from .data import DataError, Dataset
 from .report import val_line
 from .vision_cache import VisionFeatureCache
 
 
-def validation_losses(model, loss_fn, datasets: Sequence[Tuple[Dataset, bool]], processor, batch_size: int,
-                      max_batches: int, pad_to: int, cache: Optional[VisionFeatureCache]) -> Dict[str, float]:
+def validation_losses(model, loss_fn, datasets: Sequence[tuple[Dataset, bool]], processor, batch_size: int,
+                      max_batches: int, pad_to: int, cache: VisionFeatureCache | None) -> dict[str, float]:
     """Token-weighted validation losses: all, multimodal examples, text-only examples.
 
     ``datasets``: ``(dataset, text_only)`` pairs (a text-only set must hold no image).  The model
@@ -69,7 +69,7 @@ def due(step: int, every: int, iters: int) -> bool:
 class Validation(TrainingCallback):
     """Validation losses every ``every`` steps and at the end, reported as ``"val"`` records."""
 
-    def __init__(self, losses: Callable[[], Dict[str, float]], every: int, say: Callable[[str], None]):
+    def __init__(self, losses: Callable[[], dict[str, float]], every: int, say: Callable[[str], None]):
         self.losses, self.every, self.say = losses, every, say
 
     def on_step_end(self, state) -> None:
@@ -88,15 +88,15 @@ class Validation(TrainingCallback):
 class EvalSet:
     name: str  # the record keys' middle part: eval_<name>_acc
     path: str
-    items: List[Item]
+    items: list[Item]
     kind: str  # "multimodal" or "text-only"
 
 
-def read_eval_sets(specs: Union[None, str, Sequence[str]]) -> List[EvalSet]:
+def read_eval_sets(specs: None | str | Sequence[str]) -> list[EvalSet]:
     """Read each ``[NAME=]FILE`` once (a bad row raises :class:`~mlx_dsvl.eval.EvalDataError`
     naming the file and line; an image that cannot be decoded is a bad row)."""
     specs = [s for s in ([specs] if isinstance(specs, str) else list(specs or [])) if s]  # "": none
-    sets: List[EvalSet] = []
+    sets: list[EvalSet] = []
     for spec in specs:
         name, _, path = spec.partition("=") if "=" in spec and not Path(spec).exists() else ("", "", spec)
         name = re.sub(r"[^a-z0-9]+", "_", (name or Path(path).stem).lower()).strip("_") or "set"
@@ -110,8 +110,8 @@ def read_eval_sets(specs: Union[None, str, Sequence[str]]) -> List[EvalSet]:
     return sets
 
 
-def eval_record(step: int, summaries: Dict[str, Dict], sets: Sequence[EvalSet], seconds: float) -> Dict:
-    rec: Dict = {"type": "eval", "step": step}
+def eval_record(step: int, summaries: dict[str, dict], sets: Sequence[EvalSet], seconds: float) -> dict:
+    rec: dict = {"type": "eval", "step": step}
     for s in sets:
         summary = summaries[s.name]
         rec.update({f"eval_{s.name}_acc": summary["accuracy"], f"eval_{s.name}_ci95": summary["ci95"],
@@ -120,7 +120,7 @@ def eval_record(step: int, summaries: Dict[str, Dict], sets: Sequence[EvalSet], 
     return rec
 
 
-def eval_line(rec: Dict, iters: int, sets: Sequence[EvalSet]) -> str:
+def eval_line(rec: dict, iters: int, sets: Sequence[EvalSet]) -> str:
     def one(s: EvalSet) -> str:
         acc, (lo, hi) = rec[f"eval_{s.name}_acc"], rec[f"eval_{s.name}_ci95"]
         return (f"{s.name} ({s.kind}) " + ("n/a" if acc is None else f"{acc:.3f} [{lo:.3f}, {hi:.3f}]")
@@ -135,7 +135,7 @@ class Evaluation(TrainingCallback):
     modes, so it leaves the run exactly as it was (resume stays exact)."""
 
     def __init__(self, model, processor, sets: Sequence[EvalSet], every: int, method: str, batch_size: int,
-                 limit: Optional[int], say: Callable[[str], None]):
+                 limit: int | None, say: Callable[[str], None]):
         self.model, self.processor, self.sets, self.every = model, processor, list(sets), every
         self.options = dict(method=method, batch_size=batch_size, limit=limit)
         self.say = say

@@ -11,7 +11,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
 
 import mlx.core as mx
 
@@ -62,7 +61,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_arrays(path: Path, arrays: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> None:
+def save_arrays(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str] | None = None) -> None:
     """``mx.save_safetensors``, with a failed write (MLX raises RuntimeError) as an OSError."""
     try:
         mx.save_safetensors(str(path), arrays, metadata=metadata or {})

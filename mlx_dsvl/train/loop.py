@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,15 +58,15 @@ class LoopState:
 
     step: int  # optimizer steps done
     iters: int
-    report: Callable[[Dict], None]  # hands a record to every callback
-    streams: Optional[Dict] = None  # data position after the last micro-batch taken
+    report: Callable[[dict], None]  # hands a record to every callback
+    streams: dict | None = None  # data position after the last micro-batch taken
     loss: float = math.nan  # the last step's loss
     lr: float = math.nan  # the last step's learning rate
     stopped: bool = False  # ended early because should_stop() said so
 
 
 def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, compile: bool,
-              average_gradients: Optional[Callable] = None):
+              average_gradients: Callable | None = None):
     """``(accumulate, update, state)``: ``accumulate(*inputs, prev_grad) -> (loss, ntoks, mm,
     grad)`` adds a micro-batch's gradient to ``prev_grad``; ``update(grad, tokens) -> grad_norm``
     averages it over the processes, divides it by the step's ``tokens`` (per process), clips and
@@ -110,7 +110,7 @@ def skip_update(optimizer) -> None:
 
 def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
                callbacks: Sequence[TrainingCallback] = (), start_step: int = 0, schedule=None,
-               window: Optional[Window] = None, should_stop: Optional[Callable[[], bool]] = None,
+               window: Window | None = None, should_stop: Callable[[], bool] | None = None,
                world: World = SOLO) -> LoopState:
     """Train from ``start_step`` to ``args.iters`` optimizer steps; returns where it ended.
 

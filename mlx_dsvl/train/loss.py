@@ -7,7 +7,7 @@ op of a small model), and frozen vision towers run under ``stop_gradient``.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -61,7 +61,7 @@ def make_loss(frozen_vision: bool):
     return loss_fn
 
 
-_CKPT_CLASSES: Dict[type, type] = {}
+_CKPT_CLASSES: dict[type, type] = {}
 
 
 def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -21,10 +21,10 @@ SERIES = (
 EVAL_COLORS = ((255, 127, 14), (31, 119, 180), (44, 160, 44), (214, 39, 40), (148, 103, 189),
                (140, 86, 75), (227, 119, 194), (127, 127, 127))
 EVAL_KEY = re.compile(r"eval_(.+)_acc")
-Points = List[Tuple[float, float]]
+Points = list[tuple[float, float]]
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if hi <= lo:
         hi = lo + 1.0
     raw = (hi - lo) / n
@@ -39,7 +39,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> List[float]:
     return ticks
 
 
-def _points(records: Sequence[Dict], key: str) -> Points:
+def _points(records: Sequence[dict], key: str) -> Points:
     out = []
     for r in records:
         v = r.get(key)
@@ -48,9 +48,9 @@ def _points(records: Sequence[Dict], key: str) -> Points:
     return out
 
 
-def _panel(img: Image.Image, box: Tuple[int, int, int, int], title: str,
-           curves: Sequence[Tuple[str, Tuple[int, int, int], Points, bool]],
-           y_range: Optional[Tuple[float, float]] = None) -> None:
+def _panel(img: Image.Image, box: tuple[int, int, int, int], title: str,
+           curves: Sequence[tuple[str, tuple[int, int, int], Points, bool]],
+           y_range: tuple[float, float] | None = None) -> None:
     """Curves ``(label, colour, points, dots)`` in ``box`` (left, top, right, bottom) of ``img``."""
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
     x_left, y_top, x_right, y_bottom = box
@@ -66,7 +66,7 @@ def _panel(img: Image.Image, box: Tuple[int, int, int, int], title: str,
     else:
         y0, y1 = y_range
 
-    def px(x: float, y: float) -> Tuple[float, float]:
+    def px(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0) * (right - left), top + (y1 - y) / (y1 - y0) * (bottom - top))
 
     d.rectangle([left, top, right, bottom], outline=(120, 120, 120))
@@ -93,7 +93,7 @@ def _panel(img: Image.Image, box: Tuple[int, int, int, int], title: str,
         ly += 16
 
 
-def eval_curves(records: Sequence[Dict]):
+def eval_curves(records: Sequence[dict]):
     """One accuracy curve per benchmark set of the ``"eval"`` records, labelled with its kind."""
     evals = [r for r in records if r.get("type") == "eval"]
     names = list(dict.fromkeys(m.group(1) for r in evals for k in r if (m := EVAL_KEY.fullmatch(k))))
@@ -105,8 +105,8 @@ def eval_curves(records: Sequence[Dict]):
     return [c for c in curves if c[2]]
 
 
-def plot_losses(records: Sequence[Dict], path: str | Path, title: str = "training loss",
-                size: Tuple[int, int] = (900, 540)) -> Optional[Path]:
+def plot_losses(records: Sequence[dict], path: str | Path, title: str = "training loss",
+                size: tuple[int, int] = (900, 540)) -> Path | None:
     """Draw ``metrics.jsonl``-style records: losses, and accuracies beside them if any were
     scored (the image is then twice as wide); returns the path (None: nothing to draw)."""
     losses = [(label, color, _points(records, key), key.startswith("val")) for key, label, color in SERIES]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from .callbacks import METRICS, Console, MetricsLog, Plot, TrainingCallback
+from .config import TrainConfig
 from .distributed import ProcessLost, World
 from .evaluation import Evaluation, Validation, validation_losses
 from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
@@ -25,18 +27,17 @@ from .rundir import RunDir
 from .saving import Checkpointer
 from .setup import VISION_CACHE, TrainParts, build, prepare
 from .signals import StopSignals
-from .config import TrainConfig
 
 
 @dataclass
 class TrainResult:
     out: Path
     steps: int
-    history: List[Dict[str, Any]]
+    history: list[dict[str, Any]]
     adapter_dir: Path
-    checkpoint: Optional[Path]
+    checkpoint: Path | None
     seconds: float
-    data_stats: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    data_stats: dict[str, dict[str, int]] = field(default_factory=dict)
     stopped_by: int = 0  # the signal (SIGINT, SIGTERM, SIGHUP) that stopped the run early, if any
     rank: int = 0  # this process among the run's processes (rank 0 wrote the outputs)
 
@@ -68,11 +69,11 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
 
 
 def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn,
-                       extra: Sequence[TrainingCallback] = ()) -> List[TrainingCallback]:
+                       extra: Sequence[TrainingCallback] = ()) -> list[TrainingCallback]:
     """metrics.jsonl, progress, validation, benchmarks, ``extra``, checkpoints, loss.png -- in
     that order (a step's records are in the history before its checkpoint is saved)."""
     cfg, run, data = parts.cfg, parts.run, parts.data
-    cbs: List[TrainingCallback] = [MetricsLog(run, parts.history, parts.writer),
+    cbs: list[TrainingCallback] = [MetricsLog(run, parts.history, parts.writer),
                                    Console(log, parts.start_step, t_start)]
     val_sets = [(d, text_only) for d, text_only in ((data["val_data"], False), (data["val_text_data"], True)) if d]
     if val_sets:

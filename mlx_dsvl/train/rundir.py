@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 from ..faults import fault_point
 from .checkpoint import LATEST, checkpoint_root, list_checkpoints, run_of, step_of
@@ -78,7 +77,7 @@ def _describe(out: Path) -> str:
 class RunDir:
     """Where a run writes: ``path`` is ``out`` itself, or a staging folder until :meth:`publish`."""
 
-    def __init__(self, out: Path, staging: Optional[Path] = None):
+    def __init__(self, out: Path, staging: Path | None = None):
         self.out = out
         self.path = staging or out
 
@@ -87,7 +86,7 @@ class RunDir:
         return self.path != self.out
 
     @classmethod
-    def open(cls, out: Path, force: bool, resume: Optional[Path] = None) -> "RunDir":
+    def open(cls, out: Path, force: bool, resume: Path | None = None) -> RunDir:
         """Decide where a run into ``out`` writes (``resume``: the checkpoint it continues)."""
         recover(out)
         if out.exists() and not out.is_dir():

@@ -4,8 +4,8 @@ several processes rank 0 writes; the others hand it their random state and wait 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -28,9 +28,9 @@ class Checkpointer(TrainingCallback):
     processes of the run (rank 0 writes).
     """
 
-    def __init__(self, run: RunDir, model, optimizer, adapter_cfg: Dict, meta: Dict, history: List[Dict],
-                 every: int, keep: int, start_step: int, last: Optional[Path] = None,
-                 say: Callable[[str], None] = print, on_publish: Optional[Callable[[Path], None]] = None,
+    def __init__(self, run: RunDir, model, optimizer, adapter_cfg: dict, meta: dict, history: list[dict],
+                 every: int, keep: int, start_step: int, last: Path | None = None,
+                 say: Callable[[str], None] = print, on_publish: Callable[[Path], None] | None = None,
                  world: World = SOLO):
         self.run, self.model, self.optimizer, self.adapter_cfg = run, model, optimizer, adapter_cfg
         self.meta, self.history, self.every, self.keep = meta, history, every, keep
@@ -43,7 +43,7 @@ class Checkpointer(TrainingCallback):
                  else "no checkpoint had been saved yet")
                 + (f"; {self.run.out} is unchanged" if staged and self.run.staged else ""))
 
-    def save(self, step: int, streams: Dict) -> None:
+    def save(self, step: int, streams: dict) -> None:
         bad = [k for k, v in tree_flatten(self.model.trainable_parameters())
                if not bool(mx.all(mx.isfinite(v)).item())]
         if bad:

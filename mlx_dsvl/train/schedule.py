@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -52,8 +51,8 @@ class ModalityMixer:
         return bool(u < self.share(step))
 
 
-def plan_iters(iters: Optional[int], epochs: Optional[float], grad_accum: int, main_batches: int,
-               mixer: Optional[ModalityMixer]) -> int:
+def plan_iters(iters: int | None, epochs: float | None, grad_accum: int, main_batches: int,
+               mixer: ModalityMixer | None) -> int:
     """Optimizer steps of the run: ``iters``, or enough for ``epochs`` (default 1) over the main
     data, where text-only batches drawn by ``mixer`` do not count."""
     if iters is not None:

@@ -9,16 +9,17 @@ then reads only its share of each global batch; rank 0 alone writes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
+from ..adapters import adapter_config, model_fingerprint
 from ..utils import file_digest
 from . import checkpoint as ckpt
-from ..adapters import adapter_config, model_fingerprint
 from .batches import BatchProducer, BatchStream
 from .callbacks import METRICS
 from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, validate_config
@@ -30,8 +31,7 @@ from .loss import enable_grad_checkpoint
 from .report import warn
 from .rundir import RUN_CONFIG, RunDir, recover
 from .schedule import ModalityMixer, lr_schedule
-from .stages import (StageError, TrainSpec, count_parameters, parse_components, setup_trainable,
-                     vision_trainable)
+from .stages import StageError, TrainSpec, count_parameters, parse_components, setup_trainable, vision_trainable
 from .vision_cache import VisionFeatureCache, vision_model_key
 
 VISION_CACHE = "vision_cache"  # in the run folder unless `vision_cache_dir`
@@ -41,7 +41,7 @@ DATA_FILES = ("data", "val_data", "text_data", "val_text_data")
 @dataclass
 class Resume:
     path: Path  # the checkpoint folder
-    state: Dict[str, Any]  # its state.json
+    state: dict[str, Any]  # its state.json
 
 
 @dataclass
@@ -54,19 +54,19 @@ class TrainParts:
     processor: Any
     spec: TrainSpec
     frozen_vision: bool
-    data: Dict[str, Optional[Dataset]]
-    mixer: Optional[ModalityMixer]
+    data: dict[str, Dataset | None]
+    mixer: ModalityMixer | None
     batches: BatchProducer
     optimizer: Any
     schedule: Callable
-    cache: Optional[VisionFeatureCache]
+    cache: VisionFeatureCache | None
     start_step: int
-    history: List[Dict]  # the records so far (a resumed run's included)
-    adapter_cfg: Dict
-    meta: Dict  # what every checkpoint records: config, base-model fingerprint, data digests
-    resume: Optional[Resume]
-    n_params: Tuple[int, int]  # (trained, total)
-    eval_sets: List[EvalSet]  # eval_data, read
+    history: list[dict]  # the records so far (a resumed run's included)
+    adapter_cfg: dict
+    meta: dict  # what every checkpoint records: config, base-model fingerprint, data digests
+    resume: Resume | None
+    n_params: tuple[int, int]  # (trained, total)
+    eval_sets: list[EvalSet]  # eval_data, read
     world: World = SOLO  # the processes of the run
 
     @property
@@ -79,7 +79,7 @@ class TrainParts:
 
 
 def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
-            ) -> Tuple[TrainConfig, Optional[Resume]]:
+            ) -> tuple[TrainConfig, Resume | None]:
     """Check the options and merge a resumed run's; returns a new config (``cfg`` is unchanged).
 
     ``explicit``: the options the user gave (a resumed run may override only non-structural ones).
@@ -98,7 +98,7 @@ def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
     return cfg, resume
 
 
-def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) -> Tuple[TrainConfig, Resume]:
+def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) -> tuple[TrainConfig, Resume]:
     """The checkpoint's run config with the options given now; structural changes are refused
     (the batch size may change with the number of ``processes`` if the global batch stays).
 
@@ -136,7 +136,7 @@ def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) 
 # -- parts ----------------------------------------------------------------------------------------
 
 
-def check_base_model(resume: Resume, fingerprint: Dict, model_name: str) -> None:
+def check_base_model(resume: Resume, fingerprint: dict, model_name: str) -> None:
     fp = resume.state.get("fingerprint") or {}
     base = (resume.state.get("config") or {}).get("model")
     if fp.get("arch") != fingerprint["arch"]:
@@ -158,13 +158,13 @@ def training_spec(cfg: TrainConfig, model) -> TrainSpec:
     return spec
 
 
-def load_datasets(cfg: TrainConfig, processor) -> Dict[str, Optional[Dataset]]:
+def load_datasets(cfg: TrainConfig, processor) -> dict[str, Dataset | None]:
     kw = dict(max_seq_len=cfg.max_seq_len, long_policy=cfg.long_examples, skip_bad=cfg.skip_bad,
               verbose=not cfg.quiet)
     return {k: (load_jsonl(getattr(cfg, k), processor, **kw) if getattr(cfg, k) else None) for k in DATA_FILES}
 
 
-def data_digests(cfg: TrainConfig) -> Dict[str, Optional[str]]:
+def data_digests(cfg: TrainConfig) -> dict[str, str | None]:
     return {k: (file_digest(getattr(cfg, k)) if getattr(cfg, k) else None) for k in ("data", "text_data")}
 
 
@@ -194,8 +194,8 @@ def make_optimizer(model, cfg: TrainConfig, frozen_vision: bool):
     return optimizer, schedule
 
 
-def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchStream]],
-            digests: Dict) -> Tuple[int, List[Dict], Optional[mx.array]]:
+def restore(resume: Resume, model, optimizer, streams: dict[str, BatchStream | None],
+            digests: dict) -> tuple[int, list[dict], mx.array | None]:
     """Weights, optimizer, random state and data position of the checkpoint; (step, history,
     every process's random state when several saved theirs)."""
     rng_ranks = ckpt.restore(resume.path, model, optimizer)
@@ -210,7 +210,7 @@ def restore(resume: Resume, model, optimizer, streams: Dict[str, Optional[BatchS
     return int(resume.state["step"]), list(resume.state.get("history", [])), rng_ranks
 
 
-def rank_random_state(world: World, saved: Optional[mx.array]) -> None:
+def rank_random_state(world: World, saved: mx.array | None) -> None:
     """Each process's own random stream (its shard's LoRA dropout masks), split from the run's;
     from a checkpoint of as many processes, each one's saved stream."""
     if world.size == 1:
@@ -222,7 +222,7 @@ def rank_random_state(world: World, saved: Optional[mx.array]) -> None:
     ckpt.set_rng_state(key)
 
 
-def build(cfg: TrainConfig, run: RunDir, resume: Optional[Resume] = None, loaded=None,
+def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, loaded=None,
           world: World = SOLO) -> TrainParts:
     """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
 

@@ -15,9 +15,9 @@ trained in full.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -33,7 +33,7 @@ class Stage:
 
     number: int
     name: str
-    components: Tuple[str, ...]  # what trains unless the ``train`` option overrides it
+    components: tuple[str, ...]  # what trains unless the ``train`` option overrides it
     frozen: str  # what stays frozen (for the help)
     data: str  # the data it is meant for (for the help)
     text_ratio: float  # share of text-only batches once warmed up (with text-only data)
@@ -51,7 +51,7 @@ class Stage:
                 f"{self.data}; {mix}")
 
 
-STAGES: Tuple[Stage, ...] = (
+STAGES: tuple[Stage, ...] = (
     Stage(1, "adaptor warm-up", ("aligner",), "vision encoders and LLM", "image-text pairs", 0.7),
     Stage(2, "joint pre-training", ("aligner", "llm"), "vision encoders",
           "image-text pairs mixed with text-only data", 0.7, Fraction(1, 5)),
@@ -99,15 +99,15 @@ class TrainSpec:
     """Which parts train and how; stored in ``adapter_config.json``."""
 
     stage: int
-    components: Tuple[str, ...]
+    components: tuple[str, ...]
     method: str
     rank: int
     scale: float
     dropout: float
-    targets: Tuple[str, ...]
-    llm_layers: Optional[int]  # adapt the last N LLM blocks (None = all)
+    targets: tuple[str, ...]
+    llm_layers: int | None  # adapt the last N LLM blocks (None = all)
 
-    def to_dict(self) -> Dict:
+    def to_dict(self) -> dict:
         return {
             "stage": self.stage, "components": list(self.components), "method": self.method,
             "rank": self.rank, "scale": self.scale, "dropout": self.dropout,
@@ -115,7 +115,7 @@ class TrainSpec:
         }
 
 
-def parse_components(stage: int, train: Optional[str | Sequence[str]], hybrid: bool) -> Tuple[str, ...]:
+def parse_components(stage: int, train: str | Sequence[str] | None, hybrid: bool) -> tuple[str, ...]:
     """Resolve the ``train`` option (comma list or None for the stage's set) against the model."""
     if train is None or train == "":
         comps = get_stage(stage).components
@@ -150,14 +150,14 @@ def llm_is_quantized(model) -> bool:
                for _, m in model.language_model.named_modules())
 
 
-def adapter_paths(model, spec: TrainSpec) -> List[str]:
+def adapter_paths(model, spec: TrainSpec) -> list[str]:
     """Full names of the Linear layers that ``spec`` puts adapters on."""
     if spec.method == "full":
         return []
     groups = set(spec.targets)
-    paths: List[str] = []
+    paths: list[str] = []
 
-    def blocks(prefix: str, n_blocks: int, names: Dict[str, Tuple[str, ...]], last: Optional[int]):
+    def blocks(prefix: str, n_blocks: int, names: dict[str, tuple[str, ...]], last: int | None):
         start = 0 if last is None else max(0, n_blocks - last)
         for i in range(start, n_blocks):
             for g in ("attn", "mlp"):
@@ -176,7 +176,7 @@ def adapter_paths(model, spec: TrainSpec) -> List[str]:
     return paths
 
 
-def setup_trainable(model, spec: TrainSpec) -> List[str]:
+def setup_trainable(model, spec: TrainSpec) -> list[str]:
     """Freeze ``model``, add adapters and unfreeze what ``spec`` trains.
 
     Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
@@ -226,7 +226,7 @@ def vision_trainable(spec: TrainSpec) -> bool:
     return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
 
 
-def count_parameters(model) -> Tuple[int, int]:
+def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameters of the model as it trains, adapter factors included; a
     quantized weight counts unpacked, its scales and biases do not."""
     modules = dict(model.named_modules())

@@ -14,13 +14,13 @@ with random position and colour jitter: learnable by a tiny random model in a CI
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS: Dict[str, Tuple[int, int, int]] = {
+COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 70, 220),
@@ -43,7 +43,7 @@ def caption(fg: str, shape: str, bg: str, template: str = TEMPLATE) -> str:
 
 
 def combos(shape_colors: Sequence[str] = SHAPE_COLORS, shapes: Sequence[str] = SHAPES,
-           bg_colors: Sequence[str] = BG_COLORS) -> List[Tuple[str, str, str]]:
+           bg_colors: Sequence[str] = BG_COLORS) -> list[tuple[str, str, str]]:
     return [(f, s, b) for f in shape_colors for s in shapes for b in bg_colors if f != b]
 
 
@@ -91,8 +91,8 @@ def make_images(n: int, seed: int, size: int = 384, balanced: bool = True,
 
 
 def write_shapes_dataset(folder: str | Path, n: int, seed: int = 0, size: int = 384,
-                         balanced: bool = True, system: Optional[str] = "", template: str = TEMPLATE,
-                         **task) -> Dict[str, Path]:
+                         balanced: bool = True, system: str | None = "", template: str = TEMPLATE,
+                         **task) -> dict[str, Path]:
     """Write images + ``pairs.jsonl`` + ``chat.jsonl`` into ``folder``; returns their paths.
 
     ``system``: the chat lines' system prompt ("" = none, None = the default one).

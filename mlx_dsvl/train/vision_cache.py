@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from ..utils import file_digest
 from .files import replace_atomic, save_arrays
 
-Features = Tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
+Features = tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
 
 
 def vision_model_key(model) -> str:
@@ -49,16 +49,16 @@ def as_tuple(features) -> Features:
 
 
 class VisionFeatureCache:
-    def __init__(self, model_key: str, folder: Optional[str | os.PathLike] = None,
+    def __init__(self, model_key: str, folder: str | os.PathLike | None = None,
                  mem_bytes: int = 2 << 30):
         self.model_key = model_key
         self.folder = Path(folder) / model_key if folder else None
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.mem_bytes = int(mem_bytes)
-        self._mem: "OrderedDict[str, Features]" = OrderedDict()
+        self._mem: OrderedDict[str, Features] = OrderedDict()
         self._mem_used = 0
-        self._digests: Dict[Tuple[str, int, int], str] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
         self.hits = self.misses = 0
 
     # -- keys -------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class VisionFeatureCache:
             d = self._digests[k] = file_digest(path)
         return d
 
-    def _file(self, digest: str) -> Optional[Path]:
+    def _file(self, digest: str) -> Path | None:
         return self.folder / digest[:2] / f"{digest}.safetensors" if self.folder else None
 
     # -- get / put --------------------------------------------------------------------------
@@ -79,7 +79,7 @@ class VisionFeatureCache:
         f = self._file(digest)
         return digest in self._mem or bool(f and f.is_file())
 
-    def get(self, digest: str) -> Optional[Features]:
+    def get(self, digest: str) -> Features | None:
         feats = self._mem.get(digest)
         if feats is not None:
             self._mem.move_to_end(digest)

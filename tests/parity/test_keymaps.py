@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from safetensors.numpy import load_file
 
 from mlx_dsvl.convert.keymaps import ORIGINAL_UNUSED, hf_to_original, original_to_hf
