@@ -4,9 +4,9 @@
     python -m mlx_dsvl.generate --model deepseek-ai/deepseek-vl-7b-chat --chat
 
 The Python API (``generate``, ``stream_generate``, ``generate_batch``) is in
-:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.  Run this module with
-``-m``; don't import it: importing ``mlx_dsvl.generate`` would rebind the package's
-``mlx_dsvl.generate`` function to this module.
+:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.  ``mlx_dsvl.generate`` stays
+the function when this module is imported (see the package's ``__init__``): reach the module with
+``from mlx_dsvl.generate import main`` or ``importlib.import_module``.
 """
 
 from __future__ import annotations
