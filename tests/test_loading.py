@@ -189,7 +189,7 @@ def test_quantize_on_load_equals_convert_then_load(tiny_dir, tmp_path, stored, d
     from mlx.utils import tree_flatten
 
     from mlx_dsvl.convert.to_mlx import convert_to_mlx
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     src = tiny_dir if stored == "float32" else make_checkpoint("tiny", tmp_path / "src16", seed=1, dtype=stored)
     folder = convert_to_mlx(str(src), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=group,
