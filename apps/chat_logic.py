@@ -132,7 +132,7 @@ def load_model(path: str, quantize: bool = False, adapter: str | None = None) ->
     wait for kernels to compile; raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
     import mlx_dsvl
-    from mlx_dsvl.warmup import warm_up
+    from mlx_dsvl.generation import warm_up
 
     load_calls += 1
     tic = time.perf_counter()

@@ -86,12 +86,12 @@ def run(args) -> dict:
 
     from . import bench_chat
     from .device import describe_device, select_device
+    from .generation import warm_up
     from .loading import load
     from .random_checkpoint import cached_checkpoint
     from .sampling import DEFAULTS, GREEDY
     from .session import ChatSession
     from .streaming import kv_cache_options, last_logits
-    from .warmup import warm_up
 
     select_device(args.device)
     gpu = mx.default_device() == mx.gpu
