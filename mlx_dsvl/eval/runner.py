@@ -27,13 +27,15 @@ DEFAULT_BATCH_SIZE = 8
 @contextmanager
 def inference_mode(model):
     """``model.eval()`` for the block; each module's own mode is put back afterwards."""
-    modes = [(m, m.training) for _, m in model.named_modules()]
+    modes = [(name, m, m.training) for name, m in model.named_modules()]
     model.eval()
     try:
         yield model
     finally:
-        for m, training in modes:  # one module at a time: train()/eval() would recurse
-            m._set_training_mode(training)
+        # train() sets a module's whole subtree: parents first (a name is a prefix of its
+        # children's), so each module ends with its own mode
+        for _, m, training in sorted(modes, key=lambda entry: len(entry[0])):
+            m.train(training)
 
 
 def prepare_items(data: str | ReadResult | Sequence[Item], circular: bool = False,
