@@ -33,7 +33,11 @@ from app_options import (  # noqa: F401 -- the app's command line, re-exported f
 )
 from PIL import Image
 
+import mlx_dsvl
+from mlx_dsvl.processing.chat import place_images
 from mlx_dsvl.processing.image import ImageLoadError, load_image
+
+# MLX is imported in the functions: `python apps/chat.py` may re-execute itself first (mlx_dsvl.blas).
 
 MAX_UPLOAD_MB = 20  # per file; apps/.streamlit/config.toml sets server.maxUploadSize to the same
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024  # Streamlit counts a megabyte as 2**20 bytes
@@ -131,16 +135,11 @@ def load_model(path: str, quantize: bool = False, adapter: str | None = None) ->
     ``python -m mlx_dsvl.train``), then on a GPU a warm-up so that the first question does not
     wait for kernels to compile; raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
-    import mlx_dsvl
-    from mlx_dsvl.warmup import warm_up
+    from mlx_dsvl.generation import warm_up
 
     load_calls += 1
     tic = time.perf_counter()
-    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None)
-    if adapter:
-        from mlx_dsvl.adapters import load_adapters
-
-        load_adapters(model, adapter)
+    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None, adapter_path=adapter)
     warmup_s = warm_up(model, processor, say=lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr))
     return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic, warmup_s)
 
@@ -202,11 +201,9 @@ class Conversation:
     """
 
     def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_context: int = 4096):
-        from mlx_dsvl import ChatSession
-
         self.loaded = loaded
         self.key = (loaded.path, loaded.quantized)
-        self.session = ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
+        self.session = mlx_dsvl.ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
                                    max_context=max_context, on_truncate=self._on_truncate)
         self.turns: list[Turn] = []
         self._notices: list[str] = []
@@ -275,8 +272,6 @@ class Conversation:
     def prompt_text(self, text: str, n_images: int) -> str:
         """The user text the model sees: one image placeholder per image, before the text
         (unless the user placed the placeholders themselves)."""
-        from mlx_dsvl.processing.chat import place_images
-
         return place_images(text, n_images, self.session.processor.image_tag)
 
     def send(self, text: str, attachments: Sequence[Attachment] = (),

@@ -41,7 +41,7 @@ PLAN = {  # arch -> (images, batch size, stage-3 steps)
 
 
 def checkpoint(arch: str, folder: Path) -> Path:
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     path = folder / f"dsvl-{arch}"
     if not (path / "config.json").is_file():

@@ -30,6 +30,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
 from .model_folder import folder_fingerprint
 
@@ -180,8 +181,6 @@ def load_adapters(model, adapter_dir: str | os.PathLike, check_base: bool = True
     folder = Path(adapter_dir).expanduser()
     cfg = read_adapter_config(folder)
     if adapter_kind(cfg) == "mlx-lm":
-        from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
-
         try:
             mlx_lm_load_adapters(model.language_model, str(folder))
         except (OSError, ValueError, KeyError, TypeError) as e:

@@ -19,15 +19,27 @@ its own; when torch is installed), and the decode bound
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
+from importlib.util import find_spec
 
 import numpy as np
+from PIL import Image
+
+from .blas import ensure_fast_blas, openblas_loaded
+from .model_options import add_model_arguments, load_from_args
+from .random_checkpoint import cached_checkpoint
+from .sampling import DEFAULTS, GREEDY
+
+# MLX is imported in the functions: main() may re-execute the process first (mlx_dsvl.blas).
 
 ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b", "7b-vision")  # 7b-vision: real-size towers, small LLM
 
@@ -82,27 +94,23 @@ def decode_tps(step_iter, n: int) -> float:
 
 def run(args) -> dict:
     import mlx.core as mx
-    from PIL import Image
 
     from . import bench_chat
     from .device import describe_device, select_device
-    from .loading import load
-    from .sampling import DEFAULTS, GREEDY
+    from .generation import warm_up
     from .session import ChatSession
     from .streaming import kv_cache_options, last_logits
-    from .testing.make_checkpoint import cached_checkpoint
-    from .warmup import warm_up
 
     select_device(args.device)
     gpu = mx.default_device() == mx.gpu
     path = args.model or cached_checkpoint(args.arch)
     res: dict = {"date": date.today().isoformat(), "arch": args.model or args.arch, "device": describe_device(),
                  "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                 "blas": "openblas" if _openblas() else "bundled"}
+                 "blas": "openblas" if openblas_loaded() else "bundled"}
     mx.clear_cache()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    model, processor = load(path, dtype=args.dtype, quantize=args.quantize)  # quantized while loading
+    model, processor = load_from_args(args, path)  # quantized while loading
     res["load_s"] = time.perf_counter() - t
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
@@ -181,8 +189,6 @@ def run(args) -> dict:
         res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_prefill_s=ours_prefill,
                    ours_vision_prefill_s=ours_vision + ours_prefill)
         del embeds, model, feats
-        import gc
-
         gc.collect()
         mx.clear_cache()
         res.update(_torch_compare(path, px, ids, res, args))
@@ -195,8 +201,6 @@ def _decode_pair(model, processor, prompt, n: int, penalty: float):
     neither side pays for first-use kernel compilation, a busy moment or a machine that grows
     busier or quieter during the runs alone."""
     from mlx_lm.generate import generate_step
-
-    from .sampling import GREEDY
 
     processors = GREEDY.with_(repetition_penalty=penalty).make_logits_processors()
 
@@ -225,7 +229,6 @@ def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
     whose pipeline is full before its first token: from the first chunk after that refill to
     the last token's chunk.
     """
-    from .sampling import GREEDY
     from .streaming import Row, stream_tokens
 
     opts = GREEDY.with_(repetition_penalty=penalty, max_tokens=n)
@@ -247,10 +250,6 @@ def _torch_compare(path, px, ids, ours: dict, args) -> dict:
     """The PyTorch reference on the same weights and pixels (mlx_dsvl.testing.torch_timing):
     float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU.  It runs in
     a child process without the OpenBLAS preloaded for MLX, which would slow PyTorch down."""
-    import subprocess
-    import tempfile
-    from importlib.util import find_spec
-
     import mlx.core as mx
 
     missing = [m for m in ("torch", "transformers") if find_spec(m) is None]
@@ -283,12 +282,6 @@ def _torch_compare(path, px, ids, ours: dict, args) -> dict:
     return res
 
 
-def _openblas() -> bool:
-    from .blas import openblas_loaded
-
-    return openblas_loaded()
-
-
 def _check_args(args) -> None:
     from .device import select_device
 
@@ -304,23 +297,14 @@ def _fmt(v):
 
 
 def main(argv=None) -> int:
-    from .blas import ensure_fast_blas
-
     ensure_fast_blas()
-    from .streaming import KV_BITS, KV_GROUP_SIZES
-
     p = argparse.ArgumentParser(prog="python -m mlx_dsvl.bench", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="tiny-hybrid")
-    p.add_argument("--model", default=None, help="a model folder to measure instead of a random --arch one")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the LLM")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    add_model_arguments(p, "model", "dtype", "quantize", "device",
+                        model={"default": None, "help": "a model folder to measure instead of a random --arch one"})
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
-                   help="KV-cache quantization for the conversation (default: none)")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64)
+    add_model_arguments(p, "kv_bits", "kv_group_size")
     p.add_argument("--kv-context", type=int, default=0,
                    help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
                         "many tokens (e.g. 4096; default: skipped)")

@@ -20,6 +20,12 @@ from __future__ import annotations
 import gc
 from collections.abc import Sequence
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .caches import ImageFeatureCache
+from .session import ChatSession
+
 FIRST = "<image_placeholder>Describe this image in detail."
 QUESTIONS = (  # turns 2..6: 13 to 53 tokens each with the template (the test tokenizer's counts)
     "And which colour dominates?",
@@ -42,8 +48,6 @@ def turn_rows(model, processor, image, opts: dict, kv: dict | None = None, repla
               n_turns: int = 1 + len(QUESTIONS)) -> dict:
     """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
     first-use time."""
-    from .session import ChatSession
-
     def conversation():
         chat = ChatSession(model, processor, on_truncate=None, **(kv or {}))
         turns = [run_turn(chat, FIRST, [image], opts)]
@@ -95,11 +99,6 @@ def long_conversation(processor, image_key: str, context: int) -> list[dict]:
 def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> dict:
     """Peak memory, cache size and first-token logit difference of ``context``-token
     conversations with a plain and with quantized KV caches."""
-    import mlx.core as mx
-
-    from .caches import ImageFeatureCache
-    from .session import ChatSession
-
     res: dict = {"kv_context_tokens": None}
     features = ImageFeatureCache()  # one vision pass for all the runs
     reference = None
@@ -128,8 +127,6 @@ def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4),
 
 def weights_by_part(model) -> dict:
     """GB of resident parameters: vision towers + aligner, LLM without / with its embeddings."""
-    from mlx.utils import tree_flatten
-
     parts = {"vision": 0, "llm": 0, "llm_embeddings": 0}
     for k, v in tree_flatten(model.parameters()):
         part = ("llm_embeddings" if "embed_tokens" in k else "llm") if k.startswith("language_model.") else "vision"

@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .blas import ensure_fast_blas
+from .model_options import add_model_arguments
 from .utils import print_names
 
 
@@ -32,7 +34,7 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: str | None = None,
     ``dtype``: float16, bfloat16 or float32 on disk (default: as the base stores its weights).
     Raises ``mlx_dsvl.convert.files.ConvertError`` (a ``ValueError``) on bad input.
     """
-    from .convert.files import log
+    from .convert.files import log  # (MLX: imported after main's BLAS re-execution)
     from .convert.to_original import convert_to_original
 
     path = convert_to_original(model_path, out, dtype=dtype, adapter=adapter_dir, force=force,
@@ -43,8 +45,6 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: str | None = None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .blas import ensure_fast_blas
-
     ensure_fast_blas()
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.fuse",
@@ -52,12 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "written in the original deepseek-ai layout (python -m mlx_dsvl.convert "
                     "--to-original --adapter DIR does the same).",
     )
-    p.add_argument("--model", required=True, help="the base model the adapters were trained on (folder or hub id)")
-    p.add_argument("--adapter", required=True,
-                   help="folder with adapters.safetensors + adapter_config.json (a run's --out or a checkpoint)")
+    add_model_arguments(
+        p, "model", "adapter",
+        model={"required": True, "default": None,
+               "help": "the base model the adapters were trained on (folder or hub id)"},
+        adapter={"required": True,
+                 "help": "folder with adapters.safetensors + adapter_config.json (a run's --out or a checkpoint)"})
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="weights dtype on disk (default: as the base stores them)")
+    add_model_arguments(p, "dtype", dtype={"help": "weights dtype on disk (default: as the base stores them)"})
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)

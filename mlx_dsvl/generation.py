@@ -7,7 +7,8 @@ logits processors and KV caches:
   :class:`~mlx_dsvl.streaming.GenerationChunk` (text piece, token counts, speeds, peak memory);
 - ``generate(...) -> str``;
 - ``generate_batch(model, processor, conversations, images=None, **sampling) -> list[str]``:
-  several conversations decoded together, the same greedy outputs as one by one.
+  several conversations decoded together, the same greedy outputs as one by one;
+- ``warm_up(model, processor)``: on a GPU, a throw-away chat that compiles the kernels.
 
 Sampling options: the fields of :class:`~mlx_dsvl.sampling.SamplingOptions` as keywords
 (``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``repetition_penalty``, ``seed``), or a
@@ -17,15 +18,23 @@ whole one as ``sampling=``.  KV-cache quantization (one-by-one generation): ``kv
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from .processing.chat import place_images  # noqa: F401 -- public here too
+from PIL import Image
+
+from .processing.chat import ChatProcessor, place_images  # noqa: F401 -- place_images: public here too
 from .sampling import GREEDY, PROCESSOR_CONTEXT, SamplingOptions
 from .session import ChatSession
 from .streaming import Batch, GenerationChunk, Row, prefill
+from .warmup import kernels_compile
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
 
 
-def stream_generate(model, processor, conversation: Sequence[dict], images: Sequence | None = None,
+def stream_generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence[dict], images: Sequence | None = None,
                     max_context: int = 4096, kv_bits: int | None = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 0, **sampling) -> Iterator[GenerationChunk]:
     """Stream the assistant's reply to ``conversation`` (its last message is the user's).
@@ -55,13 +64,13 @@ def stream_generate(model, processor, conversation: Sequence[dict], images: Sequ
     yield from session.send(conv[-1]["content"], images[start:], **sampling)
 
 
-def generate(model, processor, conversation: Sequence[dict], images: Sequence | None = None,
+def generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence[dict], images: Sequence | None = None,
              **sampling) -> str:
     """The assistant's reply to ``conversation`` as one string."""
     return "".join(c.text for c in stream_generate(model, processor, conversation, images, **sampling))
 
 
-def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
+def generate_batch(model: DeepseekVL, processor: ChatProcessor, conversations: Sequence[Sequence[dict]],
                    images: Sequence[Sequence] | None = None, sampling: SamplingOptions | None = None,
                    **options) -> list[str]:
     """Replies to several conversations at once: each prompt is prefilled alone, then all are
@@ -86,3 +95,24 @@ def generate_batch(model, processor, conversations: Sequence[Sequence[dict]],
         for out in batch.step():
             replies[out.row.tag] += out.text + out.tail
     return replies
+
+
+def warm_up(model: DeepseekVL, processor: ChatProcessor, say: Callable[[str], None] | None = None) -> float:
+    """On a GPU, run a short throw-away chat so that a conversation's kernels are compiled:
+    the vision towers, an image prompt's prefill, follow-up prefills of 4 lengths (4-bit
+    matmuls compile one kernel per range of token counts), sampling and decoding.
+
+    Returns the seconds it took (0.0 on the CPU backend, where nothing is compiled).  ``say``
+    gets :data:`~mlx_dsvl.warmup.MESSAGE` if the first forward is slow.
+    """
+    if not kernels_compile():
+        return 0.0
+    tic = time.perf_counter()
+    chat = ChatSession(model, processor, on_truncate=None, on_slow_start=say)
+    tag = processor.image_tag
+    turns = [(tag + "Describe the image.", [Image.new("RGB", (64, 48), (128, 128, 128))])]
+    turns += [(" ".join(["word"] * n), []) for n in (8, 24, 48, 100)]
+    for text, images in turns:
+        for _ in chat.send(text, images, max_tokens=3):
+            pass
+    return time.perf_counter() - tic

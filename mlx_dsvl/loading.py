@@ -1,30 +1,24 @@
 """``load()``: a local folder or a hub id -> (model, processor), strictly.
 
-A folder in the original deepseek-ai layout holds ``config.json``, ``model.safetensors`` (or
-shards with ``model.safetensors.index.json``), the tokenizer and the processor configs.  The
-folder is read by :mod:`mlx_dsvl.model_folder` (path or hub id, config, lazy ``mx.load`` of the
-weights, the layout ``sanitize``, the strict name/shape check); here the weights are converted
-once, cast to the target dtype and materialized one tensor at a time, so no second full copy
-is held.
-
-``quantize=4|8`` quantizes the LLM while loading, with the converter's policy: each weight is
-quantized as it is read, so the unquantized LLM never exists in memory, and the result is bit
-for bit what loading a ``python -m mlx_dsvl.convert --quantize`` folder gives.
-
-A folder written by the converter (MLX format, see :mod:`mlx_dsvl.mlx_format`) has the
-same files with weights already in this package's layout: they skip ``sanitize``, and its
-quantized layers are rebuilt as recorded before the same strict name and shape checks.
+The folder is read by :mod:`mlx_dsvl.model_folder` (path or hub id, config, lazy ``mx.load`` of
+the weights, the layout ``sanitize``, the strict name/shape check); here the weights are
+converted once, cast to the target dtype and materialized one tensor at a time, so no second
+full copy is held.  ``quantize=4|8`` quantizes each LLM weight as it is read: the unquantized LLM
+never exists in memory, and the result is bit for bit what loading a ``python -m
+mlx_dsvl.convert --quantize`` folder gives.  A converted folder (MLX format, see
+:mod:`mlx_dsvl.mlx_format`) skips ``sanitize``; its quantized layers are rebuilt as recorded.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .adapters import load_adapters
 from .config import ModelConfig
 from .mlx_format import (
     QUANT_BITS,
@@ -46,11 +40,8 @@ from .model_folder import (  # noqa: F401 -- ModelLoadError .. read_weights: thi
     weight_files,
 )
 from .models.deepseek_vl import DeepseekVL
+from .processing.chat import ChatProcessor
 
-if TYPE_CHECKING:
-    from .processing.chat import ChatProcessor
-
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"  # the entry points' default --model
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -76,7 +67,7 @@ def check_quantize(quantize: int | None, group_size: int) -> None:
         raise ValueError(f"q_group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
 
 
-def load_model(path: Path, dtype=None, config: ModelConfig | None = None,
+def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelConfig | None = None,
                quantize: int | None = None, q_group_size: int = 64) -> DeepseekVL:
     """Build the model from ``path`` and load its weights strictly (names and shapes);
     ``quantize`` (bits): quantize the LLM as it loads (see the module's docstring)."""
@@ -123,16 +114,16 @@ def materialize(model: DeepseekVL) -> None:
         mx.eval(v)
 
 
-def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None,
-         quantize: int | None = None, q_group_size: int = 64) -> tuple[DeepseekVL, ChatProcessor]:
+def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None, quantize: int | None = None,
+         q_group_size: int = 64, adapter_path: str | os.PathLike | None = None) -> tuple[DeepseekVL, ChatProcessor]:
     """Load a DeepSeek-VL model and its chat processor from a folder or a hub id.
 
     dtype: None (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16".
     quantize: None, 4 or 8 -- quantize the LLM's linear layers and embeddings while loading, in
     groups of ``q_group_size`` (the same weights as ``python -m mlx_dsvl.convert --quantize``).
+    adapter_path: a training output folder whose adapters are then applied (on the quantized
+    layers when ``quantize``), see :func:`mlx_dsvl.adapters.load_adapters`.
     """
-    from .processing.chat import ChatProcessor
-
     check_quantize(quantize, q_group_size)
     path = resolve_model_path(path_or_repo)
     config = load_config(path)  # cheap checks first, the weights last
@@ -144,10 +135,12 @@ def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None,
         raise ModelLoadError(str(e) if str(path) in str(e) else f"{path}: cannot load the tokenizer/processor ({e})") from None
     model = load_model(path, dtype, config, quantize, q_group_size)
     model.image_token_id = image_token_id(path, config, processor)
+    if adapter_path:
+        load_adapters(model, adapter_path)
     return model, processor
 
 
-def image_token_id(path: Path, config: ModelConfig, processor) -> int:
+def image_token_id(path: Path, config: ModelConfig, processor: ChatProcessor) -> int:
     """The id that marks image positions: the tokenizer's id of the image tag.
 
     The reference processor finds image positions with the tokenizer's id and the model merges

@@ -27,6 +27,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -36,6 +37,10 @@ from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
 from .streaming import GenerationChunk, Row, kv_cache_options, prefill, range_embeddings, stream_tokens
 from .warmup import FirstUseNotice
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
 
 
 class PromptTooLongError(ValueError):
@@ -54,7 +59,7 @@ class ChatSession:
     ...     print(chunk.text, end="")
     """
 
-    def __init__(self, model, processor, system_prompt: str | None = None,
+    def __init__(self, model: DeepseekVL, processor: ChatProcessor, system_prompt: str | None = None,
                  max_context: int = 4096, on_truncate: Callable[[str], None] | None = _warn,
                  kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
                  on_slow_start: Callable[[str], None] | None = _warn, profile: bool = False,

@@ -33,7 +33,7 @@ from mlx_dsvl.convert.to_mlx import convert_to_mlx
 from mlx_dsvl.convert.to_original import convert_to_original
 from mlx_dsvl.mlx_format import MARKER
 from mlx_dsvl.model_folder import UNUSED_PREFIXES
-from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+from mlx_dsvl.random_checkpoint import make_checkpoint
 
 QUIET = dict(progress=lambda s: None)
 ROOT = Path(__file__).resolve().parents[1]

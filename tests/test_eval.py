@@ -598,3 +598,22 @@ def test_non_utf8_file_names_file_line_and_byte(tmp_path, kind, capsys):
     assert str(e.value) == want
     assert main_exit(["--data", str(path), "--out", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {want}"]
+
+
+def test_inference_mode_puts_every_module_back_in_its_own_mode():
+    """Eval mode inside the block; afterwards each module's mode as it was, a mix included (a
+    parent in training mode over a child in eval mode and the other way round)."""
+    import mlx.nn as nn
+
+    from mlx_dsvl.eval.runner import inference_mode
+
+    model = nn.Sequential(nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)), nn.Dropout(0.5), nn.Linear(2, 2))
+    model.train()
+    model.layers[0].eval()
+    model.layers[0].layers[1].train()
+    model.layers[2].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert len(set(before.values())) == 2
+    with inference_mode(model):
+        assert not any(m.training for _, m in model.named_modules())
+    assert {name: m.training for name, m in model.named_modules()} == before

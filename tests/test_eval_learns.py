@@ -33,7 +33,7 @@ QUESTION = "What colour is the shape?"
 
 def small_grid_checkpoint(out):
     """make_checkpoint's "tiny" with a 96 px SigLIP input (36 image tokens)."""
-    from mlx_dsvl.testing import make_checkpoint as mc
+    from mlx_dsvl import random_checkpoint as mc
 
     config, (_, mean, std, do_norm), dtype = mc.ARCHS["tiny"]
     config = copy.deepcopy(config)

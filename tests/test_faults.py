@@ -159,7 +159,7 @@ def test_full_disk_one_error_nothing_half_written_old_output_intact(tiny_dir, tm
 # -- damaged files in a model folder -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory):
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     return make_checkpoint("tiny", tmp_path_factory.mktemp("sharded") / "tiny", seed=1, shard_gb=0.02)
 
@@ -213,11 +213,11 @@ def test_every_entry_point_refuses_bad_input_in_one_line(tiny_dir, tmp_path):
     cases = {
         "bench json folder": (m + ["mlx_dsvl.bench", "--json", str(tmp_path / "no" / "x.json")], "no such folder"),
         "bench max tokens": (m + ["mlx_dsvl.bench", "--max-tokens", "0"], "--max-tokens must be >= 1"),
-        "checkpoint file parent": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+        "checkpoint file parent": (m + ["mlx_dsvl.random_checkpoint", "--arch", "tiny", "--out",
                                         str(a_file / "x")], str(a_file / "x")),
-        "checkpoint exists": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out", str(existing)],
+        "checkpoint exists": (m + ["mlx_dsvl.random_checkpoint", "--arch", "tiny", "--out", str(existing)],
                               "exists"),
-        "checkpoint shards": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+        "checkpoint shards": (m + ["mlx_dsvl.random_checkpoint", "--arch", "tiny", "--out",
                                    str(tmp_path / "c"), "--shard-gb", "0"], "--shard-gb positive"),
         "convert file parent": (m + ["convert", "--model", str(tiny_dir), "--out", str(a_file / "x")],
                                 f"{a_file} is a file, not a folder"),

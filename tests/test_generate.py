@@ -30,6 +30,20 @@ def run_cli(*args, timeout=300):
 
 
 # -- CLI ------------------------------------------------------------------------------------
+def test_importing_the_cli_module_keeps_the_generate_function():
+    """``mlx_dsvl.generate`` is the function and the CLI module's name: importing the module
+    (first, in a fresh process) must not rebind the package's attribute to it, and importing
+    the package must not import MLX."""
+    code = ("import sys, mlx_dsvl; assert 'mlx.core' not in sys.modules; "
+            "from mlx_dsvl.generate import main; import mlx_dsvl.generate; "
+            "from mlx_dsvl.generation import generate; "
+            "assert mlx_dsvl.generate is generate, mlx_dsvl.generate; "
+            "from mlx_dsvl import generate as g; assert g is generate; "
+            "assert callable(main) and sys.modules['mlx_dsvl.generate'].main is main")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("ckpt", ["tiny_dir", "tiny_hybrid_dir"])
 def test_cli_generates_with_verbose_figures(ckpt, request, tmp_path):
     model_dir = request.getfixturevalue(ckpt)
@@ -97,8 +111,7 @@ def test_cli_tells_when_the_context_limit_stops_the_reply(tiny_dir):
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--max-context", "0"], "--max-context must be an integer >= 2"),
 ])
-def test_cli_rejects_out_of_range_options(args, message, capsys, monkeypatch):
-    monkeypatch.setattr(mlx_dsvl, "generate", mlx_dsvl.generate)  # importing the CLI module rebinds it
+def test_cli_rejects_out_of_range_options(args, message, capsys):
     from mlx_dsvl.generate import main
 
     assert main(["--model", "/nowhere", "--prompt", "Hi", *args]) == 2  # before loading anything
@@ -282,8 +295,8 @@ def test_api_rejects_out_of_range_sampling(bad, match, tiny_model):
     conv = [{"role": "user", "content": "Hi"}]
     chat = ChatSession(model, processor)
     for call in (lambda: list(chat.send("Hi", **bad)),
-                 lambda: mlx_dsvl.generation.generate(model, processor, conv, **bad),
-                 lambda: mlx_dsvl.generation.generate_batch(model, processor, [conv], **bad)):
+                 lambda: mlx_dsvl.generate(model, processor, conv, **bad),
+                 lambda: mlx_dsvl.generate_batch(model, processor, [conv], **bad)):
         with pytest.raises(ValueError, match=match):
             call()
     assert chat.messages == []

@@ -14,8 +14,8 @@ from mlx_dsvl.models.deepseek_vl import (
     check_image_positions,
     merge_image_embeddings,
 )
-from mlx_dsvl.testing.make_checkpoint import ARCHS, checkpoint_shapes
-from mlx_dsvl.testing.tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
+from mlx_dsvl.random_checkpoint import ARCHS, checkpoint_shapes
+from mlx_dsvl.random_tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
 
 
 def loop_merge(ids, text, images):

@@ -690,10 +690,11 @@ def test_cli_loading_options(text_ckpt):
     the folder's name."""
     import mlx.nn as nn
 
-    from mlx_dsvl.server.__main__ import build_parser, load_model, served_name
+    from mlx_dsvl.model_options import load_from_args
+    from mlx_dsvl.server.__main__ import build_parser, served_name
 
     args = build_parser().parse_args(["--model", str(text_ckpt), "--4bit", "--dtype", "float32"])
-    model, _ = load_model(args)
+    model, _ = load_from_args(args)
     kinds = {type(m).__name__ for _, m in model.language_model.named_modules()}
     assert "QuantizedLinear" in kinds and not any(
         isinstance(m, nn.QuantizedLinear) for _, m in model.vision_model.named_modules())

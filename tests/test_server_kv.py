@@ -26,7 +26,7 @@ Q2 = "And tomorrow?"
 @pytest.fixture(scope="module")
 def kv_ckpt(text_ckpt, tmp_path_factory):
     """The text checkpoint with 2 heads of 32 (a KV quantization group must divide the head)."""
-    from mlx_dsvl.testing.make_checkpoint import with_language_config
+    from mlx_dsvl.random_checkpoint import with_language_config
 
     return with_language_config(text_ckpt, tmp_path_factory.mktemp("kv") / "tiny-kv",
                                 num_attention_heads=2, num_key_value_heads=2)

@@ -181,7 +181,7 @@ def test_session_with_unfused_prefills_matches_fused(tiny_model, monkeypatch):
 @pytest.fixture(scope="module")
 def kv_dir(tiny_dir, tmp_path_factory):
     """The tiny checkpoint with 2 heads of 32 (KV quantization groups need 32 | head size)."""
-    from mlx_dsvl.testing.make_checkpoint import with_language_config
+    from mlx_dsvl.random_checkpoint import with_language_config
 
     return with_language_config(tiny_dir, tmp_path_factory.mktemp("kv") / "tiny-2heads",
                                 num_attention_heads=2, num_key_value_heads=2)

@@ -343,7 +343,7 @@ def test_resume_is_exact(tiny_dir, shapes_data, tmp_path):
 
 
 def test_resume_refuses_another_model_or_setup(tiny_dir, tiny_hybrid_dir, shapes_data, tmp_path):
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     out = tmp_path / "run"
     train(cfg(stage=1, model=str(tiny_dir), data=str(shapes_data["pairs"]), out=str(out), iters=2))

@@ -43,7 +43,7 @@ N_TRAIN, N_TEST, BATCH = 800, 72, 8
 
 def small_grid_checkpoint(out, monkeypatch, seed=1):
     """make_checkpoint's "tiny" arch with a 96 px SigLIP input (36 image tokens)."""
-    from mlx_dsvl.testing import make_checkpoint as mc
+    from mlx_dsvl import random_checkpoint as mc
 
     config, (_, mean, std, do_norm), dtype = mc.ARCHS["tiny"]
     config = copy.deepcopy(config)

@@ -8,16 +8,21 @@ Short answers: normalized exact match and ANLS against every accepted answer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..generation import generate_batch
 from ..sampling import GREEDY
 from .answers import extract_choice, short_answer_scores
 from .items import Item, conversation
 
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
+
 DEFAULT_MAX_TOKENS = 32
 
 
-def score(model, processor, items: Sequence[Item], pictures: dict[str, object],
+def score(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item], pictures: dict[str, object],
           system_prompt: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[dict]:
     """One record per item: the reply, the option it names (or the short-answer scores)."""
     convs = [conversation(it, system_prompt, processor.image_tag) for it in items]

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from ..models.deepseek_vl import lm_head
 from .items import Item, conversation
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 TARGETS = ("letter", "text")
 
@@ -38,7 +43,7 @@ class Encoded:
     option_bytes: list[int]
 
 
-def encode(processor, item: Item, target: str = "letter",
+def encode(processor: ChatProcessor, item: Item, target: str = "letter",
            system_prompt: str | None = None) -> Encoded:
     """Tokenize the prompt and each option's reply (``" A"`` or ``" red"``)."""
     if target not in TARGETS:
@@ -58,7 +63,8 @@ def encode(processor, item: Item, target: str = "letter",
     return Encoded(prompt, ids, options, [len(r.encode("utf-8")) for r in replies])
 
 
-def image_embeddings(model, processor, items: Sequence[Item], pictures: dict[str, object]):
+def image_embeddings(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item],
+                     pictures: dict[str, object]):
     """``[B, Nmax, I, D]`` aligned embeddings (each distinct image key encoded once), or None."""
     keys = list(dict.fromkeys(k for it in items for k in it.image_keys))
     if not keys:
@@ -87,7 +93,8 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) -> list[list[float]]:
+def option_logprobs(model: DeepseekVL, processor: ChatProcessor, encoded: Sequence[Encoded],
+                    image_embeds) -> list[list[float]]:
     """Sum of log-probabilities of each option's tokens after its item's prompt."""
     lm = model.language_model
     ids, pad = left_pad([e.ids for e in encoded], processor.pad_id)
@@ -121,7 +128,7 @@ def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) 
     return out
 
 
-def score(model, processor, items: Sequence[Item], pictures: dict[str, object],
+def score(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item], pictures: dict[str, object],
           target: str = "letter", system_prompt: str | None = None) -> list[dict]:
     """One record per item: option scores, the chosen letter, whether it is right."""
     encoded = [encode(processor, it, target, system_prompt) for it in items]

@@ -13,12 +13,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from ..processing.image import ImageLoadError, load_image
 from . import greedy, likelihood
 from .items import EvalDataError, Item, first_groups, prompt_text, select
 from .metrics import summarize
 from .readers import ReadResult, read
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 METHODS = ("likelihood", "generate")
 DEFAULT_BATCH_SIZE = 8
@@ -27,13 +32,15 @@ DEFAULT_BATCH_SIZE = 8
 @contextmanager
 def inference_mode(model):
     """``model.eval()`` for the block; each module's own mode is put back afterwards."""
-    modes = [(m, m.training) for _, m in model.named_modules()]
+    modes = [(name, m, m.training) for name, m in model.named_modules()]
     model.eval()
     try:
         yield model
     finally:
-        for m, training in modes:  # one module at a time: train()/eval() would recurse
-            m._set_training_mode(training)
+        # train() sets a module's whole subtree: parents first (a name is a prefix of its
+        # children's), so each module ends with its own mode
+        for _, m, training in sorted(modes, key=lambda entry: len(entry[0])):
+            m.train(training)
 
 
 def prepare_items(data: str | ReadResult | Sequence[Item], circular: bool = False,
@@ -74,8 +81,8 @@ def load_pictures(items: Sequence[Item]):
     return pictures, failed
 
 
-def score_batch(model, processor, batch: Sequence[Item], method: str, target: str = "letter",
-                system_prompt: str | None = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
+def score_batch(model: DeepseekVL, processor: ChatProcessor, batch: Sequence[Item], method: str,
+                target: str = "letter", system_prompt: str | None = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
                 skip_bad: bool = False) -> list[dict]:
     """Records for one batch, in its order (short answers are always generated)."""
     pictures, failed = load_pictures(batch)
@@ -95,8 +102,8 @@ def score_batch(model, processor, batch: Sequence[Item], method: str, target: st
     return [by_id[it.id] for it in batch]
 
 
-def iter_records(model, processor, items: Sequence[Item], method: str = "likelihood",
-                 batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[list[dict]]:
+def iter_records(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item],
+                 method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[list[dict]]:
     """Each batch's records, in item order (``options``: see :func:`score_batch`)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -107,7 +114,7 @@ def iter_records(model, processor, items: Sequence[Item], method: str = "likelih
             yield score_batch(model, processor, items[i: i + batch_size], method, **options)
 
 
-def evaluate(model, processor, data: str | ReadResult | Sequence[Item],
+def evaluate(model: DeepseekVL, processor: ChatProcessor, data: str | ReadResult | Sequence[Item],
              method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
              circular: bool = False, target: str = "letter", system_prompt: str | None = None,
              max_tokens: int = greedy.DEFAULT_MAX_TOKENS, skip_bad: bool = False,

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -41,6 +42,9 @@ from .schema import (
     usage_body,
 )
 from .security import Guard
+
+if TYPE_CHECKING:
+    from ..processing.chat import ChatProcessor
 
 LARGE_PIXELS = 16_000_000  # after decoding more, freed memory is handed back to the system
 RETRY_AFTER_S = 1  # told with every 503 (busy, shutting down): a slot frees within a reply
@@ -69,7 +73,7 @@ class Prepared:
 class PromptBuilder:
     """Conversation + image bytes -> prompt ids, pixels and image content hashes."""
 
-    def __init__(self, processor, max_context: int):
+    def __init__(self, processor: ChatProcessor, max_context: int):
         self.processor = processor
         self.max_context = max_context
         self._lock = threading.Lock()  # one tokenizer, several request threads
@@ -133,7 +137,7 @@ class Events:
                 return event
 
 
-def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI:
+def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mlx-dsvl", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        hosts=config.hosts, origins=config.origins)

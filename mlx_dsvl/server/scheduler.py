@@ -30,7 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
@@ -38,6 +38,10 @@ import numpy as np
 from ..caches import ImageFeatureCache, PrefixCache
 from ..streaming import Batch, Output, Row, prefill, range_embeddings
 from .schema import SamplingParams
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 
 # -- what flows between the HTTP side and the worker ------------------------------------------
@@ -91,7 +95,7 @@ class Slot:
 class Scheduler:
     """Batched decoding of concurrent requests over one model, on one worker thread."""
 
-    def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, model: DeepseekVL, processor: ChatProcessor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
                  device: mx.Device | None = None,
                  kv: dict | None = None):

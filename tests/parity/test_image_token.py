@@ -20,8 +20,8 @@ mx = pytest.importorskip("mlx.core")
 
 import mlx_dsvl  # noqa: E402
 from mlx_dsvl.models.deepseek_vl import ImagePositionError  # noqa: E402
+from mlx_dsvl.random_tokenizer import write_tokenizer  # noqa: E402
 from mlx_dsvl.testing import hf_reference as ref  # noqa: E402
-from mlx_dsvl.testing.tokenizer import write_tokenizer  # noqa: E402
 
 BOS, EOS, IMAGE = 100700, 100701, 101234  # none of them DeepSeek's (100000, 100001, 100015)
 

@@ -20,10 +20,10 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx_dsvl.loading import load_model  # noqa: E402
 from mlx_dsvl.models.resize import antialias_bilinear_resize, bilinear_resize  # noqa: E402
+from mlx_dsvl.random_checkpoint import make_checkpoint  # noqa: E402
+from mlx_dsvl.random_tokenizer import BOS_ID as BOS  # noqa: E402  the checkpoints' ids
+from mlx_dsvl.random_tokenizer import IMAGE_ID as IMAGE_TOKEN
 from mlx_dsvl.testing import hf_reference as ref  # noqa: E402
-from mlx_dsvl.testing.make_checkpoint import make_checkpoint  # noqa: E402
-from mlx_dsvl.testing.tokenizer import BOS_ID as BOS  # noqa: E402  the checkpoints' ids
-from mlx_dsvl.testing.tokenizer import IMAGE_ID as IMAGE_TOKEN
 
 TOL = 1e-4
 TOKENS_PER_IMAGE = 576

@@ -1,6 +1,6 @@
 """Random DeepSeek-VL checkpoints in the original deepseek-ai on-disk layout.
 
-    python -m mlx_dsvl.testing.make_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b,7b-vision} --out DIR [--seed N]
+    python -m mlx_dsvl.random_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b,7b-vision} --out DIR [--seed N]
 
 Writes ``config.json`` (real structure; tiny archs carry explicit size overrides), safetensors
 (PyTorch layouts: conv weights [O, I, kH, kW]; one file, or shards of at most ``--shard-gb`` with
@@ -24,8 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from ..config import CLIP_MEAN, CLIP_STD, ModelConfig
+from .config import CLIP_MEAN, CLIP_STD, ModelConfig
+from .random_tokenizer import write_processor_configs, write_tokenizer
+
+# The model's modules are imported where used: this module imports without MLX.
 
 SIGLIP = {"model_name": "siglip_large_patch16_384", "image_size": 384, "select_feature": "same",
           "select_layer": -1}
@@ -97,8 +101,8 @@ def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of the original checkpoint, with its PyTorch shape, in key order."""
     from mlx.utils import tree_flatten
 
-    from ..model_folder import CONV_SUFFIXES
-    from ..models.deepseek_vl import DeepseekVL
+    from .model_folder import CONV_SUFFIXES
+    from .models.deepseek_vl import DeepseekVL
 
     cfg = ModelConfig.from_dict(config)
     model = DeepseekVL(cfg)  # MLX arrays are lazy: building the 7B allocates nothing
@@ -157,10 +161,7 @@ def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -
 def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None = None,
                     shard_gb: float = 5.0, force: bool = False, verbose: bool = False) -> Path:
     """Write a random checkpoint of ``arch`` to ``out`` (via a temporary folder + rename)."""
-    from safetensors.numpy import save_file
-
-    from ..model_folder import plan_shards, shard_names  # (imports MLX: not at module level)
-    from .tokenizer import write_processor_configs, write_tokenizer
+    from .model_folder import plan_shards, shard_names
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
@@ -241,8 +242,6 @@ def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) 
 
     Location: ``$MLX_DSVL_CACHE`` or ``~/.cache/mlx_dsvl``, under ``checkpoints/{arch}-seed{seed}``.
     """
-    import os
-
     root = Path(root or os.environ.get("MLX_DSVL_CACHE") or Path.home() / ".cache" / "mlx_dsvl")
     out = root / "checkpoints" / f"{arch}-seed{seed}"
     if not (out / "config.json").exists():
@@ -256,7 +255,7 @@ def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mlx_dsvl.testing.make_checkpoint",
+    p = argparse.ArgumentParser(prog="python -m mlx_dsvl.random_checkpoint",
                                 description="Write a random DeepSeek-VL checkpoint in the original layout.")
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
