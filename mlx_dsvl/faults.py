@@ -9,8 +9,8 @@ that rank among those ``mlx.launch`` started (its ``MLX_RANK``) does it.  Withou
 
 Points: ``step`` (training: a micro-batch computed, the step not yet counted or saved),
 ``checkpoint-file`` (a checkpoint's file written into its temporary folder: the adapters
-pair, the optimizer, the RNG state, then ``state.json``), ``replace`` (a ``--force`` run: 1 =
-its first checkpoint is in the staging folder, 2 = the old run has been moved aside), ``tensor``
+pair, the optimizer, the RNG state, then ``state.json``), ``replace`` (a staged folder put in
+place, e.g. by a ``--force`` run: 1 = it is complete, 2 = the old folder has been moved aside), ``tensor``
 (conversion: a tensor written into the output's temporary folder).
 """
 

@@ -34,8 +34,8 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: str | None = None,
     ``dtype``: float16, bfloat16 or float32 on disk (default: as the base stores its weights).
     Raises ``mlx_dsvl.convert.files.ConvertError`` (a ``ValueError``) on bad input.
     """
-    from .convert.files import log  # (MLX: imported after main's BLAS re-execution)
-    from .convert.to_original import convert_to_original
+    from .convert.to_original import convert_to_original  # (MLX: imported after main's BLAS re-execution)
+    from .outputs import log
 
     path = convert_to_original(model_path, out, dtype=dtype, adapter=adapter_dir, force=force,
                                shard_gb=shard_gb, progress=log if verbose else (lambda _msg: None))
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
-    from .convert.staging import run_command  # SIGTERM/SIGHUP clean up like Ctrl-C; one error line
+    from .outputs import run_command  # after ensure_fast_blas: it imports MLX
 
     return run_command(lambda: fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force))[0]
 

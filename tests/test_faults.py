@@ -95,41 +95,6 @@ def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
     assert listing(tmp_path) == ["out"]  # the first one cleaned up after itself
 
 
-def test_an_interrupted_force_replace_gets_the_old_folder_back(tmp_path):
-    """Killed between moving the old --out aside and renaming the new one in: put it back."""
-    from mlx_dsvl.convert.staging import reclaim_stale
-
-    out = tmp_path / "out"
-    old = tmp_path / ".out.old-abc123"
-    old.mkdir()
-    (old / "mine.txt").write_text("keep me")
-    (tmp_path / ".out.partial-abc123").mkdir()
-    (tmp_path / ".out.partial-abc123" / "model.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / ".out.partial-abc123.lock").touch()
-    told = []
-    reclaim_stale(out, told.append)
-    assert listing(tmp_path) == ["out"] and (out / "mine.txt").read_text() == "keep me"
-    assert told[0].startswith("restored") and "1.00 KB freed" in told[1]
-
-
-def test_held_locks_and_lockless_folders_are_left_alone(tmp_path):
-    import fcntl
-
-    from mlx_dsvl.convert.staging import reclaim_stale
-
-    out = tmp_path / "out"
-    (tmp_path / ".out.partial-live").mkdir()
-    lock = tmp_path / ".out.partial-live.lock"
-    lock.touch()
-    (tmp_path / ".out.partial-legacy").mkdir()  # an older version's leftover: no lock file
-    told = []
-    with open(lock) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # as a running writer holds it
-        assert reclaim_stale(out, told.append) == 0
-    assert listing(tmp_path) == [".out.partial-legacy", ".out.partial-live", ".out.partial-live.lock"]
-    assert len(told) == 1 and "partial-legacy" in told[0] and "no lock file" in told[0]
-
-
 # -- a full disk --------------------------------------------------------------------------------
 def test_full_disk_one_error_nothing_half_written_old_output_intact(tiny_dir, tmp_path, monkeypatch, capsys):
     """ENOSPC in the middle of a shard (injected at write time): the old --out (--force) stays."""

@@ -287,7 +287,7 @@ def test_a_checkpoint_without_recorded_digests_is_checked_by_loading(finished_ru
 def full_disk(monkeypatch, fail_at: int, kind: str):
     """The ``fail_at``-th safetensors write stops half way, as on a full disk: MLX raises a
     RuntimeError (what it does when a write fails), or the OS an ENOSPC."""
-    import mlx_dsvl.train.files as files
+    import mlx_dsvl.outputs as files
 
     real = files.mx.save_safetensors
     calls = [0]

@@ -8,7 +8,8 @@ convert`` from the repository root).
 - :mod:`.hf_config`: ``transformers`` config -> original ``config.json`` and processor files;
 - :mod:`.sources`: any supported checkpoint as one lazy MLX-layout view (reading folders, the
   layout maps and the strict check are :mod:`mlx_dsvl.model_folder`'s);
-- :mod:`.files`, :mod:`.staging`, :mod:`.job`: writing outputs atomically.
+- :mod:`.files` (safetensors, shards), :mod:`.job` (the frame: checks, the staged output
+  folder of :mod:`mlx_dsvl.outputs`).
 
 Importing this package is cheap (nothing below is imported here), so that the test tools can
 use :mod:`.keymaps` alone.

@@ -18,10 +18,12 @@ import argparse
 import os
 import sys
 
+from ..blas import ensure_fast_blas
 from ..loading import ModelLoadError
+from ..outputs import run_command
 from ..utils import print_names
 from .files import ConvertError
-from .staging import run_command
+from .to_mlx import convert_to_mlx
 
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 
@@ -63,8 +65,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from ..blas import ensure_fast_blas
-
     if argv is None:
         ensure_fast_blas()
     parser = build_parser(prog)
@@ -89,12 +89,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def _run(a: argparse.Namespace):
     if a.to_original:
-        from .to_original import convert_to_original
+        from .to_original import convert_to_original  # deferred: adapters bring mlx_lm.tuner (rich)
 
         return convert_to_original(a.model, a.out, dtype=a.dtype, adapter=a.adapter, force=a.force,
                                    allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
-    from .to_mlx import convert_to_mlx
-
     return convert_to_mlx(a.model, a.out, dtype=a.dtype, quantize=a.quantize,
                           q_bits=a.q_bits or 4, q_group_size=a.q_group_size or 64,
                           quantize_vision=a.quantize_vision, force=a.force,

@@ -1,5 +1,5 @@
-"""File side of the converter: streaming safetensors writer, shards (output folders: staging.py;
-the shard plan and names: :mod:`mlx_dsvl.model_folder`).
+"""File side of the converter: streaming safetensors writer, shards (output folders:
+:mod:`mlx_dsvl.outputs`; the shard plan and names: :mod:`mlx_dsvl.model_folder`).
 
 - :func:`write_safetensors`: writes the header from the (lazy) arrays' shapes and dtypes, then
   evaluates and writes one tensor at a time, dropping it right after -- so writing a shard holds
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..faults import fault_point
 from ..model_folder import ModelLoadError, plan_shards, shard_names
+from ..outputs import human_bytes, log
 
 
 class ConvertError(ValueError):
@@ -38,22 +38,6 @@ def as_convert_error() -> Iterator[None]:
         yield
     except ModelLoadError as e:
         raise ConvertError(str(e)) from None
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 # -- safetensors ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ only when everything was written, the config/tokenizer/processor files, and the 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +19,9 @@ import mlx.core as mx
 
 from ..loading import DTYPES
 from ..model_folder import resolve_model_path
-from .files import ConvertError, as_convert_error, copy_files, folder_bytes, human_bytes, write_json
+from ..outputs import FULL, Staged, folder_bytes, human_bytes, log, output_path, reclaim_stale
+from .files import ConvertError, as_convert_error, copy_files, write_json
 from .sources import Source, hub_patterns, open_source
-from .staging import check_output, staged_output
 
 
 @dataclass
@@ -37,6 +38,69 @@ class Job:
         copy_files(self.source.side_files, self.tmp)
         for name, obj in self.source.generated.items():
             write_json(self.tmp / name, obj)
+
+
+def check_output(out: Path, source: Path | None, force: bool) -> None:
+    """Refuse an existing ``out`` without ``force``, a file, and any overlap with the source."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder")
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists (use --force to replace it)")
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise ConvertError(f"{out}: the output folder must not be, contain or lie inside the input {source}")
+
+
+@contextmanager
+def staged_output(out: Path, force: bool = False, progress: Callable[[str], None] = log) -> Iterator[Path]:
+    """Yield a fresh folder staged beside ``out`` (:class:`mlx_dsvl.outputs.Staged`), put in
+    ``out``'s place when the block succeeds.
+
+    On failure (any exception, Ctrl-C, SIGTERM/SIGHUP under ``signals_as_exceptions``) it and the
+    parent folders created for it are removed and ``out`` is left as it was; after ``kill -9``,
+    the next run into ``out`` removes them (``reclaim_stale``).
+    """
+    out = output_path(out)
+    created: list[Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConvertError(f"{out}: {parent} is a file, not a folder")
+
+    def remove_created() -> None:  # innermost first; only if still empty
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_stale(out, progress, f"interrupted conversions into {out.name}")
+        staged = Staged(out)
+    except OSError as e:
+        remove_created()
+        raise ConvertError(f"{out}: cannot write there ({e.strerror or e})") from None
+    try:
+        staged.partial.mkdir(mode=0o700)
+        yield staged.partial
+        staged.partial.chmod(0o755)  # a model folder is an ordinary one
+        for p in staged.partial.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if out.exists() and not force:
+            raise ConvertError(f"{out}: already exists (use --force to replace it)")
+        staged.publish()
+    except BaseException as e:
+        staged.abandon()
+        remove_created()
+        if isinstance(e, OSError) and e.errno in FULL:
+            raise ConvertError(f"{out.parent}: no space left on the device while writing {out.name} "
+                               "(the partial output was removed; free some space and run again)") from None
+        raise
+    finally:
+        staged.release()
 
 
 @contextmanager

@@ -239,10 +239,7 @@ def hf_to_original(state_dict: Mapping[str, Any], hybrid: bool | None = None) ->
     """``transformers`` tensors (either SigLIP naming generation) -> original deepseek-ai names.
 
     hybrid: the 7B layout; None detects it from the names (``model.high_res_vision_*``).
-    The SigLIP q/k/v projections are fused back into ``attn.qkv`` (q, k, v order) and the
-    position table regains its leading 1.  The unused tensors the released files carry
-    (``attn_pool``, ``high/low_layer_norm``, ``inv_freq``) are not invented.  A missing
-    ``lm_head.weight`` (a file saved with tied embeddings) stays missing: the caller decides.
+    The unused tensors the released files carry are not invented.  A missing ``lm_head.weight`` (a file saved with tied embeddings) stays missing: the caller decides.
     Raises ``KeyError`` for an unknown name, a duplicate (both SigLIP generations at once) or
     an incomplete q/k/v triple.
     """

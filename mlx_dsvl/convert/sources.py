@@ -1,18 +1,11 @@
 """Reading a checkpoint folder of any supported kind into one lazy, MLX-layout view.
 
-Kinds:
-
-- ``original``: the deepseek-ai layout (``vision_config`` / ``aligner_config`` /
-  ``language_config``; PyTorch names and conv layouts);
-- ``transformers``: ``deepseek_vl`` / ``deepseek_vl_hybrid`` (either SigLIP naming generation),
-  renamed with :func:`.keymaps.hf_to_original` and given an original ``config.json``;
-- ``mlx``: a folder written by this converter (possibly quantized).
-
-Weights: safetensors (single file or shards + index) read lazily with ``mx.load`` -- nothing is
-read from disk until a tensor is evaluated; PyTorch pickles (``.bin`` / ``.pt`` / ``.pth``) only
-when allowed, one file at a time through ``torch.load(weights_only=True)`` into scratch
-safetensors.  Every check (config, index, shards, truncation, names, shapes) happens before
-anything is written.
+Kinds: ``original`` (deepseek-ai layout), ``transformers`` (``deepseek_vl`` /
+``deepseek_vl_hybrid``, renamed with :func:`.keymaps.hf_to_original` and given an original
+``config.json``), ``mlx`` (a folder this converter wrote, maybe quantized).  Safetensors are read
+lazily; PyTorch pickles only when allowed, one file at a time through
+``torch.load(weights_only=True)`` into scratch safetensors.  Every check happens before anything
+is written.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from ..mlx_format import (
 )
 from ..model_folder import check_weights
 from ..models.deepseek_vl import DeepseekVL
-from .files import ConvertError, log, write_safetensors, write_shards
+from ..outputs import log
+from .files import ConvertError, write_safetensors, write_shards
 from .job import conversion
 from .sources import skeleton_parameters
 

@@ -20,7 +20,8 @@ from ..adapters import AdapterError, adapter_kind, adapter_layers, fuse_adapters
 from ..mlx_format import dequantize_weights, quantize_like
 from ..model_folder import check_weights, to_pytorch_layout
 from ..models.deepseek_vl import DeepseekVL
-from .files import ConvertError, log, write_shards
+from ..outputs import log
+from .files import ConvertError, write_shards
 from .job import conversion
 from .sources import Source, skeleton_parameters
 from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype

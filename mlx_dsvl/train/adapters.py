@@ -24,7 +24,7 @@ from ..adapters import (  # noqa: F401 -- re-exported
     read_adapter_config,
     trained_weights,
 )
-from .files import replace_atomic, save_arrays, write_text_atomic
+from ..outputs import replace_atomic, save_arrays, write_text_atomic
 
 
 def save_adapters(folder: str | os.PathLike, model, config: dict) -> None:

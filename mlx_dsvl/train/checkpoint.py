@@ -10,8 +10,8 @@ A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
 * ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
   the base model's fingerprint, and the size and SHA-256 of each other file.
 
-It is written into a temporary sibling folder (named with the writer's pid, so a later save can
-remove one that a killed run left) and renamed into place, then ``OUT/checkpoints/latest`` (a
+It is written into a temporary sibling folder (held by its writer, so a later save can remove one
+that a killed run left: :func:`mlx_dsvl.outputs.temporary`) and renamed into place, then ``OUT/checkpoints/latest`` (a
 one-line text file) is replaced atomically: an interrupted save never leaves a half-written
 checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
 """
@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..faults import fault_point
+from ..outputs import fsync_dir, fsync_file, remove_abandoned, save_arrays, temporary, write_text_atomic
 from ..utils import file_digest
 from .adapters import save_adapters
-from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -125,21 +124,17 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root)
     final = step_dir(out, step)
-    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
-    try:
+    with temporary(final, folder=True) as tmp:
         _write_files(tmp, model, optimizer, adapter_cfg, {**state, "step": step}, rng_ranks)
         tmp.chmod(0o755)
         if final.exists():  # the same step of an abandoned timeline: moved aside, then removed
-            old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
-            os.replace(final, old / final.name)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            with temporary(final, folder=True) as old:
+                os.replace(final, old / final.name)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
         fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(root / LATEST, final.name + "\n")
     fsync_dir(root)
     steps = list_checkpoints(out)

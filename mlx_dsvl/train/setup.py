@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 from ..adapters import adapter_config, model_fingerprint
+from ..outputs import write_text_atomic
 from ..utils import file_digest
 from . import checkpoint as ckpt
 from .batches import BatchProducer, BatchStream
@@ -26,7 +27,6 @@ from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, va
 from .data import Dataset, load_jsonl
 from .distributed import SOLO, World, global_batch_check
 from .evaluation import EvalSet, read_eval_sets
-from .files import write_text_atomic
 from .loss import enable_grad_checkpoint
 from .report import warn
 from .rundir import RUN_CONFIG, RunDir, recover

@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ..outputs import replace_atomic, save_arrays
 from ..utils import file_digest
-from .files import replace_atomic, save_arrays
 
 Features = tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
 
