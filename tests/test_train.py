@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_dsvl
+from mlx_dsvl.testing.synthetic import write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train.__main__ import build_parser
 from mlx_dsvl.train.__main__ import main as train_main
@@ -24,7 +25,6 @@ from mlx_dsvl.train.checkpoint import ResumeError
 from mlx_dsvl.train.data import IGNORE, DataError, load_jsonl, tokenize_chat, tokenize_text
 from mlx_dsvl.train.schedule import ModalityMixer
 from mlx_dsvl.train.stages import StageError
-from mlx_dsvl.train.synthetic import write_shapes_dataset
 
 EOS_TEXT = "<｜end▁of▁sentence｜>"
 
