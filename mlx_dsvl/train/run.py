@@ -1,32 +1,335 @@
-"""``train(cfg)``: set a run up, run the loop with the standard callbacks, say how it ended.
+"""Setting a run up and running it: ``train(cfg)``.
 
-The convenience entry of the CLI and the Python API (as mlx-lm's ``lora.train_model`` wraps
-``tuner.trainer.train``).  To change one part, build the parts with
-:func:`mlx_dsvl.train.setup.build` and call :func:`mlx_dsvl.train.loop.train_loop` with a loss
-or callbacks of your own.  Started by ``mlx.launch`` it trains data-parallel on the processes
-launched (:mod:`mlx_dsvl.train.distributed`).
+:func:`prepare` checks the options (merging a resumed run's), :func:`build` makes the parts
+(model and what trains, data, optimizer, vision cache, resume state), :func:`run_parts` runs the
+loop over them with the standard callbacks and says how it ended.  To change one part, build the
+parts and call :func:`mlx_dsvl.train.loop.train_loop` with a loss or callbacks of your own.
+
+With several processes (``mlx.launch``) every one sets the same run up, checks that all did so
+alike before anything is written, and then reads only its share of each global batch; rank 0
+alone writes.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import mlx.optimizers as optim
+
+from ..adapters import adapter_config, model_fingerprint
+from ..utils import file_digest
+from . import checkpoint as ckpt
+from .batches import BatchProducer, BatchStream
 from .callbacks import METRICS, Console, MetricsLog, Plot, TrainingCallback
-from .config import TrainConfig
-from .distributed import ProcessLost, World
-from .evaluation import Evaluation, Validation, validation_losses
+from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, validate_config
+from .data import Dataset, load_jsonl
+from .distributed import SOLO, ProcessLost, World, global_batch_check
+from .evaluation import EvalSet, Evaluation, Validation, read_eval_sets, validation_losses
+from .files import write_text_atomic
 from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
-from .loss import make_loss
-from .report import Progress, Window, as_process, fmt_time, note, start_line
-from .rundir import RunDir
+from .loss import enable_grad_checkpoint, make_loss
+from .report import Progress, Window, as_process, fmt_time, note, start_line, warn, who
+from .rundir import RUN_CONFIG, RunDir, recover
 from .saving import Checkpointer
-from .setup import VISION_CACHE, TrainParts, build, prepare
-from .signals import StopSignals
+from .schedule import ModalityMixer, lr_schedule
+from .stages import StageError, TrainSpec, count_parameters, parse_components, setup_trainable, vision_trainable
+from .vision_cache import VisionFeatureCache, vision_model_key
+
+VISION_CACHE = "vision_cache"  # in the run folder unless `vision_cache_dir`
+DATA_FILES = ("data", "val_data", "text_data", "val_text_data")
+
+
+@dataclass
+class Resume:
+    path: Path  # the checkpoint folder
+    state: dict[str, Any]  # its state.json
+
+
+@dataclass
+class TrainParts:
+    """A run, set up: what :func:`~mlx_dsvl.train.loop.train_loop` and its callbacks receive."""
+
+    cfg: TrainConfig  # resolved: every derived default filled in
+    run: RunDir
+    model: Any
+    processor: Any
+    spec: TrainSpec
+    frozen_vision: bool
+    data: dict[str, Dataset | None]
+    mixer: ModalityMixer | None
+    batches: BatchProducer
+    optimizer: Any
+    schedule: Callable
+    cache: VisionFeatureCache | None
+    start_step: int
+    history: list[dict]  # the records so far (a resumed run's included)
+    adapter_cfg: dict
+    meta: dict  # what every checkpoint records: config, base-model fingerprint, data digests
+    resume: Resume | None
+    n_params: tuple[int, int]  # (trained, total)
+    eval_sets: list[EvalSet]  # eval_data, read
+    world: World = SOLO  # the processes of the run
+
+    @property
+    def writer(self) -> bool:
+        """This process writes the run's files."""
+        return self.world.writer
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
+            ) -> tuple[TrainConfig, Resume | None]:
+    """Check the options and merge a resumed run's; returns a new config (``cfg`` is unchanged).
+
+    ``explicit``: the options the user gave (a resumed run may override only non-structural ones).
+    """
+    validate_config(cfg)
+    resume = None
+    if cfg.resume:
+        if world.writer:
+            recover(Path(cfg.resume))  # a run folder that a killed `force` run left mid-swap
+        cfg, resume = merge_resume(cfg, explicit, world.size)
+    for req in ("stage", "model", "data", "out"):
+        if getattr(cfg, req) in (None, ""):
+            raise ValueError(f"`{req}` is required")
+    if cfg.iters is not None and cfg.epochs is not None:
+        raise ValueError("give `iters` or `epochs`, not both")
+    return cfg, resume
+
+
+def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) -> tuple[TrainConfig, Resume]:
+    """The checkpoint's run config with the options given now; structural changes are refused
+    (the batch size may change with the number of ``processes`` if the global batch stays).
+
+    Without an output folder the run continues in the run folder that holds the checkpoint.
+    """
+    path = ckpt.find_checkpoint(cfg.resume)
+    state = ckpt.read_checkpoint(path)
+    saved = state.get("config") or {}
+    merged = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in fields(TrainConfig)}})
+    batch = cfg.batch_size if "batch_size" in explicit else merged.batch_size
+    why = global_batch_check(merged.batch_size, int(state.get("processes", 1)), batch, processes)
+    if why:
+        raise ckpt.ResumeError(f"`resume` {path}: {why}")
+    for name in explicit:
+        new, old = getattr(cfg, name), saved.get(name)
+        if name in STRUCTURAL and new != old and name != "batch_size":
+            raise ckpt.ResumeError(f"`resume` {path}: `{name}` {new} differs from the checkpoint's {old}; "
+                                   f"a resumed run keeps the original set-up")
+        setattr(merged, name, new)
+    if "epochs" in explicit and "iters" not in explicit:
+        merged.iters = None  # the run's length is recomputed from the new epochs
+    elif "iters" in explicit:
+        merged.epochs = None
+    for name in THIS_COMMAND:
+        setattr(merged, name, getattr(cfg, name))
+    if cfg.out is not None:
+        merged.out = cfg.out
+    elif ckpt.run_of(path) is not None:
+        merged.out = str(ckpt.run_of(path))
+    else:
+        raise ckpt.ResumeError(f"`resume` {path}: this checkpoint is not inside a run folder; give `out`")
+    return merged, Resume(path, state)
+
+
+# -- parts ----------------------------------------------------------------------------------------
+
+
+def check_base_model(resume: Resume, fingerprint: dict, model_name: str) -> None:
+    fp = resume.state.get("fingerprint") or {}
+    base = (resume.state.get("config") or {}).get("model")
+    if fp.get("arch") != fingerprint["arch"]:
+        raise ckpt.ResumeError(f"`resume` {resume.path}: this checkpoint was trained from another model "
+                               f"architecture ({base}); it cannot continue with `model` {model_name}")
+    if fp.get("weights") != fingerprint["weights"]:
+        raise ckpt.ResumeError(f"`resume` {resume.path}: this checkpoint was trained from other base "
+                               f"weights ({base}), not from `model` {model_name}; refusing to mix them")
+
+
+def training_spec(cfg: TrainConfig, model) -> TrainSpec:
+    comps = parse_components(cfg.stage, cfg.train, model.config.vision.hybrid)
+    targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    spec = TrainSpec(cfg.stage, comps, cfg.method, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout,
+                     targets, cfg.lora_layers)
+    if cfg.cache_vision_features and vision_trainable(spec):
+        raise StageError("`cache_vision_features` needs frozen vision towers (stages 1-2, or a `train` "
+                         "set without siglip/sam/sam-neck)")
+    return spec
+
+
+def load_datasets(cfg: TrainConfig, processor) -> dict[str, Dataset | None]:
+    kw = dict(max_seq_len=cfg.max_seq_len, long_policy=cfg.long_examples, skip_bad=cfg.skip_bad,
+              verbose=not cfg.quiet)
+    return {k: (load_jsonl(getattr(cfg, k), processor, **kw) if getattr(cfg, k) else None) for k in DATA_FILES}
+
+
+def data_digests(cfg: TrainConfig) -> dict[str, str | None]:
+    return {k: (file_digest(getattr(cfg, k)) if getattr(cfg, k) else None) for k in ("data", "text_data")}
+
+
+def trainable_model(model, cfg: TrainConfig, spec: TrainSpec) -> None:
+    """Adapters and trainable flags (their initialization follows ``seed``), grad checkpointing."""
+    mx.random.seed(cfg.seed)
+    setup_trainable(model, spec)
+    if cfg.grad_checkpoint:
+        if "llm" in spec.components:
+            enable_grad_checkpoint(model.layers)
+        if "siglip" in spec.components:
+            enable_grad_checkpoint(model.towers()["siglip"].blocks)
+
+
+def make_optimizer(model, cfg: TrainConfig, frozen_vision: bool):
+    """AdamW on the schedule, with its own schedule for the vision towers' weights if they train
+    at another rate; returns ``(optimizer, the LLM's schedule)``."""
+    schedule = lr_schedule(cfg.lr, cfg.iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    if not frozen_vision and cfg.vision_lr != cfg.lr:
+        vision_opt = optim.AdamW(
+            learning_rate=lr_schedule(cfg.vision_lr, cfg.iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio),
+            weight_decay=cfg.weight_decay)
+        optimizer = optim.MultiOptimizer([vision_opt, optimizer],
+                                         [lambda path, _: path.startswith("vision_model.")])
+    optimizer.init(model.trainable_parameters())
+    return optimizer, schedule
+
+
+def restore(resume: Resume, model, optimizer, streams: dict[str, BatchStream | None],
+            digests: dict) -> tuple[int, list[dict], mx.array | None]:
+    """Weights, optimizer, random state and data position of the checkpoint; (step, history,
+    every process's random state when several saved theirs)."""
+    rng_ranks = ckpt.restore(resume.path, model, optimizer)
+    saved = resume.state.get("streams", {})
+    streams["main"].load_state(saved["main"])
+    if streams["text"] is not None and "text" in saved:
+        streams["text"].load_state(saved["text"])
+    if resume.state.get("data") != digests:
+        warn("the data files changed since the checkpoint; the resumed run goes on over the new data "
+             "(from the same position in the epoch, or the next epoch if the data is now shorter), "
+             "not in the original order")
+    return int(resume.state["step"]), list(resume.state.get("history", [])), rng_ranks
+
+
+def rank_random_state(world: World, saved: mx.array | None) -> None:
+    """Each process's own random stream (its shard's LoRA dropout masks), split from the run's;
+    from a checkpoint of as many processes, each one's saved stream."""
+    if world.size == 1:
+        return
+    if saved is not None and saved.shape[0] == world.size:
+        key = saved[world.rank]
+    else:
+        key = mx.random.split(mx.random.state[0], world.size)[world.rank]
+    ckpt.set_rng_state(key)
+
+
+def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, loaded=None,
+          world: World = SOLO) -> TrainParts:
+    """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
+
+    ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model`` to train in place (e.g.
+    a model quantized in memory for QLoRA).  Nothing is written before the data has been read
+    (and, with several processes in ``world``, before all of them have checked that they set up
+    the same run; then rank 0 writes).
+    """
+    import mlx_dsvl
+
+    model, processor = loaded if loaded is not None else mlx_dsvl.load(cfg.model, dtype=cfg.dtype)
+    fingerprint = model_fingerprint(model)
+    if resume is not None:
+        check_base_model(resume, fingerprint, cfg.model)
+    spec = training_spec(cfg, model)
+    frozen_vision = not vision_trainable(spec)
+    data = load_datasets(cfg, processor)
+    eval_sets = read_eval_sets(cfg.eval_data)
+    main, text = data["data"], data["text_data"]
+    batch = cfg.batch_size * world.size  # the global batch: each process takes its share
+    streams = {"main": BatchStream(main.lengths, batch, cfg.seed, stream=0),
+               "text": BatchStream(text.lengths, batch, cfg.seed, stream=1) if text else None}
+    cfg = resolve(cfg, spec.components, frozen_vision, streams["main"].batches_per_epoch, text is not None)
+    mixer = mixer_of(cfg)
+
+    trainable_model(model, cfg, spec)
+    n_params = count_parameters(model)
+    optimizer, schedule = make_optimizer(model, cfg, frozen_vision)
+    digests = data_digests(cfg)
+    start_step, history, rng_ranks = 0, [], None
+    if resume is not None:
+        start_step, history, rng_ranks = restore(resume, model, optimizer, streams, digests)
+    rank_random_state(world, rng_ranks)
+    config = asdict(cfg)
+    world.agree({"options": config, "base model": fingerprint, "data files": digests,
+                 "starting step and checkpoint files": [start_step, resume and resume.state.get("files")]})
+    # Every process starts from rank 0's weights, however its own initialization came out.
+    model.update(world.from_rank0(model.trainable_parameters()))
+    if world.writer:
+        run.create()
+        write_text_atomic(run.path / RUN_CONFIG, json.dumps(config, indent=2))
+        # rewritten from the history on resume
+        write_text_atomic(run.path / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+    cache = None
+    if cfg.cache_vision_features:
+        # Rank 0 keeps the run's cache; another process shares a `vision_cache_dir` (written
+        # entry by entry under unique temporary names) or keeps its features in memory.
+        folder = cfg.vision_cache_dir or (run.path / VISION_CACHE if world.writer else None)
+        cache = VisionFeatureCache(vision_model_key(model), folder)
+
+    batches = BatchProducer(main, streams["main"], text, streams["text"], mixer, processor, cfg.grad_accum,
+                            cfg.pad_to, cfg.skip_bad, cache, model=model, shard=world.shard)
+    batches.micro = start_step * cfg.grad_accum
+    return TrainParts(
+        cfg, run, model, processor, spec, frozen_vision, data, mixer, batches, optimizer, schedule, cache,
+        start_step, history, adapter_config(model, spec, str(cfg.model), fingerprint),
+        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, eval_sets, world)
+
+
+# -- stopping ------------------------------------------------------------------------------------
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run at the end of the current step, which
+    is then saved; a second signal stops at once (``KeyboardInterrupt``), without saving.
+
+    Handlers are installed only on the main thread (Python allows no other); elsewhere the run
+    simply cannot be stopped by a signal.
+    """
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+                sig = getattr(signal, name, None)  # no SIGHUP on Windows
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{who()}{self.name}: stopping after this step to save a checkpoint (once more: stop at "
+              f"once, without saving)", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+# -- running -------------------------------------------------------------------------------------
 
 
 @dataclass
