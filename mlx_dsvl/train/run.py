@@ -29,11 +29,21 @@ from ..adapters import adapter_config, model_fingerprint
 from ..utils import file_digest
 from . import checkpoint as ckpt
 from .batches import BatchProducer, BatchStream
-from .callbacks import METRICS, Console, MetricsLog, Plot, TrainingCallback
+from .callbacks import (
+    METRICS,
+    Console,
+    EvalSet,
+    Evaluation,
+    MetricsLog,
+    Plot,
+    TrainingCallback,
+    Validation,
+    read_eval_sets,
+    validation_losses,
+)
 from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, validate_config
 from .data import Dataset, load_jsonl
 from .distributed import SOLO, ProcessLost, World, global_batch_check
-from .evaluation import EvalSet, Evaluation, Validation, read_eval_sets, validation_losses
 from .files import write_text_atomic
 from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
 from .loss import enable_grad_checkpoint, make_loss

@@ -12,9 +12,8 @@ from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt
 from .adapters import save_adapters
-from .callbacks import TrainingCallback
+from .callbacks import TrainingCallback, due
 from .distributed import SOLO, World
-from .evaluation import due
 from .loop import TrainingStopped
 from .rundir import RunDir
 
