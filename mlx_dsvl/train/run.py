@@ -41,6 +41,7 @@ from .callbacks import (
     read_eval_sets,
     validation_losses,
 )
+from .checkpoint import Checkpointer
 from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, validate_config
 from .data import Dataset, load_jsonl
 from .distributed import SOLO, ProcessLost, World, global_batch_check
@@ -49,7 +50,6 @@ from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
 from .loss import enable_grad_checkpoint, make_loss
 from .report import Progress, Window, as_process, fmt_time, note, start_line, warn, who
 from .rundir import RUN_CONFIG, RunDir, recover
-from .saving import Checkpointer
 from .schedule import ModalityMixer, lr_schedule
 from .stages import StageError, TrainSpec, count_parameters, parse_components, setup_trainable, vision_trainable
 from .vision_cache import VisionFeatureCache, vision_model_key
