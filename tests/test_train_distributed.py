@@ -39,8 +39,7 @@ from mlx_dsvl.train.batches import BatchStream, collate
 from mlx_dsvl.train.callbacks import TrainingCallback
 from mlx_dsvl.train.checkpoint import ResumeError, damage
 from mlx_dsvl.train.distributed import World, fingerprint, global_batch_check, launcher
-from mlx_dsvl.train.loop import TrainingStopped
-from mlx_dsvl.train.loss import make_loss
+from mlx_dsvl.train.loop import TrainingStopped, make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")

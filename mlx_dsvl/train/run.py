@@ -46,8 +46,7 @@ from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, va
 from .data import Dataset, load_jsonl
 from .distributed import SOLO, ProcessLost, World, global_batch_check
 from .files import write_text_atomic
-from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, train_loop
-from .loss import enable_grad_checkpoint, make_loss
+from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, enable_grad_checkpoint, make_loss, train_loop
 from .report import Progress, Window, as_process, fmt_time, note, start_line, warn, who
 from .rundir import RUN_CONFIG, RunDir, recover
 from .schedule import ModalityMixer, lr_schedule
