@@ -23,11 +23,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..eval import Item, evaluate, read
-from .batches import Prepared, batch_arrays, collate, vision_input
+from .batches import Prepared, VisionFeatureCache, batch_arrays, collate, vision_input
 from .config import ConfigError
 from .data import DataError, Dataset
 from .report import Progress, train_line, val_line, warn
-from .vision_cache import VisionFeatureCache
 
 METRICS = "metrics.jsonl"
 

@@ -28,7 +28,7 @@ import mlx.optimizers as optim
 from ..adapters import adapter_config, model_fingerprint
 from ..utils import file_digest
 from . import checkpoint as ckpt
-from .batches import BatchProducer, BatchStream
+from .batches import BatchProducer, BatchStream, VisionFeatureCache, vision_model_key
 from .callbacks import (
     METRICS,
     Console,
@@ -51,7 +51,6 @@ from .report import Progress, Window, as_process, fmt_time, note, start_line, wa
 from .rundir import RUN_CONFIG, RunDir, recover
 from .schedule import ModalityMixer, lr_schedule
 from .stages import StageError, TrainSpec, count_parameters, parse_components, setup_trainable, vision_trainable
-from .vision_cache import VisionFeatureCache, vision_model_key
 
 VISION_CACHE = "vision_cache"  # in the run folder unless `vision_cache_dir`
 DATA_FILES = ("data", "val_data", "text_data", "val_text_data")
