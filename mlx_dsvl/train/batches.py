@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +29,10 @@ from ..utils import file_digest
 from .data import IGNORE, DataError, Dataset, Example
 from .files import replace_atomic, save_arrays
 from .schedule import ModalityMixer
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 
 class BatchStream:
@@ -42,7 +47,7 @@ class BatchStream:
     The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, stream: int = 0,
                  bucket_window: int = 16, bucket_ratio: float = 1.25):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
@@ -93,7 +98,7 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
     """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
 
@@ -147,21 +152,21 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
     if n:
         label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
     return Batch(
-        ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
-        n_tokens=sum(e.length for e in examples), n_targets=n,
+        input_ids=ids, label_pos=label_pos, label_ids=label_ids, label_w=label_w, label_mm=label_mm,
+        images=images, sources=[e.source for e in examples], n_tokens=sum(e.length for e in examples), n_targets=n,
         multimodal=sum(e.has_images for e in examples), text=sum(not e.has_images for e in examples),
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
     batch: Batch
     is_text_stream: bool
-    pixels: np.ndarray | None  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
-    digests: list[str] | None  # cache keys when caching
-    skipped: list[str]
-    streams_after: dict[str, dict[str, int]]
-    micro: int  # global micro-batch index
+    pixels: np.ndarray | None = None  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
+    digests: list[str] | None = None  # cache keys when caching
+    skipped: list[str] = field(default_factory=list)
+    streams_after: dict[str, dict[str, int]] = field(default_factory=dict)
+    micro: int = 0  # global micro-batch index
     inputs: tuple | None = None  # the loss's array arguments, made on the main thread
     uncached: list[int] = field(default_factory=list)  # images not in the cache when prepared
 
@@ -169,7 +174,8 @@ class Prepared:
 class BatchProducer:
     """The training batches: a deterministic sequence of micro-batches, prefetched by a thread.
 
-    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``) comes from the text-only
+    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``; the first is that of
+    ``start_step``, where a resumed run goes on) comes from the text-only
     stream when ``mixer`` draws text for it, else from the main stream; ``shard`` picks this
     process's share of each (global) batch.  Its images are decoded and preprocessed off the main
     thread; an image that fails to decode raises a :class:`DataError` naming it, or with
@@ -179,16 +185,17 @@ class BatchProducer:
     are per thread; cached vision features are encoded there with ``model``).
     """
 
-    def __init__(self, main: Dataset, main_stream: BatchStream, text: Dataset | None,
-                 text_stream: BatchStream | None, mixer: ModalityMixer | None, processor,
+    def __init__(self, *, main: Dataset, main_stream: BatchStream, text: Dataset | None,
+                 text_stream: BatchStream | None, mixer: ModalityMixer | None, processor: ChatProcessor,
                  grad_accum: int, pad_to: int, skip_bad: bool, cache: VisionFeatureCache | None,
-                 model=None, prefetch: int = 2, shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
+                 model: DeepseekVL | None = None, start_step: int = 0, prefetch: int = 2,
+                 shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
         self.model, self.shard = model, shard
         self.main, self.main_stream = main, main_stream
         self.text, self.text_stream = text, text_stream
         self.mixer, self.processor = mixer, processor
         self.grad_accum, self.pad_to, self.skip_bad, self.cache = grad_accum, pad_to, skip_bad, cache
-        self.micro = 0
+        self.micro = start_step * grad_accum
         self.prefetch = prefetch
         self._q: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -225,8 +232,8 @@ class BatchProducer:
                 skipped.append(f"{bad}: {e}")
                 examples = [ex for ex in examples if bad not in ex.images]
         batch = collate(examples, self.processor.pad_id, self.pad_to)
-        prep = Prepared(batch, use_text, pixels, digests, skipped, self.streams_state(), self.micro,
-                        uncached=uncached)
+        prep = Prepared(batch=batch, is_text_stream=use_text, pixels=pixels, digests=digests, skipped=skipped,
+                        streams_after=self.streams_state(), micro=self.micro, uncached=uncached)
         self.micro += 1
         return prep
 
@@ -258,9 +265,7 @@ class BatchProducer:
     def next(self) -> Prepared:
         """The next micro-batch, with ``inputs`` set."""
         prep = self._take()
-        vis = vision_input(prep, self.model, self.cache, self.processor)
-        ids, pos, tgt, w, mmw = batch_arrays(prep.batch)
-        prep.inputs = (ids, vis, pos, tgt, w, mmw)
+        prep.inputs = loss_inputs(prep.batch, vision_input(prep, self.model, self.cache, self.processor))
         return prep
 
     def close(self):
@@ -269,7 +274,7 @@ class BatchProducer:
             self._thread.join(timeout=5)
 
 
-def vision_input(prep: Prepared, model, cache: VisionFeatureCache | None, processor):
+def vision_input(prep: Prepared, model: DeepseekVL, cache: VisionFeatureCache | None, processor: ChatProcessor):
     """The ``vis`` argument of the loss: pixels, cached features or None."""
     b = prep.batch
     if not b.images:
@@ -286,8 +291,9 @@ def vision_input(prep: Prepared, model, cache: VisionFeatureCache | None, proces
     return mx.array(prep.pixels)
 
 
-def batch_arrays(b: Batch):
-    return (mx.array(b.input_ids), mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
+def loss_inputs(b: Batch, vis) -> tuple:
+    """The loss's arguments after the model: ``(input_ids, vis, label_pos, label_ids, label_w, label_mm)``."""
+    return (mx.array(b.input_ids), vis, mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
             mx.array(b.label_mm))
 
 
@@ -297,7 +303,7 @@ def batch_arrays(b: Batch):
 Features = tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
 
 
-def vision_model_key(model) -> str:
+def vision_model_key(model: DeepseekVL) -> str:
     """Digest of everything that determines the tower outputs for given pixels."""
     h = hashlib.sha256()
     h.update(repr(model.config.vision).encode())
@@ -392,7 +398,7 @@ class VisionFeatureCache:
             _, old = self._mem.popitem(last=False)
             self._mem_used -= sum(x.nbytes for x in old)
 
-    def features(self, model, paths: Sequence[str], digests: Sequence[str], pixels_for) -> Features:
+    def features(self, model: DeepseekVL, paths: Sequence[str], digests: Sequence[str], pixels_for) -> Features:
         """Stacked features for ``paths`` (``[M, 576, C]`` each), encoding the misses once.
 
         ``pixels_for(indices)`` returns the ``[K, 3, S, S]`` pixels of the missing images.

@@ -17,16 +17,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..eval import Item, evaluate, read
-from .batches import Prepared, VisionFeatureCache, batch_arrays, collate, vision_input
+from .batches import Prepared, VisionFeatureCache, collate, loss_inputs, vision_input
 from .config import ConfigError
 from .data import DataError, Dataset
 from .report import Progress, train_line, val_line, warn
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 METRICS = "metrics.jsonl"
 
@@ -115,8 +120,9 @@ class Console(TrainingCallback):
 # -- validation and benchmarks -------------------------------------------------------------------
 
 
-def validation_losses(model, loss_fn, datasets: Sequence[tuple[Dataset, bool]], processor, batch_size: int,
-                      max_batches: int, pad_to: int, cache: VisionFeatureCache | None) -> dict[str, float]:
+def validation_losses(model: DeepseekVL, loss_fn: Callable, datasets: Sequence[tuple[Dataset, bool]], *,
+                      processor: ChatProcessor, batch_size: int, max_batches: int, pad_to: int,
+                      cache: VisionFeatureCache | None) -> dict[str, float]:
     """Token-weighted validation losses: all, multimodal examples, text-only examples.
 
     ``datasets``: ``(dataset, text_only)`` pairs (a text-only set must hold no image).  The model
@@ -134,15 +140,13 @@ def validation_losses(model, loss_fn, datasets: Sequence[tuple[Dataset, bool]], 
             b = collate(exs, processor.pad_id, pad_to)
             if force_text and b.images:
                 raise DataError(f"{ds.path}: text-only validation data must not have images")
-            prep = Prepared(b, force_text, None, None, [], {}, 0)
+            prep = Prepared(batch=b, is_text_stream=force_text)
             if b.images:
                 if cache is not None:
                     prep.digests = [cache.digest(p) for p in b.images]
                 else:
                     prep.pixels = processor.image_processor(b.images)
-            vis = vision_input(prep, model, cache, processor)
-            ids, pos, tgt, w, mmw = batch_arrays(b)
-            loss, ntoks, mm = loss_fn(model, ids, vis, pos, tgt, w, mmw)
+            loss, ntoks, mm = loss_fn(model, *loss_inputs(b, vision_input(prep, model, cache, processor)))
             mx.eval(loss, ntoks, mm)
             n = float(ntoks.item())
             tot += [float(loss.item()) * n, n, float(mm[0].item()), float(mm[1].item())]
@@ -228,8 +232,8 @@ class Evaluation(TrainingCallback):
     as ``"eval"`` records.  Scoring draws no random numbers and restores the model's training
     modes, so it leaves the run exactly as it was (resume stays exact)."""
 
-    def __init__(self, model, processor, sets: Sequence[EvalSet], every: int, method: str, batch_size: int,
-                 limit: int | None, say: Callable[[str], None]):
+    def __init__(self, model: DeepseekVL, processor: ChatProcessor, sets: Sequence[EvalSet], *, every: int,
+                 method: str, batch_size: int, limit: int | None, say: Callable[[str], None]):
         self.model, self.processor, self.sets, self.every = model, processor, list(sets), every
         self.options = dict(method=method, batch_size=batch_size, limit=limit)
         self.say = say

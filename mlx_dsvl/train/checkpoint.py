@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, trained_weights
@@ -41,8 +42,9 @@ from .distributed import SOLO, World
 from .files import fsync_dir, fsync_file, remove_abandoned, replace_atomic, save_arrays, tmp_prefix, write_text_atomic
 from .loop import TrainingStopped
 
-if TYPE_CHECKING:  # rundir imports this module
-    from .rundir import RunDir
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from .rundir import RunDir  # rundir imports this module
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -85,7 +87,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
                   key=step_of)
 
 
-def save_adapters(folder: str | os.PathLike, model, config: dict) -> None:
+def save_adapters(folder: str | os.PathLike, model: DeepseekVL, config: dict) -> None:
     """Write ``adapters.safetensors`` (the trainable parameters) and ``adapter_config.json``
     (``config``, from :func:`mlx_dsvl.adapters.adapter_config`) into an existing folder; each
     file replaces an earlier one in one step."""
@@ -102,7 +104,7 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
-def _write_files(folder: Path, model, optimizer, adapter_cfg: dict, state: dict,
+def _write_files(folder: Path, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict, state: dict,
                  rng_ranks: mx.array | None) -> None:
     """The checkpoint's files, ``state.json`` last with every other file's size and digest."""
     save_adapters(folder, model, adapter_cfg)
@@ -126,8 +128,9 @@ def _write_files(folder: Path, model, optimizer, adapter_cfg: dict, state: dict,
 def save_checkpoint(
     out: str | os.PathLike,
     step: int,
-    model,
-    optimizer,
+    *,
+    model: DeepseekVL,
+    optimizer: optim.Optimizer,
     adapter_cfg: dict,
     state: dict[str, Any],
     keep: int = 0,
@@ -257,7 +260,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text())
 
 
-def restore(path: Path, model, optimizer) -> mx.array | None:
+def restore(path: Path, model: DeepseekVL, optimizer: optim.Optimizer) -> mx.array | None:
     """Load trained weights, optimizer state and RNG state (rank 0's) from checkpoint ``path``;
     returns every process's random state when several saved it (``[processes, 2]``), else None."""
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
@@ -305,8 +308,8 @@ class Checkpointer(TrainingCallback):
     processes of the run (rank 0 writes).
     """
 
-    def __init__(self, run: RunDir, model, optimizer, adapter_cfg: dict, meta: dict, history: list[dict],
-                 every: int, keep: int, start_step: int, last: Path | None = None,
+    def __init__(self, run: RunDir, *, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict,
+                 meta: dict, history: list[dict], every: int, keep: int, start_step: int, last: Path | None = None,
                  say: Callable[[str], None] = print, on_publish: Callable[[Path], None] | None = None,
                  world: World = SOLO):
         self.run, self.model, self.optimizer, self.adapter_cfg = run, model, optimizer, adapter_cfg
@@ -335,8 +338,9 @@ class Checkpointer(TrainingCallback):
                  "history": self.history, "data": self.meta["data"], "processes": self.world.size,
                  "version": 1}
         try:
-            self.last = save_checkpoint(self.run.path, step, self.model, self.optimizer, self.adapter_cfg,
-                                             state, self.keep, ranks if self.world.size > 1 else None)
+            self.last = save_checkpoint(self.run.path, step, model=self.model, optimizer=self.optimizer,
+                                        adapter_cfg=self.adapter_cfg, state=state, keep=self.keep,
+                                        rng_ranks=ranks if self.world.size > 1 else None)
         except OSError as e:
             raise CheckpointWriteError(
                 f"cannot write the checkpoint of step {step} into {self.run.out / 'checkpoints'} "

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ..processing.chat import IMAGE_TAG, place_images
 from ..processing.image_tokens import ImageTokens
@@ -205,8 +206,6 @@ def check_image(path: str) -> None:
         raise DataError(f"image not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"image path is a directory: {path}")
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path):  # reads the header only; the pixels are decoded when batched
             pass

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,6 +35,10 @@ from ..models.attention import exp_from_max
 from .callbacks import CallbackList, TrainingCallback
 from .distributed import SOLO, World
 from .report import StepSums, Window, warn
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from .batches import BatchProducer
 
 
 class TrainingStopped(RuntimeError):
@@ -73,7 +78,7 @@ class LoopState:
 # -- the standard loss ---------------------------------------------------------------------------
 
 
-def image_embeddings(model, vis, frozen_vision: bool):
+def image_embeddings(model: DeepseekVL, vis, frozen_vision: bool):
     """``vis``: pixels ``[M, 3, S, S]`` or cached tower features (tuple) -> ``[M, 576, D]``."""
     if isinstance(vis, (tuple, list)):
         feats = tuple(vis) if len(vis) > 1 else vis[0]
@@ -103,7 +108,7 @@ def make_loss(frozen_vision: bool):
     """``loss_fn(model, ids, vis, label_pos, label_ids, label_w, label_mm)`` ->
     ``(mean loss, target tokens, [multimodal loss sum, multimodal tokens])``."""
 
-    def loss_fn(model, input_ids, vis, label_pos, label_ids, label_w, label_mm):
+    def loss_fn(model: DeepseekVL, input_ids, vis, label_pos, label_ids, label_w, label_mm):
         img = None if vis is None else image_embeddings(model, vis, frozen_vision)
         h = model.hidden_states(input_ids, img)
         B, T, D = h.shape
@@ -144,8 +149,8 @@ def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
 # -- the step and the loop ------------------------------------------------------------------------
 
 
-def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, compile: bool,
-              average_gradients: Callable | None = None):
+def make_step(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, *, weighted: bool,
+              max_grad_norm: float, compile: bool, average_gradients: Callable | None = None):
     """``(accumulate, update, state)``: ``accumulate(*inputs, prev_grad) -> (loss, ntoks, mm,
     grad)`` adds a micro-batch's gradient to ``prev_grad``; ``update(grad, tokens) -> grad_norm``
     averages it over the processes, divides it by the step's ``tokens`` (per process), clips and
@@ -181,16 +186,16 @@ def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, c
     return accumulate, update, state
 
 
-def skip_update(optimizer) -> None:
+def skip_update(optimizer: optim.Optimizer) -> None:
     """Count a step that had nothing to learn from (the schedule stays in step with the loop)."""
     for opt in getattr(optimizer, "optimizers", [optimizer]):
         opt.state["step"] = opt.step + 1
 
 
-def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
-               callbacks: Sequence[TrainingCallback] = (), start_step: int = 0, schedule=None,
-               window: Window | None = None, should_stop: Callable[[], bool] | None = None,
-               world: World = SOLO) -> LoopState:
+def train_loop(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, batches: BatchProducer,
+               args: LoopArgs, callbacks: Sequence[TrainingCallback] = (), *, start_step: int = 0,
+               schedule: Callable | None = None, window: Window | None = None,
+               should_stop: Callable[[], bool] | None = None, world: World = SOLO) -> LoopState:
     """Train from ``start_step`` to ``args.iters`` optimizer steps; returns where it ended.
 
     ``batches.next()`` gives micro-batches with ``inputs`` (``loss_fn``'s arguments after the
@@ -203,8 +208,8 @@ def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
     cbs = CallbackList(callbacks)
     weighted = args.grad_accum > 1 or world.size > 1
     accumulate, update, compiled_state = make_step(
-        model, optimizer, loss_fn, weighted, args.max_grad_norm, args.compile,
-        world.average_gradients if world.size > 1 else None)
+        model, optimizer, loss_fn, weighted=weighted, max_grad_norm=args.max_grad_norm, compile=args.compile,
+        average_gradients=world.average_gradients if world.size > 1 else None)
     window = window if window is not None else Window()
     state = LoopState(start_step, args.iters, cbs.report)
     stop = should_stop or (lambda: False)

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
 from ..adapters import adapter_config, model_fingerprint
+from ..loading import load
 from ..utils import file_digest
 from . import checkpoint as ckpt
 from .batches import BatchProducer, BatchStream, VisionFeatureCache, vision_model_key
@@ -52,6 +53,10 @@ from .rundir import RUN_CONFIG, RunDir, recover
 from .schedule import ModalityMixer, lr_schedule
 from .stages import StageError, TrainSpec, count_parameters, parse_components, setup_trainable, vision_trainable
 
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
+
 VISION_CACHE = "vision_cache"  # in the run folder unless `vision_cache_dir`
 DATA_FILES = ("data", "val_data", "text_data", "val_text_data")
 
@@ -62,20 +67,20 @@ class Resume:
     state: dict[str, Any]  # its state.json
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainParts:
     """A run, set up: what :func:`~mlx_dsvl.train.loop.train_loop` and its callbacks receive."""
 
     cfg: TrainConfig  # resolved: every derived default filled in
     run: RunDir
-    model: Any
-    processor: Any
+    model: DeepseekVL
+    processor: ChatProcessor
     spec: TrainSpec
     frozen_vision: bool
     data: dict[str, Dataset | None]
     mixer: ModalityMixer | None
     batches: BatchProducer
-    optimizer: Any
+    optimizer: optim.Optimizer
     schedule: Callable
     cache: VisionFeatureCache | None
     start_step: int
@@ -165,18 +170,18 @@ def check_base_model(resume: Resume, fingerprint: dict, model_name: str) -> None
                                f"weights ({base}), not from `model` {model_name}; refusing to mix them")
 
 
-def training_spec(cfg: TrainConfig, model) -> TrainSpec:
+def training_spec(cfg: TrainConfig, model: DeepseekVL) -> TrainSpec:
     comps = parse_components(cfg.stage, cfg.train, model.config.vision.hybrid)
     targets = tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-    spec = TrainSpec(cfg.stage, comps, cfg.method, cfg.lora_rank, cfg.lora_scale, cfg.lora_dropout,
-                     targets, cfg.lora_layers)
+    spec = TrainSpec(stage=cfg.stage, components=comps, method=cfg.method, rank=cfg.lora_rank,
+                     scale=cfg.lora_scale, dropout=cfg.lora_dropout, targets=targets, llm_layers=cfg.lora_layers)
     if cfg.cache_vision_features and vision_trainable(spec):
         raise StageError("`cache_vision_features` needs frozen vision towers (stages 1-2, or a `train` "
                          "set without siglip/sam/sam-neck)")
     return spec
 
 
-def load_datasets(cfg: TrainConfig, processor) -> dict[str, Dataset | None]:
+def load_datasets(cfg: TrainConfig, processor: ChatProcessor) -> dict[str, Dataset | None]:
     kw = dict(max_seq_len=cfg.max_seq_len, long_policy=cfg.long_examples, skip_bad=cfg.skip_bad,
               verbose=not cfg.quiet)
     return {k: (load_jsonl(getattr(cfg, k), processor, **kw) if getattr(cfg, k) else None) for k in DATA_FILES}
@@ -186,7 +191,7 @@ def data_digests(cfg: TrainConfig) -> dict[str, str | None]:
     return {k: (file_digest(getattr(cfg, k)) if getattr(cfg, k) else None) for k in ("data", "text_data")}
 
 
-def trainable_model(model, cfg: TrainConfig, spec: TrainSpec) -> None:
+def trainable_model(model: DeepseekVL, cfg: TrainConfig, spec: TrainSpec) -> None:
     """Adapters and trainable flags (their initialization follows ``seed``), grad checkpointing."""
     mx.random.seed(cfg.seed)
     setup_trainable(model, spec)
@@ -197,7 +202,8 @@ def trainable_model(model, cfg: TrainConfig, spec: TrainSpec) -> None:
             enable_grad_checkpoint(model.towers()["siglip"].blocks)
 
 
-def make_optimizer(model, cfg: TrainConfig, frozen_vision: bool):
+def make_optimizer(model: DeepseekVL, cfg: TrainConfig, frozen_vision: bool
+                   ) -> tuple[optim.Optimizer, Callable]:
     """AdamW on the schedule, with its own schedule for the vision towers' weights if they train
     at another rate; returns ``(optimizer, the LLM's schedule)``."""
     schedule = lr_schedule(cfg.lr, cfg.iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio)
@@ -212,7 +218,7 @@ def make_optimizer(model, cfg: TrainConfig, frozen_vision: bool):
     return optimizer, schedule
 
 
-def restore(resume: Resume, model, optimizer, streams: dict[str, BatchStream | None],
+def restore(resume: Resume, model: DeepseekVL, optimizer: optim.Optimizer, streams: dict[str, BatchStream | None],
             digests: dict) -> tuple[int, list[dict], mx.array | None]:
     """Weights, optimizer, random state and data position of the checkpoint; (step, history,
     every process's random state when several saved theirs)."""
@@ -240,8 +246,8 @@ def rank_random_state(world: World, saved: mx.array | None) -> None:
     ckpt.set_rng_state(key)
 
 
-def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, loaded=None,
-          world: World = SOLO) -> TrainParts:
+def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, *,
+          loaded: tuple[DeepseekVL, ChatProcessor] | None = None, world: World = SOLO) -> TrainParts:
     """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
 
     ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model`` to train in place (e.g.
@@ -249,9 +255,7 @@ def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, loaded=No
     (and, with several processes in ``world``, before all of them have checked that they set up
     the same run; then rank 0 writes).
     """
-    import mlx_dsvl
-
-    model, processor = loaded if loaded is not None else mlx_dsvl.load(cfg.model, dtype=cfg.dtype)
+    model, processor = loaded if loaded is not None else load(cfg.model, dtype=cfg.dtype)
     fingerprint = model_fingerprint(model)
     if resume is not None:
         check_base_model(resume, fingerprint, cfg.model)
@@ -291,13 +295,16 @@ def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, loaded=No
         folder = cfg.vision_cache_dir or (run.path / VISION_CACHE if world.writer else None)
         cache = VisionFeatureCache(vision_model_key(model), folder)
 
-    batches = BatchProducer(main, streams["main"], text, streams["text"], mixer, processor, cfg.grad_accum,
-                            cfg.pad_to, cfg.skip_bad, cache, model=model, shard=world.shard)
-    batches.micro = start_step * cfg.grad_accum
+    batches = BatchProducer(main=main, main_stream=streams["main"], text=text, text_stream=streams["text"],
+                            mixer=mixer, processor=processor, grad_accum=cfg.grad_accum, pad_to=cfg.pad_to,
+                            skip_bad=cfg.skip_bad, cache=cache, model=model, start_step=start_step,
+                            shard=world.shard)
     return TrainParts(
-        cfg, run, model, processor, spec, frozen_vision, data, mixer, batches, optimizer, schedule, cache,
-        start_step, history, adapter_config(model, spec, str(cfg.model), fingerprint),
-        {"config": config, "fingerprint": fingerprint, "data": digests}, resume, n_params, eval_sets, world)
+        cfg=cfg, run=run, model=model, processor=processor, spec=spec, frozen_vision=frozen_vision, data=data,
+        mixer=mixer, batches=batches, optimizer=optimizer, schedule=schedule, cache=cache, start_step=start_step,
+        history=history, adapter_cfg=adapter_config(model, spec, str(cfg.model), fingerprint),
+        meta={"config": config, "fingerprint": fingerprint, "data": digests}, resume=resume, n_params=n_params,
+        eval_sets=eval_sets, world=world)
 
 
 # -- stopping ------------------------------------------------------------------------------------
@@ -340,7 +347,7 @@ class StopSignals:
 # -- running -------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainResult:
     out: Path
     steps: int
@@ -353,7 +360,7 @@ class TrainResult:
     rank: int = 0  # this process among the run's processes (rank 0 wrote the outputs)
 
 
-def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
+def train(cfg: TrainConfig, explicit: Sequence[str] = (), *, loaded: tuple[DeepseekVL, ChatProcessor] | None = None,
           callbacks: Sequence[TrainingCallback] = ()) -> TrainResult:
     """Run training as configured; see ``python -m mlx_dsvl.train --help``.
 
@@ -372,7 +379,7 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), loaded=None,
             run = (RunDir.open(Path(cfg.out), cfg.force, resume.path if resume else None) if world.writer
                    else RunDir(Path(cfg.out)))
             try:
-                return run_parts(build(cfg, run, resume, loaded, world), t_start, callbacks)
+                return run_parts(build(cfg, run, resume, loaded=loaded, world=world), t_start, callbacks)
             finally:
                 run.abandon()  # a replacement that saved no checkpoint leaves the earlier run as it was
     finally:
@@ -388,12 +395,13 @@ def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn
                                    Console(log, parts.start_step, t_start)]
     val_sets = [(d, text_only) for d, text_only in ((data["val_data"], False), (data["val_text_data"], True)) if d]
     if val_sets:
-        cbs.append(Validation(lambda: validation_losses(parts.model, loss_fn, val_sets, parts.processor,
-                                                        cfg.batch_size, cfg.val_batches, cfg.pad_to, parts.cache),
-                              cfg.val_every, log.line))
+        cbs.append(Validation(lambda: validation_losses(
+            parts.model, loss_fn, val_sets, processor=parts.processor, batch_size=cfg.batch_size,
+            max_batches=cfg.val_batches, pad_to=cfg.pad_to, cache=parts.cache), cfg.val_every, log.line))
     if parts.eval_sets:
-        cbs.append(Evaluation(parts.model, parts.processor, parts.eval_sets, cfg.eval_every, cfg.eval_method,
-                              cfg.eval_batch_size, cfg.eval_limit, log.line))
+        cbs.append(Evaluation(parts.model, parts.processor, parts.eval_sets, every=cfg.eval_every,
+                              method=cfg.eval_method, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
+                              say=log.line))
     cbs += list(extra)
 
     def moved(folder: Path) -> None:  # the cache moves with a run that replaced an earlier one
@@ -401,9 +409,10 @@ def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn
             parts.cache.folder = folder / VISION_CACHE / parts.cache.model_key
 
     resumed = parts.resume.path if parts.resume else None
-    cbs.append(Checkpointer(run, parts.model, parts.optimizer, parts.adapter_cfg, parts.meta, parts.history,
-                            cfg.save_every, cfg.keep_checkpoints, parts.start_step, resumed, log.line, moved,
-                            parts.world))
+    cbs.append(Checkpointer(run, model=parts.model, optimizer=parts.optimizer, adapter_cfg=parts.adapter_cfg,
+                            meta=parts.meta, history=parts.history, every=cfg.save_every,
+                            keep=cfg.keep_checkpoints, start_step=parts.start_step, last=resumed, say=log.line,
+                            on_publish=moved, world=parts.world))
     if cfg.plot:
         cbs.append(Plot(run, parts.history, f"stage {cfg.stage} -- {run.path.name}", parts.writer))
     return cbs
@@ -414,9 +423,10 @@ def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallbac
     cfg, run, world = parts.cfg, parts.run, parts.world
     log = Progress(cfg.iters, cfg.quiet or not world.writer)
     main, text = parts.data["data"], parts.data["text_data"]
-    log.line(start_line(cfg, parts.spec.components, parts.frozen_vision, *parts.n_params, len(main),
-                        len(text) if text else None, parts.resume.path if parts.resume else None,
-                        parts.start_step))
+    n_train, n_total = parts.n_params
+    log.line(start_line(cfg, components=parts.spec.components, frozen_vision=parts.frozen_vision,
+                        n_train=n_train, n_total=n_total, n_main=len(main), n_text=len(text) if text else None,
+                        resume=parts.resume.path if parts.resume else None, start_step=parts.start_step))
     loss_fn = make_loss(parts.frozen_vision)
     callbacks = standard_callbacks(parts, log, t_start, loss_fn, extra)
     saver = next(cb for cb in callbacks if isinstance(cb, Checkpointer))
@@ -432,7 +442,8 @@ def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallbac
 
     try:
         state = train_loop(parts.model, parts.optimizer, loss_fn, parts.batches, args, callbacks,
-                           parts.start_step, parts.schedule, Window(parts.mixer), should_stop, world)
+                           start_step=parts.start_step, schedule=parts.schedule, window=Window(parts.mixer),
+                           should_stop=should_stop, world=world)
         world.barrier("rank 0 writing the run's outputs")
     except NonFiniteLoss as e:
         raise TrainingStopped(f"{e}; {saver.where()}", saver.last) from None
@@ -454,5 +465,5 @@ def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallbac
         log.line(f"done: {state.step} steps in {fmt_time(seconds)}; adapters in {run.path}; "
                  f"metrics in {run.path / METRICS}")
     stats = {k: (v.stats.as_dict() if v is not None else None) for k, v in parts.data.items()}
-    return TrainResult(run.out, state.step, parts.history, run.out, saver.last, seconds, stats, signum,
-                       world.rank)
+    return TrainResult(out=run.out, steps=state.step, history=parts.history, adapter_dir=run.out,
+                       checkpoint=saver.last, seconds=seconds, data_stats=stats, stopped_by=signum, rank=world.rank)

@@ -16,7 +16,7 @@ trained in full.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import mlx.nn as nn
@@ -37,7 +37,7 @@ class Stage:
     frozen: str  # what stays frozen (for the help)
     data: str  # the data it is meant for (for the help)
     text_ratio: float  # share of text-only batches once warmed up (with text-only data)
-    modality_warmup: Fraction = Fraction(0)  # default warm-up, as a share of the run's steps
+    modality_warmup: Fraction = field(default=Fraction(0), kw_only=True)  # default warm-up, as a share of the run's steps
 
     def warmup_steps(self, run_steps: int) -> int:
         """The default modality warm-up of a run of about ``run_steps`` steps."""
@@ -54,7 +54,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(1, "adaptor warm-up", ("aligner",), "vision encoders and LLM", "image-text pairs", 0.7),
     Stage(2, "joint pre-training", ("aligner", "llm"), "vision encoders",
-          "image-text pairs mixed with text-only data", 0.7, Fraction(1, 5)),
+          "image-text pairs mixed with text-only data", 0.7, modality_warmup=Fraction(1, 5)),
     Stage(3, "supervised fine-tuning", ("aligner", "llm", "siglip"), "SAM-B",
           "chat data, text-only data optional", 0.48),
 )
@@ -94,7 +94,7 @@ class StageError(ValueError):
     """An impossible training set-up (unknown component, full training of a quantized LLM, ...)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSpec:
     """Which parts train and how; stored in ``adapter_config.json``."""
 
