@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..adapters import ADAPTER_TYPES, AdapterError, adapt_modules
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
 
 COMPONENTS = ("aligner", "llm", "siglip", "sam", "sam-neck")
 
@@ -138,19 +142,19 @@ def parse_components(stage: int, train: str | Sequence[str] | None, hybrid: bool
     return comps
 
 
-def module_prefix(model, module: nn.Module) -> str:
+def module_prefix(model: DeepseekVL, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
             return name
     raise KeyError("module not found in model")
 
 
-def llm_is_quantized(model) -> bool:
+def llm_is_quantized(model: DeepseekVL) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                for _, m in model.language_model.named_modules())
 
 
-def adapter_paths(model, spec: TrainSpec) -> list[str]:
+def adapter_paths(model: DeepseekVL, spec: TrainSpec) -> list[str]:
     """Full names of the Linear layers that ``spec`` puts adapters on."""
     if spec.method == "full":
         return []
@@ -176,7 +180,7 @@ def adapter_paths(model, spec: TrainSpec) -> list[str]:
     return paths
 
 
-def setup_trainable(model, spec: TrainSpec) -> list[str]:
+def setup_trainable(model: DeepseekVL, spec: TrainSpec) -> list[str]:
     """Freeze ``model``, add adapters and unfreeze what ``spec`` trains.
 
     Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
@@ -226,7 +230,7 @@ def vision_trainable(spec: TrainSpec) -> bool:
     return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model: DeepseekVL) -> tuple[int, int]:
     """(trainable, total) parameters of the model as it trains, adapter factors included; a
     quantized weight counts unpacked, its scales and biases do not."""
     modules = dict(model.named_modules())
