@@ -304,8 +304,9 @@ class Checkpointer(TrainingCallback):
 
     ``meta``: what every checkpoint's state records besides the step, data position and history
     (config, base-model fingerprint, data digests); ``last``: the checkpoint resumed from.
-    ``on_publish(folder)`` runs when a staged (``force``) run takes its place.  ``world``: the
-    processes of the run (rank 0 writes).
+    ``on_publish(folder)`` runs when a staged (``force``) run takes its place (its first
+    checkpoint swaps the folder in).  ``world``: the processes of the run; rank 0 writes, the
+    others hand it their random state and wait until it is done.
     """
 
     def __init__(self, run: RunDir, *, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict,
