@@ -61,8 +61,8 @@ def run(arch: str, ckpt: Path, work: Path) -> dict:
 
     import mlx.core as mx
 
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
     from mlx_dsvl.train import TrainConfig, train
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
 
     n_images, batch, s3_steps = PLAN[arch]
     size = _json.loads((ckpt / "preprocessor_config.json").read_text())["image_size"]
@@ -114,8 +114,8 @@ def data_parallel(arch: str, ckpt: Path, work: Path) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
     from mlx_dsvl.train.distributed import launcher
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
 
     n_images, batch, steps = PLAN[arch]
     size = json.loads((ckpt / "preprocessor_config.json").read_text())["image_size"]

@@ -373,7 +373,7 @@ def _make_dsvl_adapter(base: Path, out: Path) -> Path:
 
 
 def test_to_original_fuses_mlx_dsvl_adapters(mlx32, ref_logits, tmp_path):
-    adapters = pytest.importorskip("mlx_dsvl.train.adapters")
+    adapters = pytest.importorskip("mlx_dsvl.adapters")
     adapter = _make_dsvl_adapter(mlx32, tmp_path / "adapter")
     model, processor = mlx_dsvl.load(mlx32)
     adapters.load_adapters(model, adapter)

@@ -139,7 +139,7 @@ def test_sigterm_or_sighup_saves_at_the_step_boundary_and_exits(tiny_dir, text_d
 
 
 def test_a_second_signal_stops_at_once(capsys):
-    from mlx_dsvl.train.signals import StopSignals
+    from mlx_dsvl.train.run import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
     stop = StopSignals()

@@ -344,8 +344,8 @@ def test_stop_string_never_reaches_output():
 
 def test_cli_adapter_changes_the_reply_logits(tiny_dir, tmp_path):
     """--adapter applies a training run's output: greedy tokens differ from the base model's."""
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
     from mlx_dsvl.train import TrainConfig, train
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
 
     data = write_shapes_dataset(tmp_path / "d", 2, seed=5)
     run = tmp_path / "run"

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_dsvl
+from mlx_dsvl.testing.synthetic import write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train.__main__ import build_parser
 from mlx_dsvl.train.__main__ import main as train_main
@@ -24,7 +25,6 @@ from mlx_dsvl.train.checkpoint import ResumeError
 from mlx_dsvl.train.data import IGNORE, DataError, load_jsonl, tokenize_chat, tokenize_text
 from mlx_dsvl.train.schedule import ModalityMixer
 from mlx_dsvl.train.stages import StageError
-from mlx_dsvl.train.synthetic import write_shapes_dataset
 
 EOS_TEXT = "<｜end▁of▁sentence｜>"
 
@@ -274,15 +274,16 @@ def test_parameter_counts_are_of_one_model(tiny_hybrid_dir, method, train_set):
     if method == "lora":  # QLoRA: the quantized LLM counts as many parameters as before
         nn.quantize(model.language_model, group_size=32, bits=4)
     comps = parse_components(3, train_set, True)
-    setup_trainable(model, TrainSpec(3, comps, method, 4, 20.0, 0.0, ("attn", "mlp"), None))
+    setup_trainable(model, TrainSpec(stage=3, components=comps, method=method, rank=4, scale=20.0, dropout=0.0,
+                                     targets=("attn", "mlp"), llm_layers=None))
     trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     factors = sum(v.size for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b")))
     every = base + factors
     assert count_parameters(model) == (trained, every)
     if method == "full":
         assert trained == every  # everything trains
-    line = start_line(cfg(stage=3, iters=1, lr=1e-3, vision_lr=1e-4), comps, False, trained, every, 4, None,
-                      None, 0)
+    line = start_line(cfg(stage=3, iters=1, lr=1e-3, vision_lr=1e-4), components=comps, frozen_vision=False,
+                      n_train=trained, n_total=every, n_main=4, n_text=None, resume=None, start_step=0)
     m = re.search(r"-- ([\d.]+)M trainable of ([\d.]+)M parameters", line)
     assert m and float(m.group(1)) <= float(m.group(2)), line
     assert (m.group(1) == m.group(2)) == (method == "full"), line

@@ -14,9 +14,9 @@ from PIL import Image
 
 import mlx_dsvl
 from mlx_dsvl.fuse import main as fuse_main
+from mlx_dsvl.testing.synthetic import QUESTION, write_shapes_dataset
 from mlx_dsvl.train import AdapterError, TrainConfig, load_adapters, train
 from mlx_dsvl.train.stages import StageError
-from mlx_dsvl.train.synthetic import QUESTION, write_shapes_dataset
 
 
 def cfg(**kw):

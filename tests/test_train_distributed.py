@@ -32,15 +32,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_dsvl import faults
+from mlx_dsvl.testing.synthetic import make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train import run as run_module
 from mlx_dsvl.train.batches import BatchStream, collate
 from mlx_dsvl.train.callbacks import TrainingCallback
 from mlx_dsvl.train.checkpoint import ResumeError, damage
 from mlx_dsvl.train.distributed import World, fingerprint, global_batch_check, launcher
-from mlx_dsvl.train.loop import TrainingStopped
-from mlx_dsvl.train.loss import make_loss
-from mlx_dsvl.train.synthetic import make_images, write_shapes_dataset
+from mlx_dsvl.train.loop import TrainingStopped, make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")

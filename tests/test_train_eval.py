@@ -15,10 +15,10 @@ from PIL import Image
 
 import mlx_dsvl
 from mlx_dsvl.eval import evaluate, read
+from mlx_dsvl.testing.synthetic import make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, load_adapters, train
 from mlx_dsvl.train.__main__ import main as train_main
-from mlx_dsvl.train.plot import plot_losses
-from mlx_dsvl.train.synthetic import make_images, write_shapes_dataset
+from mlx_dsvl.train.callbacks import plot_losses
 
 TIMING = {"time", "tokens_per_s", "steps_per_s", "peak_memory_gb", "seconds"}
 

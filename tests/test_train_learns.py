@@ -1,6 +1,6 @@
 """It learns: stage 1 then stage 3 (LoRA) teach a tiny random model to caption synthetic images.
 
-A synthetic captioning task is generated on the fly (mlx_dsvl.train.synthetic: a red, green,
+A synthetic captioning task is generated on the fly (mlx_dsvl.testing.synthetic: a red, green,
 blue or yellow circle or square on a white, black or grey background, with random position and
 colour jitter; captions like "red circle on white").  The recipe runs through the public
 training API exactly as the CLI does:
@@ -31,8 +31,8 @@ import mlx.core as mx
 import numpy as np
 
 import mlx_dsvl
+from mlx_dsvl.testing.synthetic import QUESTION, make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, load_adapters, train
-from mlx_dsvl.train.synthetic import QUESTION, make_images, write_shapes_dataset
 
 IMAGE_SIZE = 96
 TASK = dict(shapes=("circle", "square"), sizes={"square": 0.40, "circle": 0.30}, jitter=0.05,

@@ -2,17 +2,13 @@
 
 Modules: ``config`` (every option: default, help, range; derived defaults), ``stages`` (one
 declaration per stage; what trains, LoRA/DoRA/QLoRA/full), ``data`` (JSONL -> tokenized examples
-with loss masks -> batch indices), ``batches`` (mixed, prefetched micro-batches), ``schedule``
-(learning rate, modality mix, run length), ``loss`` (loss, gradient checkpointing), ``setup``
-(model, data, optimizer, resume state -> the parts), ``loop`` (the compiled step and the loop,
-with callbacks), ``callbacks`` / ``evaluation`` / ``saving`` / ``report`` / ``plot`` (metrics,
-progress, validation, checkpoints, loss.png), ``run`` (``train``: all of it), ``checkpoint``
-(atomic save, integrity check, exact resume), ``rundir`` (the output folder: no clobbering,
-``force`` replaces atomically), ``files`` (atomic writes), ``signals`` (stop at a step
-boundary), ``adapters`` (saving a run's adapters; the format, loading and fusing are
-:mod:`mlx_dsvl.adapters`, re-exported here), ``vision_cache`` (``cache_vision_features``),
-``distributed`` (data-parallel on the processes ``mlx.launch`` starts: shares of each global
-batch, gradient and loss sums, agreed decisions, watchdog).
+with loss masks), ``batches`` (batch order, mixed and prefetched micro-batches, the vision feature
+cache), ``schedule`` (learning rate, modality mix, run length), ``loop`` (the standard loss, the
+compiled step and the loop), ``callbacks`` (metrics, progress, validation, benchmarks, loss.png),
+``checkpoint`` (atomic save, integrity check, exact resume, the saving callback), ``report``
+(what a run prints), ``run`` (``train``: set-up, stop signals, the run), ``rundir`` (the output
+folder), ``files`` (atomic writes), ``distributed`` (data-parallel on the processes
+``mlx.launch`` starts).
 
 Python API::
 

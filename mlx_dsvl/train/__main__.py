@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(cfg: TrainConfig, explicit: list[str], device: str) -> int:
     """Train; errors as one line (with several processes, prefixed by the rank) and a status."""
+    # Imported here, after main()'s BLAS re-execution: the re-executed process loads them once.
     from ..adapters import AdapterError
     from ..device import select_device
     from ..loading import ModelLoadError

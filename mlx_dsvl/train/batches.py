@@ -1,19 +1,38 @@
-"""Training batches: length-bucketed batch order, padding (collate), and the mixed, prefetched
-micro-batch sequence with its MLX inputs."""
+"""Training batches: length-bucketed batch order, padding (collate), the mixed, prefetched
+micro-batch sequence with its MLX inputs, and the vision feature cache that stands in for pixels.
+
+``cache_vision_features`` encodes each image once while the vision towers are frozen.  Entries
+are keyed by the image file's SHA-256 and by a model key (architecture, vision weights digest,
+dtype and image size), so a changed image, another model or another dtype never reuses stale
+features.  Features are the towers' outputs *before* the aligner (the aligner trains); they live
+in memory (up to a budget) and, when a folder is given, on disk as safetensors files
+``<folder>/<model key>/<sha[:2]>/<sha>.safetensors`` that later runs reuse.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
+from ..outputs import replace_atomic, save_arrays
+from ..utils import file_digest
 from .data import IGNORE, DataError, Dataset, Example
 from .schedule import ModalityMixer
-from .vision_cache import VisionFeatureCache
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 
 class BatchStream:
@@ -28,7 +47,7 @@ class BatchStream:
     The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, stream: int = 0,
                  bucket_window: int = 16, bucket_ratio: float = 1.25):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
@@ -79,7 +98,7 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
     """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
 
@@ -133,21 +152,21 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
     if n:
         label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
     return Batch(
-        ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
-        n_tokens=sum(e.length for e in examples), n_targets=n,
+        input_ids=ids, label_pos=label_pos, label_ids=label_ids, label_w=label_w, label_mm=label_mm,
+        images=images, sources=[e.source for e in examples], n_tokens=sum(e.length for e in examples), n_targets=n,
         multimodal=sum(e.has_images for e in examples), text=sum(not e.has_images for e in examples),
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
     batch: Batch
     is_text_stream: bool
-    pixels: np.ndarray | None  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
-    digests: list[str] | None  # cache keys when caching
-    skipped: list[str]
-    streams_after: dict[str, dict[str, int]]
-    micro: int  # global micro-batch index
+    pixels: np.ndarray | None = None  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
+    digests: list[str] | None = None  # cache keys when caching
+    skipped: list[str] = field(default_factory=list)
+    streams_after: dict[str, dict[str, int]] = field(default_factory=dict)
+    micro: int = 0  # global micro-batch index
     inputs: tuple | None = None  # the loss's array arguments, made on the main thread
     uncached: list[int] = field(default_factory=list)  # images not in the cache when prepared
 
@@ -155,7 +174,8 @@ class Prepared:
 class BatchProducer:
     """The training batches: a deterministic sequence of micro-batches, prefetched by a thread.
 
-    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``) comes from the text-only
+    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``; the first is that of
+    ``start_step``, where a resumed run goes on) comes from the text-only
     stream when ``mixer`` draws text for it, else from the main stream; ``shard`` picks this
     process's share of each (global) batch.  Its images are decoded and preprocessed off the main
     thread; an image that fails to decode raises a :class:`DataError` naming it, or with
@@ -165,16 +185,17 @@ class BatchProducer:
     are per thread; cached vision features are encoded there with ``model``).
     """
 
-    def __init__(self, main: Dataset, main_stream: BatchStream, text: Dataset | None,
-                 text_stream: BatchStream | None, mixer: ModalityMixer | None, processor,
+    def __init__(self, *, main: Dataset, main_stream: BatchStream, text: Dataset | None,
+                 text_stream: BatchStream | None, mixer: ModalityMixer | None, processor: ChatProcessor,
                  grad_accum: int, pad_to: int, skip_bad: bool, cache: VisionFeatureCache | None,
-                 model=None, prefetch: int = 2, shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
+                 model: DeepseekVL | None = None, start_step: int = 0, prefetch: int = 2,
+                 shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
         self.model, self.shard = model, shard
         self.main, self.main_stream = main, main_stream
         self.text, self.text_stream = text, text_stream
         self.mixer, self.processor = mixer, processor
         self.grad_accum, self.pad_to, self.skip_bad, self.cache = grad_accum, pad_to, skip_bad, cache
-        self.micro = 0
+        self.micro = start_step * grad_accum
         self.prefetch = prefetch
         self._q: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -211,8 +232,8 @@ class BatchProducer:
                 skipped.append(f"{bad}: {e}")
                 examples = [ex for ex in examples if bad not in ex.images]
         batch = collate(examples, self.processor.pad_id, self.pad_to)
-        prep = Prepared(batch, use_text, pixels, digests, skipped, self.streams_state(), self.micro,
-                        uncached=uncached)
+        prep = Prepared(batch=batch, is_text_stream=use_text, pixels=pixels, digests=digests, skipped=skipped,
+                        streams_after=self.streams_state(), micro=self.micro, uncached=uncached)
         self.micro += 1
         return prep
 
@@ -244,9 +265,7 @@ class BatchProducer:
     def next(self) -> Prepared:
         """The next micro-batch, with ``inputs`` set."""
         prep = self._take()
-        vis = vision_input(prep, self.model, self.cache, self.processor)
-        ids, pos, tgt, w, mmw = batch_arrays(prep.batch)
-        prep.inputs = (ids, vis, pos, tgt, w, mmw)
+        prep.inputs = loss_inputs(prep.batch, vision_input(prep, self.model, self.cache, self.processor))
         return prep
 
     def close(self):
@@ -255,7 +274,7 @@ class BatchProducer:
             self._thread.join(timeout=5)
 
 
-def vision_input(prep: Prepared, model, cache: VisionFeatureCache | None, processor):
+def vision_input(prep: Prepared, model: DeepseekVL, cache: VisionFeatureCache | None, processor: ChatProcessor):
     """The ``vis`` argument of the loss: pixels, cached features or None."""
     b = prep.batch
     if not b.images:
@@ -272,6 +291,127 @@ def vision_input(prep: Prepared, model, cache: VisionFeatureCache | None, proces
     return mx.array(prep.pixels)
 
 
-def batch_arrays(b: Batch):
-    return (mx.array(b.input_ids), mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
+def loss_inputs(b: Batch, vis) -> tuple:
+    """The loss's arguments after the model: ``(input_ids, vis, label_pos, label_ids, label_w, label_mm)``."""
+    return (mx.array(b.input_ids), vis, mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
             mx.array(b.label_mm))
+
+
+# -- the vision feature cache ---------------------------------------------------------------------
+
+
+Features = tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
+
+
+def vision_model_key(model: DeepseekVL) -> str:
+    """Digest of everything that determines the tower outputs for given pixels."""
+    h = hashlib.sha256()
+    h.update(repr(model.config.vision).encode())
+    h.update(str(model._dtype).encode())
+    for name, v in sorted(tree_flatten(model.vision_model.parameters()), key=lambda kv: kv[0]):
+        v32 = v.astype(mx.float32)
+        s = mx.stack([mx.sum(v32), mx.sum(mx.abs(v32)), mx.sum(v32 * v32)])
+        h.update(f"{name}{tuple(v.shape)}{[f'{x:.6e}' for x in s.tolist()]}".encode())
+    return h.hexdigest()[:20]
+
+
+def _copy(x: mx.array) -> mx.array:
+    """A copy with its own buffer (a slice would keep the whole batch alive)."""
+    if x.dtype == mx.bfloat16:
+        return mx.array(np.asarray(x.astype(mx.float32))).astype(mx.bfloat16)
+    return mx.array(np.asarray(x))
+
+
+def as_tuple(features) -> Features:
+    return tuple(features) if isinstance(features, (tuple, list)) else (features,)
+
+
+class VisionFeatureCache:
+    def __init__(self, model_key: str, folder: str | os.PathLike | None = None,
+                 mem_bytes: int = 2 << 30):
+        self.model_key = model_key
+        self.folder = Path(folder) / model_key if folder else None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.mem_bytes = int(mem_bytes)
+        self._mem: OrderedDict[str, Features] = OrderedDict()
+        self._mem_used = 0
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self.hits = self.misses = 0
+
+    # -- keys -------------------------------------------------------------------------------
+    def digest(self, path: str) -> str:
+        st = os.stat(path)
+        k = (path, st.st_size, st.st_mtime_ns)
+        d = self._digests.get(k)
+        if d is None:
+            d = self._digests[k] = file_digest(path)
+        return d
+
+    def _file(self, digest: str) -> Path | None:
+        return self.folder / digest[:2] / f"{digest}.safetensors" if self.folder else None
+
+    # -- get / put --------------------------------------------------------------------------
+    def has(self, digest: str) -> bool:
+        """Whether features of ``digest`` are kept (callable from another thread)."""
+        f = self._file(digest)
+        return digest in self._mem or bool(f and f.is_file())
+
+    def get(self, digest: str) -> Features | None:
+        feats = self._mem.get(digest)
+        if feats is not None:
+            self._mem.move_to_end(digest)
+            self.hits += 1
+            return feats
+        f = self._file(digest)
+        if f and f.is_file():
+            try:
+                data = mx.load(str(f))
+                feats = tuple(data[f"f{i}"] for i in range(len(data)))
+            except Exception:
+                return None  # unreadable cache entry: recompute
+            self._remember(digest, feats)
+            self.hits += 1
+            return feats
+        return None
+
+    def put(self, digest: str, feats: Features) -> None:
+        self.misses += 1
+        self._remember(digest, feats)
+        f = self._file(digest)
+        if f and not f.exists():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                replace_atomic(f, lambda tmp: save_arrays(tmp, {f"f{i}": x for i, x in enumerate(feats)}),
+                               durable=False)  # a lost entry is recomputed
+            except OSError as e:
+                raise OSError(f"cannot write to the vision feature cache {self.folder}: "
+                              f"{e.strerror or e}") from None
+
+    def _remember(self, digest: str, feats: Features) -> None:
+        size = sum(x.nbytes for x in feats)
+        if size > self.mem_bytes:
+            return
+        self._mem[digest] = feats
+        self._mem_used += size
+        while self._mem_used > self.mem_bytes:
+            _, old = self._mem.popitem(last=False)
+            self._mem_used -= sum(x.nbytes for x in old)
+
+    def features(self, model: DeepseekVL, paths: Sequence[str], digests: Sequence[str], pixels_for) -> Features:
+        """Stacked features for ``paths`` (``[M, 576, C]`` each), encoding the misses once.
+
+        ``pixels_for(indices)`` returns the ``[K, 3, S, S]`` pixels of the missing images.
+        """
+        got = [self.get(d) for d in digests]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if miss:
+            px = pixels_for(miss)
+            enc = as_tuple(model.vision_features(mx.array(px)))
+            mx.eval(enc)
+            for j, i in enumerate(miss):
+                one = tuple(_copy(x[j]) for x in enc)
+                self.put(digests[i], one)
+                got[i] = one
+        n = len(got[0])
+        return tuple(mx.stack([g[k] for g in got]) for k in range(n))

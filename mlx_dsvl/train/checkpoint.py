@@ -14,6 +14,9 @@ It is written into a temporary sibling folder (held by its writer, so a later sa
 that a killed run left: :func:`mlx_dsvl.outputs.temporary`) and renamed into place, then ``OUT/checkpoints/latest`` (a
 one-line text file) is replaced atomically: an interrupted save never leaves a half-written
 checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
+
+:class:`Checkpointer` is the training callback that saves them (every N steps, at the end and
+on a stop signal), then the run's final adapters.
 """
 
 from __future__ import annotations
@@ -22,17 +25,33 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, trained_weights
 from ..faults import fault_point
-from ..outputs import fsync_dir, fsync_file, remove_abandoned, save_arrays, temporary, write_text_atomic
+from ..outputs import (
+    fsync_dir,
+    fsync_file,
+    remove_abandoned,
+    replace_atomic,
+    save_arrays,
+    temporary,
+    write_text_atomic,
+)
 from ..utils import file_digest
-from .adapters import save_adapters
+from .callbacks import TrainingCallback, due
+from .distributed import SOLO, World
+from .loop import TrainingStopped
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from .rundir import RunDir  # rundir imports this module
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -75,6 +94,16 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
                   key=step_of)
 
 
+def save_adapters(folder: str | os.PathLike, model: DeepseekVL, config: dict) -> None:
+    """Write ``adapters.safetensors`` (the trainable parameters) and ``adapter_config.json``
+    (``config``, from :func:`mlx_dsvl.adapters.adapter_config`) into an existing folder; each
+    file replaces an earlier one in one step."""
+    folder = Path(folder)
+    weights = trained_weights(model)
+    replace_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_arrays(tmp, weights, {"format": "mlx"}))
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 
@@ -82,7 +111,7 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
-def _write_files(folder: Path, model, optimizer, adapter_cfg: dict, state: dict,
+def _write_files(folder: Path, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict, state: dict,
                  rng_ranks: mx.array | None) -> None:
     """The checkpoint's files, ``state.json`` last with every other file's size and digest."""
     save_adapters(folder, model, adapter_cfg)
@@ -106,8 +135,9 @@ def _write_files(folder: Path, model, optimizer, adapter_cfg: dict, state: dict,
 def save_checkpoint(
     out: str | os.PathLike,
     step: int,
-    model,
-    optimizer,
+    *,
+    model: DeepseekVL,
+    optimizer: optim.Optimizer,
     adapter_cfg: dict,
     state: dict[str, Any],
     keep: int = 0,
@@ -233,7 +263,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE).read_text())
 
 
-def restore(path: Path, model, optimizer) -> mx.array | None:
+def restore(path: Path, model: DeepseekVL, optimizer: optim.Optimizer) -> mx.array | None:
     """Load trained weights, optimizer state and RNG state (rank 0's) from checkpoint ``path``;
     returns every process's random state when several saved it (``[processes, 2]``), else None."""
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
@@ -267,3 +297,79 @@ def set_rng_state(key: mx.array) -> None:
     mx.random.seed((hi << 32) | lo)
     if mx.random.state[0].tolist() != [hi, lo]:
         raise ResumeError("cannot restore the random state")
+
+
+# -- saving during training -----------------------------------------------------------------------
+
+
+class Checkpointer(TrainingCallback):
+    """Writes checkpoints of ``model`` + ``optimizer`` into ``run``.
+
+    ``meta``: what every checkpoint's state records besides the step, data position and history
+    (config, base-model fingerprint, data digests); ``last``: the checkpoint resumed from.
+    ``on_publish(folder)`` runs when a staged (``force``) run takes its place (its first
+    checkpoint swaps the folder in).  ``world``: the processes of the run; rank 0 writes, the
+    others hand it their random state and wait until it is done.
+    """
+
+    def __init__(self, run: RunDir, *, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict,
+                 meta: dict, history: list[dict], every: int, keep: int, start_step: int, last: Path | None = None,
+                 say: Callable[[str], None] = print, on_publish: Callable[[Path], None] | None = None,
+                 world: World = SOLO):
+        self.run, self.model, self.optimizer, self.adapter_cfg = run, model, optimizer, adapter_cfg
+        self.meta, self.history, self.every, self.keep = meta, history, every, keep
+        self.start_step, self.saved_step, self.last = start_step, start_step, last
+        self.say, self.on_publish, self.world, self.writer = say, on_publish, world, world.writer
+
+    def where(self, staged: bool = False) -> str:
+        """What is left on disk if the run stops now."""
+        return ((f"the last good checkpoint is kept: {self.last}" if self.last
+                 else "no checkpoint had been saved yet")
+                + (f"; {self.run.out} is unchanged" if staged and self.run.staged else ""))
+
+    def save(self, step: int, streams: dict) -> None:
+        bad = [k for k, v in tree_flatten(self.model.trainable_parameters())
+               if not bool(mx.all(mx.isfinite(v)).item())]
+        if bad:
+            raise TrainingStopped(f"trained weights became non-finite at step {step} ({bad[0]}); "
+                                  f"training stopped without saving; {self.where(staged=True)}", self.last)
+        ranks = self.world.gather(mx.random.state[0], f"the random states for checkpoint {step}")
+        if not self.writer:  # rank 0 writes it (or fails, and the run ends)
+            self.world.barrier(f"rank 0 writing checkpoint {step}")
+            self.saved_step, self.last = step, step_dir(self.run.out, step)
+            return
+        state = {"config": self.meta["config"], "fingerprint": self.meta["fingerprint"], "streams": streams,
+                 "history": self.history, "data": self.meta["data"], "processes": self.world.size,
+                 "version": 1}
+        try:
+            self.last = save_checkpoint(self.run.path, step, model=self.model, optimizer=self.optimizer,
+                                        adapter_cfg=self.adapter_cfg, state=state, keep=self.keep,
+                                        rng_ranks=ranks if self.world.size > 1 else None)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {step} into {self.run.out / 'checkpoints'} "
+                f"({e.strerror or e}); nothing of it remains; {self.where(staged=True)}") from None
+        self.saved_step = step
+        if self.run.publish():  # a `force` run's first checkpoint: it now replaces the earlier run
+            self.last = self.run.path / self.last.relative_to(self.last.parents[1])
+            if self.on_publish is not None:
+                self.on_publish(self.run.path)
+            self.say(f"replaced the earlier run in {self.run.out}")
+        self.say(f"saved checkpoint {self.last}")
+        self.world.barrier(f"rank 0 writing checkpoint {step}")
+
+    def on_step_end(self, state) -> None:
+        if due(state.step, self.every, state.iters):
+            self.save(state.step, state.streams)
+
+    def on_train_end(self, state, error) -> None:
+        if error is not None:
+            return
+        if state.stopped and state.step > self.saved_step:
+            self.save(state.step, state.streams)
+        if self.writer and self.last is not None and state.step > self.start_step:
+            try:
+                save_adapters(self.run.path, self.model, self.adapter_cfg)
+            except OSError as e:
+                raise OSError(f"cannot write the adapters into {self.run.path} ({e.strerror or e}); the "
+                              f"last checkpoint, {self.last}, holds them too (it is an adapter folder as well)") from None

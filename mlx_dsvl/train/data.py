@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from ..processing.chat import IMAGE_TAG, place_images
+from ..processing.chat import IMAGE_TAG, ChatProcessor, place_images
 from ..processing.image_tokens import ImageTokens
 from ..utils import common_prefix
 from .report import warn
@@ -135,7 +136,7 @@ def _check_alternation(messages: Sequence[Mapping[str, Any]]) -> None:
             )
 
 
-def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_chat(processor: ChatProcessor, messages: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Chat messages -> ``(ids, labels)`` with loss on assistant answers and their EOS."""
     _check_alternation(messages)
     full = processor.format(messages)
@@ -154,7 +155,7 @@ def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> tuple[np.
     return ids, labels
 
 
-def tokenize_text(processor, text: str) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_text(processor: ChatProcessor, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Plain (possibly interleaved) text -> ``(ids, labels)``: BOS, text, EOS; loss on text+EOS."""
     ids = processor.tokenize(text)
     eos = processor.tokenizer.eos_token_id
@@ -205,8 +206,6 @@ def check_image(path: str) -> None:
         raise DataError(f"image not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"image path is a directory: {path}")
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path):  # reads the header only; the pixels are decoded when batched
             pass
@@ -214,7 +213,7 @@ def check_image(path: str) -> None:
         raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
 
 
-def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
+def parse_line(obj: Any, base: Path, where: str, processor: ChatProcessor) -> Example:
     """One decoded JSON value -> :class:`Example` (not yet length-checked)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -262,7 +261,7 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
 
 def load_jsonl(
     path: str | os.PathLike,
-    processor,
+    processor: ChatProcessor,
     max_seq_len: int,
     long_policy: str = "truncate",
     skip_bad: bool = False,

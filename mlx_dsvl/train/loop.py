@@ -11,6 +11,10 @@ share of each global batch, ``world`` sums each step's losses and token counts (
 -- a non-finite loss, a step left without examples -- is taken on those sums, so every process
 takes it) and averages the gradients, ``should_stop`` is where a stop is agreed, and the
 callbacks that write take a ``writer`` flag.
+
+The standard loss (:func:`make_loss`) is token-weighted cross-entropy on the labelled positions
+only: the LM head runs only where a loss is taken (the 102400-way softmax is the costliest op of
+a small model), and frozen vision towers run under ``stop_gradient``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,9 +31,14 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from ..faults import fault_point
+from ..models.attention import exp_from_max
 from .callbacks import CallbackList, TrainingCallback
 from .distributed import SOLO, World
 from .report import StepSums, Window, warn
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from .batches import BatchProducer
 
 
 class TrainingStopped(RuntimeError):
@@ -65,8 +75,82 @@ class LoopState:
     stopped: bool = False  # ended early because should_stop() said so
 
 
-def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, compile: bool,
-              average_gradients: Callable | None = None):
+# -- the standard loss ---------------------------------------------------------------------------
+
+
+def image_embeddings(model: DeepseekVL, vis, frozen_vision: bool):
+    """``vis``: pixels ``[M, 3, S, S]`` or cached tower features (tuple) -> ``[M, 576, D]``."""
+    if isinstance(vis, (tuple, list)):
+        feats = tuple(vis) if len(vis) > 1 else vis[0]
+    else:
+        feats = model.vision_features(vis)
+        if frozen_vision:
+            feats = tree_map(mx.stop_gradient, feats)
+    return model.aligner(feats)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-row ``logsumexp(logits) - logits[target]`` ([N, V] float32, [N] -> [N]).
+
+    On MLX's CPU backend ``exp`` is much slower than ``2 ** x`` and dominates a small model's
+    step over a 102400-token vocabulary; ``exp(x) = 2 ** (x log2 e)`` gives the same values (and
+    gradient: the softmax) faster (docs/PERFORMANCE.md).  GPUs use ``nn.losses.cross_entropy``.
+    """
+    if mx.default_device() != mx.cpu:
+        return nn.losses.cross_entropy(logits, targets)
+    p, m = exp_from_max(logits)
+    s = p.sum(axis=-1)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return m[:, 0] + mx.log(s) - picked
+
+
+def make_loss(frozen_vision: bool):
+    """``loss_fn(model, ids, vis, label_pos, label_ids, label_w, label_mm)`` ->
+    ``(mean loss, target tokens, [multimodal loss sum, multimodal tokens])``."""
+
+    def loss_fn(model: DeepseekVL, input_ids, vis, label_pos, label_ids, label_w, label_mm):
+        img = None if vis is None else image_embeddings(model, vis, frozen_vision)
+        h = model.hidden_states(input_ids, img)
+        B, T, D = h.shape
+        hs = mx.take(h.reshape(B * T, D), label_pos, axis=0)  # [N, D]: only where a loss is taken
+        logits = model.lm_head(hs).astype(mx.float32)
+        ce = cross_entropy(logits, label_ids) * label_w
+        ntoks = label_w.sum()
+        loss = ce.sum() / mx.maximum(ntoks, 1)  # a batch without targets (an empty share) learns nothing
+        mm = mx.stack([(ce * label_mm).sum(), (label_w * label_mm).sum()])
+        return loss, ntoks, mm
+
+    return loss_fn
+
+
+_CKPT_CLASSES: dict[type, type] = {}
+
+
+def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass (per instance, not per class)."""
+    for layer in layers:
+        base = type(layer)
+        if base in _CKPT_CLASSES.values():
+            continue
+        sub = _CKPT_CLASSES.get(base)
+        if sub is None:
+            def __call__(self, *args, __base=base, **kwargs):
+                def inner(params, *a, **k):
+                    self.update(params)
+                    return __base.__call__(self, *a, **k)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+            sub = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
+            _CKPT_CLASSES[base] = sub
+        layer.__class__ = sub
+
+
+# -- the step and the loop ------------------------------------------------------------------------
+
+
+def make_step(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, *, weighted: bool,
+              max_grad_norm: float, compile: bool, average_gradients: Callable | None = None):
     """``(accumulate, update, state)``: ``accumulate(*inputs, prev_grad) -> (loss, ntoks, mm,
     grad)`` adds a micro-batch's gradient to ``prev_grad``; ``update(grad, tokens) -> grad_norm``
     averages it over the processes, divides it by the step's ``tokens`` (per process), clips and
@@ -102,16 +186,16 @@ def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, c
     return accumulate, update, state
 
 
-def skip_update(optimizer) -> None:
+def skip_update(optimizer: optim.Optimizer) -> None:
     """Count a step that had nothing to learn from (the schedule stays in step with the loop)."""
     for opt in getattr(optimizer, "optimizers", [optimizer]):
         opt.state["step"] = opt.step + 1
 
 
-def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
-               callbacks: Sequence[TrainingCallback] = (), start_step: int = 0, schedule=None,
-               window: Window | None = None, should_stop: Callable[[], bool] | None = None,
-               world: World = SOLO) -> LoopState:
+def train_loop(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, batches: BatchProducer,
+               args: LoopArgs, callbacks: Sequence[TrainingCallback] = (), *, start_step: int = 0,
+               schedule: Callable | None = None, window: Window | None = None,
+               should_stop: Callable[[], bool] | None = None, world: World = SOLO) -> LoopState:
     """Train from ``start_step`` to ``args.iters`` optimizer steps; returns where it ended.
 
     ``batches.next()`` gives micro-batches with ``inputs`` (``loss_fn``'s arguments after the
@@ -124,8 +208,8 @@ def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
     cbs = CallbackList(callbacks)
     weighted = args.grad_accum > 1 or world.size > 1
     accumulate, update, compiled_state = make_step(
-        model, optimizer, loss_fn, weighted, args.max_grad_norm, args.compile,
-        world.average_gradients if world.size > 1 else None)
+        model, optimizer, loss_fn, weighted=weighted, max_grad_norm=args.max_grad_norm, compile=args.compile,
+        average_gradients=world.average_gradients if world.size > 1 else None)
     window = window if window is not None else Window()
     state = LoopState(start_step, args.iters, cbs.report)
     stop = should_stop or (lambda: False)

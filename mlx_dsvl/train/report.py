@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 _style: Callable[[str], str] = lambda text: text  # noqa: E731 -- how option names are printed
 _rank, _size = 0, 1  # this process among the run's processes
@@ -175,8 +178,8 @@ def val_line(rec: dict, iters: int, seconds: float) -> str:
             + f" ({seconds:.1f}s)")
 
 
-def start_line(cfg, components, frozen_vision: bool, n_train: int, n_total: int, n_main: int,
-               n_text: int | None, resume: str | None, start_step: int) -> str:
+def start_line(cfg: TrainConfig, *, components: Sequence[str], frozen_vision: bool, n_train: int, n_total: int,
+               n_main: int, n_text: int | None, resume: str | None, start_step: int) -> str:
     how = cfg.method if "llm" in components or not frozen_vision else "full"
     return (f"stage {cfg.stage}: training {', '.join(components)} ({how}) "
             f"-- {n_train / 1e6:.3f}M trainable of {n_total / 1e6:.3f}M parameters; {n_main} examples"

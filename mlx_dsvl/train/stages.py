@@ -16,13 +16,17 @@ trained in full.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..adapters import ADAPTER_TYPES, AdapterError, adapt_modules
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
 
 COMPONENTS = ("aligner", "llm", "siglip", "sam", "sam-neck")
 
@@ -37,7 +41,7 @@ class Stage:
     frozen: str  # what stays frozen (for the help)
     data: str  # the data it is meant for (for the help)
     text_ratio: float  # share of text-only batches once warmed up (with text-only data)
-    modality_warmup: Fraction = Fraction(0)  # default warm-up, as a share of the run's steps
+    modality_warmup: Fraction = field(default=Fraction(0), kw_only=True)  # default warm-up, as a share of the run's steps
 
     def warmup_steps(self, run_steps: int) -> int:
         """The default modality warm-up of a run of about ``run_steps`` steps."""
@@ -54,7 +58,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage(1, "adaptor warm-up", ("aligner",), "vision encoders and LLM", "image-text pairs", 0.7),
     Stage(2, "joint pre-training", ("aligner", "llm"), "vision encoders",
-          "image-text pairs mixed with text-only data", 0.7, Fraction(1, 5)),
+          "image-text pairs mixed with text-only data", 0.7, modality_warmup=Fraction(1, 5)),
     Stage(3, "supervised fine-tuning", ("aligner", "llm", "siglip"), "SAM-B",
           "chat data, text-only data optional", 0.48),
 )
@@ -94,7 +98,7 @@ class StageError(ValueError):
     """An impossible training set-up (unknown component, full training of a quantized LLM, ...)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSpec:
     """Which parts train and how; stored in ``adapter_config.json``."""
 
@@ -138,19 +142,19 @@ def parse_components(stage: int, train: str | Sequence[str] | None, hybrid: bool
     return comps
 
 
-def module_prefix(model, module: nn.Module) -> str:
+def module_prefix(model: DeepseekVL, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
             return name
     raise KeyError("module not found in model")
 
 
-def llm_is_quantized(model) -> bool:
+def llm_is_quantized(model: DeepseekVL) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                for _, m in model.language_model.named_modules())
 
 
-def adapter_paths(model, spec: TrainSpec) -> list[str]:
+def adapter_paths(model: DeepseekVL, spec: TrainSpec) -> list[str]:
     """Full names of the Linear layers that ``spec`` puts adapters on."""
     if spec.method == "full":
         return []
@@ -176,7 +180,7 @@ def adapter_paths(model, spec: TrainSpec) -> list[str]:
     return paths
 
 
-def setup_trainable(model, spec: TrainSpec) -> list[str]:
+def setup_trainable(model: DeepseekVL, spec: TrainSpec) -> list[str]:
     """Freeze ``model``, add adapters and unfreeze what ``spec`` trains.
 
     Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
@@ -226,7 +230,7 @@ def vision_trainable(spec: TrainSpec) -> bool:
     return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
 
 
-def count_parameters(model) -> tuple[int, int]:
+def count_parameters(model: DeepseekVL) -> tuple[int, int]:
     """(trainable, total) parameters of the model as it trains, adapter factors included; a
     quantized weight counts unpacked, its scales and biases do not."""
     modules = dict(model.named_modules())
