@@ -158,8 +158,8 @@ def run(args) -> dict:
     kv = kv_cache_options(args.kv_bits, args.kv_group_size)
     res["kv_bits"] = args.kv_bits
     if args.turns:
-        res.update(bench_chat.turn_rows(model, processor, img, opts, kv and dict(
-            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), args.replay or gpu, args.turns))
+        res.update(bench_chat.turn_rows(model, processor, img, opts, kv=kv and dict(
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), replay=args.replay or gpu, n_turns=args.turns))
     res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
     if args.kv_context:
         try:

@@ -44,7 +44,7 @@ def run_turn(chat, text: str, images: Sequence, opts: dict):
     return last
 
 
-def turn_rows(model, processor, image, opts: dict, kv: dict | None = None, replay: bool = False,
+def turn_rows(model, processor, image, opts: dict, *, kv: dict | None = None, replay: bool = False,
               n_turns: int = 1 + len(QUESTIONS)) -> dict:
     """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
     first-use time."""

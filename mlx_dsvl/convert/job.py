@@ -104,18 +104,19 @@ def staged_output(out: Path, force: bool = False, progress: Callable[[str], None
 
 
 @contextmanager
-def conversion(model: str, out: str, dtype: str | None, force: bool, allow_pickle: bool,
+def conversion(model: str, out: str, *, dtype: str | None, force: bool, allow_pickle: bool,
                shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     """Check the common arguments, open ``model`` and stage ``out``; the body writes into
     ``job.tmp``.  An exception anywhere leaves no trace next to ``out``; the folder reader's
     errors (:mod:`mlx_dsvl.model_folder`, the body's strict checks too) come out as ConvertError."""
     with as_convert_error():
-        with _conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+        with _conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
+                         progress=progress) as job:
             yield job
 
 
 @contextmanager
-def _conversion(model: str, out: str, dtype: str | None, force: bool, allow_pickle: bool,
+def _conversion(model: str, out: str, *, dtype: str | None, force: bool, allow_pickle: bool,
                 shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")

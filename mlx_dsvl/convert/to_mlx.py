@@ -90,7 +90,8 @@ def convert_to_mlx(
         raise ConvertError(f"--q-bits must be one of {QUANT_BITS}, got {q_bits}")
     if quantize and q_group_size not in QUANT_GROUP_SIZES:
         raise ConvertError(f"--q-group-size must be one of {QUANT_GROUP_SIZES}, got {q_group_size}")
-    with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+    with conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
+                    progress=progress) as job:
         src, source, tmp, target = job.src, job.source, job.tmp, job.target
         weights = source.weights
         if source.quantization:  # an MLX folder converted again: start from its dequantized weights

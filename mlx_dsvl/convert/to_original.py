@@ -72,7 +72,8 @@ def convert_to_original(
             read_adapter_config(adapter)
         except AdapterError as e:
             raise ConvertError(str(e)) from None
-    with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+    with conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
+                    progress=progress) as job:
         src, source, tmp, target = job.src, job.source, job.tmp, job.target
         progress(f"converting {src} ({source.describe()}) -> {job.out} (original layout"
                  + (f", {dtype}" if dtype else "") + (f", fusing {adapter}" if adapter else "") + ")")
