@@ -1,15 +1,5 @@
 """Training: ``python -m mlx_dsvl.train --stage {1,2,3}`` (the DeepSeek-VL recipe).
 
-Modules: ``config`` (every option: default, help, range; derived defaults), ``stages`` (one
-declaration per stage; what trains, LoRA/DoRA/QLoRA/full), ``data`` (JSONL -> tokenized examples
-with loss masks), ``batches`` (batch order, mixed and prefetched micro-batches, the vision feature
-cache), ``schedule`` (learning rate, modality mix, run length), ``loop`` (the standard loss, the
-compiled step and the loop), ``callbacks`` (metrics, progress, validation, benchmarks, loss.png),
-``checkpoint`` (atomic save, integrity check, exact resume, the saving callback), ``report``
-(what a run prints), ``run`` (``train``: set-up, stop signals, the run), ``rundir`` (the output
-folder), ``files`` (atomic writes), ``distributed`` (data-parallel on the processes
-``mlx.launch`` starts).
-
 Python API::
 
     from mlx_dsvl.train import TrainConfig, train, load_adapters

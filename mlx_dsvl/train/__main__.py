@@ -1,8 +1,4 @@
-"""``python -m mlx_dsvl.train``: the DeepSeek-VL three-stage training recipe (see --help).
-
-The options are :class:`~mlx_dsvl.train.config.TrainConfig`'s fields: flag, type, choices, help
-and default come from there; the stages' help from :data:`~mlx_dsvl.train.stages.STAGES`.
-"""
+"""``python -m mlx_dsvl.train``: the options are built from :class:`~mlx_dsvl.train.config.TrainConfig`'s fields."""
 
 from __future__ import annotations
 

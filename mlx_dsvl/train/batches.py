@@ -1,12 +1,10 @@
-"""Training batches: length-bucketed batch order, padding (collate), the mixed, prefetched
-micro-batch sequence with its MLX inputs, and the vision feature cache that stands in for pixels.
+"""Training batches: length-bucketed order, padding, the mixed prefetched micro-batches, and
+the vision feature cache.
 
-``cache_vision_features`` encodes each image once while the vision towers are frozen.  Entries
-are keyed by the image file's SHA-256 and by a model key (architecture, vision weights digest,
-dtype and image size), so a changed image, another model or another dtype never reuses stale
-features.  Features are the towers' outputs *before* the aligner (the aligner trains); they live
-in memory (up to a budget) and, when a folder is given, on disk as safetensors files
-``<folder>/<model key>/<sha[:2]>/<sha>.safetensors`` that later runs reuse.
+With frozen vision towers each image is encoded once. Cache entries are keyed by the image's
+SHA-256 and a model key (vision config, weights digest, dtype), so a changed image or model never
+reuses stale features; they are the towers' outputs *before* the aligner (the aligner trains),
+kept in memory and optionally in ``<folder>/<model key>/<sha[:2]>/<sha>.safetensors``.
 """
 
 from __future__ import annotations
@@ -38,13 +36,10 @@ if TYPE_CHECKING:
 class BatchStream:
     """Endless, deterministic, length-bucketed batches of example indices over one dataset.
 
-    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, grouped
-    by length class inside windows of ``bucket_window`` batches, cut into batches, and the batch
-    order is shuffled.  A length class spans a factor ``bucket_ratio`` (1.25: lengths within
-    25% of each other), and examples of one class stay in random order.  So a batch holds
-    similar lengths and little padding, but is not sorted by exact length: that would group
-    examples by content (the length of an answer says which answer it is) and bias every step.
-    The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
+    Epoch ``e`` is a pure function of ``(seed, stream, e)``, so ``(epoch, index)`` resumes it
+    exactly. Examples are grouped by length class (a factor ``bucket_ratio`` wide) within windows
+    of ``bucket_window`` batches, not sorted by exact length: that would group examples by content
+    (an answer's length says which answer it is) and bias every step.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, stream: int = 0,
@@ -91,8 +86,7 @@ class BatchStream:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state(self, s: Mapping[str, int]) -> None:
-        """Continue at a saved position; one past the end of its epoch (the data has fewer
-        batches than when it was saved) continues at the start of the next epoch."""
+        """A position past its epoch's end (the data shrank since) continues with the next epoch."""
         self.epoch, self.index = int(s["epoch"]), int(s["index"])
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
@@ -100,13 +94,10 @@ class BatchStream:
 
 @dataclass(kw_only=True)
 class Batch:
-    """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
-
-    ``input_ids`` [B, T] is right-padded (causal attention makes the padding invisible to real
-    tokens).  The loss is taken only where it is needed: ``label_pos`` [N] holds flat indices
-    ``b * T + t - 1`` of the positions whose logits predict ``label_ids`` [N]; ``label_w`` [N] is
-    1 for real targets and 0 for padding (N is rounded up to limit recompilation);
-    ``label_mm`` [N] marks targets of examples that have images.
+    """A padded numpy batch. ``input_ids`` [B, T] is right-padded (causal attention hides it).
+    The loss is taken only at ``label_pos`` [N], flat indices ``b * T + t - 1`` whose logits predict
+    ``label_ids``; ``label_w`` is 0 on padding (N is rounded up to limit recompilation);
+    ``label_mm`` marks targets of examples with images.
     """
 
     input_ids: np.ndarray
@@ -127,8 +118,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pad_to: int = 16) -> Batch:
-    """Pad ``examples`` into a batch; none gives one row of padding with no target (a process's
-    empty share of a short global batch, or a batch whose every image was bad): it learns nothing."""
+    """No examples (a process's empty share, or every image bad) give one padding row that learns nothing."""
     B = max(1, len(examples))
     T = _round_up(max((e.length for e in examples), default=1), pad_to)
     ids = np.full((B, T), pad_id, dtype=np.int32)
@@ -172,17 +162,11 @@ class Prepared:
 
 
 class BatchProducer:
-    """The training batches: a deterministic sequence of micro-batches, prefetched by a thread.
+    """A deterministic sequence of micro-batches, images decoded by a prefetch thread.
 
-    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``; the first is that of
-    ``start_step``, where a resumed run goes on) comes from the text-only
-    stream when ``mixer`` draws text for it, else from the main stream; ``shard`` picks this
-    process's share of each (global) batch.  Its images are decoded and preprocessed off the main
-    thread; an image that fails to decode raises a :class:`DataError` naming it, or with
-    ``skip_bad`` drops its example from the batch (counted; the streams never move for it, so the
-    processes of a run stay on the same batches whatever each of them drops).
-    :meth:`next` turns the batch into the loss's arguments on the calling thread (MLX streams
-    are per thread; cached vision features are encoded there with ``model``).
+    A bad image raises a :class:`DataError`, or with ``skip_bad`` drops its example; the streams
+    never move for it, so all processes stay on the same batches whatever each drops. :meth:`next`
+    makes the MLX inputs on the calling thread (MLX streams are per thread).
     """
 
     def __init__(self, *, main: Dataset, main_stream: BatchStream, text: Dataset | None,
@@ -399,10 +383,7 @@ class VisionFeatureCache:
             self._mem_used -= sum(x.nbytes for x in old)
 
     def features(self, model: DeepseekVL, paths: Sequence[str], digests: Sequence[str], pixels_for) -> Features:
-        """Stacked features for ``paths`` (``[M, 576, C]`` each), encoding the misses once.
-
-        ``pixels_for(indices)`` returns the ``[K, 3, S, S]`` pixels of the missing images.
-        """
+        """Stacked ``[M, 576, C]`` features; ``pixels_for(indices)`` gives the misses' pixels."""
         got = [self.get(d) for d in digests]
         miss = [i for i, g in enumerate(got) if g is None]
         if miss:

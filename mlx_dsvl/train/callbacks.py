@@ -1,10 +1,5 @@
 """The training loop's callbacks (mlx-lm's ``TrainingCallback`` shape) and the standard ones:
 ``metrics.jsonl``, progress, validation losses, benchmark accuracies, ``loss.png``.
-
-A callback sees every record the run reports (``on_train_loss_report`` for ``"train"`` records,
-``on_val_loss_report`` for ``"val"`` and ``"eval"`` ones), runs before the first step
-(``on_train_begin``), after each optimizer step (``on_step_end``; both may report records of
-their own through ``state.report``) and at the end (``on_train_end``, also when the run failed).
 Callbacks that write files take ``writer``: with several processes only one writes.
 """
 
@@ -85,8 +80,7 @@ class CallbackList(TrainingCallback):
 
 
 class MetricsLog(TrainingCallback):
-    """Keeps every record in ``history`` (saved in checkpoints) and appends it to the run's
-    ``metrics.jsonl`` (``run.path`` moves when a staged run takes its place)."""
+    """Keeps every record in ``history`` (saved in checkpoints) and appends it to ``metrics.jsonl``."""
 
     def __init__(self, run, history: list[dict], writer: bool = True):
         self.run, self.history, self.writer = run, history, writer
@@ -123,11 +117,7 @@ class Console(TrainingCallback):
 def validation_losses(model: DeepseekVL, loss_fn: Callable, datasets: Sequence[tuple[Dataset, bool]], *,
                       processor: ChatProcessor, batch_size: int, max_batches: int, pad_to: int,
                       cache: VisionFeatureCache | None) -> dict[str, float]:
-    """Token-weighted validation losses: all, multimodal examples, text-only examples.
-
-    ``datasets``: ``(dataset, text_only)`` pairs (a text-only set must hold no image).  The model
-    is put in eval mode for the call and back in training mode after it.
-    """
+    """Token-weighted validation losses: all, multimodal examples, text-only examples."""
     model.eval()
     tot = np.zeros(4)  # ce_sum, ntoks, mm_ce_sum, mm_ntoks
     for ds, force_text in datasets:
@@ -191,8 +181,7 @@ class EvalSet:
 
 
 def read_eval_sets(specs: None | str | Sequence[str]) -> list[EvalSet]:
-    """Read each ``[NAME=]FILE`` once (a bad row raises :class:`~mlx_dsvl.eval.EvalDataError`
-    naming the file and line; an image that cannot be decoded is a bad row)."""
+    """Read each ``[NAME=]FILE`` once, before anything is written (an undecodable image is a bad row)."""
     specs = [s for s in ([specs] if isinstance(specs, str) else list(specs or [])) if s]  # "": none
     sets: list[EvalSet] = []
     for spec in specs:
@@ -228,9 +217,8 @@ def eval_line(rec: dict, iters: int, sets: Sequence[EvalSet]) -> str:
 
 
 class Evaluation(TrainingCallback):
-    """Benchmark accuracies before the first step, every ``every`` steps and at the end, reported
-    as ``"eval"`` records.  Scoring draws no random numbers and restores the model's training
-    modes, so it leaves the run exactly as it was (resume stays exact)."""
+    """Benchmark accuracies before the first step, every ``every`` steps and at the end. Scoring
+    draws no random numbers and restores training mode, so resume stays exact."""
 
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, sets: Sequence[EvalSet], *, every: int,
                  method: str, batch_size: int, limit: int | None, say: Callable[[str], None]):
@@ -354,8 +342,7 @@ def eval_curves(records: Sequence[dict]):
 
 def plot_losses(records: Sequence[dict], path: str | Path, title: str = "training loss",
                 size: tuple[int, int] = (900, 540)) -> Path | None:
-    """Draw ``metrics.jsonl``-style records: losses, and accuracies beside them if any were
-    scored (the image is then twice as wide); returns the path (None: nothing to draw)."""
+    """Losses, and accuracies beside them if any were scored; None: nothing to draw."""
     losses = [(label, color, _points(records, key), key.startswith("val")) for key, label, color in SERIES]
     losses = [c for c in losses if c[2]]
     accuracies = eval_curves(records)

@@ -1,22 +1,11 @@
 """Atomic training checkpoints and exact resume.
 
-A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
-
-* ``adapters.safetensors`` + ``adapter_config.json`` -- the trained weights (so a checkpoint is
-  also a valid adapter folder);
-* ``optimizer.safetensors`` -- the optimizer state (AdamW moments, step, learning rate);
-* ``rng.safetensors`` -- MLX's global random state (LoRA dropout); with several processes, every
-  process's (``ranks``; ``state`` is rank 0's);
-* ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
-  the base model's fingerprint, and the size and SHA-256 of each other file.
-
-It is written into a temporary sibling folder (held by its writer, so a later save can remove one
-that a killed run left: :func:`mlx_dsvl.outputs.temporary`) and renamed into place, then ``OUT/checkpoints/latest`` (a
-one-line text file) is replaced atomically: an interrupted save never leaves a half-written
-checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
-
-:class:`Checkpointer` is the training callback that saves them (every N steps, at the end and
-on a stop signal), then the run's final adapters.
+``OUT/checkpoints/step-NNNNNNN/`` holds the adapter files (so a checkpoint is also an adapter
+folder), the optimizer state, MLX's random state (every process's under ``ranks``) and, written
+last, ``state.json``: step, data positions, history, config, base-model fingerprint and each other
+file's size and SHA-256. It is staged in a held temporary sibling, renamed into place, then the
+one-line ``checkpoints/latest`` is replaced atomically: an interrupted save never leaves a half
+checkpoint, and damage done later is found on resume.
 """
 
 from __future__ import annotations
@@ -95,9 +84,7 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
 
 
 def save_adapters(folder: str | os.PathLike, model: DeepseekVL, config: dict) -> None:
-    """Write ``adapters.safetensors`` (the trainable parameters) and ``adapter_config.json``
-    (``config``, from :func:`mlx_dsvl.adapters.adapter_config`) into an existing folder; each
-    file replaces an earlier one in one step."""
+    """The trainable parameters and adapter config into an existing folder, each file replaced in one step."""
     folder = Path(folder)
     weights = trained_weights(model)
     replace_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_arrays(tmp, weights, {"format": "mlx"}))
@@ -143,13 +130,9 @@ def save_checkpoint(
     keep: int = 0,
     rng_ranks: mx.array | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it (``rng_ranks``: the random
-    state of every process of a run on several).
-
-    Checkpoints of later steps (left by a run that was rolled back to an earlier one) are
-    removed once this one is in place, then all but the ``keep`` newest (0 keeps all).  On any
-    error nothing of the new checkpoint remains and ``latest`` is unchanged.
-    """
+    """Write checkpoint ``step`` atomically and point ``latest`` at it, then remove later steps (a
+    rolled-back timeline) and all but the ``keep`` newest (0 keeps all). On any error nothing of
+    it remains and ``latest`` is unchanged."""
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root)
@@ -179,11 +162,8 @@ def save_checkpoint(
 
 
 def damage(path: Path) -> str | None:
-    """Why checkpoint folder ``path`` cannot be resumed from (None: it is intact).
-
-    Each file's size and SHA-256 are recorded in ``state.json`` when it is written; checkpoints
-    from before that are checked by loading their files.
-    """
+    """Why checkpoint folder ``path`` cannot be resumed from (None: intact); one from before
+    recorded digests must at least load."""
     try:
         state = json.loads((path / STATE).read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -225,11 +205,8 @@ def _fallback(root: Path, below: int | None) -> str:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` is a checkpoint folder, or a run's output folder (its latest checkpoint).
-
-    A damaged checkpoint or ``latest`` pointer is never replaced silently by another step: the
-    error names the damage and the newest intact checkpoint to resume from instead.
-    """
+    """``path``: a checkpoint folder or a run folder (its latest). Damage is never silently
+    replaced by another step: the error names it and the newest intact checkpoint instead."""
     p = Path(path)
     if not p.exists():
         raise ResumeError(f"`resume` {p}: no such folder")
@@ -292,7 +269,7 @@ def restore(path: Path, model: DeepseekVL, optimizer: optim.Optimizer) -> mx.arr
 
 
 def set_rng_state(key: mx.array) -> None:
-    """Restore MLX's global random key ([hi, lo] uint32): ``seed(n)`` sets key ``[n >> 32, n & 0xffffffff]``."""
+    """MLX has no key setter, but ``seed(n)`` sets key ``[n >> 32, n & 0xffffffff]``."""
     hi, lo = (int(x) for x in key.tolist())
     mx.random.seed((hi << 32) | lo)
     if mx.random.state[0].tolist() != [hi, lo]:
@@ -303,13 +280,10 @@ def set_rng_state(key: mx.array) -> None:
 
 
 class Checkpointer(TrainingCallback):
-    """Writes checkpoints of ``model`` + ``optimizer`` into ``run``.
+    """Saves checkpoints every N steps, at the end and on a stop signal, then the final adapters.
 
-    ``meta``: what every checkpoint's state records besides the step, data position and history
-    (config, base-model fingerprint, data digests); ``last``: the checkpoint resumed from.
-    ``on_publish(folder)`` runs when a staged (``force``) run takes its place (its first
-    checkpoint swaps the folder in).  ``world``: the processes of the run; rank 0 writes, the
-    others hand it their random state and wait until it is done.
+    A staged (``force``) run's first checkpoint swaps its folder in (``on_publish``). Rank 0
+    writes; the other processes hand it their random state and wait.
     """
 
     def __init__(self, run: RunDir, *, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict,

@@ -1,12 +1,8 @@
-"""Every training option, with its default, its help text and its range in one place.
+"""Every training option, with its default, help text and range in one place (the CLI is built
+from :class:`TrainConfig`'s fields, as mlx-lm's ``TrainingArgs`` carries help by each default).
 
-``python -m mlx_dsvl.train`` builds its command line from :class:`TrainConfig`'s fields (as
-mlx-lm's ``TrainingArgs`` carries help next to each default).  A field whose default depends on
-other choices is ``None`` here and filled in by :func:`resolve`, which returns a new config and
-is the one place those rules live (the stage rules live in the stages' declarations).
-
-Messages of the library name options by field, in backticks (`` `text_ratio` ``); the CLI
-prints them as flags (``--text-ratio``) with :func:`as_flags`.
+A derived default is ``None`` here and filled in by :func:`resolve`, the one place those rules
+live. Messages name options in backticks (`` `text_ratio` ``); the CLI shows them as flags.
 """
 
 from __future__ import annotations
@@ -260,11 +256,7 @@ def as_flags(text: str) -> str:
 
 def resolve(cfg: TrainConfig, components: Sequence[str], frozen_vision: bool, main_batches: int,
             has_text: bool) -> TrainConfig:
-    """``cfg`` with every derived default filled in (a new config; ``cfg`` is unchanged).
-
-    ``components``: what trains; ``main_batches``: batches per epoch of the main data;
-    ``has_text``: text-only data is mixed in.
-    """
+    """A new config with every derived default filled in."""
     stage = get_stage(cfg.stage)
     mixer, text_ratio, modality_warmup = None, cfg.text_ratio, cfg.modality_warmup
     if has_text:

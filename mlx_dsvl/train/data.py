@@ -1,36 +1,11 @@
-"""Training data: JSONL -> tokenized examples with loss masks (batched in :mod:`.batches`).
+"""Training data: JSONL -> tokenized examples with loss masks (the format: README, "Fine-tune").
 
-One JSON object per line; image paths are relative to the JSONL file (absolute paths work too).
-Three kinds of line are accepted:
-
-* **chat** -- ``{"messages": [{"role": "user", "content": "<image_placeholder>What is this?"},
-  {"role": "assistant", "content": "A cat."}, ...], "images": ["cat.jpg"]}``.  Rendered with the
-  "deepseek" template exactly as at inference (an optional first ``system`` message replaces the
-  default system prompt; ``""`` means none).  Roles must alternate user / assistant.  Each
-  ``<image_placeholder>`` in the text takes the next image of ``images``.  **Loss on the
-  assistant turns only**: the answer text and the end-of-sentence token that the template puts
-  after it; never on the system prompt, the user turns, the ``Assistant:`` prefix or the image
-  tokens.
-* **pair** (image-text, stages 1-2) -- ``{"image": "cat.jpg", "text": "a cat on a mat"}``, or
-  ``{"images": [...], "text": "... <image_placeholder> ..."}`` for interleaved data.  Without a
-  placeholder in the text the images come first.  Sequence: BOS, the images' tokens, the text,
-  EOS.  **Loss on the text (and the EOS)**, never on BOS or image tokens.
-* **text-only** -- ``{"text": "..."}`` (BOS, text, EOS; loss on the text and EOS) or a chat line
-  without images (loss on the assistant turns).
-
-Labels follow the usual ``-100`` convention: ``labels[t]`` is the token the model must predict at
-position ``t`` (from the prefix ``ids[:t]``), or ``-100`` (:data:`IGNORE`) where no loss is taken.
-
-Bad input:
-
-* a malformed line (bad JSON, wrong keys, a placeholder/image count mismatch, ...) raises
-  :class:`DataError` naming ``file:line``; a missing or unreadable image raises one naming the
-  image path.  With ``skip_bad=True`` such lines are skipped and counted instead.
-* an example longer than ``max_seq_len`` is truncated at a token boundary that is never inside
-  an image's 576 tokens (a cut that would split an image drops that whole image), or skipped
-  with ``long_policy="skip"``; either way a warning is printed.  One whose truncation would leave
-  no loss token (e.g. its images do not fit) is skipped as too long, with the length it needs; one
-  without any loss token at all is skipped with a warning.
+Chat lines are rendered with the inference template; the loss is on the assistant answers and the
+EOS the template puts after each, never on the system prompt, user turns, the ``Assistant:``
+prefix, BOS or image tokens. Pairs and text-only lines are BOS, text, EOS with loss on text and
+EOS. ``labels[t]`` is the token predicted from ``ids[:t]``, or :data:`IGNORE` (-100). A
+truncation never cuts inside an image (a split image is dropped whole); one that would leave no
+loss token skips the example as too long.
 """
 
 from __future__ import annotations
@@ -267,7 +242,8 @@ def load_jsonl(
     skip_bad: bool = False,
     verbose: bool = True,
 ) -> Dataset:
-    """Read and tokenize a JSONL file (see the module docstring for the format)."""
+    """Read and tokenize a JSONL file; bad lines raise :class:`DataError` naming ``file:line``
+    unless ``skip_bad`` (then counted)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")

@@ -1,18 +1,10 @@
-"""Data-parallel training on several processes, over MLX's distributed backend (``mlx.launch``).
+"""Data-parallel training over MLX's distributed backend (``mlx.launch``).
 
-Every process (rank) holds the whole model and reads the whole data set.  Each global batch --
-``batch_size`` x processes examples, the batch that one process with that batch size would take,
-in the same order -- is cut into one contiguous share per rank (:meth:`World.shard`).  A rank
-sums its share's token-weighted gradient; :meth:`World.average_gradients` sums those across
-the ranks, so that dividing by the step's tokens gives exactly one process's gradient of the
-whole batch (up to float reassociation).  Every decision that changes what the ranks do next is
-taken on numbers they share (:meth:`World.sum`): the losses and token counts
-of each step, a stop signal that reached any of them, and the set-up they start from
-(:meth:`World.agree`).  Rank 0 alone writes the run's files.
-
-A rank that dies breaks the backend's connections and the others' next collective raises
-(:class:`ProcessLost`); a rank that hangs or whose machine vanishes is caught by a
-:class:`Watchdog` that ends a process waiting longer than ``timeout`` seconds for the others.
+Each global batch (``batch_size`` x processes, in the order one process would take it) is cut into
+one contiguous share per rank; summed token-weighted gradients divided by the step's tokens give
+one process's gradient of the whole batch (up to float reassociation). Every decision is taken on
+numbers the ranks share. A dead rank makes the others' next collective raise :class:`ProcessLost`;
+a hung one is caught by the :class:`Watchdog`.
 """
 
 from __future__ import annotations
@@ -46,10 +38,8 @@ class ProcessLost(RuntimeError):
 
 
 class Watchdog:
-    """Ends this process (status :data:`EXIT_LOST`) when one wait for the other processes lasts
-    longer than ``timeout`` seconds: a dead process breaks the connections and the backend
-    raises, but a hung one, or a machine whose network went away, may never answer.
-    ``explain()`` adds what is left on disk to the message."""
+    """Ends this process when one wait for the others lasts over ``timeout`` seconds: a dead
+    process makes the backend raise, but a hung one, or an unreachable machine, may never answer."""
 
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank = float(timeout), rank
@@ -90,11 +80,7 @@ def fingerprint(facts: dict[str, Any]) -> mx.array:
 
 
 class World:
-    """This process's place in the run (``rank`` of ``size``) and the collectives training needs.
-
-    One process (``size`` 1, no ``group``) needs none: every method is then a plain local step.
-    ``timeout`` (seconds, 0: none) arms a :class:`Watchdog` on the waits of the training loop.
-    """
+    """This process's place in the run and the collectives training needs (local steps when alone)."""
 
     def __init__(self, group=None, timeout: float = 0):
         self.group = group
@@ -119,16 +105,14 @@ class World:
 
     # -- data ------------------------------------------------------------------------------------
     def shard(self, batch: Sequence[int]) -> Sequence[int]:
-        """This rank's contiguous share of a global batch: ``batch_size`` examples of a full one,
-        one of the nearly equal parts of a shorter last one (possibly none)."""
+        """This rank's contiguous share (of a short last batch: a nearly equal part, possibly none)."""
         n = len(batch)
         return batch[n * self.rank // self.size : n * (self.rank + 1) // self.size]
 
     # -- collectives -----------------------------------------------------------------------------
     @contextmanager
     def collective(self, what: str, watched: bool = True):
-        """Around the evaluation of a collective: a lost process becomes :class:`ProcessLost`;
-        ``watched``: the watchdog times the wait (not for waits on rank 0's writing)."""
+        """A lost process becomes :class:`ProcessLost`; waits on rank 0's writing go unwatched."""
         guard = self.watchdog.waiting(what) if watched and self.watchdog is not None else _nothing()
         try:
             with guard:
@@ -171,7 +155,7 @@ class World:
         return out
 
     def from_rank0(self, tree):
-        """``tree`` (arrays) as rank 0 has it, on every rank: added to zeros, bit for bit."""
+        """``tree`` as rank 0 has it, bit for bit (added to zeros)."""
         if self.size == 1:
             return tree
         with self.collective("rank 0's weights", watched=False):
@@ -181,14 +165,11 @@ class World:
         return out
 
     def average_gradients(self, grad):
-        """The mean over the ranks of a gradient tree (inside the compiled update; mlx's grouped
-        all-reduce of small arrays)."""
+        """The mean over the ranks (mlx's grouped all-reduce of small arrays)."""
         return nn.average_gradients(grad, group=self.group)
 
     def agree(self, facts: dict[str, Any]) -> None:
-        """Check that every rank starts from the same set-up (options, model, data, step); a
-        difference raises one line naming what differs on which ranks.  Unwatched: the ranks may
-        finish loading at quite different times."""
+        """Raise if the ranks' set-ups differ. Unwatched: ranks may finish loading far apart."""
         if self.size == 1:
             return
         names = sorted(facts)
@@ -221,9 +202,8 @@ def _nothing():
 
 
 def global_batch_check(saved_batch: int, saved_size: int, batch: int, size: int) -> str | None:
-    """Why a checkpoint of ``saved_size`` processes x ``saved_batch`` cannot continue with ``size``
-    x ``batch`` (None: it can).  The data order is that of the global batch, so a run continues
-    exactly on any number of processes that keeps the global batch the same."""
+    """Why a checkpoint cannot continue on ``size`` x ``batch`` (None: it can). The data order is that
+    of the global batch, so any process count that keeps it continues exactly."""
     want = saved_batch * saved_size
     if batch * size == want:
         return None

@@ -1,20 +1,10 @@
-"""The training loop: it receives built parts (model, optimizer, loss, batches) and callbacks.
+"""The training loop over built parts (model, optimizer, loss, batches) and callbacks.
 
-The shape of mlx-lm's ``tuner/trainer.py``: the step is compiled with ``mx.compile(fn,
-inputs=state, outputs=state)`` over the model, optimizer and random state, in two parts: each
-micro-batch's gradient is accumulated token-weighted, then the update averages it over the
-processes, clips and applies it.  Every ``steps_per_report`` steps a ``"train"`` record goes to
-the callbacks, which also validate, evaluate and save (see :mod:`mlx_dsvl.train.callbacks`).
-
-With several processes (:mod:`mlx_dsvl.train.distributed`): ``batches`` yields this process's
-share of each global batch, ``world`` sums each step's losses and token counts (every decision
--- a non-finite loss, a step left without examples -- is taken on those sums, so every process
-takes it) and averages the gradients, ``should_stop`` is where a stop is agreed, and the
-callbacks that write take a ``writer`` flag.
-
-The standard loss (:func:`make_loss`) is token-weighted cross-entropy on the labelled positions
-only: the LM head runs only where a loss is taken (the 102400-way softmax is the costliest op of
-a small model), and frozen vision towers run under ``stop_gradient``.
+The shape of mlx-lm's ``tuner/trainer.py``: a compiled step in two parts, each micro-batch's
+gradient accumulated token-weighted, then averaged over the processes, clipped and applied. With
+several processes every decision (a non-finite loss, a step without examples) is taken on the
+summed losses and token counts, so every process takes it. The standard loss runs the LM head
+only where a loss is taken: the vocabulary-wide softmax is a small model's costliest op.
 """
 
 from __future__ import annotations
@@ -92,9 +82,8 @@ def image_embeddings(model: DeepseekVL, vis, frozen_vision: bool):
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Per-row ``logsumexp(logits) - logits[target]`` ([N, V] float32, [N] -> [N]).
 
-    On MLX's CPU backend ``exp`` is much slower than ``2 ** x`` and dominates a small model's
-    step over a 102400-token vocabulary; ``exp(x) = 2 ** (x log2 e)`` gives the same values (and
-    gradient: the softmax) faster (docs/PERFORMANCE.md).  GPUs use ``nn.losses.cross_entropy``.
+    On MLX's CPU backend ``exp`` is much slower than ``2 ** x`` and dominates a small model's step;
+    ``exp(x) = 2 ** (x log2 e)`` gives the same values and gradient (docs/PERFORMANCE.md).
     """
     if mx.default_device() != mx.cpu:
         return nn.losses.cross_entropy(logits, targets)
@@ -151,12 +140,9 @@ def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
 
 def make_step(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, *, weighted: bool,
               max_grad_norm: float, compile: bool, average_gradients: Callable | None = None):
-    """``(accumulate, update, state)``: ``accumulate(*inputs, prev_grad) -> (loss, ntoks, mm,
-    grad)`` adds a micro-batch's gradient to ``prev_grad``; ``update(grad, tokens) -> grad_norm``
-    averages it over the processes, divides it by the step's ``tokens`` (per process), clips and
-    applies it.  ``weighted``: gradients are summed token-weighted (several micro-batches or
-    processes: then the step's gradient is that of its tokens' mean loss), else used as they
-    come; ``state`` is what both change (model, optimizer, random state)."""
+    """``(accumulate, update, state)``. ``weighted`` (several micro-batches or processes): gradients
+    are summed token-weighted and ``update`` divides by the step's tokens, so the step's gradient is
+    that of its tokens' mean loss."""
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -197,14 +183,7 @@ def train_loop(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable,
                schedule: Callable | None = None, window: Window | None = None,
                should_stop: Callable[[], bool] | None = None, world: World = SOLO) -> LoopState:
     """Train from ``start_step`` to ``args.iters`` optimizer steps; returns where it ended.
-
-    ``batches.next()`` gives micro-batches with ``inputs`` (``loss_fn``'s arguments after the
-    model), ``streams_after``, ``is_text_stream``, ``skipped`` and ``batch``; ``schedule(step)``:
-    the learning rate reported; ``window``: the sums behind each ``"train"`` record;
-    ``should_stop()``: checked before each step (with several processes every rank must get the
-    same answer); ``world``: the processes that share each step (this one's share comes from
-    ``batches``; each step's sums and gradient are combined over them).
-    """
+    ``should_stop()`` is checked before each step and must answer alike on every process."""
     cbs = CallbackList(callbacks)
     weighted = args.grad_accum > 1 or world.size > 1
     accumulate, update, compiled_state = make_step(

@@ -98,9 +98,7 @@ class Progress:
 
 @dataclass
 class StepSums:
-    """One optimizer step summed over its micro-batches (and processes): the loss sum and target
-    tokens, the same over multimodal examples, the real (unpadded) tokens, skipped examples; in
-    this order (:meth:`as_list`), as the processes sum them."""
+    """One optimizer step summed over its micro-batches (and processes, in :meth:`as_list` order)."""
 
     loss: float = 0.0
     ntoks: float = 0.0

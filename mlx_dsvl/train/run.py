@@ -1,13 +1,8 @@
-"""Setting a run up and running it: ``train(cfg)``.
+"""Setting a run up and running it: ``train(cfg)`` = :func:`prepare`, :func:`build`, :func:`run_parts`.
 
-:func:`prepare` checks the options (merging a resumed run's), :func:`build` makes the parts
-(model and what trains, data, optimizer, vision cache, resume state), :func:`run_parts` runs the
-loop over them with the standard callbacks and says how it ended.  To change one part, build the
-parts and call :func:`mlx_dsvl.train.loop.train_loop` with a loss or callbacks of your own.
-
-With several processes (``mlx.launch``) every one sets the same run up, checks that all did so
-alike before anything is written, and then reads only its share of each global batch; rank 0
-alone writes.
+To change one part, build the parts and call :func:`mlx_dsvl.train.loop.train_loop` with a loss or
+callbacks of your own. With several processes every one sets the same run up and checks that all
+did so alike before anything is written; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -103,10 +98,7 @@ class TrainParts:
 
 def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
             ) -> tuple[TrainConfig, Resume | None]:
-    """Check the options and merge a resumed run's; returns a new config (``cfg`` is unchanged).
-
-    ``explicit``: the options the user gave (a resumed run may override only non-structural ones).
-    """
+    """Check the options and merge a resumed run's into a new config."""
     validate_config(cfg)
     resume = None
     if cfg.resume:
@@ -122,11 +114,8 @@ def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
 
 
 def merge_resume(cfg: TrainConfig, explicit: Sequence[str], processes: int = 1) -> tuple[TrainConfig, Resume]:
-    """The checkpoint's run config with the options given now; structural changes are refused
-    (the batch size may change with the number of ``processes`` if the global batch stays).
-
-    Without an output folder the run continues in the run folder that holds the checkpoint.
-    """
+    """The checkpoint's config with the options given now; structural changes are refused (the
+    batch size may change with the number of processes if the global batch stays)."""
     path = ckpt.find_checkpoint(cfg.resume)
     state = ckpt.read_checkpoint(path)
     saved = state.get("config") or {}
@@ -204,8 +193,7 @@ def trainable_model(model: DeepseekVL, cfg: TrainConfig, spec: TrainSpec) -> Non
 
 def make_optimizer(model: DeepseekVL, cfg: TrainConfig, frozen_vision: bool
                    ) -> tuple[optim.Optimizer, Callable]:
-    """AdamW on the schedule, with its own schedule for the vision towers' weights if they train
-    at another rate; returns ``(optimizer, the LLM's schedule)``."""
+    """AdamW, with a second schedule for the vision towers if they train at another rate."""
     schedule = lr_schedule(cfg.lr, cfg.iters, cfg.warmup, cfg.lr_schedule, cfg.min_lr_ratio)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     if not frozen_vision and cfg.vision_lr != cfg.lr:
@@ -220,8 +208,7 @@ def make_optimizer(model: DeepseekVL, cfg: TrainConfig, frozen_vision: bool
 
 def restore(resume: Resume, model: DeepseekVL, optimizer: optim.Optimizer, streams: dict[str, BatchStream | None],
             digests: dict) -> tuple[int, list[dict], mx.array | None]:
-    """Weights, optimizer, random state and data position of the checkpoint; (step, history,
-    every process's random state when several saved theirs)."""
+    """Restore the checkpoint; returns (step, history, every process's saved random state or None)."""
     rng_ranks = ckpt.restore(resume.path, model, optimizer)
     saved = resume.state.get("streams", {})
     streams["main"].load_state(saved["main"])
@@ -248,13 +235,8 @@ def rank_random_state(world: World, saved: mx.array | None) -> None:
 
 def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, *,
           loaded: tuple[DeepseekVL, ChatProcessor] | None = None, world: World = SOLO) -> TrainParts:
-    """Every part of a run of ``cfg`` (from :func:`prepare`) into ``run``.
-
-    ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model`` to train in place (e.g.
-    a model quantized in memory for QLoRA).  Nothing is written before the data has been read
-    (and, with several processes in ``world``, before all of them have checked that they set up
-    the same run; then rank 0 writes).
-    """
+    """Every part of a run. ``loaded``: a ``(model, processor)`` to train in place (e.g. quantized
+    in memory for QLoRA). Nothing is written before the data is read and all processes agree."""
     model, processor = loaded if loaded is not None else load(cfg.model, dtype=cfg.dtype)
     fingerprint = model_fingerprint(model)
     if resume is not None:
@@ -311,12 +293,8 @@ def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, *,
 
 
 class StopSignals:
-    """SIGINT (Ctrl-C), SIGTERM and SIGHUP stop the run at the end of the current step, which
-    is then saved; a second signal stops at once (``KeyboardInterrupt``), without saving.
-
-    Handlers are installed only on the main thread (Python allows no other); elsewhere the run
-    simply cannot be stopped by a signal.
-    """
+    """SIGINT, SIGTERM and SIGHUP stop the run after the current step, which is saved; a second
+    one stops at once, unsaved. Only the main thread may install handlers (Python's rule)."""
 
     def __init__(self):
         self.signum = 0
@@ -364,11 +342,8 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), *, loaded: tuple[Deeps
           callbacks: Sequence[TrainingCallback] = ()) -> TrainResult:
     """Run training as configured; see ``python -m mlx_dsvl.train --help``.
 
-    ``explicit``: the option names given on the command line (a resumed run may override only
-    non-structural ones).  ``loaded``: an already loaded ``(model, processor)`` of ``cfg.model``
-    to train in place instead of loading it (e.g. a model quantized in memory for QLoRA).
-    ``callbacks``: more callbacks; they see every record and run before the checkpoint of a step.
-    ``cfg`` itself is never changed.
+    ``explicit``: the options given on the command line (a resume may override only
+    non-structural ones); ``loaded``: see :func:`build`. ``callbacks`` run before a step's checkpoint.
     """
     t_start = time.perf_counter()
     world = World.init(cfg.dist_timeout)
@@ -388,8 +363,7 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = (), *, loaded: tuple[Deeps
 
 def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn,
                        extra: Sequence[TrainingCallback] = ()) -> list[TrainingCallback]:
-    """metrics.jsonl, progress, validation, benchmarks, ``extra``, checkpoints, loss.png -- in
-    that order (a step's records are in the history before its checkpoint is saved)."""
+    """In an order that puts a step's records in the history before its checkpoint is saved."""
     cfg, run, data = parts.cfg, parts.run, parts.data
     cbs: list[TrainingCallback] = [MetricsLog(run, parts.history, parts.writer),
                                    Console(log, parts.start_step, t_start)]

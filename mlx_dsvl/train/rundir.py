@@ -1,16 +1,9 @@
 """Which folder a run writes into: never clobber an earlier run, replace one (``force``) atomically.
 
-* A new or empty folder: the run writes there.
-* The folder of the run being resumed: the run continues there.  Resuming from an earlier
-  checkpoint than its newest drops the later ones (when the first new one is saved), so that
-  needs ``force``.
-* Any other non-empty folder is refused; with ``force`` a training run (not any other folder) is
-  replaced: the new run writes into a folder staged beside it (:class:`mlx_dsvl.outputs.Staged`)
-  that takes its place once it holds its first checkpoint.  Killed at any point, this leaves the
-  old run or the new one with a checkpoint, never neither (:func:`recover`).
-
-The mechanics (staging, the swap, recovering from a killed writer) are :mod:`mlx_dsvl.outputs`';
-this module holds training's rules about them.
+A resumed run continues in its folder (from an earlier checkpoint than the newest, which drops the
+later ones, only with ``force``). Any other non-empty folder is refused; with ``force`` a training
+run is replaced by a folder staged beside it that swaps in at its first checkpoint, so a kill at
+any point leaves the old run or the new one with a checkpoint, never neither.
 """
 
 from __future__ import annotations

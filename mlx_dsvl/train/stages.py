@@ -1,16 +1,9 @@
-"""The training stages (one declaration each), and what they train and how.
+"""The training stages (one declaration each: the CLI's choices and help come from
+:data:`STAGES`), and what they train and how.
 
-The paper's recipe: stage 1 trains the aligner (vision encoders and LLM frozen) on image-text
-pairs; stage 2 the aligner and the LLM (vision encoders frozen) on image-text pairs mixed with
-text-only data; stage 3 the aligner, the LLM and SigLIP (SAM-B frozen) on chat data.  Adding a
-stage is adding a :class:`Stage` to :data:`STAGES`: the CLI's choices and help come from it.
-
-The ``train`` option overrides a stage's set with any of :data:`COMPONENTS`.  ``method`` applies
-to the transformer blocks of the LLM and of the vision towers that are trained: ``lora`` /
-``dora`` wrap their ``Linear`` layers with mlx-lm's ``LoRALinear`` / ``DoRALinear`` (on a
-quantized LLM this is QLoRA: the wrapped ``QuantizedLinear`` stays frozen and quantized),
-``full`` trains every weight.  The aligner and SAM's neck / downsamples (``sam-neck``) are always
-trained in full.
+``method`` applies to the trained transformer blocks: ``lora`` / ``dora`` wrap their ``Linear``
+layers with mlx-lm's adapters (on a quantized LLM that is QLoRA: the ``QuantizedLinear`` stays
+frozen), ``full`` trains every weight. The aligner and ``sam-neck`` always train in full.
 """
 
 from __future__ import annotations
@@ -181,10 +174,7 @@ def adapter_paths(model: DeepseekVL, spec: TrainSpec) -> list[str]:
 
 
 def setup_trainable(model: DeepseekVL, spec: TrainSpec) -> list[str]:
-    """Freeze ``model``, add adapters and unfreeze what ``spec`` trains.
-
-    Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
-    """
+    """Freeze ``model``, add adapters and unfreeze what ``spec`` trains; returns the adapted layers' names."""
     if spec.method not in METHODS:
         raise StageError(f"`method` must be one of {', '.join(METHODS)}, got {spec.method!r}")
     bad = [t for t in spec.targets if t not in TARGET_GROUPS + TARGET_LEAVES]
@@ -231,8 +221,7 @@ def vision_trainable(spec: TrainSpec) -> bool:
 
 
 def count_parameters(model: DeepseekVL) -> tuple[int, int]:
-    """(trainable, total) parameters of the model as it trains, adapter factors included; a
-    quantized weight counts unpacked, its scales and biases do not."""
+    """(trainable, total); a quantized weight counts unpacked, its scales and biases do not."""
     modules = dict(model.named_modules())
 
     def size(name: str, v) -> int:
