@@ -1,15 +1,7 @@
-"""``python -m mlx_dsvl.convert`` (also ``mlx-dsvl-convert``, and ``python -m convert`` from the
-repository root): DeepSeek-VL checkpoints -> MLX (dtype, 4/8-bit quantization) and back.
+"""``python -m mlx_dsvl.convert``: DeepSeek-VL checkpoints -> MLX (dtype, 4/8-bit) and back.
 
-    python -m mlx_dsvl.convert --model SRC --out DIR [--dtype float16|bfloat16|float32]
-                      [--quantize [--q-bits 4|8] [--q-group-size 32|64|128] [--quantize-vision]]
-                      [--allow-pickle] [--shard-gb 5] [--force]
-    python -m mlx_dsvl.convert --to-original --model SRC --out DIR [--dtype ...] [--adapter DIR] [--force]
-
-SRC: a local folder or a Hugging Face hub id, in the original deepseek-ai layout or a
-``transformers`` ``deepseek_vl`` / ``deepseek_vl_hybrid`` checkpoint (or, for ``--to-original``,
-an MLX folder written by this command).  Progress goes to stderr, the output path to stdout;
-an error is one ``error: ...`` line on stderr, exit status 1, and nothing is left behind.
+Progress goes to stderr, the output path to stdout (for scripts); an error is one line, status 1,
+and nothing is left behind.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""File side of the converter: streaming safetensors writer, shards (output folders:
-:mod:`mlx_dsvl.outputs`; the shard plan and names: :mod:`mlx_dsvl.model_folder`).
-
-- :func:`write_safetensors`: writes the header from the (lazy) arrays' shapes and dtypes, then
-  evaluates and writes one tensor at a time, dropping it right after -- so writing a shard holds
-  about one tensor in memory, not the shard.
-- :func:`write_shards`: groups tensors (a module's tensors stay together) into shards of at most
-  ``max_bytes`` and writes the index.
-"""
+"""File side of the converter: a streaming safetensors writer (a shard holds about one tensor in
+memory, not the shard) and sharded output."""
 
 from __future__ import annotations
 
@@ -32,8 +25,7 @@ class ConvertError(ValueError):
 
 @contextmanager
 def as_convert_error() -> Iterator[None]:
-    """The folder reader's errors (bad JSON, missing shard, truncated file, strict check, ...)
-    as this tool's."""
+    """The folder reader's errors as this tool's."""
     try:
         yield
     except ModelLoadError as e:
@@ -49,11 +41,8 @@ _ST_DTYPES = {
 
 
 def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> int:
-    """Write ``tensors`` (lazy arrays welcome) to ``path``; the dict is emptied as it is written.
-
-    Returns the number of data bytes.  The header is built from shapes and dtypes alone, then
-    each tensor is evaluated, written and dropped before the next one is computed.
-    """
+    """Write lazy ``tensors``, emptying the dict: the header comes from shapes and dtypes alone,
+    then each tensor is evaluated, written and dropped before the next; returns the data bytes."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -96,10 +85,7 @@ def write_shards(
     always_index: bool,
     progress: Callable[[str], None] = log,
 ) -> tuple[list[str], int]:
-    """Write ``tensors`` as shards (+ ``model.safetensors.index.json`` when several, or always).
-
-    Emptied as written.  Returns (file names, total data bytes).
-    """
+    """Write ``tensors`` as shards, emptying the dict; returns (file names, data bytes)."""
     groups = plan_shards({k: v.nbytes for k, v in tensors.items()}, max_bytes)
     names = shard_names(len(groups))
     weight_map: dict[str, str] = {}

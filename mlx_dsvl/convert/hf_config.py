@@ -1,13 +1,9 @@
 """``transformers`` ``deepseek_vl`` / ``deepseek_vl_hybrid`` config -> the original ``config.json``.
 
-The original file names its towers (``CLIPVisionTower`` with ``siglip_large_patch16_384``;
-``HybridVisionTower`` with ``sam_b_downsample`` + SigLIP) and its aligner (``MlpProjector``) as
-``{"cls", "params"}`` blocks; sizes that differ from the named reference models are written as
-explicit overrides in ``params`` (what :mod:`mlx_dsvl.config` reads).  The ``transformers``
-processor files differ from the original ones, so the original ``preprocessor_config.json`` and
-``processor_config.json`` are rebuilt from what each family's released files hold: 1.3B ->
-384 px, mean = std = 0.5, normalized in the processor; 7B -> 1024 px, CLIP mean/std, not
-normalized in the processor (each tower normalizes its own input inside the model).
+Sizes that differ from the named reference towers are written as overrides in ``params``. The
+``transformers`` processor files differ from the original ones, so those are rebuilt from what each
+family's released files hold: 1.3B 384 px, mean = std = 0.5, normalized in the processor; 7B
+1024 px, CLIP mean/std, normalized by each tower inside the model.
 """
 
 from __future__ import annotations

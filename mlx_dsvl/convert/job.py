@@ -1,9 +1,5 @@
-"""The frame every conversion shares (MLX <- original/transformers, and back).
-
-Argument checks, the source resolved and opened once, the output staged in a temporary folder
-next to ``out`` (with a scratch folder for files a source needs to unpack) and renamed into place
-only when everything was written, the config/tokenizer/processor files, and the closing line.
-"""
+"""The frame every conversion shares: argument checks, the source opened once, the output staged
+beside ``out`` and renamed into place only when everything was written."""
 
 from __future__ import annotations
 
@@ -55,13 +51,8 @@ def check_output(out: Path, source: Path | None, force: bool) -> None:
 
 @contextmanager
 def staged_output(out: Path, force: bool = False, progress: Callable[[str], None] = log) -> Iterator[Path]:
-    """Yield a fresh folder staged beside ``out`` (:class:`mlx_dsvl.outputs.Staged`), put in
-    ``out``'s place when the block succeeds.
-
-    On failure (any exception, Ctrl-C, SIGTERM/SIGHUP under ``signals_as_exceptions``) it and the
-    parent folders created for it are removed and ``out`` is left as it was; after ``kill -9``,
-    the next run into ``out`` removes them (``reclaim_stale``).
-    """
+    """A folder staged beside ``out``, put in its place when the block succeeds. On failure (also
+    Ctrl-C, SIGTERM/SIGHUP) it and the parents made for it go; after ``kill -9`` the next run does it."""
     out = output_path(out)
     created: list[Path] = []
     parent = out.parent
@@ -106,9 +97,8 @@ def staged_output(out: Path, force: bool = False, progress: Callable[[str], None
 @contextmanager
 def conversion(model: str, out: str, *, dtype: str | None, force: bool, allow_pickle: bool,
                shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
-    """Check the common arguments, open ``model`` and stage ``out``; the body writes into
-    ``job.tmp``.  An exception anywhere leaves no trace next to ``out``; the folder reader's
-    errors (:mod:`mlx_dsvl.model_folder`, the body's strict checks too) come out as ConvertError."""
+    """Check the common arguments, open ``model`` and stage ``out`` (the body writes into
+    ``job.tmp``); an exception anywhere leaves no trace next to ``out``."""
     with as_convert_error():
         with _conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
                          progress=progress) as job:

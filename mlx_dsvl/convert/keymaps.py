@@ -1,29 +1,10 @@
 """Tensor-name maps between the original deepseek-ai checkpoints and ``transformers``' ports.
 
-Original layout (``deepseek-ai/deepseek-vl-*``)            ``transformers`` (``DeepseekVL*ForConditionalGeneration``)
----------------------------------------------------------  ---------------------------------------------------------
-``vision_model.vision_tower.*`` (1.3B SigLIP)               ``model.vision_model.*`` (newer, flat) or
-``vision_model.vision_tower_low.vision_tower.*`` (7B)       ``model.vision_model.vision_model.*`` (older hub files)
-``vision_model.vision_tower_high.vision_tower.*`` (SAM)     ``model.high_res_vision_model.vision_encoder.*``,
-                                                            ``model.high_res_vision_neck.*`` (``neck_hd``),
-                                                            ``model.high_res_vision_proj.conv{1,2}`` (``downsamples``),
-                                                            ``model.high_res_vision_alpha`` (``hd_alpha_downsamples``)
-``aligner.layers.{0,2}`` (1.3B)                             ``model.aligner.linear{1,2}``
-``aligner.{high_up_proj,low_up_proj,layers.1}`` (7B)        ``model.aligner.{high_res_vision_proj,vision_proj,proj}``
-``language_model.model.*`` / ``language_model.lm_head``     ``model.language_model.*`` / ``lm_head``
-
-Tensor changes: SigLIP's fused ``attn.qkv`` is split into ``self_attn.{q,k,v}_proj`` (and fused
-back); SigLIP's ``pos_embed`` [1, N, D] loses its leading 1 (``position_embedding.weight`` [N, D]);
-SAM's ``qkv`` stays fused; conv weights keep the PyTorch [O, I, kH, kW] layout on both sides.
-
-Dropped on the way to ``transformers``: ``attn_pool.*`` (SigLIP pooling head),
-``vision_model.{high,low}_layer_norm.*`` and ``rotary_emb.inv_freq`` -- the original model never
-uses them.  Dropped on the way back: SigLIP's ``head.*`` (``transformers``' pooling head, present
-in some converted files; unused with ``vision_use_head=False``).  Any other unknown name raises.
-
-Pure Python + numpy: values may be numpy arrays, ``torch`` tensors or ``mlx`` arrays (the
-functions only slice, index and -- for the inverse qkv fusion -- concatenate them with the
-values' own library); no ``torch`` import happens here.
+Beyond the renames: SigLIP's fused ``attn.qkv`` is split into ``{q,k,v}_proj`` (and fused back)
+and its ``pos_embed`` [1, N, D] loses the leading 1; SAM's ``qkv`` stays fused; convs keep
+PyTorch's [O, I, kH, kW] on both sides. Tensors no model uses are dropped either way; any other
+unknown name raises. Values may be numpy arrays, torch tensors or mlx arrays, each handled with its
+own library, so nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -191,13 +172,8 @@ def _unused(key: str, patterns) -> bool:
 def original_to_hf(
     state_dict: Mapping[str, Any], hybrid: bool | None = None, nested_siglip: bool = False
 ) -> dict[str, Any]:
-    """Original deepseek-ai tensors -> ``transformers`` ``DeepseekVL[Hybrid]ForConditionalGeneration``.
-
-    hybrid: the 7B layout (SAM + SigLIP); None detects it from the names.
-    nested_siglip: emit the older ``model.vision_model.vision_model.*`` SigLIP names instead of
-    the flat ``model.vision_model.*`` that current ``transformers`` builds.
-    Raises ``KeyError`` for a name no rule knows, ``ValueError`` for an impossible shape.
-    """
+    """Original deepseek-ai tensors -> ``transformers`` names. ``hybrid`` None: detected;
+    ``nested_siglip``: the older hub files' ``model.vision_model.vision_model.*`` SigLIP names."""
     if hybrid is None:
         hybrid = is_hybrid_original(state_dict)
     compiled = [(_compile(o), h, kind)
@@ -237,12 +213,8 @@ def original_to_hf(
 # -- transformers -> original -----------------------------------------------------------------
 def hf_to_original(state_dict: Mapping[str, Any], hybrid: bool | None = None) -> dict[str, Any]:
     """``transformers`` tensors (either SigLIP naming generation) -> original deepseek-ai names.
-
-    hybrid: the 7B layout; None detects it from the names (``model.high_res_vision_*``).
-    The unused tensors the released files carry are not invented.  A missing ``lm_head.weight`` (a file saved with tied embeddings) stays missing: the caller decides.
-    Raises ``KeyError`` for an unknown name, a duplicate (both SigLIP generations at once) or
-    an incomplete q/k/v triple.
-    """
+    Unused tensors are not invented; a missing ``lm_head.weight`` (tied embeddings) stays missing:
+    the caller decides."""
     if hybrid is None:
         hybrid = is_hybrid_hf(state_dict)
     # Both SigLIP generations; the patterns are anchored, so flat never matches nested names.

@@ -1,11 +1,7 @@
-"""Reading a checkpoint folder of any supported kind into one lazy, MLX-layout view.
+"""A checkpoint folder of any supported kind (original, ``transformers``, MLX) as one lazy MLX-layout view.
 
-Kinds: ``original`` (deepseek-ai layout), ``transformers`` (``deepseek_vl`` /
-``deepseek_vl_hybrid``, renamed with :func:`.keymaps.hf_to_original` and given an original
-``config.json``), ``mlx`` (a folder this converter wrote, maybe quantized).  Safetensors are read
-lazily; PyTorch pickles only when allowed, one file at a time through
-``torch.load(weights_only=True)`` into scratch safetensors.  Every check happens before anything
-is written.
+PyTorch pickles are read only when allowed, one file at a time with ``weights_only=True`` into
+scratch safetensors. Every check happens before anything is written.
 """
 
 from __future__ import annotations
@@ -59,8 +55,7 @@ class Source:
 
 
 def hub_patterns(allow_pickle: bool) -> tuple[str, ...]:
-    """What a hub download fetches beyond ``mlx_dsvl.load``'s: the chat template and model card
-    (copied along), and the pickles when they may be read."""
+    """Beyond ``mlx_dsvl.load``'s download: the chat template and model card, and allowed pickles."""
     return ("*.jinja", "*.md") + (tuple("*" + s for s in PICKLE_SUFFIXES) if allow_pickle else ())
 
 

@@ -1,9 +1,7 @@
 """PyTorch-layout checkpoint (original deepseek-ai or ``transformers``) -> MLX folder.
 
-The weights are renamed / transposed lazily, checked against the model's parameter names and
-shapes, cast to ``dtype``, quantized where the policy says so, and written shard by shard: each
-tensor is read from its source file only when it is written, so memory holds about one tensor
-(never a whole copy of the model).  See :mod:`mlx_dsvl.mlx_format` for the folder it writes.
+Everything is lazy until written shard by shard, so memory holds about one tensor, never a copy
+of the model.
 """
 
 from __future__ import annotations
@@ -79,13 +77,8 @@ def convert_to_mlx(
     shard_gb: float = DEFAULT_SHARD_GB,
     progress: Callable[[str], None] = log,
 ) -> Path:
-    """Convert ``model`` (folder or hub id) into an MLX folder at ``out``; returns ``out``.
-
-    dtype: "float16" | "bfloat16" | "float32" | None (keep each tensor's stored dtype).
-    quantize: quantize the LLM's linear layers and embeddings (``quantize_vision``: the towers'
-    and aligner's linear layers too) to ``q_bits`` with groups of ``q_group_size``; layers whose
-    input size does not divide by the group size stay in ``dtype``.
-    """
+    """Convert ``model`` (folder or hub id) into an MLX folder at ``out``. ``dtype`` None keeps
+    each tensor's; layers whose input size does not divide by ``q_group_size`` stay unquantized."""
     if quantize and q_bits not in QUANT_BITS:
         raise ConvertError(f"--q-bits must be one of {QUANT_BITS}, got {q_bits}")
     if quantize and q_group_size not in QUANT_GROUP_SIZES:

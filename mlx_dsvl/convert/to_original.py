@@ -1,10 +1,6 @@
-"""MLX folder (or any supported checkpoint) -> the original deepseek-ai layout.
-
-Writes what the reference PyTorch code and ``transformers``' converter read: safetensors under
-the original names with PyTorch conv layouts (``[O, I, kH, kW]``), the unused tensors the
-released files carry when the MLX folder kept them, the original ``config.json`` (no MLX
-marker), the tokenizer and processor files.  Quantized layers are dequantized
-(``mx.dequantize``).  With ``adapter``, adapters are loaded onto the model and fused first (:mod:`mlx_dsvl.adapters`).
+"""MLX folder (or any supported checkpoint) -> the original deepseek-ai layout, what the reference
+PyTorch code and ``transformers``' converter read: original names, PyTorch conv layouts, no MLX
+marker in ``config.json``; quantized layers dequantized, adapters fused first.
 """
 
 from __future__ import annotations
@@ -28,10 +24,8 @@ from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype
 
 
 def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]) -> dict[str, mx.array]:
-    """Build the model, apply the adapters in ``adapter`` (:func:`mlx_dsvl.adapters.load_adapters`:
-    this package's or mlx-lm's) and fuse them into plain (dequantized) layers.  Returns the
-    model's parameters; layers without an adapter may still be quantized (the caller
-    dequantizes them)."""
+    """The model's parameters with ``adapter`` (this package's or mlx-lm's) fused in; layers
+    without an adapter may still be quantized."""
     adapter = Path(adapter).expanduser()
     model = DeepseekVL(source.model_config)
     weights = source.weights
@@ -63,10 +57,7 @@ def convert_to_original(
     shard_gb: float = DEFAULT_SHARD_GB,
     progress: Callable[[str], None] = log,
 ) -> Path:
-    """Write ``model`` (an MLX folder, or any supported checkpoint) in the original layout.
-
-    dtype: None keeps each tensor's stored dtype (a dequantized layer takes its scales' dtype).
-    """
+    """``dtype`` None keeps each tensor's (a dequantized layer takes its scales' dtype)."""
     if adapter:  # before any work: an adapter folder of a known format
         try:
             read_adapter_config(adapter)
