@@ -94,9 +94,8 @@ def _fail(msg: str, code: int) -> int:
 
 
 def run_settings(args, dtype: str, generates: bool) -> dict:
-    """What the predictions depend on, by option: a resumed run must match it.  Files by content
-    (the data, the adapters), the model by its folder (or hub id), ``dtype`` as resolved; the
-    reply length only when ``generates`` (replies are generated)."""
+    """What the predictions depend on (a resumed run must match): files by content, the model by
+    its folder or hub id; the reply length only when replies are generated."""
     model = Path(args.model).expanduser()
     adapter = args.adapter and Path(args.adapter).resolve()
     return {"--model": str(model.resolve()) if model.exists() else args.model,

@@ -1,13 +1,5 @@
-"""Reading answers out of generated text: option extraction, exact match, ANLS.
-
-Multiple choice (after VLMEvalKit's exact-matching rules, which MMBench results are reported
-with): the reply names an option by its letter -- alone, bracketed or punctuated ("B", "(B)",
-"B.", "B: ...", "The answer is B") -- or by the option's text ("red").  A reply that names no
-option, or several, is *unmatched*: scored wrong and counted.
-
-Short answers: normalized exact match (lower case, punctuation and articles dropped, spaces
-collapsed, as in VQA/SQuAD scoring) and ANLS, DocVQA's average normalized Levenshtein
-similarity with threshold 0.5 (lower case, spaces collapsed; a similarity under 0.5 scores 0).
+"""Reading answers out of generated text: option extraction (VLMEvalKit's exact-matching rules,
+which MMBench results are reported with), normalized exact match (as VQA/SQuAD) and DocVQA's ANLS.
 """
 
 from __future__ import annotations

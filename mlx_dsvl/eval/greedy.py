@@ -1,9 +1,4 @@
-"""Answers by greedy generation (``mlx_dsvl.generate_batch``), then read out of the reply.
-
-Multiple choice: the option the reply names (:func:`~mlx_dsvl.eval.answers.extract_choice`,
-VLMEvalKit's exact-matching rules); a reply naming none is wrong and counted as unmatched.
-Short answers: normalized exact match and ANLS against every accepted answer.
-"""
+"""Answers by greedy generation, then read out of the reply (:mod:`.answers`)."""
 
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
 """Evaluation items, their prompts and MMBench's circular rotations.
 
-An :class:`Item` is one question: multiple choice (``choices`` + the index of the right one) or
-short answer (``answers``: every accepted answer).  Readers (``readers.py``, ``mmbench.py``) build
-items from files; scorers turn them into prompts with :func:`conversation`.
-
-Prompts follow the MMBench convention (the one VLMEvalKit and LLaVA use for DeepSeek-VL-sized
-chat models), images first, in the "deepseek" chat template that the processor renders::
-
-    <image_placeholder>Hint: {hint}
-    Question: {question}
-    Options:
-    A. {choice 0}
-    B. {choice 1}
-    Answer with the option's letter from the given choices directly.
-
-Short answers end with "Answer the question using a single word or phrase." instead.
+Prompts follow the MMBench convention (VLMEvalKit's and LLaVA's for chat models of this size),
+images first: ``Hint:``, ``Question:``, ``Options:`` with lettered choices, then "Answer with the
+option's letter from the given choices directly." (short answers: "Answer the question using a
+single word or phrase.").
 """
 
 from __future__ import annotations
@@ -36,13 +25,8 @@ class EvalDataError(ValueError):
 
 @dataclass
 class Item:
-    """One evaluation question.
-
-    ``images``: zero-argument callables returning the image (a PIL image, bytes or a path that
-    ``mlx_dsvl.processing.load_image`` accepts), one per image; ``image_keys`` name them (items
-    sharing a key share the image, which is then encoded once per batch).  ``group``: the
-    question an item is a rotation of (circular evaluation); ``rotation``: 0 for the original.
-    """
+    """One question. ``images``: callables returning each image (lazy: a TSV's base64 stays
+    encoded until used); items sharing an ``image_keys`` key share its encoding in a batch."""
 
     id: str
     question: str
@@ -55,8 +39,8 @@ class Item:
     images: list[Callable[[], Any]] = field(default_factory=list)
     image_keys: list[str] = field(default_factory=list)
     source: str = ""  # "file:line", for error messages
-    group: str | None = None
-    rotation: int = 0
+    group: str | None = None  # the question this item is a rotation of
+    rotation: int = 0  # 0: the original
 
     @property
     def is_mc(self) -> bool:
@@ -106,11 +90,7 @@ def rotate(item: Item, k: int) -> Item:
 
 
 def circular(items: Sequence[Item]) -> list[Item]:
-    """MMBench's circular evaluation: every rotation of each multiple-choice item's options.
-
-    An item already carrying rotations (a published MMBench TSV ships them as extra rows) is
-    kept as it is; short-answer items stay single.
-    """
+    """Every rotation of each multiple-choice item (items shipping theirs are kept as they are)."""
     have_groups = {it.group for it in items if it.rotation > 0}
     out: list[Item] = []
     for it in items:
@@ -125,11 +105,8 @@ def circular(items: Sequence[Item]) -> list[Item]:
 
 
 def select(items: Sequence[Item], use_circular: bool) -> tuple[list[Item], int]:
-    """Items to score: every rotation with ``use_circular``, else the originals only.
-
-    Returns the items and how many shipped rotations were left out (all of them without
-    ``use_circular``; those whose original question is missing -- a skipped row -- with it).
-    """
+    """Items to score and how many shipped rotations were left out (with ``use_circular``: those
+    whose original row was skipped)."""
     originals = [it for it in items if it.rotation == 0]
     if not use_circular:
         return originals, len(items) - len(originals)

@@ -1,17 +1,10 @@
-"""Multiple choice by likelihood: the log-probability of each option as the assistant's reply.
+"""Multiple choice by likelihood, as lm-evaluation-harness scores it: the option whose reply
+(``" " + letter`` or ``" " + text``, tokenized with the prompt and split after it, the harness's
+``_encode_pair``) has the highest summed log-probability.
 
-As lm-evaluation-harness scores multiple choice: an option's score is the sum of the
-log-probabilities of its tokens after the prompt, and the highest-scoring option is the answer
-(deterministic; nothing is sampled).  The reply scored is ``" " + target`` after the prompt's
-``Assistant:``, with ``target`` the option's letter (``"letter"``, the default: the prompt asks
-for the letter) or the option's text (``"text"``; then a per-byte length-normalized choice is
-recorded too, lm-evaluation-harness's ``acc_norm``).  The reply is tokenized together with the
-prompt and split after the prompt's tokens (lm-evaluation-harness's ``_encode_pair``).
-
-One batch of items costs two forward passes: the prompts (images encoded once per distinct image,
-left-padded, one KV cache), then every option of every item at once on copies of its item's
-cache rows -- the prompt and the image are never recomputed per option.  When every option is one
-token (single letters), the second pass is skipped: the prompt's last logits hold all scores.
+A batch costs two passes: the prompts (one KV cache), then every option at once on copies of its
+item's cache rows, so prompt and image are never recomputed per option; single-token options need
+no second pass (the prompt's last logits hold every score).
 """
 
 from __future__ import annotations

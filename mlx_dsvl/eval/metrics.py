@@ -1,8 +1,7 @@
 """Records -> accuracy overall and per category, with 95% Wilson intervals.
 
-A record is one scored row (see ``runner.py``).  Under circular evaluation a question counts as
-right only when every rotation of it is (MMBench's rule), and the question, not the row, is the
-unit counted.  A question with a skipped row is skipped as a whole.
+Under circular evaluation the question, not the row, is counted, right only when every rotation
+is (MMBench's rule); a question with a skipped row is skipped as a whole.
 """
 
 from __future__ import annotations

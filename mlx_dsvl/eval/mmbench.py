@@ -1,20 +1,7 @@
-"""MMBench-style TSV files, as OpenCompass publishes them (``MMBench_DEV_EN.tsv`` and kin).
-
-Columns: ``index, question, hint, A, B, C, D, answer, category, l2-category, image`` (some files
-add ``source``, ``split``, ``comment``, ...), written by pandas: tab separated, fields quoted when
-they hold tabs, quotes or newlines, missing values as empty cells.  Rules followed here, as the
-published reader (VLMEvalKit's) applies them:
-
-* a cell is missing when empty or one of pandas' missing-value words (``nan``, ``NaN``, ``None``,
-  ``NULL``, ``N/A``, ...); a question may have fewer than four options (C/D missing);
-* ``image`` is a base64-encoded image, a Python-style list of them (several images), or -- to
-  save space -- the ``index`` of another row whose image it shares (any cell of at most 64
-  characters); rows without an image are text only (a file without the column too, with a
-  warning: MMBench's questions are about their images);
-* the dev files already hold MMBench's circular rotations: row ``k * 1_000_000 + i`` is
-  rotation ``k`` of question ``i`` (its options shifted), sharing its image.  They are scored
-  only under ``--circular``; without it only the original questions are.
-* ``answer`` is the right option's letter; test files have none and cannot be scored here.
+"""MMBench-style TSV files as OpenCompass publishes them (columns: docs/EVAL.md), read by the
+rules of the published reader, VLMEvalKit's: pandas' missing-value words (``nan``, ``None``,
+``N/A``, ...) are empty cells; an ``image`` cell of at most 64 characters is the ``index`` of the
+row whose image it shares; row ``k * 1_000_000 + i`` is rotation ``k`` of question ``i``.
 """
 
 from __future__ import annotations

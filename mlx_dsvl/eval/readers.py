@@ -1,27 +1,8 @@
-"""Evaluation files -> :class:`~mlx_dsvl.eval.items.Item` lists.
+"""Evaluation files (``.tsv``, ``.jsonl``, ``.csv``; formats: docs/EVAL.md) -> items.
 
-Formats (chosen by extension; a folder reads every such file in it, sorted, its items' ids and
-default categories prefixed by the file name):
-
-* ``.tsv``: MMBench as OpenCompass publishes it (see :mod:`mlx_dsvl.eval.mmbench`);
-* ``.jsonl``: one object per line::
-
-      {"images": ["a.png"], "question": "...", "choices": ["cat", "dog"], "answer": "B",
-       "category": "animals", "hint": "...", "id": "q1"}
-
-  ``images`` (or ``image``: one path) are relative to the file and optional (text only);
-  ``choices`` (or keys ``"A"``, ``"B"``, ...) make it multiple choice, with ``answer`` a letter,
-  the right option's text or its 0-based index; without choices ``answer`` is a string or a list
-  of accepted strings (short answer).  ``subject`` is read as ``category``;
-* ``.csv``: text multiple choice, MMLU style: a header ``question,A,B,C,D,answer[,category]``, or
-  no header and the columns of the original MMLU files (question, options..., answer letter;
-  the category is the file name without ``_test``/``_dev``/``_val``).
-
-Files are UTF-8 (a leading byte-order mark is dropped).  Every malformed row raises
-:class:`EvalDataError` naming ``file:line`` and what was expected; with ``skip_bad`` it is counted
-and skipped instead (bytes that are not UTF-8 always stop the read).  Images are decoded once
-while reading (``check_images``), so that a broken one is a row error before any model time is
-spent.
+A folder reads every such file in it, sorted, its items' ids and default categories prefixed by
+the file name. Images are decoded while reading, so a broken one is a row error before any model
+time is spent.
 """
 
 from __future__ import annotations
@@ -102,14 +83,13 @@ def data_files(path) -> list[Path]:
 
 
 def data_digest(path) -> str:
-    """SHA-256 of what :func:`read` reads: a file's bytes (as ``sha256sum`` prints it), or a
-    folder's data files, by name and digest.  Image files a JSONL names are not included."""
+    """SHA-256 of what :func:`read` reads (a file as ``sha256sum`` prints it); not a JSONL's images."""
     files = data_files(path)
     return files_digest(files) if Path(path).is_dir() else file_digest(files[0])
 
 
 def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
-    """Read an evaluation file or a folder of them (see the module docstring)."""
+    """Read an evaluation file or a folder of them."""
     folder = Path(path).is_dir()
     rows = RowReader(skip_bad, check_images)
     for f in data_files(path):
@@ -133,8 +113,7 @@ def _read_file(path: Path, rows: RowReader, prefix: str | None) -> None:
 
 
 def text_lines(path: Path) -> Iterator[str]:
-    """The file's lines as UTF-8 text, a leading byte-order mark dropped; a byte that is not
-    UTF-8 raises :class:`EvalDataError` naming the file, the line and the byte offset."""
+    """UTF-8 lines, a leading byte-order mark dropped; a bad byte is named by line and offset."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):

@@ -1,11 +1,8 @@
 """Outputs of an evaluation run: ``predictions.jsonl``, ``summary.json``, a table, progress.
 
-``predictions.jsonl`` is append-only, one record per line written with a single ``write`` and
-flushed, so an interrupted run leaves whole lines (and at worst one torn last line, ignored and
-cut off on resume).  ``run.json`` records what the predictions were made with, in the caller's
-order (the first change is the one named); a rerun with the same settings resumes, with others
-it is refused unless the folder is cleared with ``--overwrite``.  ``summary.json`` appears
-atomically (temporary file + rename).
+``predictions.jsonl`` is appended one record per ``write``, flushed, so a kill leaves whole lines
+(at worst one torn last line, cut off on resume). ``run.json`` holds the settings in the caller's
+order, so a refused rerun names the first that changed.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """``evaluate()``: score a loaded model on items, batch by batch, and summarize.
 
-Works on any loaded model -- adapters applied or not, in training mode or not: the model is put
-in inference mode for the call (dropout off, so nothing random is drawn and a training run's
-random state is untouched) and every module's mode is restored afterwards.  Nothing is written;
-``on_records`` receives each batch's records (the CLI appends them to ``predictions.jsonl``) and
-``done`` holds records of an earlier, interrupted run to resume from.
+The model is in inference mode for the call (dropout off, so a training run's random state is
+untouched) and every module's mode is restored afterwards. Nothing is written.
 """
 
 from __future__ import annotations
@@ -45,8 +42,7 @@ def inference_mode(model):
 
 def prepare_items(data: str | ReadResult | Sequence[Item], circular: bool = False,
                   limit: int | None = None, skip_bad: bool = False) -> tuple[list[Item], int]:
-    """Items to score (``data`` read if it is a path; rotations picked; the first ``limit``
-    questions) and how many shipped rotations were left out (see :func:`items.select`)."""
+    """Items to score and how many shipped rotations were left out (:func:`items.select`)."""
     if not isinstance(data, (ReadResult, list, tuple)):
         data = read(data, skip_bad=skip_bad)
     items = data.items if isinstance(data, ReadResult) else list(data)
@@ -121,15 +117,9 @@ def evaluate(model: DeepseekVL, processor: ChatProcessor, data: str | ReadResult
              done: Mapping[str, dict] | None = None,
              on_records: Callable[[list[dict]], None] | None = None,
              progress: Callable[[int, int, int], None] | None = None) -> dict[str, object]:
-    """Score ``model`` on ``data`` and return the summary (accuracy, 95% interval, categories).
-
-    ``data``: a file or folder (see :mod:`mlx_dsvl.eval.readers`), a :class:`ReadResult`, or
-    items -- read once and pass the items when calling repeatedly (a training callback).
-    ``method``: ``"likelihood"`` or ``"generate"`` for multiple choice (short answers are always
-    generated; the summary's ``method`` and ``methods`` say what was used); ``target``: what the
-    likelihood scores (``"letter"`` or ``"text"``); ``limit``: the first N questions (with all
-    their rotations under ``circular``).  ``done``: records by id already made (resume);
-    ``on_records(records)`` after each batch; ``progress(rows_done, rows_correct, rows_new)``.
+    """Score ``model`` on ``data`` (a path, a :class:`ReadResult` or items: read once when calling
+    repeatedly) and return the summary. ``done``: records by id from an interrupted run;
+    ``on_records`` gets each batch's records, ``progress(rows_done, rows_correct, rows_new)``.
     """
     if method == "generate" and target != "letter":
         raise ValueError("target applies to method='likelihood' only")
