@@ -1,9 +1,7 @@
 """``python -m mlx_dsvl.server``: serve DeepSeek-VL over OpenAI's chat-completions API.
 
-    python -m mlx_dsvl.server --model deepseek-ai/deepseek-vl-7b-chat [--port 8080] [--api-key KEY]
-
-The model runs on the main thread (the scheduler's loop); uvicorn serves HTTP on a thread of
-its own.  Ctrl-C or SIGTERM stops both.
+The model runs on the main thread (the scheduler's loop), uvicorn on a thread of its own; Ctrl-C
+or SIGTERM stops both.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """The HTTP side (FastAPI): OpenAI's routes, errors in OpenAI's shape, server-sent events.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` (no key needed) and
-``GET /stats`` (the scheduler's counters: active and waiting requests, prefilled / cached
-tokens, images encoded, cache sizes).  A request is checked, its images fetched (async) and
-decoded, its prompt built (on a worker thread of the event loop), then handed to the
-:class:`~.scheduler.Scheduler`, whose events come back through an ``asyncio.Queue``.  A client
-that goes away is noticed (polled while waiting, Starlette's disconnect watch while streaming)
-and its request cancelled, which frees its batch slot at the next step.
+A request is checked, its images fetched and decoded and its prompt built off the event loop,
+then handed to the :class:`~.scheduler.Scheduler`, whose events come back through an
+``asyncio.Queue``. A client that goes away is noticed and its request cancelled, which frees its
+batch slot at the next step.
 """
 
 from __future__ import annotations
@@ -113,8 +110,7 @@ def _sse(obj) -> str:
 
 
 class Events:
-    """A request's events from the scheduler; ``next()`` is None (and the request cancelled)
-    once the client has gone away, checked at least every ``check_every`` seconds."""
+    """A request's events; ``next()`` is None (the request cancelled) once the client has gone away."""
 
     def __init__(self, queue: asyncio.Queue, request: Request, scheduler: Scheduler, job_id: str,
                  check_every: float = 0.5):
@@ -213,8 +209,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
 
 
 async def _respond(req, events: Events, model: str) -> Response:
-    """Wait until the request is admitted (errors until then are plain HTTP errors), then
-    stream or collect its reply."""
+    """Errors before admission are plain HTTP errors; then the reply is streamed or collected."""
     first = await events.next()
     if first is None:
         return Response(status_code=499)  # nobody is listening any more
@@ -228,8 +223,7 @@ async def _respond(req, events: Events, model: str) -> Response:
 
 
 async def _stream(events: Events, model: str, include_usage: bool):
-    """OpenAI's chunks: the role first, then text deltas, the finish reason, the usage (if
-    asked for), ``[DONE]``.  Starlette cancels this generator when the client disconnects."""
+    """OpenAI's chunks; Starlette cancels this generator when the client disconnects."""
     created, cid = int(time.time()), events.job_id
 
     def chunk(delta, reason=None):

@@ -1,13 +1,7 @@
-"""Where the server may take images from, and how much of them.
+"""Where the server may take images from, and how much of them (the rules: README, "Serve").
 
-- ``data:image/...;base64,...`` URLs: always (the bytes are in the request);
-- ``http(s)://`` URLs: only with ``--allow-remote-images`` (off by default: fetching lets a client
-  make the server request any address it can reach), then with a size limit and a timeout;
-- local paths (``file://`` or plain): only with ``--allow-local-images DIR`` and only inside
-  ``DIR`` once symbolic links are resolved (relative paths are relative to ``DIR``).
-
-Every image is limited to ``max_bytes`` (20 MB) of encoded data -> 413, and to Pillow's
-decompression-bomb pixel limit when decoded -> 400.
+Remote URLs are off by default: fetching lets a client make the server request any address it can
+reach. Local paths must stay inside the allowed folder once symbolic links are resolved.
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """One worker thread owns the model and decodes every active request in one batch.
 
-A request (:class:`Job`) arrives with its prompt ids, its images (pixels + content hashes) and its
-sampling options.  The worker loop:
-
-1. drops requests whose client went away (:meth:`Scheduler.cancel`), at once: waiting or in
-   the batch, their slot is free for the next step;
-2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
-   (KV cache of text + images, see :mod:`mlx_dsvl.caches`) is reused, only the images that
-   overlap the rest are encoded (or taken from the image-feature cache), and the rest of the
-   prompt goes through the engine's :func:`~mlx_dsvl.streaming.prefill` (as a session's, with
-   ``kv`` quantized as it fills); the request joins the engine's
-   :class:`~mlx_dsvl.streaming.Batch` with its first token sampled from the prefill's logits;
-3. runs one decode step for the whole batch (each row feeds its last token and samples its
-   next one with its own sampler, repetition penalty and random key), streams the new text of
-   each row to its client, and retires finished rows, whose KV cache (prompt + reply) goes to
-   the prefix cache for the follow-up request.
-
-Rows are computed as if alone (left padding is masked and positions start at each row's first
-token), so a greedy reply does not depend on what else is in the batch.  Errors of one request
-are sent to that request; an error in a batch step fails that step's requests and the worker
-goes on.
+Each loop drops cancelled requests (their slot is free at once), admits waiting ones (the
+longest cached prefix reused, only the images overlapping the rest encoded, the rest prefilled as
+a session's), runs one decode step for the batch, and sends each finished row's KV cache to the
+prefix cache for the follow-up request. Rows are computed as if alone (left padding masked,
+positions from each row's first token), so a greedy reply does not depend on the batch. An error
+in a batch step fails that step's requests and the worker goes on.
 """
 
 from __future__ import annotations
@@ -148,8 +134,7 @@ class Scheduler:
                                 "max_bytes": self.features.max_bytes}}
 
     def start(self) -> None:
-        """Run the worker on a thread of its own (tests, embedding); ``python -m
-        mlx_dsvl.server`` runs it on the main thread instead (:meth:`run`)."""
+        """The worker on a thread of its own (tests, embedding); the CLI calls :meth:`run` instead."""
         def main():
             mx.set_default_stream(mx.new_stream(self.device))  # streams are per thread
             self.run()
@@ -249,8 +234,7 @@ class Scheduler:
         return self.model.make_cache()
 
     def _prefill(self, job: Job) -> None:
-        """The prompt through the engine's prefill (after its longest cached prefix); the
-        request joins the decode batch with its first token sampled."""
+        """Prefill after the longest cached prefix; the request joins the batch with its first token."""
         ids, s = job.ids, job.sampling
         key = self.image_tokens.keyed(ids, job.image_keys)
         kv, cached = self.prefixes.fetch(key)  # never the last token: it gives the first logits
@@ -269,15 +253,13 @@ class Scheduler:
         self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
-        """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D])
-        (:func:`~mlx_dsvl.streaming.range_embeddings`: only the images the range overlaps)."""
+        """(tokens [1, L], embeds [1, L, D]) of prompt positions ``start:end``."""
         embeds = range_embeddings(self.model, job.ids, start, end, layout=self.image_tokens,
                                   image_keys=job.image_keys, features=lambda ks: self._image_features(job, ks))
         return mx.array(job.ids[start:end])[None], embeds[None]
 
     def _image_features(self, job: Job, keys: list[str]) -> list[mx.array]:
-        """Features of each image in ``keys``: from the cache, else encoded together and cached
-        (:meth:`~mlx_dsvl.caches.ImageFeatureCache.fetch`: caching one cannot evict another)."""
+        """Features of each image in ``keys``, the misses encoded together (caching one cannot evict another)."""
         found = self.features.fetch(keys, lambda todo: self.model.encode_images(
             mx.array(np.stack([job.pixels[k] for k in todo]))))
         self.counters["image_cache_hits"] += found.hits
@@ -308,8 +290,7 @@ class Scheduler:
             self._forget(slot.job, "finished")
 
     def _store_reply(self, row: Row, kv: list[Any]) -> None:
-        """A finished row's KV cache (prompt and reply) goes to the prefix cache for the
-        follow-up request."""
+        """A finished row's KV cache (prompt and reply) to the prefix cache, for the follow-up request."""
         if self.prefixes.max_bytes:
             mx.eval([c.state for c in kv])  # a copy now: a lazy slice would hold the whole batch
             self.prefixes.store((row.tag.key + row.generated)[:kv[0].offset], kv)

@@ -1,10 +1,7 @@
 """OpenAI chat-completions shapes: the request model, its checks, and the response bodies.
 
-The request is parsed with pydantic into :class:`ChatCompletionRequest`; everything that would
-change the answer and that this server does not do (``n > 1``, tools, log-probabilities, JSON
-mode, ...) is refused with a 400 that names the field, never ignored.  The sampling options
-(OpenAI names -> our sampler's options, defaults and ranges) are mapped in one place,
-:class:`SamplingParams`.
+Whatever would change the answer and that this server does not do (``n > 1``, tools,
+log-probabilities, JSON mode, ...) is refused with a 400 naming the field, never ignored.
 """
 
 from __future__ import annotations
@@ -135,8 +132,7 @@ UNSUPPORTED = {
 
 
 def _clean_loc(loc: tuple) -> tuple:
-    """A pydantic error location without its union-branch labels ('str', 'list[...]', class
-    names, the discriminator's tag)."""
+    """A pydantic error location without its union-branch labels."""
     out: list = []
     for part in loc:
         if isinstance(part, str) and (part == "str" or not re.fullmatch(r"[a-z_]+", part)):
@@ -215,12 +211,8 @@ def parse_request(data: Any) -> ChatCompletionRequest:
 
 
 def to_conversation(messages: list[Message], image_tag: str) -> tuple[list[dict], list[tuple[str, str]]]:
-    """OpenAI messages -> the template's ``{"role", "content"}`` list and the image URLs in order.
-
-    An image part becomes ``image_tag`` where it stands; consecutive text parts are joined by a
-    newline.  Images are for user messages; the tag itself may not be typed in text (it would
-    take an image that was never sent).  Returns ``(conversation, [(url, param), ...])``.
-    """
+    """OpenAI messages -> the template's messages and ``[(image url, param)]``. The image tag
+    may not be typed in text: it would take an image that was never sent."""
     conv, urls = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -255,12 +247,8 @@ def to_conversation(messages: list[Message], image_tag: str) -> tuple[list[dict]
 # -- sampling: the one place where OpenAI names meet our sampler's ----------------------------
 @dataclass(frozen=True)
 class SamplingParams(SamplingOptions):
-    """A request's sampling options, checked; the server's defaults are an instance too.
-
-    :class:`~mlx_dsvl.sampling.SamplingOptions` (its defaults and ranges, as ``python -m
-    mlx_dsvl.generate``) plus ``stop``, which adds to the template's own ``User:`` stop, and
-    ``ignore_eos``.
-    """
+    """:class:`~mlx_dsvl.sampling.SamplingOptions` plus ``stop`` (added to the template's own
+    ``User:`` stop) and ``ignore_eos``; the server's defaults are an instance too."""
 
     stop: tuple[str, ...] = field(default=())
     ignore_eos: StrictBool = False
@@ -295,8 +283,7 @@ class SamplingParams(SamplingOptions):
 
 # -- responses ------------------------------------------------------------------------------
 def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` = prompt tokens found in the
-    prefix cache (not computed again)."""
+    """OpenAI's usage; ``cached_tokens``: prompt tokens found in the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
