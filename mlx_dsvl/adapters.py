@@ -1,19 +1,9 @@
 """Adapters: the folder format, wrapping layers, loading onto a model, fusing into the weights.
 
-An adapter folder holds ``adapters.safetensors`` + ``adapter_config.json``.  This package's
-format (written by ``python -m mlx_dsvl.train``) keeps every trained tensor under its full name
-in the model: LoRA/DoRA factors (``...q_proj.lora_a``, ``.lora_b``, DoRA's ``.m``) and fully
-trained weights (e.g. ``aligner.layers.0.weight``); the config says which Linear layers carry
-an adapter, with which rank/scale, plus the training spec and the base model's fingerprint::
-
-    {"format": "mlx-dsvl-adapters", "version": 1, "method": "lora", "rank": 8, "scale": 20.0,
-     "dropout": 0.0, "adapted": ["language_model.model.layers.0.self_attn.q_proj", ...],
-     "spec": {...}, "base_model": {"path": ..., "fingerprint": {...}}}
-
-mlx-lm's folders (``fine_tune_type`` / ``lora_parameters``; names inside the LLM) load too,
-onto ``model.language_model``.  Used by training (wrap, fingerprint, config), generation, the
-app, the server, eval (:func:`load_adapters`) and the converter (load, then
-:func:`fuse_adapters`).
+This package's ``adapters.safetensors`` keeps every trained tensor under its full name in the
+model (LoRA/DoRA factors and fully trained weights such as the aligner's); ``adapter_config.json``
+(``"format": "mlx-dsvl-adapters"``) lists the adapted Linear layers, rank, scale, the training
+spec and the base model's fingerprint. mlx-lm's folders load too, onto ``model.language_model``.
 """
 
 from __future__ import annotations
@@ -72,9 +62,8 @@ def adapter_layers(model) -> list[tuple[str, nn.Module]]:
 
 
 def fuse_adapters(model, dequantize: bool = False):
-    """Replace every adapter layer (LoRA/DoRA, this package's or mlx-lm's) by a plain Linear (or
-    Embedding) with the update folded in; ``dequantize``: a quantized base comes out unquantized,
-    else it is re-quantized.  Returns ``model``."""
+    """Fold every adapter (this package's or mlx-lm's) into a plain layer; a quantized base is
+    re-quantized unless ``dequantize``."""
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in adapter_layers(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
@@ -83,14 +72,9 @@ def fuse_adapters(model, dequantize: bool = False):
 
 # -- the format -------------------------------------------------------------------------------
 def model_fingerprint(model) -> dict:
-    """Identify a base model: its architecture and digests of its weights.
-
-    ``arch`` hashes every parameter's name and (unquantized) shape; ``weights`` hashes rounded
-    statistics of the 1-D tensors (norms and biases, never quantized), so the same model loaded
-    in another dtype matches while a different checkpoint does not; ``folder``, for a model
-    loaded from a folder, is :func:`~mlx_dsvl.model_folder.folder_fingerprint` (it tells apart
-    variants whose norms are the same, like a model with adapters fused in).
-    """
+    """A base model's identity. ``weights`` hashes rounded statistics of the 1-D tensors (never
+    quantized), so the same model in another dtype or quantization matches; ``folder`` tells apart
+    variants whose norms are the same (adapters fused in)."""
     arch = hashlib.sha256()
     stats = hashlib.sha256()
     params = dict(tree_flatten(model.parameters()))
@@ -123,8 +107,7 @@ def adapted_paths(model) -> list:
 
 
 def adapter_config(model, spec, base_path: str | None, fingerprint: dict | None) -> dict:
-    """The ``adapter_config.json`` of ``model`` trained with ``spec`` (``method``, ``rank``,
-    ``scale``, ``dropout``, ``to_dict()``)."""
+    """The ``adapter_config.json`` of ``model`` trained with ``spec``."""
     return {
         "format": FORMAT,
         "version": 1,
@@ -169,15 +152,8 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
 
 # -- loading ----------------------------------------------------------------------------------
 def load_adapters(model, adapter_dir: str | os.PathLike, check_base: bool = True):
-    """Apply the adapters (and fully trained weights) saved in ``adapter_dir`` to ``model``.
-
-    ``model`` is a base model from :func:`mlx_dsvl.load` (float or quantized).  This package's
-    format: the listed Linear layers are wrapped with LoRA/DoRA, then every saved tensor is
-    loaded by name; a name the model lacks or a shape mismatch raises :class:`AdapterError`, and
-    a base-model fingerprint that differs from the one the adapters were trained on gives a
-    warning (``check_base``).  mlx-lm's format: ``mlx_lm.tuner.utils.load_adapters`` on
-    ``model.language_model``.  Returns ``model`` (modified in place, in eval mode).
-    """
+    """Apply the adapters and fully trained weights in ``adapter_dir`` to ``model`` in place (eval
+    mode), strictly by name and shape; returns ``model``."""
     folder = Path(adapter_dir).expanduser()
     cfg = read_adapter_config(folder)
     if adapter_kind(cfg) == "mlx-lm":

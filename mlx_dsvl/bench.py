@@ -1,19 +1,8 @@
 """``python -m mlx_dsvl.bench``: where the time and memory go, on random checkpoints of real sizes.
 
-    python -m mlx_dsvl.bench --arch 1.3b [--dtype float32] [--quantize 4] [--device auto] \
-        [--kv-bits 8] [--kv-context 4096] [--replay] [--json out.json] [--compare]
-
-Random-weight checkpoints of the real sizes are made once and cached (``~/.cache/mlx_dsvl``).
-Reports the load (time, peak, resident weights by part), on a GPU the first forward of the process
-(kernels compiling) and a warm-up, preprocessing, each vision tower, the aligner, then one
-conversation (:mod:`mlx_dsvl.bench_chat`): turn 1 (prefill tokens/s, time to first token, decode
-tokens/s), turns 2-6 with follow-up questions of different lengths, the stages of a follow-up turn,
-the run's peak memory and KV-cache size; ``--replay`` (default on a GPU) the first-use time of each
-turn, ``--kv-context N`` KV-cache quantization over an N-token conversation.  ``--compare``
-adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + aligner and the
-prefill against the faster PyTorch reference (``transformers`` or timm-style SigLIP, in a process of
-its own; when torch is installed), and the decode bound
-(weight bytes read per token / measured memory bandwidth).
+Random checkpoints are made once and cached (``~/.cache/mlx_dsvl``). ``--compare`` measures, in
+the same run on the same weights, bare mlx-lm's decode, the PyTorch reference (in a process of its
+own) and the decode bound (weight bytes per token / measured memory bandwidth).
 """
 
 from __future__ import annotations
@@ -60,8 +49,7 @@ def timed(fn: Callable, warmup: int = 0, repeats: int = 1):
 
 
 def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
-    """Achievable read bandwidth for decoding: a matrix-vector product over an n_bytes float32
-    matrix (the operation decoding is made of), best of 3."""
+    """Read bandwidth of a matrix-vector product (what decoding is made of), best of 3."""
     import mlx.core as mx
 
     cols = 8192
@@ -196,10 +184,8 @@ def run(args) -> dict:
 
 
 def _decode_pair(model, processor, prompt, n: int, penalty: float):
-    """(ours, bare mlx-lm) steady decode tokens/s, greedy, with the same repetition penalty: a
-    short untimed run of each, then each twice in the order ours, bare, bare, ours, best of two --
-    neither side pays for first-use kernel compilation, a busy moment or a machine that grows
-    busier or quieter during the runs alone."""
+    """(ours, bare mlx-lm) steady decode tokens/s: after an untimed run of each, ours, bare, bare,
+    ours, best of two, so neither side alone pays for compilation or a machine's drift."""
     from mlx_lm.generate import generate_step
 
     processors = GREEDY.with_(repetition_penalty=penalty).make_logits_processors()
@@ -221,13 +207,9 @@ def _decode_pair(model, processor, prompt, n: int, penalty: float):
 
 
 def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
-    """Steady decode tokens/s through the engine the CLI, sessions and the server use.
-
-    Our first token comes straight from the prefill pass; the engine then works one step
-    ahead, so the second token arrives after two steps (the pipeline filling: the reply's total
-    time is unchanged, the first token is just earlier).  Counted like bare mlx-lm's rate,
-    whose pipeline is full before its first token: from the first chunk after that refill to
-    the last token's chunk.
+    """Steady decode tokens/s through the engine. Its first token comes from the prefill and its
+    pipeline then fills, so it is counted from the chunk after that, like bare mlx-lm's rate,
+    whose pipeline is full before its first token.
     """
     from .streaming import Row, stream_tokens
 
@@ -247,9 +229,8 @@ def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
 
 
 def _torch_compare(path, px, ids, ours: dict, args) -> dict:
-    """The PyTorch reference on the same weights and pixels (mlx_dsvl.testing.torch_timing):
-    float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU.  It runs in
-    a child process without the OpenBLAS preloaded for MLX, which would slow PyTorch down."""
+    """The PyTorch reference on the same weights and pixels, in a child process without the
+    OpenBLAS preloaded for MLX, which would slow PyTorch down."""
     import mlx.core as mx
 
     missing = [m for m in ("torch", "transformers") if find_spec(m) is None]

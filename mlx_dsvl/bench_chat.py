@@ -1,18 +1,8 @@
 """The conversation rows of ``python -m mlx_dsvl.bench``: turns 1-6, what a follow-up turn
 spends its time on, first-use costs, and KV-cache quantization over a long conversation.
 
-- **Turns.** One image and a question, then five follow-up questions of different lengths (10-60
-  tokens with the template), each timed to its first token in one session; each follow-up as a
-  fraction of turn 1.
-- **Breakdown.** One more follow-up with ``ChatSession(profile=True)``: every stage evaluated
-  apart and timed (images, formatting + tokenizing, prefix match + cache trim, embedding +
-  image merge, prefill, first sample).
-- **First use.** With ``replay`` the same conversation runs again in a new session: every
-  shape is then known to the process, so a turn's time minus its replay's is what it spent on
-  first-use work (kernels compiled, graphs built for a new shape).
-- **KV bits.** A conversation of ``context`` tokens (one image, earlier turns of filler text, a
-  last question) prefilled with a plain and with quantized KV caches: peak memory, cache size
-  and the largest difference of the reply's first-token logits from the plain cache's.
+First use: with ``replay`` the conversation runs again in a new session, where every shape is
+known to the process, so a turn's time minus its replay's is its first-use work (kernels, graphs).
 """
 
 from __future__ import annotations
@@ -46,8 +36,7 @@ def run_turn(chat, text: str, images: Sequence, opts: dict):
 
 def turn_rows(model, processor, image, opts: dict, *, kv: dict | None = None, replay: bool = False,
               n_turns: int = 1 + len(QUESTIONS)) -> dict:
-    """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
-    first-use time."""
+    """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
     def conversation():
         chat = ChatSession(model, processor, on_truncate=None, **(kv or {}))
         turns = [run_turn(chat, FIRST, [image], opts)]
@@ -97,8 +86,7 @@ def long_conversation(processor, image_key: str, context: int) -> list[dict]:
 
 
 def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> dict:
-    """Peak memory, cache size and first-token logit difference of ``context``-token
-    conversations with a plain and with quantized KV caches."""
+    """Peak memory, cache size and first-token logit difference, plain against quantized KV caches."""
     res: dict = {"kv_context_tokens": None}
     features = ImageFeatureCache()  # one vision pass for all the runs
     reference = None

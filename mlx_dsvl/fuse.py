@@ -1,18 +1,8 @@
 """``python -m mlx_dsvl.fuse``: fold trained adapters into a full model in the original layout.
 
-    python -m mlx_dsvl.fuse --model BASE --adapter RUN_DIR --out FUSED [--dtype float16]
-
-The name the training docs use for ``python -m mlx_dsvl.convert --to-original --model BASE
---adapter RUN_DIR --out FUSED`` (``python -m convert ...`` from the repository root), which does
-the work: it loads ``BASE`` (an original or MLX folder --
-quantized too -- or a hub id), applies ``RUN_DIR``'s adapters (this package's, LoRA/DoRA folded
-into the weights and fully trained tensors such as the aligner replacing the base ones, or
-mlx-lm's), dequantizes a quantized base, and writes ``FUSED`` in the original deepseek-ai layout
-(PyTorch conv layouts, the base's unused tensors passed through, tokenizer and processor files),
-staged in a temporary folder and renamed at the end.  ``mlx_dsvl.load(FUSED)`` loads it like any
-released checkpoint, and so does the original PyTorch code.
-
-Like the converter it is an entry point: nothing else in the library imports it.
+The name the training docs use for ``python -m mlx_dsvl.convert --to-original --adapter``, which
+does the work; ``FUSED`` then loads like any released checkpoint, in this package and in the
+original PyTorch code.
 """
 
 from __future__ import annotations
@@ -29,11 +19,7 @@ from .utils import print_names
 
 def fuse(model_path: str, adapter_dir: str, out: str, dtype: str | None = None,
          shard_gb: float = 5.0, force: bool = False, verbose: bool = True) -> Path:
-    """Fuse ``adapter_dir`` into ``model_path`` and write the original layout to ``out``.
-
-    ``dtype``: float16, bfloat16 or float32 on disk (default: as the base stores its weights).
-    Raises ``mlx_dsvl.convert.files.ConvertError`` (a ``ValueError``) on bad input.
-    """
+    """Fuse ``adapter_dir`` into ``model_path`` and write the original layout to ``out``."""
     from .convert.to_original import convert_to_original  # (MLX: imported after main's BLAS re-execution)
     from .outputs import log
 

@@ -1,12 +1,7 @@
 """``python -m mlx_dsvl.generate``: streaming generation and interactive chat from the shell.
 
-    python -m mlx_dsvl.generate --image photo.png --prompt "Describe the image."
-    python -m mlx_dsvl.generate --model deepseek-ai/deepseek-vl-7b-chat --chat
-
-The Python API (``generate``, ``stream_generate``, ``generate_batch``) is in
-:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.  ``mlx_dsvl.generate`` stays
-the function when this module is imported (see the package's ``__init__``): reach the module with
-``from mlx_dsvl.generate import main`` or ``importlib.import_module``.
+``mlx_dsvl.generate`` stays the function when this module is imported (the package's
+``__init__``): reach the module with ``from mlx_dsvl.generate import main``.
 """
 
 from __future__ import annotations
@@ -111,8 +106,8 @@ def _command(session: ChatSession, line: str, pending: list[str]) -> bool:
 
 
 def _chat_loop(session: ChatSession, args) -> None:
-    """One turn at a time; a turn that fails (a bad image, too long, ...) prints one line and the
-    conversation goes on unchanged; Ctrl-C stops a reply (keeping its text), Ctrl-D quits."""
+    """A failed turn prints one line and the conversation goes on unchanged; Ctrl-C stops a reply
+    (keeping its text), Ctrl-D quits."""
     pending: list[str] = list(args.image)
     print("Chat: /image PATH attaches an image to your next message, /new restarts, /exit quits.",
           file=sys.stderr)

@@ -1,19 +1,6 @@
-"""Generation API (the command line is ``python -m mlx_dsvl.generate``, in generate.py).
-
-On the engine (:mod:`mlx_dsvl.streaming`: prefill, batched decode step) and mlx-lm's samplers,
-logits processors and KV caches:
-
-- ``stream_generate(model, processor, conversation, images=None, **sampling)`` yields
-  :class:`~mlx_dsvl.streaming.GenerationChunk` (text piece, token counts, speeds, peak memory);
-- ``generate(...) -> str``;
-- ``generate_batch(model, processor, conversations, images=None, **sampling) -> list[str]``:
-  several conversations decoded together, the same greedy outputs as one by one;
-- ``warm_up(model, processor)``: on a GPU, a throw-away chat that compiles the kernels.
-
-Sampling options: the fields of :class:`~mlx_dsvl.sampling.SamplingOptions` as keywords
-(``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``repetition_penalty``, ``seed``), or a
-whole one as ``sampling=``.  KV-cache quantization (one-by-one generation): ``kv_bits`` (None, 4 or 8), ``kv_group_size`` (64),
-``quantized_kv_start`` (0).
+"""Generation API (the command line is ``python -m mlx_dsvl.generate``): ``stream_generate``,
+``generate``, ``generate_batch``, ``warm_up``; sampling options are
+:class:`~mlx_dsvl.sampling.SamplingOptions`' fields as keywords, or a whole one as ``sampling=``.
 """
 
 from __future__ import annotations
@@ -37,11 +24,7 @@ if TYPE_CHECKING:
 def stream_generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence[dict], images: Sequence | None = None,
                     max_context: int = 4096, kv_bits: int | None = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 0, **sampling) -> Iterator[GenerationChunk]:
-    """Stream the assistant's reply to ``conversation`` (its last message is the user's).
-
-    ``kv_bits`` (4 or 8): keep the KV cache quantized in groups of ``kv_group_size`` from
-    ``quantized_kv_start`` cached tokens on (mlx-lm's quantized KV cache).
-    """
+    """Stream the assistant's reply to ``conversation`` (its last message is the user's)."""
     session = ChatSession(model, processor, max_context=max_context, on_truncate=None, kv_bits=kv_bits,
                           kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     conv = list(conversation)
@@ -73,12 +56,8 @@ def generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence
 def generate_batch(model: DeepseekVL, processor: ChatProcessor, conversations: Sequence[Sequence[dict]],
                    images: Sequence[Sequence] | None = None, sampling: SamplingOptions | None = None,
                    **options) -> list[str]:
-    """Replies to several conversations at once: each prompt is prefilled alone, then all are
-    decoded together (one :class:`~mlx_dsvl.streaming.Batch`), each as if alone.
-
-    ``sampling`` (default :data:`~mlx_dsvl.sampling.GREEDY`, so that it returns what one-by-one
-    greedy generation returns) with ``options`` (``max_tokens=...``) changed.
-    """
+    """Replies to several conversations, decoded together, each as if alone: with the default
+    :data:`~mlx_dsvl.sampling.GREEDY`, what one-by-one generation returns."""
     opts = (sampling or GREEDY).with_(**options)
     images = list(images) if images is not None else [None] * len(conversations)
     lm = model.language_model
@@ -98,13 +77,8 @@ def generate_batch(model: DeepseekVL, processor: ChatProcessor, conversations: S
 
 
 def warm_up(model: DeepseekVL, processor: ChatProcessor, say: Callable[[str], None] | None = None) -> float:
-    """On a GPU, run a short throw-away chat so that a conversation's kernels are compiled:
-    the vision towers, an image prompt's prefill, follow-up prefills of 4 lengths (4-bit
-    matmuls compile one kernel per range of token counts), sampling and decoding.
-
-    Returns the seconds it took (0.0 on the CPU backend, where nothing is compiled).  ``say``
-    gets :data:`~mlx_dsvl.warmup.MESSAGE` if the first forward is slow.
-    """
+    """On a GPU, a throw-away chat that compiles a conversation's kernels (follow-up prefills of
+    several lengths: 4-bit matmuls compile one kernel per range of token counts); returns seconds."""
     if not kernels_compile():
         return 0.0
     tic = time.perf_counter()

@@ -1,12 +1,8 @@
 """``load()``: a local folder or a hub id -> (model, processor), strictly.
 
-The folder is read by :mod:`mlx_dsvl.model_folder` (path or hub id, config, lazy ``mx.load`` of
-the weights, the layout ``sanitize``, the strict name/shape check); here the weights are
-converted once, cast to the target dtype and materialized one tensor at a time, so no second
-full copy is held.  ``quantize=4|8`` quantizes each LLM weight as it is read: the unquantized LLM
-never exists in memory, and the result is bit for bit what loading a ``python -m
-mlx_dsvl.convert --quantize`` folder gives.  A converted folder (MLX format, see
-:mod:`mlx_dsvl.mlx_format`) skips ``sanitize``; its quantized layers are rebuilt as recorded.
+The weights are cast and materialized one tensor at a time, so no second full copy is held;
+``quantize`` quantizes each LLM weight as it is read (the unquantized LLM never exists in memory),
+bit for bit what loading a ``convert --quantize`` folder gives.
 """
 
 from __future__ import annotations
@@ -69,8 +65,7 @@ def check_quantize(quantize: int | None, group_size: int) -> None:
 
 def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelConfig | None = None,
                quantize: int | None = None, q_group_size: int = 64) -> DeepseekVL:
-    """Build the model from ``path`` and load its weights strictly (names and shapes);
-    ``quantize`` (bits): quantize the LLM as it loads (see the module's docstring)."""
+    """Build the model from ``path`` and load its weights strictly (names and shapes)."""
     dtype = resolve_dtype(dtype)
     check_quantize(quantize, q_group_size)
     config = config or load_config(path)
@@ -106,24 +101,16 @@ def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelCon
 
 
 def materialize(model: DeepseekVL) -> None:
-    """Evaluate the (lazily read, cast, quantized) parameters one tensor at a time, in the model's
-    order: a tensor read from disk and not kept as it is (a weight before its cast or its
-    quantization) is freed before the next one is read.  (Several tensors evaluated together
-    are read together, which raised the load peak: docs/PERFORMANCE.md, Memory.)"""
+    """Evaluate the parameters one tensor at a time, so each weight read before its cast or
+    quantization is freed before the next is read (tensors evaluated together are read together)."""
     for _, v in tree_flatten(model.parameters()):
         mx.eval(v)
 
 
 def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None, quantize: int | None = None,
          q_group_size: int = 64, adapter_path: str | os.PathLike | None = None) -> tuple[DeepseekVL, ChatProcessor]:
-    """Load a DeepSeek-VL model and its chat processor from a folder or a hub id.
-
-    dtype: None (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16".
-    quantize: None, 4 or 8 -- quantize the LLM's linear layers and embeddings while loading, in
-    groups of ``q_group_size`` (the same weights as ``python -m mlx_dsvl.convert --quantize``).
-    adapter_path: a training output folder whose adapters are then applied (on the quantized
-    layers when ``quantize``), see :func:`mlx_dsvl.adapters.load_adapters`.
-    """
+    """Load a DeepSeek-VL model and its chat processor from a folder or a hub id; ``quantize`` (4
+    or 8) the LLM while loading; ``adapter_path``: a training output folder applied afterwards."""
     check_quantize(quantize, q_group_size)
     path = resolve_model_path(path_or_repo)
     config = load_config(path)  # cheap checks first, the weights last
@@ -141,13 +128,8 @@ def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None, quantize
 
 
 def image_token_id(path: Path, config: ModelConfig, processor: ChatProcessor) -> int:
-    """The id that marks image positions: the tokenizer's id of the image tag.
-
-    The reference processor finds image positions with the tokenizer's id and the model merges
-    wherever the processor put them, so the tokenizer is the one source.  ``config.json`` may
-    name an ``image_token_id`` too (transformers checkpoints do); when it disagrees it is
-    ignored, with a warning: a model that looked for another id would never see the images.
-    """
+    """The tokenizer's id of the image tag: the reference processor places images by it, so a
+    disagreeing ``image_token_id`` in ``config.json`` is ignored with a warning."""
     tokenizer_id = processor.image_token_id
     if config.image_token_id is not None and config.image_token_id != tokenizer_id:
         warnings.warn(

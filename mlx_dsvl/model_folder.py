@@ -1,18 +1,8 @@
 """A model folder on disk: where it is, its config, its weight files, its tensor layout.
 
-The one reader of checkpoint folders; :func:`mlx_dsvl.load` and the converter both use it.
-
-- :func:`resolve_model_path`: a local folder, or a hub id fetched into the Hugging Face cache;
-- :func:`load_config`: ``config.json`` (+ ``preprocessor_config.json``) -> :class:`ModelConfig`;
-- :func:`weight_files` / :func:`read_weights`: the safetensors files (single, or shards named by
-  ``model.safetensors.index.json``), read lazily with ``mx.load``; :func:`plan_shards` and
-  :func:`shard_names` are the same layout seen from the writer's side;
-- :func:`check_weights`: the strict rule -- exactly the model's names, with its shapes;
-- the layout maps, side by side: :func:`sanitize` (original deepseek-ai tensors -> this
-  package's names and layouts) and :func:`to_pytorch_layout` (its inverse, tensor by tensor),
-  with :func:`split_unused` for the tensors the released files carry but no model uses.
-
-Every failure is a :class:`ModelLoadError` whose one-line message names the file.
+The one reader of checkpoint folders (:func:`mlx_dsvl.load` and the converter), with the layout
+maps side by side: :func:`sanitize` and its inverse :func:`to_pytorch_layout`. Every failure is a
+:class:`ModelLoadError` whose one-line message names the file.
 """
 
 from __future__ import annotations
@@ -60,8 +50,7 @@ def is_hub_id(text: str) -> bool:
 
 
 def resolve_model_path(path_or_repo: str | Path, extra_patterns: Sequence[str] = ()) -> Path:
-    """A local folder as is; otherwise a hub id fetched once into the standard HF cache
-    (:data:`HUB_PATTERNS` plus ``extra_patterns``)."""
+    """A local folder as is; otherwise a hub id fetched once into the standard HF cache."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
@@ -112,8 +101,7 @@ def load_config(path: Path) -> ModelConfig:
 
 # -- weight files -----------------------------------------------------------------------------
 def weight_files(path: Path) -> dict[str, Path]:
-    """Map tensor name -> safetensors file, checking that every named shard exists
-    (without an index: ``{"*NAME": file}`` for each ``*.safetensors``, tensor names unknown)."""
+    """Tensor name -> file, every named shard checked (no index: ``{"*NAME": file}``, names unknown)."""
     index = path / INDEX
     if index.exists():
         weight_map = read_json(index, "weight index").get("weight_map")
@@ -134,10 +122,8 @@ def weight_file_names(path: Path) -> list[str]:
 
 
 def folder_fingerprint(path: Path, sample: int = 64) -> dict[str, str]:
-    """What identifies a folder's weights, cheaply (headers and ``sample`` bytes from the middle
-    of every tensor, not whole files): ``layout`` (original, or MLX with its dtype and
-    quantization: only folders of one layout have comparable files) and ``files``, a digest of
-    each weight file's name, size, safetensors header and those bytes."""
+    """What identifies a folder's weights, cheaply: headers and ``sample`` bytes from the middle of
+    each tensor, not whole files; ``layout`` too, since only one layout's files are comparable."""
     config = read_json(path / "config.json", "config.json (not a model folder?)")
     info = mlx_format_info(config)
     quant = (info or {}).get("quantization")
@@ -187,9 +173,8 @@ def shard_names(count: int, single: str = "model.safetensors") -> list[str]:
 
 def plan_shards(sizes: Mapping[str, int], max_bytes: int,
                 group: Callable[[str], str] = lambda k: k.rpartition(".")[0]) -> list[list[str]]:
-    """Consecutive groups of the names in ``sizes`` (bytes), each at most ``max_bytes`` unless
-    one group is larger.  Tensors with the same ``group`` key (by default one module's
-    ``weight``/``bias``/``scales``/``biases``) stay in one shard."""
+    """Consecutive shards of at most ``max_bytes``; tensors with the same ``group`` key (one
+    module's) stay in one shard."""
     modules: dict[str, list[str]] = {}
     for k in sizes:
         modules.setdefault(group(k), []).append(k)

@@ -1,7 +1,5 @@
-"""The model options the entry points share (generate, the server, eval, bench, fuse, the app):
-``--model``, ``--dtype``, ``--device``, ``--quantize``, ``--adapter``, ``--kv-bits``,
-``--kv-group-size``, ``--quantized-kv-start``, ``--max-context``; :func:`load_from_args` loads
-what they name.
+"""The model options the entry points share (``--model``, ``--dtype``, ``--device``, ...) and
+:func:`load_from_args`.
 
 This module imports no MLX: entry points import it at the top and build their parsers after
 :func:`mlx_dsvl.blas.ensure_fast_blas`, which may re-execute the process first.
@@ -56,8 +54,7 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *options: str, **changes: dict[str, Any]) -> None:
-    """Add the named ``options`` (``"model"``, ``"dtype"``, ... ``"max_context"``), in that order;
-    ``changes`` updates an option's ``add_argument`` keywords (``model={"default": None}``)."""
+    """Add the named ``options``; ``changes`` update their keywords (``model={"default": None}``)."""
     arguments = _arguments()
     bad = sorted(set(options) - set(arguments) | set(changes) - set(options))
     if bad:
@@ -68,9 +65,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, *options: str, **change
 
 
 def load_from_args(args: argparse.Namespace, model: str | None = None) -> tuple[DeepseekVL, ChatProcessor]:
-    """:func:`mlx_dsvl.load` of ``model`` (default ``args.model``) with the ``--dtype``,
-    ``--quantize`` and ``--adapter`` an entry point has (the defaults where it has none).  The
-    device is the caller's to select first (:func:`mlx_dsvl.device.select_device`)."""
+    """:func:`mlx_dsvl.load` with the flags an entry point has; the caller selects the device first."""
     from .loading import load  # (imports MLX)
 
     return load(model or args.model, dtype=getattr(args, "dtype", None),

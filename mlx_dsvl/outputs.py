@@ -1,18 +1,11 @@
 """Outputs that survive an interrupted writer: atomic files, staged folders, one liveness rule.
 
-A writer holds an exclusive ``flock`` on what it has not finished: a temporary file or folder
-``.NAME.tmp.XXXX`` (:func:`temporary`), or the lock file ``.OUT.partial-XXXX.lock`` of a folder
-staged beside ``OUT`` (:class:`Staged`).  The kernel drops the lock when the writer dies, however
-it dies (``kill -9`` included), so a later writer tells a dead writer's leftovers from a live
-one's without pids, which are reused and differ between containers sharing a folder.
-
-A staged folder is written as ``.OUT.partial-XXXX``, renamed ``.OUT.new-XXXX`` once complete,
-then swapped with ``OUT`` (moved to ``.OUT.old-XXXX`` and removed).  :func:`reclaim_stale` clears
-what a dead writer left: where ``OUT`` is missing its complete ``new`` folder, or else its ``old``
-one, takes the place; the rest is removed.
-
-SIGTERM and SIGHUP become :class:`Terminated` under :func:`signals_as_exceptions`, so a command
-cleans up after them as after Ctrl-C.
+A writer holds an exclusive ``flock`` on what it has not finished (a ``.NAME.tmp.XXXX``, or the
+``.OUT.partial-XXXX.lock`` of a folder staged beside ``OUT``). The kernel drops it however the
+writer dies, ``kill -9`` included, so leftovers are told from a live writer's without pids, which
+are reused and differ between containers sharing a folder. A staged folder goes ``partial`` ->
+``new`` (complete) -> swapped with ``OUT`` (moved to ``old``, removed); after a crash ``new``,
+else ``old``, takes a missing ``OUT``'s place.
 """
 
 from __future__ import annotations
@@ -91,8 +84,7 @@ def signals_as_exceptions() -> Iterator[None]:
 
 
 def run_command(work: Callable[[], object], errors: tuple = (ValueError, OSError)) -> tuple[int, object]:
-    """Run a command's ``work()``: SIGTERM/SIGHUP clean up like Ctrl-C, and ``errors``, Ctrl-C
-    and those signals are one ``error:`` line.  Returns (exit status, the result or None)."""
+    """Run ``work()`` with ``errors``, Ctrl-C, SIGTERM and SIGHUP as one ``error:`` line after the clean-up."""
     try:
         with signals_as_exceptions():
             return 0, work()
@@ -152,8 +144,7 @@ def _release(fd: int | None) -> None:
 
 
 def _lock_if_abandoned(path: Path) -> int | None:
-    """The fd now holding ``path``'s lock if its writer is gone (remove it, then close the fd);
-    None while a live writer holds it.  OSError where the filesystem cannot tell."""
+    """The fd now holding ``path``'s lock if its writer is gone (remove, then close); None if alive."""
     fd = _open(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -177,10 +168,8 @@ def _remove(path: Path) -> None:
 
 @contextlib.contextmanager
 def temporary(target: Path, folder: bool = False) -> Iterator[Path]:
-    """A new hidden ``.NAME.tmp.XXXX`` file (or folder: 0700) beside ``target``, held by this
-    process until the block ends and removed if the block fails.  A file keeps ``target``'s
-    suffix (MLX appends ``.safetensors`` to a name without it) and the permissions ``open()``
-    would give it."""
+    """A held ``.NAME.tmp.XXXX`` file (or 0700 folder) beside ``target``, removed if the block fails.
+    It keeps ``target``'s suffix: MLX appends ``.safetensors`` to a name without it."""
     target = Path(target)
     make = (lambda p: p.mkdir(mode=0o700)) if folder else _new_file(0o666)
     fd, tmp = _hold(lambda: _create_unique(target.parent, f".{target.name}.tmp.",
@@ -239,8 +228,8 @@ def save_arrays(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str
 
 
 def replace_atomic(path: Path, write: Callable[[Path], object], durable: bool = True) -> None:
-    """Call ``write(tmp_path)``, then move the result onto ``path`` in one step (``durable``:
-    fsynced first, so that a power loss cannot leave an empty file behind)."""
+    """``write(tmp_path)``, then a rename onto ``path`` (``durable``: fsynced first, so a power loss
+    cannot leave an empty file)."""
     with temporary(path) as tmp:
         write(tmp)
         if durable:
@@ -311,8 +300,7 @@ class Staged:
 
 
 def reclaim_stale(out: str | os.PathLike, progress: Callable[[str], None] = log, what: str | None = None) -> int:
-    """Clear what dead writers into ``out`` left behind (see the module doc); returns the bytes
-    freed.  ``what``: the writers, for the report (default: interrupted writes into OUT)."""
+    """Clear what dead writers into ``out`` left behind; returns the bytes freed."""
     out = output_path(out)
     if fcntl is None or not out.parent.is_dir():
         return 0

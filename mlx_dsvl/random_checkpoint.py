@@ -1,13 +1,8 @@
 """Random DeepSeek-VL checkpoints in the original deepseek-ai on-disk layout.
 
-    python -m mlx_dsvl.random_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b,7b-vision} --out DIR [--seed N]
-
-Writes ``config.json`` (real structure; tiny archs carry explicit size overrides), safetensors
-(PyTorch layouts: conv weights [O, I, kH, kW]; one file, or shards of at most ``--shard-gb`` with
-``model.safetensors.index.json``), the unused tensors the real files carry (``attn_pool.*``,
-``high/low_layer_norm``, ``rotary_emb.inv_freq``), a tiny byte-level BPE tokenizer with the
-DeepSeek special token ids, and the processor configs.  Every parameter is random -- no zero
-``hd_alpha_downsamples``, rel-pos or position tables -- so every path matters.
+Real structure, PyTorch layouts, the unused tensors the real files carry, a tiny tokenizer with
+DeepSeek's special ids and the processor configs. Every parameter is random (no zero
+``hd_alpha_downsamples``, rel-pos or position tables), so every path matters.
 """
 
 from __future__ import annotations
@@ -226,9 +221,8 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
 
 
 def with_language_config(src: str | Path, out: str | Path, **fields) -> Path:
-    """A copy of checkpoint ``src`` at ``out`` whose ``language_config`` has ``fields`` changed
-    (e.g. 2 attention heads of 32 for a tiny model: KV-cache quantization groups of 32 must divide
-    the head size).  Fields that reshape no tensor only."""
+    """A copy of ``src`` with ``language_config`` fields changed that reshape no tensor (e.g. heads
+    of 32 for a tiny model: KV-cache quantization groups must divide the head size)."""
     out = Path(out)
     shutil.copytree(src, out)
     config = json.loads((out / "config.json").read_text())
@@ -238,10 +232,7 @@ def with_language_config(src: str | Path, out: str | Path, **fields) -> Path:
 
 
 def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) -> Path:
-    """A random checkpoint of ``arch`` made once and kept (benchmarks reuse it across runs).
-
-    Location: ``$MLX_DSVL_CACHE`` or ``~/.cache/mlx_dsvl``, under ``checkpoints/{arch}-seed{seed}``.
-    """
+    """A random checkpoint made once under ``$MLX_DSVL_CACHE`` or ``~/.cache/mlx_dsvl``."""
     root = Path(root or os.environ.get("MLX_DSVL_CACHE") or Path.home() / ".cache" / "mlx_dsvl")
     out = root / "checkpoints" / f"{arch}-seed{seed}"
     if not (out / "config.json").exists():

@@ -1,25 +1,12 @@
 """``ChatSession``: a conversation that never redoes work.
 
-The session keeps the KV cache of everything already run through the LLM (with the token ids and
-the images it holds), the aligned features of the conversation's images, and those of images
-seen before in an :class:`~mlx_dsvl.caches.ImageFeatureCache` bounded in bytes (256 MB by
-default; least recently used first out).  A new turn formats the whole conversation, finds the
-longest prefix that the cache already holds (same tokens, same images:
-:func:`~mlx_dsvl.caches.reusable_prefix`, the server's rule), trims the cache to it and
-prefills only the rest; only images in neither go through the vision tower.  Because the
-prompt is always the from-scratch prompt, a session produces exactly the tokens a fresh
-encoding of the whole conversation would (on the CPU backend; on a GPU a follow-up's prefill is
-computed in other pieces than a fresh one, so bf16 rounding may differ: see
-:mod:`mlx_dsvl.models.llm`).  With ``kv_bits`` the cache is stored quantized, and a follow-up
-attends to the quantized keys of earlier turns.
-
-A follow-up turn whose only new input is a short question costs what its new tokens cost: the
-prompt's ids up to the last reply are kept (:class:`~mlx_dsvl.processing.chat.PromptTokens`),
-only the new tokens are embedded, and only images among them are merged.
-
-When the prompt plus the reply budget would pass ``max_context`` (4096 by default, the training
-length), the oldest turns are dropped -- like the reference demo's "max history tokens" -- and
-``on_truncate`` (default: a warning on stderr) is told how many.
+A new turn formats the whole conversation, keeps the longest prefix the KV cache holds (same
+tokens, same images: the server's rule) and prefills only the rest; only images seen in neither
+the conversation nor the byte-bounded feature cache go through the vision towers. Because the
+prompt is always the from-scratch prompt, the tokens are exactly those of a fresh encoding on the
+CPU backend (on a GPU a follow-up is prefilled in other pieces, so bf16 rounding may differ: see
+:mod:`mlx_dsvl.models.llm`). Past ``max_context`` the oldest turns are dropped, like the reference
+demo's "max history tokens".
 """
 
 from __future__ import annotations
@@ -95,8 +82,7 @@ class ChatSession:
 
     def set_kv_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
                      quantized_kv_start: int = 0) -> None:
-        """KV-cache quantization (see :func:`~mlx_dsvl.streaming.kv_cache_options`); a change
-        empties the cache, and the next turn prefills the conversation again with it."""
+        """KV-cache quantization; a change empties the cache (the next turn prefills again)."""
         kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start,
                               head_dim=self.model.language_model.layers[0].self_attn.head_dim)
         if kv != self.kv:
@@ -117,8 +103,7 @@ class ChatSession:
 
     # -- images -------------------------------------------------------------------------------
     def add_images(self, images: Sequence) -> list[str]:
-        """Preprocess and hash images and hold their features for the conversation (encoded only
-        if neither the conversation nor the cache has them); returns their content keys."""
+        """Hold the images' features for the conversation; returns their content keys."""
         if not images:
             return []
         pixels = self.processor.image_processor(list(images))  # [N, 3, S, S] float32
@@ -158,11 +143,8 @@ class ChatSession:
 
     def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None,
              **options) -> Iterator[GenerationChunk]:
-        """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply.
-
-        ``sampling`` (default: :data:`~mlx_dsvl.sampling.DEFAULTS`) with ``options``
-        (``temperature=0``, ``max_tokens=64``, ...: :class:`~mlx_dsvl.sampling.SamplingOptions`'
-        fields) changed."""
+        """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply;
+        ``options`` change fields of ``sampling`` (default :data:`~mlx_dsvl.sampling.DEFAULTS`)."""
         with FirstUseNotice(self.on_slow_start) as notice:
             for chunk in self._send(text, images, (sampling or DEFAULTS).with_(**options)):
                 notice.done()
@@ -217,8 +199,7 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": "".join(pieces), "images": []})
 
     def _new_input(self, ids: np.ndarray):
-        """What the cache lacks of ``ids``: the cache is trimmed to the prefix it can keep, and
-        (the prompt's image keys, that prefix's length, the new tokens' embeddings) returned."""
+        """Trim the cache to the prefix it can keep; (image keys, prefix length, new embeddings)."""
         t = self.timings
         tic = time.perf_counter()
         keys = [k for m in self.messages for k in m["images"]]  # the prompt's images, in order
@@ -248,8 +229,7 @@ class ChatSession:
             self.cached_images = keys
 
     def _reusable_prefix(self, ids: np.ndarray, keys: list[str]) -> int:
-        """Tokens at the start of ``ids`` the cache holds (:func:`~mlx_dsvl.caches.reusable_prefix`:
-        same ids and, in image runs, the same images; never the last token)."""
+        """Tokens at the start of ``ids`` the cache holds (never the last: it must give logits)."""
         layout = self.processor.image_tokens
         return reusable_prefix(layout.keyed(self.cached_ids, self.cached_images), layout.keyed(ids, keys))
 
@@ -259,8 +239,7 @@ class ChatSession:
                                 image_keys=keys, features=lambda ks: [self._features[k] for k in ks])
 
     def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
-        """Logits [vocab] of the first token of the reply to ``text``, without replying (for
-        benchmarks and scoring): the question is prefilled like a turn, then taken back."""
+        """Logits [vocab] of the reply's first token; the question is prefilled, then taken back."""
         self.messages.append({"role": "user", "content": text, "images": self.add_images(images)})
         self.timings = {}
         try:

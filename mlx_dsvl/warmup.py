@@ -1,10 +1,7 @@
 """The first forward of a process on a GPU: a notice when it is slow.
 
-MLX compiles GPU kernels the first time a process uses each of them (on CUDA through NVRTC,
-cached on disk for later processes), which can take long on a fresh machine with nothing on the
-screen.  :class:`FirstUseNotice` says what is happening; the session starts one per turn.  The
-app and the bench also warm the model up right after loading
-(:func:`mlx_dsvl.generation.warm_up`).
+MLX compiles GPU kernels the first time a process uses each (on CUDA through NVRTC, cached on disk
+for later processes), which can take long on a fresh machine with nothing on the screen.
 """
 
 from __future__ import annotations
@@ -25,11 +22,8 @@ def kernels_compile() -> bool:
 
 
 class FirstUseNotice:
-    """Calls ``say(MESSAGE)`` once if the process's first forward on a GPU outlasts the delay.
-
-    Start it before the work (images, prefill) and call :meth:`done` at the first token; it is
-    a no-op for every later forward, on the CPU, or with ``say=None``.  Also a context manager.
-    """
+    """Calls ``say(MESSAGE)`` once if the process's first forward on a GPU outlasts the delay;
+    :meth:`done` at the first token."""
 
     def __init__(self, say: Callable[[str], None] | None):
         self._timer = None

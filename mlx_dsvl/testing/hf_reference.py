@@ -1,15 +1,11 @@
 """``transformers``' DeepseekVL / DeepseekVLHybrid built from one of our checkpoint folders.
 
-Independent of ``mlx_dsvl``'s model and loading code (only the converter's name maps are shared): the folder's original ``config.json`` is read here with its own
-copy of the reference size tables, every ``transformers`` config field that matters is set
-explicitly (its defaults are wrong for DeepSeek-VL: tanh GELU, a SigLIP pooling head, tied
-embeddings), and every parameter is loaded from the folder's safetensors through
-:mod:`mlx_dsvl.convert.keymaps` with ``strict=True`` -- nothing keeps ``transformers``' init (which zeros
-``high_res_vision_alpha``, SAM's ``pos_embed`` and the rel-pos tables).
-
-:func:`reference_inputs` makes, from a [0, 1] image batch, exactly what the original model feeds
-each tower; ``transformers``' own image processors are bypassed (their preprocessing differs
-from the original's).
+Independent of ``mlx_dsvl``'s model and loading code (only the converter's name maps are shared).
+Every ``transformers`` config field that matters is set explicitly (its defaults are wrong for
+DeepSeek-VL: tanh GELU, a SigLIP pooling head, tied embeddings) and every parameter is loaded with
+``strict=True``: nothing keeps ``transformers``' init, which zeros ``high_res_vision_alpha``, SAM's
+``pos_embed`` and the rel-pos tables. Its image processors are bypassed: their preprocessing
+differs from the original's.
 """
 
 from __future__ import annotations
@@ -129,8 +125,7 @@ def read_config(folder: Path) -> dict:
 
 
 def image_token_id(folder: Path) -> int:
-    """The tokenizer's id of ``<image_placeholder>`` (the positions the reference processor marks),
-    read from the folder's ``tokenizer.json``; without one, config.json's id, else DeepSeek's."""
+    """The tokenizer's id of ``<image_placeholder>`` (what the reference processor marks)."""
     tok = Path(folder) / "tokenizer.json"
     if tok.is_file():
         for t in json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", []):
@@ -182,8 +177,7 @@ def original_state_dict(folder: Path) -> dict[str, np.ndarray]:
 
 def build_hf_model(folder: Path, attn_implementation: str = "eager", device: str = "cpu",
                    dtype: torch.dtype = torch.float32):
-    """Eval-mode ``DeepseekVL[Hybrid]ForConditionalGeneration`` with the folder's weights
-    (float32 on the CPU by default; benchmarks build it on ``cuda`` in bfloat16)."""
+    """Eval-mode ``DeepseekVL[Hybrid]ForConditionalGeneration`` with the folder's weights."""
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
     config = hf_config(folder)
@@ -216,13 +210,8 @@ def build_hf_model(folder: Path, attn_implementation: str = "eager", device: str
 
 
 def reference_inputs(x: torch.Tensor, folder: Path) -> dict[str, torch.Tensor]:
-    """[M, 3, S, S] float32 pixels in [0, 1] -> the keyword inputs the HF model needs.
-
-    1.3B: SigLIP input = (x - mean) / std with the processor's mean/std (0.5).
-    Hybrid (x at 1024): SAM input = CLIP-normalized x; SigLIP input = 0.5/0.5-normalized
-    antialiased bilinear resize of x to 384 (torchvision ``Resize(384, antialias=True)`` on the
-    un-normalized float tensor, as the original ``HybridVisionTower`` does).
-    """
+    """[M, 3, S, S] pixels in [0, 1] -> exactly what the original model feeds each tower (hybrid:
+    SigLIP gets an antialiased resize of the un-normalized pixels, as ``HybridVisionTower`` does)."""
     raw = read_config(folder)
     vision = raw["vision_config"]
     x = x.float()

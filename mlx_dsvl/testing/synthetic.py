@@ -1,14 +1,8 @@
 """A synthetic captioning task for tests and benchmarks: coloured shapes on coloured backgrounds.
 
-``write_shapes_dataset(folder, n, seed)`` draws ``n`` images (a shape of one colour on a plain
-background of another) and writes ``pairs.jsonl`` (``{"image", "text"}``) and ``chat.jsonl`` (a
-user question and the caption as the assistant answer) next to them.  Captions read
-"a red circle on a white background".
-
-The default task keeps the shape colours (red, green, blue, yellow) apart from the background
-colours (white, black, grey) and gives each shape its own size (square > circle > triangle),
-with random position and colour jitter: learnable by a tiny random model in a CI budget.
-``shape_colors``, ``bg_colors``, ``sizes`` and ``jitter`` make it harder.
+The default task keeps shape and background colours apart and gives each shape its own size:
+learnable by a tiny random model in a CI budget. ``shape_colors``, ``bg_colors``, ``sizes`` and
+``jitter`` make it harder.
 """
 
 from __future__ import annotations
@@ -73,12 +67,7 @@ def draw(fg: str, shape: str, bg: str, rng: np.random.Generator, size: int = 384
 
 def make_images(n: int, seed: int, size: int = 384, balanced: bool = True,
                 template: str = TEMPLATE, **task):
-    """``n`` (PIL image, caption) pairs; ``balanced`` cycles through every combination.
-
-    ``template``: the caption, with ``{fg}``, ``{shape}`` and ``{bg}``.  ``task``:
-    ``shape_colors``, ``bg_colors``, ``shapes`` (see :func:`combos`), ``sizes``, ``jitter``,
-    ``color_jitter`` (see :func:`draw`).
-    """
+    """``n`` (PIL image, caption) pairs; ``balanced`` cycles through every combination."""
     task = dict(task)
     rng = np.random.default_rng(seed)
     cs = combos(task.pop("shape_colors", SHAPE_COLORS), task.pop("shapes", SHAPES),
@@ -94,9 +83,7 @@ def write_shapes_dataset(folder: str | Path, n: int, seed: int = 0, size: int = 
                          balanced: bool = True, system: str | None = "", template: str = TEMPLATE,
                          **task) -> dict[str, Path]:
     """Write images + ``pairs.jsonl`` + ``chat.jsonl`` into ``folder``; returns their paths.
-
-    ``system``: the chat lines' system prompt ("" = none, None = the default one).
-    """
+    ``system``: "" = none, None = the default one."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pairs, chats = [], []
