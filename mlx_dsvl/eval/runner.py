@@ -118,9 +118,7 @@ def evaluate(model: DeepseekVL, processor: ChatProcessor, data: str | ReadResult
              on_records: Callable[[list[dict]], None] | None = None,
              progress: Callable[[int, int, int], None] | None = None) -> dict[str, object]:
     """Score ``model`` on ``data`` (a path, a :class:`ReadResult` or items: read once when calling
-    repeatedly) and return the summary. ``done``: records by id from an interrupted run;
-    ``on_records`` gets each batch's records, ``progress(rows_done, rows_correct, rows_new)``.
-    """
+    repeatedly); ``done``: records by id from an interrupted run; ``progress(done, correct, new)``."""
     if method == "generate" and target != "letter":
         raise ValueError("target applies to method='likelihood' only")
     t0 = time.perf_counter()

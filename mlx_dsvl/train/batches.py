@@ -162,12 +162,9 @@ class Prepared:
 
 
 class BatchProducer:
-    """A deterministic sequence of micro-batches, images decoded by a prefetch thread.
-
-    A bad image raises a :class:`DataError`, or with ``skip_bad`` drops its example; the streams
-    never move for it, so all processes stay on the same batches whatever each drops. :meth:`next`
-    makes the MLX inputs on the calling thread (MLX streams are per thread).
-    """
+    """Deterministic micro-batches, images decoded by a prefetch thread. ``skip_bad`` drops an
+    example with a bad image without moving the streams, so all processes stay on the same batches;
+    :meth:`next` makes the MLX inputs on the calling thread (MLX streams are per thread)."""
 
     def __init__(self, *, main: Dataset, main_stream: BatchStream, text: Dataset | None,
                  text_stream: BatchStream | None, mixer: ModalityMixer | None, processor: ChatProcessor,

@@ -281,10 +281,7 @@ def set_rng_state(key: mx.array) -> None:
 
 class Checkpointer(TrainingCallback):
     """Saves checkpoints every N steps, at the end and on a stop signal, then the final adapters.
-
-    A staged (``force``) run's first checkpoint swaps its folder in (``on_publish``). Rank 0
-    writes; the other processes hand it their random state and wait.
-    """
+    Rank 0 writes; the other processes hand it their random state and wait."""
 
     def __init__(self, run: RunDir, *, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict,
                  meta: dict, history: list[dict], every: int, keep: int, start_step: int, last: Path | None = None,

@@ -80,11 +80,9 @@ def image_embeddings(model: DeepseekVL, vis, frozen_vision: bool):
 
 
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """Per-row ``logsumexp(logits) - logits[target]`` ([N, V] float32, [N] -> [N]).
-
-    On MLX's CPU backend ``exp`` is much slower than ``2 ** x`` and dominates a small model's step;
-    ``exp(x) = 2 ** (x log2 e)`` gives the same values and gradient (docs/PERFORMANCE.md).
-    """
+    """Per-row ``logsumexp(logits) - logits[target]``. On MLX's CPU backend ``exp`` is much slower
+    than ``2 ** x`` and dominates a small model's step; ``exp(x) = 2 ** (x log2 e)`` gives the same
+    values and gradient (docs/PERFORMANCE.md)."""
     if mx.default_device() != mx.cpu:
         return nn.losses.cross_entropy(logits, targets)
     p, m = exp_from_max(logits)

@@ -340,11 +340,8 @@ class TrainResult:
 
 def train(cfg: TrainConfig, explicit: Sequence[str] = (), *, loaded: tuple[DeepseekVL, ChatProcessor] | None = None,
           callbacks: Sequence[TrainingCallback] = ()) -> TrainResult:
-    """Run training as configured; see ``python -m mlx_dsvl.train --help``.
-
-    ``explicit``: the options given on the command line (a resume may override only
-    non-structural ones); ``loaded``: see :func:`build`. ``callbacks`` run before a step's checkpoint.
-    """
+    """Run training as configured. ``explicit``: the options given on the command line (a resume may
+    override only non-structural ones); ``loaded``: see :func:`build`."""
     t_start = time.perf_counter()
     world = World.init(cfg.dist_timeout)
     try:
