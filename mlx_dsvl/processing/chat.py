@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 from .image import ImageInput, ImageProcessor
@@ -281,8 +282,6 @@ class ChatProcessor:
             ``[1, N, 3, S, S]`` in ``[0, 1]`` or ``None`` without images; ``prompt``: str;
             ``num_images``: int N.
         """
-        import mlx.core as mx
-
         prompt, ids, pixels = self._prepare(conversation, images)
         n = pixels.shape[0]
         return {
@@ -308,8 +307,6 @@ class ChatProcessor:
 
         The k-th run of image ids in row b belongs to ``pixel_values[b, k]``.
         """
-        import mlx.core as mx
-
         if not samples:
             raise ValueError("batch() needs at least one (conversation, images) sample")
         prepared = [self._prepare(conv, imgs) for conv, imgs in samples]
