@@ -1,16 +1,14 @@
 """Fast BLAS for MLX's Linux CPU backend.
 
-The ``mlx[cpu]`` wheel for Linux ships a slow reference BLAS.  An OpenBLAS preloaded with
-``LD_PRELOAD`` replaces its GEMM, many times faster (docs/PERFORMANCE.md, "OpenBLAS").
-The entry points call :func:`ensure_fast_blas` first: on Linux, when an OpenBLAS is found and is
-not loaded yet, the process re-executes itself once with it preloaded.  Looked for, in order:
+The ``mlx[cpu]`` wheel for Linux ships a slow reference BLAS; an OpenBLAS preloaded with
+``LD_PRELOAD`` replaces its GEMM (docs/PERFORMANCE.md, "OpenBLAS").  The entry points call
+:func:`ensure_fast_blas` first: on Linux, when an OpenBLAS is found and is not loaded yet, the
+process re-executes itself once with it preloaded.  Looked for, in order:
 
-1. a system OpenBLAS (``apt-get install libopenblas0-pthread``): Debian 12's 0.3.21 ran the
-   towers' many small attention matmuls much faster than the pip build below, and large ones
-   alike (docs/PERFORMANCE.md);
-2. the ``ngsolve-openblas`` wheel (installed by the ``cpu`` extra on x86-64 Linux): OpenBLAS
-   0.3.33 built for every x86-64 core (DYNAMIC_ARCH), with the plain ``cblas_*`` names MLX
-   calls, for machines without a system OpenBLAS.
+1. a system OpenBLAS (``apt-get install libopenblas0-pthread``): faster than the pip build on
+   the towers' many small attention matmuls (docs/PERFORMANCE.md);
+2. the ``ngsolve-openblas`` wheel (the ``cpu`` extra on x86-64 Linux), built for every x86-64
+   core with the plain ``cblas_*`` names MLX calls.
 
 OpenBLAS picks its kernels for the CPU it finds.  An older build that does not recognize a new
 CPU falls back to generic ones (``Prescott``: a fraction of the speed); when the library reports
@@ -27,6 +25,7 @@ import os
 import sys
 from collections.abc import Iterable
 from functools import cache
+from importlib.util import find_spec
 from pathlib import Path
 
 ENV_OFF = "MLX_DSVL_NO_BLAS_REEXEC"
@@ -96,8 +95,6 @@ def choose_coretype(core: str | None, flags: Iterable[str], known: Iterable[str]
 def pip_openblas() -> str | None:
     """The library of the ``ngsolve-openblas`` wheel, if installed (its package is not imported:
     importing it loads the library into this process)."""
-    from importlib.util import find_spec
-
     try:
         spec = find_spec(PIP_PACKAGE)
     except (ImportError, ValueError):
@@ -142,7 +139,7 @@ def library_core(lib: str) -> str | None:
 def _probe(lib: str) -> tuple[str | None, bool]:
     """(core name or None, exports ``cblas_sgemm_batch``), asked in a child process so that
     this one neither maps the library nor starts its threads."""
-    import subprocess
+    import subprocess  # only the first process asks; the re-executed one never imports it
 
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     try:
@@ -216,7 +213,7 @@ def preload_env(lib: str, flags: Iterable[str] | None = None) -> dict[str, str]:
 
 def cuda_backend_installed() -> bool:
     """MLX's CUDA wheel is installed: the GPU does the work, the CPU BLAS does not matter."""
-    from importlib import metadata
+    from importlib import metadata  # slow to import; the re-executed process never asks
 
     for dist in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
         try:

@@ -1,19 +1,11 @@
 """The caches of the session, the app and the server, and the one rule for reusing a prefix.
 
-- :func:`image_key`: an image's content hash (of its preprocessed pixels).  The same pixels
-  always give the same features, so features and KV caches are keyed by it.
-- :class:`ImageFeatureCache`: aligned image features by content hash, bounded in bytes,
-  least-recently-used first out (:class:`ByteLRU`).  :meth:`ImageFeatureCache.fetch` gets
-  every cached image of a request before it caches the new ones, so caching one cannot evict
-  another that the same request needs.
-- :func:`reusable_prefix`: the prefix-reuse rule, over keys from
-  :meth:`~mlx_dsvl.processing.image_tokens.ImageTokens.keyed`.  All images share one token id,
-  so ids alone would let a prompt reuse the KV of another prompt's different image; a key
-  replaces each image token with the image's content hash, and two keys agree on a prefix
-  only when their text and their images agree, so reusing it gives exactly the KV a fresh
-  prefill would.  A prompt always feeds at least its last token (its logits start the reply).
-- :class:`PrefixCache`: the server's KV caches of many prefixes (mlx-lm's ``LRUPromptCache``: a
-  trie over the keys, nearest-prefix lookup, trimming, byte budget).
+Images are keyed by content hash (:func:`image_key`): the same pixels always give the same
+features.  All images share one token id, so ids alone would let a prompt reuse the KV of
+another prompt's different image; the prefix caches' keys (``ImageTokens.keyed``) put each
+image's hash at its positions, so a shared prefix (:func:`reusable_prefix`) gives exactly the
+KV a fresh prefill would.  :class:`PrefixCache` is mlx-lm's ``LRUPromptCache`` (a trie with
+nearest-prefix lookup and a byte budget).
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """The MLX-format model folder: what ``python -m mlx_dsvl.convert`` writes and ``mlx_dsvl.load`` reads.
 
-An MLX folder is the original deepseek-ai folder with its weights already converted:
+The original deepseek-ai folder with its weights already converted:
 
-- ``config.json``: the original config (``vision_config`` / ``aligner_config`` /
-  ``language_config``, so :class:`~mlx_dsvl.config.ModelConfig` reads it unchanged) plus a marker
-  block naming the format::
+- ``config.json``: the original config plus a marker block::
 
       "mlx_dsvl": {"format": "mlx", "format_version": 1, "dtype": "float16",
                    "quantization": null | {"bits": 4, "group_size": 64, "mode": "affine",
@@ -12,18 +10,11 @@ An MLX folder is the original deepseek-ai folder with its weights already conver
                    "source_format": "original" | "transformers" | "mlx",
                    "unused_tensors": null | "original/unused.safetensors"}
 
-- ``model*.safetensors`` + ``model.safetensors.index.json``: tensors under this package's own
-  parameter names and layouts (conv weights ``[O, kH, kW, I]``, the released files' unused
-  tensors dropped); a quantized layer is stored as ``weight`` (packed ``uint32``), ``scales`` and
-  ``biases``.
-- ``original/unused.safetensors`` (optional): the tensors the released files carry and no model
-  uses (``attn_pool.*``, ``high/low_layer_norm``, ``rotary_emb.inv_freq``), kept verbatim so that
-  ``--to-original`` gives back the original files bit for bit.  Never loaded by ``load``.
-- the tokenizer and processor files, as in the original folder.
-
-Loading rebuilds the quantized layers with ``nn.quantize`` using the recorded bits / group size
-and a predicate that picks exactly the layers whose ``scales`` are in the weights, so quantized
-weights load as they are (nothing is quantized again).
+- ``model*.safetensors`` + index: this package's parameter names and layouts (conv weights
+  ``[O, kH, kW, I]``); a quantized layer as ``weight`` (packed), ``scales`` and ``biases``;
+- ``original/unused.safetensors`` (optional): the released tensors no model uses, kept verbatim
+  so that ``--to-original`` gives back the original files bit for bit (never loaded);
+- the tokenizer and processor files.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Sampling options: each option's default, valid range, help and app control, in one place.
 
-Everything that samples derives from :class:`SamplingOptions`: the flags of ``python -m
-mlx_dsvl.generate`` and of the server (:func:`add_arguments`), the Python API
-(``stream_generate``, ``generate``, ``ChatSession.send``, ``generate_batch``), the server's
-request defaults (``server.schema.SamplingParams`` is a subclass), the app's sidebar
-(:func:`controls`) and eval's greedy answers (:data:`GREEDY`).  The sampler and the logits
-processors are built from it once, where a request comes in (mlx-lm's ``make_sampler`` /
-``make_logits_processors``).  Importing this module loads no MLX (the app and the CLIs parse
-their flags before MLX is loaded).
+Everything that samples derives from :class:`SamplingOptions`: the CLI and server flags
+(:func:`add_arguments`), the Python API, the server's request model (a subclass), the app's
+sidebar (:func:`controls`) and eval's greedy answers (:data:`GREEDY`).  Importing this module
+loads no MLX (the app and the CLIs parse their flags before MLX is loaded).
 
 Adding an option: a field here (default, help, check, control) and its use in
 :meth:`SamplingOptions.make_sampler` or :meth:`SamplingOptions.make_logits_processors`; the

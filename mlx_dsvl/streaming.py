@@ -22,10 +22,13 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.llama import Model as LanguageModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from .batch_cache import merge_row
-from .models.deepseek_vl import lm_head
+from .models.deepseek_vl import DeepseekVL, lm_head
+from .processing.chat import ChatProcessor
+from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, SamplingOptions
 
 STOP_STRINGS = ("User:",)
@@ -50,7 +53,7 @@ class GenerationChunk:
     finish_reason: str | None = None
 
 
-def make_detokenizer(processor) -> BPEStreamingDetokenizer:
+def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
     """A streaming detokenizer for the processor's byte-level BPE (token map built once)."""
     base = getattr(processor, "_mlx_dsvl_detokenizer", None)
     if base is None:
@@ -101,13 +104,10 @@ class StopStringFilter:
         return s
 
 
-def last_logits(language_model, ids: mx.array, cache, input_embeddings: mx.array | None = None) -> mx.array:
-    """[B, vocab] logits of the last position of a prefill.
-
-    mlx-lm's ``Model.__call__`` applies the LM head to every position: for a 666-token prompt
-    that is 666 x 102400 logits (273 MB in float32, and on a 4-bit LM head a full dequantized
-    copy of it) of which one row is used.  Here the head sees the last position only.
-    """
+def last_logits(language_model: LanguageModel, ids: mx.array, cache,
+                input_embeddings: mx.array | None = None) -> mx.array:
+    """[B, vocab] logits of the last position of a prefill: the LM head sees that position only
+    (mlx-lm's ``Model.__call__`` projects every position, a large array of which one row is used)."""
     return lm_head(language_model, language_model.model(ids, cache, input_embeddings)[:, -1, :])
 
 
@@ -148,7 +148,7 @@ def prefill_step_size(kv: dict | None) -> int:
 Embed = Callable[[int, int], mx.array]  # (start, end) -> embeddings [end - start, D] of those ids
 
 
-def range_embeddings(model, ids: Sequence[int], start: int, end: int, *, layout,
+def range_embeddings(model: DeepseekVL, ids: Sequence[int], start: int, end: int, *, layout: ImageTokens,
                      image_keys: Sequence[str], features: Callable[[list[str]], list[mx.array]]) -> mx.array:
     """Input embeddings [end - start, D] of ``ids[start:end]``: token embeddings, and at image
     positions the features of the images the range overlaps (``layout.overlap``; the range may
@@ -161,7 +161,7 @@ def range_embeddings(model, ids: Sequence[int], start: int, end: int, *, layout,
     return model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)[0]
 
 
-def prefill(language_model, new_ids: mx.array, embed: Embed, cache: list[Any],
+def prefill(language_model: LanguageModel, new_ids: mx.array, embed: Embed, cache: list[Any],
             kv: dict | None = None) -> mx.array:
     """Run ``new_ids`` ([T]) through onto ``cache`` in passes of :func:`prefill_step_size`,
     each pass's input embeddings from ``embed(start, end)`` (text and images merged; a pass may
@@ -199,7 +199,7 @@ class Row:
     finish_reason: str | None = None
 
     @classmethod
-    def start(cls, processor, options: SamplingOptions, prompt_tail: Sequence[int],
+    def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
               max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
               tag: Any = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
@@ -241,7 +241,7 @@ class Batch:
     ``kv``).  ``on_finish(row, cache)``: told of each finished row with its KV cache, which then
     holds the prompt and every reply token but the last's unread successor."""
 
-    def __init__(self, language_model, eos_token_id: int, kv: dict | None = None,
+    def __init__(self, language_model: LanguageModel, eos_token_id: int, kv: dict | None = None,
                  batched: bool = True, on_finish: Callable[[Row, list[Any]], None] | None = None):
         self.lm, self.eos, self.kv, self.batched = language_model, eos_token_id, kv, batched
         self.on_finish = on_finish
@@ -331,8 +331,8 @@ class Batch:
         return out
 
 
-def stream_tokens(language_model, processor, new_ids: mx.array, embed: Embed, cache: list[Any], *,
-                  row: Row, start_time: float | None = None, kv: dict | None = None,
+def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_ids: mx.array, embed: Embed,
+                  cache: list[Any], *, row: Row, start_time: float | None = None, kv: dict | None = None,
                   timings: dict | None = None) -> Iterator[GenerationChunk]:
     """Prefill ``new_ids`` on top of ``cache``, then decode ``row`` alone (a :class:`Batch` of
     one on this cache), as chunks with running statistics.

@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 STAGES = ("images_ms", "format_tokenize_ms", "prefix_match_ms", "embed_merge_ms", "prefill_ms",
           "first_sample_ms", "ttft_ms")
 

@@ -24,6 +24,8 @@ from mlx_dsvl.eval.items import conversation
 from mlx_dsvl.testing.synthetic import make_images
 from mlx_dsvl.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow
+
 IMAGE_SIZE = 96
 COLOURS = ["red", "green", "blue", "yellow"]
 TASK = dict(shapes=("circle", "square"), sizes={"square": 0.40, "circle": 0.30}, jitter=0.05)

@@ -50,6 +50,7 @@ def run_convert(src, out, *extra):
 
 
 # -- kill during convert --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tmp_path):
     out = tmp_path / "models" / "out"
     proc = start_convert(tiny_dir, out, fault=(20, "KILL"))
@@ -68,6 +69,7 @@ def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tm
     assert model.image_token_id == 100015
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
     out = tmp_path / "new" / "deeper" / "out"  # parent folders made for --out go too
@@ -78,6 +80,7 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
     out = tmp_path / "out"
     first = start_convert(tiny_dir, out, fault=(5, "STOP"))
@@ -153,6 +156,7 @@ def test_damaged_file_one_error_naming_it(name, how, tiny_dir, sharded_dir, tmp_
     assert listing(tmp_path) == ["model"]
 
 
+@pytest.mark.slow
 def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
@@ -165,6 +169,7 @@ def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
 
 
 # -- bad input at every entry point ----------------------------------------------------------------
+@pytest.mark.slow
 def test_every_entry_point_refuses_bad_input_in_one_line(tiny_dir, tmp_path):
     """A handful of bad inputs per command: one ``error:`` line on stderr, a non-zero exit, and no
     traceback (the commands run side by side)."""

@@ -44,6 +44,7 @@ def test_importing_the_cli_module_keeps_the_generate_function():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["tiny_dir", "tiny_hybrid_dir"])
 def test_cli_generates_with_verbose_figures(ckpt, request, tmp_path):
     model_dir = request.getfixturevalue(ckpt)
@@ -57,6 +58,7 @@ def test_cli_generates_with_verbose_figures(ckpt, request, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_chat_mode_two_turns(tiny_dir, tmp_path):
     img = make_image(tmp_path / "a.png")
     p = subprocess.run(
@@ -70,6 +72,7 @@ def test_cli_chat_mode_two_turns(tiny_dir, tmp_path):
     assert "(new conversation)" in p.stderr
 
 
+@pytest.mark.slow
 def test_cli_chat_survives_bad_turns_and_lists_commands(tiny_dir, tmp_path):
     """A bad /image path, an unknown /command, a placeholder mismatch and a too-long message each
     print one line; the chat goes on and answers the next question."""
@@ -94,6 +97,7 @@ def test_cli_chat_survives_bad_turns_and_lists_commands(tiny_dir, tmp_path):
     assert p.stdout.count("Assistant:") == 3 and "imagine" not in p.stdout
 
 
+@pytest.mark.slow
 def test_cli_tells_when_the_context_limit_stops_the_reply(tiny_dir):
     r = run_cli("--model", str(tiny_dir), "--prompt", "Hi", "--max-tokens", "80", "--max-context", "100",
                 "--temperature", "0", "--repetition-penalty", "1")
@@ -119,6 +123,7 @@ def test_cli_rejects_out_of_range_options(args, message, capsys):
     assert err == [f"error: {message}" + err[0][len(message) + 7:]] and message in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["missing_image", "corrupt_image", "too_many_images", "hub_offline", "too_long", "latin1_prompt"]
 )
@@ -180,6 +185,7 @@ def hf_llama_from(model):
     return hf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture,size", [("tiny_model", 384), ("tiny_hybrid_model", 1024)])
 def test_greedy_tokens_match_transformers(fixture, size, request, tmp_path):
     import torch
@@ -208,6 +214,7 @@ def test_greedy_tokens_match_transformers(fixture, size, request, tmp_path):
 
 
 # -- sessions ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_session_matches_from_scratch_and_encodes_each_image_once(tiny_hybrid_model, tmp_path):
     model, processor = tiny_hybrid_model
     a, b = make_image(tmp_path / "a.png", 1), make_image(tmp_path / "b.png", 2, (40, 100))
@@ -342,6 +349,7 @@ def test_stop_string_never_reaches_output():
     assert g.push("Use") == "" and g.push("ful") == "Useful" and g.flush() == ""
 
 
+@pytest.mark.slow
 def test_cli_adapter_changes_the_reply_logits(tiny_dir, tmp_path):
     """--adapter applies a training run's output: greedy tokens differ from the base model's."""
     from mlx_dsvl.testing.synthetic import write_shapes_dataset

@@ -141,6 +141,7 @@ def test_console_script_target(capsys, monkeypatch):
     assert out.startswith("usage: mlx-dsvl-convert [-h] --model MODEL --out OUT") and "--to-original" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, prog", [("mlx_dsvl.convert", "python -m mlx_dsvl.convert"),
                                           ("convert", "python -m convert")])
 def test_cli_help_from_anywhere_and_from_the_root(module, prog, tmp_path):

@@ -140,6 +140,7 @@ def test_model_call_refuses_images_without_their_positions(tiny_model):
     assert model(mx.array([[1, IMG, 3]])).shape[:2] == (1, 3)  # no images: nothing to check
 
 
+@pytest.mark.slow
 def test_padded_batch_equals_unpadded(tiny_model):
     """Left padding + attention_mask gives each row exactly its unpadded logits."""
     model, _ = tiny_model
@@ -159,6 +160,7 @@ def test_padded_batch_equals_unpadded(tiny_model):
     assert float(mx.abs(batched[0] - zero[0]).max()) < 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_logits_depend_on_every_image(tiny_hybrid_model):
     """Changing the second image changes logits only after its tokens (merge order, causality)."""
     model, _ = tiny_hybrid_model
@@ -184,6 +186,7 @@ def test_config_overrides_and_defaults():
     assert tiny.vision.num_image_tokens == 576
 
 
+@pytest.mark.slow
 def test_compiled_vision_equals_eager(tiny_hybrid_model):
     """The compiled vision path (default on GPUs) computes exactly what the eager one does."""
     model, _ = tiny_hybrid_model
@@ -222,6 +225,7 @@ def test_cpu_attention_equals_fused_attention_values_and_gradients():
         mx.set_default_device(before)
 
 
+@pytest.mark.slow
 def test_training_accessors_match_the_forward_pass(tiny_hybrid_model):
     """hidden_states + lm_head give the forward pass's logits, per-row or flat images; towers."""
     model, proc = tiny_hybrid_model

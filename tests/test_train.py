@@ -289,6 +289,7 @@ def test_parameter_counts_are_of_one_model(tiny_hybrid_dir, method, train_set):
     assert (m.group(1) == m.group(2)) == (method == "full"), line
 
 
+@pytest.mark.slow
 def test_hybrid_stage3_keeps_sam_frozen_and_sam_neck_override(tiny_hybrid_dir, tmp_path):
     data = write_shapes_dataset(tmp_path / "d", 4, seed=1, size=256)
     _, trainable, changed, _ = _changed_after_one_step(tiny_hybrid_dir, data["chat"], tmp_path / "a", stage=3)
@@ -322,6 +323,7 @@ def _losses(history, lo, hi):
     return [r["loss"] for r in history if r.get("type") == "train" and lo <= r["step"] <= hi]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_dir, shapes_data, tmp_path):
     common = dict(stage=3, model=str(tiny_dir), data=str(shapes_data["chat"]), iters=20,
                   lora_dropout=0.1, lr=5e-4, warmup=3, batch_size=3, save_every=10)
@@ -379,6 +381,7 @@ def test_mixer_share_follows_the_warmup_schedule():
     assert draws[:20].mean() > 0.9 and draws[800:].mean() < 0.45
 
 
+@pytest.mark.slow
 def test_stage2_logs_text_share_and_separate_losses(tiny_dir, shapes_data, text_data, tmp_path):
     res = train(cfg(stage=2, model=str(tiny_dir), data=str(shapes_data["pairs"]), out=str(tmp_path / "s2"),
                     text_data=str(text_data), val_data=str(shapes_data["pairs"]),
@@ -398,6 +401,7 @@ def test_stage2_logs_text_share_and_separate_losses(tiny_dir, shapes_data, text_
 # -- outputs -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_outputs_metrics_png_checkpoints_and_cache(tiny_dir, shapes_data, tmp_path):
     out = tmp_path / "s1"
     res = train(TrainConfig(stage=1, model=str(tiny_dir), data=str(shapes_data["pairs"]), out=str(out),
@@ -444,6 +448,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, shapes_d
     assert not (out / "adapters.safetensors").exists()  # no final save of a broken model
 
 
+@pytest.mark.slow
 def test_grad_accum_and_checkpointing_match_plain_steps(tiny_dir, shapes_data, tmp_path):
     four = Path(shapes_data["chat"]).parent / "four.jsonl"
     four.write_text("".join(Path(shapes_data["chat"]).read_text().splitlines(True)[:4]))

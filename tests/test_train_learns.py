@@ -29,10 +29,13 @@ import time
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 import mlx_dsvl
 from mlx_dsvl.testing.synthetic import QUESTION, make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, load_adapters, train
+
+pytestmark = pytest.mark.slow
 
 IMAGE_SIZE = 96
 TASK = dict(shapes=("circle", "square"), sizes={"square": 0.40, "circle": 0.30}, jitter=0.05,

@@ -1,13 +1,10 @@
 """Scaled dot-product attention for the vision towers (SigLIP-L, SAM-B).
 
 On a GPU (Metal, CUDA) this is ``mx.fast.scaled_dot_product_attention``.  MLX's CPU backend
-evaluates ``exp`` slowly, one element at a time, and the towers' softmaxes are large (one SAM-B
-global block: 12 x 4096 x 4096 scores; SigLIP-L: 24 x 16 x 577 x 577), so there the softmax is
-written with ``2 ** x``, which the CPU backend computes faster than ``exp``, on scores made in
-base-2 units (``log2 e`` folded into the query scale and the bias): the same values to ~1e-7
-(float32), differentiable and compilable, and faster attention (docs/PERFORMANCE.md, with the
-variants that were tried and dropped).  The softmax is computed in float32 whatever the inputs'
-dtype.
+evaluates ``exp`` one element at a time and the towers' softmaxes are large, so there the
+softmax is written with ``2 ** x`` (faster on that backend) on scores in base-2 units (``log2 e``
+folded into the query scale and the bias): the same values, differentiable and compilable
+(docs/PERFORMANCE.md).  The softmax is computed in float32 whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -18,10 +15,8 @@ from .cpu_math import LOG2E
 
 
 def exp_from_max(x: mx.array, axis: int = -1) -> tuple[mx.array, mx.array]:
-    """``(exp(x - m), m)`` with ``m`` the maximum along ``axis`` (kept, no gradient), the
-    exponential computed as ``2 ** ((x - m) log2 e)``: the same values, faster than
-    ``exp`` on MLX's CPU backend (docs/PERFORMANCE.md).  Softmax numerators here and in the
-    training loss."""
+    """``(exp(x - m), m)`` with ``m`` the maximum along ``axis`` (no gradient), the exponential
+    as ``2 ** ((x - m) log2 e)`` (faster on MLX's CPU backend): the training loss's softmax."""
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
     return mx.power(2.0, (x - m) * LOG2E), m
 

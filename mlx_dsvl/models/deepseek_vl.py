@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import llama
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..config import IMAGE_TOKEN_ID, ModelConfig
@@ -65,7 +66,7 @@ def check_image_positions(input_ids: mx.array, num_images: int, tokens_per_image
         )
 
 
-def lm_head(language_model, h: mx.array) -> mx.array:
+def lm_head(language_model: llama.Model, h: mx.array) -> mx.array:
     """The LLM's output projection (tied to the embeddings or not): [..., D] -> [..., vocab]."""
     if getattr(language_model.args, "tie_word_embeddings", False):
         return language_model.model.embed_tokens.as_linear(h)
@@ -97,9 +98,8 @@ class DeepseekVL(nn.Module):
     def compile_vision(self, enable: bool = True) -> None:
         """Run the vision towers + aligner as one compiled graph (fuses the elementwise work).
 
-        Worth it on GPUs; on MLX's CPU backend the matmuls dominate and compiling measured no
-        faster, so ``encode_images`` compiles by default only when the default device is a GPU.
-        The parameters are compiled as inputs, so later weight updates are seen.
+        ``encode_images`` compiles by default on a GPU only: on the CPU the matmuls dominate and
+        compiling gained nothing.  The parameters are inputs, so later weight updates are seen.
         """
         self._compiled = (
             mx.compile(self._encode, inputs=[self.vision_model.state, self.aligner.state])

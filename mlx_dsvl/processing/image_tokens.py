@@ -1,16 +1,12 @@
 """Where images sit in the token ids: the one owner of the image-token layout (host side, numpy).
 
 The tokenizer encodes each image tag as one id; :meth:`ImageTokens.expand` replaces it by
-``per_image`` copies of itself (576 in every release), so image ``k`` of a prompt is its
-``k``-th run of ``per_image`` image ids, and two adjacent images make one long run.  The
-original processor's ``add_special_token`` (keep the tag's id in front of the copies) is not
-supported: its ``input_ids == image_id`` mask would then count one id more per image than
-there are features, which the original model could not merge either, and no release sets it.
-
-The model fills the image positions in the same order (the ``k``-th image id takes row ``k``
-of the images' features laid end to end: ``DeepseekVL.get_input_embeddings``), and checks
-whole prompts itself (``check_image_positions``); this module answers the host's questions:
-how many images, where each one starts, and which images a range of positions overlaps.
+``per_image`` copies of itself, so image ``k`` of a prompt is its ``k``-th run of ``per_image``
+image ids (two adjacent images make one long run).  The original's ``add_special_token`` (the
+tag's id kept in front of the copies) is not supported: no release sets it, and the original
+model could not merge its ids either.  The model fills the image positions in the same order
+(``DeepseekVL.get_input_embeddings``); this module answers the host's questions: how many
+images, where each starts, which images a range of positions overlaps.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ def test_tokenizer_fixture_uses_the_requested_ids(other_ids_dir):
     assert (added["<｜begin▁of▁sentence｜>"], added["<｜end▁of▁sentence｜>"]) == (BOS, EOS)
 
 
+@pytest.mark.slow
 def test_logits_match_the_reference_with_other_token_ids(other_ids_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # config.json names no id: nothing to warn about

@@ -156,28 +156,34 @@ def test_13b_logits(case_13b):
 
 
 # -- 7B (hybrid) layout -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_hybrid_siglip_tower(case_hybrid):
     """The SigLIP tower alone, fed the reference's own 384 resize."""
     check("hybrid", "SigLIP tower (same 384 input)", case_hybrid["our_siglip_tower"], case_hybrid["hf_siglip"])
 
 
+@pytest.mark.slow
 def test_hybrid_siglip(case_hybrid):
     """Through ``vision_features``: our in-model antialiased resize + normalization included."""
     check("hybrid", "SigLIP features (in-model)", case_hybrid["our_siglip"], case_hybrid["hf_siglip"])
 
 
+@pytest.mark.slow
 def test_hybrid_sam_tower(case_hybrid):
     check("hybrid", "SAM tower (vision_tower_high)", case_hybrid["our_sam_tower"], case_hybrid["hf_sam"])
 
 
+@pytest.mark.slow
 def test_hybrid_sam(case_hybrid):
     check("hybrid", "SAM features (in-model)", case_hybrid["our_sam"], case_hybrid["hf_sam"])
 
 
+@pytest.mark.slow
 def test_hybrid_aligner(case_hybrid):
     check("hybrid", "aligner (encode_images)", case_hybrid["our_aligned"], case_hybrid["hf_aligned"])
 
 
+@pytest.mark.slow
 def test_hybrid_logits(case_hybrid):
     check("hybrid", "logits (2 images)", case_hybrid["logits_stats"])
 
