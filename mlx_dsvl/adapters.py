@@ -44,7 +44,7 @@ def wrap_linear(module: nn.Module, method: str, rank: int, scale: float, dropout
     return cls.from_base(module, r=rank, dropout=dropout, scale=scale)
 
 
-def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: float, dropout: float) -> None:
+def adapt_modules(model: nn.Module, paths: Iterable[str], method: str, rank: int, scale: float, dropout: float) -> None:
     """Wrap the Linear layers at ``paths`` (full dotted names in ``model``) with adapters."""
     modules = dict(model.named_modules())
     updates = []
@@ -56,12 +56,12 @@ def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: fl
         model.update_modules(tree_unflatten(updates))
 
 
-def adapter_layers(model) -> list[tuple[str, nn.Module]]:
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer that can fold an adapter into itself (mlx-lm's ``fuse``)."""
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "fuse")]
 
 
-def fuse_adapters(model, dequantize: bool = False):
+def fuse_adapters(model: nn.Module, dequantize: bool = False):
     """Fold every adapter (this package's or mlx-lm's) into a plain layer; a quantized base is
     re-quantized unless ``dequantize``."""
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in adapter_layers(model)]
@@ -71,7 +71,7 @@ def fuse_adapters(model, dequantize: bool = False):
 
 
 # -- the format -------------------------------------------------------------------------------
-def model_fingerprint(model) -> dict:
+def model_fingerprint(model: nn.Module) -> dict:
     """A base model's identity. ``weights`` hashes rounded statistics of the 1-D tensors (never
     quantized), so the same model in another dtype or quantization matches; ``folder`` tells apart
     variants whose norms are the same (adapters fused in)."""
@@ -98,15 +98,15 @@ def model_fingerprint(model) -> dict:
     return fingerprint
 
 
-def trained_weights(model) -> dict[str, mx.array]:
+def trained_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def adapted_paths(model) -> list:
+def adapted_paths(model: nn.Module) -> list:
     return [name for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
 
 
-def adapter_config(model, spec, base_path: str | None, fingerprint: dict | None) -> dict:
+def adapter_config(model: nn.Module, spec, base_path: str | None, fingerprint: dict | None) -> dict:
     """The ``adapter_config.json`` of ``model`` trained with ``spec``."""
     return {
         "format": FORMAT,
@@ -151,7 +151,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def load_adapters(model, adapter_dir: str | os.PathLike, check_base: bool = True):
+def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike, check_base: bool = True):
     """Apply the adapters and fully trained weights in ``adapter_dir`` to ``model`` in place (eval
     mode), strictly by name and shape; returns ``model``."""
     folder = Path(adapter_dir).expanduser()
@@ -202,7 +202,7 @@ def _read_weights(folder: Path) -> dict[str, mx.array]:
         raise AdapterError(f"{wfile}: cannot read safetensors file ({e})") from None
 
 
-def _check_base(model, folder: Path, cfg: dict) -> None:
+def _check_base(model: nn.Module, folder: Path, cfg: dict) -> None:
     """Refuse another architecture; warn in one line on other base weights (a fine-tuned variant
     of the same shape may be meant).  Adapters that recorded no fingerprint are not checked."""
     fp = (cfg.get("base_model") or {}).get("fingerprint") or {}

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from datetime import date
 from importlib.util import find_spec
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,10 @@ from .blas import ensure_fast_blas, openblas_loaded
 from .model_options import add_model_arguments, load_from_args
 from .random_checkpoint import cached_checkpoint
 from .sampling import DEFAULTS, GREEDY
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
 
 # MLX is imported in the functions: main() may re-execute the process first (mlx_dsvl.blas).
 
@@ -61,7 +66,7 @@ def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     return n_bytes / s / 1e9
 
 
-def llm_bytes_per_token(model) -> int:
+def llm_bytes_per_token(model: DeepseekVL) -> int:
     """Bytes of LLM weights read to decode one token (every layer, the norm and lm_head)."""
     from mlx.utils import tree_flatten
 
@@ -183,7 +188,7 @@ def run(args) -> dict:
     return res
 
 
-def _decode_pair(model, processor, prompt, n: int, penalty: float):
+def _decode_pair(model: DeepseekVL, processor: ChatProcessor, prompt, n: int, penalty: float):
     """(ours, bare mlx-lm) steady decode tokens/s: after an untimed run of each, ours, bare, bare,
     ours, best of two, so neither side alone pays for compilation or a machine's drift."""
     from mlx_lm.generate import generate_step
@@ -206,7 +211,7 @@ def _decode_pair(model, processor, prompt, n: int, penalty: float):
     return ours, theirs
 
 
-def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
+def _our_decode_tps(model: DeepseekVL, processor: ChatProcessor, prompt, n, penalty: float = 1.0) -> float:
     """Steady decode tokens/s through the engine. Its first token comes from the prefill and its
     pipeline then fills, so it is counted from the chunk after that, like bare mlx-lm's rate,
     whose pipeline is full before its first token.

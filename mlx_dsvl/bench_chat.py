@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .caches import ImageFeatureCache
 from .session import ChatSession
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
 
 FIRST = "<image_placeholder>Describe this image in detail."
 QUESTIONS = (  # turns 2..6: 13 to 53 tokens each with the template (the test tokenizer's counts)
@@ -34,7 +39,7 @@ def run_turn(chat, text: str, images: Sequence, opts: dict):
     return last
 
 
-def turn_rows(model, processor, image, opts: dict, *, kv: dict | None = None, replay: bool = False,
+def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *, kv: dict | None = None, replay: bool = False,
               n_turns: int = 1 + len(QUESTIONS)) -> dict:
     """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
     def conversation():
@@ -70,7 +75,7 @@ def turn_rows(model, processor, image, opts: dict, *, kv: dict | None = None, re
     return res
 
 
-def long_conversation(processor, image_key: str, context: int) -> list[dict]:
+def long_conversation(processor: ChatProcessor, image_key: str, context: int) -> list[dict]:
     """ChatSession messages: an image question, then filler exchanges up to ``context`` - 64 tokens."""
     messages = [{"role": "user", "content": FIRST, "images": [image_key]}]
     words = FILLER.split()
@@ -85,7 +90,7 @@ def long_conversation(processor, image_key: str, context: int) -> list[dict]:
         messages, i = trial, i + 1
 
 
-def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> dict:
+def kv_rows(model: DeepseekVL, processor: ChatProcessor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> dict:
     """Peak memory, cache size and first-token logit difference, plain against quantized KV caches."""
     res: dict = {"kv_context_tokens": None}
     features = ImageFeatureCache()  # one vision pass for all the runs
@@ -113,7 +118,7 @@ def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4),
     return res
 
 
-def weights_by_part(model) -> dict:
+def weights_by_part(model: DeepseekVL) -> dict:
     """GB of resident parameters: vision towers + aligner, LLM without / with its embeddings."""
     parts = {"vision": 0, "llm": 0, "llm_embeddings": 0}
     for k, v in tree_flatten(model.parameters()):

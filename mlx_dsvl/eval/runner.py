@@ -27,7 +27,7 @@ DEFAULT_BATCH_SIZE = 8
 
 
 @contextmanager
-def inference_mode(model):
+def inference_mode(model: DeepseekVL):
     """``model.eval()`` for the block; each module's own mode is put back afterwards."""
     modes = [(name, m, m.training) for name, m in model.named_modules()]
     model.eval()
