@@ -39,7 +39,8 @@ def run_turn(chat, text: str, images: Sequence, opts: dict):
     return last
 
 
-def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *, kv: dict | None = None, replay: bool = False,
+def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *, kv: dict | None = None,
+              replay: bool = False,
               n_turns: int = 1 + len(QUESTIONS)) -> dict:
     """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
     def conversation():
@@ -90,7 +91,8 @@ def long_conversation(processor: ChatProcessor, image_key: str, context: int) ->
         messages, i = trial, i + 1
 
 
-def kv_rows(model: DeepseekVL, processor: ChatProcessor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> dict:
+def kv_rows(model: DeepseekVL, processor: ChatProcessor, image, context: int, bits: Sequence[int] = (8, 4),
+            group_size: int = 64) -> dict:
     """Peak memory, cache size and first-token logit difference, plain against quantized KV caches."""
     res: dict = {"kv_context_tokens": None}
     features = ImageFeatureCache()  # one vision pass for all the runs
