@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
+from mlx_dsvl import blas
+from mlx_dsvl.model_options import DEFAULT_MODEL, add_model_arguments
 from mlx_dsvl.sampling import add_arguments, controls
 
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+# MLX is imported in the functions: `python apps/chat.py` may re-execute itself first (mlx_dsvl.blas).
 MODEL_ENV = "MLX_DSVL_APP_MODEL"  # the model when no --model is given (tests use it)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # The sidebar's KV-cache choices -> ChatSession's kv_bits (groups of 64)
@@ -37,13 +40,12 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     ``$MLX_DSVL_APP_MODEL``, then the 1.3B chat model.
     """
     p = _Strict(prog="python apps/chat.py", add_help=False)
-    p.add_argument("--model", default=None)
+    add_model_arguments(p, "model", model={"default": None})
     p.add_argument("--4bit", dest="quantize", action="store_true")
-    p.add_argument("--adapter", default=None)  # a training output folder applied after loading
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    add_model_arguments(p, "adapter", "device")
     # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
     add_arguments(p, defaults=False, skip=("seed",))
-    p.add_argument("--kv-bits", type=int, choices=list(KV_CACHE_OPTIONS.values())[1:], default=None)
+    add_model_arguments(p, "kv_bits")
     p.add_argument("--system", default=None)
     if strict:
         args = p.parse_args(list(argv))
@@ -72,8 +74,6 @@ def check_start_values(args: argparse.Namespace) -> None:
 def check_launch(args: argparse.Namespace) -> None:
     """Before ``python apps/chat.py`` starts a server: the values, the device, a local model
     folder's config.json and the adapter folder (a hub id is fetched by the app itself)."""
-    from pathlib import Path
-
     from mlx_dsvl.device import select_device
     from mlx_dsvl.loading import ModelLoadError, is_hub_id, load_config
 
@@ -88,7 +88,7 @@ def check_launch(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.adapter}: no adapter_config.json (not an adapter folder)")
 
 
-def address_warning(address: Optional[str]) -> Optional[str]:
+def address_warning(address: str | None) -> str | None:
     """A warning when the server is reachable from other machines (not loopback only)."""
     if address and address.strip().strip("[]") in LOOPBACK:
         return None
@@ -98,7 +98,7 @@ def address_warning(address: Optional[str]) -> Optional[str]:
     return f"This server listens on {address}: anyone who can reach it can use the model."
 
 
-def blas_hint() -> Optional[str]:
+def blas_hint() -> str | None:
     """On Linux's CPU backend without OpenBLAS loaded: how to start the app much faster.
 
     (``python apps/chat.py`` re-executes itself with OpenBLAS preloaded before it starts the
@@ -106,22 +106,21 @@ def blas_hint() -> Optional[str]:
     if not sys.platform.startswith("linux"):
         return None
     import mlx.core as mx
-    from mlx_dsvl.blas import find_openblas, openblas_loaded, preload_env
 
-    if mx.default_device() != mx.cpu or openblas_loaded():
+    if mx.default_device() != mx.cpu or blas.openblas_loaded():
         return None
-    lib = find_openblas()
+    lib = blas.find_openblas()
     if lib is None:
         return ("MLX's CPU backend is much faster with OpenBLAS: `pip install ngsolve-openblas` "
                 "(x86-64) or `apt-get install libopenblas0-pthread`, then start the app with "
                 "`python apps/chat.py ...`, which preloads it.")
-    env = " ".join(f"{k}={v}" for k, v in preload_env(lib).items())
+    env = " ".join(f"{k}={v}" for k, v in blas.preload_env(lib).items())
     return (f"MLX's CPU backend is much faster with OpenBLAS: start the app with `python apps/chat.py ...` "
             f"(it preloads {lib}) or `{env} streamlit run apps/chat.py ...`.")
 
 
 # -- python apps/chat.py --------------------------------------------------------------------
-def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
+def launch_argv(script: str, argv: Sequence[str]) -> list[str]:
     """``python apps/chat.py ARGS`` -> the ``streamlit run`` command line it stands for.
 
     Streamlit's own ``--section.option[=value]`` flags go before ``--``, the app's options after
@@ -129,8 +128,8 @@ def launch_argv(script: str, argv: Sequence[str]) -> List[str]:
     ``apps/.streamlit/config.toml``, which Streamlit reads next to the script from any folder,
     so flags and ``STREAMLIT_*`` variables the user gives still win.
     """
-    st_args: List[str] = []
-    app_args: List[str] = []
+    st_args: list[str] = []
+    app_args: list[str] = []
     items = iter(argv)
     for a in items:
         if a.startswith("--") and "." in a.split("=", 1)[0]:

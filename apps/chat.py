@@ -20,15 +20,15 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_logic as logic  # noqa: E402
 
+from mlx_dsvl.blas import ensure_fast_blas  # noqa: E402
 from mlx_dsvl.processing.chat import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from mlx_dsvl.sampling import DEFAULTS as SAMPLING_DEFAULTS, controls  # noqa: E402
+from mlx_dsvl.sampling import DEFAULTS as SAMPLING_DEFAULTS  # noqa: E402
+from mlx_dsvl.sampling import controls
 
 if __name__ == "__main__" and not st.runtime.exists():
     # `python apps/chat.py [app options] [--server.port N ...]`: preload OpenBLAS on Linux's CPU
     # backend (this command re-executes itself once), then become `streamlit run` on this file
     from streamlit.web import cli as streamlit_cli
-
-    from mlx_dsvl.blas import ensure_fast_blas
 
     ensure_fast_blas()
     argv = logic.launch_argv(str(Path(__file__).resolve()), sys.argv[1:])

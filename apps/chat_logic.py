@@ -14,18 +14,30 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
-
-from PIL import Image
-
-from mlx_dsvl.processing.image import ImageLoadError, load_image
 
 from app_options import (  # noqa: F401 -- the app's command line, re-exported for apps/chat.py
-    DEFAULT_MODEL, KV_CACHE_OPTIONS, LOOPBACK, MODEL_ENV, SLIDERS, address_warning, blas_hint,
-    check_launch, check_start_values, launch_argv, parse_args,
+    DEFAULT_MODEL,
+    KV_CACHE_OPTIONS,
+    LOOPBACK,
+    MODEL_ENV,
+    SLIDERS,
+    address_warning,
+    blas_hint,
+    check_launch,
+    check_start_values,
+    launch_argv,
+    parse_args,
 )
+from PIL import Image
+
+import mlx_dsvl
+from mlx_dsvl.processing.chat import place_images
+from mlx_dsvl.processing.image import ImageLoadError, load_image
+
+# MLX is imported in the functions: `python apps/chat.py` may re-execute itself first (mlx_dsvl.blas).
 
 MAX_UPLOAD_MB = 20  # per file; apps/.streamlit/config.toml sets server.maxUploadSize to the same
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024  # Streamlit counts a megabyte as 2**20 bytes
@@ -44,7 +56,7 @@ class Attachment:
     name: str
     data: bytes
     thumbnail: Image.Image
-    size: Tuple[int, int]
+    size: tuple[int, int]
 
     def image(self) -> Image.Image:
         """The full image, decoded again from memory (the same pixels every time)."""
@@ -77,7 +89,7 @@ def read_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> At
     return Attachment(name=name, data=data, thumbnail=thumb, size=img.size)
 
 
-def read_uploads(files: Iterable, max_bytes: int = MAX_UPLOAD_BYTES) -> Tuple[List[Attachment], List[str]]:
+def read_uploads(files: Iterable, max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[list[Attachment], list[str]]:
     """Streamlit ``UploadedFile``s (``.name``, ``.size``, ``.getvalue()``) -> (attachments, errors)."""
     attachments, errors = [], []
     for f in files or ():
@@ -118,21 +130,16 @@ def loading_message(path: str, quantize: bool) -> str:
     return text + " ..."
 
 
-def load_model(path: str, quantize: bool = False, adapter: Optional[str] = None) -> LoadedModel:
+def load_model(path: str, quantize: bool = False, adapter: str | None = None) -> LoadedModel:
     """``mlx_dsvl.load`` (4-bit LLM: quantized while loading, groups of 64; + adapters from
     ``python -m mlx_dsvl.train``), then on a GPU a warm-up so that the first question does not
     wait for kernels to compile; raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
-    import mlx_dsvl
-    from mlx_dsvl.warmup import warm_up
+    from mlx_dsvl.generation import warm_up
 
     load_calls += 1
     tic = time.perf_counter()
-    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None)
-    if adapter:
-        from mlx_dsvl.adapters import load_adapters
-
-        load_adapters(model, adapter)
+    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None, adapter_path=adapter)
     warmup_s = warm_up(model, processor, say=lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr))
     return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic, warmup_s)
 
@@ -145,7 +152,7 @@ def load_error_message(path: str, error: BaseException) -> str:
     return f"Could not load the model {path!r}: {reason}"
 
 
-def _acquire(lock: threading.Lock, on_wait: Optional[Callable[[], None]]) -> None:
+def _acquire(lock: threading.Lock, on_wait: Callable[[], None] | None) -> None:
     """Take ``lock``, calling ``on_wait()`` every 0.25 s meanwhile (a Streamlit call there lets
     the user interrupt the wait)."""
     while not lock.acquire(timeout=0.25):
@@ -162,10 +169,10 @@ class ReplyStats:
     generation_tokens: int
     prompt_tokens: int  # tokens prefilled for this reply (only the new ones)
     prompt_tps: float
-    finish_reason: Optional[str]
+    finish_reason: str | None
 
     @classmethod
-    def from_chunk(cls, c) -> "ReplyStats":
+    def from_chunk(cls, c) -> ReplyStats:
         return cls(c.time_to_first_token, c.generation_tps, c.peak_memory, c.generation_tokens,
                    c.prompt_tokens, c.prompt_tps, c.finish_reason)
 
@@ -181,8 +188,8 @@ class Turn:
 
     role: str  # "user" | "assistant" | "error" (a note, never sent to the model) | "notice"
     text: str  # what the user typed / the reply so far / the message
-    attachments: List[Attachment] = field(default_factory=list)
-    stats: Optional[ReplyStats] = None
+    attachments: list[Attachment] = field(default_factory=list)
+    stats: ReplyStats | None = None
     stopped: bool = False  # the reply was interrupted (stop button, new input, closed tab)
 
 
@@ -193,35 +200,33 @@ class Conversation:
     exchanges, with thumbnails and statistics, plus error notes that never reach the model.
     """
 
-    def __init__(self, loaded: LoadedModel, system_prompt: Optional[str] = None, max_context: int = 4096):
-        from mlx_dsvl import ChatSession
-
+    def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_context: int = 4096):
         self.loaded = loaded
         self.key = (loaded.path, loaded.quantized)
-        self.session = ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
+        self.session = mlx_dsvl.ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
                                    max_context=max_context, on_truncate=self._on_truncate)
-        self.turns: List[Turn] = []
-        self._notices: List[str] = []
+        self.turns: list[Turn] = []
+        self._notices: list[str] = []
         self._busy = threading.Lock()  # held while a reply is generated
 
     # -- state ----------------------------------------------------------------------------
     @property
-    def last_stats(self) -> Optional[ReplyStats]:
+    def last_stats(self) -> ReplyStats | None:
         for t in reversed(self.turns):
             if t.role == "assistant" and t.stats is not None:
                 return t.stats
         return None
 
     @property
-    def last_question(self) -> Optional[Turn]:
+    def last_question(self) -> Turn | None:
         i = self._last_user()
         return None if i is None else self.turns[i]
 
-    def history_before_last_question(self) -> List[Turn]:
+    def history_before_last_question(self) -> list[Turn]:
         i = self._last_user()
         return self.turns if i is None else self.turns[:i]
 
-    def _last_user(self) -> Optional[int]:
+    def _last_user(self) -> int | None:
         for i in range(len(self.turns) - 1, -1, -1):
             if self.turns[i].role == "user":
                 return i
@@ -239,7 +244,7 @@ class Conversation:
         self.session.reset()
         self.turns = []
 
-    def remove_last_turn(self) -> Optional[Turn]:
+    def remove_last_turn(self) -> Turn | None:
         """Remove the last exchange (question and reply, and notes after it); returns the question."""
         i = self._last_user()
         if i is None:
@@ -250,7 +255,7 @@ class Conversation:
         del self.turns[i:]
         return question
 
-    def wait_idle(self, on_wait: Optional[Callable[[], None]] = None) -> None:
+    def wait_idle(self, on_wait: Callable[[], None] | None = None) -> None:
         """Wait until no reply is being generated in this conversation.
 
         Streamlit's fast reruns start the next script run as soon as the user clicks (Stop,
@@ -267,13 +272,11 @@ class Conversation:
     def prompt_text(self, text: str, n_images: int) -> str:
         """The user text the model sees: one image placeholder per image, before the text
         (unless the user placed the placeholders themselves)."""
-        from mlx_dsvl.processing.chat import place_images
-
         return place_images(text, n_images, self.session.processor.image_tag)
 
     def send(self, text: str, attachments: Sequence[Attachment] = (),
-             on_chunk: Optional[Callable[[Turn], None]] = None,
-             on_wait: Optional[Callable[[], None]] = None, **sampling) -> Optional[Turn]:
+             on_chunk: Callable[[Turn], None] | None = None,
+             on_wait: Callable[[], None] | None = None, **sampling) -> Turn | None:
         """Ask; the reply ``Turn`` grows in ``self.turns`` and ``on_chunk(turn)`` is called per piece.
 
         If ``on_chunk`` raises (Streamlit interrupts a script run that way when the user presses
@@ -287,7 +290,7 @@ class Conversation:
         with self._turn(on_wait):
             return self._ask(text, list(attachments), on_chunk, sampling)
 
-    def regenerate(self, on_chunk=None, on_wait=None, **sampling) -> Optional[Turn]:
+    def regenerate(self, on_chunk=None, on_wait=None, **sampling) -> Turn | None:
         """Ask the last question again (its images' features are still cached: not re-encoded).
 
         The old exchange is removed only once the model is free, right before asking again, so
@@ -311,7 +314,7 @@ class Conversation:
         finally:
             self._busy.release()
 
-    def _ask(self, text, attachments, on_chunk, sampling) -> Optional[Turn]:
+    def _ask(self, text, attachments, on_chunk, sampling) -> Turn | None:
         import mlx.core as mx
 
         try:

@@ -28,8 +28,8 @@ def library_rate(model, processor, conv, n: int) -> float:
 
 
 def scheduler_rate(model, processor, conv, n: int, batch: int) -> float:
-    from mlx_dsvl.server.scheduler import Delta, Finished, Job, Scheduler
     from mlx_dsvl.sampling import GREEDY
+    from mlx_dsvl.server.scheduler import Delta, Finished, Job, Scheduler
     from mlx_dsvl.server.schema import SamplingParams
 
     ids = processor.tokenize(processor.format(conv)).tolist()

@@ -85,7 +85,7 @@ def main():
     from mlx_dsvl.blas import ensure_fast_blas
 
     ensure_fast_blas()  # children inherit the preloaded OpenBLAS
-    from mlx_dsvl.testing.make_checkpoint import cached_checkpoint
+    from mlx_dsvl.random_checkpoint import cached_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", nargs="+", default=["1.3b", "7b"], choices=["1.3b", "7b", "tiny", "tiny-hybrid"])

@@ -35,8 +35,8 @@ def main(argv=None) -> int:
 
     import mlx_dsvl
     from mlx_dsvl.bench import _decode_pair
+    from mlx_dsvl.random_checkpoint import cached_checkpoint
     from mlx_dsvl.sampling import DEFAULTS
-    from mlx_dsvl.testing.make_checkpoint import cached_checkpoint
 
     model, processor = mlx_dsvl.load(args.model or cached_checkpoint(args.arch), dtype="float32")
     prompt = mx.array(np.random.default_rng(1).integers(100, 30000, 64), dtype=mx.int32)

@@ -41,7 +41,7 @@ PLAN = {  # arch -> (images, batch size, stage-3 steps)
 
 
 def checkpoint(arch: str, folder: Path) -> Path:
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     path = folder / f"dsvl-{arch}"
     if not (path / "config.json").is_file():
@@ -57,11 +57,12 @@ def step_times(history, skip_first=1):
 
 
 def run(arch: str, ckpt: Path, work: Path) -> dict:
+    import json as _json
+
     import mlx.core as mx
 
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
     from mlx_dsvl.train import TrainConfig, train
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
-    import json as _json
 
     n_images, batch, s3_steps = PLAN[arch]
     size = _json.loads((ckpt / "preprocessor_config.json").read_text())["image_size"]
@@ -113,8 +114,8 @@ def data_parallel(arch: str, ckpt: Path, work: Path) -> dict:
     import mlx.core as mx
     import numpy as np
 
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
     from mlx_dsvl.train.distributed import launcher
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
 
     n_images, batch, steps = PLAN[arch]
     size = json.loads((ckpt / "preprocessor_config.json").read_text())["image_size"]

@@ -41,7 +41,7 @@ print(json.dumps({"ours_vision_aligner_ms": best * 1e3, "openblas_core": loaded_
 
 
 def main(argv=None) -> int:
-    from mlx_dsvl.testing.make_checkpoint import cached_checkpoint
+    from mlx_dsvl.random_checkpoint import cached_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="7b-vision", choices=["1.3b", "7b-vision", "tiny", "tiny-hybrid"])

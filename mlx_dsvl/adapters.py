@@ -1,19 +1,9 @@
 """Adapters: the folder format, wrapping layers, loading onto a model, fusing into the weights.
 
-An adapter folder holds ``adapters.safetensors`` + ``adapter_config.json``.  This package's
-format (written by ``python -m mlx_dsvl.train``) keeps every trained tensor under its full name
-in the model: LoRA/DoRA factors (``...q_proj.lora_a``, ``.lora_b``, DoRA's ``.m``) and fully
-trained weights (e.g. ``aligner.layers.0.weight``); the config says which Linear layers carry
-an adapter, with which rank/scale, plus the training spec and the base model's fingerprint::
-
-    {"format": "mlx-dsvl-adapters", "version": 1, "method": "lora", "rank": 8, "scale": 20.0,
-     "dropout": 0.0, "adapted": ["language_model.model.layers.0.self_attn.q_proj", ...],
-     "spec": {...}, "base_model": {"path": ..., "fingerprint": {...}}}
-
-mlx-lm's folders (``fine_tune_type`` / ``lora_parameters``; names inside the LLM) load too,
-onto ``model.language_model``.  Used by training (wrap, fingerprint, config), generation, the
-app, the server, eval (:func:`load_adapters`) and the converter (load, then
-:func:`fuse_adapters`).
+This package's ``adapters.safetensors`` keeps every trained tensor under its full name in the
+model (LoRA/DoRA factors and fully trained weights such as the aligner's); ``adapter_config.json``
+(``"format": "mlx-dsvl-adapters"``) lists the adapted Linear layers, rank, scale, the training
+spec and the base model's fingerprint. mlx-lm's folders load too, onto ``model.language_model``.
 """
 
 from __future__ import annotations
@@ -22,14 +12,15 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
 from .model_folder import folder_fingerprint
 
@@ -53,7 +44,7 @@ def wrap_linear(module: nn.Module, method: str, rank: int, scale: float, dropout
     return cls.from_base(module, r=rank, dropout=dropout, scale=scale)
 
 
-def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: float, dropout: float) -> None:
+def adapt_modules(model: nn.Module, paths: Iterable[str], method: str, rank: int, scale: float, dropout: float) -> None:
     """Wrap the Linear layers at ``paths`` (full dotted names in ``model``) with adapters."""
     modules = dict(model.named_modules())
     updates = []
@@ -65,15 +56,14 @@ def adapt_modules(model, paths: Iterable[str], method: str, rank: int, scale: fl
         model.update_modules(tree_unflatten(updates))
 
 
-def adapter_layers(model) -> List[Tuple[str, nn.Module]]:
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer that can fold an adapter into itself (mlx-lm's ``fuse``)."""
     return [(name, m) for name, m in model.named_modules() if hasattr(m, "fuse")]
 
 
-def fuse_adapters(model, dequantize: bool = False):
-    """Replace every adapter layer (LoRA/DoRA, this package's or mlx-lm's) by a plain Linear (or
-    Embedding) with the update folded in; ``dequantize``: a quantized base comes out unquantized,
-    else it is re-quantized.  Returns ``model``."""
+def fuse_adapters(model: nn.Module, dequantize: bool = False):
+    """Fold every adapter (this package's or mlx-lm's) into a plain layer; a quantized base is
+    re-quantized unless ``dequantize``."""
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in adapter_layers(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
@@ -81,15 +71,10 @@ def fuse_adapters(model, dequantize: bool = False):
 
 
 # -- the format -------------------------------------------------------------------------------
-def model_fingerprint(model) -> Dict:
-    """Identify a base model: its architecture and digests of its weights.
-
-    ``arch`` hashes every parameter's name and (unquantized) shape; ``weights`` hashes rounded
-    statistics of the 1-D tensors (norms and biases, never quantized), so the same model loaded
-    in another dtype matches while a different checkpoint does not; ``folder``, for a model
-    loaded from a folder, is :func:`~mlx_dsvl.model_folder.folder_fingerprint` (it tells apart
-    variants whose norms are the same, like a model with adapters fused in).
-    """
+def model_fingerprint(model: nn.Module) -> dict:
+    """A base model's identity. ``weights`` hashes rounded statistics of the 1-D tensors (never
+    quantized), so the same model in another dtype or quantization matches; ``folder`` tells apart
+    variants whose norms are the same (adapters fused in)."""
     arch = hashlib.sha256()
     stats = hashlib.sha256()
     params = dict(tree_flatten(model.parameters()))
@@ -113,17 +98,16 @@ def model_fingerprint(model) -> Dict:
     return fingerprint
 
 
-def trained_weights(model) -> Dict[str, mx.array]:
+def trained_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def adapted_paths(model) -> list:
+def adapted_paths(model: nn.Module) -> list:
     return [name for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
 
 
-def adapter_config(model, spec, base_path: Optional[str], fingerprint: Optional[Dict]) -> Dict:
-    """The ``adapter_config.json`` of ``model`` trained with ``spec`` (``method``, ``rank``,
-    ``scale``, ``dropout``, ``to_dict()``)."""
+def adapter_config(model: nn.Module, spec, base_path: str | None, fingerprint: dict | None) -> dict:
+    """The ``adapter_config.json`` of ``model`` trained with ``spec``."""
     return {
         "format": FORMAT,
         "version": 1,
@@ -137,7 +121,7 @@ def adapter_config(model, spec, base_path: Optional[str], fingerprint: Optional[
     }
 
 
-def adapter_kind(cfg: Dict) -> Optional[str]:
+def adapter_kind(cfg: dict) -> str | None:
     """``"mlx-dsvl"``, ``"mlx-lm"`` or None (unknown) for an ``adapter_config.json``."""
     if cfg.get("format") == FORMAT:
         return "mlx-dsvl"
@@ -146,7 +130,7 @@ def adapter_kind(cfg: Dict) -> Optional[str]:
     return None
 
 
-def read_adapter_config(folder: str | os.PathLike) -> Dict:
+def read_adapter_config(folder: str | os.PathLike) -> dict:
     """The folder's ``adapter_config.json``, checked to be this package's or mlx-lm's."""
     folder = Path(folder).expanduser()
     cfg_file = folder / ADAPTER_CONFIG
@@ -167,21 +151,12 @@ def read_adapter_config(folder: str | os.PathLike) -> Dict:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def load_adapters(model, adapter_dir: str | os.PathLike, check_base: bool = True):
-    """Apply the adapters (and fully trained weights) saved in ``adapter_dir`` to ``model``.
-
-    ``model`` is a base model from :func:`mlx_dsvl.load` (float or quantized).  This package's
-    format: the listed Linear layers are wrapped with LoRA/DoRA, then every saved tensor is
-    loaded by name; a name the model lacks or a shape mismatch raises :class:`AdapterError`, and
-    a base-model fingerprint that differs from the one the adapters were trained on gives a
-    warning (``check_base``).  mlx-lm's format: ``mlx_lm.tuner.utils.load_adapters`` on
-    ``model.language_model``.  Returns ``model`` (modified in place, in eval mode).
-    """
+def load_adapters(model: nn.Module, adapter_dir: str | os.PathLike, check_base: bool = True):
+    """Apply the adapters and fully trained weights in ``adapter_dir`` to ``model`` in place (eval
+    mode), strictly by name and shape; returns ``model``."""
     folder = Path(adapter_dir).expanduser()
     cfg = read_adapter_config(folder)
     if adapter_kind(cfg) == "mlx-lm":
-        from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
-
         try:
             mlx_lm_load_adapters(model.language_model, str(folder))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -217,7 +192,7 @@ def load_adapters(model, adapter_dir: str | os.PathLike, check_base: bool = True
     return model
 
 
-def _read_weights(folder: Path) -> Dict[str, mx.array]:
+def _read_weights(folder: Path) -> dict[str, mx.array]:
     wfile = folder / ADAPTER_WEIGHTS
     if not wfile.is_file():
         raise AdapterError(f"{folder}: missing {ADAPTER_WEIGHTS}")
@@ -227,7 +202,7 @@ def _read_weights(folder: Path) -> Dict[str, mx.array]:
         raise AdapterError(f"{wfile}: cannot read safetensors file ({e})") from None
 
 
-def _check_base(model, folder: Path, cfg: Dict) -> None:
+def _check_base(model: nn.Module, folder: Path, cfg: dict) -> None:
     """Refuse another architecture; warn in one line on other base weights (a fine-tuned variant
     of the same shape may be meant).  Adapters that recorded no fingerprint are not checked."""
     fp = (cfg.get("base_model") or {}).get("fingerprint") or {}

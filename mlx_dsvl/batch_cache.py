@@ -12,16 +12,16 @@ attention runs a decode step on it with ``mx.quantized_matmul``, as ``generate_s
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
 
-Packed = Tuple[mx.array, mx.array, mx.array]  # (packed, scales, biases)
+Packed = tuple[mx.array, mx.array, mx.array]  # (packed, scales, biases)
 
 
 class BatchQuantizedKVCache(BatchKVCache):
-    def __init__(self, left_padding: List[int], group_size: int = 64, bits: int = 8):
+    def __init__(self, left_padding: list[int], group_size: int = 64, bits: int = 8):
         super().__init__(left_padding)
         self.group_size, self.bits = group_size, bits
 
@@ -66,7 +66,7 @@ class BatchQuantizedKVCache(BatchKVCache):
             self._idx -= shift
             self.left_padding -= shift
 
-    def extend(self, other: "BatchQuantizedKVCache") -> None:
+    def extend(self, other: BatchQuantizedKVCache) -> None:
         """Append ``other``'s rows, both right-aligned at the longer one's end."""
         caches = [c for c in (self, other) if c.keys is not None]
         if caches:
@@ -113,7 +113,7 @@ class BatchQuantizedKVCache(BatchKVCache):
         return cache
 
     @classmethod
-    def merge(cls, caches: List[QuantizedKVCache]) -> "BatchQuantizedKVCache":
+    def merge(cls, caches: list[QuantizedKVCache]) -> BatchQuantizedKVCache:
         """Quantized caches of one sequence each -> one batch cache, left-padded."""
         lengths = [c.offset for c in caches]
         longest = max(lengths)
@@ -140,7 +140,7 @@ class BatchQuantizedKVCache(BatchKVCache):
         return sum(a.nbytes for t in (self.keys, self.values) for a in t)
 
 
-def merge_row(cache: List, kv: Optional[dict]) -> List[BatchKVCache]:
+def merge_row(cache: list, kv: dict | None) -> list[BatchKVCache]:
     """A request's per-layer KV cache as a batch of one: quantized when ``kv`` (the server's
     :func:`~mlx_dsvl.streaming.kv_cache_options`) says so, else mlx-lm's float ``BatchKVCache``."""
     kind = BatchKVCache if kv is None else BatchQuantizedKVCache

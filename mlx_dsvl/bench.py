@@ -1,33 +1,39 @@
 """``python -m mlx_dsvl.bench``: where the time and memory go, on random checkpoints of real sizes.
 
-    python -m mlx_dsvl.bench --arch 1.3b [--dtype float32] [--quantize 4] [--device auto] \
-        [--kv-bits 8] [--kv-context 4096] [--replay] [--json out.json] [--compare]
-
-Random-weight checkpoints of the real sizes are made once and cached (``~/.cache/mlx_dsvl``).
-Reports the load (time, peak, resident weights by part), on a GPU the first forward of the process
-(kernels compiling) and a warm-up, preprocessing, each vision tower, the aligner, then one
-conversation (:mod:`mlx_dsvl.bench_chat`): turn 1 (prefill tokens/s, time to first token, decode
-tokens/s), turns 2-6 with follow-up questions of different lengths, the stages of a follow-up turn,
-the run's peak memory and KV-cache size; ``--replay`` (default on a GPU) the first-use time of each
-turn, ``--kv-context N`` KV-cache quantization over an N-token conversation.  ``--compare``
-adds, in the same run on the same weights: decode against bare mlx-lm llama, vision + aligner and the
-prefill against the faster PyTorch reference (``transformers`` or timm-style SigLIP, in a process of
-its own; when torch is installed), and the decode bound
-(weight bytes read per token / measured memory bandwidth).
+Random checkpoints are made once and cached (``~/.cache/mlx_dsvl``). ``--compare`` measures, in
+the same run on the same weights, bare mlx-lm's decode, the PyTorch reference (in a process of its
+own) and the decode bound (weight bytes per token / measured memory bandwidth).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
-from typing import Callable, Dict
+from importlib.util import find_spec
+from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
+
+from .blas import ensure_fast_blas, openblas_loaded
+from .model_options import add_model_arguments, load_from_args
+from .random_checkpoint import cached_checkpoint
+from .sampling import DEFAULTS, GREEDY
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
+
+# MLX is imported in the functions: main() may re-execute the process first (mlx_dsvl.blas).
 
 ARCHS = ("tiny", "tiny-hybrid", "1.3b", "7b", "7b-vision")  # 7b-vision: real-size towers, small LLM
 
@@ -48,8 +54,7 @@ def timed(fn: Callable, warmup: int = 0, repeats: int = 1):
 
 
 def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
-    """Achievable read bandwidth for decoding: a matrix-vector product over an n_bytes float32
-    matrix (the operation decoding is made of), best of 3."""
+    """Read bandwidth of a matrix-vector product (what decoding is made of), best of 3."""
     import mlx.core as mx
 
     cols = 8192
@@ -57,11 +62,11 @@ def memory_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     v = mx.random.normal((1, 1, cols))
     mx.eval(w, v)
     _, s = timed(lambda: v @ w.T, warmup=1, repeats=3)
-    del w
+    w = None  # frees the matrix (the lambda holds the name)
     return n_bytes / s / 1e9
 
 
-def llm_bytes_per_token(model) -> int:
+def llm_bytes_per_token(model: DeepseekVL) -> int:
     """Bytes of LLM weights read to decode one token (every layer, the norm and lm_head)."""
     from mlx.utils import tree_flatten
 
@@ -80,29 +85,25 @@ def decode_tps(step_iter, n: int) -> float:
     return (n - 1) / (time.perf_counter() - t)
 
 
-def run(args) -> Dict:
+def run(args) -> dict:
     import mlx.core as mx
-    from PIL import Image
 
     from . import bench_chat
     from .device import describe_device, select_device
-    from .loading import load
+    from .generation import warm_up
     from .session import ChatSession
-    from .sampling import DEFAULTS, GREEDY
     from .streaming import kv_cache_options, last_logits
-    from .testing.make_checkpoint import cached_checkpoint
-    from .warmup import warm_up
 
     select_device(args.device)
     gpu = mx.default_device() == mx.gpu
     path = args.model or cached_checkpoint(args.arch)
-    res: Dict = {"date": date.today().isoformat(), "arch": args.model or args.arch, "device": describe_device(),
+    res: dict = {"date": date.today().isoformat(), "arch": args.model or args.arch, "device": describe_device(),
                  "machine": f"{platform.machine()} {os.cpu_count()} cores",
-                 "blas": "openblas" if _openblas() else "bundled"}
+                 "blas": "openblas" if openblas_loaded() else "bundled"}
     mx.clear_cache()
     mx.reset_peak_memory()
     t = time.perf_counter()
-    model, processor = load(path, dtype=args.dtype, quantize=args.quantize)  # quantized while loading
+    model, processor = load_from_args(args, path)  # quantized while loading
     res["load_s"] = time.perf_counter() - t
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
@@ -150,8 +151,8 @@ def run(args) -> Dict:
     kv = kv_cache_options(args.kv_bits, args.kv_group_size)
     res["kv_bits"] = args.kv_bits
     if args.turns:
-        res.update(bench_chat.turn_rows(model, processor, img, opts, kv and dict(
-            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), args.replay or gpu, args.turns))
+        res.update(bench_chat.turn_rows(model, processor, img, opts, kv=kv and dict(
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), replay=args.replay or gpu, n_turns=args.turns))
     res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
     if args.kv_context:
         try:
@@ -181,22 +182,16 @@ def run(args) -> Dict:
         res.update(ours_vision_aligner_ms=ours_vision * 1e3, ours_prefill_s=ours_prefill,
                    ours_vision_prefill_s=ours_vision + ours_prefill)
         del embeds, model, feats
-        import gc
-
         gc.collect()
         mx.clear_cache()
         res.update(_torch_compare(path, px, ids, res, args))
     return res
 
 
-def _decode_pair(model, processor, prompt, n: int, penalty: float):
-    """(ours, bare mlx-lm) steady decode tokens/s, greedy, with the same repetition penalty: a
-    short untimed run of each, then each twice in the order ours, bare, bare, ours, best of two --
-    neither side pays for first-use kernel compilation, a busy moment or a machine that grows
-    busier or quieter during the runs alone."""
+def _decode_pair(model: DeepseekVL, processor: ChatProcessor, prompt, n: int, penalty: float):
+    """(ours, bare mlx-lm) steady decode tokens/s: after an untimed run of each, ours, bare, bare,
+    ours, best of two, so neither side alone pays for compilation or a machine's drift."""
     from mlx_lm.generate import generate_step
-
-    from .sampling import GREEDY
 
     processors = GREEDY.with_(repetition_penalty=penalty).make_logits_processors()
 
@@ -216,16 +211,11 @@ def _decode_pair(model, processor, prompt, n: int, penalty: float):
     return ours, theirs
 
 
-def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
-    """Steady decode tokens/s through the engine the CLI, sessions and the server use.
-
-    Our first token comes straight from the prefill pass; the engine then works one step
-    ahead, so the second token arrives after two steps (the pipeline filling: the reply's total
-    time is unchanged, the first token is just earlier).  Counted like bare mlx-lm's rate,
-    whose pipeline is full before its first token: from the first chunk after that refill to
-    the last token's chunk.
+def _our_decode_tps(model: DeepseekVL, processor: ChatProcessor, prompt, n, penalty: float = 1.0) -> float:
+    """Steady decode tokens/s through the engine. Its first token comes from the prefill and its
+    pipeline then fills, so it is counted from the chunk after that, like bare mlx-lm's rate,
+    whose pipeline is full before its first token.
     """
-    from .sampling import GREEDY
     from .streaming import Row, stream_tokens
 
     opts = GREEDY.with_(repetition_penalty=penalty, max_tokens=n)
@@ -243,16 +233,10 @@ def _our_decode_tps(model, processor, prompt, n, penalty: float = 1.0) -> float:
     return (k1 - k0) / (t1 - t0)
 
 
-def _torch_compare(path, px, ids, ours: Dict, args) -> Dict:
-    """The PyTorch reference on the same weights and pixels (mlx_dsvl.testing.torch_timing):
-    float32 on the CPU (all cores), or on CUDA in our dtype when MLX runs on a GPU.  It runs in
-    a child process without the OpenBLAS preloaded for MLX, which would slow PyTorch down."""
-    import subprocess
-    import tempfile
-
+def _torch_compare(path, px, ids, ours: dict, args) -> dict:
+    """The PyTorch reference on the same weights and pixels, in a child process without the
+    OpenBLAS preloaded for MLX, which would slow PyTorch down."""
     import mlx.core as mx
-
-    from importlib.util import find_spec
 
     missing = [m for m in ("torch", "transformers") if find_spec(m) is None]
     if missing:
@@ -284,12 +268,6 @@ def _torch_compare(path, px, ids, ours: Dict, args) -> Dict:
     return res
 
 
-def _openblas() -> bool:
-    from .blas import openblas_loaded
-
-    return openblas_loaded()
-
-
 def _check_args(args) -> None:
     from .device import select_device
 
@@ -305,23 +283,14 @@ def _fmt(v):
 
 
 def main(argv=None) -> int:
-    from .blas import ensure_fast_blas
-
     ensure_fast_blas()
-    from .streaming import KV_BITS, KV_GROUP_SIZES
-
     p = argparse.ArgumentParser(prog="python -m mlx_dsvl.bench", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="tiny-hybrid")
-    p.add_argument("--model", default=None, help="a model folder to measure instead of a random --arch one")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--quantize", type=int, choices=[4, 8], default=None, help="quantize the LLM")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    add_model_arguments(p, "model", "dtype", "quantize", "device",
+                        model={"default": None, "help": "a model folder to measure instead of a random --arch one"})
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
-                   help="KV-cache quantization for the conversation (default: none)")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64)
+    add_model_arguments(p, "kv_bits", "kv_group_size")
     p.add_argument("--kv-context", type=int, default=0,
                    help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
                         "many tokens (e.g. 4096; default: skipped)")

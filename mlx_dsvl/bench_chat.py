@@ -1,24 +1,25 @@
 """The conversation rows of ``python -m mlx_dsvl.bench``: turns 1-6, what a follow-up turn
 spends its time on, first-use costs, and KV-cache quantization over a long conversation.
 
-- **Turns.** One image and a question, then five follow-up questions of different lengths (10-60
-  tokens with the template), each timed to its first token in one session; each follow-up as a
-  fraction of turn 1.
-- **Breakdown.** One more follow-up with ``ChatSession(profile=True)``: every stage evaluated
-  apart and timed (images, formatting + tokenizing, prefix match + cache trim, embedding +
-  image merge, prefill, first sample).
-- **First use.** With ``replay`` the same conversation runs again in a new session: every
-  shape is then known to the process, so a turn's time minus its replay's is what it spent on
-  first-use work (kernels compiled, graphs built for a new shape).
-- **KV bits.** A conversation of ``context`` tokens (one image, earlier turns of filler text, a
-  last question) prefilled with a plain and with quantized KV caches: peak memory, cache size
-  and the largest difference of the reply's first-token logits from the plain cache's.
+First use: with ``replay`` the conversation runs again in a new session, where every shape is
+known to the process, so a turn's time minus its replay's is its first-use work (kernels, graphs).
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .caches import ImageFeatureCache
+from .session import ChatSession
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
 
 FIRST = "<image_placeholder>Describe this image in detail."
 QUESTIONS = (  # turns 2..6: 13 to 53 tokens each with the template (the test tokenizer's counts)
@@ -34,18 +35,14 @@ FILLER = ("the picture shows a quiet street with small houses, a red door, two b
 
 
 def run_turn(chat, text: str, images: Sequence, opts: dict):
-    last = None
-    for last in chat.send(text, list(images), **opts):
-        pass
+    *_, last = chat.send(text, list(images), **opts)
     return last
 
 
-def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, replay: bool = False,
-              n_turns: int = 1 + len(QUESTIONS)) -> Dict:
-    """Turns 1-6 (the first ``n_turns``), the follow-up breakdown and (``replay``) each turn's
-    first-use time."""
-    from .session import ChatSession
-
+def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *, kv: dict | None = None,
+              replay: bool = False,
+              n_turns: int = 1 + len(QUESTIONS)) -> dict:
+    """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
     def conversation():
         chat = ChatSession(model, processor, on_truncate=None, **(kv or {}))
         turns = [run_turn(chat, FIRST, [image], opts)]
@@ -54,7 +51,7 @@ def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, re
 
     chat, turns = conversation()
     first = turns[0]
-    res: Dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
+    res: dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
                      ttft_s=first.time_to_first_token, decode_tps=first.generation_tps,
                      decode_tokens=first.generation_tokens,
                      kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9)
@@ -79,7 +76,7 @@ def turn_rows(model, processor, image, opts: dict, kv: Optional[dict] = None, re
     return res
 
 
-def long_conversation(processor, image_key: str, context: int) -> List[dict]:
+def long_conversation(processor: ChatProcessor, image_key: str, context: int) -> list[dict]:
     """ChatSession messages: an image question, then filler exchanges up to ``context`` - 64 tokens."""
     messages = [{"role": "user", "content": FIRST, "images": [image_key]}]
     words = FILLER.split()
@@ -94,15 +91,10 @@ def long_conversation(processor, image_key: str, context: int) -> List[dict]:
         messages, i = trial, i + 1
 
 
-def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4), group_size: int = 64) -> Dict:
-    """Peak memory, cache size and first-token logit difference of ``context``-token
-    conversations with a plain and with quantized KV caches."""
-    import mlx.core as mx
-
-    from .caches import ImageFeatureCache
-    from .session import ChatSession
-
-    res: Dict = {"kv_context_tokens": None}
+def kv_rows(model: DeepseekVL, processor: ChatProcessor, image, context: int, bits: Sequence[int] = (8, 4),
+            group_size: int = 64) -> dict:
+    """Peak memory, cache size and first-token logit difference, plain against quantized KV caches."""
+    res: dict = {"kv_context_tokens": None}
     features = ImageFeatureCache()  # one vision pass for all the runs
     reference = None
     for b in (None, *bits):
@@ -128,10 +120,8 @@ def kv_rows(model, processor, image, context: int, bits: Sequence[int] = (8, 4),
     return res
 
 
-def weights_by_part(model) -> Dict:
+def weights_by_part(model: DeepseekVL) -> dict:
     """GB of resident parameters: vision towers + aligner, LLM without / with its embeddings."""
-    from mlx.utils import tree_flatten
-
     parts = {"vision": 0, "llm": 0, "llm_embeddings": 0}
     for k, v in tree_flatten(model.parameters()):
         part = ("llm_embeddings" if "embed_tokens" in k else "llm") if k.startswith("language_model.") else "vision"

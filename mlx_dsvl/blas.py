@@ -1,16 +1,14 @@
 """Fast BLAS for MLX's Linux CPU backend.
 
-The ``mlx[cpu]`` wheel for Linux ships a slow reference BLAS.  An OpenBLAS preloaded with
-``LD_PRELOAD`` replaces its GEMM, many times faster (docs/PERFORMANCE.md, "OpenBLAS").
-The entry points call :func:`ensure_fast_blas` first: on Linux, when an OpenBLAS is found and is
-not loaded yet, the process re-executes itself once with it preloaded.  Looked for, in order:
+The ``mlx[cpu]`` wheel for Linux ships a slow reference BLAS; an OpenBLAS preloaded with
+``LD_PRELOAD`` replaces its GEMM (docs/PERFORMANCE.md, "OpenBLAS").  The entry points call
+:func:`ensure_fast_blas` first: on Linux, when an OpenBLAS is found and is not loaded yet, the
+process re-executes itself once with it preloaded.  Looked for, in order:
 
-1. a system OpenBLAS (``apt-get install libopenblas0-pthread``): Debian 12's 0.3.21 ran the
-   towers' many small attention matmuls much faster than the pip build below, and large ones
-   alike (docs/PERFORMANCE.md);
-2. the ``ngsolve-openblas`` wheel (installed by the ``cpu`` extra on x86-64 Linux): OpenBLAS
-   0.3.33 built for every x86-64 core (DYNAMIC_ARCH), with the plain ``cblas_*`` names MLX
-   calls, for machines without a system OpenBLAS.
+1. a system OpenBLAS (``apt-get install libopenblas0-pthread``): faster than the pip build on
+   the towers' many small attention matmuls (docs/PERFORMANCE.md);
+2. the ``ngsolve-openblas`` wheel (the ``cpu`` extra on x86-64 Linux), built for every x86-64
+   core with the plain ``cblas_*`` names MLX calls.
 
 OpenBLAS picks its kernels for the CPU it finds.  An older build that does not recognize a new
 CPU falls back to generic ones (``Prescott``: a fraction of the speed); when the library reports
@@ -25,9 +23,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from functools import lru_cache
+from collections.abc import Iterable
+from functools import cache
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, Optional, Tuple
 
 ENV_OFF = "MLX_DSVL_NO_BLAS_REEXEC"
 _MARK = "MLX_DSVL_BLAS_REEXECUTED"
@@ -53,7 +52,7 @@ AVX512_CORES = (("SapphireRapids", frozenset({"amx_tile", "amx_bf16", "avx512_fp
                 ("SkylakeX", frozenset()))
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> FrozenSet[str]:
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     """The CPU's feature flags (``/proc/cpuinfo``'s first ``flags`` line); empty when unknown."""
     try:
         with open(cpuinfo) as f:
@@ -70,7 +69,7 @@ def cpu_level(flags: Iterable[str]) -> int:
     return 2 if AVX512 <= flags else 1 if AVX2 <= flags else 0
 
 
-def choose_coretype(core: Optional[str], flags: Iterable[str], known: Iterable[str]) -> Optional[str]:
+def choose_coretype(core: str | None, flags: Iterable[str], known: Iterable[str]) -> str | None:
     """The ``OPENBLAS_CORETYPE`` to force, or None to keep the library's own choice.
 
     core: what ``openblas_get_corename()`` reports; flags: the CPU's; known: the core names the
@@ -93,11 +92,9 @@ def choose_coretype(core: Optional[str], flags: Iterable[str], known: Iterable[s
     return None
 
 
-def pip_openblas() -> Optional[str]:
+def pip_openblas() -> str | None:
     """The library of the ``ngsolve-openblas`` wheel, if installed (its package is not imported:
     importing it loads the library into this process)."""
-    from importlib.util import find_spec
-
     try:
         spec = find_spec(PIP_PACKAGE)
     except (ImportError, ValueError):
@@ -111,14 +108,14 @@ def pip_openblas() -> Optional[str]:
     return None
 
 
-def system_openblas() -> Optional[str]:
+def system_openblas() -> str | None:
     for c in CANDIDATES:
         if Path(c).exists():
             return c
     return None
 
 
-def find_openblas(with_torch: bool = False) -> Optional[str]:
+def find_openblas(with_torch: bool = False) -> str | None:
     """The OpenBLAS to preload: the system one if it loads here, else the pip one.
 
     with_torch: the process will also run PyTorch (the test suite): pass over builds that export
@@ -132,17 +129,17 @@ def find_openblas(with_torch: bool = False) -> Optional[str]:
     return None
 
 
-def library_core(lib: str) -> Optional[str]:
+def library_core(lib: str) -> str | None:
     """``openblas_get_corename()`` of ``lib`` as a fresh process loads it; None when it cannot be
     loaded (for example the pip wheel without the system's ``libgfortran.so.5``)."""
     return _probe(lib)[0]
 
 
-@lru_cache(maxsize=None)
-def _probe(lib: str) -> Tuple[Optional[str], bool]:
+@cache
+def _probe(lib: str) -> tuple[str | None, bool]:
     """(core name or None, exports ``cblas_sgemm_batch``), asked in a child process so that
     this one neither maps the library nor starts its threads."""
-    import subprocess
+    import subprocess  # only the first process asks; the re-executed one never imports it
 
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     try:
@@ -161,7 +158,7 @@ _PROBE = ("import ctypes, sys; h = ctypes.CDLL(sys.argv[1]); "
           "print(h.openblas_get_corename().decode(), 'batch' if hasattr(h, 'cblas_sgemm_batch') else '-')")
 
 
-def loaded_core() -> Optional[str]:
+def loaded_core() -> str | None:
     """``openblas_get_corename()`` of the OpenBLAS this process runs on (None without one)."""
     lib = loaded_openblas()
     if lib is None:
@@ -171,7 +168,7 @@ def loaded_core() -> Optional[str]:
     return handle.openblas_get_corename().decode()
 
 
-def known_cores(lib: str) -> FrozenSet[str]:
+def known_cores(lib: str) -> frozenset[str]:
     """The x86-64 core names ``lib`` can be forced to: those in its table of core names."""
     try:
         data = Path(lib).read_bytes()
@@ -181,7 +178,7 @@ def known_cores(lib: str) -> FrozenSet[str]:
     return frozenset(n for n in names if b"\0" + n.encode() + b"\0" in data)
 
 
-def loaded_openblas() -> Optional[str]:
+def loaded_openblas() -> str | None:
     """The path of the OpenBLAS mapped into this process, or None."""
     try:
         maps = Path("/proc/self/maps").read_text()
@@ -198,7 +195,7 @@ def openblas_loaded() -> bool:
     return loaded_openblas() is not None
 
 
-def preload_env(lib: str, flags: Optional[Iterable[str]] = None) -> Dict[str, str]:
+def preload_env(lib: str, flags: Iterable[str] | None = None) -> dict[str, str]:
     """The environment to add for a process that preloads ``lib``: ``LD_PRELOAD`` and, when
     the library would pick a core below the CPU's (and the user did not choose one),
     ``OPENBLAS_CORETYPE``."""
@@ -216,7 +213,7 @@ def preload_env(lib: str, flags: Optional[Iterable[str]] = None) -> Dict[str, st
 
 def cuda_backend_installed() -> bool:
     """MLX's CUDA wheel is installed: the GPU does the work, the CPU BLAS does not matter."""
-    from importlib import metadata
+    from importlib import metadata  # slow to import; the re-executed process never asks
 
     for dist in ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda"):
         try:
@@ -244,7 +241,7 @@ def hint() -> str:
             f"(set {ENV_OFF}=1 to silence this).")
 
 
-def ensure_fast_blas(argv: Optional[list] = None, *, with_torch: bool = False) -> None:
+def ensure_fast_blas(argv: list | None = None, *, with_torch: bool = False) -> None:
     """Re-execute the current command with OpenBLAS preloaded when that helps (Linux only).
 
     with_torch: the process will also run PyTorch (see :func:`find_openblas`)."""

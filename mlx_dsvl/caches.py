@@ -1,26 +1,19 @@
 """The caches of the session, the app and the server, and the one rule for reusing a prefix.
 
-- :func:`image_key`: an image's content hash (of its preprocessed pixels).  The same pixels
-  always give the same features, so features and KV caches are keyed by it.
-- :class:`ImageFeatureCache`: aligned image features by content hash, bounded in bytes,
-  least-recently-used first out (:class:`ByteLRU`).  :meth:`ImageFeatureCache.fetch` gets
-  every cached image of a request before it caches the new ones, so caching one cannot evict
-  another that the same request needs.
-- :func:`reusable_prefix`: the prefix-reuse rule, over keys from
-  :meth:`~mlx_dsvl.processing.image_tokens.ImageTokens.keyed`.  All images share one token id,
-  so ids alone would let a prompt reuse the KV of another prompt's different image; a key
-  replaces each image token with the image's content hash, and two keys agree on a prefix
-  only when their text and their images agree, so reusing it gives exactly the KV a fresh
-  prefill would.  A prompt always feeds at least its last token (its logits start the reply).
-- :class:`PrefixCache`: the server's KV caches of many prefixes (mlx-lm's ``LRUPromptCache``: a
-  trie over the keys, nearest-prefix lookup, trimming, byte budget).
+Images are keyed by content hash (:func:`image_key`): the same pixels always give the same
+features.  All images share one token id, so ids alone would let a prompt reuse the KV of
+another prompt's different image; the prefix caches' keys (``ImageTokens.keyed``) put each
+image's hash at its positions, so a shared prefix (:func:`reusable_prefix`) gives exactly the
+KV a fresh prefill would.  :class:`PrefixCache` is mlx-lm's ``LRUPromptCache`` (a trie with
+nearest-prefix lookup and a byte budget).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -42,7 +35,7 @@ class ByteLRU:
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self.nbytes = 0
-        self._items: "OrderedDict[Hashable, Tuple[Any, int]]" = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -50,7 +43,7 @@ class ByteLRU:
     def __contains__(self, key) -> bool:
         return key in self._items
 
-    def get(self, key) -> Optional[Any]:
+    def get(self, key) -> Any | None:
         item = self._items.get(key)
         if item is None:
             return None
@@ -71,7 +64,7 @@ class ByteLRU:
 
 
 class Found(NamedTuple):
-    features: List[mx.array]  # one [I, D] per key asked for, in order
+    features: list[mx.array]  # one [I, D] per key asked for, in order
     hits: int  # keys answered from the cache (a repeated key counts each time)
     encoded: int  # images run through the vision tower (each new key once)
 
@@ -96,7 +89,7 @@ class ImageFeatureCache:
     def max_bytes(self) -> int:
         return self._lru.max_bytes
 
-    def fetch(self, keys: Sequence[str], encode: Callable[[List[str]], mx.array]) -> Found:
+    def fetch(self, keys: Sequence[str], encode: Callable[[list[str]], mx.array]) -> Found:
         """Features of ``keys``: the cached ones first (marked recently used), then the others
         from ``encode(missing keys) -> [M, I, D]``, evaluated and cached; all held in the
         answer, so caching one cannot evict another that the caller needs."""
@@ -140,7 +133,7 @@ class PrefixCache:
     def nbytes(self) -> int:
         return self._lru.nbytes
 
-    def fetch(self, key: List[Any]) -> Tuple[Optional[List[Any]], int]:
+    def fetch(self, key: list[Any]) -> tuple[list[Any] | None, int]:
         """(a private copy of the KV cache of the nearest cached prefix of ``key``, trimmed to
         :func:`reusable_prefix`, its length), or (None, 0)."""
         if not self.max_bytes or not key:
@@ -155,7 +148,7 @@ class PrefixCache:
                 c.trim(held - keep)
         return cache, keep
 
-    def store(self, key: List[Any], cache: List[Any]) -> None:
+    def store(self, key: list[Any], cache: list[Any]) -> None:
         """Keep ``cache`` (holding exactly ``key``'s tokens); the caller must not change it."""
         if self.max_bytes and key and sum(c.nbytes for c in cache) <= self.max_bytes:
             self._lru.insert_cache(_MODEL, key, cache)

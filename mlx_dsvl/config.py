@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,7 +38,7 @@ SAM_MODELS = {
 }
 
 # Hugging Face ``LlamaConfig`` defaults: the 7B ``language_config`` relies on them.
-LLAMA_DEFAULTS: Dict[str, Any] = dict(
+LLAMA_DEFAULTS: dict[str, Any] = dict(
     model_type="llama",
     vocab_size=32000,
     hidden_size=4096,
@@ -57,7 +57,7 @@ LLAMA_DEFAULTS: Dict[str, Any] = dict(
 )
 
 
-def _fields(cls, params: Dict[str, Any]) -> Dict[str, Any]:
+def _fields(cls, params: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in params.items() if k in names}
 
@@ -84,7 +84,7 @@ class ViTConfig:
         return self.image_size // self.patch_size
 
     @classmethod
-    def from_params(cls, params: Dict[str, Any]):
+    def from_params(cls, params: dict[str, Any]):
         """The named model's sizes (``model_name``), overridden by explicit size fields."""
         name = params.get("model_name", cls._DEFAULT_NAME)
         if name not in cls._TABLE:
@@ -117,8 +117,8 @@ class SAMConfig(ViTConfig):
     layers: int = 12
     heads: int = 12
     window_size: int = 14
-    global_attn_indexes: Tuple[int, ...] = (2, 5, 8, 11)
-    downsample_channels: Tuple[int, ...] = (512, 1024)
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    downsample_channels: tuple[int, ...] = (512, 1024)
     prompt_embed_dim: int = 256
 
     _KIND, _TABLE, _DEFAULT_NAME = "SAM", SAM_MODELS, "sam_b_downsample"
@@ -134,11 +134,11 @@ class VisionConfig:
 
     cls: str = "CLIPVisionTower"
     low: SigLIPConfig = field(default_factory=SigLIPConfig)
-    low_mean: Optional[Tuple[float, ...]] = None
-    low_std: Optional[Tuple[float, ...]] = None
-    high: Optional[SAMConfig] = None
-    high_mean: Optional[Tuple[float, ...]] = None
-    high_std: Optional[Tuple[float, ...]] = None
+    low_mean: tuple[float, ...] | None = None
+    low_std: tuple[float, ...] | None = None
+    high: SAMConfig | None = None
+    high_mean: tuple[float, ...] | None = None
+    high_std: tuple[float, ...] | None = None
 
     @property
     def hybrid(self) -> bool:
@@ -149,7 +149,7 @@ class VisionConfig:
         return self.low.grid**2
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "VisionConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
         name = d.get("cls", "")
         params = d.get("params", {}) or {}
         if "CLIPVisionTower" in name and "Hybrid" not in name:
@@ -196,7 +196,7 @@ class AlignerConfig:
     TYPES = ("identity", "linear", "mlp_gelu", "low_high_hybrid_split_mlp_gelu")
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "AlignerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AlignerConfig:
         name = d.get("cls", "MlpProjector")
         if "MlpProjector" not in name:
             raise ConfigError(f"unknown aligner_config.cls {name!r}; expected MlpProjector")
@@ -208,7 +208,7 @@ class AlignerConfig:
         return cfg
 
 
-def language_args(language_config: Dict[str, Any]) -> Dict[str, Any]:
+def language_args(language_config: dict[str, Any]) -> dict[str, Any]:
     """Complete a (sparse) ``language_config`` with the Hugging Face Llama defaults."""
     args = {**LLAMA_DEFAULTS, **{k: v for k, v in language_config.items() if v is not None}}
     if args.get("num_key_value_heads") is None:
@@ -223,20 +223,20 @@ def language_args(language_config: Dict[str, Any]) -> Dict[str, Any]:
 class ModelConfig:
     vision: VisionConfig
     aligner: AlignerConfig
-    language: Dict[str, Any]
+    language: dict[str, Any]
     # config.json's ``image_token_id`` (transformers checkpoints carry one, the releases don't).
     # The truth is the tokenizer's id of the image tag: ``load()`` gives the model that one.
-    image_token_id: Optional[int] = None
+    image_token_id: int | None = None
     # Normalization the original image processor applies (``do_normalize``); we apply it inside
     # the model so that pixel values stay in [0, 1] outside it.
-    input_mean: Optional[Tuple[float, ...]] = None
-    input_std: Optional[Tuple[float, ...]] = None
-    raw: Dict[str, Any] = field(default_factory=dict, repr=False)
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(
-        cls, config: Dict[str, Any], preprocessor: Optional[Dict[str, Any]] = None
-    ) -> "ModelConfig":
+        cls, config: dict[str, Any], preprocessor: dict[str, Any] | None = None
+    ) -> ModelConfig:
         for key in ("vision_config", "aligner_config", "language_config"):
             if not isinstance(config.get(key), dict):
                 raise ConfigError(f"config.json has no {key} block (not a DeepSeek-VL config)")
@@ -256,7 +256,7 @@ class ModelConfig:
         )
 
 
-def _optional_int(config: Dict[str, Any], key: str) -> Optional[int]:
+def _optional_int(config: dict[str, Any], key: str) -> int | None:
     value = config.get(key)
     if value is None:
         return None
@@ -265,5 +265,5 @@ def _optional_int(config: Dict[str, Any], key: str) -> Optional[int]:
     return value
 
 
-def _tuple(x) -> Optional[Tuple[float, ...]]:
+def _tuple(x) -> tuple[float, ...] | None:
     return None if x is None else tuple(float(v) for v in x)

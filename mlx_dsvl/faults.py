@@ -1,16 +1,14 @@
 """Fault injection for the fault tests: ``MLX_DSVL_FAULT=POINT:N:ACTION[:RANK]``.
 
 The ``N``-th time this process reaches ``fault_point(POINT)``, ``ACTION`` happens: ``KILL``,
-``TERM``, ``HUP``, ``INT`` or ``STOP`` sends that signal to the process itself (delivered at
-once; ``STOP`` freezes it, as a hung process or a vanished machine looks to the others), and
-``ENOSPC`` raises ``OSError(ENOSPC)`` as a full disk would.  With ``RANK``, only the process of
-that rank among those ``mlx.launch`` started (its ``MLX_RANK``) does it.  Without the variable
-(always, outside the tests) a fault point costs one dictionary lookup.
+``TERM``, ``HUP``, ``INT`` or ``STOP`` (a hung process) sends that signal to the process itself;
+``ENOSPC`` raises ``OSError(ENOSPC)`` as a full disk would.  With ``RANK``, only the process
+whose ``MLX_RANK`` it is.  Without the variable a fault point costs one dictionary lookup.
 
 Points: ``step`` (training: a micro-batch computed, the step not yet counted or saved),
 ``checkpoint-file`` (a checkpoint's file written into its temporary folder: the adapters
-pair, the optimizer, the RNG state, then ``state.json``), ``replace`` (a ``--force`` run: 1 =
-its first checkpoint is in the staging folder, 2 = the old run has been moved aside), ``tensor``
+pair, the optimizer, the RNG state, then ``state.json``), ``replace`` (a staged folder put in
+place, e.g. by a ``--force`` run: 1 = it is complete, 2 = the old folder has been moved aside), ``tensor``
 (conversion: a tensor written into the output's temporary folder).
 """
 

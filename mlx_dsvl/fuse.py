@@ -1,39 +1,27 @@
 """``python -m mlx_dsvl.fuse``: fold trained adapters into a full model in the original layout.
 
-    python -m mlx_dsvl.fuse --model BASE --adapter RUN_DIR --out FUSED [--dtype float16]
-
-The name the training docs use for ``python -m mlx_dsvl.convert --to-original --model BASE
---adapter RUN_DIR --out FUSED`` (``python -m convert ...`` from the repository root), which does
-the work: it loads ``BASE`` (an original or MLX folder --
-quantized too -- or a hub id), applies ``RUN_DIR``'s adapters (this package's, LoRA/DoRA folded
-into the weights and fully trained tensors such as the aligner replacing the base ones, or
-mlx-lm's), dequantizes a quantized base, and writes ``FUSED`` in the original deepseek-ai layout
-(PyTorch conv layouts, the base's unused tensors passed through, tokenizer and processor files),
-staged in a temporary folder and renamed at the end.  ``mlx_dsvl.load(FUSED)`` loads it like any
-released checkpoint, and so does the original PyTorch code.
-
-Like the converter it is an entry point: nothing else in the library imports it.
+The name the training docs use for ``python -m mlx_dsvl.convert --to-original --adapter``, which
+does the work; ``FUSED`` then loads like any released checkpoint, in this package and in the
+original PyTorch code.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
+from .blas import ensure_fast_blas
+from .model_options import add_model_arguments
 from .utils import print_names
 
 
-def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = None,
+def fuse(model_path: str, adapter_dir: str, out: str, dtype: str | None = None,
          shard_gb: float = 5.0, force: bool = False, verbose: bool = True) -> Path:
-    """Fuse ``adapter_dir`` into ``model_path`` and write the original layout to ``out``.
-
-    ``dtype``: float16, bfloat16 or float32 on disk (default: as the base stores its weights).
-    Raises ``mlx_dsvl.convert.files.ConvertError`` (a ``ValueError``) on bad input.
-    """
-    from .convert.files import log
-    from .convert.to_original import convert_to_original
+    """Fuse ``adapter_dir`` into ``model_path`` and write the original layout to ``out``."""
+    from .convert.to_original import convert_to_original  # (MLX: imported after main's BLAS re-execution)
+    from .outputs import log
 
     path = convert_to_original(model_path, out, dtype=dtype, adapter=adapter_dir, force=force,
                                shard_gb=shard_gb, progress=log if verbose else (lambda _msg: None))
@@ -42,9 +30,7 @@ def fuse(model_path: str, adapter_dir: str, out: str, dtype: Optional[str] = Non
     return path
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .blas import ensure_fast_blas
-
+def main(argv: Sequence[str] | None = None) -> int:
     ensure_fast_blas()
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.fuse",
@@ -52,16 +38,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "written in the original deepseek-ai layout (python -m mlx_dsvl.convert "
                     "--to-original --adapter DIR does the same).",
     )
-    p.add_argument("--model", required=True, help="the base model the adapters were trained on (folder or hub id)")
-    p.add_argument("--adapter", required=True,
-                   help="folder with adapters.safetensors + adapter_config.json (a run's --out or a checkpoint)")
+    add_model_arguments(
+        p, "model", "adapter",
+        model={"required": True, "default": None,
+               "help": "the base model the adapters were trained on (folder or hub id)"},
+        adapter={"required": True,
+                 "help": "folder with adapters.safetensors + adapter_config.json (a run's --out or a checkpoint)"})
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
-                   help="weights dtype on disk (default: as the base stores them)")
+    add_model_arguments(p, "dtype", dtype={"help": "weights dtype on disk (default: as the base stores them)"})
     p.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     a = p.parse_args(argv)
-    from .convert.staging import run_command  # SIGTERM/SIGHUP clean up like Ctrl-C; one error line
+    from .outputs import run_command  # after ensure_fast_blas: it imports MLX
 
     return run_command(lambda: fuse(a.model, a.adapter, a.out, a.dtype, a.shard_gb, a.force))[0]
 

@@ -1,27 +1,21 @@
 """``python -m mlx_dsvl.generate``: streaming generation and interactive chat from the shell.
 
-    python -m mlx_dsvl.generate --image photo.png --prompt "Describe the image."
-    python -m mlx_dsvl.generate --model deepseek-ai/deepseek-vl-7b-chat --chat
-
-The Python API (``generate``, ``stream_generate``, ``generate_batch``) is in
-:mod:`mlx_dsvl.generation`; chat state in :mod:`mlx_dsvl.session`.  Run this module with
-``-m``; don't import it: importing ``mlx_dsvl.generate`` would rebind the package's
-``mlx_dsvl.generate`` function to this module.
+``mlx_dsvl.generate`` stays the function when this module is imported (the package's
+``__init__``): reach the module with ``from mlx_dsvl.generate import main``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List
 
+from .blas import ensure_fast_blas
+from .device import select_device
+from .model_options import add_model_arguments, load_from_args
 from .processing.chat import place_images
-from .session import ChatSession
-from .mlx_format import QUANT_BITS
 from .sampling import SamplingOptions, add_arguments
-from .streaming import KV_BITS, KV_GROUP_SIZES, GenerationChunk
-
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+from .session import ChatSession
+from .streaming import GenerationChunk
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -30,32 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlx_dsvl.generate",
         description="Chat with DeepSeek-VL about images (MLX).",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local model folder or Hugging Face hub id (default: {DEFAULT_MODEL})")
+    add_model_arguments(p, "model")
     p.add_argument("--image", action="append", default=[],
                    help="image file, repeatable: one per <image_placeholder> in the prompt, in order "
                         "(with no placeholder the images go before the text)")
     p.add_argument("--prompt", default=None, help="the user message (required unless --chat)")
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
     add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--adapter", default=None,
-                   help="a training output folder (python -m mlx_dsvl.train): its adapters/weights are applied")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto = the GPU when MLX has one (Metal/CUDA), else the CPU (default: auto)")
-    p.add_argument("--quantize", type=int, choices=QUANT_BITS, default=None,
-                   help="quantize the LLM to 4 or 8 bits (groups of 64) while loading: the unquantized "
-                        "LLM is never held in memory (a folder from python -m mlx_dsvl.convert --quantize loads "
-                        "quantized as it is)")
-    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
-                   help="keep the KV cache quantized to 4 or 8 bits (default: not quantized)")
-    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
-                   help="KV-cache quantization group size (default: 64)")
-    p.add_argument("--quantized-kv-start", type=int, default=0,
-                   help="quantize the KV cache once it holds this many tokens (default: 0)")
-    p.add_argument("--max-context", type=int, default=4096,
-                   help="context limit in tokens; older turns are dropped beyond it (default: 4096)")
+    add_model_arguments(p, "dtype", "adapter", "device", "quantize", "kv_bits", "kv_group_size",
+                        "quantized_kv_start", "max_context")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat: /image PATH attaches, /new restarts, /exit quits; "
                         "Ctrl-C stops a reply")
@@ -75,9 +52,9 @@ def _print_stats(last: GenerationChunk) -> None:
     )
 
 
-def _reply(session: ChatSession, text: str, images: List[str], args) -> None:
+def _reply(session: ChatSession, text: str, images: list[str], args) -> None:
     last = None
-    notices: List[str] = []
+    notices: list[str] = []
     session.on_truncate = notices.append  # told after the reply, not in the middle of it
     reply = session.send(text, images, SamplingOptions.from_args(args))
     try:
@@ -100,7 +77,7 @@ COMMANDS = {
 }
 
 
-def _command(session: ChatSession, line: str, pending: List[str]) -> bool:
+def _command(session: ChatSession, line: str, pending: list[str]) -> bool:
     """Run a /command; False for /exit.  Errors are one line and the chat goes on."""
     name, _, rest = line.partition(" ")
     if name in ("/exit", "/quit"):
@@ -129,9 +106,9 @@ def _command(session: ChatSession, line: str, pending: List[str]) -> bool:
 
 
 def _chat_loop(session: ChatSession, args) -> None:
-    """One turn at a time; a turn that fails (a bad image, too long, ...) prints one line and the
-    conversation goes on unchanged; Ctrl-C stops a reply (keeping its text), Ctrl-D quits."""
-    pending: List[str] = list(args.image)
+    """A failed turn prints one line and the conversation goes on unchanged; Ctrl-C stops a reply
+    (keeping its text), Ctrl-D quits."""
+    pending: list[str] = list(args.image)
     print("Chat: /image PATH attaches an image to your next message, /new restarts, /exit quits.",
           file=sys.stderr)
     first = args.prompt
@@ -175,8 +152,6 @@ def check_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    from .blas import ensure_fast_blas
-
     ensure_fast_blas()
     args = build_parser().parse_args(argv)
     try:
@@ -184,16 +159,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .device import select_device
-    from .loading import load
-
     try:
         select_device(args.device)
-        model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
-        if args.adapter:
-            from .adapters import load_adapters
-
-            load_adapters(model, args.adapter)
+        model, processor = load_from_args(args)
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context,
                               kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                               quantized_kv_start=args.quantized_kv_start)

@@ -1,44 +1,43 @@
 """``load()``: a local folder or a hub id -> (model, processor), strictly.
 
-A folder in the original deepseek-ai layout holds ``config.json``, ``model.safetensors`` (or
-shards with ``model.safetensors.index.json``), the tokenizer and the processor configs.  The
-folder is read by :mod:`mlx_dsvl.model_folder` (path or hub id, config, lazy ``mx.load`` of the
-weights, the layout ``sanitize``, the strict name/shape check); here the weights are converted
-once, cast to the target dtype and materialized one tensor at a time, so no second full copy
-is held.
-
-``quantize=4|8`` quantizes the LLM while loading, with the converter's policy: each weight is
-quantized as it is read, so the unquantized LLM never exists in memory, and the result is bit
-for bit what loading a ``python -m mlx_dsvl.convert --quantize`` folder gives.
-
-A folder written by the converter (MLX format, see :mod:`mlx_dsvl.mlx_format`) has the
-same files with weights already in this package's layout: they skip ``sanitize``, and its
-quantized layers are rebuilt as recorded before the same strict name and shape checks.
+The weights are cast and materialized one tensor at a time, so no second full copy is held;
+``quantize`` quantizes each LLM weight as it is read (the unquantized LLM never exists in memory),
+bit for bit what loading a ``convert --quantize`` folder gives.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .adapters import load_adapters
 from .config import ModelConfig
 from .mlx_format import (
-    QUANT_BITS, QUANT_GROUP_SIZES, mlx_format_info, quantize_like, quantize_structure, quantize_weights,
+    QUANT_BITS,
+    QUANT_GROUP_SIZES,
+    mlx_format_info,
+    quantize_like,
+    quantize_structure,
+    quantize_weights,
 )
 from .model_folder import (  # noqa: F401 -- ModelLoadError .. read_weights: this module's API too
-    ModelLoadError, check_weights, is_hub_id, load_config, read_json, read_weights, resolve_model_path, sanitize,
+    ModelLoadError,
+    check_weights,
+    is_hub_id,
+    load_config,
+    read_json,
+    read_weights,
+    resolve_model_path,
+    sanitize,
     weight_files,
 )
 from .models.deepseek_vl import DeepseekVL
+from .processing.chat import ChatProcessor
 
-if TYPE_CHECKING:
-    from .processing.chat import ChatProcessor
-
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"  # the entry points' default --model
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -47,7 +46,7 @@ def default_dtype() -> mx.Dtype:
     return mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
 
 
-def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
+def resolve_dtype(dtype: None | str | mx.Dtype) -> mx.Dtype:
     if dtype is None:
         return default_dtype()
     if isinstance(dtype, str):
@@ -57,17 +56,16 @@ def resolve_dtype(dtype: Union[None, str, mx.Dtype]) -> mx.Dtype:
     return dtype
 
 
-def check_quantize(quantize: Optional[int], group_size: int) -> None:
+def check_quantize(quantize: int | None, group_size: int) -> None:
     if quantize is not None and quantize not in QUANT_BITS:
         raise ValueError(f"quantize must be one of {QUANT_BITS} (bits), got {quantize}")
     if quantize is not None and group_size not in QUANT_GROUP_SIZES:
         raise ValueError(f"q_group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
 
 
-def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None,
-               quantize: Optional[int] = None, q_group_size: int = 64) -> DeepseekVL:
-    """Build the model from ``path`` and load its weights strictly (names and shapes);
-    ``quantize`` (bits): quantize the LLM as it loads (see the module's docstring)."""
+def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelConfig | None = None,
+               quantize: int | None = None, q_group_size: int = 64) -> DeepseekVL:
+    """Build the model from ``path`` and load its weights strictly (names and shapes)."""
     dtype = resolve_dtype(dtype)
     check_quantize(quantize, q_group_size)
     config = config or load_config(path)
@@ -103,24 +101,16 @@ def load_model(path: Path, dtype=None, config: Optional[ModelConfig] = None,
 
 
 def materialize(model: DeepseekVL) -> None:
-    """Evaluate the (lazily read, cast, quantized) parameters one tensor at a time, in the model's
-    order: a tensor read from disk and not kept as it is (a weight before its cast or its
-    quantization) is freed before the next one is read.  (Several tensors evaluated together
-    are read together, which raised the load peak: docs/PERFORMANCE.md, Memory.)"""
+    """Evaluate the parameters one tensor at a time, so each weight read before its cast or
+    quantization is freed before the next is read (tensors evaluated together are read together)."""
     for _, v in tree_flatten(model.parameters()):
         mx.eval(v)
 
 
-def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = None,
-         quantize: Optional[int] = None, q_group_size: int = 64) -> Tuple[DeepseekVL, "ChatProcessor"]:
-    """Load a DeepSeek-VL model and its chat processor from a folder or a hub id.
-
-    dtype: None (float32 on CPU, bfloat16 on GPU), "float32", "float16" or "bfloat16".
-    quantize: None, 4 or 8 -- quantize the LLM's linear layers and embeddings while loading, in
-    groups of ``q_group_size`` (the same weights as ``python -m mlx_dsvl.convert --quantize``).
-    """
-    from .processing.chat import ChatProcessor
-
+def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None, quantize: int | None = None,
+         q_group_size: int = 64, adapter_path: str | os.PathLike | None = None) -> tuple[DeepseekVL, ChatProcessor]:
+    """Load a DeepSeek-VL model and its chat processor from a folder or a hub id; ``quantize`` (4
+    or 8) the LLM while loading; ``adapter_path``: a training output folder applied afterwards."""
     check_quantize(quantize, q_group_size)
     path = resolve_model_path(path_or_repo)
     config = load_config(path)  # cheap checks first, the weights last
@@ -132,17 +122,14 @@ def load(path_or_repo: Union[str, Path], dtype: Union[None, str, mx.Dtype] = Non
         raise ModelLoadError(str(e) if str(path) in str(e) else f"{path}: cannot load the tokenizer/processor ({e})") from None
     model = load_model(path, dtype, config, quantize, q_group_size)
     model.image_token_id = image_token_id(path, config, processor)
+    if adapter_path:
+        load_adapters(model, adapter_path)
     return model, processor
 
 
-def image_token_id(path: Path, config: ModelConfig, processor) -> int:
-    """The id that marks image positions: the tokenizer's id of the image tag.
-
-    The reference processor finds image positions with the tokenizer's id and the model merges
-    wherever the processor put them, so the tokenizer is the one source.  ``config.json`` may
-    name an ``image_token_id`` too (transformers checkpoints do); when it disagrees it is
-    ignored, with a warning: a model that looked for another id would never see the images.
-    """
+def image_token_id(path: Path, config: ModelConfig, processor: ChatProcessor) -> int:
+    """The tokenizer's id of the image tag: the reference processor places images by it, so a
+    disagreeing ``image_token_id`` in ``config.json`` is ignored with a warning."""
     tokenizer_id = processor.image_token_id
     if config.image_token_id is not None and config.image_token_id != tokenizer_id:
         warnings.warn(

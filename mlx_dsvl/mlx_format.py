@@ -1,10 +1,8 @@
 """The MLX-format model folder: what ``python -m mlx_dsvl.convert`` writes and ``mlx_dsvl.load`` reads.
 
-An MLX folder is the original deepseek-ai folder with its weights already converted:
+The original deepseek-ai folder with its weights already converted:
 
-- ``config.json``: the original config (``vision_config`` / ``aligner_config`` /
-  ``language_config``, so :class:`~mlx_dsvl.config.ModelConfig` reads it unchanged) plus a marker
-  block naming the format::
+- ``config.json``: the original config plus a marker block::
 
       "mlx_dsvl": {"format": "mlx", "format_version": 1, "dtype": "float16",
                    "quantization": null | {"bits": 4, "group_size": 64, "mode": "affine",
@@ -12,23 +10,17 @@ An MLX folder is the original deepseek-ai folder with its weights already conver
                    "source_format": "original" | "transformers" | "mlx",
                    "unused_tensors": null | "original/unused.safetensors"}
 
-- ``model*.safetensors`` + ``model.safetensors.index.json``: tensors under this package's own
-  parameter names and layouts (conv weights ``[O, kH, kW, I]``, the released files' unused
-  tensors dropped); a quantized layer is stored as ``weight`` (packed ``uint32``), ``scales`` and
-  ``biases``.
-- ``original/unused.safetensors`` (optional): the tensors the released files carry and no model
-  uses (``attn_pool.*``, ``high/low_layer_norm``, ``rotary_emb.inv_freq``), kept verbatim so that
-  ``--to-original`` gives back the original files bit for bit.  Never loaded by ``load``.
-- the tokenizer and processor files, as in the original folder.
-
-Loading rebuilds the quantized layers with ``nn.quantize`` using the recorded bits / group size
-and a predicate that picks exactly the layers whose ``scales`` are in the weights, so quantized
-weights load as they are (nothing is quantized again).
+- ``model*.safetensors`` + index: this package's parameter names and layouts (conv weights
+  ``[O, kH, kW, I]``); a quantized layer as ``weight`` (packed), ``scales`` and ``biases``;
+- ``original/unused.safetensors`` (optional): the released tensors no model uses, kept verbatim
+  so that ``--to-original`` gives back the original files bit for bit (never loaded);
+- the tokenizer and processor files.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,7 +36,7 @@ LLM_PREFIX = "language_model."
 VISION_PREFIXES = ("vision_model.", "aligner.")
 
 
-def mlx_format_info(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+def mlx_format_info(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The marker block of an MLX-format ``config.json`` (validated), or None for other folders.
 
     Raises ``ValueError`` (message without the path) for a marker this version cannot read.
@@ -72,7 +64,7 @@ def mlx_format_info(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     return info
 
 
-def strip_marker(config: Mapping[str, Any]) -> Dict[str, Any]:
+def strip_marker(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config.json`` without the MLX marker: the original deepseek-ai config."""
     return {k: v for k, v in config.items() if k != MARKER}
 
@@ -135,12 +127,12 @@ def quantize_structure(model: nn.Module, bits: int = 4, group_size: int = 64, vi
     return {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
 
 
-def quantize_weights(weights: Dict[str, mx.array], paths: set, bits: int, group_size: int) -> Dict[str, mx.array]:
+def quantize_weights(weights: dict[str, mx.array], paths: set, bits: int, group_size: int) -> dict[str, mx.array]:
     """``<path>.weight`` of each layer in ``paths`` -> its packed ``weight``, ``scales`` and
     ``biases`` (lazily, in the weight's own dtype); other tensors pass through.  The input dict
     is emptied as it is read.  The converter writes these tensors; loading with ``quantize``
     computes the same ones."""
-    out: Dict[str, mx.array] = {}
+    out: dict[str, mx.array] = {}
     for k in list(weights):
         v = weights.pop(k)
         base, _, leaf = k.rpartition(".")
@@ -152,14 +144,14 @@ def quantize_weights(weights: Dict[str, mx.array], paths: set, bits: int, group_
     return out
 
 
-def dequantize_weights(weights: Dict[str, mx.array], quantization: Mapping[str, Any]) -> Dict[str, mx.array]:
+def dequantize_weights(weights: dict[str, mx.array], quantization: Mapping[str, Any]) -> dict[str, mx.array]:
     """(weight, scales, biases) triples -> plain ``weight`` in the scales' dtype (lazily).
 
     Other tensors pass through; the input dict is emptied as it is read (so that nothing keeps
     the packed tensors alive once their dequantized version is evaluated).
     """
     paths = quantized_paths(weights)
-    out: Dict[str, mx.array] = {}
+    out: dict[str, mx.array] = {}
     for k in list(weights):
         if k not in weights:
             continue

@@ -1,26 +1,16 @@
 """A model folder on disk: where it is, its config, its weight files, its tensor layout.
 
-The one reader of checkpoint folders; :func:`mlx_dsvl.load` and the converter both use it.
-
-- :func:`resolve_model_path`: a local folder, or a hub id fetched into the Hugging Face cache;
-- :func:`load_config`: ``config.json`` (+ ``preprocessor_config.json``) -> :class:`ModelConfig`;
-- :func:`weight_files` / :func:`read_weights`: the safetensors files (single, or shards named by
-  ``model.safetensors.index.json``), read lazily with ``mx.load``; :func:`plan_shards` and
-  :func:`shard_names` are the same layout seen from the writer's side;
-- :func:`check_weights`: the strict rule -- exactly the model's names, with its shapes;
-- the layout maps, side by side: :func:`sanitize` (original deepseek-ai tensors -> this
-  package's names and layouts) and :func:`to_pytorch_layout` (its inverse, tensor by tensor),
-  with :func:`split_unused` for the tensors the released files carry but no model uses.
-
-Every failure is a :class:`ModelLoadError` whose one-line message names the file.
+The one reader of checkpoint folders (:func:`mlx_dsvl.load` and the converter), with the layout
+maps side by side: :func:`sanitize` and its inverse :func:`to_pytorch_layout`. Every failure is a
+:class:`ModelLoadError` whose one-line message names the file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import mlx.core as mx
 
@@ -59,9 +49,8 @@ def is_hub_id(text: str) -> bool:
     return not (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") != 1)
 
 
-def resolve_model_path(path_or_repo: Union[str, Path], extra_patterns: Sequence[str] = ()) -> Path:
-    """A local folder as is; otherwise a hub id fetched once into the standard HF cache
-    (:data:`HUB_PATTERNS` plus ``extra_patterns``)."""
+def resolve_model_path(path_or_repo: str | Path, extra_patterns: Sequence[str] = ()) -> Path:
+    """A local folder as is; otherwise a hub id fetched once into the standard HF cache."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
@@ -87,7 +76,7 @@ def resolve_model_path(path_or_repo: Union[str, Path], extra_patterns: Sequence[
 
 
 # -- config -----------------------------------------------------------------------------------
-def read_json(path: Path, what: str) -> Dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing {what}")
     try:
@@ -111,9 +100,8 @@ def load_config(path: Path) -> ModelConfig:
 
 
 # -- weight files -----------------------------------------------------------------------------
-def weight_files(path: Path) -> Dict[str, Path]:
-    """Map tensor name -> safetensors file, checking that every named shard exists
-    (without an index: ``{"*NAME": file}`` for each ``*.safetensors``, tensor names unknown)."""
+def weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, every named shard checked (no index: ``{"*NAME": file}``, names unknown)."""
     index = path / INDEX
     if index.exists():
         weight_map = read_json(index, "weight index").get("weight_map")
@@ -129,15 +117,13 @@ def weight_files(path: Path) -> Dict[str, Path]:
     return {f"*{f.name}": f for f in files}
 
 
-def weight_file_names(path: Path) -> List[str]:
+def weight_file_names(path: Path) -> list[str]:
     return sorted({f.name for f in weight_files(path).values()})
 
 
-def folder_fingerprint(path: Path, sample: int = 64) -> Dict[str, str]:
-    """What identifies a folder's weights, cheaply (headers and ``sample`` bytes from the middle
-    of every tensor, not whole files): ``layout`` (original, or MLX with its dtype and
-    quantization: only folders of one layout have comparable files) and ``files``, a digest of
-    each weight file's name, size, safetensors header and those bytes."""
+def folder_fingerprint(path: Path, sample: int = 64) -> dict[str, str]:
+    """What identifies a folder's weights, cheaply: headers and ``sample`` bytes from the middle of
+    each tensor, not whole files; ``layout`` too, since only one layout's files are comparable."""
     config = read_json(path / "config.json", "config.json (not a model folder?)")
     info = mlx_format_info(config)
     quant = (info or {}).get("quantization")
@@ -160,10 +146,10 @@ def folder_fingerprint(path: Path, sample: int = 64) -> Dict[str, str]:
     return {"layout": layout, "files": digest.hexdigest()[:16]}
 
 
-def read_weights(path: Path) -> Dict[str, mx.array]:
+def read_weights(path: Path) -> dict[str, mx.array]:
     """Lazily read all tensors named by the folder's safetensors files (or its index)."""
     files = weight_files(path)
-    weights: Dict[str, mx.array] = {}
+    weights: dict[str, mx.array] = {}
     for f in sorted(set(files.values())):
         try:
             weights.update(mx.load(str(f)))
@@ -179,21 +165,20 @@ def read_weights(path: Path) -> Dict[str, mx.array]:
     return weights
 
 
-def shard_names(count: int, single: str = "model.safetensors") -> List[str]:
+def shard_names(count: int, single: str = "model.safetensors") -> list[str]:
     if count == 1:
         return [single]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 def plan_shards(sizes: Mapping[str, int], max_bytes: int,
-                group: Callable[[str], str] = lambda k: k.rpartition(".")[0]) -> List[List[str]]:
-    """Consecutive groups of the names in ``sizes`` (bytes), each at most ``max_bytes`` unless
-    one group is larger.  Tensors with the same ``group`` key (by default one module's
-    ``weight``/``bias``/``scales``/``biases``) stay in one shard."""
-    modules: Dict[str, List[str]] = {}
+                group: Callable[[str], str] = lambda k: k.rpartition(".")[0]) -> list[list[str]]:
+    """Consecutive shards of at most ``max_bytes``; tensors with the same ``group`` key (one
+    module's) stay in one shard."""
+    modules: dict[str, list[str]] = {}
     for k in sizes:
         modules.setdefault(group(k), []).append(k)
-    shards: List[List[str]] = [[]]
+    shards: list[list[str]] = [[]]
     size = 0
     for keys in modules.values():
         n = sum(sizes[k] for k in keys)
@@ -232,7 +217,7 @@ def is_unused(name: str) -> bool:
     return name.startswith(UNUSED_PREFIXES) or any(p in name for p in UNUSED_PARTS)
 
 
-def split_unused(weights: Mapping[str, mx.array]) -> Tuple[Dict[str, mx.array], Dict[str, mx.array]]:
+def split_unused(weights: Mapping[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, mx.array]]:
     """(the tensors the model uses, the unused ones), original names both."""
     used, unused = {}, {}
     for k, v in weights.items():
@@ -254,7 +239,7 @@ def to_pytorch_layout(k: str, v: mx.array) -> mx.array:
     return v
 
 
-def sanitize(weights: Mapping[str, mx.array]) -> Dict[str, mx.array]:
+def sanitize(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
     """Original deepseek-ai checkpoint tensors -> this package's names and layouts (lazily):
     the unused tensors dropped, the convs transposed."""
     return {k: to_mlx_layout(k, v) for k, v in split_unused(weights)[0].items()}

@@ -1,13 +1,9 @@
 """Sampling options: each option's default, valid range, help and app control, in one place.
 
-Everything that samples derives from :class:`SamplingOptions`: the flags of ``python -m
-mlx_dsvl.generate`` and of the server (:func:`add_arguments`), the Python API
-(``stream_generate``, ``generate``, ``ChatSession.send``, ``generate_batch``), the server's
-request defaults (``server.schema.SamplingParams`` is a subclass), the app's sidebar
-(:func:`controls`) and eval's greedy answers (:data:`GREEDY`).  The sampler and the logits
-processors are built from it once, where a request comes in (mlx-lm's ``make_sampler`` /
-``make_logits_processors``).  Importing this module loads no MLX (the app and the CLIs parse
-their flags before MLX is loaded).
+Everything that samples derives from :class:`SamplingOptions`: the CLI and server flags
+(:func:`add_arguments`), the Python API, the server's request model (a subclass), the app's
+sidebar (:func:`controls`) and eval's greedy answers (:data:`GREEDY`).  Importing this module
+loads no MLX (the app and the CLIs parse their flags before MLX is loaded).
 
 Adding an option: a field here (default, help, check, control) and its use in
 :meth:`SamplingOptions.make_sampler` or :meth:`SamplingOptions.make_logits_processors`; the
@@ -19,8 +15,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Dict, List, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 # Tokens the repetition penalty looks back on (mlx-lm's default window), prompt tokens included.
 PROCESSOR_CONTEXT = 20
@@ -33,7 +30,7 @@ class Control(NamedTuple):
     low: Any  # the widget's range, inside the option's valid range
     high: Any
     step: Any
-    help: Optional[str] = None
+    help: str | None = None
 
 
 class SamplingError(ValueError):
@@ -48,8 +45,8 @@ def _count(v, least: int = 1) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
 
 
-def _option(default, help: str, valid: Optional[Callable] = None, what: str = "",
-            control: Optional[Control] = None):
+def _option(default, help: str, valid: Callable | None = None, what: str = "",
+            control: Control | None = None):
     return field(default=default, metadata=dict(help=help, valid=valid, what=what, control=control))
 
 
@@ -74,7 +71,7 @@ class SamplingOptions:
                                         Control("Repetition penalty", 1.0, 2.0, 0.01, "1 = off"))
     max_tokens: int = _option(512, "maximum new tokens", _count, "an integer >= 1",
                               Control("Max new tokens", 1, 4096, 64))
-    seed: Optional[int] = _option(None, "random seed")
+    seed: int | None = _option(None, "random seed")
 
     def __post_init__(self):
         for name, problem in self.problems():
@@ -88,7 +85,7 @@ class SamplingOptions:
                 yield f.name, f"must be {f.metadata['what']}, got {value}"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SamplingOptions":
+    def from_args(cls, args: argparse.Namespace) -> SamplingOptions:
         """The options of parsed :func:`add_arguments` flags (those not added keep their
         defaults); a value out of range is a ``ValueError`` that names the flag."""
         given = {f.name: getattr(args, f.name) for f in fields(SamplingOptions) if hasattr(args, f.name)}
@@ -97,11 +94,11 @@ class SamplingOptions:
         except SamplingError as e:
             raise ValueError(f"{flag(e.option)} {e.problem}") from None
 
-    def with_(self, **options) -> "SamplingOptions":
+    def with_(self, **options) -> SamplingOptions:
         """A checked copy with ``options`` changed (an unknown name is a ``TypeError``)."""
         return replace(self, **options) if options else self
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
 
     # -- mlx-lm's sampler and logits processors ---------------------------------------------
@@ -129,7 +126,7 @@ class SamplingOptions:
 
         return sample
 
-    def make_logits_processors(self) -> List[Callable]:
+    def make_logits_processors(self) -> list[Callable]:
         """``(tokens, logits) -> logits`` steps: the repetition penalty over the last
         :data:`PROCESSOR_CONTEXT` tokens (none at 1)."""
         from mlx_lm.sample_utils import make_logits_processors
@@ -160,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser, lead: str = "", defaults: boo
                             help=f"{lead}{f.metadata['help']}{shown}")
 
 
-def controls() -> Dict[str, Control]:
+def controls() -> dict[str, Control]:
     """Option name -> its app widget, in display order (the fields' order)."""
     return {f.name: f.metadata["control"] for f in fields(SamplingOptions) if f.metadata.get("control")}
 

@@ -1,32 +1,20 @@
 """``ChatSession``: a conversation that never redoes work.
 
-The session keeps the KV cache of everything already run through the LLM (with the token ids and
-the images it holds), the aligned features of the conversation's images, and those of images
-seen before in an :class:`~mlx_dsvl.caches.ImageFeatureCache` bounded in bytes (256 MB by
-default; least recently used first out).  A new turn formats the whole conversation, finds the
-longest prefix that the cache already holds (same tokens, same images:
-:func:`~mlx_dsvl.caches.reusable_prefix`, the server's rule), trims the cache to it and
-prefills only the rest; only images in neither go through the vision tower.  Because the
-prompt is always the from-scratch prompt, a session produces exactly the tokens a fresh
-encoding of the whole conversation would (on the CPU backend; on a GPU a follow-up's prefill is
-computed in other pieces than a fresh one, so bf16 rounding may differ: see
-:mod:`mlx_dsvl.models.llm`).  With ``kv_bits`` the cache is stored quantized, and a follow-up
-attends to the quantized keys of earlier turns.
-
-A follow-up turn whose only new input is a short question costs what its new tokens cost: the
-prompt's ids up to the last reply are kept (:class:`~mlx_dsvl.processing.chat.PromptTokens`),
-only the new tokens are embedded, and only images among them are merged.
-
-When the prompt plus the reply budget would pass ``max_context`` (4096 by default, the training
-length), the oldest turns are dropped -- like the reference demo's "max history tokens" -- and
-``on_truncate`` (default: a warning on stderr) is told how many.
+A new turn formats the whole conversation, keeps the longest prefix the KV cache holds (same
+tokens, same images: the server's rule) and prefills only the rest; only images seen in neither
+the conversation nor the byte-bounded feature cache go through the vision towers. Because the
+prompt is always the from-scratch prompt, the tokens are exactly those of a fresh encoding on the
+CPU backend (on a GPU a follow-up is prefilled in other pieces, so bf16 rounding may differ: see
+:mod:`mlx_dsvl.models.llm`). Past ``max_context`` the oldest turns are dropped, like the reference
+demo's "max history tokens".
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -36,6 +24,10 @@ from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
 from .streaming import GenerationChunk, Row, kv_cache_options, prefill, range_embeddings, stream_tokens
 from .warmup import FirstUseNotice
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
 
 
 class PromptTooLongError(ValueError):
@@ -54,12 +46,12 @@ class ChatSession:
     ...     print(chunk.text, end="")
     """
 
-    def __init__(self, model, processor, system_prompt: Optional[str] = None,
-                 max_context: int = 4096, on_truncate: Optional[Callable[[str], None]] = _warn,
-                 kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
-                 on_slow_start: Optional[Callable[[str], None]] = _warn, profile: bool = False,
+    def __init__(self, model: DeepseekVL, processor: ChatProcessor, system_prompt: str | None = None,
+                 max_context: int = 4096, on_truncate: Callable[[str], None] | None = _warn,
+                 kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
+                 on_slow_start: Callable[[str], None] | None = _warn, profile: bool = False,
                  image_cache_bytes: int = IMAGE_CACHE_BYTES,
-                 image_cache: Optional[ImageFeatureCache] = None):
+                 image_cache: ImageFeatureCache | None = None):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -68,30 +60,29 @@ class ChatSession:
         self.on_slow_start = on_slow_start  # told if the process's first GPU forward is slow
         # profile: each turn's stages are evaluated apart and timed into ``timings``
         self.profile = profile
-        self.timings: Dict[str, float] = {}
+        self.timings: dict[str, float] = {}
         self.encode_calls = 0  # images run through the vision tower (tests count these)
         # features of images seen before, at most ``image_cache_bytes`` (or ``image_cache``:
         # one shared with other sessions, with its own bound)
         self.image_features = ImageFeatureCache(image_cache_bytes) if image_cache is None else image_cache
-        self._features: Dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
+        self._features: dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
         self._tokens = PromptTokens(processor)
-        self.kv: Optional[dict] = None
+        self.kv: dict | None = None
         self.reset()
         self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new conversation (image features stay cached: same image, same features)."""
-        self.messages: List[dict] = []  # {"role", "content", "images": [hash, ...]}
+        self.messages: list[dict] = []  # {"role", "content", "images": [hash, ...]}
         self._features = {}
         self.cache = self.model.make_cache()
-        self.cached_ids: List[int] = []
-        self.cached_images: List[str] = []  # keys of the images whose tokens the cache holds
+        self.cached_ids: list[int] = []
+        self.cached_images: list[str] = []  # keys of the images whose tokens the cache holds
 
-    def set_kv_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+    def set_kv_cache(self, kv_bits: int | None = None, kv_group_size: int = 64,
                      quantized_kv_start: int = 0) -> None:
-        """KV-cache quantization (see :func:`~mlx_dsvl.streaming.kv_cache_options`); a change
-        empties the cache, and the next turn prefills the conversation again with it."""
+        """KV-cache quantization; a change empties the cache (the next turn prefills again)."""
         kv = kv_cache_options(kv_bits, kv_group_size, quantized_kv_start,
                               head_dim=self.model.language_model.layers[0].self_attn.head_dim)
         if kv != self.kv:
@@ -99,7 +90,7 @@ class ChatSession:
             self.cache, self.cached_ids, self.cached_images = self.model.make_cache(), [], []
 
     @property
-    def conversation(self) -> List[dict]:
+    def conversation(self) -> list[dict]:
         conv = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
         return conv + [{"role": m["role"], "content": m["content"]} for m in self.messages]
 
@@ -111,9 +102,8 @@ class ChatSession:
         self.cached_ids = self.cached_ids[:keep]
 
     # -- images -------------------------------------------------------------------------------
-    def add_images(self, images: Sequence) -> List[str]:
-        """Preprocess and hash images and hold their features for the conversation (encoded only
-        if neither the conversation nor the cache has them); returns their content keys."""
+    def add_images(self, images: Sequence) -> list[str]:
+        """Hold the images' features for the conversation; returns their content keys."""
         if not images:
             return []
         pixels = self.processor.image_processor(list(images))  # [N, 3, S, S] float32
@@ -151,13 +141,10 @@ class ChatSession:
             )
         return ids
 
-    def send(self, text: str, images: Sequence = (), sampling: Optional[SamplingOptions] = None,
+    def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None,
              **options) -> Iterator[GenerationChunk]:
-        """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply.
-
-        ``sampling`` (default: :data:`~mlx_dsvl.sampling.DEFAULTS`) with ``options``
-        (``temperature=0``, ``max_tokens=64``, ...: :class:`~mlx_dsvl.sampling.SamplingOptions`'
-        fields) changed."""
+        """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply;
+        ``options`` change fields of ``sampling`` (default :data:`~mlx_dsvl.sampling.DEFAULTS`)."""
         with FirstUseNotice(self.on_slow_start) as notice:
             for chunk in self._send(text, images, (sampling or DEFAULTS).with_(**options)):
                 notice.done()
@@ -183,7 +170,7 @@ class ChatSession:
         self.timings = {"images_ms": (tic_prompt - tic) * 1e3,
                         "format_tokenize_ms": (time.perf_counter() - tic_prompt) * 1e3}
         max_tokens = min(opts.max_tokens, self.max_context - len(ids))
-        reply: List[str] = []
+        reply: list[str] = []
         got = False
         try:
             for chunk in self._run(ids, opts, max_tokens, tic):
@@ -208,12 +195,11 @@ class ChatSession:
             raise
         self._add_reply(reply)
 
-    def _add_reply(self, pieces: List[str]) -> None:
+    def _add_reply(self, pieces: list[str]) -> None:
         self.messages.append({"role": "assistant", "content": "".join(pieces), "images": []})
 
     def _new_input(self, ids: np.ndarray):
-        """What the cache lacks of ``ids``: the cache is trimmed to the prefix it can keep, and
-        (the prompt's image keys, that prefix's length, the new tokens' embeddings) returned."""
+        """Trim the cache to the prefix it can keep; (image keys, prefix length, new embeddings)."""
         t = self.timings
         tic = time.perf_counter()
         keys = [k for m in self.messages for k in m["images"]]  # the prompt's images, in order
@@ -242,20 +228,18 @@ class ChatSession:
             self.cached_ids = (ids.tolist() + row.generated)[: self.cache[0].offset]
             self.cached_images = keys
 
-    def _reusable_prefix(self, ids: np.ndarray, keys: List[str]) -> int:
-        """Tokens at the start of ``ids`` the cache holds (:func:`~mlx_dsvl.caches.reusable_prefix`:
-        same ids and, in image runs, the same images; never the last token)."""
+    def _reusable_prefix(self, ids: np.ndarray, keys: list[str]) -> int:
+        """Tokens at the start of ``ids`` the cache holds (never the last: it must give logits)."""
         layout = self.processor.image_tokens
         return reusable_prefix(layout.keyed(self.cached_ids, self.cached_images), layout.keyed(ids, keys))
 
-    def _new_embeddings(self, ids: np.ndarray, keep: int, keys: List[str]) -> mx.array:
+    def _new_embeddings(self, ids: np.ndarray, keep: int, keys: list[str]) -> mx.array:
         """Embeddings [T, D] of ``ids[keep:]``: token embeddings, image features at image tokens."""
         return range_embeddings(self.model, ids, keep, len(ids), layout=self.processor.image_tokens,
                                 image_keys=keys, features=lambda ks: [self._features[k] for k in ks])
 
     def next_logits(self, text: str, images: Sequence = ()) -> mx.array:
-        """Logits [vocab] of the first token of the reply to ``text``, without replying (for
-        benchmarks and scoring): the question is prefilled like a turn, then taken back."""
+        """Logits [vocab] of the reply's first token; the question is prefilled, then taken back."""
         self.messages.append({"role": "user", "content": text, "images": self.add_images(images)})
         self.timings = {}
         try:

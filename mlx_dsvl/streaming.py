@@ -15,16 +15,20 @@ detokenizer (multi-byte characters split across tokens are held back until compl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import maybe_quantize_kv_cache
+from mlx_lm.models.llama import Model as LanguageModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from .batch_cache import merge_row
-from .models.deepseek_vl import lm_head
+from .models.deepseek_vl import DeepseekVL, lm_head
+from .processing.chat import ChatProcessor
+from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, SamplingOptions
 
 STOP_STRINGS = ("User:",)
@@ -37,7 +41,7 @@ class GenerationChunk:
     """One streamed piece of a reply, with running statistics."""
 
     text: str  # new text since the previous chunk (may be "")
-    token: Optional[int]  # the token that produced it (None for the final flush)
+    token: int | None  # the token that produced it (None for the final flush)
     prompt_tokens: int  # tokens prefilled for this reply (only the new ones in a session)
     prompt_tps: float  # prefill tokens per second
     time_to_first_token: float  # seconds from the call to the first sampled token
@@ -46,10 +50,10 @@ class GenerationChunk:
     peak_memory: float  # GB, mx.get_peak_memory()
     # on the last chunk: "stop" (EOS or a stop string), "length" (max_tokens reached) or
     # "context" (a ChatSession's max_context reached first)
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
 
 
-def make_detokenizer(processor) -> BPEStreamingDetokenizer:
+def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
     """A streaming detokenizer for the processor's byte-level BPE (token map built once)."""
     base = getattr(processor, "_mlx_dsvl_detokenizer", None)
     if base is None:
@@ -100,18 +104,15 @@ class StopStringFilter:
         return s
 
 
-def last_logits(language_model, ids: mx.array, cache, input_embeddings: Optional[mx.array] = None) -> mx.array:
-    """[B, vocab] logits of the last position of a prefill.
-
-    mlx-lm's ``Model.__call__`` applies the LM head to every position: for a 666-token prompt
-    that is 666 x 102400 logits (273 MB in float32, and on a 4-bit LM head a full dequantized
-    copy of it) of which one row is used.  Here the head sees the last position only.
-    """
+def last_logits(language_model: LanguageModel, ids: mx.array, cache,
+                input_embeddings: mx.array | None = None) -> mx.array:
+    """[B, vocab] logits of the last position of a prefill: the LM head sees that position only
+    (mlx-lm's ``Model.__call__`` projects every position, a large array of which one row is used)."""
     return lm_head(language_model, language_model.model(ids, cache, input_embeddings)[:, -1, :])
 
 
-def kv_cache_options(kv_bits: Optional[int] = None, kv_group_size: int = 64,
-                     quantized_kv_start: int = 0, head_dim: Optional[int] = None) -> Optional[dict]:
+def kv_cache_options(kv_bits: int | None = None, kv_group_size: int = 64,
+                     quantized_kv_start: int = 0, head_dim: int | None = None) -> dict | None:
     """Validated KV-cache quantization settings (mlx-lm's ``generate_step`` keywords), or None.
 
     ``kv_bits`` 4 or 8 stores keys and values quantized in groups of ``kv_group_size`` once a
@@ -132,12 +133,12 @@ def kv_cache_options(kv_bits: Optional[int] = None, kv_group_size: int = 64,
     return dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
 
 
-def quantize_cache(cache: List[Any], kv: Optional[dict]) -> None:
+def quantize_cache(cache: list[Any], kv: dict | None) -> None:
     if kv is not None:
         maybe_quantize_kv_cache(cache, kv["quantized_kv_start"], kv["kv_group_size"], kv["kv_bits"])
 
 
-def prefill_step_size(kv: Optional[dict]) -> int:
+def prefill_step_size(kv: dict | None) -> int:
     """Tokens per prefill pass: mlx-lm's 2048 where attention is one fused kernel (a GPU, a plain
     cache); 512 where the attention scores are materialized (MLX's CPU backend, a quantized
     cache), which bounds them to [heads, 512, context] instead of [heads, 2048, context]."""
@@ -147,8 +148,8 @@ def prefill_step_size(kv: Optional[dict]) -> int:
 Embed = Callable[[int, int], mx.array]  # (start, end) -> embeddings [end - start, D] of those ids
 
 
-def range_embeddings(model, ids: Sequence[int], start: int, end: int, *, layout,
-                     image_keys: Sequence[str], features: Callable[[List[str]], List[mx.array]]) -> mx.array:
+def range_embeddings(model: DeepseekVL, ids: Sequence[int], start: int, end: int, *, layout: ImageTokens,
+                     image_keys: Sequence[str], features: Callable[[list[str]], list[mx.array]]) -> mx.array:
     """Input embeddings [end - start, D] of ``ids[start:end]``: token embeddings, and at image
     positions the features of the images the range overlaps (``layout.overlap``; the range may
     begin inside one), asked of ``features(keys)`` for those images only."""
@@ -160,8 +161,8 @@ def range_embeddings(model, ids: Sequence[int], start: int, end: int, *, layout,
     return model.get_input_embeddings(tokens, image_embeds=feats, skip=span.skip)[0]
 
 
-def prefill(language_model, new_ids: mx.array, embed: Embed, cache: List[Any],
-            kv: Optional[dict] = None) -> mx.array:
+def prefill(language_model: LanguageModel, new_ids: mx.array, embed: Embed, cache: list[Any],
+            kv: dict | None = None) -> mx.array:
     """Run ``new_ids`` ([T]) through onto ``cache`` in passes of :func:`prefill_step_size`,
     each pass's input embeddings from ``embed(start, end)`` (text and images merged; a pass may
     begin inside an image); returns the last position's logits [1, vocab] (not evaluated).
@@ -193,14 +194,14 @@ class Row:
     tag: Any = None
     sampler: Callable = None
     processors: list = None
-    y: Optional[mx.array] = None  # the token sampled last, not read yet [1]
-    generated: List[int] = field(default_factory=list)
-    finish_reason: Optional[str] = None
+    y: mx.array | None = None  # the token sampled last, not read yet [1]
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
 
     @classmethod
-    def start(cls, processor, options: SamplingOptions, prompt_tail: Sequence[int],
-              max_tokens: Optional[int] = None, stops: Sequence[str] = (), ignore_eos: bool = False,
-              tag: Any = None) -> "Row":
+    def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
+              max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
+              tag: Any = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
         (default ``options.max_tokens``) may be cut to the context."""
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
@@ -228,7 +229,7 @@ class Output:
     row: Row
     token: int
     text: str
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     tail: str = ""
 
 
@@ -240,14 +241,14 @@ class Batch:
     ``kv``).  ``on_finish(row, cache)``: told of each finished row with its KV cache, which then
     holds the prompt and every reply token but the last's unread successor."""
 
-    def __init__(self, language_model, eos_token_id: int, kv: Optional[dict] = None,
-                 batched: bool = True, on_finish: Optional[Callable[[Row, List[Any]], None]] = None):
+    def __init__(self, language_model: LanguageModel, eos_token_id: int, kv: dict | None = None,
+                 batched: bool = True, on_finish: Callable[[Row, list[Any]], None] | None = None):
         self.lm, self.eos, self.kv, self.batched = language_model, eos_token_id, kv, batched
         self.on_finish = on_finish
-        self.rows: List[Row] = []
-        self.cache: Optional[List[Any]] = None
+        self.rows: list[Row] = []
+        self.cache: list[Any] | None = None
 
-    def add(self, row: Row, cache: List[Any], logits: mx.array) -> None:
+    def add(self, row: Row, cache: list[Any], logits: mx.array) -> None:
         """``cache`` holds the row's prompt, ``logits`` [1, vocab] are its last position's: the
         row's first token is sampled from them (computed in the background) and the row joins."""
         if not self.batched and self.rows:
@@ -263,7 +264,7 @@ class Batch:
                 a.extend(b)
         self.rows.append(row)
 
-    def step(self) -> List[Output]:
+    def step(self) -> list[Output]:
         """Read every row's pending token (while the next ones are computed); finished rows
         leave the batch."""
         rows = list(self.rows)
@@ -296,7 +297,7 @@ class Batch:
             for c in self.cache:
                 c.filter(keep)
 
-    def _forward(self, rows: List[Row]) -> None:
+    def _forward(self, rows: list[Row]) -> None:
         """Feed each row's pending token; each row's next token (``row.next``), lazily."""
         if not self.batched:
             quantize_cache(self.cache, self.kv)
@@ -330,9 +331,9 @@ class Batch:
         return out
 
 
-def stream_tokens(language_model, processor, new_ids: mx.array, embed: Embed, cache: List[Any], *,
-                  row: Row, start_time: Optional[float] = None, kv: Optional[dict] = None,
-                  timings: Optional[dict] = None) -> Iterator[GenerationChunk]:
+def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_ids: mx.array, embed: Embed,
+                  cache: list[Any], *, row: Row, start_time: float | None = None, kv: dict | None = None,
+                  timings: dict | None = None) -> Iterator[GenerationChunk]:
     """Prefill ``new_ids`` on top of ``cache``, then decode ``row`` alone (a :class:`Batch` of
     one on this cache), as chunks with running statistics.
 

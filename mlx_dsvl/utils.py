@@ -6,8 +6,9 @@ import ctypes
 import hashlib
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def file_digest(path: str | os.PathLike, algo: str = "sha256", chunk: int = 1 <<
     return h.hexdigest()
 
 
-def print_names(text: str, file: Optional[TextIO] = None) -> None:
+def print_names(text: str, file: TextIO | None = None) -> None:
     """``print(text)`` for text holding file names: a name's bytes that are not UTF-8 (Python's
     ``surrogateescape`` stand-ins) go out as they came in, where ``print`` would raise
     ``UnicodeEncodeError`` (stdout is strict in most UTF-8 locales)."""

@@ -1,18 +1,13 @@
-"""The first forward of a process on a GPU: a notice when it is slow, and a warm-up.
+"""The first forward of a process on a GPU: a notice when it is slow.
 
-MLX compiles GPU kernels the first time a process uses each of them (on CUDA through NVRTC,
-cached on disk for later processes).  With a 4-bit LLM that took over a minute on a fresh
-machine, with nothing on the screen.  :class:`FirstUseNotice` says what is happening when the
-first forward of the process has not produced its token after :data:`NOTICE_DELAY_S`; the CLI
-and the bench print it, the app shows it in its loading spinner and warms the model up
-(:func:`warm_up`) right after loading, so that the first question does not pay for it.
+MLX compiles GPU kernels the first time a process uses each (on CUDA through NVRTC, cached on disk
+for later processes), which can take long on a fresh machine with nothing on the screen.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -27,13 +22,10 @@ def kernels_compile() -> bool:
 
 
 class FirstUseNotice:
-    """Calls ``say(MESSAGE)`` once if the process's first forward on a GPU outlasts the delay.
+    """Calls ``say(MESSAGE)`` once if the process's first forward on a GPU outlasts the delay;
+    :meth:`done` at the first token."""
 
-    Start it before the work (images, prefill) and call :meth:`done` at the first token; it is
-    a no-op for every later forward, on the CPU, or with ``say=None``.  Also a context manager.
-    """
-
-    def __init__(self, say: Optional[Callable[[str], None]]):
+    def __init__(self, say: Callable[[str], None] | None):
         self._timer = None
         if say is not None and not _first_forward_done and kernels_compile():
             self._timer = threading.Timer(NOTICE_DELAY_S, say, args=(MESSAGE,))
@@ -54,33 +46,8 @@ class FirstUseNotice:
             self._timer.cancel()
             self._timer = None
 
-    def __enter__(self) -> "FirstUseNotice":
+    def __enter__(self) -> FirstUseNotice:
         return self
 
     def __exit__(self, *exc) -> None:
         self.cancel()
-
-
-def warm_up(model, processor, say: Optional[Callable[[str], None]] = None) -> float:
-    """On a GPU, run a short throw-away chat so that a conversation's kernels are compiled:
-    the vision towers, an image prompt's prefill, follow-up prefills of 4 lengths (4-bit
-    matmuls compile one kernel per range of token counts), sampling and decoding.
-
-    Returns the seconds it took (0.0 on the CPU backend, where nothing is compiled).  ``say``
-    gets :data:`MESSAGE` if the first forward is slow.
-    """
-    if not kernels_compile():
-        return 0.0
-    from PIL import Image
-
-    from .session import ChatSession
-
-    tic = time.perf_counter()
-    chat = ChatSession(model, processor, on_truncate=None, on_slow_start=say)
-    tag = processor.image_tag
-    turns = [(tag + "Describe the image.", [Image.new("RGB", (64, 48), (128, 128, 128))])]
-    turns += [(" ".join(["word"] * n), []) for n in (8, 24, 48, 100)]
-    for text, images in turns:
-        for _ in chat.send(text, images, max_tokens=3):
-            pass
-    return time.perf_counter() - tic

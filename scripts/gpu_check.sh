@@ -70,7 +70,7 @@ PY
 say "making the random checkpoints ($ARCHS) in $MLX_DSVL_CACHE"
 pids=()
 for arch in $ARCHS; do
-    $PY -c "from mlx_dsvl.testing.make_checkpoint import cached_checkpoint as c; c('$arch')" \
+    $PY -c "from mlx_dsvl.random_checkpoint import cached_checkpoint as c; c('$arch')" \
         > "$OUT_DIR/make-$arch.txt" 2>&1 &
     pids+=($!)
 done

@@ -28,7 +28,7 @@ QUESTIONS = ["Describe this picture.", "What colours are in it?", "Tell me a sto
 def text_checkpoint(arch: str, seed: int, work: Path) -> Path:
     from safetensors.numpy import load_file, save_file
 
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint, with_language_config
+    from mlx_dsvl.random_checkpoint import make_checkpoint, with_language_config
 
     out = work / f"{arch}-text"
     if out.exists():

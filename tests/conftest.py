@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def processor_dir(tmp_path_factory):
     """A 1.3B-style processor folder: tiny tokenizer + 384 px preprocessor (mean/std 0.5)."""
-    from mlx_dsvl.testing.tokenizer import write_processor_configs, write_tokenizer
+    from mlx_dsvl.random_tokenizer import write_processor_configs, write_tokenizer
 
     out = tmp_path_factory.mktemp("dsvl_processor")
     write_tokenizer(out)
@@ -28,7 +28,7 @@ def chat_processor(processor_dir):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random 1.3B-layout checkpoint (SigLIP only) in the original deepseek-ai layout."""
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     return make_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "tiny", seed=1)
 
@@ -36,7 +36,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hybrid_dir(tmp_path_factory):
     """A random 7B-layout checkpoint (SAM-B + SigLIP hybrid) in the original layout."""
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     return make_checkpoint("tiny-hybrid", tmp_path_factory.mktemp("ckpt") / "tiny-hybrid", seed=2)
 

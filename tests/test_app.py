@@ -264,6 +264,7 @@ def test_launch_argv_splits_streamlit_and_app_options():
     assert chat_logic.launch_argv("c.py", []) == ["streamlit", "run", "c.py", "--"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--model", "/no/such/folder"], "error: /no/such/folder: no such model folder"),
     (["--temperature", "-1"], "error: --temperature must be in [0.0, 1.5] (the sidebar's range), got -1.0"),
@@ -307,6 +308,7 @@ def listening(port: int):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc/net (Linux)")
 @pytest.mark.parametrize("how", ["streamlit run", "python apps/chat.py"])
 def test_from_any_folder_loopback_only_and_no_usage_statistics(how, tiny_dir, tmp_path):
@@ -345,10 +347,10 @@ def test_from_any_folder_loopback_only_and_no_usage_statistics(how, tiny_dir, tm
 def test_streamlit_reads_the_apps_settings_from_any_folder(tmp_path):
     """What ``streamlit run apps/chat.py`` loads (Streamlit's own loader, as its CLI calls it),
     from a folder without a .streamlit/ of its own."""
-    code = ("import json; from streamlit import config; config._main_script_path = %r; "
+    code = (f"import json; from streamlit import config; config._main_script_path = {str(APP)!r}; "
             "config.get_config_options(force_reparse=True); "
             "print(json.dumps([config.get_option(k) for k in "
-            "('server.address', 'browser.gatherUsageStats', 'server.maxUploadSize')]))" % str(APP))
+            "('server.address', 'browser.gatherUsageStats', 'server.maxUploadSize')]))")
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("STREAMLIT_")}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "HOME": str(tmp_path)},
                        capture_output=True, text=True, timeout=120)
@@ -356,6 +358,7 @@ def test_streamlit_reads_the_apps_settings_from_any_folder(tmp_path):
     assert __import__("json").loads(r.stdout.strip().splitlines()[-1]) == ["127.0.0.1", False, 20]
 
 
+@pytest.mark.slow
 def test_python_apps_chat_py_starts_the_server_with_openblas(tiny_dir, tmp_path):
     """``python apps/chat.py``: re-executed with OpenBLAS preloaded (when the system has one),
     then a Streamlit server on 127.0.0.1 serving this app."""

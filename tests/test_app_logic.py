@@ -311,11 +311,12 @@ def test_blas_hint(monkeypatch):
 def test_load_model_warms_up_on_a_gpu(tiny_dir, monkeypatch):
     """On a GPU the app's load runs a short chat (kernels compile behind the loading spinner,
     whose text says so); forced here on the CPU, where it is otherwise skipped."""
-    from mlx_dsvl import warmup
+    from mlx_dsvl import generation, warmup
 
     assert logic.load_model(str(tiny_dir)).warmup_seconds == 0.0  # CPU: nothing to compile
     assert "GPU" not in logic.loading_message("m", False)
-    monkeypatch.setattr(warmup, "kernels_compile", lambda: True)
+    for module in (warmup, generation):  # the spinner's text, the warm-up
+        monkeypatch.setattr(module, "kernels_compile", lambda: True)
     loaded = logic.load_model(str(tiny_dir), quantize=True)
     assert 0 < loaded.warmup_seconds <= loaded.seconds
     assert "preparing its GPU kernels" in logic.loading_message("m", True)

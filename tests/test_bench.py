@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
 STAGES = ("images_ms", "format_tokenize_ms", "prefix_match_ms", "embed_merge_ms", "prefill_ms",
           "first_sample_ms", "ttft_ms")
 
@@ -74,7 +78,7 @@ def test_pytorch_reference_timing_takes_the_faster_of_two_faithful_paths(tiny_hy
 def test_bench_kv_bits_and_quantize_on_load(tiny_dir, tmp_path):
     """A model folder of head size 32 (KV groups of 32), quantized while loading, its conversation
     with an 8-bit KV cache, and the long-conversation comparison of KV settings."""
-    from mlx_dsvl.testing.make_checkpoint import with_language_config
+    from mlx_dsvl.random_checkpoint import with_language_config
 
     model = with_language_config(tiny_dir, tmp_path / "two-heads", num_attention_heads=2, num_key_value_heads=2)
     res, _ = bench(tmp_path, "--model", str(model), "--quantize", "4", "--kv-bits", "8", "--kv-group-size", "32",

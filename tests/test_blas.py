@@ -103,6 +103,7 @@ def test_the_system_library_comes_first_and_with_torch_passes_over_a_clashing_on
     assert blas.find_openblas(with_torch=True) is None
 
 
+@pytest.mark.slow
 def test_the_pip_library_exports_what_the_torch_check_looks_for():
     """For real: ngsolve-openblas 0.3.33 exports cblas_sgemm_batch (so the test suite, which runs
     PyTorch, does not preload it), and loading it in PyTorch's process makes bmm crash."""
@@ -223,6 +224,7 @@ def _generate(*args) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_generate_takes_an_empty_system_prompt_and_a_latin1_file_name(tiny_dir, tmp_path):
     _need_openblas()
     image = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")

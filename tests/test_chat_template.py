@@ -142,7 +142,7 @@ def test_tokenizer_layout(processor_dir):
     from transformers import PreTrainedTokenizerFast
 
     from mlx_dsvl.processing import ChatProcessor
-    from mlx_dsvl.testing.tokenizer import build_tokenizer_json
+    from mlx_dsvl.random_tokenizer import build_tokenizer_json
 
     tok = ChatProcessor.from_pretrained(processor_dir).tokenizer
     assert isinstance(tok, PreTrainedTokenizerFast)

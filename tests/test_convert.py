@@ -33,7 +33,7 @@ from mlx_dsvl.convert.to_mlx import convert_to_mlx
 from mlx_dsvl.convert.to_original import convert_to_original
 from mlx_dsvl.mlx_format import MARKER
 from mlx_dsvl.model_folder import UNUSED_PREFIXES
-from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+from mlx_dsvl.random_checkpoint import make_checkpoint
 
 QUIET = dict(progress=lambda s: None)
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +149,7 @@ def test_round_trip_bit_exact(ckpts, arch, dtype, tmp_path):
     assert (back / "model.safetensors.index.json").exists() == (len(list(back.glob("*.safetensors"))) > 1)
 
 
+@pytest.mark.slow
 def test_converted_and_unconverted_give_identical_logits(tiny_dir, tiny_hybrid_dir, mlx32, ref_logits,
                                                          tmp_path):
     assert mx.array_equal(ref_logits, logits(mlx_dsvl.load(mlx32, dtype="float32")))
@@ -211,6 +212,7 @@ def _hf_folder(src: Path, out: Path, nested: bool) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,nested", [("tiny", False), ("tiny-hybrid", False), ("tiny", True)])
 def test_transformers_checkpoint_converts_to_the_same_mlx_weights(ckpts, arch, nested, tmp_path):
     src = ckpts[(arch, "float32")]
@@ -248,6 +250,7 @@ def agreement(ref: mx.array, q: mx.array):
     return top1, kl
 
 
+@pytest.mark.slow
 def test_quantized_agreement_with_unquantized(ref_logits, q_logits):
     ref = ref_logits
     figures = {}
@@ -278,6 +281,7 @@ def test_quantized_model_runs_and_generates(quantized):
     assert "language_model.lm_head.scales" in w and "language_model.lm_head.biases" in w
 
 
+@pytest.mark.slow
 def test_group_size_skip_rule_and_vision(tiny_dir, tiny_hybrid_dir, tmp_path):
     # groups of 128: the LLM's 64-wide inputs (attention, gate/up, embeddings, lm_head) cannot be
     # quantized; down_proj (input 128) is; vision stays in float unless --quantize-vision.
@@ -305,6 +309,7 @@ def test_group_size_skip_rule_and_vision(tiny_dir, tiny_hybrid_dir, tmp_path):
     assert top1 >= 0.9
 
 
+@pytest.mark.slow
 def test_quantized_to_original_dequantizes_and_loads_in_transformers(quantized, q_logits, tmp_path):
     back = to_orig(quantized[4], tmp_path / "back")
     w = tensors(back)
@@ -334,6 +339,7 @@ def _make_adapter(base: Path, out: Path) -> Path:
     return write_mlx_lm_adapter(base, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["float", "4-bit"])
 def test_to_original_fuses_adapters(which, mlx32, quantized, ref_logits, q_logits, tmp_path):
     from mlx_lm.tuner.utils import load_adapters
@@ -372,8 +378,9 @@ def _make_dsvl_adapter(base: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_to_original_fuses_mlx_dsvl_adapters(mlx32, ref_logits, tmp_path):
-    adapters = pytest.importorskip("mlx_dsvl.train.adapters")
+    adapters = pytest.importorskip("mlx_dsvl.adapters")
     adapter = _make_dsvl_adapter(mlx32, tmp_path / "adapter")
     model, processor = mlx_dsvl.load(mlx32)
     adapters.load_adapters(model, adapter)
@@ -502,6 +509,7 @@ def _bad_inputs(tiny_dir: Path, root: Path) -> dict:
 IN_PROCESS = ("unknown_tower", "misshaped")  # beyond the issue's list: checked without a subprocess
 
 
+@pytest.mark.slow
 def test_cli_bad_input(tiny_dir, tmp_path):
     """The issue's bad inputs (+ pickles, an existing --out) through ``python -m convert``, in parallel."""
     cases = {k: v for k, v in _bad_inputs(tiny_dir, tmp_path / "inputs").items() if k not in IN_PROCESS}
@@ -540,6 +548,7 @@ def test_cli_bad_input_in_process(name, tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "outs").exists()
 
 
+@pytest.mark.slow
 def test_cli_converts(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "convert", "--model", str(tiny_dir), "--out", str(out),
@@ -559,6 +568,7 @@ def test_cli_converts(tiny_dir, tmp_path, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_prints_an_out_folder_whose_name_is_not_utf8(tiny_dir, tmp_path):
     """As typed in a Latin-1 terminal; stdout strict, as in a UTF-8 locale."""
     out = bytes(tmp_path) + b"/caf\xe9"

@@ -215,6 +215,7 @@ def test_wilson_interval_and_circular_summary():
 # -- likelihood arithmetic against transformers ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_option_logprobs_match_transformers(tiny_dir, tiny_model):
     """Batched scoring (left padding, shared prompt cache, images shared, multi-token replies)
     == each option as one plain sequence through transformers' DeepseekVL in float32."""
@@ -267,6 +268,7 @@ def test_option_logprobs_match_transformers(tiny_dir, tiny_model):
             assert got[j] == pytest.approx(want, abs=2e-3, rel=1e-4), (it.id, j)
 
 
+@pytest.mark.slow
 def test_option_logprobs_letters_match_plain_forward(tiny_model):
     """Letter replies (the default): the batched path == one plain full-sequence MLX forward
     per option (no cache, no padding) in float32."""
@@ -315,6 +317,7 @@ def read_predictions(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_writes_predictions_summary_and_table(tiny_dir, small_set, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--model", str(tiny_dir), "--data", str(small_set), "--out", str(out),
@@ -335,6 +338,7 @@ def test_cli_writes_predictions_summary_and_table(tiny_dir, small_set, tmp_path,
     assert set(summary["categories"]) == {"cat0", "cat1"} and summary["short_answers"] == 2
 
 
+@pytest.mark.slow
 def test_cli_resumes_after_an_interruption(tiny_dir, small_set, tmp_path, monkeypatch):
     from mlx_dsvl.eval import runner
 
@@ -598,3 +602,22 @@ def test_non_utf8_file_names_file_line_and_byte(tmp_path, kind, capsys):
     assert str(e.value) == want
     assert main_exit(["--data", str(path), "--out", str(tmp_path / "o")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {want}"]
+
+
+def test_inference_mode_puts_every_module_back_in_its_own_mode():
+    """Eval mode inside the block; afterwards each module's mode as it was, a mix included (a
+    parent in training mode over a child in eval mode and the other way round)."""
+    import mlx.nn as nn
+
+    from mlx_dsvl.eval.runner import inference_mode
+
+    model = nn.Sequential(nn.Sequential(nn.Dropout(0.5), nn.Linear(2, 2)), nn.Dropout(0.5), nn.Linear(2, 2))
+    model.train()
+    model.layers[0].eval()
+    model.layers[0].layers[1].train()
+    model.layers[2].eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert len(set(before.values())) == 2
+    with inference_mode(model):
+        assert not any(m.training for _, m in model.named_modules())
+    assert {name: m.training for name, m in model.named_modules()} == before

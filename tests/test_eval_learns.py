@@ -3,7 +3,7 @@ with both methods, the untrained one stays near chance, and circular evaluation 
 trained model learned the option *position*, not the option.
 
 The task: "What colour is the shape?" about a red, green, blue or yellow circle or square
-(mlx_dsvl.train.synthetic's images), options always in the order A. red, B. green, C. blue,
+(mlx_dsvl.testing.synthetic's images), options always in the order A. red, B. green, C. blue,
 D. yellow, the answer the letter.  It is taught through the real training API (stage 3, LoRA,
 as the CLI runs it) with the prompts the evaluator builds.  The model is make_checkpoint's
 "tiny" with a 96 px SigLIP input (36 image tokens) to fit a CI budget, as in test_train_learns.
@@ -21,8 +21,10 @@ import pytest
 import mlx_dsvl
 from mlx_dsvl.eval import evaluate, read
 from mlx_dsvl.eval.items import conversation
+from mlx_dsvl.testing.synthetic import make_images
 from mlx_dsvl.train import TrainConfig, train
-from mlx_dsvl.train.synthetic import make_images
+
+pytestmark = pytest.mark.slow
 
 IMAGE_SIZE = 96
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -33,7 +35,7 @@ QUESTION = "What colour is the shape?"
 
 def small_grid_checkpoint(out):
     """make_checkpoint's "tiny" with a 96 px SigLIP input (36 image tokens)."""
-    from mlx_dsvl.testing import make_checkpoint as mc
+    from mlx_dsvl import random_checkpoint as mc
 
     config, (_, mean, std, do_norm), dtype = mc.ARCHS["tiny"]
     config = copy.deepcopy(config)

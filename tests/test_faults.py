@@ -50,6 +50,7 @@ def run_convert(src, out, *extra):
 
 
 # -- kill during convert --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tmp_path):
     out = tmp_path / "models" / "out"
     proc = start_convert(tiny_dir, out, fault=(20, "KILL"))
@@ -68,6 +69,7 @@ def test_sigkill_leaves_a_partial_folder_that_the_next_run_reclaims(tiny_dir, tm
     assert model.image_token_id == 100015
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
     out = tmp_path / "new" / "deeper" / "out"  # parent folders made for --out go too
@@ -78,6 +80,7 @@ def test_sigterm_and_sighup_clean_up_like_ctrl_c(sig, tiny_dir, tmp_path):
     assert listing(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
     out = tmp_path / "out"
     first = start_convert(tiny_dir, out, fault=(5, "STOP"))
@@ -93,41 +96,6 @@ def test_a_live_writers_partial_folder_is_never_removed(tiny_dir, tmp_path):
         first.send_signal(signal.SIGCONT)
         first.communicate(timeout=60)
     assert listing(tmp_path) == ["out"]  # the first one cleaned up after itself
-
-
-def test_an_interrupted_force_replace_gets_the_old_folder_back(tmp_path):
-    """Killed between moving the old --out aside and renaming the new one in: put it back."""
-    from mlx_dsvl.convert.staging import reclaim_stale
-
-    out = tmp_path / "out"
-    old = tmp_path / ".out.old-abc123"
-    old.mkdir()
-    (old / "mine.txt").write_text("keep me")
-    (tmp_path / ".out.partial-abc123").mkdir()
-    (tmp_path / ".out.partial-abc123" / "model.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / ".out.partial-abc123.lock").touch()
-    told = []
-    reclaim_stale(out, told.append)
-    assert listing(tmp_path) == ["out"] and (out / "mine.txt").read_text() == "keep me"
-    assert told[0].startswith("restored") and "1.00 KB freed" in told[1]
-
-
-def test_held_locks_and_lockless_folders_are_left_alone(tmp_path):
-    import fcntl
-
-    from mlx_dsvl.convert.staging import reclaim_stale
-
-    out = tmp_path / "out"
-    (tmp_path / ".out.partial-live").mkdir()
-    lock = tmp_path / ".out.partial-live.lock"
-    lock.touch()
-    (tmp_path / ".out.partial-legacy").mkdir()  # an older version's leftover: no lock file
-    told = []
-    with open(lock) as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # as a running writer holds it
-        assert reclaim_stale(out, told.append) == 0
-    assert listing(tmp_path) == [".out.partial-legacy", ".out.partial-live", ".out.partial-live.lock"]
-    assert len(told) == 1 and "partial-legacy" in told[0] and "no lock file" in told[0]
 
 
 # -- a full disk --------------------------------------------------------------------------------
@@ -159,7 +127,7 @@ def test_full_disk_one_error_nothing_half_written_old_output_intact(tiny_dir, tm
 # -- damaged files in a model folder -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sharded_dir(tmp_path_factory):
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     return make_checkpoint("tiny", tmp_path_factory.mktemp("sharded") / "tiny", seed=1, shard_gb=0.02)
 
@@ -188,6 +156,7 @@ def test_damaged_file_one_error_naming_it(name, how, tiny_dir, sharded_dir, tmp_
     assert listing(tmp_path) == ["model"]
 
 
+@pytest.mark.slow
 def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
@@ -200,6 +169,7 @@ def test_damaged_model_through_the_generate_cli(tiny_dir, tmp_path):
 
 
 # -- bad input at every entry point ----------------------------------------------------------------
+@pytest.mark.slow
 def test_every_entry_point_refuses_bad_input_in_one_line(tiny_dir, tmp_path):
     """A handful of bad inputs per command: one ``error:`` line on stderr, a non-zero exit, and no
     traceback (the commands run side by side)."""
@@ -213,11 +183,11 @@ def test_every_entry_point_refuses_bad_input_in_one_line(tiny_dir, tmp_path):
     cases = {
         "bench json folder": (m + ["mlx_dsvl.bench", "--json", str(tmp_path / "no" / "x.json")], "no such folder"),
         "bench max tokens": (m + ["mlx_dsvl.bench", "--max-tokens", "0"], "--max-tokens must be >= 1"),
-        "checkpoint file parent": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+        "checkpoint file parent": (m + ["mlx_dsvl.random_checkpoint", "--arch", "tiny", "--out",
                                         str(a_file / "x")], str(a_file / "x")),
-        "checkpoint exists": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out", str(existing)],
+        "checkpoint exists": (m + ["mlx_dsvl.random_checkpoint", "--arch", "tiny", "--out", str(existing)],
                               "exists"),
-        "checkpoint shards": (m + ["mlx_dsvl.testing.make_checkpoint", "--arch", "tiny", "--out",
+        "checkpoint shards": (m + ["mlx_dsvl.random_checkpoint", "--arch", "tiny", "--out",
                                    str(tmp_path / "c"), "--shard-gb", "0"], "--shard-gb positive"),
         "convert file parent": (m + ["convert", "--model", str(tiny_dir), "--out", str(a_file / "x")],
                                 f"{a_file} is a file, not a folder"),

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from mlx_dsvl import faults
-from mlx_dsvl.train.__main__ import main as train_main
 from mlx_dsvl.testing.damage import damage_file
+from mlx_dsvl.train.__main__ import main as train_main
 from mlx_dsvl.train.checkpoint import damage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,7 @@ def reference(tiny_dir, text_data, tmp_path_factory):
 # -- killed, then resumed -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_step_then_resume_is_exact(tiny_dir, text_data, reference, tmp_path):
     out = tmp_path / "run"
     r = run(args_for(tiny_dir, text_data, out), fault="step:3:KILL")  # step 3 computed, not saved
@@ -107,6 +108,7 @@ def test_sigkill_during_a_step_then_resume_is_exact(tiny_dir, text_data, referen
     assert no_leftovers(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files_written", [1, 4])
 def test_sigkill_during_a_checkpoint_write_keeps_latest_intact(tiny_dir, text_data, reference, tmp_path,
                                                                files_written):
@@ -125,6 +127,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_latest_intact(tiny_dir, text_da
     assert no_leftovers(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["TERM", "HUP", "INT"])
 def test_sigterm_or_sighup_saves_at_the_step_boundary_and_exits(tiny_dir, text_data, reference, tmp_path, sig):
     out = tmp_path / "run"
@@ -139,7 +142,7 @@ def test_sigterm_or_sighup_saves_at_the_step_boundary_and_exits(tiny_dir, text_d
 
 
 def test_a_second_signal_stops_at_once(capsys):
-    from mlx_dsvl.train.signals import StopSignals
+    from mlx_dsvl.train.run import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
     stop = StopSignals()
@@ -154,6 +157,7 @@ def test_a_second_signal_stops_at_once(capsys):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_checkpoint_write_finishes_it_once(tiny_dir, text_data, reference, tmp_path):
     out = tmp_path / "run"
     r = run(args_for(tiny_dir, text_data, out), fault="checkpoint-file:6:TERM")  # inside step 4's
@@ -176,6 +180,7 @@ def earlier_run(tiny_dir, text_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["step:1:KILL", "replace:1:KILL"])
 def test_force_killed_before_the_swap_leaves_the_earlier_run(tiny_dir, text_data, reference, earlier_run,
                                                              tmp_path, fault):
@@ -194,6 +199,7 @@ def test_force_killed_before_the_swap_leaves_the_earlier_run(tiny_dir, text_data
     assert no_leftovers(out)
 
 
+@pytest.mark.slow
 def test_force_killed_between_the_renames_is_completed_by_the_next_run(tiny_dir, text_data, reference,
                                                                        earlier_run, tmp_path):
     out = tmp_path / "run"
@@ -232,6 +238,7 @@ def resume_error(args, monkeypatch, capsys):
     return err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncated", "zeroed", "random"])
 @pytest.mark.parametrize("name", ["adapters.safetensors", "adapter_config.json", "optimizer.safetensors",
                                   "rng.safetensors", "state.json"])
@@ -252,6 +259,7 @@ def test_a_damaged_checkpoint_file_is_named_with_the_intact_step(finished_run, t
         assert rc == 0 and latest(out) == STEP.format(4) and damage(ck4) is None
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_pointer_or_no_intact_step(finished_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
@@ -266,6 +274,7 @@ def test_a_damaged_latest_pointer_or_no_intact_step(finished_run, tmp_path, monk
     assert "no earlier checkpoint of this run is intact: start the run again" in err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_recorded_digests_is_checked_by_loading(finished_run, tmp_path, monkeypatch,
                                                                      capsys):
     """Checkpoints written before sizes and digests were recorded: a file that does not load."""
@@ -287,7 +296,7 @@ def test_a_checkpoint_without_recorded_digests_is_checked_by_loading(finished_ru
 def full_disk(monkeypatch, fail_at: int, kind: str):
     """The ``fail_at``-th safetensors write stops half way, as on a full disk: MLX raises a
     RuntimeError (what it does when a write fails), or the OS an ENOSPC."""
-    import mlx_dsvl.train.files as files
+    import mlx_dsvl.outputs as files
 
     real = files.mx.save_safetensors
     calls = [0]
@@ -323,6 +332,7 @@ def test_a_full_disk_at_checkpoint_time(tiny_dir, text_data, tmp_path, monkeypat
     assert train_main(["--resume", str(out)]) == 0 and latest(out) == STEP.format(6)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_force_leaves_the_earlier_run(tiny_dir, text_data, earlier_run, tmp_path,
                                                           monkeypatch, capsys):
     monkeypatch.setenv("MLX_DSVL_NO_BLAS_REEXEC", "1")

@@ -30,6 +30,21 @@ def run_cli(*args, timeout=300):
 
 
 # -- CLI ------------------------------------------------------------------------------------
+def test_importing_the_cli_module_keeps_the_generate_function():
+    """``mlx_dsvl.generate`` is the function and the CLI module's name: importing the module
+    (first, in a fresh process) must not rebind the package's attribute to it, and importing
+    the package must not import MLX."""
+    code = ("import sys, mlx_dsvl; assert 'mlx.core' not in sys.modules; "
+            "from mlx_dsvl.generate import main; import mlx_dsvl.generate; "
+            "from mlx_dsvl.generation import generate; "
+            "assert mlx_dsvl.generate is generate, mlx_dsvl.generate; "
+            "from mlx_dsvl import generate as g; assert g is generate; "
+            "assert callable(main) and sys.modules['mlx_dsvl.generate'].main is main")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt", ["tiny_dir", "tiny_hybrid_dir"])
 def test_cli_generates_with_verbose_figures(ckpt, request, tmp_path):
     model_dir = request.getfixturevalue(ckpt)
@@ -43,6 +58,7 @@ def test_cli_generates_with_verbose_figures(ckpt, request, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_chat_mode_two_turns(tiny_dir, tmp_path):
     img = make_image(tmp_path / "a.png")
     p = subprocess.run(
@@ -56,6 +72,7 @@ def test_cli_chat_mode_two_turns(tiny_dir, tmp_path):
     assert "(new conversation)" in p.stderr
 
 
+@pytest.mark.slow
 def test_cli_chat_survives_bad_turns_and_lists_commands(tiny_dir, tmp_path):
     """A bad /image path, an unknown /command, a placeholder mismatch and a too-long message each
     print one line; the chat goes on and answers the next question."""
@@ -80,6 +97,7 @@ def test_cli_chat_survives_bad_turns_and_lists_commands(tiny_dir, tmp_path):
     assert p.stdout.count("Assistant:") == 3 and "imagine" not in p.stdout
 
 
+@pytest.mark.slow
 def test_cli_tells_when_the_context_limit_stops_the_reply(tiny_dir):
     r = run_cli("--model", str(tiny_dir), "--prompt", "Hi", "--max-tokens", "80", "--max-context", "100",
                 "--temperature", "0", "--repetition-penalty", "1")
@@ -97,8 +115,7 @@ def test_cli_tells_when_the_context_limit_stops_the_reply(tiny_dir):
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--max-context", "0"], "--max-context must be an integer >= 2"),
 ])
-def test_cli_rejects_out_of_range_options(args, message, capsys, monkeypatch):
-    monkeypatch.setattr(mlx_dsvl, "generate", mlx_dsvl.generate)  # importing the CLI module rebinds it
+def test_cli_rejects_out_of_range_options(args, message, capsys):
     from mlx_dsvl.generate import main
 
     assert main(["--model", "/nowhere", "--prompt", "Hi", *args]) == 2  # before loading anything
@@ -106,6 +123,7 @@ def test_cli_rejects_out_of_range_options(args, message, capsys, monkeypatch):
     assert err == [f"error: {message}" + err[0][len(message) + 7:]] and message in err[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case", ["missing_image", "corrupt_image", "too_many_images", "hub_offline", "too_long", "latin1_prompt"]
 )
@@ -167,6 +185,7 @@ def hf_llama_from(model):
     return hf
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture,size", [("tiny_model", 384), ("tiny_hybrid_model", 1024)])
 def test_greedy_tokens_match_transformers(fixture, size, request, tmp_path):
     import torch
@@ -195,6 +214,7 @@ def test_greedy_tokens_match_transformers(fixture, size, request, tmp_path):
 
 
 # -- sessions ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_session_matches_from_scratch_and_encodes_each_image_once(tiny_hybrid_model, tmp_path):
     model, processor = tiny_hybrid_model
     a, b = make_image(tmp_path / "a.png", 1), make_image(tmp_path / "b.png", 2, (40, 100))
@@ -208,7 +228,7 @@ def test_session_matches_from_scratch_and_encodes_each_image_once(tiny_hybrid_mo
 
     model.encode_images = counting
     try:
-        turn1 = list(chat.send("<image_placeholder>What is this?", [a], max_tokens=6, **GREEDY))
+        list(chat.send("<image_placeholder>What is this?", [a], max_tokens=6, **GREEDY))
         cached_before = len(chat.cached_ids)
         turn2 = list(chat.send("And this one <image_placeholder>?", [b], max_tokens=6, **GREEDY))
         turn3 = list(chat.send("Compare them.", [], max_tokens=6, **GREEDY))
@@ -282,8 +302,8 @@ def test_api_rejects_out_of_range_sampling(bad, match, tiny_model):
     conv = [{"role": "user", "content": "Hi"}]
     chat = ChatSession(model, processor)
     for call in (lambda: list(chat.send("Hi", **bad)),
-                 lambda: mlx_dsvl.generation.generate(model, processor, conv, **bad),
-                 lambda: mlx_dsvl.generation.generate_batch(model, processor, [conv], **bad)):
+                 lambda: mlx_dsvl.generate(model, processor, conv, **bad),
+                 lambda: mlx_dsvl.generate_batch(model, processor, [conv], **bad)):
         with pytest.raises(ValueError, match=match):
             call()
     assert chat.messages == []
@@ -329,10 +349,11 @@ def test_stop_string_never_reaches_output():
     assert g.push("Use") == "" and g.push("ful") == "Useful" and g.flush() == ""
 
 
+@pytest.mark.slow
 def test_cli_adapter_changes_the_reply_logits(tiny_dir, tmp_path):
     """--adapter applies a training run's output: greedy tokens differ from the base model's."""
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
     from mlx_dsvl.train import TrainConfig, train
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
 
     data = write_shapes_dataset(tmp_path / "d", 2, seed=5)
     run = tmp_path / "run"

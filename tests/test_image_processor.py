@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mlx_dsvl.processing import ImageLoadError, ImageProcessor, load_image
-from mlx_dsvl.testing.tokenizer import write_processor_configs
+from mlx_dsvl.random_tokenizer import write_processor_configs
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

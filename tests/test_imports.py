@@ -84,6 +84,18 @@ def test_only_training_imports_training():
     assert not users, users
 
 
+def test_library_never_imports_test_tools():
+    """``mlx_dsvl.testing`` is for tests; what the library needs of it (random checkpoints) lives
+    in the library."""
+    users = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if module_name(path).startswith("mlx_dsvl.testing"):
+            continue
+        users += [f"{path.relative_to(ROOT)}:{line} imports {target}" for line, target in imported_modules(path)
+                  if target == "mlx_dsvl.testing" or target.startswith("mlx_dsvl.testing.")]
+    assert not users, users
+
+
 # The house's lower rooms: what each may import from the rest of the library.
 LOWER_ROOMS = {"mlx_dsvl.models": ("mlx_dsvl.models", "mlx_dsvl.config"),
                "mlx_dsvl.processing": ("mlx_dsvl.processing", "mlx_dsvl.config")}
@@ -129,6 +141,7 @@ def test_console_script_target(capsys, monkeypatch):
     assert out.startswith("usage: mlx-dsvl-convert [-h] --model MODEL --out OUT") and "--to-original" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, prog", [("mlx_dsvl.convert", "python -m mlx_dsvl.convert"),
                                           ("convert", "python -m convert")])
 def test_cli_help_from_anywhere_and_from_the_root(module, prog, tmp_path):

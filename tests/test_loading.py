@@ -189,7 +189,7 @@ def test_quantize_on_load_equals_convert_then_load(tiny_dir, tmp_path, stored, d
     from mlx.utils import tree_flatten
 
     from mlx_dsvl.convert.to_mlx import convert_to_mlx
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     src = tiny_dir if stored == "float32" else make_checkpoint("tiny", tmp_path / "src16", seed=1, dtype=stored)
     folder = convert_to_mlx(str(src), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=group,
@@ -219,3 +219,43 @@ def test_quantize_on_load_options(tiny_dir, tmp_path):
                             progress=lambda _: None)
     with pytest.raises(ModelLoadError, match="already quantized"):
         mlx_dsvl.load(folder, quantize=4)
+
+
+# -- the entry points' model options ----------------------------------------------------------
+def test_load_applies_an_adapter_folder(tiny_dir, tmp_path):
+    """``load(..., adapter_path=)``: the model that loading and then ``load_adapters`` give."""
+    from mlx.utils import tree_flatten
+
+    from mlx_dsvl.adapters import load_adapters
+    from mlx_dsvl.testing.adapters import write_mlx_lm_adapter
+
+    run = write_mlx_lm_adapter(tiny_dir, tmp_path / "run")
+    model, _ = mlx_dsvl.load(tiny_dir, adapter_path=run)
+    expected = load_adapters(mlx_dsvl.load(tiny_dir)[0], run)
+    got, want = dict(tree_flatten(model.parameters())), dict(tree_flatten(expected.parameters()))
+    assert any(k.endswith("lora_a") for k in got) and got.keys() == want.keys()
+    assert all(mx.array_equal(got[k], want[k]).item() for k in want)
+
+
+def test_entry_points_share_the_model_options():
+    """generate, the server and eval offer the same --model, --dtype and --device; the module
+    that declares them imports no MLX (entry points import it before the BLAS re-execution)."""
+    import subprocess
+    import sys
+
+    from mlx_dsvl.device import DEVICES
+    from mlx_dsvl.eval.__main__ import build_parser as eval_parser
+    from mlx_dsvl.generate import build_parser as generate_parser
+    from mlx_dsvl.loading import DTYPES
+    from mlx_dsvl.model_options import DEFAULT_MODEL, add_model_arguments
+    from mlx_dsvl.server.__main__ import build_parser as server_parser
+
+    for parser in (generate_parser(), server_parser(), eval_parser()):
+        options = {a.dest: a for a in parser._actions}
+        assert options["model"].default == DEFAULT_MODEL
+        assert options["dtype"].choices == list(DTYPES) and options["device"].choices == list(DEVICES)
+    with pytest.raises(ValueError, match="no model option"):
+        add_model_arguments(generate_parser(), "modle")
+    code = "import sys, mlx_dsvl.model_options; assert 'mlx.core' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -10,10 +10,12 @@ from mlx.utils import tree_flatten
 from mlx_dsvl.config import ModelConfig
 from mlx_dsvl.model_folder import CONV_SUFFIXES, sanitize
 from mlx_dsvl.models.deepseek_vl import (
-    ImagePositionError, check_image_positions, merge_image_embeddings,
+    ImagePositionError,
+    check_image_positions,
+    merge_image_embeddings,
 )
-from mlx_dsvl.testing.make_checkpoint import ARCHS, checkpoint_shapes
-from mlx_dsvl.testing.tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
+from mlx_dsvl.random_checkpoint import ARCHS, checkpoint_shapes
+from mlx_dsvl.random_tokenizer import IMAGE_ID as IMG  # the test checkpoints' tokenizer id
 
 
 def loop_merge(ids, text, images):
@@ -118,9 +120,9 @@ def test_image_positions_must_match_the_images():
     check_image_positions(mx.array([two, one]), 2, I, IMG)  # a padded batch
     check_image_positions(mx.array([two, none]), 2, I, IMG)
     check_image_positions(mx.array([one]), 1, I, IMG)
-    cases = [([one], 2, r"4 image position\(s\) \(id %d\), but 2 image\(s\) x 4 tokens" % IMG),
+    cases = [([one], 2, rf"4 image position\(s\) \(id {IMG}\), but 2 image\(s\) x 4 tokens"),
              ([none], 1, r"0 image position"),  # e.g. the ids use another image-token id
-             ([one, one], 2, r"4 image position\(s\) \(id %d\) in row 0, but 2" % IMG),
+             ([one, one], 2, rf"4 image position\(s\) \(id {IMG}\) in row 0, but 2"),
              ([[1] + [IMG] * (I + 1)], 1, r"5 image position"),  # not a whole run
              ([two], 1, r"8 image position")]
     for rows, n, msg in cases:
@@ -138,6 +140,7 @@ def test_model_call_refuses_images_without_their_positions(tiny_model):
     assert model(mx.array([[1, IMG, 3]])).shape[:2] == (1, 3)  # no images: nothing to check
 
 
+@pytest.mark.slow
 def test_padded_batch_equals_unpadded(tiny_model):
     """Left padding + attention_mask gives each row exactly its unpadded logits."""
     model, _ = tiny_model
@@ -157,6 +160,7 @@ def test_padded_batch_equals_unpadded(tiny_model):
     assert float(mx.abs(batched[0] - zero[0]).max()) < 1e-4 * scale
 
 
+@pytest.mark.slow
 def test_logits_depend_on_every_image(tiny_hybrid_model):
     """Changing the second image changes logits only after its tokens (merge order, causality)."""
     model, _ = tiny_hybrid_model
@@ -182,6 +186,7 @@ def test_config_overrides_and_defaults():
     assert tiny.vision.num_image_tokens == 576
 
 
+@pytest.mark.slow
 def test_compiled_vision_equals_eager(tiny_hybrid_model):
     """The compiled vision path (default on GPUs) computes exactly what the eager one does."""
     model, _ = tiny_hybrid_model
@@ -220,6 +225,7 @@ def test_cpu_attention_equals_fused_attention_values_and_gradients():
         mx.set_default_device(before)
 
 
+@pytest.mark.slow
 def test_training_accessors_match_the_forward_pass(tiny_hybrid_model):
     """hidden_states + lm_head give the forward pass's logits, per-row or flat images; towers."""
     model, proc = tiny_hybrid_model

@@ -10,10 +10,17 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import mlx_dsvl
-
 from mlx_dsvl.model_folder import (
-    ModelLoadError, check_weights, plan_shards, read_weights, resolve_model_path, sanitize, shard_names, split_unused,
-    to_mlx_layout, to_pytorch_layout,
+    ModelLoadError,
+    check_weights,
+    plan_shards,
+    read_weights,
+    resolve_model_path,
+    sanitize,
+    shard_names,
+    split_unused,
+    to_mlx_layout,
+    to_pytorch_layout,
 )
 
 

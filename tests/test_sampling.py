@@ -20,10 +20,7 @@ def test_defaults_are_the_original_clis():
     assert {k: getattr(DEFAULTS, k) for k in ORIGINAL} == ORIGINAL and DEFAULTS.max_tokens == 512
 
 
-def test_every_command_line_and_the_server_start_from_the_same_defaults(monkeypatch):
-    import mlx_dsvl
-
-    monkeypatch.setattr(mlx_dsvl, "generate", mlx_dsvl.generate)  # importing the CLI module rebinds it
+def test_every_command_line_and_the_server_start_from_the_same_defaults():
     from mlx_dsvl.generate import build_parser as generate_parser
     from mlx_dsvl.server.__main__ import build_parser as server_parser
     from mlx_dsvl.server.schema import SamplingParams

@@ -65,6 +65,7 @@ def test_each_option_changes_the_reply_of_the_api_and_a_session(text_model, name
     assert follow[0] != follow[1], name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CHANGES))
 def test_each_option_reaches_the_command_line(text_ckpt, text_model, name):
     opts = options(name, True)

@@ -13,18 +13,21 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 from PIL import Image
 
-for _name in ("fastapi", "uvicorn", "httpx", "openai"):
+for _name in ("fastapi", "uvicorn", "httpx"):
     pytest.importorskip(_name, reason=f"the server tests need {_name}: pip install -e '.[server,test]'")
 
 import httpx  # noqa: E402
-from openai import OpenAI  # noqa: E402
 
 import mlx_dsvl  # noqa: E402
+
+if TYPE_CHECKING:
+    from openai import OpenAI
 
 KEY = "test-key-123"
 GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.1}}
@@ -95,7 +98,8 @@ def server(text_ckpt, image_dir, tmp_path_factory):
 
 
 def client(server) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    openai = pytest.importorskip("openai", reason="the server tests need openai: pip install -e '.[server,test]'")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def http(server, **kw) -> httpx.Client:
@@ -205,6 +209,7 @@ def stream_text(server, body) -> str:
     return "".join(pieces)
 
 
+@pytest.mark.slow
 def test_four_concurrent_streams_each_equal_to_alone(server):
     bodies = [
         {"messages": [{"role": "user", "content": [
@@ -518,6 +523,7 @@ def test_mime_base64_with_line_breaks(server):
     assert replies[0] == replies[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,says", [
     (["--max-batch", "0"], "--max-batch: must be >= 1, got 0"),
     (["--max-queue", "-1"], "--max-queue: must be >= 0, got -1"),
@@ -534,6 +540,7 @@ def test_bad_server_options_are_one_line_before_loading(flags, says):
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_port_0_listens_on_a_free_port_and_says_which(text_ckpt, tmp_path):
     import re
 
@@ -553,6 +560,7 @@ def test_port_0_listens_on_a_free_port_and_says_which(text_ckpt, tmp_path):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_context_that_cannot_hold_an_image_is_refused(text_ckpt):
     r = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", str(text_ckpt),
                         "--max-context", "10"], capture_output=True, text=True, timeout=120)
@@ -676,6 +684,7 @@ def test_full_image_cache_evicts_no_image_a_request_needs(local):
     assert len(sched.features) == 2  # still within its budget
 
 
+@pytest.mark.slow
 def test_port_in_use_is_one_clear_error(server, text_ckpt, image_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", str(text_ckpt),
                         "--port", str(server.port), "--log-level", "critical"],
@@ -690,10 +699,11 @@ def test_cli_loading_options(text_ckpt):
     the folder's name."""
     import mlx.nn as nn
 
-    from mlx_dsvl.server.__main__ import build_parser, load_model, served_name
+    from mlx_dsvl.model_options import load_from_args
+    from mlx_dsvl.server.__main__ import build_parser, served_name
 
     args = build_parser().parse_args(["--model", str(text_ckpt), "--4bit", "--dtype", "float32"])
-    model, _ = load_model(args)
+    model, _ = load_from_args(args)
     kinds = {type(m).__name__ for _, m in model.language_model.named_modules()}
     assert "QuantizedLinear" in kinds and not any(
         isinstance(m, nn.QuantizedLinear) for _, m in model.vision_model.named_modules())

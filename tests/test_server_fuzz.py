@@ -20,7 +20,8 @@ from PIL import Image
 for _name in ("fastapi", "httpx", "hypothesis"):
     pytest.importorskip(_name, reason=f"these tests need {_name}: pip install -e '.[server,test]'")
 
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 from starlette.testclient import TestClient  # noqa: E402
 
 from mlx_dsvl.server.app import ServerConfig, create_app  # noqa: E402
@@ -126,6 +127,7 @@ body = st.one_of(request.map(json.dumps), request.map(json.dumps), request.map(j
                  st.sampled_from([b"", b"{", b'{"messages": [{"role": "user", "content": "x"}], "top_p": NaN}']))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(content=body)
@@ -215,6 +217,7 @@ print(resident_mb() - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm") or not hasattr(ctypes.CDLL(None), "malloc_trim"),
                     reason="measures glibc's resident memory through /proc (Linux with glibc only)")
 def test_a_huge_image_leaves_no_memory_behind(tiny_dir):

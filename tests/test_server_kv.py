@@ -11,7 +11,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-for _name in ("fastapi", "uvicorn", "httpx", "openai"):
+for _name in ("fastapi", "uvicorn", "httpx"):
     pytest.importorskip(_name, reason=f"the server tests need {_name}: pip install -e '.[server,test]'")
 
 from test_server import KEY, Server, client, stats  # noqa: E402
@@ -26,7 +26,7 @@ Q2 = "And tomorrow?"
 @pytest.fixture(scope="module")
 def kv_ckpt(text_ckpt, tmp_path_factory):
     """The text checkpoint with 2 heads of 32 (a KV quantization group must divide the head)."""
-    from mlx_dsvl.testing.make_checkpoint import with_language_config
+    from mlx_dsvl.random_checkpoint import with_language_config
 
     return with_language_config(text_ckpt, tmp_path_factory.mktemp("kv") / "tiny-kv",
                                 num_attention_heads=2, num_key_value_heads=2)
@@ -195,6 +195,7 @@ def _entries(prefixes):
 
 
 # -- the command line -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_server_kv_bits_follow_up_equals_chat_session(kv_ckpt, kv_local, tmp_path):
     """python -m mlx_dsvl.server --kv-bits 8: a conversation over the openai client, its
     follow-up from the (quantized) prefix cache, equals ChatSession(kv_bits=8) greedily."""
@@ -223,6 +224,7 @@ def test_server_kv_bits_follow_up_equals_chat_session(kv_ckpt, kv_local, tmp_pat
     assert [r1, r2.choices[0].message.content] == want
 
 
+@pytest.mark.slow
 def test_cli_kv_options_are_checked(text_ckpt):
     def serve(*args):
         return subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", str(text_ckpt),

@@ -70,6 +70,7 @@ def test_new_image_in_place_of_an_old_one_is_not_taken_from_the_cache(tiny_model
     assert turn[-1].prompt_tokens > processor.num_image_tokens  # the new image was prefilled
 
 
+@pytest.mark.slow
 def test_image_features_stay_within_their_bound_and_come_back_when_needed(tiny_model):
     """Room for two images' features, four image turns: the cache keeps the two latest; the
     conversation keeps the features of its own images (a turn dropped past the context re-runs
@@ -103,6 +104,7 @@ def test_image_features_stay_within_their_bound_and_come_back_when_needed(tiny_m
     assert chat.encode_calls == 5
 
 
+@pytest.mark.slow
 def test_follow_up_encodes_only_its_new_tokens(tiny_hybrid_model):
     """A question after an image turn embeds only its own tokens (no image merge, no features)."""
     model, processor = tiny_hybrid_model
@@ -181,7 +183,7 @@ def test_session_with_unfused_prefills_matches_fused(tiny_model, monkeypatch):
 @pytest.fixture(scope="module")
 def kv_dir(tiny_dir, tmp_path_factory):
     """The tiny checkpoint with 2 heads of 32 (KV quantization groups need 32 | head size)."""
-    from mlx_dsvl.testing.make_checkpoint import with_language_config
+    from mlx_dsvl.random_checkpoint import with_language_config
 
     return with_language_config(tiny_dir, tmp_path_factory.mktemp("kv") / "tiny-2heads",
                                 num_attention_heads=2, num_key_value_heads=2)
@@ -247,6 +249,7 @@ def test_kv_bits_in_the_generation_api(kv_model):
         mlx_dsvl.generate(model, processor, conv, max_tokens=4, kv_bits=5)
 
 
+@pytest.mark.slow
 def test_cli_kv_bits_and_quantize(kv_dir, tiny_dir):
     import subprocess
     import sys

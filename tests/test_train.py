@@ -16,14 +16,15 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_dsvl
+from mlx_dsvl.testing.synthetic import write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, train
-from mlx_dsvl.train.__main__ import build_parser, main as train_main
-from mlx_dsvl.train.checkpoint import ResumeError
+from mlx_dsvl.train.__main__ import build_parser
+from mlx_dsvl.train.__main__ import main as train_main
 from mlx_dsvl.train.batches import collate
+from mlx_dsvl.train.checkpoint import ResumeError
 from mlx_dsvl.train.data import IGNORE, DataError, load_jsonl, tokenize_chat, tokenize_text
 from mlx_dsvl.train.schedule import ModalityMixer
 from mlx_dsvl.train.stages import StageError
-from mlx_dsvl.train.synthetic import write_shapes_dataset
 
 EOS_TEXT = "<｜end▁of▁sentence｜>"
 
@@ -273,20 +274,22 @@ def test_parameter_counts_are_of_one_model(tiny_hybrid_dir, method, train_set):
     if method == "lora":  # QLoRA: the quantized LLM counts as many parameters as before
         nn.quantize(model.language_model, group_size=32, bits=4)
     comps = parse_components(3, train_set, True)
-    setup_trainable(model, TrainSpec(3, comps, method, 4, 20.0, 0.0, ("attn", "mlp"), None))
+    setup_trainable(model, TrainSpec(stage=3, components=comps, method=method, rank=4, scale=20.0, dropout=0.0,
+                                     targets=("attn", "mlp"), llm_layers=None))
     trained = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     factors = sum(v.size for k, v in tree_flatten(model.parameters()) if k.endswith((".lora_a", ".lora_b")))
     every = base + factors
     assert count_parameters(model) == (trained, every)
     if method == "full":
         assert trained == every  # everything trains
-    line = start_line(cfg(stage=3, iters=1, lr=1e-3, vision_lr=1e-4), comps, False, trained, every, 4, None,
-                      None, 0)
+    line = start_line(cfg(stage=3, iters=1, lr=1e-3, vision_lr=1e-4), components=comps, frozen_vision=False,
+                      n_train=trained, n_total=every, n_main=4, n_text=None, resume=None, start_step=0)
     m = re.search(r"-- ([\d.]+)M trainable of ([\d.]+)M parameters", line)
     assert m and float(m.group(1)) <= float(m.group(2)), line
     assert (m.group(1) == m.group(2)) == (method == "full"), line
 
 
+@pytest.mark.slow
 def test_hybrid_stage3_keeps_sam_frozen_and_sam_neck_override(tiny_hybrid_dir, tmp_path):
     data = write_shapes_dataset(tmp_path / "d", 4, seed=1, size=256)
     _, trainable, changed, _ = _changed_after_one_step(tiny_hybrid_dir, data["chat"], tmp_path / "a", stage=3)
@@ -320,6 +323,7 @@ def _losses(history, lo, hi):
     return [r["loss"] for r in history if r.get("type") == "train" and lo <= r["step"] <= hi]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_dir, shapes_data, tmp_path):
     common = dict(stage=3, model=str(tiny_dir), data=str(shapes_data["chat"]), iters=20,
                   lora_dropout=0.1, lr=5e-4, warmup=3, batch_size=3, save_every=10)
@@ -342,7 +346,7 @@ def test_resume_is_exact(tiny_dir, shapes_data, tmp_path):
 
 
 def test_resume_refuses_another_model_or_setup(tiny_dir, tiny_hybrid_dir, shapes_data, tmp_path):
-    from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+    from mlx_dsvl.random_checkpoint import make_checkpoint
 
     out = tmp_path / "run"
     train(cfg(stage=1, model=str(tiny_dir), data=str(shapes_data["pairs"]), out=str(out), iters=2))
@@ -377,6 +381,7 @@ def test_mixer_share_follows_the_warmup_schedule():
     assert draws[:20].mean() > 0.9 and draws[800:].mean() < 0.45
 
 
+@pytest.mark.slow
 def test_stage2_logs_text_share_and_separate_losses(tiny_dir, shapes_data, text_data, tmp_path):
     res = train(cfg(stage=2, model=str(tiny_dir), data=str(shapes_data["pairs"]), out=str(tmp_path / "s2"),
                     text_data=str(text_data), val_data=str(shapes_data["pairs"]),
@@ -396,6 +401,7 @@ def test_stage2_logs_text_share_and_separate_losses(tiny_dir, shapes_data, text_
 # -- outputs -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_outputs_metrics_png_checkpoints_and_cache(tiny_dir, shapes_data, tmp_path):
     out = tmp_path / "s1"
     res = train(TrainConfig(stage=1, model=str(tiny_dir), data=str(shapes_data["pairs"]), out=str(out),
@@ -442,6 +448,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, shapes_d
     assert not (out / "adapters.safetensors").exists()  # no final save of a broken model
 
 
+@pytest.mark.slow
 def test_grad_accum_and_checkpointing_match_plain_steps(tiny_dir, shapes_data, tmp_path):
     four = Path(shapes_data["chat"]).parent / "four.jsonl"
     four.write_text("".join(Path(shapes_data["chat"]).read_text().splitlines(True)[:4]))

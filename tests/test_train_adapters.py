@@ -14,9 +14,9 @@ from PIL import Image
 
 import mlx_dsvl
 from mlx_dsvl.fuse import main as fuse_main
+from mlx_dsvl.testing.synthetic import QUESTION, write_shapes_dataset
 from mlx_dsvl.train import AdapterError, TrainConfig, load_adapters, train
 from mlx_dsvl.train.stages import StageError
-from mlx_dsvl.train.synthetic import QUESTION, write_shapes_dataset
 
 
 def cfg(**kw):
@@ -32,6 +32,7 @@ def logits_for(model, processor, image):
     return np.array(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,method,train_set", [
     ("hybrid", "lora", "aligner,llm,siglip,sam-neck"),
     ("tiny", "dora", None),
@@ -88,6 +89,7 @@ def test_load_adapters_errors(tiny_dir, tiny_hybrid_dir, tmp_path):
     assert rc == 1  # refuses to overwrite an existing folder
 
 
+@pytest.mark.slow
 def test_qlora_trains_adapters_on_a_quantized_llm(tiny_dir, tmp_path):
     data = write_shapes_dataset(tmp_path / "d", 4, seed=6)
     model, processor = mlx_dsvl.load(tiny_dir)
@@ -116,6 +118,7 @@ def test_qlora_trains_adapters_on_a_quantized_llm(tiny_dir, tmp_path):
     np.testing.assert_allclose(logits_for(fresh, processor, image), ref, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_qlora_on_a_quantized_mlx_folder_then_fuse(tiny_dir, tmp_path):
     """python -m convert --quantize -> QLoRA training from disk -> fuse to the original layout."""
     from mlx_dsvl.convert.__main__ import main as convert_main

@@ -32,15 +32,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_dsvl import faults
+from mlx_dsvl.testing.synthetic import make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train import run as run_module
 from mlx_dsvl.train.batches import BatchStream, collate
 from mlx_dsvl.train.callbacks import TrainingCallback
 from mlx_dsvl.train.checkpoint import ResumeError, damage
 from mlx_dsvl.train.distributed import World, fingerprint, global_batch_check, launcher
-from mlx_dsvl.train.loop import TrainingStopped
-from mlx_dsvl.train.loss import make_loss
-from mlx_dsvl.train.synthetic import make_images, write_shapes_dataset
+from mlx_dsvl.train.loop import TrainingStopped, make_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -315,6 +314,7 @@ def test_the_global_batch_decides_whether_a_checkpoint_can_continue():
 # -- two processes ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "lora-cache", "full-cache", "full"])
 def test_two_processes_match_one_with_the_global_batch(runs, name):
     loss, weight = differences(runs["two"][name], runs["one"][name])
@@ -322,6 +322,7 @@ def test_two_processes_match_one_with_the_global_batch(runs, name):
     assert loss <= TOL and weight <= TOL
 
 
+@pytest.mark.slow
 def test_the_runs_share_out_work_and_output(runs):
     two, one = runs["two"], runs["one"]
     out = runs["launch"].stdout + runs["launch"].stderr
@@ -352,6 +353,7 @@ def test_the_runs_share_out_work_and_output(runs):
     assert rng["ranks"].shape == (2, 2) and rng["ranks"][0].tolist() != rng["ranks"][1].tolist()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_continues_on_one_process_with_the_same_global_batch(runs, tmp_path):
     two = runs["two"]["lora"]
     ck = two / "checkpoints" / "step-0000002"
@@ -372,6 +374,7 @@ def cli_args(tiny_dir, data, out, *flags):
             "--warmup", "0", "--steps-per-report", "1", "--no-plot", *flags]
 
 
+@pytest.mark.slow
 def test_stop_failure_and_resume_agree_across_processes(runs, tiny_dir, data, tmp_path):
     out = tmp_path / "run"
     # SIGTERM to rank 1 during step 2: both processes stop after it, rank 0 saves and says so.
@@ -401,6 +404,7 @@ def test_stop_failure_and_resume_agree_across_processes(runs, tiny_dir, data, tm
     assert all(np.array_equal(wa[k], wb[k]) for k in wb)
 
 
+@pytest.mark.slow
 def test_a_frozen_process_is_caught_by_the_watchdog(tiny_dir, data, tmp_path):
     # 15 s, not less: on a busy 2-core machine a healthy process's first step can take seconds
     out, err_file = tmp_path / "run", tmp_path / "stderr.txt"

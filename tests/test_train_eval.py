@@ -15,10 +15,10 @@ from PIL import Image
 
 import mlx_dsvl
 from mlx_dsvl.eval import evaluate, read
+from mlx_dsvl.testing.synthetic import make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, load_adapters, train
 from mlx_dsvl.train.__main__ import main as train_main
-from mlx_dsvl.train.plot import plot_losses
-from mlx_dsvl.train.synthetic import make_images, write_shapes_dataset
+from mlx_dsvl.train.callbacks import plot_losses
 
 TIMING = {"time", "tokens_per_s", "steps_per_s", "peak_memory_gb", "seconds"}
 
@@ -50,6 +50,7 @@ def records(out: Path, kind: str):
             for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == kind]
 
 
+@pytest.mark.slow
 def test_stage2_scores_both_sets_and_the_records_match_the_saved_adapters(tiny_dir, sets, tmp_path):
     out = tmp_path / "s2"
     args = ["--stage", "2", "--model", str(tiny_dir), "--data", str(sets["pairs"]), "--text-data",
@@ -77,6 +78,7 @@ def test_stage2_scores_both_sets_and_the_records_match_the_saved_adapters(tiny_d
         assert (np.abs(right.astype(int) - 255).sum(axis=2) > 60).sum() > 500  # curves drawn
 
 
+@pytest.mark.slow
 def test_evaluation_leaves_training_and_resume_exact(tiny_dir, sets, tmp_path):
     """Evaluation on or off, straight or resumed at step 2: the same losses and weights."""
     common = dict(stage=3, model=str(tiny_dir), data=str(sets["chat"]), iters=4, batch_size=2,

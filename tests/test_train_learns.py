@@ -1,6 +1,6 @@
 """It learns: stage 1 then stage 3 (LoRA) teach a tiny random model to caption synthetic images.
 
-A synthetic captioning task is generated on the fly (mlx_dsvl.train.synthetic: a red, green,
+A synthetic captioning task is generated on the fly (mlx_dsvl.testing.synthetic: a red, green,
 blue or yellow circle or square on a white, black or grey background, with random position and
 colour jitter; captions like "red circle on white").  The recipe runs through the public
 training API exactly as the CLI does:
@@ -29,10 +29,13 @@ import time
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 import mlx_dsvl
+from mlx_dsvl.testing.synthetic import QUESTION, make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, load_adapters, train
-from mlx_dsvl.train.synthetic import QUESTION, make_images, write_shapes_dataset
+
+pytestmark = pytest.mark.slow
 
 IMAGE_SIZE = 96
 TASK = dict(shapes=("circle", "square"), sizes={"square": 0.40, "circle": 0.30}, jitter=0.05,
@@ -43,7 +46,7 @@ N_TRAIN, N_TEST, BATCH = 800, 72, 8
 
 def small_grid_checkpoint(out, monkeypatch, seed=1):
     """make_checkpoint's "tiny" arch with a 96 px SigLIP input (36 image tokens)."""
-    from mlx_dsvl.testing import make_checkpoint as mc
+    from mlx_dsvl import random_checkpoint as mc
 
     config, (_, mean, std, do_norm), dtype = mc.ARCHS["tiny"]
     config = copy.deepcopy(config)

@@ -15,10 +15,9 @@ from mlx_dsvl.train import TrainConfig, train
 from mlx_dsvl.train.__main__ import build_parser
 from mlx_dsvl.train.callbacks import TrainingCallback
 from mlx_dsvl.train.config import ConfigError, as_flags, resolve, validate_config
-from mlx_dsvl.train.loop import LoopArgs, train_loop
-from mlx_dsvl.train.loss import make_loss
+from mlx_dsvl.train.loop import LoopArgs, make_loss, train_loop
+from mlx_dsvl.train.run import build, prepare
 from mlx_dsvl.train.rundir import RunDir
-from mlx_dsvl.train.setup import build, prepare
 from mlx_dsvl.train.stages import STAGES
 
 

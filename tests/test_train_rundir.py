@@ -301,7 +301,7 @@ def test_skipped_lines_are_counted_with_their_reasons(tiny_dir, tmp_path, capsys
 
 def test_force_with_cached_vision_features_moves_the_cache_with_the_run(tiny_dir, earlier_run, tmp_path):
     """The cache of a --force run lives in its staging folder until the swap, then in --out."""
-    from mlx_dsvl.train.synthetic import write_shapes_dataset
+    from mlx_dsvl.testing.synthetic import write_shapes_dataset
 
     data = write_shapes_dataset(tmp_path / "shapes", 4, seed=4)
     out = tmp_path / "run"

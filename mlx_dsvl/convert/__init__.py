@@ -1,15 +1,4 @@
-"""Checkpoint conversion: ``python -m mlx_dsvl.convert`` (``mlx-dsvl-convert``; ``python -m
-convert`` from the repository root).
+"""Checkpoint conversion: ``python -m mlx_dsvl.convert`` (``mlx-dsvl-convert``).
 
-- :mod:`.to_mlx`: original deepseek-ai or ``transformers`` checkpoints -> MLX folder (dtype,
-  4/8-bit quantization), streamed tensor by tensor;
-- :mod:`.to_original`: MLX folder -> original layout (dequantized, adapters fused);
-- :mod:`.keymaps`: original <-> ``transformers`` tensor names;
-- :mod:`.hf_config`: ``transformers`` config -> original ``config.json`` and processor files;
-- :mod:`.sources`: any supported checkpoint as one lazy MLX-layout view (reading folders, the
-  layout maps and the strict check are :mod:`mlx_dsvl.model_folder`'s);
-- :mod:`.files`, :mod:`.staging`, :mod:`.job`: writing outputs atomically.
-
-Importing this package is cheap (nothing below is imported here), so that the test tools can
-use :mod:`.keymaps` alone.
+Importing this package imports nothing below it, so the test tools can use :mod:`.keymaps` alone.
 """

@@ -1,15 +1,7 @@
-"""``python -m mlx_dsvl.convert`` (also ``mlx-dsvl-convert``, and ``python -m convert`` from the
-repository root): DeepSeek-VL checkpoints -> MLX (dtype, 4/8-bit quantization) and back.
+"""``python -m mlx_dsvl.convert``: DeepSeek-VL checkpoints -> MLX (dtype, 4/8-bit) and back.
 
-    python -m mlx_dsvl.convert --model SRC --out DIR [--dtype float16|bfloat16|float32]
-                      [--quantize [--q-bits 4|8] [--q-group-size 32|64|128] [--quantize-vision]]
-                      [--allow-pickle] [--shard-gb 5] [--force]
-    python -m mlx_dsvl.convert --to-original --model SRC --out DIR [--dtype ...] [--adapter DIR] [--force]
-
-SRC: a local folder or a Hugging Face hub id, in the original deepseek-ai layout or a
-``transformers`` ``deepseek_vl`` / ``deepseek_vl_hybrid`` checkpoint (or, for ``--to-original``,
-an MLX folder written by this command).  Progress goes to stderr, the output path to stdout;
-an error is one ``error: ...`` line on stderr, exit status 1, and nothing is left behind.
+Progress goes to stderr, the output path to stdout (for scripts); an error is one line, status 1,
+and nothing is left behind.
 """
 
 from __future__ import annotations
@@ -17,13 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
 
+from ..blas import ensure_fast_blas
 from ..loading import ModelLoadError
+from ..outputs import run_command
 from ..utils import print_names
-
 from .files import ConvertError
-from .staging import run_command
+from .to_mlx import convert_to_mlx
 
 DTYPE_CHOICES = ["float16", "bfloat16", "float32"]
 
@@ -34,7 +26,7 @@ def default_prog() -> str:
     return name if name and not name.endswith(".py") else "python -m mlx_dsvl.convert"
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or default_prog(),
         description="Convert DeepSeek-VL checkpoints (original deepseek-ai or transformers layout) to an "
@@ -64,9 +56,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
-    from ..blas import ensure_fast_blas
-
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if argv is None:
         ensure_fast_blas()
     parser = build_parser(prog)
@@ -91,12 +81,10 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
 
 def _run(a: argparse.Namespace):
     if a.to_original:
-        from .to_original import convert_to_original
+        from .to_original import convert_to_original  # deferred: adapters bring mlx_lm.tuner (rich)
 
         return convert_to_original(a.model, a.out, dtype=a.dtype, adapter=a.adapter, force=a.force,
                                    allow_pickle=a.allow_pickle, shard_gb=a.shard_gb)
-    from .to_mlx import convert_to_mlx
-
     return convert_to_mlx(a.model, a.out, dtype=a.dtype, quantize=a.quantize,
                           q_bits=a.q_bits or 4, q_group_size=a.q_group_size or 64,
                           quantize_vision=a.quantize_vision, force=a.force,

@@ -1,29 +1,22 @@
-"""File side of the converter: streaming safetensors writer, shards (output folders: staging.py;
-the shard plan and names: :mod:`mlx_dsvl.model_folder`).
-
-- :func:`write_safetensors`: writes the header from the (lazy) arrays' shapes and dtypes, then
-  evaluates and writes one tensor at a time, dropping it right after -- so writing a shard holds
-  about one tensor in memory, not the shard.
-- :func:`write_shards`: groups tensors (a module's tensors stay together) into shards of at most
-  ``max_bytes`` and writes the index.
-"""
+"""File side of the converter: a streaming safetensors writer (a shard holds about one tensor in
+memory, not the shard) and sharded output."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import struct
-import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
 from ..faults import fault_point
 from ..model_folder import ModelLoadError, plan_shards, shard_names
+from ..outputs import human_bytes, log
 
 
 class ConvertError(ValueError):
@@ -32,28 +25,11 @@ class ConvertError(ValueError):
 
 @contextmanager
 def as_convert_error() -> Iterator[None]:
-    """The folder reader's errors (bad JSON, missing shard, truncated file, strict check, ...)
-    as this tool's."""
+    """The folder reader's errors as this tool's."""
     try:
         yield
     except ModelLoadError as e:
         raise ConvertError(str(e)) from None
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} GB"
-
-
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 # -- safetensors ------------------------------------------------------------------------------
@@ -64,13 +40,10 @@ _ST_DTYPES = {
 }
 
 
-def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Optional[Dict[str, str]] = None) -> int:
-    """Write ``tensors`` (lazy arrays welcome) to ``path``; the dict is emptied as it is written.
-
-    Returns the number of data bytes.  The header is built from shapes and dtypes alone, then
-    each tensor is evaluated, written and dropped before the next one is computed.
-    """
-    header: Dict[str, object] = {}
+def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> int:
+    """Write lazy ``tensors``, emptying the dict: the header comes from shapes and dtypes alone,
+    then each tensor is evaluated, written and dropped before the next; returns the data bytes."""
+    header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
@@ -106,19 +79,16 @@ def write_safetensors(path: Path, tensors: Dict[str, mx.array], metadata: Option
 
 def write_shards(
     folder: Path,
-    tensors: Dict[str, mx.array],
+    tensors: dict[str, mx.array],
     max_bytes: int,
-    metadata: Dict[str, str],
+    metadata: dict[str, str],
     always_index: bool,
     progress: Callable[[str], None] = log,
-) -> Tuple[List[str], int]:
-    """Write ``tensors`` as shards (+ ``model.safetensors.index.json`` when several, or always).
-
-    Emptied as written.  Returns (file names, total data bytes).
-    """
+) -> tuple[list[str], int]:
+    """Write ``tensors`` as shards, emptying the dict; returns (file names, data bytes)."""
     groups = plan_shards({k: v.nbytes for k, v in tensors.items()}, max_bytes)
     names = shard_names(len(groups))
-    weight_map: Dict[str, str] = {}
+    weight_map: dict[str, str] = {}
     total = 0
     for i, (fname, keys) in enumerate(zip(names, groups)):
         t0 = time.perf_counter()
@@ -139,6 +109,6 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def copy_files(files: List[Path], folder: Path) -> None:
+def copy_files(files: list[Path], folder: Path) -> None:
     for f in files:
         shutil.copyfile(f, folder / f.name)  # follows symlinks (hub cache snapshots)

@@ -1,21 +1,16 @@
 """``transformers`` ``deepseek_vl`` / ``deepseek_vl_hybrid`` config -> the original ``config.json``.
 
-The original file names its towers (``CLIPVisionTower`` with ``siglip_large_patch16_384``;
-``HybridVisionTower`` with ``sam_b_downsample`` + SigLIP) and its aligner (``MlpProjector``) as
-``{"cls", "params"}`` blocks; sizes that differ from the named reference models are written as
-explicit overrides in ``params`` (what :mod:`mlx_dsvl.config` reads).  The ``transformers``
-processor files differ from the original ones, so the original ``preprocessor_config.json`` and
-``processor_config.json`` are rebuilt from what each family's released files hold: 1.3B ->
-384 px, mean = std = 0.5, normalized in the processor; 7B -> 1024 px, CLIP mean/std, not
-normalized in the processor (each tower normalizes its own input inside the model).
+Sizes that differ from the named reference towers are written as overrides in ``params``. The
+``transformers`` processor files differ from the original ones, so those are rebuilt from what each
+family's released files hold: 1.3B 384 px, mean = std = 0.5, normalized in the processor; 7B
+1024 px, CLIP mean/std, normalized by each tower inside the model.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 from ..config import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN_ID, SAM_MODELS, SIGLIP_MODELS
-
 from .files import ConvertError
 
 HF_MODEL_TYPES = ("deepseek_vl", "deepseek_vl_hybrid")
@@ -24,16 +19,16 @@ SAM_NAME = "sam_b_downsample"
 SIGLIP_HALF = [0.5, 0.5, 0.5]
 
 
-def _get(cfg: Dict[str, Any], key: str, default=None):
+def _get(cfg: dict[str, Any], key: str, default=None):
     v = cfg.get(key, default)
     return default if v is None else v
 
 
-def _siglip_params(v: Dict[str, Any], notes: List[str]) -> Dict[str, Any]:
+def _siglip_params(v: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     ref = SIGLIP_MODELS[SIGLIP_NAME]
     width = int(_get(v, "hidden_size", ref["width"]))
     mlp = int(_get(v, "intermediate_size", int(width * ref["mlp_ratio"])))
-    params: Dict[str, Any] = {"model_name": SIGLIP_NAME, "image_size": int(_get(v, "image_size", 384)),
+    params: dict[str, Any] = {"model_name": SIGLIP_NAME, "image_size": int(_get(v, "image_size", 384)),
                               "select_feature": "same", "select_layer": -1}
     sizes = {"patch_size": int(_get(v, "patch_size", ref["patch_size"])), "width": width,
              "layers": int(_get(v, "num_hidden_layers", ref["layers"])),
@@ -50,13 +45,13 @@ def _siglip_params(v: Dict[str, Any], notes: List[str]) -> Dict[str, Any]:
     return params
 
 
-def _sam_params(h: Dict[str, Any], aligner_in: int) -> Dict[str, Any]:
+def _sam_params(h: dict[str, Any], aligner_in: int) -> dict[str, Any]:
     ref = {**SAM_MODELS[SAM_NAME], "image_size": 1024, "patch_size": 16, "mlp_ratio": 4.0,
            "window_size": 14, "prompt_embed_dim": 256}
     width = int(_get(h, "hidden_size", ref["width"]))
     out = int(_get(h, "output_channels", ref["prompt_embed_dim"]))
     mlp = int(_get(h, "mlp_dim", int(width * ref["mlp_ratio"])))
-    params: Dict[str, Any] = {"model_name": SAM_NAME, "image_size": int(_get(h, "image_size", 1024)),
+    params: dict[str, Any] = {"model_name": SAM_NAME, "image_size": int(_get(h, "image_size", 1024)),
                               "select_feature": "same", "select_layer": -1, "output_dim": aligner_in,
                               "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)}
     sizes = {"patch_size": int(_get(h, "patch_size", 16)), "width": width,
@@ -74,7 +69,7 @@ def _sam_params(h: Dict[str, Any], aligner_in: int) -> Dict[str, Any]:
     return params
 
 
-def _language_config(t: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+def _language_config(t: dict[str, Any], dtype: str) -> dict[str, Any]:
     act = t.get("hidden_act", "silu")
     if act != "silu":
         raise ConvertError(f"unsupported text_config.hidden_act {act!r} (DeepSeek-VL's Llama uses silu)")
@@ -85,7 +80,7 @@ def _language_config(t: Dict[str, Any], dtype: str) -> Dict[str, Any]:
     scaling = t.get("rope_scaling")
     if rope.get("rope_type", "default") not in ("default", None):
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    out: Dict[str, Any] = {
+    out: dict[str, Any] = {
         "model_type": "llama",
         "vocab_size": int(_get(t, "vocab_size", 102400)),
         "hidden_size": hidden,
@@ -108,12 +103,12 @@ def _language_config(t: Dict[str, Any], dtype: str) -> Dict[str, Any]:
     return out
 
 
-def original_config(hf: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+def original_config(hf: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A ``transformers`` DeepSeek-VL ``config.json`` dict -> (original ``config.json`` dict, notes)."""
     kind = hf.get("model_type")
     if kind not in HF_MODEL_TYPES:
         raise ConvertError(f"not a transformers DeepSeek-VL config (model_type {kind!r})")
-    notes: List[str] = []
+    notes: list[str] = []
     vision = hf.get("vision_config") or {}
     text = hf.get("text_config") or {}
     if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
@@ -138,7 +133,7 @@ def original_config(hf: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     else:
         vision_config = {"cls": "CLIPVisionTower", "model_type": "vision", "params": siglip}
         projector = "mlp_gelu"
-    config: Dict[str, Any] = {
+    config: dict[str, Any] = {
         "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
                            "params": {"depth": 2, "input_dim": width, "n_embed": language["hidden_size"],
                                       "projector_type": projector}},
@@ -153,12 +148,12 @@ def original_config(hf: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
     return config, notes
 
 
-def tied_embeddings(hf: Dict[str, Any]) -> bool:
+def tied_embeddings(hf: dict[str, Any]) -> bool:
     """Whether the transformers model ties ``lm_head`` to the embeddings (its default is True)."""
     return bool(hf.get("tie_word_embeddings", (hf.get("text_config") or {}).get("tie_word_embeddings", True)))
 
 
-def original_processor_configs(config: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def original_processor_configs(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(preprocessor_config.json, processor_config.json) of the original layout for ``config``."""
     vision = config["vision_config"]
     if "Hybrid" in vision["cls"]:

@@ -1,27 +1,23 @@
-"""The frame every conversion shares (MLX <- original/transformers, and back).
-
-Argument checks, the source resolved and opened once, the output staged in a temporary folder
-next to ``out`` (with a scratch folder for files a source needs to unpack) and renamed into place
-only when everything was written, the config/tokenizer/processor files, and the closing line.
-"""
+"""The frame every conversion shares: argument checks, the source opened once, the output staged
+beside ``out`` and renamed into place only when everything was written."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
 
 import mlx.core as mx
 
 from ..loading import DTYPES
-
 from ..model_folder import resolve_model_path
-from .files import ConvertError, as_convert_error, copy_files, folder_bytes, human_bytes, write_json
+from ..outputs import FULL, Staged, folder_bytes, human_bytes, log, output_path, reclaim_stale
+from .files import ConvertError, as_convert_error, copy_files, write_json
 from .sources import Source, hub_patterns, open_source
-from .staging import check_output, staged_output
 
 
 @dataclass
@@ -30,9 +26,9 @@ class Job:
     source: Source  # its weights, configs and side files
     out: Path  # the final output folder
     tmp: Path  # the staged output folder (renamed to ``out`` at the end)
-    target: Optional[mx.Dtype]  # the requested dtype; None keeps each tensor's
+    target: mx.Dtype | None  # the requested dtype; None keeps each tensor's
 
-    def write_configs(self, config: Dict) -> None:
+    def write_configs(self, config: dict) -> None:
         """``config.json``, then the source's tokenizer/processor files and generated ones."""
         write_json(self.tmp / "config.json", config)
         copy_files(self.source.side_files, self.tmp)
@@ -40,19 +36,77 @@ class Job:
             write_json(self.tmp / name, obj)
 
 
+def check_output(out: Path, source: Path | None, force: bool) -> None:
+    """Refuse an existing ``out`` without ``force``, a file, and any overlap with the source."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out}: exists and is not a folder")
+    if out.exists() and not force:
+        raise ConvertError(f"{out}: already exists (use --force to replace it)")
+    if source is not None:
+        src, dst = Path(source).resolve(), out.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise ConvertError(f"{out}: the output folder must not be, contain or lie inside the input {source}")
+
+
 @contextmanager
-def conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pickle: bool,
+def staged_output(out: Path, force: bool = False, progress: Callable[[str], None] = log) -> Iterator[Path]:
+    """A folder staged beside ``out``, put in its place when the block succeeds. On failure (also
+    Ctrl-C, SIGTERM/SIGHUP) it and the parents made for it go; after ``kill -9`` the next run does it."""
+    out = output_path(out)
+    created: list[Path] = []
+    parent = out.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConvertError(f"{out}: {parent} is a file, not a folder")
+
+    def remove_created() -> None:  # innermost first; only if still empty
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_stale(out, progress, f"interrupted conversions into {out.name}")
+        staged = Staged(out)
+    except OSError as e:
+        remove_created()
+        raise ConvertError(f"{out}: cannot write there ({e.strerror or e})") from None
+    try:
+        staged.partial.mkdir(mode=0o700)
+        yield staged.partial
+        staged.partial.chmod(0o755)  # a model folder is an ordinary one
+        for p in staged.partial.rglob("*"):
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        if out.exists() and not force:
+            raise ConvertError(f"{out}: already exists (use --force to replace it)")
+        staged.publish()
+    except BaseException as e:
+        staged.abandon()
+        remove_created()
+        if isinstance(e, OSError) and e.errno in FULL:
+            raise ConvertError(f"{out.parent}: no space left on the device while writing {out.name} "
+                               "(the partial output was removed; free some space and run again)") from None
+        raise
+    finally:
+        staged.release()
+
+
+@contextmanager
+def conversion(model: str, out: str, *, dtype: str | None, force: bool, allow_pickle: bool,
                shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
-    """Check the common arguments, open ``model`` and stage ``out``; the body writes into
-    ``job.tmp``.  An exception anywhere leaves no trace next to ``out``; the folder reader's
-    errors (:mod:`mlx_dsvl.model_folder`, the body's strict checks too) come out as ConvertError."""
+    """Check the common arguments, open ``model`` and stage ``out`` (the body writes into
+    ``job.tmp``); an exception anywhere leaves no trace next to ``out``."""
     with as_convert_error():
-        with _conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+        with _conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
+                         progress=progress) as job:
             yield job
 
 
 @contextmanager
-def _conversion(model: str, out: str, dtype: Optional[str], force: bool, allow_pickle: bool,
+def _conversion(model: str, out: str, *, dtype: str | None, force: bool, allow_pickle: bool,
                 shard_gb: float, progress: Callable[[str], None]) -> Iterator[Job]:
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")

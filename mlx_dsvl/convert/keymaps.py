@@ -1,36 +1,18 @@
 """Tensor-name maps between the original deepseek-ai checkpoints and ``transformers``' ports.
 
-Original layout (``deepseek-ai/deepseek-vl-*``)            ``transformers`` (``DeepseekVL*ForConditionalGeneration``)
----------------------------------------------------------  ---------------------------------------------------------
-``vision_model.vision_tower.*`` (1.3B SigLIP)               ``model.vision_model.*`` (newer, flat) or
-``vision_model.vision_tower_low.vision_tower.*`` (7B)       ``model.vision_model.vision_model.*`` (older hub files)
-``vision_model.vision_tower_high.vision_tower.*`` (SAM)     ``model.high_res_vision_model.vision_encoder.*``,
-                                                            ``model.high_res_vision_neck.*`` (``neck_hd``),
-                                                            ``model.high_res_vision_proj.conv{1,2}`` (``downsamples``),
-                                                            ``model.high_res_vision_alpha`` (``hd_alpha_downsamples``)
-``aligner.layers.{0,2}`` (1.3B)                             ``model.aligner.linear{1,2}``
-``aligner.{high_up_proj,low_up_proj,layers.1}`` (7B)        ``model.aligner.{high_res_vision_proj,vision_proj,proj}``
-``language_model.model.*`` / ``language_model.lm_head``     ``model.language_model.*`` / ``lm_head``
-
-Tensor changes: SigLIP's fused ``attn.qkv`` is split into ``self_attn.{q,k,v}_proj`` (and fused
-back); SigLIP's ``pos_embed`` [1, N, D] loses its leading 1 (``position_embedding.weight`` [N, D]);
-SAM's ``qkv`` stays fused; conv weights keep the PyTorch [O, I, kH, kW] layout on both sides.
-
-Dropped on the way to ``transformers``: ``attn_pool.*`` (SigLIP pooling head),
-``vision_model.{high,low}_layer_norm.*`` and ``rotary_emb.inv_freq`` -- the original model never
-uses them.  Dropped on the way back: SigLIP's ``head.*`` (``transformers``' pooling head, present
-in some converted files; unused with ``vision_use_head=False``).  Any other unknown name raises.
-
-Pure Python + numpy: values may be numpy arrays, ``torch`` tensors or ``mlx`` arrays (the
-functions only slice, index and -- for the inverse qkv fusion -- concatenate them with the
-values' own library); no ``torch`` import happens here.
+Beyond the renames: SigLIP's fused ``attn.qkv`` is split into ``{q,k,v}_proj`` (and fused back)
+and its ``pos_embed`` [1, N, D] loses the leading 1; SAM's ``qkv`` stays fused; convs keep
+PyTorch's [O, I, kH, kW] on both sides. Tensors no model uses are dropped either way; any other
+unknown name raises. Values may be numpy arrays, torch tensors or mlx arrays, each handled with its
+own library, so nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +45,7 @@ HF_UNUSED = (re.compile(r"^model\.vision_model\.(vision_model\.)?head\."),)
 # -- rules ------------------------------------------------------------------------------------
 # (original template, transformers template, kind); placeholders: {i} layer index, {n} 1/2,
 # {p} weight/bias, {hw} h/w, {rest} anything.  kind: "same" | "qkv" | "pos".
-Rule = Tuple[str, str, str]
+Rule = tuple[str, str, str]
 
 _PLACEHOLDERS = {
     "i": r"\d+",
@@ -75,7 +57,7 @@ _PLACEHOLDERS = {
 }
 
 
-def _siglip_rules(o: str, h: str) -> List[Rule]:
+def _siglip_rules(o: str, h: str) -> list[Rule]:
     """SigLIP (timm ViT) <-> ``SiglipVisionModel``; o/h are the two prefixes."""
     return [
         (o + "patch_embed.proj.{p}", h + "embeddings.patch_embedding.{p}", "same"),
@@ -88,7 +70,7 @@ def _siglip_rules(o: str, h: str) -> List[Rule]:
     ]
 
 
-def _neck_rules(o: str, h: str) -> List[Rule]:
+def _neck_rules(o: str, h: str) -> list[Rule]:
     return [
         (o + "0.weight", h + "conv1.weight", "same"),
         (o + "1.{p}", h + "layer_norm1.{p}", "same"),
@@ -97,7 +79,7 @@ def _neck_rules(o: str, h: str) -> List[Rule]:
     ]
 
 
-def _sam_rules() -> List[Rule]:
+def _sam_rules() -> list[Rule]:
     o, h = O_SAM, H_SAM
     return [
         (o + "pos_embed", h + "pos_embed", "same"),
@@ -115,29 +97,29 @@ def _sam_rules() -> List[Rule]:
     ]
 
 
-_LLM_RULES: List[Rule] = [
+_LLM_RULES: list[Rule] = [
     ("language_model.model.{rest}", "model.language_model.{rest}", "same"),
     ("language_model.lm_head.{p}", "lm_head.{p}", "same"),
 ]
-_ALIGNER_13B: List[Rule] = [
+_ALIGNER_13B: list[Rule] = [
     ("aligner.layers.0.{p}", "model.aligner.linear1.{p}", "same"),
     ("aligner.layers.2.{p}", "model.aligner.linear2.{p}", "same"),
 ]
-_ALIGNER_HYBRID: List[Rule] = [
+_ALIGNER_HYBRID: list[Rule] = [
     ("aligner.high_up_proj.{p}", "model.aligner.high_res_vision_proj.{p}", "same"),
     ("aligner.low_up_proj.{p}", "model.aligner.vision_proj.{p}", "same"),
     ("aligner.layers.1.{p}", "model.aligner.proj.{p}", "same"),
 ]
 
 
-def _rules(hybrid: bool, siglip_hf_prefix: str) -> List[Rule]:
+def _rules(hybrid: bool, siglip_hf_prefix: str) -> list[Rule]:
     if hybrid:
         return [*_siglip_rules(O_SIGLIP_HYBRID, siglip_hf_prefix), *_sam_rules(), *_ALIGNER_HYBRID,
                 *_LLM_RULES]
     return [*_siglip_rules(O_SIGLIP_13B, siglip_hf_prefix), *_ALIGNER_13B, *_LLM_RULES]
 
 
-def _compile(template: str) -> "re.Pattern[str]":
+def _compile(template: str) -> re.Pattern[str]:
     out, pos = [], 0
     for m in re.finditer(r"\{(\w+)\}", template):
         out.append(re.escape(template[pos:m.start()]))
@@ -162,7 +144,7 @@ def _concat0(parts: Sequence[Any]) -> Any:
     return np.concatenate([np.asarray(p) for p in parts], 0)
 
 
-def _shape(v: Any) -> Tuple[int, ...]:
+def _shape(v: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in v.shape)
 
 
@@ -188,20 +170,15 @@ def _unused(key: str, patterns) -> bool:
 
 # -- original -> transformers -----------------------------------------------------------------
 def original_to_hf(
-    state_dict: Mapping[str, Any], hybrid: Optional[bool] = None, nested_siglip: bool = False
-) -> Dict[str, Any]:
-    """Original deepseek-ai tensors -> ``transformers`` ``DeepseekVL[Hybrid]ForConditionalGeneration``.
-
-    hybrid: the 7B layout (SAM + SigLIP); None detects it from the names.
-    nested_siglip: emit the older ``model.vision_model.vision_model.*`` SigLIP names instead of
-    the flat ``model.vision_model.*`` that current ``transformers`` builds.
-    Raises ``KeyError`` for a name no rule knows, ``ValueError`` for an impossible shape.
-    """
+    state_dict: Mapping[str, Any], hybrid: bool | None = None, nested_siglip: bool = False
+) -> dict[str, Any]:
+    """Original deepseek-ai tensors -> ``transformers`` names. ``hybrid`` None: detected;
+    ``nested_siglip``: the older hub files' ``model.vision_model.vision_model.*`` SigLIP names."""
     if hybrid is None:
         hybrid = is_hybrid_original(state_dict)
     compiled = [(_compile(o), h, kind)
                 for o, h, kind in _rules(hybrid, H_SIGLIP_NESTED if nested_siglip else H_SIGLIP_FLAT)]
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     unknown = []
     for key, value in state_dict.items():
         if _unused(key, ORIGINAL_UNUSED):
@@ -234,17 +211,10 @@ def original_to_hf(
 
 
 # -- transformers -> original -----------------------------------------------------------------
-def hf_to_original(state_dict: Mapping[str, Any], hybrid: Optional[bool] = None) -> Dict[str, Any]:
+def hf_to_original(state_dict: Mapping[str, Any], hybrid: bool | None = None) -> dict[str, Any]:
     """``transformers`` tensors (either SigLIP naming generation) -> original deepseek-ai names.
-
-    hybrid: the 7B layout; None detects it from the names (``model.high_res_vision_*``).
-    The SigLIP q/k/v projections are fused back into ``attn.qkv`` (q, k, v order) and the
-    position table regains its leading 1.  The unused tensors the released files carry
-    (``attn_pool``, ``high/low_layer_norm``, ``inv_freq``) are not invented.  A missing
-    ``lm_head.weight`` (a file saved with tied embeddings) stays missing: the caller decides.
-    Raises ``KeyError`` for an unknown name, a duplicate (both SigLIP generations at once) or
-    an incomplete q/k/v triple.
-    """
+    Unused tensors are not invented; a missing ``lm_head.weight`` (tied embeddings) stays missing:
+    the caller decides."""
     if hybrid is None:
         hybrid = is_hybrid_hf(state_dict)
     # Both SigLIP generations; the patterns are anchored, so flat never matches nested names.
@@ -254,8 +224,8 @@ def hf_to_original(state_dict: Mapping[str, Any], hybrid: Optional[bool] = None)
             if siglip == H_SIGLIP_FLAT and not h.startswith(siglip):
                 continue  # the non-SigLIP rules once are enough
             compiled.append((_compile(h), o, kind))
-    out: Dict[str, Any] = {}
-    pending: Dict[str, Dict[str, Any]] = {}  # fused key -> {"q": .., "k": .., "v": ..}
+    out: dict[str, Any] = {}
+    pending: dict[str, dict[str, Any]] = {}  # fused key -> {"q": .., "k": .., "v": ..}
     unknown = []
     for key, value in state_dict.items():
         if _unused(key, HF_UNUSED):
@@ -300,7 +270,7 @@ def _first_match(compiled, key: str):
     return None
 
 
-def _put(out: Dict[str, Any], key: str, value: Any, source: str) -> None:
+def _put(out: dict[str, Any], key: str, value: Any, source: str) -> None:
     if key in out:
         raise KeyError(f"{source}: maps to {key}, which another tensor already produced")
     out[key] = value

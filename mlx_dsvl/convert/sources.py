@@ -1,25 +1,15 @@
-"""Reading a checkpoint folder of any supported kind into one lazy, MLX-layout view.
+"""A checkpoint folder of any supported kind (original, ``transformers``, MLX) as one lazy MLX-layout view.
 
-Kinds:
-
-- ``original``: the deepseek-ai layout (``vision_config`` / ``aligner_config`` /
-  ``language_config``; PyTorch names and conv layouts);
-- ``transformers``: ``deepseek_vl`` / ``deepseek_vl_hybrid`` (either SigLIP naming generation),
-  renamed with :func:`.keymaps.hf_to_original` and given an original ``config.json``;
-- ``mlx``: a folder written by this converter (possibly quantized).
-
-Weights: safetensors (single file or shards + index) read lazily with ``mx.load`` -- nothing is
-read from disk until a tensor is evaluated; PyTorch pickles (``.bin`` / ``.pt`` / ``.pth``) only
-when allowed, one file at a time through ``torch.load(weights_only=True)`` into scratch
-safetensors.  Every check (config, index, shards, truncation, names, shapes) happens before
-anything is written.
+PyTorch pickles are read only when allowed, one file at a time with ``weights_only=True`` into
+scratch safetensors. Every check happens before anything is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -28,7 +18,6 @@ from ..config import ConfigError, ModelConfig
 from ..mlx_format import UNUSED_FILE, mlx_format_info, strip_marker
 from ..model_folder import read_json, read_weights, sanitize, split_unused, weight_file_names
 from ..models.deepseek_vl import DeepseekVL
-
 from . import hf_config
 from .files import ConvertError, as_convert_error, write_safetensors
 from .keymaps import hf_to_original, is_hf_state_dict
@@ -44,15 +33,15 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 class Source:
     path: Path
     kind: str  # "original" | "transformers" | "mlx"
-    config: Dict[str, Any]  # the original-layout config.json (no MLX marker)
+    config: dict[str, Any]  # the original-layout config.json (no MLX marker)
     model_config: ModelConfig
-    weights: Dict[str, mx.array]  # lazy, MLX names and layouts (quantized triples if mlx + quantized)
-    extras: Dict[str, mx.array]  # lazy, the unused tensors of the original files (original names)
-    side_files: List[Path]  # tokenizer, processor and other non-weight files to copy as they are
-    generated: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # file name -> JSON to write
-    quantization: Optional[Dict[str, Any]] = None
-    notes: List[str] = field(default_factory=list)
-    weight_files: List[str] = field(default_factory=list)
+    weights: dict[str, mx.array]  # lazy, MLX names and layouts (quantized triples if mlx + quantized)
+    extras: dict[str, mx.array]  # lazy, the unused tensors of the original files (original names)
+    side_files: list[Path]  # tokenizer, processor and other non-weight files to copy as they are
+    generated: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> JSON to write
+    quantization: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    weight_files: list[str] = field(default_factory=list)
 
     @property
     def hybrid(self) -> bool:
@@ -65,13 +54,12 @@ class Source:
         return f"{self.kind} format, {layout}{qtxt}, {len(self.weight_files)} weight file(s)"
 
 
-def hub_patterns(allow_pickle: bool) -> Tuple[str, ...]:
-    """What a hub download fetches beyond ``mlx_dsvl.load``'s: the chat template and model card
-    (copied along), and the pickles when they may be read."""
+def hub_patterns(allow_pickle: bool) -> tuple[str, ...]:
+    """Beyond ``mlx_dsvl.load``'s download: the chat template and model card, and allowed pickles."""
     return ("*.jinja", "*.md") + (tuple("*" + s for s in PICKLE_SUFFIXES) if allow_pickle else ())
 
 
-def _detect_kind(path: Path, config: Dict[str, Any]) -> str:
+def _detect_kind(path: Path, config: dict[str, Any]) -> str:
     try:
         if mlx_format_info(config) is not None:
             return "mlx"
@@ -89,7 +77,7 @@ def _detect_kind(path: Path, config: Dict[str, Any]) -> str:
     )
 
 
-def _pickle_files(path: Path) -> List[Path]:
+def _pickle_files(path: Path) -> list[Path]:
     index = path / "pytorch_model.bin.index.json"
     if index.exists():
         weight_map = read_json(index, "weight index").get("weight_map") or {}
@@ -102,7 +90,7 @@ def _pickle_files(path: Path) -> List[Path]:
                   if p.is_file() and p.suffix in PICKLE_SUFFIXES and p.name not in NOT_WEIGHTS)
 
 
-def _read_pickles(files: List[Path], scratch: Callable[[], Path], log: Callable[[str], None]) -> List[Path]:
+def _read_pickles(files: list[Path], scratch: Callable[[], Path], log: Callable[[str], None]) -> list[Path]:
     """Each pickle -> a scratch safetensors file, one at a time (``weights_only`` unpickling)."""
     try:
         import torch
@@ -140,8 +128,8 @@ def _read_pickles(files: List[Path], scratch: Callable[[], Path], log: Callable[
     return out
 
 
-def _load_safetensors(files: List[Path]) -> Dict[str, mx.array]:
-    weights: Dict[str, mx.array] = {}
+def _load_safetensors(files: list[Path]) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
     for f in files:
         try:
             part = mx.load(str(f))
@@ -154,7 +142,7 @@ def _load_safetensors(files: List[Path]) -> Dict[str, mx.array]:
     return weights
 
 
-def _side_files(path: Path, skip_processor: bool) -> List[Path]:
+def _side_files(path: Path, skip_processor: bool) -> list[Path]:
     out = []
     for p in sorted(path.iterdir()):
         if not p.is_file() or p.name.startswith("."):
@@ -167,7 +155,7 @@ def _side_files(path: Path, skip_processor: bool) -> List[Path]:
     return out
 
 
-def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callable[[], Path]] = None,
+def open_source(path: Path, allow_pickle: bool = False, scratch: Callable[[], Path] | None = None,
                 log: Callable[[str], None] = print) -> Source:
     """Open ``path`` (a folder) and check everything short of reading the tensors' data."""
     path = Path(path)
@@ -181,8 +169,8 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
     if not isinstance(raw, dict):
         raise ConvertError(f"{cfg_file}: not a JSON object")
     kind = _detect_kind(path, raw)
-    notes: List[str] = []
-    generated: Dict[str, Dict[str, Any]] = {}
+    notes: list[str] = []
+    generated: dict[str, dict[str, Any]] = {}
 
     # -- config ---------------------------------------------------------------------------
     if kind == "transformers":
@@ -236,7 +224,7 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
         files = [p.name for p in pickles]
 
     quantization = None
-    extras: Dict[str, mx.array] = {}
+    extras: dict[str, mx.array] = {}
     if kind == "mlx":
         info = mlx_format_info(raw)
         quantization = info.get("quantization")
@@ -262,6 +250,6 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Optional[Callab
                   generated=generated, quantization=quantization, notes=notes, weight_files=files)
 
 
-def skeleton_parameters(model: DeepseekVL) -> Dict[str, mx.array]:
+def skeleton_parameters(model: DeepseekVL) -> dict[str, mx.array]:
     """The model's parameters by name (lazy; building even the 7B allocates nothing)."""
     return dict(tree_flatten(model.parameters()))

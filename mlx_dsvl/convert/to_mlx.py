@@ -1,30 +1,35 @@
 """PyTorch-layout checkpoint (original deepseek-ai or ``transformers``) -> MLX folder.
 
-The weights are renamed / transposed lazily, checked against the model's parameter names and
-shapes, cast to ``dtype``, quantized where the policy says so, and written shard by shard: each
-tensor is read from its source file only when it is written, so memory holds about one tensor
-(never a whole copy of the model).  See :mod:`mlx_dsvl.mlx_format` for the folder it writes.
+Everything is lazy until written shard by shard, so memory holds about one tensor, never a copy
+of the model.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..loading import DTYPES
 from ..mlx_format import (
-    FORMAT, FORMAT_VERSION, MARKER, QUANT_BITS, QUANT_GROUP_SIZES, UNUSED_FILE, dequantize_weights,
-    quantize_structure, quantize_weights,
+    FORMAT,
+    FORMAT_VERSION,
+    MARKER,
+    QUANT_BITS,
+    QUANT_GROUP_SIZES,
+    UNUSED_FILE,
+    dequantize_weights,
+    quantize_structure,
+    quantize_weights,
 )
 from ..model_folder import check_weights
 from ..models.deepseek_vl import DeepseekVL
-
-from .files import ConvertError, log, write_safetensors, write_shards
+from ..outputs import log
+from .files import ConvertError, write_safetensors, write_shards
 from .job import conversion
 from .sources import skeleton_parameters
 
@@ -35,7 +40,7 @@ def dtype_name(dtype: mx.Dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).replace("mlx.core.", ""))
 
 
-def dominant_dtype(tensors: Dict[str, mx.array]) -> Optional[str]:
+def dominant_dtype(tensors: dict[str, mx.array]) -> str | None:
     """The floating dtype holding the most bytes (what ``torch_dtype`` should say)."""
     count: Counter = Counter()
     for v in tensors.values():
@@ -44,13 +49,13 @@ def dominant_dtype(tensors: Dict[str, mx.array]) -> Optional[str]:
     return dtype_name(count.most_common(1)[0][0]) if count else None
 
 
-def cast(v: mx.array, dtype: Optional[mx.Dtype]) -> mx.array:
+def cast(v: mx.array, dtype: mx.Dtype | None) -> mx.array:
     if dtype is None or not mx.issubdtype(v.dtype, mx.floating) or v.dtype == dtype:
         return v
     return v.astype(dtype)
 
 
-def set_torch_dtype(config: Dict, dtype: Optional[str]) -> None:
+def set_torch_dtype(config: dict, dtype: str | None) -> None:
     if dtype is None:
         return
     config["torch_dtype"] = dtype
@@ -62,7 +67,7 @@ def set_torch_dtype(config: Dict, dtype: Optional[str]) -> None:
 def convert_to_mlx(
     model: str,
     out: str,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
@@ -72,18 +77,14 @@ def convert_to_mlx(
     shard_gb: float = DEFAULT_SHARD_GB,
     progress: Callable[[str], None] = log,
 ) -> Path:
-    """Convert ``model`` (folder or hub id) into an MLX folder at ``out``; returns ``out``.
-
-    dtype: "float16" | "bfloat16" | "float32" | None (keep each tensor's stored dtype).
-    quantize: quantize the LLM's linear layers and embeddings (``quantize_vision``: the towers'
-    and aligner's linear layers too) to ``q_bits`` with groups of ``q_group_size``; layers whose
-    input size does not divide by the group size stay in ``dtype``.
-    """
+    """Convert ``model`` (folder or hub id) into an MLX folder at ``out``. ``dtype`` None keeps
+    each tensor's; layers whose input size does not divide by ``q_group_size`` stay unquantized."""
     if quantize and q_bits not in QUANT_BITS:
         raise ConvertError(f"--q-bits must be one of {QUANT_BITS}, got {q_bits}")
     if quantize and q_group_size not in QUANT_GROUP_SIZES:
         raise ConvertError(f"--q-group-size must be one of {QUANT_GROUP_SIZES}, got {q_group_size}")
-    with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+    with conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
+                    progress=progress) as job:
         src, source, tmp, target = job.src, job.source, job.tmp, job.target
         weights = source.weights
         if source.quantization:  # an MLX folder converted again: start from its dequantized weights

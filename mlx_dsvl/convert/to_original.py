@@ -1,17 +1,13 @@
-"""MLX folder (or any supported checkpoint) -> the original deepseek-ai layout.
-
-Writes what the reference PyTorch code and ``transformers``' converter read: safetensors under
-the original names with PyTorch conv layouts (``[O, I, kH, kW]``), the unused tensors the
-released files carry when the MLX folder kept them, the original ``config.json`` (no MLX
-marker), the tokenizer and processor files.  Quantized layers are dequantized
-(``mx.dequantize``).  With ``adapter``, adapters are loaded onto the model and fused first (:mod:`mlx_dsvl.adapters`).
+"""MLX folder (or any supported checkpoint) -> the original deepseek-ai layout, what the reference
+PyTorch code and ``transformers``' converter read: original names, PyTorch conv layouts, no MLX
+marker in ``config.json``; quantized layers dequantized, adapters fused first.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -20,18 +16,16 @@ from ..adapters import AdapterError, adapter_kind, adapter_layers, fuse_adapters
 from ..mlx_format import dequantize_weights, quantize_like
 from ..model_folder import check_weights, to_pytorch_layout
 from ..models.deepseek_vl import DeepseekVL
-
-from .files import ConvertError, log, write_shards
+from ..outputs import log
+from .files import ConvertError, write_shards
 from .job import conversion
 from .sources import Source, skeleton_parameters
 from .to_mlx import DEFAULT_SHARD_GB, cast, dominant_dtype, set_torch_dtype
 
 
-def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]) -> Dict[str, mx.array]:
-    """Build the model, apply the adapters in ``adapter`` (:func:`mlx_dsvl.adapters.load_adapters`:
-    this package's or mlx-lm's) and fuse them into plain (dequantized) layers.  Returns the
-    model's parameters; layers without an adapter may still be quantized (the caller
-    dequantizes them)."""
+def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]) -> dict[str, mx.array]:
+    """The model's parameters with ``adapter`` (this package's or mlx-lm's) fused in; layers
+    without an adapter may still be quantized."""
     adapter = Path(adapter).expanduser()
     model = DeepseekVL(source.model_config)
     weights = source.weights
@@ -56,23 +50,21 @@ def fused_weights(source: Source, adapter: Path, progress: Callable[[str], None]
 def convert_to_original(
     model: str,
     out: str,
-    dtype: Optional[str] = None,
-    adapter: Optional[str] = None,
+    dtype: str | None = None,
+    adapter: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     shard_gb: float = DEFAULT_SHARD_GB,
     progress: Callable[[str], None] = log,
 ) -> Path:
-    """Write ``model`` (an MLX folder, or any supported checkpoint) in the original layout.
-
-    dtype: None keeps each tensor's stored dtype (a dequantized layer takes its scales' dtype).
-    """
+    """``dtype`` None keeps each tensor's (a dequantized layer takes its scales' dtype)."""
     if adapter:  # before any work: an adapter folder of a known format
         try:
             read_adapter_config(adapter)
         except AdapterError as e:
             raise ConvertError(str(e)) from None
-    with conversion(model, out, dtype, force, allow_pickle, shard_gb, progress) as job:
+    with conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
+                    progress=progress) as job:
         src, source, tmp, target = job.src, job.source, job.tmp, job.target
         progress(f"converting {src} ({source.describe()}) -> {job.out} (original layout"
                  + (f", {dtype}" if dtype else "") + (f", fusing {adapter}" if adapter else "") + ")")
@@ -85,7 +77,7 @@ def convert_to_original(
             weights = dequantize_weights(weights, source.quantization)
         skeleton = skeleton_parameters(DeepseekVL(source.model_config))
         check_weights(src, weights, skeleton)
-        tensors: Dict[str, mx.array] = {}
+        tensors: dict[str, mx.array] = {}
         for k in skeleton:  # the model's order, then the unused tensors kept verbatim
             tensors[k] = to_pytorch_layout(k, cast(weights.pop(k), target))
         del weights

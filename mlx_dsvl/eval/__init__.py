@@ -1,9 +1,4 @@
-"""Evaluation: ``python -m mlx_dsvl.eval`` and the functions under it.
-
-Modules: ``items`` (questions, prompts, circular rotations), ``readers`` (JSONL, CSV, folders)
-and ``mmbench`` (OpenCompass's TSV), ``likelihood`` and ``greedy`` (the two ways to answer),
-``answers`` (option extraction, exact match, ANLS), ``metrics`` (accuracy, Wilson intervals),
-``runner`` (``evaluate``), ``report`` (predictions.jsonl, summary.json, table, progress).
+"""Evaluation: ``python -m mlx_dsvl.eval`` and the functions under it (docs/EVAL.md).
 
 Python API::
 
@@ -12,8 +7,7 @@ Python API::
     summary = evaluate(model, processor, data, method="likelihood", batch_size=8, limit=200)
     summary["accuracy"], summary["ci95"], summary["categories"]
 
-``evaluate`` takes an already loaded model (adapters applied or not, in training mode or not)
-and writes nothing: a training loop can call it every N steps.
+``evaluate`` writes nothing and leaves a training model as it was: a training loop can call it.
 """
 
 from .items import EvalDataError, Item

@@ -7,12 +7,16 @@ import sys
 from pathlib import Path
 
 from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..blas import ensure_fast_blas
+from ..device import select_device
+from ..loading import resolve_dtype
+from ..model_options import add_model_arguments, load_from_args
 from ..utils import files_digest
 from .greedy import DEFAULT_MAX_TOKENS
-from .readers import data_digest
-from .runner import DEFAULT_BATCH_SIZE
-
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+from .items import EvalDataError
+from .readers import data_digest, read
+from .report import SUMMARY, OutputError, PredictionLog, Progress, table, write_json_atomic
+from .runner import DEFAULT_BATCH_SIZE, evaluate, prepare_items
 
 EPILOG = """\
 data (by extension; a folder reads every such file in it):
@@ -41,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m mlx_dsvl.eval", epilog=EPILOG,
                description="Evaluate DeepSeek-VL on multiple-choice and short-answer benchmarks.",
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model folder or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--adapter", default=None, help="a training output folder whose adapters to apply")
+    add_model_arguments(p, "model", "adapter")
     p.add_argument("--data", required=True, help="benchmark file or folder (.tsv, .jsonl, .csv)")
     p.add_argument("--out", default=None,
                    help="output folder (default: evals/<data name>-<method>[-circular])")
@@ -66,10 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip malformed rows and undecodable images (counted in the summary)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of another run in --out instead of refusing")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto = the GPU when MLX has one, else the CPU (default: auto)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    add_model_arguments(p, "device", "dtype")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -95,9 +94,8 @@ def _fail(msg: str, code: int) -> int:
 
 
 def run_settings(args, dtype: str, generates: bool) -> dict:
-    """What the predictions depend on, by option: a resumed run must match it.  Files by content
-    (the data, the adapters), the model by its folder (or hub id), ``dtype`` as resolved; the
-    reply length only when ``generates`` (replies are generated)."""
+    """What the predictions depend on (a resumed run must match): files by content, the model by
+    its folder or hub id; the reply length only when replies are generated."""
     model = Path(args.model).expanduser()
     adapter = args.adapter and Path(args.adapter).resolve()
     return {"--model": str(model.resolve()) if model.exists() else args.model,
@@ -118,14 +116,9 @@ def default_out(args) -> str:
 
 
 def main(argv=None) -> int:
-    from ..blas import ensure_fast_blas
-
     ensure_fast_blas()
     args = build_parser().parse_args(argv)
     check_args(args)
-    from .items import EvalDataError
-    from .report import OutputError
-
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -135,13 +128,7 @@ def main(argv=None) -> int:
         return _fail(str(e), 1)
 
 
-def _run(args) -> int:
-    from ..device import select_device
-    from ..loading import load, resolve_dtype
-    from .readers import read
-    from .report import SUMMARY, PredictionLog, Progress, table, write_json_atomic
-    from .runner import evaluate, prepare_items
-
+def _run(args: argparse.Namespace) -> int:
     data = read(args.data, skip_bad=args.skip_bad)
     for msg in data.warnings:
         print(f"warning: {msg}", file=sys.stderr)
@@ -160,11 +147,7 @@ def _run(args) -> int:
     done = {it.id: log.done[it.id] for it in items if it.id in log.done}
     if not args.quiet:
         print(f"{len(items)} rows to score ({len(done)} already in {log.path}) -> {out}", file=sys.stderr)
-    model, processor = load(args.model, dtype=args.dtype)
-    if args.adapter:
-        from ..adapters import load_adapters
-
-        load_adapters(model, args.adapter)
+    model, processor = load_from_args(args)
     progress = Progress(len(items), quiet=args.quiet)
     try:
         summary = evaluate(model, processor, items, method=args.method, batch_size=args.batch_size,

@@ -1,20 +1,12 @@
-"""Reading answers out of generated text: option extraction, exact match, ANLS.
-
-Multiple choice (after VLMEvalKit's exact-matching rules, which MMBench results are reported
-with): the reply names an option by its letter -- alone, bracketed or punctuated ("B", "(B)",
-"B.", "B: ...", "The answer is B") -- or by the option's text ("red").  A reply that names no
-option, or several, is *unmatched*: scored wrong and counted.
-
-Short answers: normalized exact match (lower case, punctuation and articles dropped, spaces
-collapsed, as in VQA/SQuAD scoring) and ANLS, DocVQA's average normalized Levenshtein
-similarity with threshold 0.5 (lower case, spaces collapsed; a similarity under 0.5 scores 0).
+"""Reading answers out of generated text: option extraction (VLMEvalKit's exact-matching rules,
+which MMBench results are reported with), normalized exact match (as VQA/SQuAD) and DocVQA's ANLS.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from .items import LETTERS
 
@@ -24,7 +16,7 @@ _WORD_LETTERS = ("A", "I")
 _EXPLICIT = re.compile(r"(?i:answer|option|choice)\s*(?i:is)?\s*[:\-]?\s*[\(\[]?([A-Z])(?![A-Za-z])")
 
 
-def extract_choice(reply: str, choices: Sequence[str]) -> Optional[int]:
+def extract_choice(reply: str, choices: Sequence[str]) -> int | None:
     """The index of the option ``reply`` names, or ``None`` when it names none or several."""
     text = reply.strip()
     if not text:
@@ -37,7 +29,7 @@ def extract_choice(reply: str, choices: Sequence[str]) -> Optional[int]:
     return _option_text(text, choices)
 
 
-def _leading_letter(text: str, letters: str, choices: Sequence[str]) -> Optional[int]:
+def _leading_letter(text: str, letters: str, choices: Sequence[str]) -> int | None:
     """"B", "B.", "(B)", "B: red", "B red" at the start of the reply."""
     m = re.match(r"[\(\[]?([A-Z])(?:[\)\]]|[.:,](?!\w)|(?=\s)|$)(.*)", text, re.DOTALL)
     if not m or m.group(1) not in letters:
@@ -51,12 +43,12 @@ def _leading_letter(text: str, letters: str, choices: Sequence[str]) -> Optional
     return letters.index(letter)
 
 
-def _explicit_letter(text: str, letters: str, choices) -> Optional[int]:
+def _explicit_letter(text: str, letters: str, choices) -> int | None:
     found = {m.group(1) for m in _EXPLICIT.finditer(text)} & set(letters)
     return letters.index(found.pop()) if len(found) == 1 else None
 
 
-def _lone_letter(text: str, letters: str, choices) -> Optional[int]:
+def _lone_letter(text: str, letters: str, choices) -> int | None:
     """Exactly one option letter standing alone as a word (capital "A"/"I" only if bracketed)."""
     words = _PUNCT.sub(" ", text).split()
     found = {w for w in words if w in letters and w not in _WORD_LETTERS}
@@ -64,7 +56,7 @@ def _lone_letter(text: str, letters: str, choices) -> Optional[int]:
     return letters.index(found.pop()) if len(found) == 1 else None
 
 
-def _option_text(text: str, choices: Sequence[str]) -> Optional[int]:
+def _option_text(text: str, choices: Sequence[str]) -> int | None:
     """Exactly one option's text in the reply (an exact reply wins over containment)."""
     reply = _norm(text)
     normed = [_norm(c) for c in choices]
@@ -125,5 +117,5 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
     return best
 
 
-def short_answer_scores(prediction: str, answers: List[str]) -> dict:
+def short_answer_scores(prediction: str, answers: list[str]) -> dict:
     return {"exact_match": exact_match(prediction, answers), "anls": anls(prediction, answers)}

@@ -1,24 +1,24 @@
-"""Answers by greedy generation (``mlx_dsvl.generate_batch``), then read out of the reply.
-
-Multiple choice: the option the reply names (:func:`~mlx_dsvl.eval.answers.extract_choice`,
-VLMEvalKit's exact-matching rules); a reply naming none is wrong and counted as unmatched.
-Short answers: normalized exact match and ANLS against every accepted answer.
-"""
+"""Answers by greedy generation, then read out of the reply (:mod:`.answers`)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..generation import generate_batch
 from ..sampling import GREEDY
 from .answers import extract_choice, short_answer_scores
 from .items import Item, conversation
 
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
+
 DEFAULT_MAX_TOKENS = 32
 
 
-def score(model, processor, items: Sequence[Item], pictures: Dict[str, object],
-          system_prompt: Optional[str] = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> List[dict]:
+def score(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item], pictures: dict[str, object],
+          system_prompt: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[dict]:
     """One record per item: the reply, the option it names (or the short-answer scores)."""
     convs = [conversation(it, system_prompt, processor.image_tag) for it in items]
     images = [[pictures[k] for k in it.image_keys] for it in items]

@@ -1,27 +1,17 @@
 """Evaluation items, their prompts and MMBench's circular rotations.
 
-An :class:`Item` is one question: multiple choice (``choices`` + the index of the right one) or
-short answer (``answers``: every accepted answer).  Readers (``readers.py``, ``mmbench.py``) build
-items from files; scorers turn them into prompts with :func:`conversation`.
-
-Prompts follow the MMBench convention (the one VLMEvalKit and LLaVA use for DeepSeek-VL-sized
-chat models), images first, in the "deepseek" chat template that the processor renders::
-
-    <image_placeholder>Hint: {hint}
-    Question: {question}
-    Options:
-    A. {choice 0}
-    B. {choice 1}
-    Answer with the option's letter from the given choices directly.
-
-Short answers end with "Answer the question using a single word or phrase." instead.
+Prompts follow the MMBench convention (VLMEvalKit's and LLaVA's for chat models of this size),
+images first: ``Hint:``, ``Question:``, ``Options:`` with lettered choices, then "Answer with the
+option's letter from the given choices directly." (short answers: "Answer the question using a
+single word or phrase.").
 """
 
 from __future__ import annotations
 
 import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -35,27 +25,22 @@ class EvalDataError(ValueError):
 
 @dataclass
 class Item:
-    """One evaluation question.
-
-    ``images``: zero-argument callables returning the image (a PIL image, bytes or a path that
-    ``mlx_dsvl.processing.load_image`` accepts), one per image; ``image_keys`` name them (items
-    sharing a key share the image, which is then encoded once per batch).  ``group``: the
-    question an item is a rotation of (circular evaluation); ``rotation``: 0 for the original.
-    """
+    """One question. ``images``: callables returning each image (lazy: a TSV's base64 stays
+    encoded until used); items sharing an ``image_keys`` key share its encoding in a batch."""
 
     id: str
     question: str
-    choices: Optional[List[str]] = None  # multiple choice: option texts in letter order
-    answer: Optional[int] = None  # multiple choice: index of the right option
-    answers: Optional[List[str]] = None  # short answer: every accepted answer
-    hint: Optional[str] = None
-    category: Optional[str] = None
-    l2_category: Optional[str] = None
-    images: List[Callable[[], Any]] = field(default_factory=list)
-    image_keys: List[str] = field(default_factory=list)
+    choices: list[str] | None = None  # multiple choice: option texts in letter order
+    answer: int | None = None  # multiple choice: index of the right option
+    answers: list[str] | None = None  # short answer: every accepted answer
+    hint: str | None = None
+    category: str | None = None
+    l2_category: str | None = None
+    images: list[Callable[[], Any]] = field(default_factory=list)
+    image_keys: list[str] = field(default_factory=list)
     source: str = ""  # "file:line", for error messages
-    group: Optional[str] = None
-    rotation: int = 0
+    group: str | None = None  # the question this item is a rotation of
+    rotation: int = 0  # 0: the original
 
     @property
     def is_mc(self) -> bool:
@@ -66,7 +51,7 @@ class Item:
         return LETTERS[: len(self.choices or ())]
 
     @property
-    def answer_letter(self) -> Optional[str]:
+    def answer_letter(self) -> str | None:
         return LETTERS[self.answer] if self.is_mc and self.answer is not None else None
 
 
@@ -89,8 +74,8 @@ def prompt_text(item: Item, image_tag: str = IMAGE_TAG) -> str:
     return text
 
 
-def conversation(item: Item, system_prompt: Optional[str] = None,
-                 image_tag: str = IMAGE_TAG) -> List[dict]:
+def conversation(item: Item, system_prompt: str | None = None,
+                 image_tag: str = IMAGE_TAG) -> list[dict]:
     """The conversation to send: an optional system message, then the user's question."""
     conv = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     return conv + [{"role": "user", "content": prompt_text(item, image_tag)}]
@@ -104,14 +89,10 @@ def rotate(item: Item, k: int) -> Item:
                    answer=(item.answer - k) % n, group=item.group or item.id, rotation=k)
 
 
-def circular(items: Sequence[Item]) -> List[Item]:
-    """MMBench's circular evaluation: every rotation of each multiple-choice item's options.
-
-    An item already carrying rotations (a published MMBench TSV ships them as extra rows) is
-    kept as it is; short-answer items stay single.
-    """
+def circular(items: Sequence[Item]) -> list[Item]:
+    """Every rotation of each multiple-choice item (items shipping theirs are kept as they are)."""
     have_groups = {it.group for it in items if it.rotation > 0}
-    out: List[Item] = []
+    out: list[Item] = []
     for it in items:
         if not it.is_mc or (it.group or it.id) in have_groups:
             out.append(replace(it, group=it.group or it.id))
@@ -123,12 +104,9 @@ def circular(items: Sequence[Item]) -> List[Item]:
     return sorted(out, key=lambda it: (order[it.group], it.rotation))
 
 
-def select(items: Sequence[Item], use_circular: bool) -> Tuple[List[Item], int]:
-    """Items to score: every rotation with ``use_circular``, else the originals only.
-
-    Returns the items and how many shipped rotations were left out (all of them without
-    ``use_circular``; those whose original question is missing -- a skipped row -- with it).
-    """
+def select(items: Sequence[Item], use_circular: bool) -> tuple[list[Item], int]:
+    """Items to score and how many shipped rotations were left out (with ``use_circular``: those
+    whose original row was skipped)."""
     originals = [it for it in items if it.rotation == 0]
     if not use_circular:
         return originals, len(items) - len(originals)
@@ -137,7 +115,7 @@ def select(items: Sequence[Item], use_circular: bool) -> Tuple[List[Item], int]:
     return circular(kept), len(items) - len(kept)
 
 
-def first_groups(items: Sequence[Item], limit: Optional[int]) -> List[Item]:
+def first_groups(items: Sequence[Item], limit: int | None) -> list[Item]:
     """The items of the first ``limit`` questions (all rotations of each); ``None``: all."""
     if limit is None:
         return list(items)

@@ -1,29 +1,27 @@
-"""Multiple choice by likelihood: the log-probability of each option as the assistant's reply.
+"""Multiple choice by likelihood, as lm-evaluation-harness scores it: the option whose reply
+(``" " + letter`` or ``" " + text``, tokenized with the prompt and split after it, the harness's
+``_encode_pair``) has the highest summed log-probability.
 
-As lm-evaluation-harness scores multiple choice: an option's score is the sum of the
-log-probabilities of its tokens after the prompt, and the highest-scoring option is the answer
-(deterministic; nothing is sampled).  The reply scored is ``" " + target`` after the prompt's
-``Assistant:``, with ``target`` the option's letter (``"letter"``, the default: the prompt asks
-for the letter) or the option's text (``"text"``; then a per-byte length-normalized choice is
-recorded too, lm-evaluation-harness's ``acc_norm``).  The reply is tokenized together with the
-prompt and split after the prompt's tokens (lm-evaluation-harness's ``_encode_pair``).
-
-One batch of items costs two forward passes: the prompts (images encoded once per distinct image,
-left-padded, one KV cache), then every option of every item at once on copies of its item's
-cache rows -- the prompt and the image are never recomputed per option.  When every option is one
-token (single letters), the second pass is skipped: the prompt's last logits hold all scores.
+A batch costs two passes: the prompts (one KV cache), then every option at once on copies of its
+item's cache rows, so prompt and image are never recomputed per option; single-token options need
+no second pass (the prompt's last logits hold every score).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from ..models.deepseek_vl import lm_head
 from .items import Item, conversation
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 TARGETS = ("letter", "text")
 
@@ -34,12 +32,12 @@ class Encoded:
 
     prompt: str
     ids: np.ndarray  # [T] int32
-    options: List[np.ndarray]  # per option: [L_j] int32
-    option_bytes: List[int]
+    options: list[np.ndarray]  # per option: [L_j] int32
+    option_bytes: list[int]
 
 
-def encode(processor, item: Item, target: str = "letter",
-           system_prompt: Optional[str] = None) -> Encoded:
+def encode(processor: ChatProcessor, item: Item, target: str = "letter",
+           system_prompt: str | None = None) -> Encoded:
     """Tokenize the prompt and each option's reply (``" A"`` or ``" red"``)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -58,7 +56,8 @@ def encode(processor, item: Item, target: str = "letter",
     return Encoded(prompt, ids, options, [len(r.encode("utf-8")) for r in replies])
 
 
-def image_embeddings(model, processor, items: Sequence[Item], pictures: Dict[str, object]):
+def image_embeddings(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item],
+                     pictures: dict[str, object]):
     """``[B, Nmax, I, D]`` aligned embeddings (each distinct image key encoded once), or None."""
     keys = list(dict.fromkeys(k for it in items for k in it.image_keys))
     if not keys:
@@ -87,7 +86,8 @@ def log_softmax(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) -> List[List[float]]:
+def option_logprobs(model: DeepseekVL, processor: ChatProcessor, encoded: Sequence[Encoded],
+                    image_embeds) -> list[list[float]]:
     """Sum of log-probabilities of each option's tokens after its item's prompt."""
     lm = model.language_model
     ids, pad = left_pad([e.ids for e in encoded], processor.pad_id)
@@ -121,8 +121,8 @@ def option_logprobs(model, processor, encoded: Sequence[Encoded], image_embeds) 
     return out
 
 
-def score(model, processor, items: Sequence[Item], pictures: Dict[str, object],
-          target: str = "letter", system_prompt: Optional[str] = None) -> List[dict]:
+def score(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item], pictures: dict[str, object],
+          target: str = "letter", system_prompt: str | None = None) -> list[dict]:
     """One record per item: option scores, the chosen letter, whether it is right."""
     encoded = [encode(processor, it, target, system_prompt) for it in items]
     all_scores = option_logprobs(model, processor, encoded,

@@ -1,20 +1,19 @@
 """Records -> accuracy overall and per category, with 95% Wilson intervals.
 
-A record is one scored row (see ``runner.py``).  Under circular evaluation a question counts as
-right only when every rotation of it is (MMBench's rule), and the question, not the row, is the
-unit counted.  A question with a skipped row is skipped as a whole.
+Under circular evaluation the question, not the row, is counted, right only when every rotation
+is (MMBench's rule); a question with a skipped row is skipped as a whole.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-def wilson(k: int, n: int, z: float = Z95) -> Tuple[float, float]:
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval for ``k`` successes out of ``n``; (0, 1) when n = 0."""
     if n == 0:
         return 0.0, 1.0
@@ -25,18 +24,18 @@ def wilson(k: int, n: int, z: float = Z95) -> Tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def accuracy(k: int, n: int) -> Dict[str, object]:
+def accuracy(k: int, n: int) -> dict[str, object]:
     lo, hi = wilson(k, n)
     return {"items": n, "correct": k, "accuracy": k / n if n else None,
             "ci95": [round(lo, 6), round(hi, 6)]}
 
 
-def questions(records: Iterable[dict], circular: bool) -> Tuple[List[dict], int]:
+def questions(records: Iterable[dict], circular: bool) -> tuple[list[dict], int]:
     """One entry per question (rotations folded in) and the number of skipped questions."""
     if not circular:
         recs = list(records)
         return [r for r in recs if "skipped" not in r], sum("skipped" in r for r in recs)
-    groups: Dict[str, List[dict]] = defaultdict(list)
+    groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[r.get("group") or r["id"]].append(r)
     out, skipped = [], 0
@@ -53,11 +52,11 @@ def questions(records: Iterable[dict], circular: bool) -> Tuple[List[dict], int]
     return out, skipped
 
 
-def summarize(records: Iterable[dict], circular: bool = False) -> Dict[str, object]:
+def summarize(records: Iterable[dict], circular: bool = False) -> dict[str, object]:
     """Accuracy (and what else the records hold) overall, per category and per l2-category."""
     records = list(records)
     qs, skipped = questions(records, circular)
-    out: Dict[str, object] = accuracy(sum(q["correct"] for q in qs), len(qs))
+    out: dict[str, object] = accuracy(sum(q["correct"] for q in qs), len(qs))
     out["rows"] = sum("skipped" not in r for r in records)
     out["skipped"] = skipped
     if circular:
@@ -79,8 +78,8 @@ def summarize(records: Iterable[dict], circular: bool = False) -> Dict[str, obje
     return out
 
 
-def _by(qs: List[dict], key: str) -> Optional[Dict[str, object]]:
-    groups: Dict[str, List[dict]] = defaultdict(list)
+def _by(qs: list[dict], key: str) -> dict[str, object] | None:
+    groups: dict[str, list[dict]] = defaultdict(list)
     for q in qs:
         if q.get(key) is not None:
             groups[q[key]].append(q)
@@ -96,6 +95,6 @@ def _by(qs: List[dict], key: str) -> Optional[Dict[str, object]]:
     return res
 
 
-def _mean(values: Iterable) -> Optional[float]:
+def _mean(values: Iterable) -> float | None:
     v = [float(x) for x in values]
     return sum(v) / len(v) if v else None

@@ -1,20 +1,7 @@
-"""MMBench-style TSV files, as OpenCompass publishes them (``MMBench_DEV_EN.tsv`` and kin).
-
-Columns: ``index, question, hint, A, B, C, D, answer, category, l2-category, image`` (some files
-add ``source``, ``split``, ``comment``, ...), written by pandas: tab separated, fields quoted when
-they hold tabs, quotes or newlines, missing values as empty cells.  Rules followed here, as the
-published reader (VLMEvalKit's) applies them:
-
-* a cell is missing when empty or one of pandas' missing-value words (``nan``, ``NaN``, ``None``,
-  ``NULL``, ``N/A``, ...); a question may have fewer than four options (C/D missing);
-* ``image`` is a base64-encoded image, a Python-style list of them (several images), or -- to
-  save space -- the ``index`` of another row whose image it shares (any cell of at most 64
-  characters); rows without an image are text only (a file without the column too, with a
-  warning: MMBench's questions are about their images);
-* the dev files already hold MMBench's circular rotations: row ``k * 1_000_000 + i`` is
-  rotation ``k`` of question ``i`` (its options shifted), sharing its image.  They are scored
-  only under ``--circular``; without it only the original questions are.
-* ``answer`` is the right option's letter; test files have none and cannot be scored here.
+"""MMBench-style TSV files as OpenCompass publishes them (columns: docs/EVAL.md), read by the
+rules of the published reader, VLMEvalKit's: pandas' missing-value words (``nan``, ``None``,
+``N/A``, ...) are empty cells; an ``image`` cell of at most 64 characters is the ``index`` of the
+row whose image it shares; row ``k * 1_000_000 + i`` is rotation ``k`` of question ``i``.
 """
 
 from __future__ import annotations
@@ -23,8 +10,8 @@ import ast
 import base64
 import csv
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from .items import LETTERS, EvalDataError, Item
 from .readers import text_lines
@@ -50,11 +37,11 @@ def _raise_field_limit() -> None:
             limit //= 2
 
 
-def missing(v: Optional[str]) -> bool:
+def missing(v: str | None) -> bool:
     return v is None or v.strip() in NA_VALUES
 
 
-def read_tsv(path: Path, rows, prefix: Optional[str]) -> None:
+def read_tsv(path: Path, rows, prefix: str | None) -> None:
     """Append the file's questions to ``rows`` (a :class:`~mlx_dsvl.eval.readers.RowReader`)."""
     _raise_field_limit()
     header, records = _records(path)
@@ -62,10 +49,10 @@ def read_tsv(path: Path, rows, prefix: Optional[str]) -> None:
         rows.result.warnings.append(f"{path}: no 'image' column: its questions are scored as text only")
     images = {r["index"]: r.get("image") for _, r in records if r.get("index")}
     for where, r in records:
-        rows.add(where, lambda: _item(r, where, path, images, prefix))
+        rows.add(where, partial(_item, r, where, path, images, prefix))
 
 
-def _records(path: Path) -> Tuple[List[str], List[tuple]]:
+def _records(path: Path) -> tuple[list[str], list[tuple]]:
     """The header and ``(where, {column: cell})`` per data row; the header is checked first."""
     out = []
     reader = csv.reader(text_lines(path), delimiter="\t")
@@ -96,7 +83,7 @@ def _records(path: Path) -> Tuple[List[str], List[tuple]]:
     return header, out
 
 
-def _rotation_of(index: str, images: Dict[str, Optional[str]]):
+def _rotation_of(index: str, images: dict[str, str | None]):
     """``(group, rotation)`` of a row: rotations are ``k * 10**6 + i`` with ``i`` in the file."""
     if index.isdigit() and int(index) >= ROTATION:
         base = str(int(index) % ROTATION)
@@ -105,8 +92,8 @@ def _rotation_of(index: str, images: Dict[str, Optional[str]]):
     return index, 0
 
 
-def _item(r: Dict[str, str], where: str, path: Path, images: Dict[str, Optional[str]],
-          prefix: Optional[str]) -> Item:
+def _item(r: dict[str, str], where: str, path: Path, images: dict[str, str | None],
+          prefix: str | None) -> Item:
     if "__error__" in r:
         raise EvalDataError(f"{where}: {r['__error__']}")
     index = r["index"].strip()
@@ -132,7 +119,7 @@ def _item(r: Dict[str, str], where: str, path: Path, images: Dict[str, Optional[
     )
 
 
-def _options(r: Dict[str, str], where: str) -> List[str]:
+def _options(r: dict[str, str], where: str) -> list[str]:
     present = [c for c in LETTERS if c in r and not missing(r[c])]
     n = len(present)
     if present != list(LETTERS[:n]) or n < 2:
@@ -141,7 +128,7 @@ def _options(r: Dict[str, str], where: str) -> List[str]:
     return [r[c].strip() for c in present]
 
 
-def _image_cells(index: str, images: Dict[str, Optional[str]], where: str, path: Path):
+def _image_cells(index: str, images: dict[str, str | None], where: str, path: Path):
     """The row's base64 images (references followed) and keys naming them."""
     cell = images.get(index)
     if missing(cell):

@@ -1,27 +1,8 @@
-"""Evaluation files -> :class:`~mlx_dsvl.eval.items.Item` lists.
+"""Evaluation files (``.tsv``, ``.jsonl``, ``.csv``; formats: docs/EVAL.md) -> items.
 
-Formats (chosen by extension; a folder reads every such file in it, sorted, its items' ids and
-default categories prefixed by the file name):
-
-* ``.tsv``: MMBench as OpenCompass publishes it (see :mod:`mlx_dsvl.eval.mmbench`);
-* ``.jsonl``: one object per line::
-
-      {"images": ["a.png"], "question": "...", "choices": ["cat", "dog"], "answer": "B",
-       "category": "animals", "hint": "...", "id": "q1"}
-
-  ``images`` (or ``image``: one path) are relative to the file and optional (text only);
-  ``choices`` (or keys ``"A"``, ``"B"``, ...) make it multiple choice, with ``answer`` a letter,
-  the right option's text or its 0-based index; without choices ``answer`` is a string or a list
-  of accepted strings (short answer).  ``subject`` is read as ``category``;
-* ``.csv``: text multiple choice, MMLU style: a header ``question,A,B,C,D,answer[,category]``, or
-  no header and the columns of the original MMLU files (question, options..., answer letter;
-  the category is the file name without ``_test``/``_dev``/``_val``).
-
-Files are UTF-8 (a leading byte-order mark is dropped).  Every malformed row raises
-:class:`EvalDataError` naming ``file:line`` and what was expected; with ``skip_bad`` it is counted
-and skipped instead (bytes that are not UTF-8 always stop the read).  Images are decoded once
-while reading (``check_images``), so that a broken one is a row error before any model time is
-spent.
+A folder reads every such file in it, sorted, its items' ids and default categories prefixed by
+the file name. Images are decoded while reading, so a broken one is a row error before any model
+time is spent.
 """
 
 from __future__ import annotations
@@ -29,9 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
 
 from ..processing.image import ImageLoadError, load_image
 from ..utils import file_digest, files_digest
@@ -42,10 +24,10 @@ SUFFIXES = (".tsv", ".jsonl", ".csv")
 
 @dataclass
 class ReadResult:
-    items: List[Item] = field(default_factory=list)
-    skipped: List[str] = field(default_factory=list)  # one message per skipped row
+    items: list[Item] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # one message per skipped row
     rows: int = 0
-    warnings: List[str] = field(default_factory=list)  # read, but maybe not as meant
+    warnings: list[str] = field(default_factory=list)  # read, but maybe not as meant
 
 
 class RowReader:
@@ -54,7 +36,7 @@ class RowReader:
     def __init__(self, skip_bad: bool, check_images: bool):
         self.skip_bad, self.check_images = skip_bad, check_images
         self.result = ReadResult()
-        self._ids: Dict[str, str] = {}
+        self._ids: dict[str, str] = {}
         self._checked: set = set()  # image keys decoded already (rotations share images)
 
     def add(self, where: str, build: Callable[[], Item]) -> None:
@@ -85,7 +67,7 @@ def check_image(get, where: str):
         raise EvalDataError(f"{where}: {e}") from None
 
 
-def data_files(path) -> List[Path]:
+def data_files(path) -> list[Path]:
     """The files :func:`read` reads for ``path``: the file itself, or a folder's data files."""
     path = Path(path)
     if path.is_dir():
@@ -101,14 +83,13 @@ def data_files(path) -> List[Path]:
 
 
 def data_digest(path) -> str:
-    """SHA-256 of what :func:`read` reads: a file's bytes (as ``sha256sum`` prints it), or a
-    folder's data files, by name and digest.  Image files a JSONL names are not included."""
+    """SHA-256 of what :func:`read` reads (a file as ``sha256sum`` prints it); not a JSONL's images."""
     files = data_files(path)
     return files_digest(files) if Path(path).is_dir() else file_digest(files[0])
 
 
 def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
-    """Read an evaluation file or a folder of them (see the module docstring)."""
+    """Read an evaluation file or a folder of them."""
     folder = Path(path).is_dir()
     rows = RowReader(skip_bad, check_images)
     for f in data_files(path):
@@ -116,7 +97,7 @@ def read(path, skip_bad: bool = False, check_images: bool = True) -> ReadResult:
     return rows.result
 
 
-def _read_file(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
+def _read_file(path: Path, rows: RowReader, prefix: str | None) -> None:
     from .mmbench import read_tsv  # its own module: the published format has its own rules
 
     before = rows.result.rows
@@ -132,8 +113,7 @@ def _read_file(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
 
 
 def text_lines(path: Path) -> Iterator[str]:
-    """The file's lines as UTF-8 text, a leading byte-order mark dropped; a byte that is not
-    UTF-8 raises :class:`EvalDataError` naming the file, the line and the byte offset."""
+    """UTF-8 lines, a leading byte-order mark dropped; a bad byte is named by line and offset."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -148,15 +128,15 @@ def text_lines(path: Path) -> Iterator[str]:
 # -- JSONL ------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
+def read_jsonl(path: Path, rows: RowReader, prefix: str | None) -> None:
     base = path.resolve().parent
     for lineno, line in enumerate(text_lines(path), 1):
         if line.strip():
             where = f"{path}:{lineno}"
-            rows.add(where, lambda: _jsonl_item(line, where, base, lineno, prefix))
+            rows.add(where, partial(_jsonl_item, line, where, base, lineno, prefix))
 
 
-def _jsonl_item(line: str, where: str, base: Path, lineno: int, prefix: Optional[str]) -> Item:
+def _jsonl_item(line: str, where: str, base: Path, lineno: int, prefix: str | None) -> Item:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -200,11 +180,11 @@ def _path_loader(path: str):
     return lambda: path
 
 
-def _prefixed(prefix: Optional[str], rid: str) -> str:
+def _prefixed(prefix: str | None, rid: str) -> str:
     return f"{prefix}/{rid}" if prefix else rid
 
 
-def _text(v, where: str, name: str, required: bool = False) -> Optional[str]:
+def _text(v, where: str, name: str, required: bool = False) -> str | None:
     if v is None or (isinstance(v, str) and not v.strip()):
         if required:
             raise EvalDataError(f"{where}: missing or empty '{name}' (a non-empty string)")
@@ -214,7 +194,7 @@ def _text(v, where: str, name: str, required: bool = False) -> Optional[str]:
     return str(v)
 
 
-def _choices(choices, where: str) -> List[str]:
+def _choices(choices, where: str) -> list[str]:
     if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS):
         raise EvalDataError(f"{where}: 'choices' must be a list of 2 to 26 option texts")
     out = []
@@ -225,7 +205,7 @@ def _choices(choices, where: str) -> List[str]:
     return out
 
 
-def _answer_index(answer, choices: List[str], where: str) -> int:
+def _answer_index(answer, choices: list[str], where: str) -> int:
     """A letter, the right option's text, or a 0-based index -> the option's index."""
     letters = LETTERS[: len(choices)]
     if isinstance(answer, int) and not isinstance(answer, bool):
@@ -243,7 +223,7 @@ def _answer_index(answer, choices: List[str], where: str) -> int:
     )
 
 
-def _short_answers(answer, where: str) -> List[str]:
+def _short_answers(answer, where: str) -> list[str]:
     answers = answer if isinstance(answer, list) else [answer]
     out = [str(a).strip() for a in answers
            if isinstance(a, (str, int, float)) and not isinstance(a, bool) and str(a).strip()]
@@ -255,7 +235,7 @@ def _short_answers(answer, where: str) -> List[str]:
 # -- CSV (text multiple choice) ---------------------------------------------------------------
 
 
-def read_csv(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
+def read_csv(path: Path, rows: RowReader, prefix: str | None) -> None:
     category = re.sub(r"_(test|dev|val|validation|train)$", "", path.stem)
     reader = csv.reader(text_lines(path))
     header, start, first = None, 1, True
@@ -270,21 +250,21 @@ def read_csv(path: Path, rows: RowReader, prefix: Optional[str]) -> None:
             first = False
             continue
         first = False
-        rows.add(where, lambda: _csv_item(record, header, where, category, prefix))
+        rows.add(where, partial(_csv_item, record, header, where, category, prefix))
 
 
-def _is_header(record: List[str]) -> bool:
+def _is_header(record: list[str]) -> bool:
     names = {c.strip().lower() for c in record}
     return "question" in names and "answer" in names
 
 
-def _check_header(header: List[str], where: str) -> None:
+def _check_header(header: list[str], where: str) -> None:
     names = [h.lower() for h in header]
     if "a" not in names or "b" not in names:
         raise EvalDataError(f"{where}: the header needs columns question, A, B[, C, D...], answer")
 
 
-def _csv_item(record: List[str], header, where: str, category: str, prefix) -> Item:
+def _csv_item(record: list[str], header, where: str, category: str, prefix) -> Item:
     if header is not None:
         if len(record) != len(header):
             raise EvalDataError(f"{where}: {len(record)} columns, the header has {len(header)}")

@@ -1,11 +1,8 @@
 """Outputs of an evaluation run: ``predictions.jsonl``, ``summary.json``, a table, progress.
 
-``predictions.jsonl`` is append-only, one record per line written with a single ``write`` and
-flushed, so an interrupted run leaves whole lines (and at worst one torn last line, ignored and
-cut off on resume).  ``run.json`` records what the predictions were made with, in the caller's
-order (the first change is the one named); a rerun with the same settings resumes, with others
-it is refused unless the folder is cleared with ``--overwrite``.  ``summary.json`` appears
-atomically (temporary file + rename).
+``predictions.jsonl`` is appended one record per ``write``, flushed, so a kill leaves whole lines
+(at worst one torn last line, cut off on resume). ``run.json`` holds the settings in the caller's
+order, so a refused rerun names the first that changed.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 PREDICTIONS, SUMMARY, RUN = "predictions.jsonl", "summary.json", "run.json"
 
@@ -44,7 +40,7 @@ def write_json_atomic(path: Path, obj) -> None:
 class PredictionLog:
     """The run folder: earlier predictions (to resume from) and appending new ones."""
 
-    def __init__(self, out: Path, run: Dict, overwrite: bool = False):
+    def __init__(self, out: Path, run: dict, overwrite: bool = False):
         self.out = Path(out)
         self.path = self.out / PREDICTIONS
         if overwrite and self.out.exists():
@@ -66,10 +62,10 @@ class PredictionLog:
                               "--overwrite to replace it")
         else:
             write_json_atomic(run_path, run)
-        self.done: Dict[str, dict] = self._read()
+        self.done: dict[str, dict] = self._read()
         self._f = open(self.path, "a", encoding="utf-8")
 
-    def _read(self) -> Dict[str, dict]:
+    def _read(self) -> dict[str, dict]:
         if not self.path.exists():
             return {}
         lines = self.path.read_bytes().splitlines(keepends=True)
@@ -91,7 +87,7 @@ class PredictionLog:
                 f.truncate(good)
         return done
 
-    def append(self, records: List[dict]) -> None:
+    def append(self, records: list[dict]) -> None:
         for rec in records:
             self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             self._f.flush()
@@ -101,7 +97,7 @@ class PredictionLog:
         self._f.close()
 
 
-def _change(keys: List[str], earlier: Dict, now: Dict) -> str:
+def _change(keys: list[str], earlier: dict, now: dict) -> str:
     """The first setting that changed, old and new value, then the names of the others."""
     k = keys[0]
     text = f"{k}: {earlier[k]!r}" if k in earlier else f"{k}: not recorded"
@@ -148,11 +144,11 @@ def _fmt(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _pct(x: Optional[float]) -> str:
+def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def table(summary: Dict) -> str:
+def table(summary: dict) -> str:
     """Overall and per-category accuracy (with the 95% interval) as aligned text."""
     rows = [("overall", summary)]
     for name in ("categories", "l2_categories"):

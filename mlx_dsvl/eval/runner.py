@@ -1,18 +1,16 @@
 """``evaluate()``: score a loaded model on items, batch by batch, and summarize.
 
-Works on any loaded model -- adapters applied or not, in training mode or not: the model is put
-in inference mode for the call (dropout off, so nothing random is drawn and a training run's
-random state is untouched) and every module's mode is restored afterwards.  Nothing is written;
-``on_records`` receives each batch's records (the CLI appends them to ``predictions.jsonl``) and
-``done`` holds records of an earlier, interrupted run to resume from.
+The model is in inference mode for the call (dropout off, so a training run's random state is
+untouched) and every module's mode is restored afterwards. Nothing is written.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING
 
 from ..processing.image import ImageLoadError, load_image
 from . import greedy, likelihood
@@ -20,26 +18,31 @@ from .items import EvalDataError, Item, first_groups, prompt_text, select
 from .metrics import summarize
 from .readers import ReadResult, read
 
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
+
 METHODS = ("likelihood", "generate")
 DEFAULT_BATCH_SIZE = 8
 
 
 @contextmanager
-def inference_mode(model):
+def inference_mode(model: DeepseekVL):
     """``model.eval()`` for the block; each module's own mode is put back afterwards."""
-    modes = [(m, m.training) for _, m in model.named_modules()]
+    modes = [(name, m, m.training) for name, m in model.named_modules()]
     model.eval()
     try:
         yield model
     finally:
-        for m, training in modes:  # one module at a time: train()/eval() would recurse
-            m._set_training_mode(training)
+        # train() sets a module's whole subtree: parents first (a name is a prefix of its
+        # children's), so each module ends with its own mode
+        for _, m, training in sorted(modes, key=lambda entry: len(entry[0])):
+            m.train(training)
 
 
-def prepare_items(data: Union[str, ReadResult, Sequence[Item]], circular: bool = False,
-                  limit: Optional[int] = None, skip_bad: bool = False) -> Tuple[List[Item], int]:
-    """Items to score (``data`` read if it is a path; rotations picked; the first ``limit``
-    questions) and how many shipped rotations were left out (see :func:`items.select`)."""
+def prepare_items(data: str | ReadResult | Sequence[Item], circular: bool = False,
+                  limit: int | None = None, skip_bad: bool = False) -> tuple[list[Item], int]:
+    """Items to score and how many shipped rotations were left out (:func:`items.select`)."""
     if not isinstance(data, (ReadResult, list, tuple)):
         data = read(data, skip_bad=skip_bad)
     items = data.items if isinstance(data, ReadResult) else list(data)
@@ -74,15 +77,15 @@ def load_pictures(items: Sequence[Item]):
     return pictures, failed
 
 
-def score_batch(model, processor, batch: Sequence[Item], method: str, target: str = "letter",
-                system_prompt: Optional[str] = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
-                skip_bad: bool = False) -> List[dict]:
+def score_batch(model: DeepseekVL, processor: ChatProcessor, batch: Sequence[Item], method: str,
+                target: str = "letter", system_prompt: str | None = None, max_tokens: int = greedy.DEFAULT_MAX_TOKENS,
+                skip_bad: bool = False) -> list[dict]:
     """Records for one batch, in its order (short answers are always generated)."""
     pictures, failed = load_pictures(batch)
     if failed and not skip_bad:
         raise EvalDataError(next(iter(failed.values())))
     ok = [it for it in batch if it.id not in failed]
-    by_id: Dict[str, dict] = {it.id: {**base_record(it, method), "skipped": failed[it.id]}
+    by_id: dict[str, dict] = {it.id: {**base_record(it, method), "skipped": failed[it.id]}
                               for it in batch if it.id in failed}
     scored = [it for it in ok if it.is_mc and method == "likelihood"]
     generated = [it for it in ok if not (it.is_mc and method == "likelihood")]
@@ -95,8 +98,8 @@ def score_batch(model, processor, batch: Sequence[Item], method: str, target: st
     return [by_id[it.id] for it in batch]
 
 
-def iter_records(model, processor, items: Sequence[Item], method: str = "likelihood",
-                 batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[List[dict]]:
+def iter_records(model: DeepseekVL, processor: ChatProcessor, items: Sequence[Item],
+                 method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, **options) -> Iterator[list[dict]]:
     """Each batch's records, in item order (``options``: see :func:`score_batch`)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -107,23 +110,15 @@ def iter_records(model, processor, items: Sequence[Item], method: str = "likelih
             yield score_batch(model, processor, items[i: i + batch_size], method, **options)
 
 
-def evaluate(model, processor, data: Union[str, ReadResult, Sequence[Item]],
-             method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, limit: Optional[int] = None,
-             circular: bool = False, target: str = "letter", system_prompt: Optional[str] = None,
+def evaluate(model: DeepseekVL, processor: ChatProcessor, data: str | ReadResult | Sequence[Item],
+             method: str = "likelihood", batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
+             circular: bool = False, target: str = "letter", system_prompt: str | None = None,
              max_tokens: int = greedy.DEFAULT_MAX_TOKENS, skip_bad: bool = False,
-             done: Optional[Mapping[str, dict]] = None,
-             on_records: Optional[Callable[[List[dict]], None]] = None,
-             progress: Optional[Callable[[int, int, int], None]] = None) -> Dict[str, object]:
-    """Score ``model`` on ``data`` and return the summary (accuracy, 95% interval, categories).
-
-    ``data``: a file or folder (see :mod:`mlx_dsvl.eval.readers`), a :class:`ReadResult`, or
-    items -- read once and pass the items when calling repeatedly (a training callback).
-    ``method``: ``"likelihood"`` or ``"generate"`` for multiple choice (short answers are always
-    generated; the summary's ``method`` and ``methods`` say what was used); ``target``: what the
-    likelihood scores (``"letter"`` or ``"text"``); ``limit``: the first N questions (with all
-    their rotations under ``circular``).  ``done``: records by id already made (resume);
-    ``on_records(records)`` after each batch; ``progress(rows_done, rows_correct, rows_new)``.
-    """
+             done: Mapping[str, dict] | None = None,
+             on_records: Callable[[list[dict]], None] | None = None,
+             progress: Callable[[int, int, int], None] | None = None) -> dict[str, object]:
+    """Score ``model`` on ``data`` (a path, a :class:`ReadResult` or items: read once when calling
+    repeatedly); ``done``: records by id from an interrupted run; ``progress(done, correct, new)``."""
     if method == "generate" and target != "letter":
         raise ValueError("target applies to method='likelihood' only")
     t0 = time.perf_counter()

@@ -8,15 +8,13 @@
 
 from __future__ import annotations
 
-from typing import Tuple, Union
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import AlignerConfig
 from .cpu_math import GELU
 
-Features = Union[mx.array, Tuple[mx.array, mx.array]]
+Features = mx.array | tuple[mx.array, mx.array]
 
 
 class MlpProjector(nn.Module):

@@ -1,29 +1,22 @@
 """Scaled dot-product attention for the vision towers (SigLIP-L, SAM-B).
 
 On a GPU (Metal, CUDA) this is ``mx.fast.scaled_dot_product_attention``.  MLX's CPU backend
-evaluates ``exp`` slowly, one element at a time, and the towers' softmaxes are large (one SAM-B
-global block: 12 x 4096 x 4096 scores; SigLIP-L: 24 x 16 x 577 x 577), so there the softmax is
-written with ``2 ** x``, which the CPU backend computes faster than ``exp``, on scores made in
-base-2 units (``log2 e`` folded into the query scale and the bias): the same values to ~1e-7
-(float32), differentiable and compilable, and faster attention (docs/PERFORMANCE.md, with the
-variants that were tried and dropped).  The softmax is computed in float32 whatever the inputs'
-dtype.
+evaluates ``exp`` one element at a time and the towers' softmaxes are large, so there the
+softmax is written with ``2 ** x`` (faster on that backend) on scores in base-2 units (``log2 e``
+folded into the query scale and the bias): the same values, differentiable and compilable
+(docs/PERFORMANCE.md).  The softmax is computed in float32 whatever the inputs' dtype.
 """
 
 from __future__ import annotations
-
-from typing import Optional, Tuple
 
 import mlx.core as mx
 
 from .cpu_math import LOG2E
 
 
-def exp_from_max(x: mx.array, axis: int = -1) -> Tuple[mx.array, mx.array]:
-    """``(exp(x - m), m)`` with ``m`` the maximum along ``axis`` (kept, no gradient), the
-    exponential computed as ``2 ** ((x - m) log2 e)``: the same values, faster than
-    ``exp`` on MLX's CPU backend (docs/PERFORMANCE.md).  Softmax numerators here and in the
-    training loss."""
+def exp_from_max(x: mx.array, axis: int = -1) -> tuple[mx.array, mx.array]:
+    """``(exp(x - m), m)`` with ``m`` the maximum along ``axis`` (no gradient), the exponential
+    as ``2 ** ((x - m) log2 e)`` (faster on MLX's CPU backend): the training loss's softmax."""
     m = mx.stop_gradient(x.max(axis=axis, keepdims=True))
     return mx.power(2.0, (x - m) * LOG2E), m
 
@@ -34,8 +27,8 @@ def decomposed_bias(rel_h: mx.array, rel_w: mx.array) -> mx.array:
     return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, N, h * W, -1)
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Optional[mx.array] = None,
-              rel: Optional[Tuple[mx.array, mx.array]] = None) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None,
+              rel: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """q [B, heads, Lq, d], k/v [B, heads, Lk, d] -> [B, heads, Lq, d].
 
     mask: additive [.., Lq, Lk]; rel: SAM's decomposed bias ``(rel_h, rel_w)`` for queries on

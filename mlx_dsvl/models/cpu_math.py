@@ -1,10 +1,9 @@
 """Elementwise functions written for MLX's CPU backend, where transcendental ops are slow.
 
 On Linux x86, MLX's CPU ``erf``, ``exp`` and ``sigmoid`` evaluate one element at a time through
-the C library, many times slower than a multiply-add, which vectorizes (docs/PERFORMANCE.md).
-The exact (erf) GELU of SigLIP, SAM-B and the aligner is therefore built here from multiplies,
-adds and one divide (a rational approximation of ``erf``), compiled into one pass, with a
-hand-written gradient.  The GPU backends keep ``nn.gelu``.
+the C library, where a multiply-add vectorizes (docs/PERFORMANCE.md).  So the exact (erf) GELU
+of SigLIP, SAM-B and the aligner is built here from multiplies, adds and one divide (a rational
+``erf``), compiled into one pass, with a hand-written gradient.  GPUs keep ``nn.gelu``.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ def _horner(coeffs, t: mx.array) -> mx.array:
 
 
 def erf(x: mx.array) -> mx.array:
-    """float32 ``erf`` from multiplies and adds (see ``ERF_P``); within 4.3e-7 of the exact one."""
+    """float32 ``erf`` from multiplies and adds (the fit and its error: see ``ERF_P``)."""
     x = mx.clip(x, -4.0, 4.0)
     t = x * x
     return x * _horner(ERF_P, t) / _horner(ERF_Q, t)

@@ -9,10 +9,11 @@ dropped).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import llama
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
 from ..config import IMAGE_TOKEN_ID, ModelConfig
@@ -22,7 +23,7 @@ from .vision import HybridVisionTower, build_vision_tower, normalize
 
 
 def merge_image_embeddings(input_ids: mx.array, text_embeds: mx.array, image_embeds: mx.array,
-                           image_token_id: int, skip: Union[int, mx.array] = 0) -> mx.array:
+                           image_token_id: int, skip: int | mx.array = 0) -> mx.array:
     """Overwrite image-token positions with image features, vectorized.
 
     input_ids: [B, T]; text_embeds: [B, T, D]; image_embeds: [M, I, D], read as the images'
@@ -65,7 +66,7 @@ def check_image_positions(input_ids: mx.array, num_images: int, tokens_per_image
         )
 
 
-def lm_head(language_model, h: mx.array) -> mx.array:
+def lm_head(language_model: llama.Model, h: mx.array) -> mx.array:
     """The LLM's output projection (tied to the embeddings or not): [..., D] -> [..., vocab]."""
     if getattr(language_model.args, "tie_word_embeddings", False):
         return language_model.model.embed_tokens.as_linear(h)
@@ -97,9 +98,8 @@ class DeepseekVL(nn.Module):
     def compile_vision(self, enable: bool = True) -> None:
         """Run the vision towers + aligner as one compiled graph (fuses the elementwise work).
 
-        Worth it on GPUs; on MLX's CPU backend the matmuls dominate and compiling measured no
-        faster, so ``encode_images`` compiles by default only when the default device is a GPU.
-        The parameters are compiled as inputs, so later weight updates are seen.
+        ``encode_images`` compiles by default on a GPU only: on the CPU the matmuls dominate and
+        compiling gained nothing.  The parameters are inputs, so later weight updates are seen.
         """
         self._compiled = (
             mx.compile(self._encode, inputs=[self.vision_model.state, self.aligner.state])
@@ -123,8 +123,8 @@ class DeepseekVL(nn.Module):
     def get_input_embeddings(
         self,
         input_ids: mx.array,
-        pixel_values: Optional[mx.array] = None,
-        image_embeds: Optional[mx.array] = None,
+        pixel_values: mx.array | None = None,
+        image_embeds: mx.array | None = None,
         skip: int = 0,
     ) -> mx.array:
         """Token embeddings [B, T, D] with image positions filled from pixels or features.
@@ -153,10 +153,10 @@ class DeepseekVL(nn.Module):
     def __call__(
         self,
         input_ids: mx.array,
-        pixel_values: Optional[mx.array] = None,
-        cache: Optional[List[Any]] = None,
-        attention_mask: Optional[mx.array] = None,
-        image_embeds: Optional[mx.array] = None,
+        pixel_values: mx.array | None = None,
+        cache: list[Any] | None = None,
+        attention_mask: mx.array | None = None,
+        image_embeds: mx.array | None = None,
     ) -> mx.array:
         """input_ids [B, T] (+ pixel_values [B, N, 3, S, S]) -> logits [B, T, vocab].
 
@@ -169,7 +169,7 @@ class DeepseekVL(nn.Module):
         return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
 
     # -- what training needs ------------------------------------------------------------------
-    def towers(self) -> Dict[str, nn.Module]:
+    def towers(self) -> dict[str, nn.Module]:
         """The vision transformers by name: ``{"siglip": ...}``, plus ``"sam"`` in the hybrid."""
         vm = self.vision_model
         if isinstance(vm, HybridVisionTower):
@@ -181,7 +181,7 @@ class DeepseekVL(nn.Module):
         """True when the LLM's output projection is its embedding matrix (no own ``lm_head``)."""
         return bool(getattr(self.language_model.args, "tie_word_embeddings", False))
 
-    def hidden_states(self, input_ids: mx.array, image_embeds: Optional[mx.array] = None) -> mx.array:
+    def hidden_states(self, input_ids: mx.array, image_embeds: mx.array | None = None) -> mx.array:
         """Final-norm hidden states ``[B, T, D]`` (apply :meth:`lm_head` for logits).
 
         ``image_embeds``: ``[B, N, I, D]`` per row, or ``[M, I, D]``: the batch's images in row
@@ -194,7 +194,7 @@ class DeepseekVL(nn.Module):
         """Hidden states ``[..., D]`` -> logits ``[..., vocab]``."""
         return lm_head(self.language_model, h)
 
-    def make_cache(self, left_padding: Optional[List[int]] = None) -> List[KVCache]:
+    def make_cache(self, left_padding: list[int] | None = None) -> list[KVCache]:
         """The LLM's KV cache: one sequence's, or with ``left_padding`` (per row) a left-padded
         batch's, in which each row computes as if unpadded."""
         if left_padding is None:

@@ -1,25 +1,17 @@
 """The LLM: mlx-lm's llama, with two prefill paths of its own (the parameters are mlx-lm's).
 
-On CUDA, ``mx.fast.scaled_dot_product_attention`` runs a prefill through cuDNN, which builds one
-execution graph per new (query length, key length) and caches it; building one takes tens of
-milliseconds.  In a chat every follow-up question prefills a new number of tokens on top of a
-longer cache, so every turn met a new shape and paid that build before its first token -- more
-than the whole prefill of a short question costs.  Here a prefill of at most
-:data:`UNFUSED_MAX_QUERIES` tokens on a GPU takes the same math as MLX's own fallback
-(scores, causal mask, softmax, weighted sum) from ordinary kernels, which need no per-shape
-build.  Decoding (one query) and long prefills keep the fused kernels; on the CPU backend
-nothing changes (MLX has no fused CPU kernel: it computes this same fallback).
-
-With a quantized KV cache, mlx-lm computes attention with ``mx.quantized_matmul`` against the
-packed keys and values; MLX's CPU backend runs that far slower than a float matmul
-(docs/PERFORMANCE.md, "Memory").  A prefill on the CPU dequantizes the layer's keys and values
-instead (one layer's worth at a time) and multiplies in float through BLAS; decoding keeps
-mlx-lm's quantized path.
+On CUDA, ``mx.fast.scaled_dot_product_attention`` builds (and caches) one cuDNN graph per new
+(query length, key length); a chat meets a new shape every turn and would pay that build before
+its first token.  So a prefill of at most :data:`UNFUSED_MAX_QUERIES` tokens on a GPU runs
+MLX's own fallback math from ordinary kernels, which need no per-shape build; decoding and long
+prefills keep the fused kernels.  On the CPU, where ``mx.quantized_matmul`` is slow, a prefill
+onto a quantized KV cache dequantizes the layer's keys and values and multiplies in float;
+decoding keeps mlx-lm's quantized path (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models import llama
@@ -38,7 +30,7 @@ def unfused_prefill(length: int, cache: Any) -> bool:
 
 
 def unfused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
-                      mask: Union[None, str, mx.array]) -> mx.array:
+                      mask: None | str | mx.array) -> mx.array:
     """MLX's fallback for ``mx.fast.scaled_dot_product_attention``, op for op.
 
     q [B, H, L, D], k/v [B, H, S, D] (as many key as query heads);
@@ -59,7 +51,7 @@ def unfused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
 class Attention(llama.Attention):
     """mlx-lm's llama attention (same parameters); short GPU prefills go unfused."""
 
-    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: mx.array | None = None, cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
         if self.n_heads != self.n_kv_heads or not unfused_prefill(L, cache):
             return super().__call__(x, mask, cache)  # (grouped queries: not in DeepSeek-VL)

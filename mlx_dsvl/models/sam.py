@@ -8,8 +8,6 @@ mlp.{lin1,lin2}}``, ``neck.{0,1,2,3}``, ``neck_hd.{0,1,2,3}``, ``downsamples.{0,
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -26,7 +24,7 @@ def rel_pos_table(size: int, rel_pos: mx.array) -> mx.array:
     return rel_pos[idx]
 
 
-def decomposed_rel_pos(q: mx.array, table_h: mx.array, table_w: mx.array) -> Tuple[mx.array, mx.array]:
+def decomposed_rel_pos(q: mx.array, table_h: mx.array, table_w: mx.array) -> tuple[mx.array, mx.array]:
     """MViTv2 decomposed relative position bias, as its two factors.
 
     q: [B, heads, h*W, C] *unscaled* queries of h rows of the grid; table_h: [h, kH, C] (those
@@ -86,7 +84,7 @@ class MLPBlock(nn.Module):
         return self.lin2(self.act(self.lin1(x)))
 
 
-def window_partition(x: mx.array, window: int) -> Tuple[mx.array, Tuple[int, int]]:
+def window_partition(x: mx.array, window: int) -> tuple[mx.array, tuple[int, int]]:
     """[B, H, W, C] -> [B*nW, window, window, C], zero-padding bottom/right (no mask later)."""
     B, H, W, C = x.shape
     ph, pw = (-H) % window, (-W) % window
@@ -98,7 +96,7 @@ def window_partition(x: mx.array, window: int) -> Tuple[mx.array, Tuple[int, int
 
 
 def window_unpartition(
-    windows: mx.array, window: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
+    windows: mx.array, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]
 ) -> mx.array:
     """[B*nW, window, window, C] -> [B, H, W, C], cropping the padding."""
     Hp, Wp = pad_hw
@@ -180,7 +178,7 @@ class SAMEncoder(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.patch_embed(x) + self.pos_embed
-        first_global: Optional[mx.array] = None
+        first_global: mx.array | None = None
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i == self.first_global:

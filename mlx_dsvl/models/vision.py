@@ -7,7 +7,7 @@ from the 1024 image with an antialiased bilinear resize, on the un-normalized fl
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,7 @@ from .sam import SAMEncoder
 from .siglip import SigLIPViT
 
 
-def normalize(x: mx.array, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+def normalize(x: mx.array, mean: Sequence[float] | None, std: Sequence[float] | None):
     """Per-channel (x - mean) / std on an NHWC tensor; identity when mean/std is None."""
     if mean is None or std is None:
         return x
@@ -61,12 +61,12 @@ class HybridVisionTower(nn.Module):
         self.vision_tower_high = SAMVisionTower(cfg, cfg.high_mean, cfg.high_std)
         self.vision_tower_low = CLIPVisionTower(cfg, cfg.low_mean, cfg.low_std)
 
-    def __call__(self, x: mx.array) -> Tuple[mx.array, mx.array]:
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         low = antialias_bilinear_resize(x.astype(mx.float32), self.low_res_size).astype(x.dtype)
         return self.vision_tower_high(x), self.vision_tower_low(low)
 
 
-VisionTower = Union[CLIPVisionTower, HybridVisionTower]
+VisionTower = CLIPVisionTower | HybridVisionTower
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

@@ -5,24 +5,22 @@ Template (``SeparatorStyle.DeepSeek`` of the original ``conversation.py``), role
 
     {system}\\n\\nUser: {q1}\\n\\nAssistant: {a1}<｜end▁of▁sentence｜>User: {q2}\\n\\nAssistant:
 
-* the system part (``system + "\\n\\n"``) is omitted when the system prompt is empty;
-* message ``i`` (counting from 0, system excluded) renders as ``"{Role}: {text}" + sep`` with
-  ``sep = "\\n\\n"`` for even ``i`` and ``sep2`` for odd ``i`` (by position, like the original),
-  or as ``"{Role}:"`` alone when its stripped text is empty;
-* message texts are stripped, and so is the whole prompt.
-
+No system part when the system prompt is empty; message ``i`` (system excluded) ends with
+``sep`` for even ``i`` and ``sep2`` for odd ``i`` (by position, like the original), or is
+``"{Role}:"`` alone when its stripped text is empty; texts and the whole prompt are stripped.
 Tokenization follows the original ``VLChatProcessor.process_one``: the whole prompt is encoded
-by the tokenizer (BOS first, added here if its post-processor did not), then every image-tag
-id is replaced by ``num_image_tokens`` copies of itself (:mod:`.image_tokens` owns that layout).
+(BOS first), then each image-tag id is expanded (:mod:`.image_tokens`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 from .image import ImageInput, ImageProcessor
@@ -63,17 +61,11 @@ def _check_message(index: int, message: Any) -> tuple[str, str]:
 
 
 def format_conversation(conversation: Sequence[Message], system_prompt: str | None = None) -> str:
-    """Render a conversation with the "deepseek" template.
+    """Render ``[{"role", "content"}, ...]`` (roles case-insensitive, a system message only
+    first) with the "deepseek" template; ending with ``"Assistant:"`` after a user message.
 
-    Args:
-        conversation: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; roles are
-            case-insensitive. An optional system message must come first.
-        system_prompt: the system prompt when the conversation has no system message; ``None``
-            means :data:`DEFAULT_SYSTEM_PROMPT`. A system message in the conversation wins; an
-            empty system prompt (either way) means no system part at all.
-
-    Returns:
-        The prompt string. When the last message is the user's it ends with ``"Assistant:"``.
+    ``system_prompt`` (``None``: :data:`DEFAULT_SYSTEM_PROMPT`) applies when the conversation has
+    no system message; an empty one (either way) means no system part.
     """
     if isinstance(conversation, (str, bytes)) or not isinstance(conversation, Sequence):
         raise ValueError("conversation must be a list of {'role', 'content'} dicts")
@@ -137,15 +129,8 @@ def _images_from_messages(conversation: Sequence[Message]) -> list[ImageInput]:
 
 
 class ChatProcessor:
-    """Turns conversations and images into ``input_ids`` and ``pixel_values`` (MLX arrays).
-
-    Args:
-        tokenizer: a ``transformers`` tokenizer (the DeepSeek byte-level BPE).
-        image_processor: an :class:`ImageProcessor`.
-        image_tag: the placeholder string marking an image in user text.
-        num_image_tokens: copies of the image id per image (576 in every release).
-        system_prompt: default system prompt (``None`` -> :data:`DEFAULT_SYSTEM_PROMPT`).
-    """
+    """Turns conversations and images into ``input_ids`` and ``pixel_values`` (MLX arrays), with
+    a ``transformers`` tokenizer (DeepSeek's byte-level BPE) and an :class:`ImageProcessor`."""
 
     def __init__(
         self,
@@ -166,7 +151,7 @@ class ChatProcessor:
         self.image_tokens = ImageTokens(int(image_id), int(num_image_tokens))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ChatProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike) -> ChatProcessor:
         """Load the tokenizer, ``processor_config.json`` and ``preprocessor_config.json``."""
         from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy, only needed here
         from transformers.utils import logging as transformers_logging
@@ -239,10 +224,9 @@ class ChatProcessor:
     def tokenize(self, prompt: str, bos: bool = True) -> np.ndarray:
         """Prompt -> ``[T]`` int32 ids: BOS first, each image id expanded to its copies.
 
-        The original ran under transformers 4.x, whose ``LlamaTokenizerFast`` always prepends
-        BOS (``add_bos_token=True``). transformers 5 ignores ``add_bos_token`` when a
-        ``tokenizer.json`` exists and relies on its post-processor, so BOS is added here if
-        the tokenizer did not.  ``bos=False`` encodes a continuation: no special tokens added.
+        The original's transformers 4.x always prepended BOS; transformers 5 leaves it to
+        ``tokenizer.json``'s post-processor, so BOS is added here if missing.  ``bos=False``
+        encodes a continuation: no special tokens added.
         """
         check_unicode(prompt)
         ids = np.asarray(self.tokenizer.encode(prompt, add_special_tokens=bos), dtype=np.int64)  # [T0]
@@ -268,20 +252,9 @@ class ChatProcessor:
     def __call__(
         self, conversation: Sequence[Message], images: Iterable[ImageInput] | None = None
     ) -> dict[str, Any]:
-        """Process one conversation.
-
-        Args:
-            conversation: ``{"role", "content"}`` messages (see :func:`format_conversation`).
-            images: paths or PIL images, one per placeholder, in order. ``None`` collects the
-                original-style ``"images"`` lists attached to messages (none -> no images).
-
-        Returns:
-            ``input_ids``: mx.array int32 ``[1, T]``; ``pixel_values``: mx.array float32
-            ``[1, N, 3, S, S]`` in ``[0, 1]`` or ``None`` without images; ``prompt``: str;
-            ``num_images``: int N.
-        """
-        import mlx.core as mx
-
+        """One conversation -> ``input_ids`` [1, T], ``pixel_values`` [1, N, 3, S, S] in [0, 1]
+        (None without images), ``prompt``, ``num_images``.  ``images``: one per placeholder, in
+        order; ``None`` takes the original-style ``"images"`` lists of the messages."""
         prompt, ids, pixels = self._prepare(conversation, images)
         n = pixels.shape[0]
         return {
@@ -294,21 +267,10 @@ class ChatProcessor:
     def batch(
         self, samples: Sequence[tuple[Sequence[Message], Iterable[ImageInput] | None]]
     ) -> dict[str, Any]:
-        """Process several ``(conversation, images)`` pairs into one left-padded batch.
-
-        Layout (B samples, T = longest sequence, Nmax = most images in one sample):
-
-        * ``input_ids`` int32 ``[B, T]``: sample b occupies the **last** ``len_b`` positions;
-          the first ``T - len_b`` hold the pad id (EOS, 100001);
-        * ``attention_mask`` int32 ``[B, T]``: 1 on real tokens, 0 on the left padding;
-        * ``pixel_values`` float32 ``[B, Nmax, 3, S, S]``: sample b's images in slots
-          ``0..image_counts[b]-1``, zeros after; ``None`` when no sample has an image;
-        * ``image_counts`` list[int]: real images per sample; ``prompts`` list[str].
-
-        The k-th run of image ids in row b belongs to ``pixel_values[b, k]``.
-        """
-        import mlx.core as mx
-
+        """Several ``(conversation, images)`` pairs -> one left-padded batch: ``input_ids`` and
+        ``attention_mask`` [B, T] (pad id on the left, mask 0 there), ``pixel_values``
+        [B, Nmax, 3, S, S] (row b's images first, zeros after; None without images),
+        ``image_counts`` and ``prompts``."""
         if not samples:
             raise ValueError("batch() needs at least one (conversation, images) sample")
         prepared = [self._prepare(conv, imgs) for conv, imgs in samples]

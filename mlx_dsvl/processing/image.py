@@ -1,21 +1,11 @@
 """Image loading and preprocessing, bit-exact with DeepSeek-VL's ``VLMImageProcessor``.
 
-The original pipeline (PyTorch, ``deepseek_vl/models/image_processing_vlm.py``) is, per image:
-
-1. ``PIL.Image.open(path).convert("RGB")`` (``deepseek_vl/utils/io.py``);
-2. resize so the longest side becomes ``image_size``: target ``(h, w)`` =
-   ``(max(int(h / m * S), min_size), max(int(w / m * S), min_size))`` with ``m = max(w, h)``,
-   through ``torchvision.transforms.functional.resize(..., BICUBIC)``, which for a PIL input is
-   just ``img.resize((w, h), Image.BICUBIC)`` (and a no-op when the size is unchanged);
-3. ``expand2square``: paste the resized image on a ``max(w, h)`` square of the pad colour at
-   ``((side - w) // 2, (side - h) // 2)``. Since ``int(m / m * S) == S``, the longest side is
-   always exactly ``S``, so the square is ``S x S`` even when ``min_size`` clamps the short side;
-4. ``np.array`` -> ``[H, W, 3]`` uint8 -> transpose to ``[3, H, W]``;
-5. rescale: ``(x.astype(float64) * rescale_factor).astype(float32)`` (transformers' ``rescale``).
-
-The original then normalizes when ``do_normalize`` is set; this port does **not**: the model
-applies ``(x - mean) / std`` itself, so the processor output is always in ``[0, 1]`` and
-``image_mean``, ``image_std`` and ``do_normalize`` are exposed for the model loader.
+The original pipeline (``deepseek_vl/models/image_processing_vlm.py``), per image:
+``convert("RGB")``; resize so the longest side is ``S`` (each side ``int``-truncated, at least
+``min_size``) with PIL's BICUBIC (what torchvision's ``resize`` does for a PIL input);
+``expand2square`` on the pad colour; ``[3, H, W]``; rescale in float64, then float32
+(transformers' ``rescale``).  The original then normalizes; this port does **not**: the model
+applies ``(x - mean) / std`` itself, so the output is always in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -26,15 +16,15 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..config import CLIP_MEAN, CLIP_STD
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+ImageInput = str | os.PathLike | bytes | Image.Image
 
 
 class ImageLoadError(ValueError):
@@ -136,7 +126,7 @@ class ImageProcessor:
             self.background_color = tuple(int(x * 255) for x in self.image_mean)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ImageProcessor":
+    def from_pretrained(cls, folder: str | os.PathLike) -> ImageProcessor:
         """Build from ``folder/preprocessor_config.json``; unknown keys are ignored."""
         path = Path(folder) / "preprocessor_config.json"
         if not path.is_file():
@@ -171,7 +161,7 @@ class ImageProcessor:
             image = image.resize((new_w, new_h), Image.BICUBIC)
         if new_w == new_h:
             return image
-        side = max(new_w, new_h)  # == image_size (see module docstring)
+        side = max(new_w, new_h)  # == image_size: the longest side is int(m / m * S) == S
         canvas = Image.new("RGB", (side, side), self.background_color)
         canvas.paste(image, ((side - new_w) // 2, (side - new_h) // 2))
         return canvas

@@ -1,22 +1,19 @@
 """Where images sit in the token ids: the one owner of the image-token layout (host side, numpy).
 
 The tokenizer encodes each image tag as one id; :meth:`ImageTokens.expand` replaces it by
-``per_image`` copies of itself (576 in every release), so image ``k`` of a prompt is its
-``k``-th run of ``per_image`` image ids, and two adjacent images make one long run.  The
-original processor's ``add_special_token`` (keep the tag's id in front of the copies) is not
-supported: its ``input_ids == image_id`` mask would then count one id more per image than
-there are features, which the original model could not merge either, and no release sets it.
-
-The model fills the image positions in the same order (the ``k``-th image id takes row ``k``
-of the images' features laid end to end: ``DeepseekVL.get_input_embeddings``), and checks
-whole prompts itself (``check_image_positions``); this module answers the host's questions:
-how many images, where each one starts, and which images a range of positions overlaps.
+``per_image`` copies of itself, so image ``k`` of a prompt is its ``k``-th run of ``per_image``
+image ids (two adjacent images make one long run).  The original's ``add_special_token`` (the
+tag's id kept in front of the copies) is not supported: no release sets it, and the original
+model could not merge its ids either.  The model fills the image positions in the same order
+(``DeepseekVL.get_input_embeddings``); this module answers the host's questions: how many
+images, where each starts, which images a range of positions overlaps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,7 +38,7 @@ class ImageTokens:
     def expand(self, ids: np.ndarray) -> np.ndarray:
         """Tokenizer ids ``[T0]`` -> ids with each image id replaced by ``per_image`` copies."""
         ids = np.asarray(ids)
-        pieces: List[np.ndarray] = []
+        pieces: list[np.ndarray] = []
         start = 0
         for pos in np.flatnonzero(ids == self.token_id):
             pieces.append(ids[start:pos])
@@ -62,21 +59,21 @@ class ImageTokens:
         """Images the ids hold room for (whole runs of ``per_image``)."""
         return int(self.is_image(ids).sum()) // self.per_image
 
-    def runs(self, ids: Sequence[int]) -> List[Tuple[int, int]]:
+    def runs(self, ids: Sequence[int]) -> list[tuple[int, int]]:
         """``[(start, end), ...]`` per image: its first position and one past its last (adjacent
         images apart; a last image short of ``per_image`` positions as far as it goes)."""
         pos = self.positions(ids)
         n = self.per_image
         return [(int(pos[k]), int(pos[min(k + n, len(pos)) - 1]) + 1) for k in range(0, len(pos), n)]
 
-    def start_of(self, ids: Sequence[int], image: int) -> Optional[int]:
+    def start_of(self, ids: Sequence[int], image: int) -> int | None:
         """Position of image ``image``'s first token, or None when the ids hold fewer images."""
         pos = self.positions(ids)
         k = image * self.per_image
         return int(pos[k]) if k < len(pos) else None
 
     def overlap(self, ids: Sequence[int], start: int, end: int,
-                num_images: Optional[int] = None) -> ImageSpan:
+                num_images: int | None = None) -> ImageSpan:
         """The images whose positions overlap ``ids[start:end]``.
 
         ``num_images``: the images there are; image positions past them (ids that hold more
@@ -98,10 +95,10 @@ class ImageTokens:
         index[is_image] = np.arange(int(is_image.sum())) // self.per_image
         return index
 
-    def keyed(self, ids: Sequence[int], image_keys: Sequence[Any]) -> List[Any]:
+    def keyed(self, ids: Sequence[int], image_keys: Sequence[Any]) -> list[Any]:
         """The ids with each position of image ``k`` replaced by ``("image", image_keys[k])``
         (the prefix caches' keys); image ids past the last image (a generated one) stay ids."""
-        out: List[Any] = np.asarray(ids).tolist()  # Python ints: they compare with the tuples
+        out: list[Any] = np.asarray(ids).tolist()  # Python ints: they compare with the tuples
         index = self.image_index(ids)
         for i in np.flatnonzero((index >= 0) & (index < len(image_keys))).tolist():
             out[i] = ("image", image_keys[index[i]])

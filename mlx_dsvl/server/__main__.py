@@ -1,9 +1,7 @@
 """``python -m mlx_dsvl.server``: serve DeepSeek-VL over OpenAI's chat-completions API.
 
-    python -m mlx_dsvl.server --model deepseek-ai/deepseek-vl-7b-chat [--port 8080] [--api-key KEY]
-
-The model runs on the main thread (the scheduler's loop); uvicorn serves HTTP on a thread of
-its own.  Ctrl-C or SIGTERM stops both.
+The model runs on the main thread (the scheduler's loop), uvicorn on a thread of its own; Ctrl-C
+or SIGTERM stops both.
 """
 
 from __future__ import annotations
@@ -16,6 +14,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from ..blas import ensure_fast_blas
+from ..model_options import add_model_arguments, load_from_args
+from ..sampling import add_arguments
+
+# MLX, fastapi and uvicorn are imported in the functions: after the BLAS re-execution and
+# main's check that the server's extra is installed.
 
 API_KEY_ENV = "MLX_DSVL_API_KEY"
 MB = 1024 * 1024
@@ -42,16 +47,11 @@ COUNT, SIZE_MB, POSITIVE = _number(int, 1), _number(float, 0), _number(float, 0,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..loading import DEFAULT_MODEL  # (imports MLX: after the BLAS re-execution)
-    from ..mlx_format import QUANT_BITS
-    from ..sampling import add_arguments
-    from ..streaming import KV_BITS, KV_GROUP_SIZES
-
     p = argparse.ArgumentParser(
         prog="python -m mlx_dsvl.server",
         description="An OpenAI-compatible chat-completions server for DeepSeek-VL (MLX).")
     a = p.add_argument
-    a("--model", default=DEFAULT_MODEL, help=f"local model folder or hub id (default: {DEFAULT_MODEL})")
+    add_model_arguments(p, "model")
     a("--served-model-name", default=None,
       help="the model id in /v1/models (default: the hub id, or the folder's name)")
     a("--host", default="127.0.0.1",
@@ -59,21 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=_number(int, 0, 65535), default=8080, help="port; 0 = any free one (default: 8080)")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
-    a("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-      help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    a("--adapter", default=None, help="a training output folder (python -m mlx_dsvl.train) to apply")
-    a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: auto (the GPU if any)")
-    a("--quantize", type=int, choices=QUANT_BITS, default=None,
-      help="quantize the LLM to 4 or 8 bits (groups of 64) while loading, as generate --quantize")
+    add_model_arguments(p, "dtype", "adapter", "device", "quantize")
     a("--4bit", dest="quantize", action="store_const", const=4, help="the same as --quantize 4")
-    a("--kv-bits", type=int, choices=KV_BITS, default=None,
-      help="keep KV caches quantized to 4 or 8 bits: the decode batch's (attention reads the "
-           "packed keys and values) and the prefix cache's entries, whose quantized bytes count "
-           "against --cache-mb (default: not quantized)")
-    a("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
-      help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")
-    a("--max-context", type=_number(int, 2), default=4096,
-      help="context in tokens: longer prompts are refused, replies end at it (default: 4096)")
+    add_model_arguments(
+        p, "kv_bits", "kv_group_size", "max_context",
+        kv_bits={"help": "keep KV caches quantized to 4 or 8 bits: the decode batch's (attention reads the "
+                         "packed keys and values) and the prefix cache's entries, whose quantized bytes "
+                         "count against --cache-mb (default: not quantized)"},
+        max_context={"type": _number(int, 2),
+                     "help": "context in tokens: longer prompts are refused, replies end at it (default: 4096)"})
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
     add_arguments(p, lead="a request's default: ", skip=("seed",))
     a("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
@@ -107,17 +101,6 @@ def say(message: str) -> None:
     print(f"[mlx-dsvl server] {message}", file=sys.stderr, flush=True)
 
 
-def load_model(args):
-    from ..loading import load
-
-    model, processor = load(args.model, dtype=args.dtype, quantize=args.quantize)
-    if args.adapter:  # on the quantized layers, as generate does
-        from ..adapters import load_adapters
-
-        load_adapters(model, args.adapter)
-    return model, processor
-
-
 def served_name(args) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -133,7 +116,7 @@ def bound_port(server, asked: int) -> int:
     return asked
 
 
-def serve(args) -> int:
+def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..device import describe_device, select_device
@@ -150,7 +133,7 @@ def serve(args) -> int:
     device = select_device(args.device)
     say(f"loading {args.model} on {describe_device()} ...")
     tic = time.perf_counter()
-    model, processor = load_model(args)
+    model, processor = load_from_args(args)
     say(f"model loaded in {time.perf_counter() - tic:.1f} s")
     if args.max_context <= processor.num_image_tokens + 1:
         raise ValueError(f"--max-context {args.max_context} cannot hold one image "
@@ -203,8 +186,6 @@ def serve(args) -> int:
 
 
 def main(argv=None) -> int:
-    from ..blas import ensure_fast_blas
-
     ensure_fast_blas()
     args = build_parser().parse_args(argv)
     try:

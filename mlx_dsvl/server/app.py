@@ -1,12 +1,9 @@
 """The HTTP side (FastAPI): OpenAI's routes, errors in OpenAI's shape, server-sent events.
 
-Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health`` (no key needed) and
-``GET /stats`` (the scheduler's counters: active and waiting requests, prefilled / cached
-tokens, images encoded, cache sizes).  A request is checked, its images fetched (async) and
-decoded, its prompt built (on a worker thread of the event loop), then handed to the
-:class:`~.scheduler.Scheduler`, whose events come back through an ``asyncio.Queue``.  A client
-that goes away is noticed (polled while waiting, Starlette's disconnect watch while streaming)
-and its request cancelled, which frees its batch slot at the next step.
+A request is checked, its images fetched and decoded and its prompt built off the event loop,
+then handed to the :class:`~.scheduler.Scheduler`, whose events come back through an
+``asyncio.Queue``. A client that goes away is noticed and its request cancelled, which frees its
+batch slot at the next step.
 """
 
 from __future__ import annotations
@@ -16,8 +13,9 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -30,9 +28,20 @@ from ..caches import image_key
 from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
 from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
-from .schema import (APIError, SamplingParams, chunk_body, completion_body, error_body,
-                     parse_request, to_conversation, usage_body)
+from .schema import (
+    APIError,
+    SamplingParams,
+    chunk_body,
+    completion_body,
+    error_body,
+    parse_request,
+    to_conversation,
+    usage_body,
+)
 from .security import Guard
+
+if TYPE_CHECKING:
+    from ..processing.chat import ChatProcessor
 
 LARGE_PIXELS = 16_000_000  # after decoding more, freed memory is handed back to the system
 RETRY_AFTER_S = 1  # told with every 503 (busy, shutting down): a slot frees within a reply
@@ -41,27 +50,27 @@ RETRY_AFTER_S = 1  # told with every 503 (busy, shutting down): a slot frees wit
 @dataclass
 class ServerConfig:
     model_name: str  # the id in /v1/models
-    model_aliases: Tuple[str, ...] = ()  # other names a request's "model" may use
+    model_aliases: tuple[str, ...] = ()  # other names a request's "model" may use
     max_context: int = 4096
     defaults: SamplingParams = field(default_factory=SamplingParams)
-    api_key: Optional[str] = None
+    api_key: str | None = None
     max_body_bytes: int = 50 * 1024 * 1024
     images: ImagePolicy = field(default_factory=ImagePolicy)
-    hosts: Optional[Tuple[str, ...]] = ()  # Host names served besides loopback ones; None = any
-    origins: Tuple[str, ...] = ()  # web pages allowed to call (CORS); none by default
+    hosts: tuple[str, ...] | None = ()  # Host names served besides loopback ones; None = any
+    origins: tuple[str, ...] = ()  # web pages allowed to call (CORS); none by default
 
 
 @dataclass
 class Prepared:
-    ids: List[int]
-    image_keys: List[str]
-    pixels: Dict[str, np.ndarray]
+    ids: list[int]
+    image_keys: list[str]
+    pixels: dict[str, np.ndarray]
 
 
 class PromptBuilder:
     """Conversation + image bytes -> prompt ids, pixels and image content hashes."""
 
-    def __init__(self, processor, max_context: int):
+    def __init__(self, processor: ChatProcessor, max_context: int):
         self.processor = processor
         self.max_context = max_context
         self._lock = threading.Lock()  # one tokenizer, several request threads
@@ -72,7 +81,7 @@ class PromptBuilder:
                                 f"than the {self.max_context}-token context", param="messages",
                            code="context_length_exceeded")
 
-    def build(self, conversation: List[dict], images: Sequence[Tuple[bytes, str]]) -> Prepared:
+    def build(self, conversation: list[dict], images: Sequence[tuple[bytes, str]]) -> Prepared:
         pictures = [decode_image(data, param) for data, param in images]
         pixels = self.processor.image_processor(pictures)  # [N, 3, S, S]
         decoded = sum(p.width * p.height for p in pictures)
@@ -101,8 +110,7 @@ def _sse(obj) -> str:
 
 
 class Events:
-    """A request's events from the scheduler; ``next()`` is None (and the request cancelled)
-    once the client has gone away, checked at least every ``check_every`` seconds."""
+    """A request's events; ``next()`` is None (the request cancelled) once the client has gone away."""
 
     def __init__(self, queue: asyncio.Queue, request: Request, scheduler: Scheduler, job_id: str,
                  check_every: float = 0.5):
@@ -125,7 +133,7 @@ class Events:
                 return event
 
 
-def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI:
+def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="mlx-dsvl", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
                        hosts=config.hosts, origins=config.origins)
@@ -201,8 +209,7 @@ def create_app(scheduler: Scheduler, processor, config: ServerConfig) -> FastAPI
 
 
 async def _respond(req, events: Events, model: str) -> Response:
-    """Wait until the request is admitted (errors until then are plain HTTP errors), then
-    stream or collect its reply."""
+    """Errors before admission are plain HTTP errors; then the reply is streamed or collected."""
     first = await events.next()
     if first is None:
         return Response(status_code=499)  # nobody is listening any more
@@ -216,8 +223,7 @@ async def _respond(req, events: Events, model: str) -> Response:
 
 
 async def _stream(events: Events, model: str, include_usage: bool):
-    """OpenAI's chunks: the role first, then text deltas, the finish reason, the usage (if
-    asked for), ``[DONE]``.  Starlette cancels this generator when the client disconnects."""
+    """OpenAI's chunks; Starlette cancels this generator when the client disconnects."""
     created, cid = int(time.time()), events.job_id
 
     def chunk(delta, reason=None):
@@ -244,7 +250,7 @@ async def _stream(events: Events, model: str, include_usage: bool):
 
 
 async def _collect(events: Events, model: str) -> Response:
-    pieces: List[str] = []
+    pieces: list[str] = []
     while True:
         event = await events.next()
         if event is None:

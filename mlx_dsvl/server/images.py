@@ -1,13 +1,7 @@
-"""Where the server may take images from, and how much of them.
+"""Where the server may take images from, and how much of them (the rules: README, "Serve").
 
-- ``data:image/...;base64,...`` URLs: always (the bytes are in the request);
-- ``http(s)://`` URLs: only with ``--allow-remote-images`` (off by default: fetching lets a client
-  make the server request any address it can reach), then with a size limit and a timeout;
-- local paths (``file://`` or plain): only with ``--allow-local-images DIR`` and only inside
-  ``DIR`` once symbolic links are resolved (relative paths are relative to ``DIR``).
-
-Every image is limited to ``max_bytes`` (20 MB) of encoded data -> 413, and to Pillow's
-decompression-bomb pixel limit when decoded -> 400.
+Remote URLs are off by default: fetching lets a client make the server request any address it can
+reach. Local paths must stay inside the allowed folder once symbolic links are resolved.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ import binascii
 import os
 import re
 from pathlib import Path
-from typing import Optional
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -34,7 +27,7 @@ _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?
 class ImagePolicy:
     """Fetches image bytes from a URL under the server's rules; errors are :class:`APIError`."""
 
-    def __init__(self, allow_remote: bool = False, local_dir: Optional[str] = None,
+    def __init__(self, allow_remote: bool = False, local_dir: str | None = None,
                  max_bytes: int = MAX_IMAGE_BYTES, timeout: float = 10.0):
         self.allow_remote = allow_remote
         self.local_dir = Path(os.path.realpath(local_dir)) if local_dir else None

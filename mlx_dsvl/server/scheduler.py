@@ -1,25 +1,11 @@
 """One worker thread owns the model and decodes every active request in one batch.
 
-A request (:class:`Job`) arrives with its prompt ids, its images (pixels + content hashes) and its
-sampling options.  The worker loop:
-
-1. drops requests whose client went away (:meth:`Scheduler.cancel`), at once: waiting or in
-   the batch, their slot is free for the next step;
-2. admits waiting requests while the batch has room: the longest cached prefix of the prompt
-   (KV cache of text + images, see :mod:`mlx_dsvl.caches`) is reused, only the images that
-   overlap the rest are encoded (or taken from the image-feature cache), and the rest of the
-   prompt goes through the engine's :func:`~mlx_dsvl.streaming.prefill` (as a session's, with
-   ``kv`` quantized as it fills); the request joins the engine's
-   :class:`~mlx_dsvl.streaming.Batch` with its first token sampled from the prefill's logits;
-3. runs one decode step for the whole batch (each row feeds its last token and samples its
-   next one with its own sampler, repetition penalty and random key), streams the new text of
-   each row to its client, and retires finished rows, whose KV cache (prompt + reply) goes to
-   the prefix cache for the follow-up request.
-
-Rows are computed as if alone (left padding is masked and positions start at each row's first
-token), so a greedy reply does not depend on what else is in the batch.  Errors of one request
-are sent to that request; an error in a batch step fails that step's requests and the worker
-goes on.
+Each loop drops cancelled requests (their slot is free at once), admits waiting ones (the
+longest cached prefix reused, only the images overlapping the rest encoded, the rest prefilled as
+a session's), runs one decode step for the batch, and sends each finished row's KV cache to the
+prefix cache for the follow-up request. Rows are computed as if alone (left padding masked,
+positions from each row's first token), so a greedy reply does not depend on the batch. An error
+in a batch step fails that step's requests and the worker goes on.
 """
 
 from __future__ import annotations
@@ -28,8 +14,9 @@ import queue
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
@@ -38,14 +25,18 @@ from ..caches import ImageFeatureCache, PrefixCache
 from ..streaming import Batch, Output, Row, prefill, range_embeddings
 from .schema import SamplingParams
 
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
+
 
 # -- what flows between the HTTP side and the worker ------------------------------------------
 @dataclass(eq=False)
 class Job:
     id: str
-    ids: List[int]  # the whole prompt
-    image_keys: List[str]  # content hash of each image, in prompt order
-    pixels: Dict[str, np.ndarray]  # content hash -> [3, S, S] float32
+    ids: list[int]  # the whole prompt
+    image_keys: list[str]  # content hash of each image, in prompt order
+    pixels: dict[str, np.ndarray]  # content hash -> [3, S, S] float32
     sampling: SamplingParams  # max_tokens already within the context
     emit: Callable[[Any], None]  # thread-safe sink for the events below
 
@@ -83,17 +74,17 @@ class Slot:
     """What the scheduler keeps of an admitted request (a decode row's ``tag``)."""
 
     job: Job
-    key: List[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
+    key: list[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
     cached: int  # prompt tokens taken from the prefix cache
 
 
 class Scheduler:
     """Batched decoding of concurrent requests over one model, on one worker thread."""
 
-    def __init__(self, model, processor, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, model: DeepseekVL, processor: ChatProcessor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
-                 device: Optional[mx.Device] = None,
-                 kv: Optional[dict] = None):
+                 device: mx.Device | None = None,
+                 kv: dict | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.processor = model, processor
@@ -106,13 +97,13 @@ class Scheduler:
         self.eos = processor.tokenizer.eos_token_id
         self.image_tokens = processor.image_tokens
         self.batch = Batch(self.lm, self.eos, kv, on_finish=self._store_reply)
-        self._inbox: "queue.Queue[Job]" = queue.Queue()
-        self._waiting: "deque[Job]" = deque()
+        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._waiting: deque[Job] = deque()
         self._lock = threading.Lock()
         self._live: set = set()  # submitted and not finished
         self._cancelled: set = set()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0,
                              prefilled_tokens=0, cached_tokens=0, generated_tokens=0,
                              images_encoded=0, image_cache_hits=0, decode_steps=0, peak_batch=0)
@@ -143,8 +134,7 @@ class Scheduler:
                                 "max_bytes": self.features.max_bytes}}
 
     def start(self) -> None:
-        """Run the worker on a thread of its own (tests, embedding); ``python -m
-        mlx_dsvl.server`` runs it on the main thread instead (:meth:`run`)."""
+        """The worker on a thread of its own (tests, embedding); the CLI calls :meth:`run` instead."""
         def main():
             mx.set_default_stream(mx.new_stream(self.device))  # streams are per thread
             self.run()
@@ -186,7 +176,7 @@ class Scheduler:
         if self.batch.rows:
             self._step()
 
-    def _take_inbox(self) -> List[Job]:
+    def _take_inbox(self) -> list[Job]:
         jobs = []
         while True:
             try:
@@ -194,7 +184,7 @@ class Scheduler:
             except queue.Empty:
                 return jobs
 
-    def _fail(self, jobs: List[Job], status: int, message: str) -> None:
+    def _fail(self, jobs: list[Job], status: int, message: str) -> None:
         for job in jobs:
             self._emit(job, Failed(status, message))
             self._forget(job, "failed")
@@ -239,13 +229,12 @@ class Scheduler:
         self.counters["peak_batch"] = max(self.counters["peak_batch"], len(self.batch.rows))
         self._emit(job, Started(self.batch.rows[-1].tag.cached))
 
-    def new_cache(self) -> List[Any]:
+    def new_cache(self) -> list[Any]:
         """A request's KV cache: float; with ``kv`` the prefill quantizes it as it fills."""
         return self.model.make_cache()
 
     def _prefill(self, job: Job) -> None:
-        """The prompt through the engine's prefill (after its longest cached prefix); the
-        request joins the decode batch with its first token sampled."""
+        """Prefill after the longest cached prefix; the request joins the batch with its first token."""
         ids, s = job.ids, job.sampling
         key = self.image_tokens.keyed(ids, job.image_keys)
         kv, cached = self.prefixes.fetch(key)  # never the last token: it gives the first logits
@@ -264,15 +253,13 @@ class Scheduler:
         self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
-        """Input embeddings of prompt positions ``start:end`` -> (tokens [1, L], embeds [1, L, D])
-        (:func:`~mlx_dsvl.streaming.range_embeddings`: only the images the range overlaps)."""
+        """(tokens [1, L], embeds [1, L, D]) of prompt positions ``start:end``."""
         embeds = range_embeddings(self.model, job.ids, start, end, layout=self.image_tokens,
                                   image_keys=job.image_keys, features=lambda ks: self._image_features(job, ks))
         return mx.array(job.ids[start:end])[None], embeds[None]
 
-    def _image_features(self, job: Job, keys: List[str]) -> List[mx.array]:
-        """Features of each image in ``keys``: from the cache, else encoded together and cached
-        (:meth:`~mlx_dsvl.caches.ImageFeatureCache.fetch`: caching one cannot evict another)."""
+    def _image_features(self, job: Job, keys: list[str]) -> list[mx.array]:
+        """Features of each image in ``keys``, the misses encoded together (caching one cannot evict another)."""
         found = self.features.fetch(keys, lambda todo: self.model.encode_images(
             mx.array(np.stack([job.pixels[k] for k in todo]))))
         self.counters["image_cache_hits"] += found.hits
@@ -302,9 +289,8 @@ class Scheduler:
                                           slot.cached))
             self._forget(slot.job, "finished")
 
-    def _store_reply(self, row: Row, kv: List[Any]) -> None:
-        """A finished row's KV cache (prompt and reply) goes to the prefix cache for the
-        follow-up request."""
+    def _store_reply(self, row: Row, kv: list[Any]) -> None:
+        """A finished row's KV cache (prompt and reply) to the prefix cache, for the follow-up request."""
         if self.prefixes.max_bytes:
             mx.eval([c.state for c in kv])  # a copy now: a lazy slice would hold the whole batch
             self.prefixes.store((row.tag.key + row.generated)[:kv[0].offset], kv)

@@ -1,10 +1,7 @@
 """OpenAI chat-completions shapes: the request model, its checks, and the response bodies.
 
-The request is parsed with pydantic into :class:`ChatCompletionRequest`; everything that would
-change the answer and that this server does not do (``n > 1``, tools, log-probabilities, JSON
-mode, ...) is refused with a 400 that names the field, never ignored.  The sampling options
-(OpenAI names -> our sampler's options, defaults and ranges) are mapped in one place,
-:class:`SamplingParams`.
+Whatever would change the answer and that this server does not do (``n > 1``, tools,
+log-probabilities, JSON mode, ...) is refused with a 400 naming the field, never ignored.
 """
 
 from __future__ import annotations
@@ -12,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Annotated, Any, List, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
@@ -22,15 +19,15 @@ from ..sampling import SamplingError, SamplingOptions
 class APIError(Exception):
     """An error that becomes an OpenAI-style ``{"error": {...}}`` response."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -46,27 +43,27 @@ class TextPart(_Model):
 
 class ImageURL(_Model):
     url: str
-    detail: Optional[str] = None  # "auto" | "low" | "high": DeepSeek-VL has one resolution
+    detail: str | None = None  # "auto" | "low" | "high": DeepSeek-VL has one resolution
 
 
 class ImagePart(_Model):
     type: Literal["image_url"]
-    image_url: Union[ImageURL, str]
+    image_url: ImageURL | str
 
     @property
     def url(self) -> str:
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(_Model):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, List[Part], None] = None
-    name: Optional[str] = None
-    tool_calls: Optional[Any] = None
-    function_call: Optional[Any] = None
+    content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: Any | None = None
+    function_call: Any | None = None
 
 
 class StreamOptions(_Model):
@@ -74,38 +71,38 @@ class StreamOptions(_Model):
 
 
 class ChatCompletionRequest(_Model):
-    messages: List[Message] = Field(min_length=1)
-    model: Optional[str] = None
-    max_tokens: Optional[StrictInt] = None
-    max_completion_tokens: Optional[StrictInt] = None
-    temperature: Optional[StrictFloat] = None
-    top_p: Optional[StrictFloat] = None
-    stop: Union[str, List[str], None] = None
-    seed: Optional[StrictInt] = None
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    stop: str | list[str] | None = None
+    seed: StrictInt | None = None
     stream: StrictBool = False
-    stream_options: Optional[StreamOptions] = None
-    repetition_penalty: Optional[StrictFloat] = None  # extensions (mlx-lm, vLLM): ...
-    top_k: Optional[StrictInt] = None
-    min_p: Optional[StrictFloat] = None
+    stream_options: StreamOptions | None = None
+    repetition_penalty: StrictFloat | None = None  # extensions (mlx-lm, vLLM): ...
+    top_k: StrictInt | None = None
+    min_p: StrictFloat | None = None
     ignore_eos: StrictBool = False  # extension (vLLM): fixed-length replies for benchmarks
-    user: Optional[str] = None
+    user: str | None = None
     # Fields that change the answer; accepted only at their neutral values (see UNSUPPORTED).
-    n: Optional[StrictInt] = None
-    tools: Optional[Any] = None
-    tool_choice: Optional[Any] = None
-    functions: Optional[Any] = None
-    function_call: Optional[Any] = None
-    logprobs: Optional[StrictBool] = None
-    top_logprobs: Optional[StrictInt] = None
-    response_format: Optional[Any] = None
-    logit_bias: Optional[Any] = None
-    presence_penalty: Optional[StrictFloat] = None
-    frequency_penalty: Optional[StrictFloat] = None
-    audio: Optional[Any] = None
-    modalities: Optional[Any] = None
-    prediction: Optional[Any] = None
-    reasoning_effort: Optional[Any] = None
-    web_search_options: Optional[Any] = None
+    n: StrictInt | None = None
+    tools: Any | None = None
+    tool_choice: Any | None = None
+    functions: Any | None = None
+    function_call: Any | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+    response_format: Any | None = None
+    logit_bias: Any | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    audio: Any | None = None
+    modalities: Any | None = None
+    prediction: Any | None = None
+    reasoning_effort: Any | None = None
+    web_search_options: Any | None = None
 
 
 def _text_format(v) -> bool:
@@ -134,9 +131,8 @@ UNSUPPORTED = {
 }
 
 
-def _clean_loc(loc: Tuple) -> Tuple:
-    """A pydantic error location without its union-branch labels ('str', 'list[...]', class
-    names, the discriminator's tag)."""
+def _clean_loc(loc: tuple) -> tuple:
+    """A pydantic error location without its union-branch labels."""
     out: list = []
     for part in loc:
         if isinstance(part, str) and (part == "str" or not re.fullmatch(r"[a-z_]+", part)):
@@ -147,7 +143,7 @@ def _clean_loc(loc: Tuple) -> Tuple:
     return tuple(out)
 
 
-def _param(loc: Tuple) -> str:
+def _param(loc: tuple) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -173,7 +169,7 @@ def _is_text(s: str) -> bool:
         return False
 
 
-def _lone_surrogate(data: Any) -> Optional[Tuple]:
+def _lone_surrogate(data: Any) -> tuple | None:
     """The location of the first string (or object key) that is no text, or None."""
     todo: list = [((), data)]
     while todo:
@@ -214,13 +210,9 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     return req
 
 
-def to_conversation(messages: List[Message], image_tag: str) -> Tuple[List[dict], List[Tuple[str, str]]]:
-    """OpenAI messages -> the template's ``{"role", "content"}`` list and the image URLs in order.
-
-    An image part becomes ``image_tag`` where it stands; consecutive text parts are joined by a
-    newline.  Images are for user messages; the tag itself may not be typed in text (it would
-    take an image that was never sent).  Returns ``(conversation, [(url, param), ...])``.
-    """
+def to_conversation(messages: list[Message], image_tag: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """OpenAI messages -> the template's messages and ``[(image url, param)]``. The image tag
+    may not be typed in text: it would take an image that was never sent."""
     conv, urls = [], []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -255,14 +247,10 @@ def to_conversation(messages: List[Message], image_tag: str) -> Tuple[List[dict]
 # -- sampling: the one place where OpenAI names meet our sampler's ----------------------------
 @dataclass(frozen=True)
 class SamplingParams(SamplingOptions):
-    """A request's sampling options, checked; the server's defaults are an instance too.
+    """:class:`~mlx_dsvl.sampling.SamplingOptions` plus ``stop`` (added to the template's own
+    ``User:`` stop) and ``ignore_eos``; the server's defaults are an instance too."""
 
-    :class:`~mlx_dsvl.sampling.SamplingOptions` (its defaults and ranges, as ``python -m
-    mlx_dsvl.generate``) plus ``stop``, which adds to the template's own ``User:`` stop, and
-    ``ignore_eos``.
-    """
-
-    stop: Tuple[str, ...] = field(default=())
+    stop: tuple[str, ...] = field(default=())
     ignore_eos: StrictBool = False
 
     def __post_init__(self):
@@ -276,7 +264,7 @@ class SamplingParams(SamplingOptions):
                 raise SamplingError(name, f"{why}, got {getattr(self, name)!r}")
 
     @classmethod
-    def from_request(cls, req: ChatCompletionRequest, defaults: "SamplingParams") -> "SamplingParams":
+    def from_request(cls, req: ChatCompletionRequest, defaults: SamplingParams) -> SamplingParams:
         given = {f.name: getattr(req, f.name) for f in fields(SamplingOptions)}  # each option by its name
         if req.max_completion_tokens is not None:
             given["max_tokens"] = req.max_completion_tokens
@@ -295,8 +283,7 @@ class SamplingParams(SamplingOptions):
 
 # -- responses ------------------------------------------------------------------------------
 def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    """OpenAI's usage; ``prompt_tokens_details.cached_tokens`` = prompt tokens found in the
-    prefix cache (not computed again)."""
+    """OpenAI's usage; ``cached_tokens``: prompt tokens found in the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
@@ -311,8 +298,8 @@ def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: 
     }
 
 
-def chunk_body(cid: str, model: str, created: int, delta: Optional[dict],
-               finish_reason: Optional[str] = None, usage: Optional[dict] = None,
+def chunk_body(cid: str, model: str, created: int, delta: dict | None,
+               finish_reason: str | None = None, usage: dict | None = None,
                include_usage: StrictBool = False) -> dict:
     """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk (no choices)."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

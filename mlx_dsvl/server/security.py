@@ -1,16 +1,6 @@
-"""The server's door, checked before anything else runs, in this order:
-
-1. the ``Host`` header names this server (DNS rebinding: a web page whose name an attacker points
-   at 127.0.0.1 reaches a loopback server with its own name as ``Host``): on a loopback address
-   only loopback names (``localhost``, ``*.localhost``, ``127.0.0.0/8``, ``::1``) and
-   ``--allowed-hosts`` are served; on another address any name unless ``--allowed-hosts`` says;
-2. a browser's ``Origin``, when sent, is one of ``--allowed-origins`` (none by default: no web
-   page may use the server; with some, CORS answers their preflights);
-3. ``Authorization: Bearer KEY`` when the server has a key (constant-time comparison);
-4. a ``POST`` body is JSON (``Content-Type: application/json``): a web page can send text/plain
-   or form bodies to any address without asking (no CORS preflight), never JSON;
-5. the body is at most ``max_body_bytes``: refused as soon as its ``Content-Length`` (or, when
-   chunked, its running size) passes the limit, never read into memory in full.
+"""The server's door (the rules and why: README, "Serve"): ``Host`` (DNS rebinding), ``Origin``,
+the API key (constant-time comparison), JSON bodies only (a web page can send text/plain or form
+bodies anywhere without a CORS preflight, never JSON), and the body size, counted as it arrives.
 
 A pure ASGI middleware, so that a refused request's body is never read.
 """
@@ -20,7 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-from typing import Iterable, Optional, Tuple
+from collections.abc import Iterable
 
 from .schema import error_body
 
@@ -40,10 +30,9 @@ def is_loopback_name(host: str) -> bool:
         return False
 
 
-def allowed_hosts(bind: str, extra: Iterable[str] = ()) -> Optional[Tuple[str, ...]]:
-    """The ``Host`` names to serve (besides loopback names); None = any.  A loopback server
-    serves ``extra`` only; a server on another address any name unless ``extra`` names some
-    (``*`` = any)."""
+def allowed_hosts(bind: str, extra: Iterable[str] = ()) -> tuple[str, ...] | None:
+    """The ``Host`` names to serve besides loopback names; None = any (``*``, or a non-loopback
+    bind without ``extra``)."""
     extra = tuple(h.strip().lower() for h in extra if h.strip())
     if "*" in extra or (not extra and not is_loopback_name(bind)):
         return None
@@ -67,17 +56,17 @@ async def send_error(send, status: int, body: dict, headers=()) -> None:
 
 
 class Guard:
-    """The checks of this module's docstring; ``hosts`` None = any ``Host``."""
+    """The checks of this module, in its docstring's order; ``hosts`` None = any ``Host``."""
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int,
-                 hosts: Optional[Tuple[str, ...]] = (), origins: Tuple[str, ...] = ()):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int,
+                 hosts: tuple[str, ...] | None = (), origins: tuple[str, ...] = ()):
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.max_body = int(max_body_bytes)
         self.hosts = hosts
         self.origins = tuple(o.rstrip("/").lower() for o in origins)
 
-    def _refusal(self, scope, headers: dict) -> Optional[Tuple[int, dict, list]]:
+    def _refusal(self, scope, headers: dict) -> tuple[int, dict, list] | None:
         host = headers.get(b"host")
         if host is not None and self.hosts is not None:
             name = host_name(host)

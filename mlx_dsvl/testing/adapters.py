@@ -11,11 +11,11 @@ import numpy as np
 
 def write_mlx_lm_adapter(base: Path, out: Path, num_layers: int = 2, rank: int = 4, scale: float = 2.0,
                          seed: int = 0) -> Path:
-    """LoRA on the last ``num_layers`` blocks of ``base``'s LLM, saved in mlx-lm's format (what
-    ``mlx_lm.lora`` writes: names inside the LLM, ``fine_tune_type`` / ``lora_parameters``)."""
-    import mlx_dsvl
+    """LoRA on the last ``num_layers`` blocks of ``base``'s LLM, saved as ``mlx_lm.lora`` saves it."""
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    import mlx_dsvl
 
     model, _ = mlx_dsvl.load(base)
     params = {"rank": rank, "scale": scale, "dropout": 0.0}

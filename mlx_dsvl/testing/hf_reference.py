@@ -1,22 +1,17 @@
 """``transformers``' DeepseekVL / DeepseekVLHybrid built from one of our checkpoint folders.
 
-Independent of ``mlx_dsvl``'s model and loading code (only the converter's name maps are shared): the folder's original ``config.json`` is read here with its own
-copy of the reference size tables, every ``transformers`` config field that matters is set
-explicitly (its defaults are wrong for DeepSeek-VL: tanh GELU, a SigLIP pooling head, tied
-embeddings), and every parameter is loaded from the folder's safetensors through
-:mod:`mlx_dsvl.convert.keymaps` with ``strict=True`` -- nothing keeps ``transformers``' init (which zeros
-``high_res_vision_alpha``, SAM's ``pos_embed`` and the rel-pos tables).
-
-:func:`reference_inputs` makes, from a [0, 1] image batch, exactly what the original model feeds
-each tower; ``transformers``' own image processors are bypassed (their preprocessing differs
-from the original's).
+Independent of ``mlx_dsvl``'s model and loading code (only the converter's name maps are shared).
+Every ``transformers`` config field that matters is set explicitly (its defaults are wrong for
+DeepSeek-VL: tanh GELU, a SigLIP pooling head, tied embeddings) and every parameter is loaded with
+``strict=True``: nothing keeps ``transformers``' init, which zeros ``high_res_vision_alpha``, SAM's
+``pos_embed`` and the rel-pos tables. Its image processors are bypassed: their preprocessing
+differs from the original's.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
 
 import numpy as np
 import torch  # test/benchmark-only dependency: this module is imported on demand
@@ -44,7 +39,7 @@ LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=1100
                       hidden_act="silu")
 
 
-def _siglip(params: Dict) -> Dict:
+def _siglip(params: dict) -> dict:
     cfg = {**SIGLIP_TABLE[params.get("model_name", "siglip_large_patch16_384")]}
     cfg.update({k: params[k] for k in ("image_size", "patch_size", "width", "layers", "heads",
                                        "mlp_ratio") if k in params})
@@ -68,7 +63,7 @@ def _siglip(params: Dict) -> Dict:
     )
 
 
-def _sam(params: Dict) -> Tuple[Dict, Dict]:
+def _sam(params: dict) -> tuple[dict, dict]:
     cfg = {**SAM_TABLE[params.get("model_name", "sam_b_downsample")]}
     cfg.update({k: params[k] for k in ("image_size", "patch_size", "width", "layers", "heads",
                                        "mlp_ratio", "global_attn_indexes", "downsample_channels",
@@ -100,7 +95,7 @@ def _sam(params: Dict) -> Tuple[Dict, Dict]:
     ), cfg
 
 
-def _llama(lang: Dict) -> Dict:
+def _llama(lang: dict) -> dict:
     a = {**LLAMA_DEFAULTS, **{k: v for k, v in lang.items() if k in LLAMA_DEFAULTS and v is not None}}
     if a["num_key_value_heads"] is None:
         a["num_key_value_heads"] = a["num_attention_heads"]
@@ -125,13 +120,12 @@ def _llama(lang: Dict) -> Dict:
     )
 
 
-def read_config(folder: Path) -> Dict:
+def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
 def image_token_id(folder: Path) -> int:
-    """The tokenizer's id of ``<image_placeholder>`` (the positions the reference processor marks),
-    read from the folder's ``tokenizer.json``; without one, config.json's id, else DeepSeek's."""
+    """The tokenizer's id of ``<image_placeholder>`` (what the reference processor marks)."""
     tok = Path(folder) / "tokenizer.json"
     if tok.is_file():
         for t in json.loads(tok.read_text(encoding="utf-8")).get("added_tokens", []):
@@ -168,14 +162,14 @@ def hf_config(folder: Path):
     return DeepseekVLConfig(vision_config=siglip, **common)
 
 
-def original_state_dict(folder: Path) -> Dict[str, np.ndarray]:
+def original_state_dict(folder: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
              else ["model.safetensors"])
-    out: Dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = {}
     for f in files:
         out.update(load_file(str(folder / f)))
     return out
@@ -183,8 +177,7 @@ def original_state_dict(folder: Path) -> Dict[str, np.ndarray]:
 
 def build_hf_model(folder: Path, attn_implementation: str = "eager", device: str = "cpu",
                    dtype: torch.dtype = torch.float32):
-    """Eval-mode ``DeepseekVL[Hybrid]ForConditionalGeneration`` with the folder's weights
-    (float32 on the CPU by default; benchmarks build it on ``cuda`` in bfloat16)."""
+    """Eval-mode ``DeepseekVL[Hybrid]ForConditionalGeneration`` with the folder's weights."""
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
     config = hf_config(folder)
@@ -216,14 +209,9 @@ def build_hf_model(folder: Path, attn_implementation: str = "eager", device: str
     return model
 
 
-def reference_inputs(x: torch.Tensor, folder: Path) -> Dict[str, torch.Tensor]:
-    """[M, 3, S, S] float32 pixels in [0, 1] -> the keyword inputs the HF model needs.
-
-    1.3B: SigLIP input = (x - mean) / std with the processor's mean/std (0.5).
-    Hybrid (x at 1024): SAM input = CLIP-normalized x; SigLIP input = 0.5/0.5-normalized
-    antialiased bilinear resize of x to 384 (torchvision ``Resize(384, antialias=True)`` on the
-    un-normalized float tensor, as the original ``HybridVisionTower`` does).
-    """
+def reference_inputs(x: torch.Tensor, folder: Path) -> dict[str, torch.Tensor]:
+    """[M, 3, S, S] pixels in [0, 1] -> exactly what the original model feeds each tower (hybrid:
+    SigLIP gets an antialiased resize of the un-normalized pixels, as ``HybridVisionTower`` does)."""
     raw = read_config(folder)
     vision = raw["vision_config"]
     x = x.float()

@@ -1,18 +1,10 @@
 """The PyTorch reference's vision and prefill times, for ``python -m mlx_dsvl.bench --compare``.
 
-    python -m mlx_dsvl.testing.torch_timing FOLDER INPUTS.npz OUT.json [--device cpu] [--dtype float32]
-        [--vision-only]
-
-INPUTS.npz holds ``pixels`` ([1, 3, S, S] in [0, 1]) and ``ids`` ([1, T]).  The benchmark runs
-this in a process of its own, without the OpenBLAS that mlx-dsvl preloads for MLX: preloaded,
-OpenBLAS takes over PyTorch's ``sgemm_`` and its worker threads spin next to PyTorch's OpenMP
-threads, which made ``transformers``' SigLIP-L many times slower on 2 cores (docs/PERFORMANCE.md).
-
-Vision + aligner is timed two ways on the same weights, and the faster one is the reference:
-``transformers``' ``get_image_features`` (sdpa attention), and SigLIP computed as timm computes
-it (:mod:`mlx_dsvl.testing.torch_vit`; what DeepSeek-VL's reference code runs) with
-``transformers``' SAM-B and aligner.  The prefill is ``transformers``' LLM on the merged
-embeddings with ``logits_to_keep=1``.  Each figure is the best of two runs.
+It runs in a process of its own, without the OpenBLAS that mlx-dsvl preloads for MLX: preloaded,
+OpenBLAS takes over PyTorch's ``sgemm_`` and its threads spin beside PyTorch's OpenMP threads
+(docs/PERFORMANCE.md). Vision + aligner is timed as ``transformers`` and as timm computes SigLIP
+(what DeepSeek-VL's reference code runs); the faster is the reference. INPUTS.npz holds
+``pixels`` ([1, 3, S, S] in [0, 1]) and ``ids`` ([1, T]).
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""SigLIP ViT in PyTorch computed the way timm's ``VisionTransformer`` computes it.
-
-DeepSeek-VL's reference code runs SigLIP-L through timm (``vit_large_patch16_siglip_384``-style:
-fused ``qkv`` projection, ``F.scaled_dot_product_attention``, exact GELU, no class token, final
-norm, no pooling head).  timm itself cannot be installed next to a CPU-only PyTorch from PyPI
-(it imports torchvision, whose PyPI wheels are built for CUDA PyTorch), so the benchmark's
-reference is this module, built from the weights of ``transformers``' ``SiglipVisionModel``
-(the same tensors, q/k/v fused back as timm stores them) and tested equal to it.
+"""SigLIP ViT in PyTorch computed the way timm's ``VisionTransformer`` computes it (DeepSeek-VL's
+reference code runs SigLIP-L through timm). timm cannot be installed next to a CPU-only PyTorch
+from PyPI (its torchvision wheels are built for CUDA), so this module, built from
+``transformers``' ``SiglipVisionModel`` weights and tested equal to it, stands in.
 """
 
 from __future__ import annotations
@@ -38,8 +34,7 @@ class _Block(nn.Module):
 
 
 class TimmStyleSigLIP(nn.Module):
-    """[B, 3, S, S] normalized pixels -> [B, (S/p)^2, width] features, from ``transformers``'
-    ``SiglipVisionModel`` (or its inner ``SiglipVisionTransformer``)."""
+    """[B, 3, S, S] normalized pixels -> [B, (S/p)^2, width] features."""
 
     def __init__(self, hf_siglip):
         super().__init__()

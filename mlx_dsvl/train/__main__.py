@@ -1,8 +1,4 @@
-"""``python -m mlx_dsvl.train``: the DeepSeek-VL three-stage training recipe (see --help).
-
-The options are :class:`~mlx_dsvl.train.config.TrainConfig`'s fields: flag, type, choices, help
-and default come from there; the stages' help from :data:`~mlx_dsvl.train.stages.STAGES`.
-"""
+"""``python -m mlx_dsvl.train``: the options are built from :class:`~mlx_dsvl.train.config.TrainConfig`'s fields."""
 
 from __future__ import annotations
 
@@ -10,8 +6,8 @@ import argparse
 import sys
 import textwrap
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, fields
-from typing import List, Optional, Sequence, Tuple
 
 from ..device import DEVICES
 from .config import DATA, DIST, EVAL, OPTIM, OUTPUT, THIS_COMMAND, TRAIN, TrainConfig, as_flags
@@ -101,14 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, List[str], str]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, list[str], str]:
     """(the run's configuration, the options given explicitly, the device to run on)."""
     given = vars(build_parser().parse_args(argv))
     device = given.pop("device", "auto")  # where to run, not part of a run's set-up
     return TrainConfig(**given), sorted(given), device
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from ..blas import ensure_fast_blas
 
     ensure_fast_blas()
@@ -122,17 +118,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run(cfg, explicit, device)
 
 
-def run(cfg: TrainConfig, explicit: List[str], device: str) -> int:
+def run(cfg: TrainConfig, explicit: list[str], device: str) -> int:
     """Train; errors as one line (with several processes, prefixed by the rank) and a status."""
+    # Imported here, after main()'s BLAS re-execution: the re-executed process loads them once.
+    from ..adapters import AdapterError
     from ..device import select_device
     from ..loading import ModelLoadError
-    from ..adapters import AdapterError
     from .checkpoint import ResumeError
     from .config import ConfigError
     from .data import DataError
     from .distributed import EXIT_LOST, ProcessLost
     from .loop import TrainingStopped
-    from .report import error as say_error, who
+    from .report import error as say_error
+    from .report import who
     from .run import train
     from .stages import StageError
 

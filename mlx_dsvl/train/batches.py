@@ -1,34 +1,48 @@
-"""Training batches: length-bucketed batch order, padding (collate), and the mixed, prefetched
-micro-batch sequence with its MLX inputs."""
+"""Training batches: length-bucketed order, padding, the mixed prefetched micro-batches, and
+the vision feature cache.
+
+With frozen vision towers each image is encoded once. Cache entries are keyed by the image's
+SHA-256 and a model key (vision config, weights digest, dtype), so a changed image or model never
+reuses stale features; they are the towers' outputs *before* the aligner (the aligner trains),
+kept in memory and optionally in ``<folder>/<model key>/<sha[:2]>/<sha>.safetensors``.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
+from ..outputs import replace_atomic, save_arrays
+from ..utils import file_digest
 from .data import IGNORE, DataError, Dataset, Example
 from .schedule import ModalityMixer
-from .vision_cache import VisionFeatureCache
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from ..processing.chat import ChatProcessor
 
 
 class BatchStream:
     """Endless, deterministic, length-bucketed batches of example indices over one dataset.
 
-    Epoch ``e`` is a pure function of ``(seed, stream, e)``: the examples are shuffled, grouped
-    by length class inside windows of ``bucket_window`` batches, cut into batches, and the batch
-    order is shuffled.  A length class spans a factor ``bucket_ratio`` (1.25: lengths within
-    25% of each other), and examples of one class stay in random order.  So a batch holds
-    similar lengths and little padding, but is not sorted by exact length: that would group
-    examples by content (the length of an answer says which answer it is) and bias every step.
-    The position ``(epoch, index)`` is all that a checkpoint needs to resume the stream exactly.
+    Epoch ``e`` is a pure function of ``(seed, stream, e)``, so ``(epoch, index)`` resumes it
+    exactly. Examples are grouped by length class (a factor ``bucket_ratio`` wide) within windows
+    of ``bucket_window`` batches, not sorted by exact length: that would group examples by content
+    (an answer's length says which answer it is) and bias every step.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, stream: int = 0,
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, *, stream: int = 0,
                  bucket_window: int = 16, bucket_ratio: float = 1.25):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
@@ -37,9 +51,9 @@ class BatchStream:
         self.batch_size = int(batch_size)
         self.seed, self.stream, self.window = int(seed), int(stream), int(bucket_window)
         self.epoch, self.index = 0, 0
-        self._cache: Tuple[int, List[np.ndarray]] = (-1, [])
+        self._cache: tuple[int, list[np.ndarray]] = (-1, [])
 
-    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if self._cache[0] == epoch:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, self.stream, epoch])
@@ -68,26 +82,22 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
         return b
 
-    def state(self) -> Dict[str, int]:
+    def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state(self, s: Mapping[str, int]) -> None:
-        """Continue at a saved position; one past the end of its epoch (the data has fewer
-        batches than when it was saved) continues at the start of the next epoch."""
+        """A position past its epoch's end (the data shrank since) continues with the next epoch."""
         self.epoch, self.index = int(s["epoch"]), int(s["index"])
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
-    """A padded batch, ready for the step (numpy; the loop turns it into MLX arrays).
-
-    ``input_ids`` [B, T] is right-padded (causal attention makes the padding invisible to real
-    tokens).  The loss is taken only where it is needed: ``label_pos`` [N] holds flat indices
-    ``b * T + t - 1`` of the positions whose logits predict ``label_ids`` [N]; ``label_w`` [N] is
-    1 for real targets and 0 for padding (N is rounded up to limit recompilation);
-    ``label_mm`` [N] marks targets of examples that have images.
+    """A padded numpy batch. ``input_ids`` [B, T] is right-padded (causal attention hides it).
+    The loss is taken only at ``label_pos`` [N], flat indices ``b * T + t - 1`` whose logits predict
+    ``label_ids``; ``label_w`` is 0 on padding (N is rounded up to limit recompilation);
+    ``label_mm`` marks targets of examples with images.
     """
 
     input_ids: np.ndarray
@@ -95,8 +105,8 @@ class Batch:
     label_ids: np.ndarray
     label_w: np.ndarray
     label_mm: np.ndarray
-    images: List[str]  # flat, in order of the image runs (row by row)
-    sources: List[str]
+    images: list[str]  # flat, in order of the image runs (row by row)
+    sources: list[str]
     n_tokens: int  # real (unpadded) tokens
     n_targets: int
     multimodal: int  # examples with images
@@ -108,13 +118,12 @@ def _round_up(n: int, m: int) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pad_to: int = 16) -> Batch:
-    """Pad ``examples`` into a batch; none gives one row of padding with no target (a process's
-    empty share of a short global batch, or a batch whose every image was bad): it learns nothing."""
+    """No examples (a process's empty share, or every image bad) give one padding row that learns nothing."""
     B = max(1, len(examples))
     T = _round_up(max((e.length for e in examples), default=1), pad_to)
     ids = np.full((B, T), pad_id, dtype=np.int32)
     pos, tgt, mm = [], [], []
-    images: List[str] = []
+    images: list[str] = []
     for b, e in enumerate(examples):
         ids[b, : e.length] = e.ids
         t = np.flatnonzero(e.labels != IGNORE)
@@ -133,54 +142,47 @@ def collate(examples: Sequence[Example], pad_id: int, pad_to: int = 32, label_pa
     if n:
         label_pos[:n], label_ids[:n], label_w[:n], label_mm[:n] = pos, np.concatenate(tgt), 1.0, np.concatenate(mm)
     return Batch(
-        ids, label_pos, label_ids, label_w, label_mm, images, [e.source for e in examples],
-        n_tokens=sum(e.length for e in examples), n_targets=n,
+        input_ids=ids, label_pos=label_pos, label_ids=label_ids, label_w=label_w, label_mm=label_mm,
+        images=images, sources=[e.source for e in examples], n_tokens=sum(e.length for e in examples), n_targets=n,
         multimodal=sum(e.has_images for e in examples), text=sum(not e.has_images for e in examples),
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
     batch: Batch
     is_text_stream: bool
-    pixels: Optional[np.ndarray]  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
-    digests: Optional[List[str]]  # cache keys when caching
-    skipped: List[str]
-    streams_after: Dict[str, Dict[str, int]]
-    micro: int  # global micro-batch index
-    inputs: Optional[Tuple] = None  # the loss's array arguments, made on the main thread
-    uncached: List[int] = field(default_factory=list)  # images not in the cache when prepared
+    pixels: np.ndarray | None = None  # [M, 3, S, S]; when caching, of the images in ``uncached`` only
+    digests: list[str] | None = None  # cache keys when caching
+    skipped: list[str] = field(default_factory=list)
+    streams_after: dict[str, dict[str, int]] = field(default_factory=dict)
+    micro: int = 0  # global micro-batch index
+    inputs: tuple | None = None  # the loss's array arguments, made on the main thread
+    uncached: list[int] = field(default_factory=list)  # images not in the cache when prepared
 
 
 class BatchProducer:
-    """The training batches: a deterministic sequence of micro-batches, prefetched by a thread.
+    """Deterministic micro-batches, images decoded by a prefetch thread. ``skip_bad`` drops an
+    example with a bad image without moving the streams, so all processes stay on the same batches;
+    :meth:`next` makes the MLX inputs on the calling thread (MLX streams are per thread)."""
 
-    Micro-batch ``micro`` (of optimizer step ``micro // grad_accum``) comes from the text-only
-    stream when ``mixer`` draws text for it, else from the main stream; ``shard`` picks this
-    process's share of each (global) batch.  Its images are decoded and preprocessed off the main
-    thread; an image that fails to decode raises a :class:`DataError` naming it, or with
-    ``skip_bad`` drops its example from the batch (counted; the streams never move for it, so the
-    processes of a run stay on the same batches whatever each of them drops).
-    :meth:`next` turns the batch into the loss's arguments on the calling thread (MLX streams
-    are per thread; cached vision features are encoded there with ``model``).
-    """
-
-    def __init__(self, main: Dataset, main_stream: BatchStream, text: Optional[Dataset],
-                 text_stream: Optional[BatchStream], mixer: Optional[ModalityMixer], processor,
-                 grad_accum: int, pad_to: int, skip_bad: bool, cache: Optional[VisionFeatureCache],
-                 model=None, prefetch: int = 2, shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
+    def __init__(self, *, main: Dataset, main_stream: BatchStream, text: Dataset | None,
+                 text_stream: BatchStream | None, mixer: ModalityMixer | None, processor: ChatProcessor,
+                 grad_accum: int, pad_to: int, skip_bad: bool, cache: VisionFeatureCache | None,
+                 model: DeepseekVL | None = None, start_step: int = 0, prefetch: int = 2,
+                 shard: Callable[[np.ndarray], np.ndarray] = lambda b: b):
         self.model, self.shard = model, shard
         self.main, self.main_stream = main, main_stream
         self.text, self.text_stream = text, text_stream
         self.mixer, self.processor = mixer, processor
         self.grad_accum, self.pad_to, self.skip_bad, self.cache = grad_accum, pad_to, skip_bad, cache
-        self.micro = 0
+        self.micro = start_step * grad_accum
         self.prefetch = prefetch
-        self._q: Optional[queue.Queue] = None
-        self._thread: Optional[threading.Thread] = None
+        self._q: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def streams_state(self) -> Dict[str, Dict[str, int]]:
+    def streams_state(self) -> dict[str, dict[str, int]]:
         s = {"main": self.main_stream.state()}
         if self.text_stream is not None:
             s["text"] = self.text_stream.state()
@@ -191,7 +193,7 @@ class BatchProducer:
         use_text = self.mixer is not None and self.text_stream is not None and self.mixer.is_text(step, k)
         ds, stream = (self.text, self.text_stream) if use_text else (self.main, self.main_stream)
         examples = [ds[i] for i in self.shard(stream.next())]
-        skipped: List[str] = []
+        skipped: list[str] = []
         pixels, digests, uncached = None, None, []
         while True:
             paths = [p for e in examples for p in e.images]
@@ -211,8 +213,8 @@ class BatchProducer:
                 skipped.append(f"{bad}: {e}")
                 examples = [ex for ex in examples if bad not in ex.images]
         batch = collate(examples, self.processor.pad_id, self.pad_to)
-        prep = Prepared(batch, use_text, pixels, digests, skipped, self.streams_state(), self.micro,
-                        uncached=uncached)
+        prep = Prepared(batch=batch, is_text_stream=use_text, pixels=pixels, digests=digests, skipped=skipped,
+                        streams_after=self.streams_state(), micro=self.micro, uncached=uncached)
         self.micro += 1
         return prep
 
@@ -244,9 +246,7 @@ class BatchProducer:
     def next(self) -> Prepared:
         """The next micro-batch, with ``inputs`` set."""
         prep = self._take()
-        vis = vision_input(prep, self.model, self.cache, self.processor)
-        ids, pos, tgt, w, mmw = batch_arrays(prep.batch)
-        prep.inputs = (ids, vis, pos, tgt, w, mmw)
+        prep.inputs = loss_inputs(prep.batch, vision_input(prep, self.model, self.cache, self.processor))
         return prep
 
     def close(self):
@@ -255,7 +255,7 @@ class BatchProducer:
             self._thread.join(timeout=5)
 
 
-def vision_input(prep: Prepared, model, cache: Optional[VisionFeatureCache], processor):
+def vision_input(prep: Prepared, model: DeepseekVL, cache: VisionFeatureCache | None, processor: ChatProcessor):
     """The ``vis`` argument of the loss: pixels, cached features or None."""
     b = prep.batch
     if not b.images:
@@ -272,6 +272,124 @@ def vision_input(prep: Prepared, model, cache: Optional[VisionFeatureCache], pro
     return mx.array(prep.pixels)
 
 
-def batch_arrays(b: Batch):
-    return (mx.array(b.input_ids), mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
+def loss_inputs(b: Batch, vis) -> tuple:
+    """The loss's arguments after the model: ``(input_ids, vis, label_pos, label_ids, label_w, label_mm)``."""
+    return (mx.array(b.input_ids), vis, mx.array(b.label_pos), mx.array(b.label_ids), mx.array(b.label_w),
             mx.array(b.label_mm))
+
+
+# -- the vision feature cache ---------------------------------------------------------------------
+
+
+Features = tuple[mx.array, ...]  # (features,) or (high, low) for the hybrid tower
+
+
+def vision_model_key(model: DeepseekVL) -> str:
+    """Digest of everything that determines the tower outputs for given pixels."""
+    h = hashlib.sha256()
+    h.update(repr(model.config.vision).encode())
+    h.update(str(model._dtype).encode())
+    for name, v in sorted(tree_flatten(model.vision_model.parameters()), key=lambda kv: kv[0]):
+        v32 = v.astype(mx.float32)
+        s = mx.stack([mx.sum(v32), mx.sum(mx.abs(v32)), mx.sum(v32 * v32)])
+        h.update(f"{name}{tuple(v.shape)}{[f'{x:.6e}' for x in s.tolist()]}".encode())
+    return h.hexdigest()[:20]
+
+
+def _copy(x: mx.array) -> mx.array:
+    """A copy with its own buffer (a slice would keep the whole batch alive)."""
+    if x.dtype == mx.bfloat16:
+        return mx.array(np.asarray(x.astype(mx.float32))).astype(mx.bfloat16)
+    return mx.array(np.asarray(x))
+
+
+def as_tuple(features) -> Features:
+    return tuple(features) if isinstance(features, (tuple, list)) else (features,)
+
+
+class VisionFeatureCache:
+    def __init__(self, model_key: str, folder: str | os.PathLike | None = None,
+                 mem_bytes: int = 2 << 30):
+        self.model_key = model_key
+        self.folder = Path(folder) / model_key if folder else None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.mem_bytes = int(mem_bytes)
+        self._mem: OrderedDict[str, Features] = OrderedDict()
+        self._mem_used = 0
+        self._digests: dict[tuple[str, int, int], str] = {}
+        self.hits = self.misses = 0
+
+    # -- keys -------------------------------------------------------------------------------
+    def digest(self, path: str) -> str:
+        st = os.stat(path)
+        k = (path, st.st_size, st.st_mtime_ns)
+        d = self._digests.get(k)
+        if d is None:
+            d = self._digests[k] = file_digest(path)
+        return d
+
+    def _file(self, digest: str) -> Path | None:
+        return self.folder / digest[:2] / f"{digest}.safetensors" if self.folder else None
+
+    # -- get / put --------------------------------------------------------------------------
+    def has(self, digest: str) -> bool:
+        """Whether features of ``digest`` are kept (callable from another thread)."""
+        f = self._file(digest)
+        return digest in self._mem or bool(f and f.is_file())
+
+    def get(self, digest: str) -> Features | None:
+        feats = self._mem.get(digest)
+        if feats is not None:
+            self._mem.move_to_end(digest)
+            self.hits += 1
+            return feats
+        f = self._file(digest)
+        if f and f.is_file():
+            try:
+                data = mx.load(str(f))
+                feats = tuple(data[f"f{i}"] for i in range(len(data)))
+            except Exception:
+                return None  # unreadable cache entry: recompute
+            self._remember(digest, feats)
+            self.hits += 1
+            return feats
+        return None
+
+    def put(self, digest: str, feats: Features) -> None:
+        self.misses += 1
+        self._remember(digest, feats)
+        f = self._file(digest)
+        if f and not f.exists():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                replace_atomic(f, lambda tmp: save_arrays(tmp, {f"f{i}": x for i, x in enumerate(feats)}),
+                               durable=False)  # a lost entry is recomputed
+            except OSError as e:
+                raise OSError(f"cannot write to the vision feature cache {self.folder}: "
+                              f"{e.strerror or e}") from None
+
+    def _remember(self, digest: str, feats: Features) -> None:
+        size = sum(x.nbytes for x in feats)
+        if size > self.mem_bytes:
+            return
+        self._mem[digest] = feats
+        self._mem_used += size
+        while self._mem_used > self.mem_bytes:
+            _, old = self._mem.popitem(last=False)
+            self._mem_used -= sum(x.nbytes for x in old)
+
+    def features(self, model: DeepseekVL, paths: Sequence[str], digests: Sequence[str], pixels_for) -> Features:
+        """Stacked ``[M, 576, C]`` features; ``pixels_for(indices)`` gives the misses' pixels."""
+        got = [self.get(d) for d in digests]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if miss:
+            px = pixels_for(miss)
+            enc = as_tuple(model.vision_features(mx.array(px)))
+            mx.eval(enc)
+            for j, i in enumerate(miss):
+                one = tuple(_copy(x[j]) for x in enc)
+                self.put(digests[i], one)
+                got[i] = one
+        n = len(got[0])
+        return tuple(mx.stack([g[k] for g in got]) for k in range(n))

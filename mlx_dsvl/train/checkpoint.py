@@ -1,19 +1,11 @@
 """Atomic training checkpoints and exact resume.
 
-A checkpoint is a folder ``OUT/checkpoints/step-NNNNNNN/`` holding
-
-* ``adapters.safetensors`` + ``adapter_config.json`` -- the trained weights (so a checkpoint is
-  also a valid adapter folder);
-* ``optimizer.safetensors`` -- the optimizer state (AdamW moments, step, learning rate);
-* ``rng.safetensors`` -- MLX's global random state (LoRA dropout); with several processes, every
-  process's (``ranks``; ``state`` is rank 0's);
-* ``state.json`` -- the step, the data streams' positions, the loss history, the run's config,
-  the base model's fingerprint, and the size and SHA-256 of each other file.
-
-It is written into a temporary sibling folder (named with the writer's pid, so a later save can
-remove one that a killed run left) and renamed into place, then ``OUT/checkpoints/latest`` (a
-one-line text file) is replaced atomically: an interrupted save never leaves a half-written
-checkpoint behind, and a file damaged later is found on resume (:func:`damage`).
+``OUT/checkpoints/step-NNNNNNN/`` holds the adapter files (so a checkpoint is also an adapter
+folder), the optimizer state, MLX's random state (every process's under ``ranks``) and, written
+last, ``state.json``: step, data positions, history, config, base-model fingerprint and each other
+file's size and SHA-256. It is staged in a held temporary sibling, renamed into place, then the
+one-line ``checkpoints/latest`` is replaced atomically: an interrupted save never leaves a half
+checkpoint, and damage done later is found on resume.
 """
 
 from __future__ import annotations
@@ -22,18 +14,33 @@ import json
 import os
 import re
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, trained_weights
 from ..faults import fault_point
+from ..outputs import (
+    fsync_dir,
+    fsync_file,
+    remove_abandoned,
+    replace_atomic,
+    save_arrays,
+    temporary,
+    write_text_atomic,
+)
 from ..utils import file_digest
-from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .adapters import save_adapters
-from .files import fsync_dir, fsync_file, remove_abandoned, save_arrays, tmp_prefix, write_text_atomic
+from .callbacks import TrainingCallback, due
+from .distributed import SOLO, World
+from .loop import TrainingStopped
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from .rundir import RunDir  # rundir imports this module
 
 STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
@@ -59,7 +66,7 @@ def step_of(path: Path) -> int:
     return int(STEP_DIR.fullmatch(path.name).group(1))
 
 
-def run_of(checkpoint: Path) -> Optional[Path]:
+def run_of(checkpoint: Path) -> Path | None:
     """The run folder that holds ``checkpoint`` (``RUN/checkpoints/step-N``), if any."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
@@ -69,22 +76,30 @@ def step_dir(out: str | os.PathLike, step: int) -> Path:
     return checkpoint_root(out) / f"step-{step:07d}"
 
 
-def list_checkpoints(out: str | os.PathLike) -> List[Path]:
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     """The run's checkpoint folders, oldest first."""
     root = checkpoint_root(out)
     return sorted((p for p in root.glob("step-*") if p.is_dir() and STEP_DIR.fullmatch(p.name)),
                   key=step_of)
 
 
+def save_adapters(folder: str | os.PathLike, model: DeepseekVL, config: dict) -> None:
+    """The trainable parameters and adapter config into an existing folder, each file replaced in one step."""
+    folder = Path(folder)
+    weights = trained_weights(model)
+    replace_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_arrays(tmp, weights, {"format": "mlx"}))
+    write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _digest(path: Path) -> Dict[str, Any]:
+def _digest(path: Path) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": file_digest(path, chunk=1 << 24)}
 
 
-def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict,
-                 rng_ranks: Optional[mx.array]) -> None:
+def _write_files(folder: Path, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict, state: dict,
+                 rng_ranks: mx.array | None) -> None:
     """The checkpoint's files, ``state.json`` last with every other file's size and digest."""
     save_adapters(folder, model, adapter_cfg)
     fault_point("checkpoint-file")
@@ -107,39 +122,32 @@ def _write_files(folder: Path, model, optimizer, adapter_cfg: Dict, state: Dict,
 def save_checkpoint(
     out: str | os.PathLike,
     step: int,
-    model,
-    optimizer,
-    adapter_cfg: Dict,
-    state: Dict[str, Any],
+    *,
+    model: DeepseekVL,
+    optimizer: optim.Optimizer,
+    adapter_cfg: dict,
+    state: dict[str, Any],
     keep: int = 0,
-    rng_ranks: Optional[mx.array] = None,
+    rng_ranks: mx.array | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and point ``latest`` at it (``rng_ranks``: the random
-    state of every process of a run on several).
-
-    Checkpoints of later steps (left by a run that was rolled back to an earlier one) are
-    removed once this one is in place, then all but the ``keep`` newest (0 keeps all).  On any
-    error nothing of the new checkpoint remains and ``latest`` is unchanged.
-    """
+    """Write checkpoint ``step`` atomically and point ``latest`` at it, then remove later steps (a
+    rolled-back timeline) and all but the ``keep`` newest (0 keeps all). On any error nothing of
+    it remains and ``latest`` is unchanged."""
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root)
     final = step_dir(out, step)
-    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
-    try:
+    with temporary(final, folder=True) as tmp:
         _write_files(tmp, model, optimizer, adapter_cfg, {**state, "step": step}, rng_ranks)
         tmp.chmod(0o755)
         if final.exists():  # the same step of an abandoned timeline: moved aside, then removed
-            old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final.name), dir=root))
-            os.replace(final, old / final.name)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            with temporary(final, folder=True) as old:
+                os.replace(final, old / final.name)
+                os.rename(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
         fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(root / LATEST, final.name + "\n")
     fsync_dir(root)
     steps = list_checkpoints(out)
@@ -153,12 +161,9 @@ def save_checkpoint(
 # -- reading ------------------------------------------------------------------------------------
 
 
-def damage(path: Path) -> Optional[str]:
-    """Why checkpoint folder ``path`` cannot be resumed from (None: it is intact).
-
-    Each file's size and SHA-256 are recorded in ``state.json`` when it is written; checkpoints
-    from before that are checked by loading their files.
-    """
+def damage(path: Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed from (None: intact); one from before
+    recorded digests must at least load."""
     try:
         state = json.loads((path / STATE).read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -187,7 +192,7 @@ def damage(path: Path) -> Optional[str]:
     return None
 
 
-def _fallback(root: Path, below: Optional[int]) -> str:
+def _fallback(root: Path, below: int | None) -> str:
     """The clause naming the newest intact checkpoint before step ``below`` (None: any)."""
     steps = list_checkpoints(root.parent)
     for p in reversed(steps):
@@ -200,11 +205,8 @@ def _fallback(root: Path, below: Optional[int]) -> str:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` is a checkpoint folder, or a run's output folder (its latest checkpoint).
-
-    A damaged checkpoint or ``latest`` pointer is never replaced silently by another step: the
-    error names the damage and the newest intact checkpoint to resume from instead.
-    """
+    """``path``: a checkpoint folder or a run folder (its latest). Damage is never silently
+    replaced by another step: the error names it and the newest intact checkpoint instead."""
     p = Path(path)
     if not p.exists():
         raise ResumeError(f"`resume` {p}: no such folder")
@@ -233,12 +235,12 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def read_checkpoint(path: Path) -> Dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     """The state of a checkpoint that :func:`find_checkpoint` returned (so: intact)."""
     return json.loads((path / STATE).read_text())
 
 
-def restore(path: Path, model, optimizer) -> Optional[mx.array]:
+def restore(path: Path, model: DeepseekVL, optimizer: optim.Optimizer) -> mx.array | None:
     """Load trained weights, optimizer state and RNG state (rank 0's) from checkpoint ``path``;
     returns every process's random state when several saved it (``[processes, 2]``), else None."""
     weights = mx.load(str(path / ADAPTER_WEIGHTS))
@@ -267,8 +269,78 @@ def restore(path: Path, model, optimizer) -> Optional[mx.array]:
 
 
 def set_rng_state(key: mx.array) -> None:
-    """Restore MLX's global random key ([hi, lo] uint32): ``seed(n)`` sets key ``[n >> 32, n & 0xffffffff]``."""
+    """MLX has no key setter, but ``seed(n)`` sets key ``[n >> 32, n & 0xffffffff]``."""
     hi, lo = (int(x) for x in key.tolist())
     mx.random.seed((hi << 32) | lo)
     if mx.random.state[0].tolist() != [hi, lo]:
         raise ResumeError("cannot restore the random state")
+
+
+# -- saving during training -----------------------------------------------------------------------
+
+
+class Checkpointer(TrainingCallback):
+    """Saves checkpoints every N steps, at the end and on a stop signal, then the final adapters.
+    Rank 0 writes; the other processes hand it their random state and wait."""
+
+    def __init__(self, run: RunDir, *, model: DeepseekVL, optimizer: optim.Optimizer, adapter_cfg: dict,
+                 meta: dict, history: list[dict], every: int, keep: int, start_step: int, last: Path | None = None,
+                 say: Callable[[str], None] = print, on_publish: Callable[[Path], None] | None = None,
+                 world: World = SOLO):
+        self.run, self.model, self.optimizer, self.adapter_cfg = run, model, optimizer, adapter_cfg
+        self.meta, self.history, self.every, self.keep = meta, history, every, keep
+        self.start_step, self.saved_step, self.last = start_step, start_step, last
+        self.say, self.on_publish, self.world, self.writer = say, on_publish, world, world.writer
+
+    def where(self, staged: bool = False) -> str:
+        """What is left on disk if the run stops now."""
+        return ((f"the last good checkpoint is kept: {self.last}" if self.last
+                 else "no checkpoint had been saved yet")
+                + (f"; {self.run.out} is unchanged" if staged and self.run.staged else ""))
+
+    def save(self, step: int, streams: dict) -> None:
+        bad = [k for k, v in tree_flatten(self.model.trainable_parameters())
+               if not bool(mx.all(mx.isfinite(v)).item())]
+        if bad:
+            raise TrainingStopped(f"trained weights became non-finite at step {step} ({bad[0]}); "
+                                  f"training stopped without saving; {self.where(staged=True)}", self.last)
+        ranks = self.world.gather(mx.random.state[0], f"the random states for checkpoint {step}")
+        if not self.writer:  # rank 0 writes it (or fails, and the run ends)
+            self.world.barrier(f"rank 0 writing checkpoint {step}")
+            self.saved_step, self.last = step, step_dir(self.run.out, step)
+            return
+        state = {"config": self.meta["config"], "fingerprint": self.meta["fingerprint"], "streams": streams,
+                 "history": self.history, "data": self.meta["data"], "processes": self.world.size,
+                 "version": 1}
+        try:
+            self.last = save_checkpoint(self.run.path, step, model=self.model, optimizer=self.optimizer,
+                                        adapter_cfg=self.adapter_cfg, state=state, keep=self.keep,
+                                        rng_ranks=ranks if self.world.size > 1 else None)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write the checkpoint of step {step} into {self.run.out / 'checkpoints'} "
+                f"({e.strerror or e}); nothing of it remains; {self.where(staged=True)}") from None
+        self.saved_step = step
+        if self.run.publish():  # a `force` run's first checkpoint: it now replaces the earlier run
+            self.last = self.run.path / self.last.relative_to(self.last.parents[1])
+            if self.on_publish is not None:
+                self.on_publish(self.run.path)
+            self.say(f"replaced the earlier run in {self.run.out}")
+        self.say(f"saved checkpoint {self.last}")
+        self.world.barrier(f"rank 0 writing checkpoint {step}")
+
+    def on_step_end(self, state) -> None:
+        if due(state.step, self.every, state.iters):
+            self.save(state.step, state.streams)
+
+    def on_train_end(self, state, error) -> None:
+        if error is not None:
+            return
+        if state.stopped and state.step > self.saved_step:
+            self.save(state.step, state.streams)
+        if self.writer and self.last is not None and state.step > self.start_step:
+            try:
+                save_adapters(self.run.path, self.model, self.adapter_cfg)
+            except OSError as e:
+                raise OSError(f"cannot write the adapters into {self.run.path} ({e.strerror or e}); the "
+                              f"last checkpoint, {self.last}, holds them too (it is an adapter folder as well)") from None

@@ -1,22 +1,20 @@
-"""Every training option, with its default, its help text and its range in one place.
+"""Every training option, with its default, help text and range in one place (the CLI is built
+from :class:`TrainConfig`'s fields, as mlx-lm's ``TrainingArgs`` carries help by each default).
 
-``python -m mlx_dsvl.train`` builds its command line from :class:`TrainConfig`'s fields (as
-mlx-lm's ``TrainingArgs`` carries help next to each default).  A field whose default depends on
-other choices is ``None`` here and filled in by :func:`resolve`, which returns a new config and
-is the one place those rules live (the stage rules live in the stages' declarations).
-
-Messages of the library name options by field, in backticks (`` `text_ratio` ``); the CLI
-prints them as flags (``--text-ratio``) with :func:`as_flags`.
+A derived default is ``None`` here and filled in by :func:`resolve`, the one place those rules
+live. Messages name options in backticks (`` `text_ratio` ``); the CLI shows them as flags.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any
 
-from ..eval.runner import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE, METHODS as EVAL_METHODS
+from ..eval.runner import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE
+from ..eval.runner import METHODS as EVAL_METHODS
 from ..loading import DTYPES
 from .schedule import ModalityMixer, plan_iters
 from .stages import ALIGNER_ONLY_LR, METHOD_LR, METHODS, STAGES, default_lr, get_stage
@@ -24,7 +22,7 @@ from .stages import ALIGNER_ONLY_LR, METHOD_LR, METHODS, STAGES, default_lr, get
 WARMUP_MAX, WARMUP_DIVISOR = 100, 20  # default lr warm-up: min(100, iters / 20) steps
 VISION_LR_DIVISOR = 10  # default vision lr: the LLM's / 10 (the towers move more gently)
 
-Check = Tuple[Callable[[Any], bool], str]
+Check = tuple[Callable[[Any], bool], str]
 
 
 def _at_least(lo) -> Check:
@@ -36,9 +34,9 @@ FRACTION: Check = ((lambda v: 0 <= v <= 1), "must be within [0, 1]")
 NON_NEGATIVE: Check = ((lambda v: 0 <= v < math.inf), "must be >= 0")
 
 
-def option(default: Any = None, help: str = "", *, group: str, check: Optional[Check] = None,
-           choices: Optional[Sequence] = None, default_text: Optional[str] = None,
-           structural: bool = False, flag: Optional[str] = None, metavar: Optional[str] = None):
+def option(default: Any = None, help: str = "", *, group: str, check: Check | None = None,
+           choices: Sequence | None = None, default_text: str | None = None,
+           structural: bool = False, flag: str | None = None, metavar: str | None = None):
     """A :class:`TrainConfig` field.  ``check``: (predicate, what it requires); ``choices``: the
     allowed values; ``default_text``: the default as --help states it (when it is derived);
     ``structural``: a resumed run must keep it; ``flag``: the CLI flag when not ``--field-name``."""
@@ -86,39 +84,39 @@ DIST = "several processes (mlx.launch)"
 class TrainConfig:
     """Every option of ``python -m mlx_dsvl.train`` (``None``: see the field's default_text)."""
 
-    stage: Optional[int] = option(
+    stage: int | None = option(
         help="training stage", group=TRAIN, choices=[s.number for s in STAGES], default_text=REQUIRED,
         structural=True)
-    model: Optional[str] = option(help="base model: folder or hub id", group=TRAIN, default_text=REQUIRED)
-    data: Optional[str] = option(help="training JSONL", group=DATA, default_text=REQUIRED)
-    out: Optional[str] = option(
+    model: str | None = option(help="base model: folder or hub id", group=TRAIN, default_text=REQUIRED)
+    data: str | None = option(help="training JSONL", group=DATA, default_text=REQUIRED)
+    out: str | None = option(
         help="output folder: new or empty", group=OUTPUT,
         default_text="required unless `resume`, which continues in the checkpoint's run folder")
-    val_data: Optional[str] = option(help="validation JSONL (multimodal and/or text)", group=DATA)
-    text_data: Optional[str] = option(help="text-only JSONL mixed in by `text_ratio`", group=DATA)
-    val_text_data: Optional[str] = option(help="text-only validation JSONL", group=DATA)
-    text_ratio: Optional[float] = option(
+    val_data: str | None = option(help="validation JSONL (multimodal and/or text)", group=DATA)
+    text_data: str | None = option(help="text-only JSONL mixed in by `text_ratio`", group=DATA)
+    val_text_data: str | None = option(help="text-only validation JSONL", group=DATA)
+    text_ratio: float | None = option(
         help="share of text-only batches once warmed up; needs `text_data`", group=DATA, check=FRACTION,
         default_text=_stage_ratios(), structural=True)
-    modality_warmup: Optional[int] = option(
+    modality_warmup: int | None = option(
         help="steps over which the text share moves from 1.0 to `text_ratio`", group=DATA,
         check=_at_least(0), default_text=_stage_warmups(), structural=True)
-    iters: Optional[int] = option(help="optimizer steps", group=OPTIM, check=_at_least(1),
+    iters: int | None = option(help="optimizer steps", group=OPTIM, check=_at_least(1),
                                   default_text="one epoch")
-    epochs: Optional[float] = option(help="epochs over `data` instead of `iters`", group=OPTIM,
+    epochs: float | None = option(help="epochs over `data` instead of `iters`", group=OPTIM,
                                      check=POSITIVE)
     batch_size: int = option(4, "examples per batch", group=OPTIM, check=_at_least(1), structural=True)
     grad_accum: int = option(1, "micro-batches per optimizer step", group=OPTIM, check=_at_least(1),
                              structural=True)
-    lr: Optional[float] = option(help="peak learning rate", group=OPTIM, check=POSITIVE,
+    lr: float | None = option(help="peak learning rate", group=OPTIM, check=POSITIVE,
                                  default_text=_lr_rule(), structural=True)
-    vision_lr: Optional[float] = option(
+    vision_lr: float | None = option(
         help="peak learning rate of trained vision-tower weights", group=OPTIM, check=POSITIVE,
         default_text=f"`lr` / {VISION_LR_DIVISOR}: the towers move more gently than the LLM",
         structural=True)
     min_lr_ratio: float = option(0.1, "cosine decays to lr x this at the last step", group=OPTIM,
                                  check=FRACTION, structural=True)
-    warmup: Optional[int] = option(help="linear warm-up steps", group=OPTIM, check=_at_least(0),
+    warmup: int | None = option(help="linear warm-up steps", group=OPTIM, check=_at_least(0),
                                    default_text=f"min({WARMUP_MAX}, iters/{WARMUP_DIVISOR})",
                                    structural=True)
     lr_schedule: str = option("cosine", "after warm-up", group=OPTIM, choices=["cosine", "constant"],
@@ -134,7 +132,7 @@ class TrainConfig:
         "a warning either way", group=DATA, choices=["truncate", "skip"], structural=True)
     skip_bad: bool = option(False, "skip (and count) malformed lines and missing or unreadable images "
                             "instead of stopping", group=DATA, structural=True)
-    train: Optional[str] = option(
+    train: str | None = option(
         help="override the stage's trainable set: comma list of aligner, llm, siglip, sam, sam-neck",
         group=TRAIN, default_text=_stage_components(), structural=True, metavar="LIST")
     method: str = option(
@@ -145,7 +143,7 @@ class TrainConfig:
                                group=TRAIN, check=POSITIVE, structural=True)
     lora_dropout: float = option(0.0, "LoRA dropout", group=TRAIN,
                                  check=((lambda v: 0 <= v < 1), "must be within [0, 1)"), structural=True)
-    lora_layers: Optional[int] = option(help="adapt only the last N LLM blocks", group=TRAIN,
+    lora_layers: int | None = option(help="adapt only the last N LLM blocks", group=TRAIN,
                                         check=_at_least(1), default_text="all", structural=True)
     lora_targets: str = option(
         "attn,mlp", "Linear layers that get adapters: comma list of attn, mlp, lm_head and/or single "
@@ -155,7 +153,7 @@ class TrainConfig:
     cache_vision_features: bool = option(
         False, "frozen towers (stages 1-2): encode each image once, keyed by content hash and model, "
         "and reuse the features", group=OPTIM, structural=True)
-    vision_cache_dir: Optional[str] = option(
+    vision_cache_dir: str | None = option(
         help="where cached features live; share it across runs", group=OPTIM,
         default_text="OUT/vision_cache")
     seed: int = option(0, "random seed: data order, mixing, init", group=OPTIM, check=_at_least(0),
@@ -164,7 +162,7 @@ class TrainConfig:
                              group=OUTPUT, check=_at_least(0))
     keep_checkpoints: int = option(0, "keep only the newest N checkpoints (0 = all)", group=OUTPUT,
                                    check=_at_least(0))
-    resume: Optional[str] = option(
+    resume: str | None = option(
         help="continue exactly from a checkpoint folder or a run's `out` folder (its latest "
         "checkpoint), in that run's folder unless `out` is given (the run's options are reused; "
         "`iters`/`epochs`, `out`, `save_every`, validation, evaluation and output options may "
@@ -177,7 +175,7 @@ class TrainConfig:
                               check=((lambda v: v == -1 or v >= 1), "must be -1 (all) or >= 1"))
     steps_per_report: int = option(10, "steps between progress lines / metrics.jsonl records",
                                    group=OUTPUT, check=_at_least(1))
-    dtype: Optional[str] = option(help="model dtype", group=TRAIN, choices=list(DTYPES),
+    dtype: str | None = option(help="model dtype", group=TRAIN, choices=list(DTYPES),
                                   default_text="float32 on CPU, bfloat16 on a GPU")
     compile: bool = option(True, "do not compile the training step (debugging)", group=OPTIM,
                            flag="--no-compile")
@@ -185,7 +183,7 @@ class TrainConfig:
                          check=_at_least(1), structural=True)
     plot: bool = option(True, "do not draw loss.png", group=OUTPUT, flag="--no-plot")
     quiet: bool = option(False, "no progress output", group=OUTPUT)
-    eval_data: Optional[List[str]] = option(
+    eval_data: list[str] | None = option(
         help="a benchmark to score the model on while it trains: MMBench TSV, JSONL or CSV (as "
         "python -m mlx_dsvl.eval reads), e.g. a multimodal set and a text-only one to watch language "
         "retention; NAME=FILE names it in metrics.jsonl (default: the file name); repeat for several; "
@@ -195,7 +193,7 @@ class TrainConfig:
                              "end (0: first and last only)", group=EVAL, check=_at_least(0))
     eval_method: str = option("likelihood", "multiple choice answered by the options' likelihood or by "
                               "greedy generation", group=EVAL, choices=EVAL_METHODS)
-    eval_limit: Optional[int] = option(help="score only the first N questions of each set", group=EVAL,
+    eval_limit: int | None = option(help="score only the first N questions of each set", group=EVAL,
                                        check=_at_least(1), default_text="all")
     eval_batch_size: int = option(EVAL_BATCH_SIZE, "questions per batch", group=EVAL, check=_at_least(1))
     dist_timeout: float = option(
@@ -258,11 +256,7 @@ def as_flags(text: str) -> str:
 
 def resolve(cfg: TrainConfig, components: Sequence[str], frozen_vision: bool, main_batches: int,
             has_text: bool) -> TrainConfig:
-    """``cfg`` with every derived default filled in (a new config; ``cfg`` is unchanged).
-
-    ``components``: what trains; ``main_batches``: batches per epoch of the main data;
-    ``has_text``: text-only data is mixed in.
-    """
+    """A new config with every derived default filled in."""
     stage = get_stage(cfg.stage)
     mixer, text_ratio, modality_warmup = None, cfg.text_ratio, cfg.modality_warmup
     if has_text:
@@ -284,7 +278,7 @@ def resolve(cfg: TrainConfig, components: Sequence[str], frozen_vision: bool, ma
                    warmup=warmup, vision_lr=vision_lr)
 
 
-def mixer_of(cfg: TrainConfig) -> Optional[ModalityMixer]:
+def mixer_of(cfg: TrainConfig) -> ModalityMixer | None:
     """The modality mixer of a resolved config with text-only data (else None)."""
     if cfg.text_data is None:
         return None

@@ -1,49 +1,26 @@
-"""Training data: JSONL -> tokenized examples with loss masks (batched in :mod:`.batches`).
+"""Training data: JSONL -> tokenized examples with loss masks (the format: README, "Fine-tune").
 
-One JSON object per line; image paths are relative to the JSONL file (absolute paths work too).
-Three kinds of line are accepted:
-
-* **chat** -- ``{"messages": [{"role": "user", "content": "<image_placeholder>What is this?"},
-  {"role": "assistant", "content": "A cat."}, ...], "images": ["cat.jpg"]}``.  Rendered with the
-  "deepseek" template exactly as at inference (an optional first ``system`` message replaces the
-  default system prompt; ``""`` means none).  Roles must alternate user / assistant.  Each
-  ``<image_placeholder>`` in the text takes the next image of ``images``.  **Loss on the
-  assistant turns only**: the answer text and the end-of-sentence token that the template puts
-  after it; never on the system prompt, the user turns, the ``Assistant:`` prefix or the image
-  tokens.
-* **pair** (image-text, stages 1-2) -- ``{"image": "cat.jpg", "text": "a cat on a mat"}``, or
-  ``{"images": [...], "text": "... <image_placeholder> ..."}`` for interleaved data.  Without a
-  placeholder in the text the images come first.  Sequence: BOS, the images' tokens, the text,
-  EOS.  **Loss on the text (and the EOS)**, never on BOS or image tokens.
-* **text-only** -- ``{"text": "..."}`` (BOS, text, EOS; loss on the text and EOS) or a chat line
-  without images (loss on the assistant turns).
-
-Labels follow the usual ``-100`` convention: ``labels[t]`` is the token the model must predict at
-position ``t`` (from the prefix ``ids[:t]``), or ``-100`` (:data:`IGNORE`) where no loss is taken.
-
-Bad input:
-
-* a malformed line (bad JSON, wrong keys, a placeholder/image count mismatch, ...) raises
-  :class:`DataError` naming ``file:line``; a missing or unreadable image raises one naming the
-  image path.  With ``skip_bad=True`` such lines are skipped and counted instead.
-* an example longer than ``max_seq_len`` is truncated at a token boundary that is never inside
-  an image's 576 tokens (a cut that would split an image drops that whole image), or skipped
-  with ``long_policy="skip"``; either way a warning is printed.  One whose truncation would leave
-  no loss token (e.g. its images do not fit) is skipped as too long, with the length it needs; one
-  without any loss token at all is skipped with a warning.
+Chat lines are rendered with the inference template; the loss is on the assistant answers and the
+EOS the template puts after each, never on the system prompt, user turns, the ``Assistant:``
+prefix, BOS or image tokens. Pairs and text-only lines are BOS, text, EOS with loss on text and
+EOS. ``labels[t]`` is the token predicted from ``ids[:t]``, or :data:`IGNORE` (-100). A
+truncation never cuts inside an image (a split image is dropped whole); one that would leave no
+loss token skips the example as too long.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from ..processing.chat import IMAGE_TAG, place_images
+from ..processing.chat import IMAGE_TAG, ChatProcessor, place_images
 from ..processing.image_tokens import ImageTokens
 from ..utils import common_prefix
 from .report import warn
@@ -61,7 +38,7 @@ class Example:
 
     ids: np.ndarray  # [T] int32 token ids, BOS first, image ids expanded
     labels: np.ndarray  # [T] int32: target at t (predicted from ids[:t]) or IGNORE
-    images: List[str]  # resolved image paths, one per run of image tokens, in order
+    images: list[str]  # resolved image paths, one per run of image tokens, in order
     source: str  # "file:line"
     kind: str  # "chat" | "pair" | "text"
 
@@ -82,12 +59,12 @@ class Example:
 class DataStats:
     lines: int = 0
     examples: int = 0
-    skipped_bad: List[str] = field(default_factory=list)  # reasons
-    truncated: List[str] = field(default_factory=list)  # sources
-    skipped_long: List[str] = field(default_factory=list)
-    skipped_empty: List[str] = field(default_factory=list)
+    skipped_bad: list[str] = field(default_factory=list)  # reasons
+    truncated: list[str] = field(default_factory=list)  # sources
+    skipped_long: list[str] = field(default_factory=list)
+    skipped_empty: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> Dict[str, int]:
+    def as_dict(self) -> dict[str, int]:
         return {
             "lines": self.lines,
             "examples": self.examples,
@@ -101,7 +78,7 @@ class DataStats:
 @dataclass
 class Dataset:
     path: str
-    examples: List[Example]
+    examples: list[Example]
     stats: DataStats
 
     def __len__(self) -> int:
@@ -111,7 +88,7 @@ class Dataset:
         return self.examples[i]
 
     @property
-    def lengths(self) -> List[int]:
+    def lengths(self) -> list[int]:
         return [e.length for e in self.examples]
 
 
@@ -134,7 +111,7 @@ def _check_alternation(messages: Sequence[Mapping[str, Any]]) -> None:
             )
 
 
-def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_chat(processor: ChatProcessor, messages: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Chat messages -> ``(ids, labels)`` with loss on assistant answers and their EOS."""
     _check_alternation(messages)
     full = processor.format(messages)
@@ -153,7 +130,7 @@ def tokenize_chat(processor, messages: Sequence[Mapping[str, Any]]) -> Tuple[np.
     return ids, labels
 
 
-def tokenize_text(processor, text: str) -> Tuple[np.ndarray, np.ndarray]:
+def tokenize_text(processor: ChatProcessor, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Plain (possibly interleaved) text -> ``(ids, labels)``: BOS, text, EOS; loss on text+EOS."""
     ids = processor.tokenize(text)
     eos = processor.tokenizer.eos_token_id
@@ -184,7 +161,7 @@ def truncate(ids, labels, images, max_len: int, layout: ImageTokens):
 # -- JSONL parsing ----------------------------------------------------------------------------
 
 
-def _resolve_images(value: Any, base: Path, where: str) -> List[str]:
+def _resolve_images(value: Any, base: Path, where: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -204,16 +181,14 @@ def check_image(path: str) -> None:
         raise DataError(f"image not found: {path}")
     if os.path.isdir(path):
         raise DataError(f"image path is a directory: {path}")
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as im:  # header only; the pixels are decoded when batched
-            im.size
+        with Image.open(path):  # reads the header only; the pixels are decoded when batched
+            pass
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"not a readable image: {path} ({type(e).__name__}: {e})") from None
 
 
-def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
+def parse_line(obj: Any, base: Path, where: str, processor: ChatProcessor) -> Example:
     """One decoded JSON value -> :class:`Example` (not yet length-checked)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -261,13 +236,14 @@ def parse_line(obj: Any, base: Path, where: str, processor) -> Example:
 
 def load_jsonl(
     path: str | os.PathLike,
-    processor,
+    processor: ChatProcessor,
     max_seq_len: int,
     long_policy: str = "truncate",
     skip_bad: bool = False,
     verbose: bool = True,
 ) -> Dataset:
-    """Read and tokenize a JSONL file (see the module docstring for the format)."""
+    """Read and tokenize a JSONL file; bad lines raise :class:`DataError` naming ``file:line``
+    unless ``skip_bad`` (then counted)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -275,8 +251,8 @@ def load_jsonl(
         raise ValueError(f"long_policy must be 'truncate' or 'skip', got {long_policy!r}")
     base = path.resolve().parent
     stats = DataStats()
-    examples: List[Example] = []
-    with open(path, "r", encoding="utf-8") as f:
+    examples: list[Example] = []
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

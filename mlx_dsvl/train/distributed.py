@@ -1,18 +1,10 @@
-"""Data-parallel training on several processes, over MLX's distributed backend (``mlx.launch``).
+"""Data-parallel training over MLX's distributed backend (``mlx.launch``).
 
-Every process (rank) holds the whole model and reads the whole data set.  Each global batch --
-``batch_size`` x processes examples, the batch that one process with that batch size would take,
-in the same order -- is cut into one contiguous share per rank (:meth:`World.shard`).  A rank
-sums its share's token-weighted gradient; :meth:`World.average_gradients` sums those across
-the ranks, so that dividing by the step's tokens gives exactly one process's gradient of the
-whole batch (up to float reassociation).  Every decision that changes what the ranks do next is
-taken on numbers they share (:meth:`World.sum`): the losses and token counts
-of each step, a stop signal that reached any of them, and the set-up they start from
-(:meth:`World.agree`).  Rank 0 alone writes the run's files.
-
-A rank that dies breaks the backend's connections and the others' next collective raises
-(:class:`ProcessLost`); a rank that hangs or whose machine vanishes is caught by a
-:class:`Watchdog` that ends a process waiting longer than ``timeout`` seconds for the others.
+Each global batch (``batch_size`` x processes, in the order one process would take it) is cut into
+one contiguous share per rank; summed token-weighted gradients divided by the step's tokens give
+one process's gradient of the whole batch (up to float reassociation). Every decision is taken on
+numbers the ranks share. A dead rank makes the others' next collective raise :class:`ProcessLost`;
+a hung one is caught by the :class:`Watchdog`.
 """
 
 from __future__ import annotations
@@ -25,9 +17,10 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,15 +38,13 @@ class ProcessLost(RuntimeError):
 
 
 class Watchdog:
-    """Ends this process (status :data:`EXIT_LOST`) when one wait for the other processes lasts
-    longer than ``timeout`` seconds: a dead process breaks the connections and the backend
-    raises, but a hung one, or a machine whose network went away, may never answer.
-    ``explain()`` adds what is left on disk to the message."""
+    """Ends this process when one wait for the others lasts over ``timeout`` seconds: a dead
+    process makes the backend raise, but a hung one, or an unreachable machine, may never answer."""
 
     def __init__(self, timeout: float, rank: int):
         self.timeout, self.rank = float(timeout), rank
         self.explain: Callable[[], str] = lambda: ""
-        self._since: Optional[float] = None
+        self._since: float | None = None
         self._what = ""
         self._done = threading.Event()
         threading.Thread(target=self._watch, daemon=True, name="mlx-dsvl-watchdog").start()
@@ -79,7 +70,7 @@ class Watchdog:
                 os._exit(EXIT_LOST)
 
 
-def fingerprint(facts: Dict[str, Any]) -> mx.array:
+def fingerprint(facts: dict[str, Any]) -> mx.array:
     """Two int32 of the SHA-256 of each fact as JSON, by name (what the ranks compare)."""
     def one(value) -> np.ndarray:
         text = json.dumps(value, sort_keys=True, default=str).encode()
@@ -89,11 +80,7 @@ def fingerprint(facts: Dict[str, Any]) -> mx.array:
 
 
 class World:
-    """This process's place in the run (``rank`` of ``size``) and the collectives training needs.
-
-    One process (``size`` 1, no ``group``) needs none: every method is then a plain local step.
-    ``timeout`` (seconds, 0: none) arms a :class:`Watchdog` on the waits of the training loop.
-    """
+    """This process's place in the run and the collectives training needs (local steps when alone)."""
 
     def __init__(self, group=None, timeout: float = 0):
         self.group = group
@@ -102,7 +89,7 @@ class World:
         self.watchdog = Watchdog(timeout, self.rank) if self.size > 1 and timeout > 0 else None
 
     @classmethod
-    def init(cls, timeout: float = 0) -> "World":
+    def init(cls, timeout: float = 0) -> World:
         """The processes that ``mlx.launch`` started (or this one alone)."""
         group = mx.distributed.init()
         return cls(group if group.size() > 1 else None, timeout)
@@ -118,16 +105,14 @@ class World:
 
     # -- data ------------------------------------------------------------------------------------
     def shard(self, batch: Sequence[int]) -> Sequence[int]:
-        """This rank's contiguous share of a global batch: ``batch_size`` examples of a full one,
-        one of the nearly equal parts of a shorter last one (possibly none)."""
+        """This rank's contiguous share (of a short last batch: a nearly equal part, possibly none)."""
         n = len(batch)
         return batch[n * self.rank // self.size : n * (self.rank + 1) // self.size]
 
     # -- collectives -----------------------------------------------------------------------------
     @contextmanager
     def collective(self, what: str, watched: bool = True):
-        """Around the evaluation of a collective: a lost process becomes :class:`ProcessLost`;
-        ``watched``: the watchdog times the wait (not for waits on rank 0's writing)."""
+        """A lost process becomes :class:`ProcessLost`; waits on rank 0's writing go unwatched."""
         guard = self.watchdog.waiting(what) if watched and self.watchdog is not None else _nothing()
         try:
             with guard:
@@ -170,7 +155,7 @@ class World:
         return out
 
     def from_rank0(self, tree):
-        """``tree`` (arrays) as rank 0 has it, on every rank: added to zeros, bit for bit."""
+        """``tree`` as rank 0 has it, bit for bit (added to zeros)."""
         if self.size == 1:
             return tree
         with self.collective("rank 0's weights", watched=False):
@@ -180,14 +165,11 @@ class World:
         return out
 
     def average_gradients(self, grad):
-        """The mean over the ranks of a gradient tree (inside the compiled update; mlx's grouped
-        all-reduce of small arrays)."""
+        """The mean over the ranks (mlx's grouped all-reduce of small arrays)."""
         return nn.average_gradients(grad, group=self.group)
 
-    def agree(self, facts: Dict[str, Any]) -> None:
-        """Check that every rank starts from the same set-up (options, model, data, step); a
-        difference raises one line naming what differs on which ranks.  Unwatched: the ranks may
-        finish loading at quite different times."""
+    def agree(self, facts: dict[str, Any]) -> None:
+        """Raise if the ranks' set-ups differ. Unwatched: ranks may finish loading far apart."""
         if self.size == 1:
             return
         names = sorted(facts)
@@ -205,7 +187,7 @@ class World:
 SOLO = World()  # one process
 
 
-def launcher() -> List[str]:
+def launcher() -> list[str]:
     """The command of this Python environment's ``mlx.launch`` (benchmarks and tests start it)."""
     script = Path(sys.executable).with_name("mlx.launch")
     found = str(script) if script.is_file() else shutil.which("mlx.launch")
@@ -219,10 +201,9 @@ def _nothing():
     yield
 
 
-def global_batch_check(saved_batch: int, saved_size: int, batch: int, size: int) -> Optional[str]:
-    """Why a checkpoint of ``saved_size`` processes x ``saved_batch`` cannot continue with ``size``
-    x ``batch`` (None: it can).  The data order is that of the global batch, so a run continues
-    exactly on any number of processes that keeps the global batch the same."""
+def global_batch_check(saved_batch: int, saved_size: int, batch: int, size: int) -> str | None:
+    """Why a checkpoint cannot continue on ``size`` x ``batch`` (None: it can). The data order is that
+    of the global batch, so any process count that keeps it continues exactly."""
     want = saved_batch * saved_size
     if batch * size == want:
         return None

@@ -1,24 +1,19 @@
-"""The training loop: it receives built parts (model, optimizer, loss, batches) and callbacks.
+"""The training loop over built parts (model, optimizer, loss, batches) and callbacks.
 
-The shape of mlx-lm's ``tuner/trainer.py``: the step is compiled with ``mx.compile(fn,
-inputs=state, outputs=state)`` over the model, optimizer and random state, in two parts: each
-micro-batch's gradient is accumulated token-weighted, then the update averages it over the
-processes, clips and applies it.  Every ``steps_per_report`` steps a ``"train"`` record goes to
-the callbacks, which also validate, evaluate and save (see :mod:`mlx_dsvl.train.callbacks`).
-
-With several processes (:mod:`mlx_dsvl.train.distributed`): ``batches`` yields this process's
-share of each global batch, ``world`` sums each step's losses and token counts (every decision
--- a non-finite loss, a step left without examples -- is taken on those sums, so every process
-takes it) and averages the gradients, ``should_stop`` is where a stop is agreed, and the
-callbacks that write take a ``writer`` flag.
+The shape of mlx-lm's ``tuner/trainer.py``: a compiled step in two parts, each micro-batch's
+gradient accumulated token-weighted, then averaged over the processes, clipped and applied. With
+several processes every decision (a non-finite loss, a step without examples) is taken on the
+summed losses and token counts, so every process takes it. The standard loss runs the LM head
+only where a loss is taken: the vocabulary-wide softmax is a small model's costliest op.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,9 +21,14 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map
 
 from ..faults import fault_point
+from ..models.attention import exp_from_max
 from .callbacks import CallbackList, TrainingCallback
 from .distributed import SOLO, World
 from .report import StepSums, Window, warn
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
+    from .batches import BatchProducer
 
 
 class TrainingStopped(RuntimeError):
@@ -58,21 +58,89 @@ class LoopState:
 
     step: int  # optimizer steps done
     iters: int
-    report: Callable[[Dict], None]  # hands a record to every callback
-    streams: Optional[Dict] = None  # data position after the last micro-batch taken
+    report: Callable[[dict], None]  # hands a record to every callback
+    streams: dict | None = None  # data position after the last micro-batch taken
     loss: float = math.nan  # the last step's loss
     lr: float = math.nan  # the last step's learning rate
     stopped: bool = False  # ended early because should_stop() said so
 
 
-def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, compile: bool,
-              average_gradients: Optional[Callable] = None):
-    """``(accumulate, update, state)``: ``accumulate(*inputs, prev_grad) -> (loss, ntoks, mm,
-    grad)`` adds a micro-batch's gradient to ``prev_grad``; ``update(grad, tokens) -> grad_norm``
-    averages it over the processes, divides it by the step's ``tokens`` (per process), clips and
-    applies it.  ``weighted``: gradients are summed token-weighted (several micro-batches or
-    processes: then the step's gradient is that of its tokens' mean loss), else used as they
-    come; ``state`` is what both change (model, optimizer, random state)."""
+# -- the standard loss ---------------------------------------------------------------------------
+
+
+def image_embeddings(model: DeepseekVL, vis, frozen_vision: bool):
+    """``vis``: pixels ``[M, 3, S, S]`` or cached tower features (tuple) -> ``[M, 576, D]``."""
+    if isinstance(vis, (tuple, list)):
+        feats = tuple(vis) if len(vis) > 1 else vis[0]
+    else:
+        feats = model.vision_features(vis)
+        if frozen_vision:
+            feats = tree_map(mx.stop_gradient, feats)
+    return model.aligner(feats)
+
+
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """Per-row ``logsumexp(logits) - logits[target]``. On MLX's CPU backend ``exp`` is much slower
+    than ``2 ** x`` and dominates a small model's step; ``exp(x) = 2 ** (x log2 e)`` gives the same
+    values and gradient (docs/PERFORMANCE.md)."""
+    if mx.default_device() != mx.cpu:
+        return nn.losses.cross_entropy(logits, targets)
+    p, m = exp_from_max(logits)
+    s = p.sum(axis=-1)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return m[:, 0] + mx.log(s) - picked
+
+
+def make_loss(frozen_vision: bool):
+    """``loss_fn(model, ids, vis, label_pos, label_ids, label_w, label_mm)`` ->
+    ``(mean loss, target tokens, [multimodal loss sum, multimodal tokens])``."""
+
+    def loss_fn(model: DeepseekVL, input_ids, vis, label_pos, label_ids, label_w, label_mm):
+        img = None if vis is None else image_embeddings(model, vis, frozen_vision)
+        h = model.hidden_states(input_ids, img)
+        B, T, D = h.shape
+        hs = mx.take(h.reshape(B * T, D), label_pos, axis=0)  # [N, D]: only where a loss is taken
+        logits = model.lm_head(hs).astype(mx.float32)
+        ce = cross_entropy(logits, label_ids) * label_w
+        ntoks = label_w.sum()
+        loss = ce.sum() / mx.maximum(ntoks, 1)  # a batch without targets (an empty share) learns nothing
+        mm = mx.stack([(ce * label_mm).sum(), (label_w * label_mm).sum()])
+        return loss, ntoks, mm
+
+    return loss_fn
+
+
+_CKPT_CLASSES: dict[type, type] = {}
+
+
+def enable_grad_checkpoint(layers: Sequence[nn.Module]) -> None:
+    """Recompute each block's activations in the backward pass (per instance, not per class)."""
+    for layer in layers:
+        base = type(layer)
+        if base in _CKPT_CLASSES.values():
+            continue
+        sub = _CKPT_CLASSES.get(base)
+        if sub is None:
+            def __call__(self, *args, __base=base, **kwargs):
+                def inner(params, *a, **k):
+                    self.update(params)
+                    return __base.__call__(self, *a, **k)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+            sub = type(f"Checkpointed{base.__name__}", (base,), {"__call__": __call__})
+            _CKPT_CLASSES[base] = sub
+        layer.__class__ = sub
+
+
+# -- the step and the loop ------------------------------------------------------------------------
+
+
+def make_step(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, *, weighted: bool,
+              max_grad_norm: float, compile: bool, average_gradients: Callable | None = None):
+    """``(accumulate, update, state)``. ``weighted`` (several micro-batches or processes): gradients
+    are summed token-weighted and ``update`` divides by the step's tokens, so the step's gradient is
+    that of its tokens' mean loss."""
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -102,30 +170,23 @@ def make_step(model, optimizer, loss_fn, weighted: bool, max_grad_norm: float, c
     return accumulate, update, state
 
 
-def skip_update(optimizer) -> None:
+def skip_update(optimizer: optim.Optimizer) -> None:
     """Count a step that had nothing to learn from (the schedule stays in step with the loop)."""
     for opt in getattr(optimizer, "optimizers", [optimizer]):
         opt.state["step"] = opt.step + 1
 
 
-def train_loop(model, optimizer, loss_fn, batches, args: LoopArgs,
-               callbacks: Sequence[TrainingCallback] = (), start_step: int = 0, schedule=None,
-               window: Optional[Window] = None, should_stop: Optional[Callable[[], bool]] = None,
-               world: World = SOLO) -> LoopState:
+def train_loop(model: DeepseekVL, optimizer: optim.Optimizer, loss_fn: Callable, batches: BatchProducer,
+               args: LoopArgs, callbacks: Sequence[TrainingCallback] = (), *, start_step: int = 0,
+               schedule: Callable | None = None, window: Window | None = None,
+               should_stop: Callable[[], bool] | None = None, world: World = SOLO) -> LoopState:
     """Train from ``start_step`` to ``args.iters`` optimizer steps; returns where it ended.
-
-    ``batches.next()`` gives micro-batches with ``inputs`` (``loss_fn``'s arguments after the
-    model), ``streams_after``, ``is_text_stream``, ``skipped`` and ``batch``; ``schedule(step)``:
-    the learning rate reported; ``window``: the sums behind each ``"train"`` record;
-    ``should_stop()``: checked before each step (with several processes every rank must get the
-    same answer); ``world``: the processes that share each step (this one's share comes from
-    ``batches``; each step's sums and gradient are combined over them).
-    """
+    ``should_stop()`` is checked before each step and must answer alike on every process."""
     cbs = CallbackList(callbacks)
     weighted = args.grad_accum > 1 or world.size > 1
     accumulate, update, compiled_state = make_step(
-        model, optimizer, loss_fn, weighted, args.max_grad_norm, args.compile,
-        world.average_gradients if world.size > 1 else None)
+        model, optimizer, loss_fn, weighted=weighted, max_grad_norm=args.max_grad_norm, compile=args.compile,
+        average_gradients=world.average_gradients if world.size > 1 else None)
     window = window if window is not None else Window()
     state = LoopState(start_step, args.iters, cbs.report)
     stop = should_stop or (lambda: False)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 _style: Callable[[str], str] = lambda text: text  # noqa: E731 -- how option names are printed
 _rank, _size = 0, 1  # this process among the run's processes
@@ -94,9 +98,7 @@ class Progress:
 
 @dataclass
 class StepSums:
-    """One optimizer step summed over its micro-batches (and processes): the loss sum and target
-    tokens, the same over multimodal examples, the real (unpadded) tokens, skipped examples; in
-    this order (:meth:`as_list`), as the processes sum them."""
+    """One optimizer step summed over its micro-batches (and processes, in :meth:`as_list` order)."""
 
     loss: float = 0.0
     ntoks: float = 0.0
@@ -105,10 +107,10 @@ class StepSums:
     tokens: float = 0.0
     skipped: float = 0.0
 
-    def as_list(self) -> List[float]:
+    def as_list(self) -> list[float]:
         return [getattr(self, f.name) for f in fields(self)]
 
-    def __add__(self, other: "StepSums") -> "StepSums":
+    def __add__(self, other: StepSums) -> StepSums:
         return StepSums(*(a + b for a, b in zip(self.as_list(), other.as_list())))
 
 
@@ -131,9 +133,9 @@ class Window:
         self.steps += 1
         self.time += seconds
 
-    def record(self, step: int, lr: float, gnorm: float) -> Dict[str, Any]:
+    def record(self, step: int, lr: float, gnorm: float) -> dict[str, Any]:
         t, s = max(self.time, 1e-9), self.sums
-        rec: Dict[str, Any] = {
+        rec: dict[str, Any] = {
             "type": "train", "step": step,
             "loss": s.loss / max(s.ntoks, 1e-9),
             "tokens": int(s.tokens), "target_tokens": int(s.ntoks),
@@ -157,7 +159,7 @@ class Window:
         return steps_left * self.time / max(1, self.steps)
 
 
-def train_line(rec: Dict, iters: int, elapsed: float, eta: float) -> str:
+def train_line(rec: dict, iters: int, elapsed: float, eta: float) -> str:
     parts = [f"mm {rec['loss_mm']:.3f}" if "loss_mm" in rec else "",
              f"text {rec['loss_text']:.3f}" if "loss_text" in rec else ""]
     split = ", ".join(p for p in parts if p)
@@ -167,15 +169,15 @@ def train_line(rec: Dict, iters: int, elapsed: float, eta: float) -> str:
             + f" | {fmt_time(elapsed)} elapsed, eta {fmt_time(eta)}")
 
 
-def val_line(rec: Dict, iters: int, seconds: float) -> str:
+def val_line(rec: dict, iters: int, seconds: float) -> str:
     return (f"step {rec['step']}/{iters} | val loss {rec['val_loss']:.4f}"
             + (f" | val multimodal {rec['val_loss_mm']:.4f}" if "val_loss_mm" in rec else "")
             + (f" | val text-only {rec['val_loss_text']:.4f}" if "val_loss_text" in rec else "")
             + f" ({seconds:.1f}s)")
 
 
-def start_line(cfg, components, frozen_vision: bool, n_train: int, n_total: int, n_main: int,
-               n_text: Optional[int], resume: Optional[str], start_step: int) -> str:
+def start_line(cfg: TrainConfig, *, components: Sequence[str], frozen_vision: bool, n_train: int, n_total: int,
+               n_main: int, n_text: int | None, resume: str | None, start_step: int) -> str:
     how = cfg.method if "llm" in components or not frozen_vision else "full"
     return (f"stage {cfg.stage}: training {', '.join(components)} ({how}) "
             f"-- {n_train / 1e6:.3f}M trainable of {n_total / 1e6:.3f}M parameters; {n_main} examples"

@@ -1,29 +1,17 @@
-"""A run's output folder: never clobber an earlier run, replace one (``force``) atomically.
+"""Which folder a run writes into: never clobber an earlier run, replace one (``force``) atomically.
 
-* A new or empty folder: the run writes there.
-* The folder of the run being resumed: the run continues there.  Resuming from an earlier
-  checkpoint than its newest drops the later ones (when the first new one is saved), so that
-  needs ``force``.
-* Any other non-empty folder is refused; with ``force`` a training run (not any other folder)
-  is replaced: the new run writes into a hidden staging folder beside it, ``.OUT.new-PID``, and
-  once that holds its first checkpoint the old run is renamed to ``.OUT.old-PID``, the staging
-  folder to ``OUT``, and the old run removed.  Killed at any point, this leaves the old run or
-  the new one with a checkpoint, never neither: the next run with the same folder finishes (or
-  undoes) the swap of a dead writer and removes what it left (:func:`recover`).
+A resumed run continues in its folder (from an earlier checkpoint than the newest, which drops the
+later ones, only with ``force``). Any other non-empty folder is refused; with ``force`` a training
+run is replaced by a folder staged beside it that swaps in at its first checkpoint, so a kill at
+any point leaves the old run or the new one with a checkpoint, never neither.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-import sys
 from pathlib import Path
-from typing import Optional
 
-from ..faults import fault_point
+from ..outputs import Staged, log, reclaim_stale, remove_abandoned
 from .checkpoint import LATEST, checkpoint_root, list_checkpoints, run_of, step_of
-from .files import fsync_dir, pid_alive, remove_abandoned
 
 RUN_CONFIG = "run_config.json"
 
@@ -36,38 +24,9 @@ def is_run(folder: Path) -> bool:
     return (folder / RUN_CONFIG).is_file() or checkpoint_root(folder).is_dir()
 
 
-def _sibling(out: Path, kind: str, pid) -> Path:
-    """The hidden folder ``.OUT.{kind}-PID`` beside ``out`` (resolved: ``.`` has no name)."""
-    out = out.resolve()
-    return out.parent / f".{out.name}.{kind}-{pid}"
-
-
-def _leftovers(out: Path, kind: str):
-    """``(pid, path)`` of the hidden ``.OUT.{kind}-PID`` folders whose writer is gone."""
-    pattern = _sibling(out, kind, "*")
-    for p in pattern.parent.glob(glob.escape(pattern.name[:-1]) + "*"):
-        pid = p.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            yield pid, p
-
-
 def recover(out: Path) -> None:
-    """Finish or undo what a killed replacement of ``out`` left behind (see the module doc)."""
-    if not out.resolve().parent.is_dir():
-        return
-    for pid, old in _leftovers(out, "old"):
-        new = _sibling(out, "new", pid)
-        if not out.exists() and new.is_dir():  # killed between the two renames
-            os.rename(new, out)
-            print(f"note: completed the interrupted replacement of {out}", file=sys.stderr)
-        elif not out.exists():
-            os.rename(old, out)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    for _, new in _leftovers(out, "new"):
-        shutil.rmtree(new, ignore_errors=True)
-        print(f"note: removed {new}, an unfinished replacement of {out} (its run was killed before "
-              f"taking {out}'s place; {out} is unchanged)", file=sys.stderr)
+    """Finish or undo what a killed replacement of ``out`` left behind."""
+    reclaim_stale(out, log, f"unfinished replacements of {Path(out).name}")
 
 
 def _describe(out: Path) -> str:
@@ -76,18 +35,19 @@ def _describe(out: Path) -> str:
 
 
 class RunDir:
-    """Where a run writes: ``path`` is ``out`` itself, or a staging folder until :meth:`publish`."""
+    """Where a run writes: ``path`` is ``out`` itself, or a staged folder until :meth:`publish`."""
 
-    def __init__(self, out: Path, staging: Optional[Path] = None):
+    def __init__(self, out: Path, staging: Staged | None = None):
         self.out = out
-        self.path = staging or out
+        self._staging = staging
+        self.path = staging.partial if staging else out
 
     @property
     def staged(self) -> bool:
-        return self.path != self.out
+        return self._staging is not None
 
     @classmethod
-    def open(cls, out: Path, force: bool, resume: Optional[Path] = None) -> "RunDir":
+    def open(cls, out: Path, force: bool, resume: Path | None = None) -> RunDir:
         """Decide where a run into ``out`` writes (``resume``: the checkpoint it continues)."""
         recover(out)
         if out.exists() and not out.is_dir():
@@ -114,34 +74,24 @@ class RunDir:
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise OutputError(f"`force` cannot replace {out}: it holds the current folder; run from "
                               f"another folder")
-        return cls(out, _sibling(out, "new", os.getpid()))
+        return cls(out, Staged(out))
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         remove_abandoned(self.path)  # temporary files of a killed earlier run here
 
     def publish(self) -> bool:
-        """Swap a staging folder that now holds a checkpoint into place; True if it moved."""
-        if not self.staged:
+        """Put a staged folder that now holds a checkpoint in ``out``'s place; True if it moved."""
+        if self._staging is None:
             return False
         assert (checkpoint_root(self.path) / LATEST).is_file()
-        fault_point("replace")
-        old = self._old()
-        os.rename(self.out, old)
-        fault_point("replace")
-        os.rename(self.path, self.out)
-        fsync_dir(self.out.parent)
-        self.path = self.out
-        shutil.rmtree(old, ignore_errors=True)
+        self._staging.publish()
+        self._staging.release()
+        self._staging, self.path = None, self.out
         return True
 
-    def _old(self) -> Path:
-        return _sibling(self.out, "old", os.getpid())
-
     def abandon(self) -> None:
-        """Drop an unpublished staging folder (the run failed or stopped before a checkpoint)."""
-        if not self.staged:
-            return
-        if not self.out.exists() and self._old().is_dir():  # interrupted between the renames
-            os.rename(self._old(), self.out)
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Drop an unpublished staged folder (the run failed or stopped before a checkpoint)."""
+        if self._staging is not None:
+            self._staging.abandon()
+            self._staging = None

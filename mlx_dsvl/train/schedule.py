@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -29,12 +28,9 @@ def lr_schedule(lr: float, iters: int, warmup: int, kind: str, min_ratio: float)
 
 
 class ModalityMixer:
-    """The modality balance with text-only data: the chance that a batch is text-only.
-
-    ``share(step)`` starts at 1.0 and moves linearly to ``ratio`` over ``warmup`` steps (the
-    paper's "modality warm-up"), then stays at ``ratio``.  ``is_text(step, micro)`` draws the
-    batch's modality from a generator seeded by ``(seed, step, micro)``: a pure function of the
-    position, so a resumed run draws exactly what the uninterrupted run drew.
+    """The chance that a batch is text-only: 1.0 moving linearly to ``ratio`` over ``warmup`` steps
+    (the paper's "modality warm-up"). Each draw is seeded by ``(seed, step, micro)``, so a resumed
+    run draws exactly what the uninterrupted run drew.
     """
 
     def __init__(self, ratio: float, warmup: int, seed: int):
@@ -52,8 +48,8 @@ class ModalityMixer:
         return bool(u < self.share(step))
 
 
-def plan_iters(iters: Optional[int], epochs: Optional[float], grad_accum: int, main_batches: int,
-               mixer: Optional[ModalityMixer]) -> int:
+def plan_iters(iters: int | None, epochs: float | None, grad_accum: int, main_batches: int,
+               mixer: ModalityMixer | None) -> int:
     """Optimizer steps of the run: ``iters``, or enough for ``epochs`` (default 1) over the main
     data, where text-only batches drawn by ``mixer`` do not count."""
     if iters is not None:

@@ -1,28 +1,25 @@
-"""The training stages (one declaration each), and what they train and how.
+"""The training stages (one declaration each: the CLI's choices and help come from
+:data:`STAGES`), and what they train and how.
 
-The paper's recipe: stage 1 trains the aligner (vision encoders and LLM frozen) on image-text
-pairs; stage 2 the aligner and the LLM (vision encoders frozen) on image-text pairs mixed with
-text-only data; stage 3 the aligner, the LLM and SigLIP (SAM-B frozen) on chat data.  Adding a
-stage is adding a :class:`Stage` to :data:`STAGES`: the CLI's choices and help come from it.
-
-The ``train`` option overrides a stage's set with any of :data:`COMPONENTS`.  ``method`` applies
-to the transformer blocks of the LLM and of the vision towers that are trained: ``lora`` /
-``dora`` wrap their ``Linear`` layers with mlx-lm's ``LoRALinear`` / ``DoRALinear`` (on a
-quantized LLM this is QLoRA: the wrapped ``QuantizedLinear`` stays frozen and quantized),
-``full`` trains every weight.  The aligner and SAM's neck / downsamples (``sam-neck``) are always
-trained in full.
+``method`` applies to the trained transformer blocks: ``lora`` / ``dora`` wrap their ``Linear``
+layers with mlx-lm's adapters (on a quantized LLM that is QLoRA: the ``QuantizedLinear`` stays
+frozen), ``full`` trains every weight. The aligner and ``sam-neck`` always train in full.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..adapters import ADAPTER_TYPES, AdapterError, adapt_modules
+
+if TYPE_CHECKING:
+    from ..models.deepseek_vl import DeepseekVL
 
 COMPONENTS = ("aligner", "llm", "siglip", "sam", "sam-neck")
 
@@ -33,11 +30,11 @@ class Stage:
 
     number: int
     name: str
-    components: Tuple[str, ...]  # what trains unless the ``train`` option overrides it
+    components: tuple[str, ...]  # what trains unless the ``train`` option overrides it
     frozen: str  # what stays frozen (for the help)
     data: str  # the data it is meant for (for the help)
     text_ratio: float  # share of text-only batches once warmed up (with text-only data)
-    modality_warmup: Fraction = Fraction(0)  # default warm-up, as a share of the run's steps
+    modality_warmup: Fraction = field(default=Fraction(0), kw_only=True)  # default warm-up, as a share of the run's steps
 
     def warmup_steps(self, run_steps: int) -> int:
         """The default modality warm-up of a run of about ``run_steps`` steps."""
@@ -51,10 +48,10 @@ class Stage:
                 f"{self.data}; {mix}")
 
 
-STAGES: Tuple[Stage, ...] = (
+STAGES: tuple[Stage, ...] = (
     Stage(1, "adaptor warm-up", ("aligner",), "vision encoders and LLM", "image-text pairs", 0.7),
     Stage(2, "joint pre-training", ("aligner", "llm"), "vision encoders",
-          "image-text pairs mixed with text-only data", 0.7, Fraction(1, 5)),
+          "image-text pairs mixed with text-only data", 0.7, modality_warmup=Fraction(1, 5)),
     Stage(3, "supervised fine-tuning", ("aligner", "llm", "siglip"), "SAM-B",
           "chat data, text-only data optional", 0.48),
 )
@@ -94,20 +91,20 @@ class StageError(ValueError):
     """An impossible training set-up (unknown component, full training of a quantized LLM, ...)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSpec:
     """Which parts train and how; stored in ``adapter_config.json``."""
 
     stage: int
-    components: Tuple[str, ...]
+    components: tuple[str, ...]
     method: str
     rank: int
     scale: float
     dropout: float
-    targets: Tuple[str, ...]
-    llm_layers: Optional[int]  # adapt the last N LLM blocks (None = all)
+    targets: tuple[str, ...]
+    llm_layers: int | None  # adapt the last N LLM blocks (None = all)
 
-    def to_dict(self) -> Dict:
+    def to_dict(self) -> dict:
         return {
             "stage": self.stage, "components": list(self.components), "method": self.method,
             "rank": self.rank, "scale": self.scale, "dropout": self.dropout,
@@ -115,7 +112,7 @@ class TrainSpec:
         }
 
 
-def parse_components(stage: int, train: Optional[str | Sequence[str]], hybrid: bool) -> Tuple[str, ...]:
+def parse_components(stage: int, train: str | Sequence[str] | None, hybrid: bool) -> tuple[str, ...]:
     """Resolve the ``train`` option (comma list or None for the stage's set) against the model."""
     if train is None or train == "":
         comps = get_stage(stage).components
@@ -138,26 +135,26 @@ def parse_components(stage: int, train: Optional[str | Sequence[str]], hybrid: b
     return comps
 
 
-def module_prefix(model, module: nn.Module) -> str:
+def module_prefix(model: DeepseekVL, module: nn.Module) -> str:
     for name, m in model.named_modules():
         if m is module:
             return name
     raise KeyError("module not found in model")
 
 
-def llm_is_quantized(model) -> bool:
+def llm_is_quantized(model: DeepseekVL) -> bool:
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
                for _, m in model.language_model.named_modules())
 
 
-def adapter_paths(model, spec: TrainSpec) -> List[str]:
+def adapter_paths(model: DeepseekVL, spec: TrainSpec) -> list[str]:
     """Full names of the Linear layers that ``spec`` puts adapters on."""
     if spec.method == "full":
         return []
     groups = set(spec.targets)
-    paths: List[str] = []
+    paths: list[str] = []
 
-    def blocks(prefix: str, n_blocks: int, names: Dict[str, Tuple[str, ...]], last: Optional[int]):
+    def blocks(prefix: str, n_blocks: int, names: dict[str, tuple[str, ...]], last: int | None):
         start = 0 if last is None else max(0, n_blocks - last)
         for i in range(start, n_blocks):
             for g in ("attn", "mlp"):
@@ -176,11 +173,8 @@ def adapter_paths(model, spec: TrainSpec) -> List[str]:
     return paths
 
 
-def setup_trainable(model, spec: TrainSpec) -> List[str]:
-    """Freeze ``model``, add adapters and unfreeze what ``spec`` trains.
-
-    Returns the full names of the adapted Linear layers (for ``adapter_config.json``).
-    """
+def setup_trainable(model: DeepseekVL, spec: TrainSpec) -> list[str]:
+    """Freeze ``model``, add adapters and unfreeze what ``spec`` trains; returns the adapted layers' names."""
     if spec.method not in METHODS:
         raise StageError(f"`method` must be one of {', '.join(METHODS)}, got {spec.method!r}")
     bad = [t for t in spec.targets if t not in TARGET_GROUPS + TARGET_LEAVES]
@@ -226,9 +220,8 @@ def vision_trainable(spec: TrainSpec) -> bool:
     return any(c in spec.components for c in ("siglip", "sam", "sam-neck"))
 
 
-def count_parameters(model) -> Tuple[int, int]:
-    """(trainable, total) parameters of the model as it trains, adapter factors included; a
-    quantized weight counts unpacked, its scales and biases do not."""
+def count_parameters(model: DeepseekVL) -> tuple[int, int]:
+    """(trainable, total); a quantized weight counts unpacked, its scales and biases do not."""
     modules = dict(model.named_modules())
 
     def size(name: str, v) -> int:

@@ -20,8 +20,8 @@ mx = pytest.importorskip("mlx.core")
 
 import mlx_dsvl  # noqa: E402
 from mlx_dsvl.models.deepseek_vl import ImagePositionError  # noqa: E402
+from mlx_dsvl.random_tokenizer import write_tokenizer  # noqa: E402
 from mlx_dsvl.testing import hf_reference as ref  # noqa: E402
-from mlx_dsvl.testing.tokenizer import write_tokenizer  # noqa: E402
 
 BOS, EOS, IMAGE = 100700, 100701, 101234  # none of them DeepSeek's (100000, 100001, 100015)
 
@@ -40,6 +40,7 @@ def test_tokenizer_fixture_uses_the_requested_ids(other_ids_dir):
     assert (added["<｜begin▁of▁sentence｜>"], added["<｜end▁of▁sentence｜>"]) == (BOS, EOS)
 
 
+@pytest.mark.slow
 def test_logits_match_the_reference_with_other_token_ids(other_ids_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # config.json names no id: nothing to warn about

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from safetensors.numpy import load_file
 
 from mlx_dsvl.convert.keymaps import ORIGINAL_UNUSED, hf_to_original, original_to_hf
-from mlx_dsvl.testing.make_checkpoint import make_checkpoint
+from mlx_dsvl.random_checkpoint import make_checkpoint
 
 ARCHS = ["tiny", "tiny-hybrid"]
 

@@ -20,10 +20,10 @@ mx = pytest.importorskip("mlx.core")
 
 from mlx_dsvl.loading import load_model  # noqa: E402
 from mlx_dsvl.models.resize import antialias_bilinear_resize, bilinear_resize  # noqa: E402
-from mlx_dsvl.testing.make_checkpoint import make_checkpoint  # noqa: E402
-
+from mlx_dsvl.random_checkpoint import make_checkpoint  # noqa: E402
+from mlx_dsvl.random_tokenizer import BOS_ID as BOS  # noqa: E402  the checkpoints' ids
+from mlx_dsvl.random_tokenizer import IMAGE_ID as IMAGE_TOKEN
 from mlx_dsvl.testing import hf_reference as ref  # noqa: E402
-from mlx_dsvl.testing.tokenizer import BOS_ID as BOS, IMAGE_ID as IMAGE_TOKEN  # noqa: E402  the checkpoints' ids
 
 TOL = 1e-4
 TOKENS_PER_IMAGE = 576
@@ -156,28 +156,34 @@ def test_13b_logits(case_13b):
 
 
 # -- 7B (hybrid) layout -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_hybrid_siglip_tower(case_hybrid):
     """The SigLIP tower alone, fed the reference's own 384 resize."""
     check("hybrid", "SigLIP tower (same 384 input)", case_hybrid["our_siglip_tower"], case_hybrid["hf_siglip"])
 
 
+@pytest.mark.slow
 def test_hybrid_siglip(case_hybrid):
     """Through ``vision_features``: our in-model antialiased resize + normalization included."""
     check("hybrid", "SigLIP features (in-model)", case_hybrid["our_siglip"], case_hybrid["hf_siglip"])
 
 
+@pytest.mark.slow
 def test_hybrid_sam_tower(case_hybrid):
     check("hybrid", "SAM tower (vision_tower_high)", case_hybrid["our_sam_tower"], case_hybrid["hf_sam"])
 
 
+@pytest.mark.slow
 def test_hybrid_sam(case_hybrid):
     check("hybrid", "SAM features (in-model)", case_hybrid["our_sam"], case_hybrid["hf_sam"])
 
 
+@pytest.mark.slow
 def test_hybrid_aligner(case_hybrid):
     check("hybrid", "aligner (encode_images)", case_hybrid["our_aligned"], case_hybrid["hf_aligned"])
 
 
+@pytest.mark.slow
 def test_hybrid_logits(case_hybrid):
     check("hybrid", "logits (2 images)", case_hybrid["logits_stats"])
 

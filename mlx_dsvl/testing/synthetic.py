@@ -1,26 +1,20 @@
 """A synthetic captioning task for tests and benchmarks: coloured shapes on coloured backgrounds.
 
-``write_shapes_dataset(folder, n, seed)`` draws ``n`` images (a shape of one colour on a plain
-background of another) and writes ``pairs.jsonl`` (``{"image", "text"}``) and ``chat.jsonl`` (a
-user question and the caption as the assistant answer) next to them.  Captions read
-"a red circle on a white background".
-
-The default task keeps the shape colours (red, green, blue, yellow) apart from the background
-colours (white, black, grey) and gives each shape its own size (square > circle > triangle),
-with random position and colour jitter: learnable by a tiny random model in a CI budget.
-``shape_colors``, ``bg_colors``, ``sizes`` and ``jitter`` make it harder.
+The default task keeps shape and background colours apart and gives each shape its own size:
+learnable by a tiny random model in a CI budget. ``shape_colors``, ``bg_colors``, ``sizes`` and
+``jitter`` make it harder.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS: Dict[str, Tuple[int, int, int]] = {
+COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 70, 220),
@@ -43,7 +37,7 @@ def caption(fg: str, shape: str, bg: str, template: str = TEMPLATE) -> str:
 
 
 def combos(shape_colors: Sequence[str] = SHAPE_COLORS, shapes: Sequence[str] = SHAPES,
-           bg_colors: Sequence[str] = BG_COLORS) -> List[Tuple[str, str, str]]:
+           bg_colors: Sequence[str] = BG_COLORS) -> list[tuple[str, str, str]]:
     return [(f, s, b) for f in shape_colors for s in shapes for b in bg_colors if f != b]
 
 
@@ -73,12 +67,7 @@ def draw(fg: str, shape: str, bg: str, rng: np.random.Generator, size: int = 384
 
 def make_images(n: int, seed: int, size: int = 384, balanced: bool = True,
                 template: str = TEMPLATE, **task):
-    """``n`` (PIL image, caption) pairs; ``balanced`` cycles through every combination.
-
-    ``template``: the caption, with ``{fg}``, ``{shape}`` and ``{bg}``.  ``task``:
-    ``shape_colors``, ``bg_colors``, ``shapes`` (see :func:`combos`), ``sizes``, ``jitter``,
-    ``color_jitter`` (see :func:`draw`).
-    """
+    """``n`` (PIL image, caption) pairs; ``balanced`` cycles through every combination."""
     task = dict(task)
     rng = np.random.default_rng(seed)
     cs = combos(task.pop("shape_colors", SHAPE_COLORS), task.pop("shapes", SHAPES),
@@ -91,12 +80,10 @@ def make_images(n: int, seed: int, size: int = 384, balanced: bool = True,
 
 
 def write_shapes_dataset(folder: str | Path, n: int, seed: int = 0, size: int = 384,
-                         balanced: bool = True, system: Optional[str] = "", template: str = TEMPLATE,
-                         **task) -> Dict[str, Path]:
+                         balanced: bool = True, system: str | None = "", template: str = TEMPLATE,
+                         **task) -> dict[str, Path]:
     """Write images + ``pairs.jsonl`` + ``chat.jsonl`` into ``folder``; returns their paths.
-
-    ``system``: the chat lines' system prompt ("" = none, None = the default one).
-    """
+    ``system``: "" = none, None = the default one."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     pairs, chats = [], []

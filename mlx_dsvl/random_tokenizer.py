@@ -1,27 +1,16 @@
 """A tiny, deterministic stand-in for the DeepSeek-VL tokenizer, plus processor configs.
 
-The real DeepSeek-VL checkpoints ship a byte-level BPE ``tokenizer.json`` (about 100k merges)
-loaded through ``LlamaTokenizerFast``. Tests cannot download it, so :func:`write_tokenizer`
-builds a small tokenizer with the same *layout*:
-
-* byte-level pre-tokenizer and decoder (every UTF-8 string round-trips, Chinese and emoji
-  included), the 256 byte symbols plus a few hundred merges learned from a built-in
-  English + Chinese + emoji text;
-* the special tokens at the **real** ids: ``<｜begin▁of▁sentence｜>`` = 100000,
-  ``<｜end▁of▁sentence｜>`` = 100001, reserved specials at 100002..100014 and
-  ``<image_placeholder>`` = 100015 (all ids < 102400, the LLM vocab size) -- or, for tests
-  that must not share that assumption, BOS, EOS and the image tag at other ids;
-* ``tokenizer_config.json`` naming ``LlamaTokenizerFast`` with BOS prepended, no EOS, pad = EOS.
-
-:func:`write_processor_configs` writes ``preprocessor_config.json`` and
-``processor_config.json`` with the field names used by the released hub folders.
+Tests cannot download the real byte-level BPE tokenizer, so this builds a small one with the same
+layout: byte-level (every UTF-8 string round-trips), the special tokens at the real ids (BOS
+100000, EOS 100001, ``<image_placeholder>`` 100015; or elsewhere, for tests that must not share
+that assumption), and a ``LlamaTokenizerFast`` config with BOS prepended, no EOS, pad = EOS.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -54,8 +43,7 @@ SPECIAL_TOKENS: dict[int, str] = {BOS_ID: BOS_TOKEN, EOS_ID: EOS_TOKEN, **RESERV
 
 
 def special_tokens(bos_id: int = BOS_ID, eos_id: int = EOS_ID, image_id: int = IMAGE_ID) -> dict[int, str]:
-    """id -> content of every special token, with BOS, EOS and the image tag at the given ids
-    (the reserved names keep theirs unless one of the three takes it)."""
+    """id -> content of every special token, BOS, EOS and the image tag at the given ids."""
     chosen = {bos_id: BOS_TOKEN, eos_id: EOS_TOKEN, image_id: IMAGE_TAG}
     if len(chosen) != 3:
         raise ValueError(f"BOS, EOS and the image tag need three different ids, got {bos_id}, {eos_id}, {image_id}")
@@ -119,12 +107,8 @@ def _learn_bpe() -> dict:
 
 
 def build_tokenizer_json(specials: dict[int, str] | None = None) -> dict:
-    """Return the full ``tokenizer.json`` content (a dict) with specials at fixed ids.
-
-    The special tokens (``specials``, default :data:`SPECIAL_TOKENS`) are placed both in the BPE
-    vocab and in ``added_tokens`` with their fixed ids, which is how the released DeepSeek
-    tokenizer keeps ids >= 100000 stable.
-    """
+    """The ``tokenizer.json`` dict; specials sit both in the BPE vocab and in ``added_tokens``, as
+    the released tokenizer keeps ids >= 100000 stable."""
     specials = SPECIAL_TOKENS if specials is None else specials
     bos_id = next(i for i, t in specials.items() if t == BOS_TOKEN)
     data = _learn_bpe()
@@ -158,12 +142,7 @@ def build_tokenizer_json(specials: dict[int, str] | None = None) -> dict:
 
 def write_tokenizer(out_dir: str | Path, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
                     image_id: int = IMAGE_ID) -> None:
-    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
-
-    The result loads offline with ``transformers.AutoTokenizer.from_pretrained(out_dir)``;
-    ``"<image_placeholder>"`` encodes to ``[bos_id, image_id]`` (by default DeepSeek's
-    ``[100000, 100015]``).
-    """
+    """Write the tokenizer files; they load offline with ``AutoTokenizer.from_pretrained``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = special_tokens(bos_id, eos_id, image_id)
@@ -220,11 +199,7 @@ def write_processor_configs(
     do_normalize: bool,
     num_image_tokens: int = 576,
 ) -> None:
-    """Write ``preprocessor_config.json`` and ``processor_config.json`` (hub field names).
-
-    Released values: 1.3B -> ``image_size=384``, mean = std = (0.5, 0.5, 0.5),
-    ``do_normalize=True``; 7B -> ``image_size=1024``, CLIP mean/std, ``do_normalize=False``.
-    """
+    """Write the processor configs with the hub's field names and each family's released values."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preprocessor = {

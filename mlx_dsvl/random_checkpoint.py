@@ -1,13 +1,8 @@
 """Random DeepSeek-VL checkpoints in the original deepseek-ai on-disk layout.
 
-    python -m mlx_dsvl.testing.make_checkpoint --arch {tiny,tiny-hybrid,1.3b,7b,7b-vision} --out DIR [--seed N]
-
-Writes ``config.json`` (real structure; tiny archs carry explicit size overrides), safetensors
-(PyTorch layouts: conv weights [O, I, kH, kW]; one file, or shards of at most ``--shard-gb`` with
-``model.safetensors.index.json``), the unused tensors the real files carry (``attn_pool.*``,
-``high/low_layer_norm``, ``rotary_emb.inv_freq``), a tiny byte-level BPE tokenizer with the
-DeepSeek special token ids, and the processor configs.  Every parameter is random -- no zero
-``hd_alpha_downsamples``, rel-pos or position tables -- so every path matters.
+Real structure, PyTorch layouts, the unused tensors the real files carry, a tiny tokenizer with
+DeepSeek's special ids and the processor configs. Every parameter is random (no zero
+``hd_alpha_downsamples``, rel-pos or position tables), so every path matters.
 """
 
 from __future__ import annotations
@@ -22,11 +17,14 @@ import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, Tuple
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from ..config import CLIP_MEAN, CLIP_STD, ModelConfig
+from .config import CLIP_MEAN, CLIP_STD, ModelConfig
+from .random_tokenizer import write_processor_configs, write_tokenizer
+
+# The model's modules are imported where used: this module imports without MLX.
 
 SIGLIP = {"model_name": "siglip_large_patch16_384", "image_size": 384, "select_feature": "same",
           "select_layer": -1}
@@ -39,11 +37,11 @@ TINY_LLM = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 
             "num_key_value_heads": 4, "num_hidden_layers": 2}
 
 
-def clip_tower(siglip: Dict) -> Dict:
+def clip_tower(siglip: dict) -> dict:
     return {"cls": "CLIPVisionTower", "model_type": "vision", "params": siglip}
 
 
-def hybrid_tower(sam: Dict, siglip: Dict, out_dim: int) -> Dict:
+def hybrid_tower(sam: dict, siglip: dict, out_dim: int) -> dict:
     high = {**sam, "output_dim": out_dim, "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)}
     low = {**siglip, "output_dim": out_dim, "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3}
     return {"cls": "HybridVisionTower", "model_type": "vision",
@@ -51,12 +49,12 @@ def hybrid_tower(sam: Dict, siglip: Dict, out_dim: int) -> Dict:
                        "high_res_cfg": high, "low_res_cfg": low}}
 
 
-def aligner(kind: str, input_dim: int, n_embed: int) -> Dict:
+def aligner(kind: str, input_dim: int, n_embed: int) -> dict:
     return {"cls": "MlpProjector", "model_type": "aligner",
             "params": {"depth": 2, "input_dim": input_dim, "n_embed": n_embed, "projector_type": kind}}
 
 
-def llm(**fields) -> Dict:
+def llm(**fields) -> dict:
     return {"model_type": "llama", "max_position_embeddings": 16384, "vocab_size": 102400,
             "torch_dtype": "float16", **fields}
 
@@ -94,12 +92,12 @@ ARCHS = {
 }
 
 
-def checkpoint_shapes(config: Dict) -> Dict[str, Tuple[int, ...]]:
+def checkpoint_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor of the original checkpoint, with its PyTorch shape, in key order."""
     from mlx.utils import tree_flatten
 
-    from ..model_folder import CONV_SUFFIXES
-    from ..models.deepseek_vl import DeepseekVL
+    from .model_folder import CONV_SUFFIXES
+    from .models.deepseek_vl import DeepseekVL
 
     cfg = ModelConfig.from_dict(config)
     model = DeepseekVL(cfg)  # MLX arrays are lazy: building the 7B allocates nothing
@@ -135,7 +133,7 @@ def tensor_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def random_tensor(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -> np.ndarray:
+def random_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Random values at a scale that keeps activations sane, never zero tables."""
     if name.endswith("inv_freq"):
         return (1.0 / 10000 ** (np.arange(0, 2 * shape[0], 2) / (2 * shape[0]))).astype(np.float32)
@@ -158,10 +156,7 @@ def random_tensor(rng: np.random.Generator, name: str, shape: Tuple[int, ...]) -
 def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None = None,
                     shard_gb: float = 5.0, force: bool = False, verbose: bool = False) -> Path:
     """Write a random checkpoint of ``arch`` to ``out`` (via a temporary folder + rename)."""
-    from safetensors.numpy import save_file
-
-    from ..model_folder import plan_shards, shard_names  # (imports MLX: not at module level)
-    from .tokenizer import write_processor_configs, write_tokenizer
+    from .model_folder import plan_shards, shard_names
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
@@ -226,9 +221,8 @@ def make_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype: str | None
 
 
 def with_language_config(src: str | Path, out: str | Path, **fields) -> Path:
-    """A copy of checkpoint ``src`` at ``out`` whose ``language_config`` has ``fields`` changed
-    (e.g. 2 attention heads of 32 for a tiny model: KV-cache quantization groups of 32 must divide
-    the head size).  Fields that reshape no tensor only."""
+    """A copy of ``src`` with ``language_config`` fields changed that reshape no tensor (e.g. heads
+    of 32 for a tiny model: KV-cache quantization groups must divide the head size)."""
     out = Path(out)
     shutil.copytree(src, out)
     config = json.loads((out / "config.json").read_text())
@@ -238,12 +232,7 @@ def with_language_config(src: str | Path, out: str | Path, **fields) -> Path:
 
 
 def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) -> Path:
-    """A random checkpoint of ``arch`` made once and kept (benchmarks reuse it across runs).
-
-    Location: ``$MLX_DSVL_CACHE`` or ``~/.cache/mlx_dsvl``, under ``checkpoints/{arch}-seed{seed}``.
-    """
-    import os
-
+    """A random checkpoint made once under ``$MLX_DSVL_CACHE`` or ``~/.cache/mlx_dsvl``."""
     root = Path(root or os.environ.get("MLX_DSVL_CACHE") or Path.home() / ".cache" / "mlx_dsvl")
     out = root / "checkpoints" / f"{arch}-seed{seed}"
     if not (out / "config.json").exists():
@@ -257,7 +246,7 @@ def cached_checkpoint(arch: str, seed: int = 0, root: str | Path | None = None) 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m mlx_dsvl.testing.make_checkpoint",
+    p = argparse.ArgumentParser(prog="python -m mlx_dsvl.random_checkpoint",
                                 description="Write a random DeepSeek-VL checkpoint in the original layout.")
     p.add_argument("--arch", required=True, choices=sorted(ARCHS))
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")

@@ -1,0 +1,72 @@
+"""The model options the entry points share (``--model``, ``--dtype``, ``--device``, ...) and
+:func:`load_from_args`.
+
+This module imports no MLX: entry points import it at the top and build their parsers after
+:func:`mlx_dsvl.blas.ensure_fast_blas`, which may re-execute the process first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models.deepseek_vl import DeepseekVL
+    from .processing.chat import ChatProcessor
+
+DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
+
+
+def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each option's flag and ``add_argument`` keywords, with its choices from its own module."""
+    # (these import MLX: called when a parser is built, after the BLAS re-execution)
+    from .device import DEVICES
+    from .loading import DTYPES
+    from .mlx_format import QUANT_BITS
+    from .streaming import KV_BITS, KV_GROUP_SIZES
+
+    return {
+        "model": ("--model", dict(default=DEFAULT_MODEL,
+                                  help=f"local model folder or Hugging Face hub id (default: {DEFAULT_MODEL})")),
+        "dtype": ("--dtype", dict(choices=list(DTYPES), default=None,
+                                  help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")),
+        "adapter": ("--adapter", dict(
+            default=None,
+            help="a training output folder (python -m mlx_dsvl.train): its adapters/weights are applied")),
+        "device": ("--device", dict(choices=list(DEVICES), default="auto",
+                                    help="auto = the GPU when MLX has one (Metal/CUDA), else the CPU (default: auto)")),
+        "quantize": ("--quantize", dict(
+            type=int, choices=QUANT_BITS, default=None,
+            help="quantize the LLM to 4 or 8 bits (groups of 64) while loading: the unquantized LLM is "
+                 "never held in memory (a folder from python -m mlx_dsvl.convert --quantize loads "
+                 "quantized as it is)")),
+        "kv_bits": ("--kv-bits", dict(type=int, choices=KV_BITS, default=None,
+                                      help="keep the KV cache quantized to 4 or 8 bits (default: not quantized)")),
+        "kv_group_size": ("--kv-group-size", dict(
+            type=int, choices=KV_GROUP_SIZES, default=64,
+            help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")),
+        "quantized_kv_start": ("--quantized-kv-start", dict(
+            type=int, default=0, help="quantize the KV cache once it holds this many tokens (default: 0)")),
+        "max_context": ("--max-context", dict(
+            type=int, default=4096,
+            help="context limit in tokens; older turns are dropped beyond it (default: 4096)")),
+    }
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *options: str, **changes: dict[str, Any]) -> None:
+    """Add the named ``options``; ``changes`` update their keywords (``model={"default": None}``)."""
+    arguments = _arguments()
+    bad = sorted(set(options) - set(arguments) | set(changes) - set(options))
+    if bad:
+        raise ValueError(f"no model option {bad} to add or change; the options: {list(arguments)}")
+    for name in options:
+        flag, keywords = arguments[name]
+        parser.add_argument(flag, **{**keywords, **changes.get(name, {})})
+
+
+def load_from_args(args: argparse.Namespace, model: str | None = None) -> tuple[DeepseekVL, ChatProcessor]:
+    """:func:`mlx_dsvl.load` with the flags an entry point has; the caller selects the device first."""
+    from .loading import load  # (imports MLX)
+
+    return load(model or args.model, dtype=getattr(args, "dtype", None),
+                quantize=getattr(args, "quantize", None), adapter_path=getattr(args, "adapter", None))
