@@ -21,12 +21,14 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..caches import image_key
 from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
+from .metrics import CountResponses, app_registry
 from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
 from .schema import (
     APIError,
@@ -140,6 +142,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
     if config.origins:  # outside the guard: it answers the allowed pages' preflights
         app.add_middleware(CORSMiddleware, allow_origins=list(config.origins),
                            allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+    registry, responses = app_registry(scheduler)
     prompts = PromptBuilder(processor, config.max_context)
     names = (config.model_name, *config.model_aliases)
 
@@ -171,6 +174,10 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
     @app.get("/stats")
     async def stats():
         return scheduler.stats()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -205,6 +212,8 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
             scheduler.cancel(job.id)
             raise
 
+    # outside the door: its refusals are counted too
+    app.add_middleware(CountResponses, counter=responses, paths=[r.path for r in app.routes])
     return app
 
 
