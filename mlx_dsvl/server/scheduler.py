@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
+from ..grammar import Grammar
 from ..streaming import Batch, Output, Row, prefill, range_embeddings
 from .schema import SamplingParams
 
@@ -39,6 +40,7 @@ class Job:
     pixels: dict[str, np.ndarray]  # content hash -> [3, S, S] float32
     sampling: SamplingParams  # max_tokens already within the context
     emit: Callable[[Any], None]  # thread-safe sink for the events below
+    grammar: Grammar | None = None  # the response format's, compiled (structured output)
 
 
 @dataclass
@@ -249,7 +251,7 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
-                        tag=Slot(job, key, cached))
+                        tag=Slot(job, key, cached), grammar=job.grammar)
         self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
