@@ -26,6 +26,7 @@ from mlx_lm.models.llama import Model as LanguageModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from .batch_cache import merge_row
+from .grammar import Constraint, Grammar
 from .models.deepseek_vl import DeepseekVL, lm_head
 from .processing.chat import ChatProcessor
 from .processing.image_tokens import ImageTokens
@@ -194,30 +195,38 @@ class Row:
     tag: Any = None
     sampler: Callable = None
     processors: list = None
+    constraint: Constraint | None = None  # a grammar the reply follows (structured output)
     y: mx.array | None = None  # the token sampled last, not read yet [1]
+    pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
     @classmethod
     def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
               max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
-              tag: Any = None) -> Row:
+              tag: Any = None, grammar: Grammar | None = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
-        (default ``options.max_tokens``) may be cut to the context."""
+        (default ``options.max_tokens``) may be cut to the context.  With ``grammar`` the reply
+        follows it and ends when it is complete; the template's ``User:`` stop is then left out
+        (the grammar ends the reply, and the text may hold ``User:``), ``stops`` still apply."""
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
                    context=mx.array(np.asarray(prompt_tail, dtype=np.int32)[-PROCESSOR_CONTEXT:]),
-                   detok=make_detokenizer(processor), stop=StopStringFilter(STOP_STRINGS + tuple(stops)),
+                   detok=make_detokenizer(processor),
+                   stop=StopStringFilter((STOP_STRINGS if grammar is None else ()) + tuple(stops)),
                    ignore_eos=ignore_eos, tag=tag, sampler=options.make_sampler(),
-                   processors=options.make_logits_processors())
+                   processors=options.make_logits_processors(),
+                   constraint=None if grammar is None else grammar.constraint())
 
     @property
     def greedy(self) -> bool:
-        return self.options.temperature == 0 and not self.processors
+        return self.options.temperature == 0 and not self.processors and self.constraint is None
 
     def sample(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> [1] token, with this row's processors and sampler."""
+        """[1, vocab] logits -> [1] token, with this row's processors, grammar mask and sampler."""
         for p in self.processors:
             logits = p(self.context, logits)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
 
 
@@ -275,6 +284,10 @@ class Batch:
         tokens = mx.concatenate([r.y for r in rows]).tolist()
         outs = [self._advance(r, t) for r, t in zip(rows, tokens)]
         self.remove([r for r in self.rows if r.finish_reason], finished=True)
+        constrained = [r for r in self.rows if r.constraint is not None]
+        for r in constrained:  # the grammar has its token now: the next one's mask is known
+            r.next, r.pending = r.sample(r.pending), None
+        mx.async_eval([r.next for r in constrained])
         for r in self.rows:
             r.y = r.next
         return outs
@@ -298,7 +311,8 @@ class Batch:
                 c.filter(keep)
 
     def _forward(self, rows: list[Row]) -> None:
-        """Feed each row's pending token; each row's next token (``row.next``), lazily."""
+        """Feed each row's pending token; each row's next token (``row.next``), lazily, or for a
+        constrained row its logits (``row.pending``: sampled once the grammar has the token)."""
         if not self.batched:
             quantize_cache(self.cache, self.kv)
         inputs = mx.concatenate([r.y for r in rows])[:, None]  # [B, 1]
@@ -311,18 +325,24 @@ class Batch:
             for b, r in enumerate(rows):
                 if r.processors:
                     r.context = mx.concatenate([r.context, r.y])[-PROCESSOR_CONTEXT:]
-                r.next = r.sample(logits[b:b + 1])
-        mx.async_eval([r.next for r in rows])
+                if r.constraint is None:
+                    r.next = r.sample(logits[b:b + 1])
+                else:
+                    r.pending = logits[b:b + 1]
+        mx.async_eval([r.next if r.constraint is None else r.pending for r in rows])
 
     def _advance(self, r: Row, token: int) -> Output:
         r.generated.append(token)
+        if r.constraint is not None:
+            r.constraint.advance(token)
         text, reason = "", None
-        if token == self.eos and not r.ignore_eos:
+        if token == self.eos and (not r.ignore_eos or r.constraint is not None):
             reason = "stop"
         else:
             r.detok.add_token(token)
             text = r.stop.push(r.detok.last_segment)
-            reason = "stop" if r.stop.stopped else "length" if len(r.generated) >= r.max_tokens else None
+            done = r.stop.stopped or (r.constraint is not None and r.constraint.done)
+            reason = "stop" if done else "length" if len(r.generated) >= r.max_tokens else None
         out = Output(r, token, text, reason)
         if reason is not None:
             r.finish_reason = reason

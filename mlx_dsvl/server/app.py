@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..caches import image_key
+from ..grammar import Grammar, ResponseFormatError, compile_format
 from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
 from .metrics import CountResponses, app_registry
@@ -101,6 +102,14 @@ class PromptBuilder:
                                 f"{self.max_context} tokens (--max-context)", param="messages",
                            code="context_length_exceeded")
         return Prepared(ids, keys, dict(zip(keys, pixels)))
+
+
+def _compile_format(processor: ChatProcessor, response_format) -> Grammar | None:
+    """The request's compiled response format; a 400 naming what cannot be followed."""
+    try:
+        return compile_format(processor, response_format)
+    except ResponseFormatError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_response_format") from None
 
 
 def _not_json(name: str):
@@ -190,6 +199,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{config.model_name!r}", param="model", code="model_not_found")
         sampling = SamplingParams.from_request(req, config.defaults)
+        grammar = await run_in_threadpool(_compile_format, processor, req.response_format)
         conversation, urls = to_conversation(req.messages, processor.image_tag)
         prompts.check_image_count(len(urls))
         blobs = [(await config.images.fetch(url, param), param) for url, param in urls]
@@ -200,7 +210,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(id=f"chatcmpl-{uuid.uuid4().hex}", ids=prepared.ids,
-                  image_keys=prepared.image_keys, pixels=prepared.pixels, sampling=sampling,
+                  image_keys=prepared.image_keys, pixels=prepared.pixels, sampling=sampling, grammar=grammar,
                   emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         try:
             scheduler.submit(job)

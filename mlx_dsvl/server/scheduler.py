@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
+from ..grammar import Grammar
 from ..streaming import Batch, Output, Row, prefill, range_embeddings
 from .metrics import EngineMetrics
 from .schema import SamplingParams
@@ -41,6 +42,7 @@ class Job:
     pixels: dict[str, np.ndarray]  # content hash -> [3, S, S] float32
     sampling: SamplingParams  # max_tokens already within the context
     emit: Callable[[Any], None]  # thread-safe sink for the events below
+    grammar: Grammar | None = None  # the response format's, compiled (structured output)
     submitted: float = field(default_factory=time.monotonic)  # handed to the scheduler
 
 
@@ -260,7 +262,7 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
-                        tag=Slot(job, key, cached))
+                        tag=Slot(job, key, cached), grammar=job.grammar)
         self.batch.add(row, kv, logits)
 
     def _count_cache_use(self, job: Job, cached: int) -> None:

@@ -1,7 +1,7 @@
 """OpenAI chat-completions shapes: the request model, its checks, and the response bodies.
 
 Whatever would change the answer and that this server does not do (``n > 1``, tools,
-log-probabilities, JSON mode, ...) is refused with a 400 naming the field, never ignored.
+log-probabilities, ...) is refused with a 400 naming the field, never ignored.
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ class ChatCompletionRequest(_Model):
     min_p: StrictFloat | None = None
     ignore_eos: StrictBool = False  # extension (vLLM): fixed-length replies for benchmarks
     user: str | None = None
+    response_format: Any | None = None  # checked and compiled by mlx_dsvl.grammar
     # Fields that change the answer; accepted only at their neutral values (see UNSUPPORTED).
     n: StrictInt | None = None
     tools: Any | None = None
@@ -94,7 +95,6 @@ class ChatCompletionRequest(_Model):
     function_call: Any | None = None
     logprobs: StrictBool | None = None
     top_logprobs: StrictInt | None = None
-    response_format: Any | None = None
     logit_bias: Any | None = None
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
@@ -103,11 +103,6 @@ class ChatCompletionRequest(_Model):
     prediction: Any | None = None
     reasoning_effort: Any | None = None
     web_search_options: Any | None = None
-
-
-def _text_format(v) -> bool:
-    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", v)
-    return kind == "text"
 
 
 # field -> (is the value neutral?, what to say)
@@ -119,7 +114,6 @@ UNSUPPORTED = {
     "function_call": (lambda v: v == "none", "function calling is not supported"),
     "logprobs": (lambda v: not v, "logprobs are not supported"),
     "top_logprobs": (lambda v: not v, "logprobs are not supported"),
-    "response_format": (_text_format, "only response_format type 'text' is supported"),
     "logit_bias": (lambda v: not v, "logit_bias is not supported"),
     "presence_penalty": (lambda v: v == 0, "presence_penalty is not supported (use repetition_penalty)"),
     "frequency_penalty": (lambda v: v == 0, "frequency_penalty is not supported (use repetition_penalty)"),
