@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.llama import Model as LanguageModel
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 from .batch_cache import merge_row
 from .models.deepseek_vl import DeepseekVL, lm_head
@@ -32,6 +32,8 @@ from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, SamplingOptions
 
 STOP_STRINGS = ("User:",)
+SUM_BLOCK = 256  # terms a log-softmax adds up at once (log_softmax)
+MAX_TOP_LOGPROBS = 20  # alternatives a row may ask for at each step (OpenAI's limit)
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -65,6 +67,13 @@ def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
     detok.tokenmap = base.tokenmap
     detok.reset()
     return detok
+
+
+def token_bytes(detok: BPEStreamingDetokenizer, token: int) -> bytes:
+    """A token's own bytes (maybe part of a UTF-8 character): its byte-level BPE piece decoded;
+    a special token's characters as UTF-8."""
+    piece, decoder = detok.tokenmap[token] if token < len(detok.tokenmap) else "", _byte_decoder()
+    return b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in piece)
 
 
 class StopStringFilter:
@@ -194,31 +203,85 @@ class Row:
     tag: Any = None
     sampler: Callable = None
     processors: list = None
+    logprobs: int | None = None  # None: no log-probabilities; k: them and the k likeliest tokens'
     y: mx.array | None = None  # the token sampled last, not read yet [1]
+    y_logprobs: tuple | None = None  # its log-probabilities, not read yet (token_logprobs)
+    next: mx.array | None = None  # the token after it, being computed
+    next_logprobs: tuple | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
     @classmethod
     def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
               max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
-              tag: Any = None) -> Row:
+              tag: Any = None, logprobs: int | None = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
-        (default ``options.max_tokens``) may be cut to the context."""
+        (default ``options.max_tokens``) may be cut to the context; ``logprobs``: each token's
+        log-probability and the ``logprobs`` likeliest alternatives' come on its Output."""
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
                    context=mx.array(np.asarray(prompt_tail, dtype=np.int32)[-PROCESSOR_CONTEXT:]),
                    detok=make_detokenizer(processor), stop=StopStringFilter(STOP_STRINGS + tuple(stops)),
                    ignore_eos=ignore_eos, tag=tag, sampler=options.make_sampler(),
-                   processors=options.make_logits_processors())
+                   processors=options.make_logits_processors(), logprobs=logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.options.temperature == 0 and not self.processors
 
-    def sample(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> [1] token, with this row's processors and sampler."""
+    def scores(self, logits: mx.array) -> mx.array:
+        """[1, vocab] logits -> the log-probabilities the sampler sees: after this row's
+        processors (whatever changes them belongs here, so that logprobs follow)."""
         for p in self.processors:
             logits = p(self.context, logits)
-        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        return log_softmax(logits)
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """[n, vocab] -> log-probabilities, to float32's precision: the exponentials summed in blocks
+    of :data:`SUM_BLOCK`, then the blocks' sums (MLX's CPU ``sum`` and ``logsumexp`` of a whole
+    vocabulary drift, up to 1e-3 over 100k tokens)."""
+    shifted = logits - mx.max(logits, axis=-1, keepdims=True)
+    p = mx.exp(shifted)
+    p = mx.pad(p, [(0, 0), (0, -p.shape[-1] % SUM_BLOCK)]).reshape(p.shape[0], -1, SUM_BLOCK)
+    return shifted - mx.log(mx.sum(mx.sum(p, axis=-1), axis=-1, keepdims=True))
+
+
+def token_logprobs(scores: mx.array, tokens: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Log-probabilities [n, vocab] and the tokens chosen from them [n] -> each chosen token's
+    log-probability [n], the ``k`` likeliest tokens [n, k] and theirs [n, k], likeliest first
+    (lazy; one partial sort for the n rows)."""
+    chosen = mx.take_along_axis(scores, tokens[:, None], axis=-1)[:, 0]
+    k = min(k, scores.shape[-1])
+    if k == 0:
+        return chosen, mx.zeros((scores.shape[0], 0), mx.uint32), mx.zeros((scores.shape[0], 0))
+    top = mx.argpartition(-scores, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(scores, top, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    return chosen, mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+
+
+def attach_logprobs(rows: Sequence[Row], scores: Sequence[mx.array]) -> None:
+    """Each row's pending log-probabilities (``row.next_logprobs``) from what its sampler saw
+    ([1, vocab] each) and its chosen ``row.next``, computed together."""
+    chosen, top, values = token_logprobs(mx.concatenate(list(scores)), mx.concatenate([r.next for r in rows]),
+                                         max(r.logprobs for r in rows))
+    for i, r in enumerate(rows):
+        r.next_logprobs = (chosen[i], top[i, :r.logprobs], values[i, :r.logprobs])
+
+
+@dataclass
+class TokenLogprobs:
+    """A sampled token's log-probability and the likeliest tokens' ``(token, logprob)``, likeliest first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def read(cls, pending: tuple[mx.array, mx.array, mx.array]) -> TokenLogprobs:
+        chosen, top, values = pending
+        return cls(chosen.item(), list(zip(top.tolist(), values.tolist())))
 
 
 @dataclass
@@ -231,6 +294,7 @@ class Output:
     text: str
     finish_reason: str | None = None
     tail: str = ""
+    logprobs: TokenLogprobs | None = None  # when the row asks for them
 
 
 class Batch:
@@ -253,8 +317,12 @@ class Batch:
         row's first token is sampled from them (computed in the background) and the row joins."""
         if not self.batched and self.rows:
             raise ValueError("an unbatched Batch decodes one row")
-        row.y = row.sample(logits)
-        mx.async_eval(row.y)
+        scores = row.scores(logits)
+        row.next = row.sampler(scores)
+        if row.logprobs is not None:
+            attach_logprobs([row], [scores])
+        row.y, row.y_logprobs = row.next, row.next_logprobs
+        mx.async_eval(row.y, row.y_logprobs or ())
         if not self.batched:
             self.cache = cache
         elif self.cache is None:
@@ -276,7 +344,7 @@ class Batch:
         outs = [self._advance(r, t) for r, t in zip(rows, tokens)]
         self.remove([r for r in self.rows if r.finish_reason], finished=True)
         for r in self.rows:
-            r.y = r.next
+            r.y, r.y_logprobs = r.next, r.next_logprobs
         return outs
 
     def remove(self, rows: Sequence[Row], finished: bool = False) -> None:
@@ -303,16 +371,25 @@ class Batch:
             quantize_cache(self.cache, self.kv)
         inputs = mx.concatenate([r.y for r in rows])[:, None]  # [B, 1]
         logits = lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :])  # [B, vocab]
+        asked = [b for b, r in enumerate(rows) if r.logprobs is not None]
         if all(r.greedy for r in rows):
             nxt = mx.argmax(logits, axis=-1)
             for b, r in enumerate(rows):
                 r.next = nxt[b:b + 1]
+            if asked:  # what greedy rows' argmax sees: no processors
+                scores = [log_softmax(logits[mx.array(asked)])]
         else:
+            scores = []
             for b, r in enumerate(rows):
                 if r.processors:
                     r.context = mx.concatenate([r.context, r.y])[-PROCESSOR_CONTEXT:]
-                r.next = r.sample(logits[b:b + 1])
-        mx.async_eval([r.next for r in rows])
+                s = r.scores(logits[b:b + 1])
+                r.next = r.sampler(s)
+                if r.logprobs is not None:
+                    scores.append(s)
+        if asked:
+            attach_logprobs([rows[b] for b in asked], scores)
+        mx.async_eval([r.next for r in rows], [r.next_logprobs for r in rows if r.logprobs is not None])
 
     def _advance(self, r: Row, token: int) -> Output:
         r.generated.append(token)
@@ -323,7 +400,8 @@ class Batch:
             r.detok.add_token(token)
             text = r.stop.push(r.detok.last_segment)
             reason = "stop" if r.stop.stopped else "length" if len(r.generated) >= r.max_tokens else None
-        out = Output(r, token, text, reason)
+        out = Output(r, token, text, reason,
+                     logprobs=None if r.y_logprobs is None else TokenLogprobs.read(r.y_logprobs))
         if reason is not None:
             r.finish_reason = reason
             r.detok.finalize()
