@@ -15,15 +15,15 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
-from ..streaming import Batch, Output, Row, prefill, range_embeddings
-from .schema import SamplingParams
+from ..streaming import Batch, Output, Row, prefill, range_embeddings, token_bytes
+from .schema import SamplingParams, token_logprob
 
 if TYPE_CHECKING:
     from ..models.deepseek_vl import DeepseekVL
@@ -49,6 +49,7 @@ class Started:
 @dataclass
 class Delta:
     text: str
+    logprobs: list[dict] = field(default_factory=list)  # entries of OpenAI's logprobs.content
 
 
 @dataclass
@@ -249,7 +250,7 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
-                        tag=Slot(job, key, cached))
+                        tag=Slot(job, key, cached), logprobs=s.top_logprobs)
         self.batch.add(row, kv, logits)
 
     def embeddings(self, job: Job, start: int, end: int):
@@ -282,8 +283,10 @@ class Scheduler:
 
     def _deliver(self, out: Output) -> None:
         slot, text = out.row.tag, out.text + out.tail
-        if text:
-            self._emit(slot.job, Delta(text))
+        listed = out.logprobs is not None and (out.token != self.eos or out.row.ignore_eos)  # not EOS
+        logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t), out.token)] if listed else []
+        if text or logprobs:
+            self._emit(slot.job, Delta(text, logprobs))
         if out.finish_reason is not None:
             self._emit(slot.job, Finished(out.finish_reason, len(slot.job.ids), len(out.row.generated),
                                           slot.cached))
