@@ -141,16 +141,19 @@ class ChatSession:
             )
         return ids
 
-    def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None,
-             **options) -> Iterator[GenerationChunk]:
+    def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None, *,
+             logprobs: int | None = None, **options) -> Iterator[GenerationChunk]:
         """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply;
-        ``options`` change fields of ``sampling`` (default :data:`~mlx_dsvl.sampling.DEFAULTS`)."""
+        ``options`` change fields of ``sampling`` (default :data:`~mlx_dsvl.sampling.DEFAULTS`);
+        ``logprobs`` (0-20 alternatives): each chunk's tokens' log-probabilities (``chunk.logprobs``)."""
         with FirstUseNotice(self.on_slow_start) as notice:
-            for chunk in self._send(text, images, (sampling or DEFAULTS).with_(**options)):
+            for chunk in self._send(text, images, (sampling or DEFAULTS).with_(**options),
+                                    logprobs=logprobs):
                 notice.done()
                 yield chunk
 
-    def _send(self, text: str, images: Sequence, opts: SamplingOptions) -> Iterator[GenerationChunk]:
+    def _send(self, text: str, images: Sequence, opts: SamplingOptions, *,
+              logprobs: int | None = None) -> Iterator[GenerationChunk]:
         tic = time.perf_counter()
         n_tags = text.count(self.processor.image_tag)
         if n_tags != len(images):
@@ -173,7 +176,7 @@ class ChatSession:
         reply: list[str] = []
         got = False
         try:
-            for chunk in self._run(ids, opts, max_tokens, tic):
+            for chunk in self._run(ids, opts, max_tokens, tic, logprobs=logprobs):
                 got = True
                 reply.append(chunk.text)
                 if chunk.finish_reason == "length" and max_tokens < opts.max_tokens:
@@ -214,10 +217,10 @@ class ChatSession:
                  new_tokens=len(ids) - keep)
         return keys, keep, embeds
 
-    def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int,
-             start_time: float) -> Iterator[GenerationChunk]:
+    def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int, start_time: float, *,
+             logprobs: int | None = None) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
-        row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens)
+        row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens, logprobs=logprobs)
         try:
             yield from stream_tokens(self.model.language_model, self.processor, mx.array(ids[keep:]),
                                      lambda s, e: embeds[s:e], self.cache, row=row,

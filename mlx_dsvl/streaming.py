@@ -53,6 +53,8 @@ class GenerationChunk:
     # on the last chunk: "stop" (EOS or a stop string), "length" (max_tokens reached) or
     # "context" (a ChatSession's max_context reached first)
     finish_reason: str | None = None
+    # when asked for: the tokens whose text this chunk holds (TokenLogprobs; EOS not listed)
+    logprobs: list | None = None
 
 
 def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
@@ -273,15 +275,16 @@ def attach_logprobs(rows: Sequence[Row], scores: Sequence[mx.array]) -> None:
 
 @dataclass
 class TokenLogprobs:
-    """A sampled token's log-probability and the likeliest tokens' ``(token, logprob)``, likeliest first."""
+    """A sampled token, its log-probability and the likeliest tokens' ``(token, logprob)``, likeliest first."""
 
+    token: int
     logprob: float
     top: list[tuple[int, float]]
 
     @classmethod
-    def read(cls, pending: tuple[mx.array, mx.array, mx.array]) -> TokenLogprobs:
+    def read(cls, token: int, pending: tuple[mx.array, mx.array, mx.array]) -> TokenLogprobs:
         chosen, top, values = pending
-        return cls(chosen.item(), list(zip(top.tolist(), values.tolist())))
+        return cls(token, chosen.item(), list(zip(top.tolist(), values.tolist())))
 
 
 @dataclass
@@ -401,7 +404,7 @@ class Batch:
             text = r.stop.push(r.detok.last_segment)
             reason = "stop" if r.stop.stopped else "length" if len(r.generated) >= r.max_tokens else None
         out = Output(r, token, text, reason,
-                     logprobs=None if r.y_logprobs is None else TokenLogprobs.read(r.y_logprobs))
+                     logprobs=None if r.y_logprobs is None else TokenLogprobs.read(token, r.y_logprobs))
         if reason is not None:
             r.finish_reason = reason
             r.detok.finalize()
@@ -424,14 +427,17 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
     tic = time.perf_counter() if start_time is None else start_time
     ttft = prompt_tps = 0.0
     n = 0
+    held: list[TokenLogprobs] = []  # tokens whose text is not out yet
 
     def chunk(text, token, reason=None):
+        nonlocal held
         gen_time = time.perf_counter() - tic - ttft
+        listed, held = (held if row.logprobs is not None else None), []
         return GenerationChunk(
             text=text, token=token, prompt_tokens=n_prompt, prompt_tps=prompt_tps,
             time_to_first_token=ttft, generation_tokens=n,
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason, logprobs=listed,
         )
 
     t0 = time.perf_counter()
@@ -451,6 +457,8 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
             ttft = time.perf_counter() - tic
             prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
         n += 1
+        if out.logprobs is not None and (out.token != batch.eos or row.ignore_eos):
+            held.append(out.logprobs)
         if out.text:
             yield chunk(out.text, out.token)
     yield chunk(out.tail, None, row.finish_reason)

@@ -56,8 +56,10 @@ def prompt_ids(local, messages) -> list[int]:
     return processor.tokenize(processor.format(messages)).tolist()
 
 
-def expected(local, ids: list[int], steps: int, penalty: float = 1.0) -> list[tuple[int, np.ndarray]]:
-    """Greedy decoding from scratch: ``(token, log-probabilities over the vocabulary)`` per step."""
+def expected(local, ids: list[int], steps: int, penalty: float = 1.0,
+             follow: list[int] | None = None) -> list[tuple[int, np.ndarray]]:
+    """Greedy decoding from scratch (or along the tokens ``follow``): ``(token, log-probabilities
+    over the vocabulary)`` per step."""
     model, processor = local
     seq, out = list(ids), []
     for _ in range(steps):
@@ -65,7 +67,7 @@ def expected(local, ids: list[int], steps: int, penalty: float = 1.0) -> list[tu
         for t in set(seq[-WINDOW:]):  # mlx-lm: negative logits times the penalty, others divided
             logits[t] = logits[t] * penalty if logits[t] < 0 else logits[t] / penalty
         logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
-        token = int(np.argmax(logprobs))
+        token = int(np.argmax(logprobs)) if follow is None else follow[len(out)]
         if token == processor.tokenizer.eos_token_id:
             break
         out.append((token, logprobs))
@@ -106,23 +108,46 @@ def decode(local, rows: list[tuple[str, object, int | None]], max_tokens: int = 
 
 @pytest.mark.parametrize("penalised", [False, True], ids=["all greedy", "one row penalised"])
 def test_engine_rows_that_ask_get_the_log_softmax_the_sampler_saw(local, penalised):
-    """A batch of rows asking for 3, none and 0 alternatives (with a penalised row, each row is
-    sampled on its own; without, one argmax for all): each asking row's values are its own."""
+    """A batch of rows asking for 3, none and 0 alternatives (with a penalised row, and a sampled
+    one, each row is sampled on its own; without, one argmax for all): each asking row's values
+    are its own, before temperature (a sampled row's along the tokens it drew)."""
     rows = [("Tell me a story.", GREEDY, 3), ("What is the weather like today?", GREEDY, None),
             ("Name three colours.", GREEDY.with_(repetition_penalty=1.3 if penalised else 1.0), 0)]
+    if penalised:
+        rows.append(("Count to ten.", GREEDY.with_(temperature=1.5, seed=7), 4))
     outs = decode(local, rows)
     for i, (text, options, k) in enumerate(rows):
-        want = expected(local, prompt_ids(local, [{"role": "user", "content": text}]), 6,
-                        options.repetition_penalty)
         got = [o for o in outs[i] if o.token != local[1].tokenizer.eos_token_id]
+        drawn = [o.token for o in got] if options.temperature else None
+        want = expected(local, prompt_ids(local, [{"role": "user", "content": text}]), len(got) if drawn else 6,
+                        options.repetition_penalty, follow=drawn)
         assert [o.token for o in got] == [t for t, _ in want]
         for o, (token, logprobs) in zip(got, want):
             if k is None:
                 assert o.logprobs is None
                 continue
+            assert o.logprobs.token == token
             assert o.logprobs.logprob == pytest.approx(logprobs[token], abs=TOL)
-            assert [t for t, _ in o.logprobs.top][:1] == [token][:k]  # greedy: the likeliest
+            if not drawn:
+                assert [t for t, _ in o.logprobs.top][:1] == [token][:k]  # greedy: the likeliest
             check_top([v for _, v in o.logprobs.top], logprobs, k)
+
+
+def test_stream_generate_chunks_carry_their_tokens_logprobs(local):
+    """The Python API: ``logprobs=2``; each chunk lists the tokens whose text it holds."""
+    chunks = list(mlx_dsvl.stream_generate(*local, QUESTION, temperature=0.0, repetition_penalty=1.0,
+                                           max_tokens=6, logprobs=2))
+    listed = [lp for c in chunks for lp in c.logprobs]
+    want = expected(local, prompt_ids(local, QUESTION), 6)
+    assert [lp.token for lp in listed] == [t for t, _ in want]
+    for lp, (token, logprobs) in zip(listed, want):
+        assert lp.logprob == pytest.approx(logprobs[token], abs=TOL)
+        check_top([v for _, v in lp.top], logprobs, 2)
+    for c in chunks:
+        spelt = b"".join(token_bytes(local, lp.token) for lp in c.logprobs).decode("utf-8", "replace")
+        assert spelt.lstrip(" ") == c.text.lstrip(" ")
+    off = list(mlx_dsvl.stream_generate(*local, QUESTION, temperature=0.0, max_tokens=2))
+    assert all(c.logprobs is None for c in off)
 
 
 # -- the server -----------------------------------------------------------------------------------
@@ -141,8 +166,8 @@ def test_server_logprobs_equal_a_direct_forward_pass(server, local, penalty):
     want = expected(local, prompt_ids(local, QUESTION), 8, penalty)
     assert len(content) == len(want) == r.usage.completion_tokens
     if penalty != 1.0:  # the penalty changes the values looked for
-        unpenalised = expected(local, prompt_ids(local, QUESTION), 1)[0][1]
-        assert abs(unpenalised[want[0][0]] - want[0][1][want[0][0]]) > 1e-3
+        unpenalised = expected(local, prompt_ids(local, QUESTION), 8, follow=[t for t, _ in want])
+        assert max(abs(a[t] - b[t]).max() for (t, a), (_, b) in zip(want, unpenalised)) > 0.05
     for entry, (token, logprobs) in zip(content, want):
         assert bytes(entry.bytes) == token_bytes(local, token)
         assert entry.token == token_bytes(local, token).decode("utf-8", "replace")

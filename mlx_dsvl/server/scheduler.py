@@ -284,7 +284,7 @@ class Scheduler:
     def _deliver(self, out: Output) -> None:
         slot, text = out.row.tag, out.text + out.tail
         listed = out.logprobs is not None and (out.token != self.eos or out.row.ignore_eos)  # not EOS
-        logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t), out.token)] if listed else []
+        logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t))] if listed else []
         if text or logprobs:
             self._emit(slot.job, Delta(text, logprobs))
         if out.finish_reason is not None:

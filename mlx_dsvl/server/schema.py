@@ -299,9 +299,9 @@ def _token(piece: bytes, logprob: float) -> dict:
     return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
 
 
-def token_logprob(lp: TokenLogprobs, piece: Callable[[int], bytes], token: int) -> dict:
+def token_logprob(lp: TokenLogprobs, piece: Callable[[int], bytes]) -> dict:
     """One entry of OpenAI's ``logprobs.content``; ``piece``: a token's bytes."""
-    return {**_token(piece(token), lp.logprob), "top_logprobs": [_token(piece(t), v) for t, v in lp.top]}
+    return {**_token(piece(lp.token), lp.logprob), "top_logprobs": [_token(piece(t), v) for t, v in lp.top]}
 
 
 def logprobs_body(content: list[dict] | None) -> dict | None:
