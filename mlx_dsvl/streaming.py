@@ -9,7 +9,9 @@ samples each row's next token with its own sampler and logits processors
 computed while the last one's tokens are read (``mx.async_eval``, as mlx-lm's ``generate_step``).
 Rows stop on EOS, on ``User:`` (and a request's own stop strings, which never reach the output)
 and at their token budget; text comes out through mlx-lm's byte-level BPE streaming
-detokenizer (multi-byte characters split across tokens are held back until complete).
+detokenizer (multi-byte characters split across tokens are held back until complete).  A row
+may ask for its tokens' log-probabilities: those its sampler sees (:meth:`Row.scores`), for the
+rows that ask computed together.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class GenerationChunk:
     # "context" (a ChatSession's max_context reached first)
     finish_reason: str | None = None
     # when asked for: the tokens whose text this chunk holds (TokenLogprobs; EOS not listed)
-    logprobs: list | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
@@ -242,8 +244,8 @@ class Row:
 
 def log_softmax(logits: mx.array) -> mx.array:
     """[n, vocab] -> log-probabilities, to float32's precision: the exponentials summed in blocks
-    of :data:`SUM_BLOCK`, then the blocks' sums (MLX's CPU ``sum`` and ``logsumexp`` of a whole
-    vocabulary drift, up to 1e-3 over 100k tokens)."""
+    of :data:`SUM_BLOCK`, then the blocks' sums (MLX's CPU ``sum`` and ``logsumexp`` over a whole
+    vocabulary drift well past it; ``tests/test_logprobs.py`` checks against float64)."""
     shifted = logits - mx.max(logits, axis=-1, keepdims=True)
     p = mx.exp(shifted)
     p = mx.pad(p, [(0, 0), (0, -p.shape[-1] % SUM_BLOCK)]).reshape(p.shape[0], -1, SUM_BLOCK)
