@@ -385,7 +385,6 @@ ERROR_CASES = {
                           "messages[0].content"),
     "n=2": ({"messages": USER, "n": 2}, 400, "n"),
     "tools": ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    "logprobs": ({"messages": USER, "logprobs": True}, 400, "logprobs"),
     "json_schema without one": ({"messages": USER, "response_format": {"type": "json_schema"}}, 400,
                                 "response_format.json_schema"),
     "temperature < 0": ({"messages": USER, "temperature": -1}, 400, "temperature"),

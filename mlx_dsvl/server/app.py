@@ -217,7 +217,8 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
         except Busy as e:
             raise APIError(503, f"server busy: {e}", code="server_busy") from None
         try:
-            return await _respond(req, Events(queue, request, scheduler, job.id), req.model or config.model_name)
+            return await _respond(req, Events(queue, request, scheduler, job.id), req.model or config.model_name,
+                                  logprobs=bool(req.logprobs))
         except BaseException:  # an error, or the handler cancelled (shutdown): free the slot
             scheduler.cancel(job.id)
             raise
@@ -227,7 +228,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
     return app
 
 
-async def _respond(req, events: Events, model: str) -> Response:
+async def _respond(req, events: Events, model: str, logprobs: bool) -> Response:
     """Errors before admission are plain HTTP errors; then the reply is streamed or collected."""
     first = await events.next()
     if first is None:
@@ -236,26 +237,31 @@ async def _respond(req, events: Events, model: str) -> Response:
         raise APIError(first.status, first.message)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(events, model, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(events, model, include_usage, logprobs), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _collect(events, model)
+    return await _collect(events, model, logprobs)
 
 
-async def _stream(events: Events, model: str, include_usage: bool):
-    """OpenAI's chunks; Starlette cancels this generator when the client disconnects."""
+async def _stream(events: Events, model: str, include_usage: bool, logprobs: bool):
+    """OpenAI's chunks; Starlette cancels this generator when the client disconnects.  With
+    ``logprobs``, a chunk carries its tokens' (a token whose text is held back, with the next text)."""
     created, cid = int(time.time()), events.job_id
+    held: list[dict] = []
 
-    def chunk(delta, reason=None):
-        return _sse(chunk_body(cid, model, created, delta, reason, include_usage=include_usage))
+    def chunk(delta, reason=None, tokens=None):
+        return _sse(chunk_body(cid, model, created, delta, reason, include_usage=include_usage, logprobs=tokens))
 
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
             event = await events.queue.get()
             if isinstance(event, Delta):
-                yield chunk({"content": event.text})
+                held += event.logprobs
+                if event.text:
+                    yield chunk({"content": event.text}, tokens=held if logprobs else None)
+                    held = []
             elif isinstance(event, Finished):
-                yield chunk({}, event.finish_reason)
+                yield chunk({}, event.finish_reason, tokens=held if held else None)
                 if include_usage:
                     usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                     yield _sse(chunk_body(cid, model, created, None, usage=usage, include_usage=True))
@@ -268,17 +274,19 @@ async def _stream(events: Events, model: str, include_usage: bool):
         events.scheduler.cancel(cid)  # a no-op once finished
 
 
-async def _collect(events: Events, model: str) -> Response:
+async def _collect(events: Events, model: str, logprobs: bool) -> Response:
     pieces: list[str] = []
+    tokens: list[dict] = []
     while True:
         event = await events.next()
         if event is None:
             return Response(status_code=499)
         if isinstance(event, Delta):
             pieces.append(event.text)
+            tokens += event.logprobs
         elif isinstance(event, Failed):
             raise APIError(event.status, event.message)
         elif isinstance(event, Finished):
             usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            return JSONResponse(completion_body(events.job_id, model, "".join(pieces),
-                                                event.finish_reason, usage))
+            return JSONResponse(completion_body(events.job_id, model, "".join(pieces), event.finish_reason,
+                                                usage, logprobs=tokens if logprobs else None))

@@ -24,9 +24,9 @@ import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
 from ..grammar import Grammar
-from ..streaming import Batch, Output, Row, prefill, range_embeddings
+from ..streaming import Batch, Output, Row, prefill, range_embeddings, token_bytes
 from .metrics import EngineMetrics
-from .schema import SamplingParams
+from .schema import SamplingParams, token_logprob
 
 if TYPE_CHECKING:
     from ..models.deepseek_vl import DeepseekVL
@@ -54,6 +54,7 @@ class Started:
 @dataclass
 class Delta:
     text: str
+    logprobs: list[dict] = field(default_factory=list)  # entries of OpenAI's logprobs.content
 
 
 @dataclass
@@ -262,7 +263,7 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
-                        tag=Slot(job, key, cached), grammar=job.grammar)
+                        tag=Slot(job, key, cached), grammar=job.grammar, logprobs=s.top_logprobs)
         self.batch.add(row, kv, logits)
 
     def _count_cache_use(self, job: Job, cached: int) -> None:
@@ -306,8 +307,10 @@ class Scheduler:
     def _deliver(self, out: Output) -> None:
         slot, text = out.row.tag, out.text + out.tail
         slot.last = self.metrics.token(slot.job.submitted, slot.last)
-        if text:
-            self._emit(slot.job, Delta(text))
+        listed = out.logprobs is not None and (out.token != self.eos or out.row.ignore_eos)  # not EOS
+        logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t))] if listed else []
+        if text or logprobs:
+            self._emit(slot.job, Delta(text, logprobs))
         if out.finish_reason is not None:
             self._emit(slot.job, Finished(out.finish_reason, len(slot.job.ids), len(out.row.generated),
                                           slot.cached))
