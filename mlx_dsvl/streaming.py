@@ -16,6 +16,7 @@ rows that ask computed together.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -295,8 +296,8 @@ class TokenLogprobs:
 
     @classmethod
     def read(cls, token: int, pending: tuple[mx.array, mx.array, mx.array]) -> TokenLogprobs:
-        chosen, top, values = pending
-        return cls(token, chosen.item(), list(zip(top.tolist(), values.tolist())))
+        chosen, top, values = pending  # (alternatives a grammar bars, at -inf, are not listed)
+        return cls(token, chosen.item(), [(t, v) for t, v in zip(top.tolist(), values.tolist()) if v > -math.inf])
 
 
 @dataclass

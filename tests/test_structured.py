@@ -6,10 +6,12 @@ the API, the command line and the server (driven by the ``openai`` client)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 
 import mlx_dsvl
@@ -287,3 +289,21 @@ def test_server_refuses_a_bad_schema_before_decoding(server):
         err = r.json()["error"]
         assert err["param"] == "response_format.json_schema.schema" and 'Unimplemented keys: ["not"]' in err["message"]
         assert h.get("/stats").json()["requests"] == before  # never admitted
+
+
+def test_logprobs_are_those_of_the_masked_logits(family):
+    """A constrained reply's log-probabilities are read after the grammar mask: every listed
+    alternative is a token the grammar allowed at that step (a fresh matcher walked along the
+    reply says which), and the chosen token is among them."""
+    model, processor = family
+    chunks = list(mlx_dsvl.stream_generate(model, processor, CONV, temperature=1.0, seed=1, max_tokens=60,
+                                           response_format=PET_FORMAT, logprobs=5))
+    entries = [e for c in chunks for e in c.logprobs or ()]
+    assert entries
+    walk = compile_format(processor, PET_FORMAT).constraint()
+    for e in entries:
+        allowed = walk.apply(mx.zeros((1, model.language_model.args.vocab_size)))[0]
+        top = [t for t, _ in e.top]
+        assert top and all(allowed[t].item() == 0 and lp > -math.inf for t, lp in e.top), e
+        assert e.token in top or e.logprob <= min(lp for _, lp in e.top)
+        walk.advance(e.token)
