@@ -16,13 +16,17 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
-from mlx_lm.tokenizer_utils import _byte_decoder
+
+from .streaming import make_detokenizer, token_bytes
+
+if TYPE_CHECKING:
+    from .processing.chat import ChatProcessor
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 FORMATS = ("text", "json_object", "json_schema", "regex", "lark")
@@ -121,27 +125,23 @@ class Constraint:
         return self.matcher.is_stopped()
 
 
-def ll_tokenizer(processor) -> LLTokenizer:
+def ll_tokenizer(processor: ChatProcessor) -> LLTokenizer:
     """llguidance's view of the processor's byte-level BPE tokenizer (built once per processor).
     Built from the token bytes, so that ids the tokenizer leaves undefined are never allowed."""
     cached = getattr(processor, "_mlx_dsvl_lltokenizer", None)
     if cached is None:
-        cached = processor._mlx_dsvl_lltokenizer = LLTokenizer(TokenizerWrapper(_TokenBytes(processor.tokenizer)))
+        cached = processor._mlx_dsvl_lltokenizer = LLTokenizer(TokenizerWrapper(_TokenBytes(processor)))
     return cached
 
 
 class _TokenBytes:
-    """What ``llguidance.TokenizerWrapper`` reads of a tokenizer: each id's bytes (specials as
-    their text, flagged), EOS and BOS, and an encoder."""
+    """What ``llguidance.TokenizerWrapper`` reads of a tokenizer: each id's bytes (the engine's
+    :func:`~mlx_dsvl.streaming.token_bytes`; specials flagged), EOS and BOS, and an encoder."""
 
-    def __init__(self, tokenizer: Any):
-        vocab = tokenizer.get_vocab()
+    def __init__(self, processor: ChatProcessor):
+        tokenizer, detok = processor.tokenizer, make_detokenizer(processor)
         self.special_token_ids = sorted(tokenizer.added_tokens_decoder)
-        specials = set(self.special_token_ids)
-        decode = _byte_decoder()
-        self.tokens = [b""] * (max(vocab.values()) + 1)
-        for text, i in vocab.items():
-            self.tokens[i] = text.encode() if i in specials else bytes(decode[c] for c in text)
+        self.tokens = [token_bytes(detok, i) for i in range(len(detok.tokenmap))]
         self.eos_token_id, self.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
         self._tokenizer = tokenizer
 
@@ -152,7 +152,7 @@ class _TokenBytes:
 _lock = threading.Lock()
 
 
-def compile_format(processor, response_format: Mapping | None) -> Grammar | None:
+def compile_format(processor: ChatProcessor, response_format: Mapping | None) -> Grammar | None:
     """The processor's compiled :class:`Grammar` for ``response_format`` (None for text), cached
     by the grammar's text, which keeps the schema's key order (it orders the reply's keys)."""
     source = grammar_source(response_format)

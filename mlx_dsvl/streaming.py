@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
@@ -29,11 +29,13 @@ from mlx_lm.models.llama import Model as LanguageModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 from .batch_cache import merge_row
-from .grammar import Constraint, Grammar
 from .models.deepseek_vl import DeepseekVL, lm_head
 from .processing.chat import ChatProcessor
 from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, SamplingOptions
+
+if TYPE_CHECKING:  # grammar.py builds on this module
+    from .grammar import Constraint, Grammar
 
 STOP_STRINGS = ("User:",)
 SUM_BLOCK = 256  # terms a log-softmax adds up at once (log_softmax)
