@@ -10,8 +10,8 @@ computed while the last one's tokens are read (``mx.async_eval``, as mlx-lm's ``
 Rows stop on EOS, on ``User:`` (and a request's own stop strings, which never reach the output)
 and at their token budget; text comes out through mlx-lm's byte-level BPE streaming
 detokenizer (multi-byte characters split across tokens are held back until complete).  A row
-may ask for its tokens' log-probabilities: those its sampler sees (:meth:`Row.scores`), for the
-rows that ask computed together.
+may ask for its tokens' log-probabilities: the log-softmax of the logits its sampler sees
+(:meth:`Row.adjust`), for the rows that ask computed together.
 """
 
 from __future__ import annotations
@@ -245,14 +245,14 @@ class Row:
     def greedy(self) -> bool:
         return self.options.temperature == 0 and not self.processors and self.constraint is None
 
-    def scores(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> the log-probabilities the sampler sees: after this row's
-        processors and grammar mask (whatever changes them belongs here, so that logprobs follow)."""
+    def adjust(self, logits: mx.array) -> mx.array:
+        """[1, vocab] logits -> what the sampler sees: after this row's processors and grammar
+        mask (whatever changes them belongs here, so that logprobs follow)."""
         for p in self.processors:
             logits = p(self.context, logits)
         if self.constraint is not None:
             logits = self.constraint.apply(logits)
-        return log_softmax(logits)
+        return logits
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -418,11 +418,11 @@ class Batch:
         the rows that ask, computed together."""
         asked, scores = [], []
         for r, x in zip(rows, logits):
-            s = r.scores(x)
-            r.next = r.sampler(s)
-            if r.logprobs is not None:
+            x = r.adjust(x)
+            r.next = r.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True))
+            if r.logprobs is not None:  # to float32's precision (the sampler needs no more)
                 asked.append(r)
-                scores.append(s)
+                scores.append(log_softmax(x))
         if asked:
             attach_logprobs(asked, scores)
 
