@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
@@ -307,3 +308,38 @@ def test_logprobs_are_those_of_the_masked_logits(family):
         assert top and all(allowed[t].item() == 0 and lp > -math.inf for t, lp in e.top), e
         assert e.token in top or e.logprob <= min(lp for _, lp in e.top)
         walk.advance(e.token)
+
+
+@pytest.mark.slow
+def test_server_mixed_batch_of_formats_on_the_hybrid_family(tiny_hybrid_dir, tmp_path):
+    """Requests decoded together by the server on the 7B layout, one with a schema, one without a
+    format, one with json_object: each reply is what its request asked for, and the one it gets alone."""
+    s = Server(tiny_hybrid_dir, tmp_path, tmp_path / "server.log", env={**os.environ, "MLX_DSVL_API_KEY": KEY})
+    try:
+        s.wait_ready()
+        c = client(s)
+        formats = [PET_FORMAT, None, {"type": "json_object"}, PET_FORMAT]
+
+        def ask(i: int):
+            extra = {} if formats[i] is None else {"response_format": formats[i]}
+            return c.chat.completions.create(model="tiny-hybrid", messages=CONV, temperature=1.0, seed=i,
+                                             max_tokens=150, **extra)
+
+        with ThreadPoolExecutor(len(formats)) as pool:
+            together = list(pool.map(ask, range(len(formats))))
+        with http(s) as h:
+            assert h.get("/stats").json()["peak_batch"] >= 2  # decoded side by side
+        for i, (fmt, r) in enumerate(zip(formats, together)):
+            text, reason = r.choices[0].message.content, r.choices[0].finish_reason
+            assert text == ask(i).choices[0].message.content, i
+            if fmt is PET_FORMAT:
+                assert reason == "stop", text
+                jsonschema.validate(json.loads(text), PET)
+            elif fmt is not None:
+                assert text.startswith("{") and (reason == "length" or isinstance(json.loads(text), dict)), text
+            else:
+                with pytest.raises(ValueError):  # random weights, no mask: not JSON
+                    json.loads(text)
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.output()
