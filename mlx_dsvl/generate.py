@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .blas import ensure_fast_blas
 from .device import select_device
+from .grammar import ResponseFormatError, grammar_source
 from .model_options import add_model_arguments, load_from_args
 from .processing.chat import place_images
 from .sampling import SamplingOptions, add_arguments
@@ -33,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
     add_model_arguments(p, "dtype", "adapter", "device", "quantize", "kv_bits", "kv_group_size",
                         "quantized_kv_start", "max_context")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="reply with JSON that validates against the JSON schema in FILE")
+    shape.add_argument("--json", action="store_true", help="reply with a JSON object (any)")
     p.add_argument("--chat", action="store_true",
                    help="interactive multi-turn chat: /image PATH attaches, /new restarts, /exit quits; "
                         "Ctrl-C stops a reply")
@@ -56,7 +63,7 @@ def _reply(session: ChatSession, text: str, images: list[str], args) -> None:
     last = None
     notices: list[str] = []
     session.on_truncate = notices.append  # told after the reply, not in the middle of it
-    reply = session.send(text, images, SamplingOptions.from_args(args))
+    reply = session.send(text, images, SamplingOptions.from_args(args), response_format=response_format(args))
     try:
         for chunk in reply:
             print(chunk.text, end="", flush=True)
@@ -142,9 +149,30 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def response_format(args) -> dict | None:
+    """``--json-schema FILE`` / ``--json`` as OpenAI's ``response_format``; ``ValueError`` naming
+    the file when it is no JSON."""
+    if args.json:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    path = Path(args.json_schema)
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"--json-schema {path}: cannot read it: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json-schema {path}: not a JSON file: {e}") from None
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
+
+
 def check_args(args) -> None:
     """Option values a run would only trip over later: ``ValueError`` naming the flag."""
     SamplingOptions.from_args(args)
+    try:
+        grammar_source(response_format(args))
+    except ResponseFormatError as e:
+        raise ValueError(f"--json-schema {args.json_schema}: {e.problem}") from None
     if args.max_context < 2:
         raise ValueError(f"--max-context must be an integer >= 2, got {args.max_context}")
     if not args.chat and args.prompt is None:

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from .grammar import compile_format
 from .processing.chat import ChatProcessor, place_images  # noqa: F401 -- place_images: public here too
 from .sampling import GREEDY, PROCESSOR_CONTEXT, SamplingOptions
 from .session import ChatSession
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 def stream_generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence[dict], images: Sequence | None = None,
                     max_context: int = 4096, kv_bits: int | None = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 0, **sampling) -> Iterator[GenerationChunk]:
-    """Stream the assistant's reply to ``conversation`` (its last message is the user's)."""
+    """Stream the assistant's reply to ``conversation`` (its last message is the user's);
+    ``response_format=`` (OpenAI's) constrains it, see :meth:`ChatSession.send`."""
     session = ChatSession(model, processor, max_context=max_context, on_truncate=None, kv_bits=kv_bits,
                           kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     conv = list(conversation)
@@ -55,10 +57,12 @@ def generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence
 
 def generate_batch(model: DeepseekVL, processor: ChatProcessor, conversations: Sequence[Sequence[dict]],
                    images: Sequence[Sequence] | None = None, sampling: SamplingOptions | None = None,
-                   **options) -> list[str]:
+                   response_format: Mapping | None = None, **options) -> list[str]:
     """Replies to several conversations, decoded together, each as if alone: with the default
-    :data:`~mlx_dsvl.sampling.GREEDY`, what one-by-one generation returns."""
+    :data:`~mlx_dsvl.sampling.GREEDY`, what one-by-one generation returns; ``response_format``
+    (OpenAI's) applies to each."""
     opts = (sampling or GREEDY).with_(**options)
+    grammar = compile_format(processor, response_format)
     images = list(images) if images is not None else [None] * len(conversations)
     lm = model.language_model
     batch = Batch(lm, processor.tokenizer.eos_token_id)
@@ -69,7 +73,8 @@ def generate_batch(model: DeepseekVL, processor: ChatProcessor, conversations: S
         embeds = model.get_input_embeddings(ids, inputs["pixel_values"])[0]
         cache = model.make_cache()
         logits = prefill(lm, ids[0], lambda s, e, x=embeds: x[s:e], cache)
-        batch.add(Row.start(processor, opts, ids[0, -PROCESSOR_CONTEXT:].tolist(), tag=i), cache, logits)
+        batch.add(Row.start(processor, opts, ids[0, -PROCESSOR_CONTEXT:].tolist(), tag=i, grammar=grammar),
+                  cache, logits)
     while batch.rows:
         for out in batch.step():
             replies[out.row.tag] += out.text + out.tail

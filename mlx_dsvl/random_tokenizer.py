@@ -90,28 +90,31 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def _learn_bpe() -> dict:
-    """Train byte-level BPE on the built-in text; returns the ``tokenizer.json`` dict."""
+def _learn_bpe(corpus: Sequence[str] | None = None, merges: int = NUM_MERGES) -> dict:
+    """Train byte-level BPE on ``corpus`` (default: the built-in text); returns the
+    ``tokenizer.json`` dict."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = _pre_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=256 + NUM_MERGES,
+        vocab_size=256 + merges,
         min_frequency=2,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
     # Repeat the corpus so that rarer pairs still reach min_frequency.
-    tok.train_from_iterator(_CORPUS * 3, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 3 if corpus is None else corpus, trainer=trainer)
     return json.loads(tok.to_str())
 
 
-def build_tokenizer_json(specials: dict[int, str] | None = None) -> dict:
+def build_tokenizer_json(specials: dict[int, str] | None = None, corpus: Sequence[str] | None = None,
+                         merges: int = NUM_MERGES) -> dict:
     """The ``tokenizer.json`` dict; specials sit both in the BPE vocab and in ``added_tokens``, as
-    the released tokenizer keeps ids >= 100000 stable."""
+    the released tokenizer keeps ids >= 100000 stable.  ``corpus``/``merges``: a vocabulary of
+    another size (e.g. the released one's, for benchmarks whose cost grows with it)."""
     specials = SPECIAL_TOKENS if specials is None else specials
     bos_id = next(i for i, t in specials.items() if t == BOS_TOKEN)
-    data = _learn_bpe()
+    data = _learn_bpe(corpus, merges)
     vocab: dict[str, int] = data["model"]["vocab"]
     assert max(vocab.values()) < min(specials), "learned vocab overlaps the special id range"
     for idx, content in specials.items():
@@ -141,12 +144,13 @@ def build_tokenizer_json(specials: dict[int, str] | None = None) -> dict:
 
 
 def write_tokenizer(out_dir: str | Path, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
-                    image_id: int = IMAGE_ID) -> None:
+                    image_id: int = IMAGE_ID, *, corpus: Sequence[str] | None = None,
+                    merges: int = NUM_MERGES) -> None:
     """Write the tokenizer files; they load offline with ``AutoTokenizer.from_pretrained``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = special_tokens(bos_id, eos_id, image_id)
-    data = build_tokenizer_json(specials)
+    data = build_tokenizer_json(specials, corpus, merges)
     # Sanity: the serialised file must load back with the same special ids.
     loaded = Tokenizer.from_str(json.dumps(data))
     for idx, content in specials.items():

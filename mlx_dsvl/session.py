@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix
+from .grammar import Grammar, compile_format
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
 from .streaming import GenerationChunk, Row, kv_cache_options, prefill, range_embeddings, stream_tokens
@@ -141,16 +142,23 @@ class ChatSession:
             )
         return ids
 
-    def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None,
+    def send(self, text: str, images: Sequence = (), sampling: SamplingOptions | None = None, *,
+             response_format: Mapping | None = None, logprobs: int | None = None,
              **options) -> Iterator[GenerationChunk]:
         """Add a user turn (``images`` fill its ``<image_placeholder>`` tags) and stream the reply;
-        ``options`` change fields of ``sampling`` (default :data:`~mlx_dsvl.sampling.DEFAULTS`)."""
+        ``options`` change fields of ``sampling`` (default :data:`~mlx_dsvl.sampling.DEFAULTS`).
+        ``response_format``: OpenAI's (:mod:`mlx_dsvl.grammar`), e.g. ``{"type": "json_object"}``;
+        one it cannot follow is a ``ValueError`` before anything is run.  ``logprobs`` (0-20
+        alternatives): each chunk's tokens' log-probabilities (``chunk.logprobs``)."""
+        opts = (sampling or DEFAULTS).with_(**options)
+        grammar = compile_format(self.processor, response_format)
         with FirstUseNotice(self.on_slow_start) as notice:
-            for chunk in self._send(text, images, (sampling or DEFAULTS).with_(**options)):
+            for chunk in self._send(text, images, opts, grammar=grammar, logprobs=logprobs):
                 notice.done()
                 yield chunk
 
-    def _send(self, text: str, images: Sequence, opts: SamplingOptions) -> Iterator[GenerationChunk]:
+    def _send(self, text: str, images: Sequence, opts: SamplingOptions, *, grammar: Grammar | None,
+              logprobs: int | None) -> Iterator[GenerationChunk]:
         tic = time.perf_counter()
         n_tags = text.count(self.processor.image_tag)
         if n_tags != len(images):
@@ -173,7 +181,7 @@ class ChatSession:
         reply: list[str] = []
         got = False
         try:
-            for chunk in self._run(ids, opts, max_tokens, tic):
+            for chunk in self._run(ids, opts, max_tokens, tic, grammar=grammar, logprobs=logprobs):
                 got = True
                 reply.append(chunk.text)
                 if chunk.finish_reason == "length" and max_tokens < opts.max_tokens:
@@ -214,10 +222,11 @@ class ChatSession:
                  new_tokens=len(ids) - keep)
         return keys, keep, embeds
 
-    def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int,
-             start_time: float) -> Iterator[GenerationChunk]:
+    def _run(self, ids: np.ndarray, opts: SamplingOptions, max_tokens: int, start_time: float, *,
+             grammar: Grammar | None, logprobs: int | None) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
-        row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens)
+        row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens, grammar=grammar,
+                        logprobs=logprobs)
         try:
             yield from stream_tokens(self.model.language_model, self.processor, mx.array(ids[keep:]),
                                      lambda s, e: embeds[s:e], self.cache, row=row,

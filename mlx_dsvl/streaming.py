@@ -9,21 +9,24 @@ samples each row's next token with its own sampler and logits processors
 computed while the last one's tokens are read (``mx.async_eval``, as mlx-lm's ``generate_step``).
 Rows stop on EOS, on ``User:`` (and a request's own stop strings, which never reach the output)
 and at their token budget; text comes out through mlx-lm's byte-level BPE streaming
-detokenizer (multi-byte characters split across tokens are held back until complete).
+detokenizer (multi-byte characters split across tokens are held back until complete).  A row
+may ask for its tokens' log-probabilities: the log-softmax of the logits its sampler sees
+(:meth:`Row.adjust`), for the rows that ask computed together.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.llama import Model as LanguageModel
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 from .batch_cache import merge_row
 from .models.deepseek_vl import DeepseekVL, lm_head
@@ -31,7 +34,12 @@ from .processing.chat import ChatProcessor
 from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, SamplingOptions
 
+if TYPE_CHECKING:  # grammar.py builds on this module
+    from .grammar import Constraint, Grammar
+
 STOP_STRINGS = ("User:",)
+SUM_BLOCK = 256  # terms a log-softmax adds up at once (log_softmax)
+MAX_TOP_LOGPROBS = 20  # alternatives a row may ask for at each step (OpenAI's limit)
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 
@@ -51,6 +59,8 @@ class GenerationChunk:
     # on the last chunk: "stop" (EOS or a stop string), "length" (max_tokens reached) or
     # "context" (a ChatSession's max_context reached first)
     finish_reason: str | None = None
+    # when asked for: the tokens whose text this chunk holds (TokenLogprobs; EOS not listed)
+    logprobs: list[TokenLogprobs] | None = None
 
 
 def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
@@ -65,6 +75,13 @@ def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
     detok.tokenmap = base.tokenmap
     detok.reset()
     return detok
+
+
+def token_bytes(detok: BPEStreamingDetokenizer, token: int) -> bytes:
+    """A token's own bytes (maybe part of a UTF-8 character): its byte-level BPE piece decoded;
+    a special token's characters as UTF-8."""
+    piece, decoder = detok.tokenmap[token] if token < len(detok.tokenmap) else "", _byte_decoder()
+    return b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in piece)
 
 
 class StopStringFilter:
@@ -194,31 +211,95 @@ class Row:
     tag: Any = None
     sampler: Callable = None
     processors: list = None
+    constraint: Constraint | None = None  # a grammar the reply follows (structured output)
+    logprobs: int | None = None  # None: no log-probabilities; k: them and the k likeliest tokens'
     y: mx.array | None = None  # the token sampled last, not read yet [1]
+    y_logprobs: tuple | None = None  # its log-probabilities, not read yet (token_logprobs)
+    next: mx.array | None = None  # the token after it, being computed
+    next_logprobs: tuple | None = None
+    pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
     @classmethod
     def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
               max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
-              tag: Any = None) -> Row:
+              tag: Any = None, grammar: Grammar | None = None, logprobs: int | None = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
-        (default ``options.max_tokens``) may be cut to the context."""
+        (default ``options.max_tokens``) may be cut to the context.  With ``grammar`` the reply
+        follows it and ends when it is complete; the template's ``User:`` stop is then left out
+        (the grammar ends the reply, and the text may hold ``User:``), ``stops`` still apply.
+        ``logprobs``: each token's log-probability and the ``logprobs`` likeliest alternatives'
+        come on its Output."""
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
                    context=mx.array(np.asarray(prompt_tail, dtype=np.int32)[-PROCESSOR_CONTEXT:]),
-                   detok=make_detokenizer(processor), stop=StopStringFilter(STOP_STRINGS + tuple(stops)),
+                   detok=make_detokenizer(processor),
+                   stop=StopStringFilter((STOP_STRINGS if grammar is None else ()) + tuple(stops)),
                    ignore_eos=ignore_eos, tag=tag, sampler=options.make_sampler(),
-                   processors=options.make_logits_processors())
+                   processors=options.make_logits_processors(), logprobs=logprobs,
+                   constraint=None if grammar is None else grammar.constraint())
 
     @property
     def greedy(self) -> bool:
-        return self.options.temperature == 0 and not self.processors
+        return self.options.temperature == 0 and not self.processors and self.constraint is None
 
-    def sample(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> [1] token, with this row's processors and sampler."""
+    def adjust(self, logits: mx.array) -> mx.array:
+        """[1, vocab] logits -> what the sampler sees: after this row's processors and grammar
+        mask (whatever changes them belongs here, so that logprobs follow)."""
         for p in self.processors:
             logits = p(self.context, logits)
-        return self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
+        return logits
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """[n, vocab] -> log-probabilities, to float32's precision: the exponentials summed in blocks
+    of :data:`SUM_BLOCK`, then the blocks' sums (MLX's CPU ``sum`` and ``logsumexp`` over a whole
+    vocabulary drift well past it; ``tests/test_logprobs.py`` checks against float64)."""
+    shifted = logits - mx.max(logits, axis=-1, keepdims=True)
+    p = mx.exp(shifted)
+    p = mx.pad(p, [(0, 0), (0, -p.shape[-1] % SUM_BLOCK)]).reshape(p.shape[0], -1, SUM_BLOCK)
+    return shifted - mx.log(mx.sum(mx.sum(p, axis=-1), axis=-1, keepdims=True))
+
+
+def token_logprobs(scores: mx.array, tokens: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """Log-probabilities [n, vocab] and the tokens chosen from them [n] -> each chosen token's
+    log-probability [n], the ``k`` likeliest tokens [n, k] and theirs [n, k], likeliest first
+    (lazy; one partial sort for the n rows)."""
+    chosen = mx.take_along_axis(scores, tokens[:, None], axis=-1)[:, 0]
+    k = min(k, scores.shape[-1])
+    if k == 0:
+        return chosen, mx.zeros((scores.shape[0], 0), mx.uint32), mx.zeros((scores.shape[0], 0))
+    top = mx.argpartition(-scores, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(scores, top, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    return chosen, mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
+
+
+def attach_logprobs(rows: Sequence[Row], scores: Sequence[mx.array]) -> None:
+    """Each row's pending log-probabilities (``row.next_logprobs``) from what its sampler saw
+    ([1, vocab] each) and its chosen ``row.next``, computed together."""
+    chosen, top, values = token_logprobs(mx.concatenate(list(scores)), mx.concatenate([r.next for r in rows]),
+                                         max(r.logprobs for r in rows))
+    for i, r in enumerate(rows):
+        r.next_logprobs = (chosen[i], top[i, :r.logprobs], values[i, :r.logprobs])
+
+
+@dataclass
+class TokenLogprobs:
+    """A sampled token, its log-probability and the likeliest tokens' ``(token, logprob)``, likeliest first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def read(cls, token: int, pending: tuple[mx.array, mx.array, mx.array]) -> TokenLogprobs:
+        chosen, top, values = pending  # (alternatives a grammar bars, at -inf, are not listed)
+        return cls(token, chosen.item(), [(t, v) for t, v in zip(top.tolist(), values.tolist()) if v > -math.inf])
 
 
 @dataclass
@@ -231,6 +312,7 @@ class Output:
     text: str
     finish_reason: str | None = None
     tail: str = ""
+    logprobs: TokenLogprobs | None = None  # when the row asks for them
 
 
 class Batch:
@@ -253,8 +335,9 @@ class Batch:
         row's first token is sampled from them (computed in the background) and the row joins."""
         if not self.batched and self.rows:
             raise ValueError("an unbatched Batch decodes one row")
-        row.y = row.sample(logits)
-        mx.async_eval(row.y)
+        self._choose([row], [logits])
+        row.y, row.y_logprobs = row.next, row.next_logprobs
+        mx.async_eval(row.y, row.y_logprobs or ())
         if not self.batched:
             self.cache = cache
         elif self.cache is None:
@@ -275,8 +358,13 @@ class Batch:
         tokens = mx.concatenate([r.y for r in rows]).tolist()
         outs = [self._advance(r, t) for r, t in zip(rows, tokens)]
         self.remove([r for r in self.rows if r.finish_reason], finished=True)
+        constrained = [r for r in self.rows if r.constraint is not None]
+        if constrained:  # the grammar has its token now: the next one's mask is known
+            self._choose(constrained, [r.pending for r in constrained])
+            mx.async_eval([r.next for r in constrained],
+                          [r.next_logprobs for r in constrained if r.logprobs is not None])
         for r in self.rows:
-            r.y = r.next
+            r.y, r.y_logprobs = r.next, r.next_logprobs
         return outs
 
     def remove(self, rows: Sequence[Row], finished: bool = False) -> None:
@@ -298,7 +386,8 @@ class Batch:
                 c.filter(keep)
 
     def _forward(self, rows: list[Row]) -> None:
-        """Feed each row's pending token; each row's next token (``row.next``), lazily."""
+        """Feed each row's pending token; each row's next token (``row.next``), lazily, or for a
+        constrained row its logits (``row.pending``: sampled once the grammar has the token)."""
         if not self.batched:
             quantize_cache(self.cache, self.kv)
         inputs = mx.concatenate([r.y for r in rows])[:, None]  # [B, 1]
@@ -307,23 +396,50 @@ class Batch:
             nxt = mx.argmax(logits, axis=-1)
             for b, r in enumerate(rows):
                 r.next = nxt[b:b + 1]
+            asked = [b for b, r in enumerate(rows) if r.logprobs is not None]
+            if asked:  # what greedy rows' argmax sees: no processors
+                attach_logprobs([rows[b] for b in asked], [log_softmax(logits[mx.array(asked)])])
         else:
+            free = []
             for b, r in enumerate(rows):
                 if r.processors:
                     r.context = mx.concatenate([r.context, r.y])[-PROCESSOR_CONTEXT:]
-                r.next = r.sample(logits[b:b + 1])
-        mx.async_eval([r.next for r in rows])
+                if r.constraint is None:
+                    free.append(b)
+                else:
+                    r.pending = logits[b:b + 1]
+            self._choose([rows[b] for b in free], [logits[b:b + 1] for b in free])
+        mx.async_eval([r.next if r.constraint is None else r.pending for r in rows],
+                      [r.next_logprobs for r in rows if r.constraint is None and r.logprobs is not None])
+
+    @staticmethod
+    def _choose(rows: Sequence[Row], logits: Sequence[mx.array]) -> None:
+        """Each row's next token from its [1, vocab] logits (lazily), and the log-probabilities of
+        the rows that ask, computed together."""
+        asked, scores = [], []
+        for r, x in zip(rows, logits):
+            x = r.adjust(x)
+            r.next = r.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True))
+            if r.logprobs is not None:  # to float32's precision (the sampler needs no more)
+                asked.append(r)
+                scores.append(log_softmax(x))
+        if asked:
+            attach_logprobs(asked, scores)
 
     def _advance(self, r: Row, token: int) -> Output:
         r.generated.append(token)
+        if r.constraint is not None:
+            r.constraint.advance(token)
         text, reason = "", None
-        if token == self.eos and not r.ignore_eos:
+        if token == self.eos and (not r.ignore_eos or r.constraint is not None):
             reason = "stop"
         else:
             r.detok.add_token(token)
             text = r.stop.push(r.detok.last_segment)
-            reason = "stop" if r.stop.stopped else "length" if len(r.generated) >= r.max_tokens else None
-        out = Output(r, token, text, reason)
+            done = r.stop.stopped or (r.constraint is not None and r.constraint.done)
+            reason = "stop" if done else "length" if len(r.generated) >= r.max_tokens else None
+        out = Output(r, token, text, reason,
+                     logprobs=None if r.y_logprobs is None else TokenLogprobs.read(token, r.y_logprobs))
         if reason is not None:
             r.finish_reason = reason
             r.detok.finalize()
@@ -346,14 +462,17 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
     tic = time.perf_counter() if start_time is None else start_time
     ttft = prompt_tps = 0.0
     n = 0
+    held: list[TokenLogprobs] = []  # tokens whose text is not out yet
 
     def chunk(text, token, reason=None):
+        nonlocal held
         gen_time = time.perf_counter() - tic - ttft
+        listed, held = (held if row.logprobs is not None else None), []
         return GenerationChunk(
             text=text, token=token, prompt_tokens=n_prompt, prompt_tps=prompt_tps,
             time_to_first_token=ttft, generation_tokens=n,
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason, logprobs=listed,
         )
 
     t0 = time.perf_counter()
@@ -373,6 +492,8 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
             ttft = time.perf_counter() - tic
             prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
         n += 1
+        if out.logprobs is not None and (out.token != batch.eos or row.ignore_eos):
+            held.append(out.logprobs)
         if out.text:
             yield chunk(out.text, out.token)
     yield chunk(out.tail, None, row.finish_reason)

@@ -190,6 +190,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         print(f"error: the server needs {e.name}: pip install -e '.[server]'", file=sys.stderr)

@@ -21,12 +21,15 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..caches import image_key
+from ..grammar import Grammar, ResponseFormatError, compile_format
 from ..utils import release_free_memory
 from .images import ImagePolicy, decode_image
+from .metrics import CountResponses, app_registry
 from .scheduler import Busy, Delta, Failed, Finished, Job, Scheduler
 from .schema import (
     APIError,
@@ -101,6 +104,14 @@ class PromptBuilder:
         return Prepared(ids, keys, dict(zip(keys, pixels)))
 
 
+def _compile_format(processor: ChatProcessor, response_format) -> Grammar | None:
+    """The request's compiled response format; a 400 naming what cannot be followed."""
+    try:
+        return compile_format(processor, response_format)
+    except ResponseFormatError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_response_format") from None
+
+
 def _not_json(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
@@ -140,6 +151,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
     if config.origins:  # outside the guard: it answers the allowed pages' preflights
         app.add_middleware(CORSMiddleware, allow_origins=list(config.origins),
                            allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+    registry, responses = app_registry(scheduler)
     prompts = PromptBuilder(processor, config.max_context)
     names = (config.model_name, *config.model_aliases)
 
@@ -172,6 +184,10 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
     async def stats():
         return scheduler.stats()
 
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
@@ -183,6 +199,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves "
                                 f"{config.model_name!r}", param="model", code="model_not_found")
         sampling = SamplingParams.from_request(req, config.defaults)
+        grammar = await run_in_threadpool(_compile_format, processor, req.response_format)
         conversation, urls = to_conversation(req.messages, processor.image_tag)
         prompts.check_image_count(len(urls))
         blobs = [(await config.images.fetch(url, param), param) for url, param in urls]
@@ -193,22 +210,25 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(id=f"chatcmpl-{uuid.uuid4().hex}", ids=prepared.ids,
-                  image_keys=prepared.image_keys, pixels=prepared.pixels, sampling=sampling,
+                  image_keys=prepared.image_keys, pixels=prepared.pixels, sampling=sampling, grammar=grammar,
                   emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         try:
             scheduler.submit(job)
         except Busy as e:
             raise APIError(503, f"server busy: {e}", code="server_busy") from None
         try:
-            return await _respond(req, Events(queue, request, scheduler, job.id), req.model or config.model_name)
+            return await _respond(req, Events(queue, request, scheduler, job.id), req.model or config.model_name,
+                                  logprobs=bool(req.logprobs))
         except BaseException:  # an error, or the handler cancelled (shutdown): free the slot
             scheduler.cancel(job.id)
             raise
 
+    # outside the door: its refusals are counted too
+    app.add_middleware(CountResponses, counter=responses, paths=[r.path for r in app.routes])
     return app
 
 
-async def _respond(req, events: Events, model: str) -> Response:
+async def _respond(req, events: Events, model: str, logprobs: bool) -> Response:
     """Errors before admission are plain HTTP errors; then the reply is streamed or collected."""
     first = await events.next()
     if first is None:
@@ -217,26 +237,31 @@ async def _respond(req, events: Events, model: str) -> Response:
         raise APIError(first.status, first.message)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(events, model, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(events, model, include_usage, logprobs), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _collect(events, model)
+    return await _collect(events, model, logprobs)
 
 
-async def _stream(events: Events, model: str, include_usage: bool):
-    """OpenAI's chunks; Starlette cancels this generator when the client disconnects."""
+async def _stream(events: Events, model: str, include_usage: bool, logprobs: bool):
+    """OpenAI's chunks; Starlette cancels this generator when the client disconnects.  With
+    ``logprobs``, a chunk carries its tokens' (a token whose text is held back, with the next text)."""
     created, cid = int(time.time()), events.job_id
+    held: list[dict] = []
 
-    def chunk(delta, reason=None):
-        return _sse(chunk_body(cid, model, created, delta, reason, include_usage=include_usage))
+    def chunk(delta, reason=None, tokens=None):
+        return _sse(chunk_body(cid, model, created, delta, reason, include_usage=include_usage, logprobs=tokens))
 
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
             event = await events.queue.get()
             if isinstance(event, Delta):
-                yield chunk({"content": event.text})
+                held += event.logprobs
+                if event.text:
+                    yield chunk({"content": event.text}, tokens=held if logprobs else None)
+                    held = []
             elif isinstance(event, Finished):
-                yield chunk({}, event.finish_reason)
+                yield chunk({}, event.finish_reason, tokens=held if held else None)
                 if include_usage:
                     usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
                     yield _sse(chunk_body(cid, model, created, None, usage=usage, include_usage=True))
@@ -249,17 +274,19 @@ async def _stream(events: Events, model: str, include_usage: bool):
         events.scheduler.cancel(cid)  # a no-op once finished
 
 
-async def _collect(events: Events, model: str) -> Response:
+async def _collect(events: Events, model: str, logprobs: bool) -> Response:
     pieces: list[str] = []
+    tokens: list[dict] = []
     while True:
         event = await events.next()
         if event is None:
             return Response(status_code=499)
         if isinstance(event, Delta):
             pieces.append(event.text)
+            tokens += event.logprobs
         elif isinstance(event, Failed):
             raise APIError(event.status, event.message)
         elif isinstance(event, Finished):
             usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-            return JSONResponse(completion_body(events.job_id, model, "".join(pieces),
-                                                event.finish_reason, usage))
+            return JSONResponse(completion_body(events.job_id, model, "".join(pieces), event.finish_reason,
+                                                usage, logprobs=tokens if logprobs else None))

@@ -13,17 +13,20 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
-from ..streaming import Batch, Output, Row, prefill, range_embeddings
-from .schema import SamplingParams
+from ..grammar import Grammar
+from ..streaming import Batch, Output, Row, prefill, range_embeddings, token_bytes
+from .metrics import EngineMetrics
+from .schema import SamplingParams, token_logprob
 
 if TYPE_CHECKING:
     from ..models.deepseek_vl import DeepseekVL
@@ -39,6 +42,8 @@ class Job:
     pixels: dict[str, np.ndarray]  # content hash -> [3, S, S] float32
     sampling: SamplingParams  # max_tokens already within the context
     emit: Callable[[Any], None]  # thread-safe sink for the events below
+    grammar: Grammar | None = None  # the response format's, compiled (structured output)
+    submitted: float = field(default_factory=time.monotonic)  # handed to the scheduler
 
 
 @dataclass
@@ -49,6 +54,7 @@ class Started:
 @dataclass
 class Delta:
     text: str
+    logprobs: list[dict] = field(default_factory=list)  # entries of OpenAI's logprobs.content
 
 
 @dataclass
@@ -76,6 +82,7 @@ class Slot:
     job: Job
     key: list[Any]  # the prompt's ids, its images named (ImageTokens.keyed)
     cached: int  # prompt tokens taken from the prefix cache
+    last: float | None = None  # when its last token came out (time.monotonic)
 
 
 class Scheduler:
@@ -107,6 +114,7 @@ class Scheduler:
         self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0,
                              prefilled_tokens=0, cached_tokens=0, generated_tokens=0,
                              images_encoded=0, image_cache_hits=0, decode_steps=0, peak_batch=0)
+        self.metrics = EngineMetrics()  # GET /metrics' timings and cache use
 
     # -- the HTTP side --------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -122,11 +130,16 @@ class Scheduler:
             if job_id in self._live:
                 self._cancelled.add(job_id)
 
-    def stats(self) -> dict:
+    def load(self) -> tuple[int, int]:
+        """(requests decoding now, requests waiting for a slot)."""
         with self._lock:
             live = len(self._live)
         active = len(self.batch.rows)
-        return {**self.counters, "active": active, "waiting": max(live - active, 0),
+        return active, max(live - active, 0)
+
+    def stats(self) -> dict:
+        active, waiting = self.load()
+        return {**self.counters, "active": active, "waiting": waiting,
                 "max_batch": self.max_batch, "kv_bits": self.kv and self.kv["kv_bits"],
                 "prefix_cache": {"entries": len(self.prefixes), "bytes": self.prefixes.nbytes,
                                  "max_bytes": self.prefixes.max_bytes},
@@ -240,6 +253,7 @@ class Scheduler:
         kv, cached = self.prefixes.fetch(key)  # never the last token: it gives the first logits
         if kv is None:
             kv, cached = self.new_cache(), 0
+        self._count_cache_use(job, cached)
         logits = prefill(self.lm, mx.array(ids[cached:]),
                          lambda a, b: self.embeddings(job, cached + a, cached + b)[1][0], kv, self.kv)
         mx.eval(logits, [c.state for c in kv])
@@ -249,8 +263,17 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
-                        tag=Slot(job, key, cached))
+                        tag=Slot(job, key, cached), grammar=job.grammar, logprobs=s.top_logprobs)
         self.batch.add(row, kv, logits)
+
+    def _count_cache_use(self, job: Job, cached: int) -> None:
+        """A prefix reused or not; each image the prefill will read, found encoded or not (once
+        per request, however many passes read it)."""
+        self.metrics.cache_use("prefix", hits=int(cached > 0), misses=int(cached == 0))
+        span = self.image_tokens.overlap(job.ids, cached, len(job.ids), len(job.image_keys))
+        needed = set(job.image_keys[span.first:span.stop])
+        held = sum(k in self.features for k in needed)
+        self.metrics.cache_use("image", hits=held, misses=len(needed) - held)
 
     def embeddings(self, job: Job, start: int, end: int):
         """(tokens [1, L], embeds [1, L, D]) of prompt positions ``start:end``."""
@@ -276,14 +299,18 @@ class Scheduler:
             self._fail([r.tag.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
+        self.metrics.rows.observe(len(outs))
         self.counters["generated_tokens"] += len(outs)
         for out in outs:
             self._deliver(out)
 
     def _deliver(self, out: Output) -> None:
         slot, text = out.row.tag, out.text + out.tail
-        if text:
-            self._emit(slot.job, Delta(text))
+        slot.last = self.metrics.token(slot.job.submitted, slot.last)
+        listed = out.logprobs is not None and (out.token != self.eos or out.row.ignore_eos)  # not EOS
+        logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t))] if listed else []
+        if text or logprobs:
+            self._emit(slot.job, Delta(text, logprobs))
         if out.finish_reason is not None:
             self._emit(slot.job, Finished(out.finish_reason, len(slot.job.ids), len(out.row.generated),
                                           slot.cached))

@@ -1,19 +1,21 @@
 """OpenAI chat-completions shapes: the request model, its checks, and the response bodies.
 
 Whatever would change the answer and that this server does not do (``n > 1``, tools,
-log-probabilities, JSON mode, ...) is refused with a 400 naming the field, never ignored.
+``logit_bias``, ...) is refused with a 400 naming the field, never ignored.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from ..sampling import SamplingError, SamplingOptions
+from ..streaming import MAX_TOP_LOGPROBS, TokenLogprobs
 
 
 class APIError(Exception):
@@ -86,15 +88,15 @@ class ChatCompletionRequest(_Model):
     min_p: StrictFloat | None = None
     ignore_eos: StrictBool = False  # extension (vLLM): fixed-length replies for benchmarks
     user: str | None = None
+    response_format: Any | None = None  # checked and compiled by mlx_dsvl.grammar
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None  # with logprobs: the likeliest alternatives, 0-20
     # Fields that change the answer; accepted only at their neutral values (see UNSUPPORTED).
     n: StrictInt | None = None
     tools: Any | None = None
     tool_choice: Any | None = None
     functions: Any | None = None
     function_call: Any | None = None
-    logprobs: StrictBool | None = None
-    top_logprobs: StrictInt | None = None
-    response_format: Any | None = None
     logit_bias: Any | None = None
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
@@ -105,11 +107,6 @@ class ChatCompletionRequest(_Model):
     web_search_options: Any | None = None
 
 
-def _text_format(v) -> bool:
-    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", v)
-    return kind == "text"
-
-
 # field -> (is the value neutral?, what to say)
 UNSUPPORTED = {
     "n": (lambda v: v == 1, "only n=1 is supported (one choice per request)"),
@@ -117,9 +114,6 @@ UNSUPPORTED = {
     "tool_choice": (lambda v: v == "none", "tools / function calling are not supported"),
     "functions": (lambda v: not v, "function calling is not supported"),
     "function_call": (lambda v: v == "none", "function calling is not supported"),
-    "logprobs": (lambda v: not v, "logprobs are not supported"),
-    "top_logprobs": (lambda v: not v, "logprobs are not supported"),
-    "response_format": (_text_format, "only response_format type 'text' is supported"),
     "logit_bias": (lambda v: not v, "logit_bias is not supported"),
     "presence_penalty": (lambda v: v == 0, "presence_penalty is not supported (use repetition_penalty)"),
     "frequency_penalty": (lambda v: v == 0, "frequency_penalty is not supported (use repetition_penalty)"),
@@ -252,12 +246,15 @@ class SamplingParams(SamplingOptions):
 
     stop: tuple[str, ...] = field(default=())
     ignore_eos: StrictBool = False
+    top_logprobs: int | None = None  # None: no log-probabilities; k: them and k alternatives'
 
     def __post_init__(self):
         super().__post_init__()
         checks = (
             ("stop", all(self.stop), "must not hold an empty string"),
             ("stop", len(self.stop) <= 16, "must hold at most 16 strings"),
+            ("top_logprobs", self.top_logprobs is None or 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"must be in 0..{MAX_TOP_LOGPROBS}"),
         )
         for name, ok, why in checks:
             if not ok:
@@ -272,6 +269,9 @@ class SamplingParams(SamplingOptions):
         if req.stop is not None:
             changes["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
         changes["ignore_eos"] = req.ignore_eos
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: requires logprobs: true", param="top_logprobs")
+        changes["top_logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
         try:
             return replace(defaults, **changes)
         except SamplingError as e:
@@ -289,22 +289,37 @@ def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict) -> dict:
+def _token(piece: bytes, logprob: float) -> dict:
+    return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+
+
+def token_logprob(lp: TokenLogprobs, piece: Callable[[int], bytes]) -> dict:
+    """One entry of OpenAI's ``logprobs.content``; ``piece``: a token's bytes."""
+    return {**_token(piece(lp.token), lp.logprob), "top_logprobs": [_token(piece(t), v) for t, v in lp.top]}
+
+
+def logprobs_body(content: list[dict] | None) -> dict | None:
+    """A choice's ``logprobs``: None when not asked for."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def completion_body(cid: str, model: str, text: str, finish_reason: str, usage: dict,
+                    logprobs: list[dict] | None = None) -> dict:
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": None, "finish_reason": finish_reason}],
+                     "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}],
         "usage": usage,
     }
 
 
 def chunk_body(cid: str, model: str, created: int, delta: dict | None,
                finish_reason: str | None = None, usage: dict | None = None,
-               include_usage: StrictBool = False) -> dict:
+               include_usage: StrictBool = False, logprobs: list[dict] | None = None) -> dict:
     """One ``chat.completion.chunk``; ``delta=None`` is the usage-only chunk (no choices)."""
     body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [] if delta is None else
-            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            [{"index": 0, "delta": delta, "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}]}
     if include_usage:
         body["usage"] = usage
     return body
