@@ -23,7 +23,7 @@ import numpy as np
 from llguidance import LLMatcher, LLTokenizer, TokenizerWrapper
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
-from .streaming import make_detokenizer, token_bytes
+from .streaming import GrammarError, make_detokenizer, token_bytes
 
 if TYPE_CHECKING:
     from .processing.chat import ChatProcessor
@@ -117,7 +117,7 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
+            raise GrammarError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
 
     @property
     def done(self) -> bool:

@@ -220,6 +220,7 @@ class Row:
     pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why the grammar ended the row ("error")
 
     @classmethod
     def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
@@ -302,10 +303,15 @@ class TokenLogprobs:
         return cls(token, chosen.item(), [(t, v) for t, v in zip(top.tolist(), values.tolist()) if v > -math.inf])
 
 
+class GrammarError(RuntimeError):
+    """llguidance failed a reply midway (a token the mask allowed was refused): that reply ends."""
+
+
 @dataclass
 class Output:
     """What a step gave a row: its token, the text it released, and when the row is done, its
-    finish reason ("stop": EOS or a stop string, "length") and the text held back until then."""
+    finish reason ("stop": EOS or a stop string, "length"; "error": its grammar failed, see
+    ``row.error``) and the text held back until then."""
 
     row: Row
     token: int
@@ -429,7 +435,11 @@ class Batch:
     def _advance(self, r: Row, token: int) -> Output:
         r.generated.append(token)
         if r.constraint is not None:
-            r.constraint.advance(token)
+            try:
+                r.constraint.advance(token)
+            except GrammarError as e:  # this row ends; the batch's other rows go on
+                r.finish_reason, r.error = "error", str(e)
+                return Output(r, token, "", "error")
         text, reason = "", None
         if token == self.eos and (not r.ignore_eos or r.constraint is not None):
             reason = "stop"
@@ -488,6 +498,8 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
         timings["first_sample_ms"] = (time.perf_counter() - t0) * 1e3
     while batch.rows:
         (out,) = batch.step()
+        if out.finish_reason == "error":
+            raise GrammarError(row.error)
         if n == 0:
             ttft = time.perf_counter() - tic
             prompt_tps = n_prompt / ttft if ttft > 0 else 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -343,3 +344,55 @@ def test_server_mixed_batch_of_formats_on_the_hybrid_family(tiny_hybrid_dir, tmp
     finally:
         assert s.stop() == 0
     assert "Traceback" not in s.output()
+
+
+def test_a_grammar_failing_midway_ends_its_request_only(text_ckpt, monkeypatch):
+    """llguidance refusing a token midway (it should not, for a token its mask allowed) fails that
+    request with a 500 naming it; the request decoded beside it finishes, valid; a session raises."""
+    from mlx_dsvl import session as session_module
+    from mlx_dsvl.server.scheduler import Delta, Failed, Finished, Job, Scheduler
+    from mlx_dsvl.server.schema import SamplingParams
+    from mlx_dsvl.streaming import GrammarError
+
+    model, processor = mlx_dsvl.load(text_ckpt, dtype="float32")
+    grammar = compile_format(processor, PET_FORMAT)
+
+    class FailsAtThirdToken:
+        def constraint(self):
+            c, taken = grammar.constraint(), []
+            advance = c.advance
+
+            def fail_third(token):
+                taken.append(token)
+                if len(taken) == 3:
+                    raise GrammarError("llguidance gave up")
+                advance(token)
+
+            c.advance = fail_third
+            return c
+
+    ids = processor.tokenize(processor.format(CONV)).tolist()
+    sched = Scheduler(model, processor, max_batch=2, cache_bytes=0)
+    events = [queue.Queue(), queue.Queue()]
+    for i, g in enumerate((FailsAtThirdToken(), grammar)):
+        sched.submit(Job(f"j{i}", ids, [], {}, SamplingParams(temperature=1.0, seed=i, repetition_penalty=1.0,
+                                                               max_tokens=200), events[i].put, grammar=g))
+    sched.start()
+    try:
+        got = []
+        for q in events:
+            text = ""
+            while not isinstance(e := q.get(timeout=120), (Finished, Failed)):
+                text += e.text if isinstance(e, Delta) else ""
+            got.append((text, e))
+    finally:
+        sched.stop()
+    assert isinstance(got[0][1], Failed) and got[0][1].status == 500, got[0]
+    assert "structured output failed: llguidance gave up" in got[0][1].message
+    assert isinstance(got[1][1], Finished) and got[1][1].finish_reason == "stop", got[1]
+    jsonschema.validate(json.loads(got[1][0]), PET)
+    assert sched.counters["peak_batch"] == 2
+    monkeypatch.setattr(session_module, "compile_format", lambda *_: FailsAtThirdToken())
+    with pytest.raises(GrammarError, match="gave up"):
+        list(ChatSession(model, processor).send("A pet?", temperature=1.0, seed=0, max_tokens=50,
+                                                response_format=PET_FORMAT))

@@ -306,6 +306,10 @@ class Scheduler:
 
     def _deliver(self, out: Output) -> None:
         slot, text = out.row.tag, out.text + out.tail
+        if out.finish_reason == "error":  # its grammar failed: this request only
+            print(f"[mlx-dsvl server] request {slot.job.id} failed: {out.row.error}", file=sys.stderr)
+            self._fail([slot.job], 500, f"structured output failed: {out.row.error}")
+            return
         slot.last = self.metrics.token(slot.job.submitted, slot.last)
         listed = out.logprobs is not None and (out.token != self.eos or out.row.ignore_eos)  # not EOS
         logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t))] if listed else []
