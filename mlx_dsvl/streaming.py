@@ -318,7 +318,7 @@ class Output:
     text: str
     finish_reason: str | None = None
     tail: str = ""
-    logprobs: TokenLogprobs | None = None  # when the row asks for them
+    logprobs: TokenLogprobs | None = None  # when the row asks for them (not for the EOS ending it)
 
 
 class Batch:
@@ -440,16 +440,15 @@ class Batch:
             except GrammarError as e:  # this row ends; the batch's other rows go on
                 r.finish_reason, r.error = "error", str(e)
                 return Output(r, token, "", "error")
-        text, reason = "", None
+        text, reason, listed = "", None, r.y_logprobs is not None
         if token == self.eos and (not r.ignore_eos or r.constraint is not None):
-            reason = "stop"
+            reason, listed = "stop", False  # the EOS that ends a reply has no logprobs entry
         else:
             r.detok.add_token(token)
             text = r.stop.push(r.detok.last_segment)
             done = r.stop.stopped or (r.constraint is not None and r.constraint.done)
             reason = "stop" if done else "length" if len(r.generated) >= r.max_tokens else None
-        out = Output(r, token, text, reason,
-                     logprobs=None if r.y_logprobs is None else TokenLogprobs.read(token, r.y_logprobs))
+        out = Output(r, token, text, reason, logprobs=TokenLogprobs.read(token, r.y_logprobs) if listed else None)
         if reason is not None:
             r.finish_reason = reason
             r.detok.finalize()
@@ -504,7 +503,7 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
             ttft = time.perf_counter() - tic
             prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
         n += 1
-        if out.logprobs is not None and (out.token != batch.eos or row.ignore_eos):
+        if out.logprobs is not None:
             held.append(out.logprobs)
         if out.text:
             yield chunk(out.text, out.token)

@@ -311,8 +311,8 @@ class Scheduler:
             self._fail([slot.job], 500, f"structured output failed: {out.row.error}")
             return
         slot.last = self.metrics.token(slot.job.submitted, slot.last)
-        listed = out.logprobs is not None and (out.token != self.eos or out.row.ignore_eos)  # not EOS
-        logprobs = [token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t))] if listed else []
+        logprobs = [] if out.logprobs is None else [
+            token_logprob(out.logprobs, lambda t: token_bytes(out.row.detok, t))]
         if text or logprobs:
             self._emit(slot.job, Delta(text, logprobs))
         if out.finish_reason is not None:
