@@ -59,11 +59,11 @@ def _print_stats(last: GenerationChunk) -> None:
     )
 
 
-def _reply(session: ChatSession, text: str, images: list[str], args) -> None:
+def _reply(session: ChatSession, text: str, images: list[str], args, fmt: dict | None) -> None:
     last = None
     notices: list[str] = []
     session.on_truncate = notices.append  # told after the reply, not in the middle of it
-    reply = session.send(text, images, SamplingOptions.from_args(args), response_format=response_format(args))
+    reply = session.send(text, images, SamplingOptions.from_args(args), response_format=fmt)
     try:
         for chunk in reply:
             print(chunk.text, end="", flush=True)
@@ -112,7 +112,7 @@ def _command(session: ChatSession, line: str, pending: list[str]) -> bool:
     return True
 
 
-def _chat_loop(session: ChatSession, args) -> None:
+def _chat_loop(session: ChatSession, args, fmt: dict | None) -> None:
     """A failed turn prints one line and the conversation goes on unchanged; Ctrl-C stops a reply
     (keeping its text), Ctrl-D quits."""
     pending: list[str] = list(args.image)
@@ -137,7 +137,7 @@ def _chat_loop(session: ChatSession, args) -> None:
                             session.processor.image_tag)
         try:
             print("Assistant: ", end="", flush=True)
-            _reply(session, text, pending, args)
+            _reply(session, text, pending, args, fmt)
         except (ValueError, OSError) as e:
             print(f"\nerror: {_one_line(e)}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -166,24 +166,27 @@ def response_format(args) -> dict | None:
     return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema}}
 
 
-def check_args(args) -> None:
-    """Option values a run would only trip over later: ``ValueError`` naming the flag."""
+def check_args(args) -> dict | None:
+    """Option values a run would only trip over later: ``ValueError`` naming the flag; returns
+    the response format (the schema file read once, here)."""
     SamplingOptions.from_args(args)
+    fmt = response_format(args)
     try:
-        grammar_source(response_format(args))
+        grammar_source(fmt)
     except ResponseFormatError as e:
         raise ValueError(f"--json-schema {args.json_schema}: {e.problem}") from None
     if args.max_context < 2:
         raise ValueError(f"--max-context must be an integer >= 2, got {args.max_context}")
     if not args.chat and args.prompt is None:
         raise ValueError("--prompt is required (or use --chat)")
+    return fmt
 
 
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = build_parser().parse_args(argv)
     try:
-        check_args(args)
+        fmt = check_args(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -194,12 +197,12 @@ def main(argv=None) -> int:
                               kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                               quantized_kv_start=args.quantized_kv_start)
         if args.chat:
-            _chat_loop(session, args)
+            _chat_loop(session, args, fmt)
         else:
             for path in args.image:  # clear errors before any work
                 processor.image_processor([path])
             prompt = place_images(args.prompt, len(args.image), processor.image_tag)
-            _reply(session, prompt, args.image, args)
+            _reply(session, prompt, args.image, args, fmt)
     except KeyboardInterrupt:
         return 130
     except (ValueError, OSError) as e:  # PromptTooLongError, ImagePositionError, ModelLoadError...
