@@ -272,3 +272,16 @@ def test_quantizing_a_quantized_group_again_is_refused(tiny_dir, tmp_path):
     assert_same_parameters(mlx_dsvl.load(vision, quantize=4, q_group_size=32)[0], both)
     with pytest.raises(ValueError, match="quantize_vision must be one of"):
         mlx_dsvl.load(tiny_dir, quantize_vision=3)
+
+
+def test_fingerprint_layout_names_the_vision_bits_only_when_they_differ():
+    """Adapters record their base's layout: folders written before vision bits of their own keep
+    their name (``q4/64``), a mixed folder is told apart."""
+    from mlx_dsvl.mlx_format import quantization_record
+    from mlx_dsvl.model_folder import quant_tags
+
+    old = {"bits": 4, "group_size": 64, "mode": "affine", "vision": True}
+    assert quant_tags(old) == quant_tags(quantization_record(4, None, 64)) == ["q4/64"]
+    assert quant_tags(quantization_record(4, 8, 64)) == ["q4/64", "vision q8"]
+    assert quant_tags(quantization_record(None, 8, 64)) == ["q-/64", "vision q8"]
+    assert quant_tags(None) == []
