@@ -1,0 +1,349 @@
+"""The memory budget (``--memory-limit GB``): what a configuration needs at its peak, and the
+most accurate configuration that fits a limit.
+
+The memory model is computed from a :class:`~mlx_dsvl.config.ModelConfig` alone: the model is
+built lazily (MLX allocates nothing until an array is evaluated) to read its parameter shapes.
+
+- weights: exact, in the loaded layout (:func:`mlx_dsvl.mlx_format.quantize_predicate`'s layers
+  as packed ``uint32`` + scales + biases per group, in the compute dtype; the rest in the
+  compute dtype);
+- KV cache: ``rows`` x the context rounded up to mlx-lm's allocation step, plain or quantized
+  (packed + scales + biases, groups of 64) from the first prefill on;
+- transients: the larger of the vision phase (one image through the towers) and a prefill pass
+  at the full context (attention scores, the MLP, a quantized cache's layer dequantized, the
+  last position's logits), on top of weights and the whole cache.
+
+The planner keeps what the user chose and picks the rest: the least accuracy lost (the measured
+costs in :data:`COSTS`) at the target context, else the longest context down to
+:func:`min_context`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .loading import resolve_dtype
+from .mlx_format import LLM_PREFIX, mlx_format_info, quantize_predicate
+from .model_folder import load_config, resolve_model_path
+from .model_options import DefaultContext
+from .models.deepseek_vl import DeepseekVL
+from .models.sam import QUERY_BLOCK
+
+GB = 1e9
+GROUP_SIZE = 64  # weights and KV cache, as --quantize and --kv-bits use
+KV_STEP = 256  # mlx-lm's KVCache grows by this many positions
+BITS = (None, 8, 4)  # None: not quantized
+
+# Accuracy cost of each choice: the largest change of the first-token logits against the
+# unquantized part (docs/PERFORMANCE.md; random real-size 1.3B weights, float32, CPU).  Costs
+# of several parts are added.
+COSTS: dict[tuple[str, int | None], float] = {
+    ("llm", None): 0.0, ("vision", None): 0.0, ("kv", None): 0.0,
+    # "KV cache over 4096 tokens": max logit difference, same top-1
+    ("kv", 8): 0.0056, ("kv", 4): 0.110,
+    # "LLM quantization": benchmarks/llm_quant_logits.py, a 30-token text prompt (4-bit: top-1 changed)
+    ("llm", 8): 0.116, ("llm", 4): 1.94,
+    # TO FILL from docs/PERFORMANCE.md "Quantized vision" (engineer A of issue 23): the
+    # first-token logits change of the whole model with 8- and 4-bit towers and aligner
+    ("vision", 8): math.nan, ("vision", 4): math.nan,
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One configuration: bits of each part (None: not quantized) and the context in tokens."""
+
+    llm_bits: int | None = None
+    vision_bits: int | None = None
+    kv_bits: int | None = None
+    context: int = 4096
+
+    def parts(self) -> list[tuple[str, int | None]]:
+        return [("llm", self.llm_bits), ("vision", self.vision_bits), ("kv", self.kv_bits)]
+
+    @property
+    def cost(self) -> float:
+        """The measured costs added (NaN when one is not measured)."""
+        return sum(COSTS[p] for p in self.parts())
+
+    def says_cost(self) -> str:
+        known = sum(c for p in self.parts() if not math.isnan(c := COSTS[p]))
+        unknown = [f"{bits}-bit {name}" for name, bits in self.parts() if math.isnan(COSTS[(name, bits)])]
+        said = f"first-token logits within ~{known:.3g} of the full model" if known else "none measured"
+        return said + (f" ({', '.join(unknown)}: not measured)" if unknown else "")
+
+    def describe(self) -> str:
+        def part(bits, name):
+            return f"{bits}-bit {name}" if bits else f"unquantized {name}"
+
+        return (f"{part(self.llm_bits, 'LLM')}, {part(self.vision_bits, 'vision')}, "
+                f"{part(self.kv_bits, 'KV')}, {self.context}-token context")
+
+
+def quantized_bytes(elements: int, bits: int, dtype_size: int, group_size: int = GROUP_SIZE) -> int:
+    """A quantized tensor of ``elements``: packed values + a scale and a bias per group."""
+    return elements * bits // 8 + 2 * (elements // group_size) * dtype_size
+
+
+class MemoryModel:
+    """Predicted bytes of a model's weights, KV cache and transient peaks."""
+
+    def __init__(self, config: ModelConfig, dtype: mx.Dtype, gpu: bool = False):
+        self.config, self.dtype_size, self.gpu = config, dtype.size, gpu
+        model = DeepseekVL(config)  # lazy: nothing is allocated
+        llm = quantize_predicate(GROUP_SIZE)
+        vision = quantize_predicate(GROUP_SIZE, vision=True)
+        self.elements = {"llm": 0, "vision": 0, "plain": 0}  # quantizable by part, never quantized
+        quantizable = {}
+        for path, module in model.named_modules():
+            if llm(path, module):
+                quantizable[path] = "llm"
+            elif vision(path, module):
+                quantizable[path] = "vision"
+        for key, v in tree_flatten(model.parameters()):
+            path, _, leaf = key.rpartition(".")
+            self.elements[quantizable[path] if leaf == "weight" and path in quantizable else "plain"] += v.size
+        lm = model.language_model.layers[0].self_attn
+        self.layers = len(model.language_model.layers)
+        self.kv_heads, self.head_dim, self.heads = lm.n_kv_heads, lm.head_dim, lm.n_heads
+        lang = config.language
+        self.hidden, self.intermediate, self.vocab = lang["hidden_size"], lang["intermediate_size"], lang["vocab_size"]
+        self.largest_llm_linear = max(
+            (m.weight.size for p, m in model.named_modules()
+             if p.startswith(LLM_PREFIX) and isinstance(m, nn.Linear) and not p.endswith("lm_head")), default=0)
+        self.towers = _towers(config)
+
+    def weights(self, llm_bits: int | None = None, vision_bits: int | None = None) -> int:
+        """Bytes of the loaded parameters."""
+        d, e = self.dtype_size, self.elements
+        total = e["plain"] * d
+        for part, bits in (("llm", llm_bits), ("vision", vision_bits)):
+            total += quantized_bytes(e[part], bits, d) if bits else e[part] * d
+        return total
+
+    def kv_cache(self, context: int, kv_bits: int | None = None, rows: int = 1) -> int:
+        """Bytes of ``rows`` caches of ``context`` tokens (keys and values, every layer)."""
+        slots = -(-context // KV_STEP) * KV_STEP
+        elements = rows * self.layers * slots * 2 * self.kv_heads * self.head_dim
+        return quantized_bytes(elements, kv_bits, self.dtype_size) if kv_bits else elements * self.dtype_size
+
+    def vision_peak(self) -> int:
+        """Bytes above the weights while one image goes through the towers: the pixels (as read,
+        normalized, resized) and the largest block's activations (the MLP, and the attention scores: on the CPU scores,
+        rel-pos bias, their sum, the softmax's steps and its cast in float32; a GPU's fused attention
+        holds the bias only)."""
+        d = self.dtype_size
+        worst = 0
+        for tokens, width, mlp, heads, queries in self.towers:
+            scores = heads * queries * tokens * (2 * d if self.gpu else 7 * 4)
+            worst = max(worst, scores + 2 * tokens * mlp * d + 6 * tokens * width * d)
+        side = self.config.vision.high.image_size if self.config.vision.hybrid else self.config.vision.low.image_size
+        return worst + 3 * 3 * side * side * 4
+
+    def prefill_peak(self, context: int, kv_bits: int | None = None, llm_bits: int | None = None) -> int:
+        """Bytes above weights and cache during the last prefill pass of a ``context``-token
+        prompt: attention scores and softmax over the context (materialized on the CPU and with a
+        quantized cache), a quantized cache's layer dequantized, the MLP, the last logits."""
+        d = self.dtype_size
+        fused = self.gpu and kv_bits is None
+        step = 2048 if fused else 512  # mlx_dsvl.streaming.prefill_step_size
+        step = min(step, context)
+        attention = 0 if fused else 2 * self.heads * step * context * d
+        if kv_bits:
+            attention += 2 * context * self.kv_heads * self.head_dim * d
+        mlp = 3 * step * self.intermediate * d
+        if llm_bits and not self.gpu:  # the CPU's quantized prefill dequantizes one layer at a time
+            mlp += self.largest_llm_linear * d
+        return max(attention, mlp) + 4 * step * self.hidden * d + self.vocab * 4
+
+    def peak(self, choice: Choice, rows: int = 1) -> int:
+        """Predicted peak bytes of ``choice`` with ``rows`` conversations decoded together."""
+        transient = max(self.vision_peak(), self.prefill_peak(choice.context, choice.kv_bits, choice.llm_bits))
+        return (self.weights(choice.llm_bits, choice.vision_bits)
+                + self.kv_cache(choice.context, choice.kv_bits, rows) + transient)
+
+
+def _towers(config: ModelConfig) -> list[tuple[int, int, int, int, int]]:
+    """(tokens, width, MLP width, heads, queries per attention call) of each vision tower."""
+    low = config.vision.low
+    towers = [(low.grid**2, low.width, low.mlp_dim, low.heads, low.grid**2)]
+    high = config.vision.high
+    if high is not None:
+        tokens = high.grid**2
+        towers.append((tokens, high.width, int(high.width * high.mlp_ratio), high.heads, min(QUERY_BLOCK, tokens)))
+    return towers
+
+
+def min_context(config: ModelConfig) -> int:
+    """The shortest context the planner gives: one image and a short exchange (the system
+    prompt, a question and a reply of a few hundred tokens)."""
+    return config.vision.num_image_tokens + 256
+
+
+
+
+@dataclass(frozen=True)
+class Plan:
+    choice: Choice
+    peak: int
+    limit: int
+    reduced: bool  # whether anything was chosen below the unquantized, full-context default
+
+    def line(self) -> str:
+        """The one line the CLIs print."""
+        cost = "none (nothing quantized)" if self.choice.cost == 0 else self.choice.says_cost()
+        return (f"memory limit {self.limit / GB:.1f} GB: {self.choice.describe()}; "
+                f"predicted peak {self.peak / GB:.2f} GB; cost: {cost}")
+
+
+class BudgetError(ValueError):
+    """Nothing fits the memory limit; ``smallest`` is the plan that needs the least."""
+
+    def __init__(self, message: str, smallest: Plan):
+        super().__init__(message)
+        self.smallest = smallest
+
+
+def plan(memory: MemoryModel, limit: int, *, llm_bits: int | None | str = "auto",
+         vision_bits: int | None | str = "auto", kv_bits: int | None | str = "auto",
+         context: int = 4096, fixed_context: bool = False, rows: int = 1, reserve: int = 0) -> Plan:
+    """The most accurate configuration whose peak (plus ``reserve`` bytes) fits ``limit``.
+
+    A bits argument left ``"auto"`` is chosen; any other value is kept.  Among the choices that
+    fit ``context`` the least costly wins (then the smallest); when none does and the context is
+    not ``fixed_context``, the one that fits the longest context (a multiple of mlx-lm's step,
+    at least :func:`min_context`).  Raises :class:`BudgetError` naming what the smallest needs.
+    """
+    options = [BITS if b == "auto" else (b,) for b in (llm_bits, vision_bits, kv_bits)]
+    candidates = [Choice(*bits, context=context) for bits in itertools.product(*options)]
+
+    def need(choice: Choice) -> int:
+        return memory.peak(choice, rows) + reserve
+
+    fitting = [c for c in candidates if need(c) <= limit]
+    if fitting:
+        best = min(fitting, key=lambda c: (_rank(c.cost), need(c)))
+    else:
+        floor = min(context, min_context(memory.config))
+        smallest = min(candidates, key=lambda c: need(replace(c, context=floor)))
+        longest = 0 if fixed_context else _longest(memory, smallest, limit - reserve, rows, floor, context)
+        if not longest:
+            small = replace(smallest, context=context if fixed_context else floor)
+            raise BudgetError(f"nothing fits a memory limit of {limit / GB:.2f} GB: the smallest choice "
+                              f"({small.describe()}) needs {need(small) / GB:.2f} GB",
+                              Plan(small, need(small), limit, reduced=True))
+        best = replace(smallest, context=longest)
+    reduced = best != Choice(llm_bits=None if llm_bits == "auto" else llm_bits,
+                             vision_bits=None if vision_bits == "auto" else vision_bits,
+                             kv_bits=None if kv_bits == "auto" else kv_bits, context=context)
+    return Plan(best, need(best), limit, reduced)
+
+
+def _rank(cost: float) -> float:
+    """Unmeasured costs rank after every measured one."""
+    return math.inf if math.isnan(cost) else cost
+
+
+def _longest(memory: MemoryModel, choice: Choice, limit: int, rows: int, floor: int, ceiling: int) -> int:
+    """The longest context in [floor, ceiling] (multiples of the KV step, or ``floor``) that fits."""
+    contexts: Iterable[int] = [*range(ceiling // KV_STEP * KV_STEP, floor, -KV_STEP), floor]
+    return next((c for c in contexts if memory.peak(replace(choice, context=c), rows) <= limit), 0)
+
+
+def machine_limit() -> int:
+    """What the machine can give MLX, in bytes: Metal's recommended working set, a CUDA GPU's
+    free (else total) memory, or on the CPU backend the system's available memory."""
+    info = {}
+    try:
+        info = mx.device_info()
+    except Exception:  # an MLX without device_info
+        pass
+    if mx.default_device() == mx.gpu:
+        for key in ("max_recommended_working_set_size", "free_memory", "total_memory", "memory_size"):
+            if isinstance(info.get(key), int) and info[key] > 0:
+                return info[key]
+    return system_available()
+
+
+def system_available() -> int:
+    """The system's available memory (``MemAvailable`` on Linux, else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def apply_budget(args: argparse.Namespace, path: str) -> Plan:
+    """Choose the options ``args`` leaves unset (``--quantize``, ``--kv-bits``, ``--max-context``
+    where the entry point has them) to fit ``--memory-limit`` (default: :func:`machine_limit`),
+    before any weight is read, and set them in ``args``.  The choice is said in one line on
+    stderr when the limit was given or something was reduced; when nothing fits, a given limit
+    raises :class:`BudgetError`, the machine's default only warns and goes on with the smallest."""
+    config = load_config(resolve_model_path(path))
+    memory = MemoryModel(config, resolve_dtype(getattr(args, "dtype", None)), gpu=mx.default_device() == mx.gpu)
+    given = args.memory_limit is not None
+    limit = int(args.memory_limit * GB) if given else machine_limit()
+    stored = (mlx_format_info(config.raw) or {}).get("quantization")
+    if stored:  # a converted folder's bits are its own
+        llm, vision = loaded_bits(config)
+    else:
+        llm = _given(args, "quantize")
+        vision = _given(args, "quantize_vision") if hasattr(args, "quantize_vision") else None
+    kv = _given(args, "kv_bits") if hasattr(args, "kv_bits") else None
+    if kv == "auto" and memory.head_dim % getattr(args, "kv_group_size", GROUP_SIZE):
+        kv = None  # groups that do not divide the head size (tiny test models)
+    context = getattr(args, "max_context", DefaultContext(4096))
+    rows = getattr(args, "max_batch", 1)  # the server decodes up to --max-batch rows
+    reserve = int((getattr(args, "cache_mb", 0) + getattr(args, "image_cache_mb", 0)) * 1024 * 1024)
+    fixed = not isinstance(context, DefaultContext)
+    try:
+        chosen = plan(memory, limit, llm_bits=llm, vision_bits=vision, kv_bits=kv, context=int(context),
+                      fixed_context=fixed, rows=rows, reserve=reserve)
+    except BudgetError as e:
+        if given:
+            raise
+        print(f"warning: {e} (what this machine can give); going on with it", file=sys.stderr)
+        chosen = e.smallest
+    if given or chosen.reduced:
+        print(f"[mlx-dsvl] {chosen.line()}", file=sys.stderr)
+    if chosen.reduced:
+        c = chosen.choice
+        if not stored:
+            args.quantize = c.llm_bits
+            if hasattr(args, "quantize_vision"):
+                args.quantize_vision = c.vision_bits
+        if hasattr(args, "kv_bits"):
+            args.kv_bits = c.kv_bits
+        if hasattr(args, "max_context"):
+            args.max_context = c.context
+    return chosen
+
+
+def loaded_bits(config: ModelConfig, quantize: int | None = None,
+                quantize_vision: int | None = None) -> tuple[int | None, int | None]:
+    """(LLM bits, vision bits) of the model loaded from ``config``'s folder: a converted folder's
+    recorded quantization, else what loading quantizes."""
+    stored = (mlx_format_info(config.raw) or {}).get("quantization")
+    if stored:
+        return stored["bits"], stored["bits"] if stored.get("vision") else None
+    return quantize, quantize_vision
+
+
+def _given(args: argparse.Namespace, name: str) -> int | str:
+    value = getattr(args, name, None)
+    return "auto" if value is None else value
