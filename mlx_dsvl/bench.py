@@ -195,11 +195,12 @@ def predicted_peak(args, path, res: dict) -> int:
     the conversation's context (with ``--turns 0`` the towers only)."""
     import mlx.core as mx
 
-    from .loading import load_config, resolve_dtype
+    from .loading import load_config, resolve_dtype, resolve_model_path
     from .memory_budget import Choice, MemoryModel, loaded_bits
 
-    config = load_config(path)
-    memory = MemoryModel(config, resolve_dtype(res["dtype"]), gpu=mx.default_device() == mx.gpu)
+    config = load_config(resolve_model_path(path))
+    memory = MemoryModel(config, resolve_dtype(res["dtype"]), gpu=mx.default_device() == mx.gpu,
+                         kv_group_size=args.kv_group_size)
     llm, vision = loaded_bits(config, args.quantize, getattr(args, "quantize_vision", None))
     if not args.turns:
         return memory.weights(llm, vision) + memory.vision_peak()

@@ -99,8 +99,8 @@ def quantized_bytes(elements: int, bits: int, dtype_size: int, group_size: int =
 class MemoryModel:
     """Predicted bytes of a model's weights, KV cache and transient peaks."""
 
-    def __init__(self, config: ModelConfig, dtype: mx.Dtype, gpu: bool = False):
-        self.config, self.dtype_size, self.gpu = config, dtype.size, gpu
+    def __init__(self, config: ModelConfig, dtype: mx.Dtype, gpu: bool = False, kv_group_size: int = GROUP_SIZE):
+        self.config, self.dtype_size, self.gpu, self.kv_group_size = config, dtype.size, gpu, kv_group_size
         model = DeepseekVL(config)  # lazy: nothing is allocated
         llm = quantize_predicate(GROUP_SIZE)
         vision = quantize_predicate(GROUP_SIZE, vision=True)
@@ -136,17 +136,19 @@ class MemoryModel:
         """Bytes of ``rows`` caches of ``context`` tokens (keys and values, every layer)."""
         slots = -(-context // KV_STEP) * KV_STEP
         elements = rows * self.layers * slots * 2 * self.kv_heads * self.head_dim
-        return quantized_bytes(elements, kv_bits, self.dtype_size) if kv_bits else elements * self.dtype_size
+        if kv_bits:
+            return quantized_bytes(elements, kv_bits, self.dtype_size, self.kv_group_size)
+        return elements * self.dtype_size
 
     def vision_peak(self) -> int:
         """Bytes above the weights while one image goes through the towers: the pixels (as read,
-        normalized, resized) and the largest block's activations (the MLP, and the attention scores: on the CPU scores,
-        rel-pos bias, their sum, the softmax's steps and its cast in float32; a GPU's fused attention
-        holds the bias only)."""
+        normalized, resized) and the largest block's activations: the MLP, and the attention
+        scores (on the CPU copies in float32: scores and the softmax's steps, with SAM's rel-pos
+        bias and its sum too; a GPU's fused attention holds SAM's bias only)."""
         d = self.dtype_size
         worst = 0
-        for tokens, width, mlp, heads, queries in self.towers:
-            scores = heads * queries * tokens * (2 * d if self.gpu else 7 * 4)
+        for tokens, width, mlp, heads, queries, copies in self.towers:
+            scores = heads * queries * tokens * ((copies - 4) * d if self.gpu else copies * 4)
             worst = max(worst, scores + 2 * tokens * mlp * d + 6 * tokens * width * d)
         side = self.config.vision.high.image_size if self.config.vision.hybrid else self.config.vision.low.image_size
         return worst + 3 * 3 * side * side * 4
@@ -174,14 +176,15 @@ class MemoryModel:
                 + self.kv_cache(choice.context, choice.kv_bits, rows) + transient)
 
 
-def _towers(config: ModelConfig) -> list[tuple[int, int, int, int, int]]:
-    """(tokens, width, MLP width, heads, queries per attention call) of each vision tower."""
+def _towers(config: ModelConfig) -> list[tuple[int, int, int, int, int, int]]:
+    """(tokens, width, MLP width, heads, queries per attention call, copies of the scores) of
+    each vision tower: SigLIP's softmax holds 4, SAM's rel-pos bias and its sum 3 more."""
     low = config.vision.low
-    towers = [(low.grid**2, low.width, low.mlp_dim, low.heads, low.grid**2)]
+    towers = [(low.grid**2, low.width, low.mlp_dim, low.heads, low.grid**2, 4)]
     high = config.vision.high
     if high is not None:
         tokens = high.grid**2
-        towers.append((tokens, high.width, int(high.width * high.mlp_ratio), high.heads, min(QUERY_BLOCK, tokens)))
+        towers.append((tokens, high.width, int(high.width * high.mlp_ratio), high.heads, min(QUERY_BLOCK, tokens), 7))
     return towers
 
 
@@ -295,7 +298,9 @@ def apply_budget(args: argparse.Namespace, path: str) -> Plan:
     stderr when the limit was given or something was reduced; when nothing fits, a given limit
     raises :class:`BudgetError`, the machine's default only warns and goes on with the smallest."""
     config = load_config(resolve_model_path(path))
-    memory = MemoryModel(config, resolve_dtype(getattr(args, "dtype", None)), gpu=mx.default_device() == mx.gpu)
+    group = getattr(args, "kv_group_size", GROUP_SIZE)
+    memory = MemoryModel(config, resolve_dtype(getattr(args, "dtype", None)), gpu=mx.default_device() == mx.gpu,
+                         kv_group_size=group)
     given = args.memory_limit is not None
     limit = int(args.memory_limit * GB) if given else machine_limit()
     stored = (mlx_format_info(config.raw) or {}).get("quantization")
@@ -305,7 +310,7 @@ def apply_budget(args: argparse.Namespace, path: str) -> Plan:
         llm = _given(args, "quantize")
         vision = _given(args, "quantize_vision") if hasattr(args, "quantize_vision") else None
     kv = _given(args, "kv_bits") if hasattr(args, "kv_bits") else None
-    if kv == "auto" and memory.head_dim % getattr(args, "kv_group_size", GROUP_SIZE):
+    if kv == "auto" and memory.head_dim % group:
         kv = None  # groups that do not divide the head size (tiny test models)
     context = getattr(args, "max_context", DefaultContext(4096))
     rows = getattr(args, "max_batch", 1)  # the server decodes up to --max-batch rows

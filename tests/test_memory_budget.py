@@ -118,12 +118,12 @@ def test_every_choice_that_fits_is_no_more_accurate_than_the_chosen_one():
 
 
 def test_explicit_choices_are_kept():
-    p = plan(real("7b"), int(5.5 * GB), kv_bits=None, vision_bits=None)
-    assert p.choice.kv_bits is None and p.choice.llm_bits == 4
+    p = plan(real("7b"), int(5.5 * GB), kv_bits=None, vision_bits=8)
+    assert p.choice.kv_bits is None and p.choice.vision_bits == 8 and p.choice.llm_bits == 4
     assert p.choice.context < 4096  # the plain cache is kept: the context shrinks instead
     assert p.choice.context >= min_context(real("7b").config)
     with pytest.raises(BudgetError):
-        plan(real("7b"), int(5.5 * GB), kv_bits=None, vision_bits=None, context=4096, fixed_context=True)
+        plan(real("7b"), int(5.5 * GB), kv_bits=None, vision_bits=8, context=4096, fixed_context=True)
     assert plan(real("1.3b"), 40 * GB, llm_bits=8).choice.llm_bits == 8
 
 
