@@ -20,6 +20,8 @@ MODEL_ENV = "MLX_DSVL_APP_MODEL"  # the model when no --model is given (tests us
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 # The sidebar's KV-cache choices -> ChatSession's kv_bits (groups of 64)
 KV_CACHE_OPTIONS = {"full precision": None, "8-bit": 8, "4-bit": 4}
+# The sidebar's vision choices -> load's quantize_vision (groups of 64)
+VISION_OPTIONS = {"full precision": None, "8-bit": 8, "4-bit": 4}
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -31,7 +33,7 @@ class _Strict(argparse.ArgumentParser):
 def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     """The app's own arguments: ``streamlit run apps/chat.py -- --model DIR|hub-id ...``.
 
-    ``--4bit`` starts with the 4-bit toggle on; ``--device auto|cpu|gpu`` as in ``generate``; ``--max-tokens``, ``--temperature``, ``--top-p``,
+    ``--4bit`` starts with the 4-bit toggle on, ``--quantize-vision 8|4`` with that vision choice; ``--device auto|cpu|gpu`` as in ``generate``; ``--max-tokens``, ``--temperature``, ``--top-p``,
     ``--repetition-penalty``, ``--kv-bits`` and ``--system`` set the sidebar's starting values.
 
     Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unless ``strict`` (``python
@@ -42,7 +44,7 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     p = _Strict(prog="python apps/chat.py", add_help=False)
     add_model_arguments(p, "model", model={"default": None})
     p.add_argument("--4bit", dest="quantize", action="store_true")
-    add_model_arguments(p, "adapter", "device")
+    add_model_arguments(p, "quantize_vision", "adapter", "device")
     # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
     add_arguments(p, defaults=False, skip=("seed",))
     add_model_arguments(p, "kv_bits")

@@ -54,9 +54,10 @@ st.set_page_config(page_title="DeepSeek-VL chat", page_icon=":material/visibilit
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def get_model(path: str, quantize: bool) -> logic.LoadedModel:
-    """Once per process and (path, 4-bit): sampling and prompt widgets never reload the model."""
-    return logic.load_model(path, quantize, ARGS.adapter)
+def get_model(path: str, quantize: bool, vision_bits: int | None) -> logic.LoadedModel:
+    """Once per process and (path, 4-bit, vision bits): sampling and prompt widgets never reload
+    the model."""
+    return logic.load_model(path, quantize, ARGS.adapter, vision_bits)
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ def _start(name: str):
 DEFAULTS = {
     "model_path": ARGS.model,
     "quantize": ARGS.quantize,
+    "vision": {v: k for k, v in logic.VISION_OPTIONS.items()}[ARGS.quantize_vision],
     **{name: _start(name) for name in CONTROLS},
     "kv_cache": {v: k for k, v in logic.KV_CACHE_OPTIONS.items()}[ARGS.kv_bits],
     "system_prompt": DEFAULT_SYSTEM_PROMPT if ARGS.system is None else ARGS.system,
@@ -97,6 +99,10 @@ with st.sidebar:
               help="Quantize the language model to 4 bits (group size 64) after loading: about a "
                    "third of the memory (1.3B: 8 -> 2.4 GB on CPU). On MLX's CPU backend, prompt "
                    "processing is much slower in 4-bit.")
+    st.selectbox("Vision", list(logic.VISION_OPTIONS), key="vision",
+                 help="Quantize the vision towers' and the aligner's linear layers (groups of 64) after "
+                      "loading: the 7B's towers take about half (8-bit) or a third (4-bit) of their "
+                      "half-precision memory; the patch embeddings, SAM's neck and the norms stay.")
     st.selectbox("KV cache", list(logic.KV_CACHE_OPTIONS), key="kv_cache",
                  help="Keep the conversation's attention keys and values quantized: about half (8-bit) "
                       "or a third (4-bit) of their memory, which grows with the conversation (1.3B in "
@@ -114,7 +120,7 @@ with st.sidebar:
 
 # -- the model ----------------------------------------------------------------------------------
 path = st.session_state.model_path.strip()
-key = (path, bool(st.session_state.quantize))
+key = (path, bool(st.session_state.quantize), logic.VISION_OPTIONS[st.session_state.vision])
 try:
     with st.spinner(logic.loading_message(*key)):
         loaded = get_model(*key)
@@ -137,7 +143,7 @@ except ValueError as e:  # a model whose head size the groups do not divide
     st.sidebar.warning(f"KV cache: {e}")
 
 st.title("DeepSeek-VL chat", anchor=False)
-st.caption(f"{path}{' · 4-bit LLM' if loaded.quantized else ''}")
+st.caption(f"{path}{logic.quantization_label(loaded.quantized, loaded.vision_bits, ' · ')}")
 
 prompt = st.chat_input("Ask about your images (drop them here)", key="chat_input",
                        accept_file="multiple", max_upload_size=logic.MAX_UPLOAD_MB)

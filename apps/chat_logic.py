@@ -24,6 +24,7 @@ from app_options import (  # noqa: F401 -- the app's command line, re-exported f
     LOOPBACK,
     MODEL_ENV,
     SLIDERS,
+    VISION_OPTIONS,
     address_warning,
     blas_hint,
     check_launch,
@@ -116,32 +117,43 @@ class LoadedModel:
     quantized: bool
     seconds: float
     warmup_seconds: float = 0.0  # of ``seconds``: the GPU warm-up (0 on the CPU)
+    vision_bits: int | None = None  # the towers and the aligner quantized to these bits
     lock: threading.Lock = field(default_factory=threading.Lock)  # one reply at a time
 
 
-def loading_message(path: str, quantize: bool) -> str:
+def loading_message(path: str, quantize: bool, vision_bits: int | None = None) -> str:
     """The loading spinner's text; on a GPU it says that the first load prepares kernels."""
     from mlx_dsvl.warmup import kernels_compile
 
-    text = f"Loading {path}{' (4-bit)' if quantize else ''}"
+    text = f"Loading {path}{quantization_label(quantize, vision_bits, ' (', ')')}"
     if kernels_compile():
         text += (" and preparing its GPU kernels (the first time on this machine this can take a "
                  "minute; later runs start faster)")
     return text + " ..."
 
 
-def load_model(path: str, quantize: bool = False, adapter: str | None = None) -> LoadedModel:
-    """``mlx_dsvl.load`` (4-bit LLM: quantized while loading, groups of 64; + adapters from
-    ``python -m mlx_dsvl.train``), then on a GPU a warm-up so that the first question does not
-    wait for kernels to compile; raises ``mlx_dsvl.loading.ModelLoadError`` and friends."""
+def quantization_label(quantize: bool, vision_bits: int | None, before: str = "", after: str = "") -> str:
+    """``4-bit LLM, 8-bit vision`` between ``before`` and ``after``; empty when nothing is quantized."""
+    parts = (["4-bit LLM"] if quantize else []) + ([f"{vision_bits}-bit vision"] if vision_bits else [])
+    return f"{before}{', '.join(parts)}{after}" if parts else ""
+
+
+def load_model(path: str, quantize: bool = False, adapter: str | None = None,
+               vision_bits: int | None = None) -> LoadedModel:
+    """``mlx_dsvl.load`` (4-bit LLM, ``vision_bits`` towers and aligner: quantized while loading,
+    groups of 64; + adapters from ``python -m mlx_dsvl.train``), then on a GPU a warm-up so that
+    the first question does not wait for kernels to compile; raises
+    ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
     from mlx_dsvl.generation import warm_up
 
     load_calls += 1
     tic = time.perf_counter()
-    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None, adapter_path=adapter)
+    model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None, adapter_path=adapter,
+                                     quantize_vision=vision_bits)
     warmup_s = warm_up(model, processor, say=lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr))
-    return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic, warmup_s)
+    return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic, warmup_s,
+                       vision_bits=vision_bits)
 
 
 def load_error_message(path: str, error: BaseException) -> str:
@@ -202,7 +214,7 @@ class Conversation:
 
     def __init__(self, loaded: LoadedModel, system_prompt: str | None = None, max_context: int = 4096):
         self.loaded = loaded
-        self.key = (loaded.path, loaded.quantized)
+        self.key = (loaded.path, loaded.quantized, loaded.vision_bits)
         self.session = mlx_dsvl.ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
                                    max_context=max_context, on_truncate=self._on_truncate)
         self.turns: list[Turn] = []

@@ -107,6 +107,7 @@ def run(args) -> dict:
     res["load_s"] = time.perf_counter() - t
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
+    res["quantize_vision"] = args.quantize_vision or None
     # Memory: what loading (and quantizing) took at its peak, what stays resident, and then the
     # peak of the run itself (resident weights + one image + the turns).
     mx.clear_cache()
@@ -260,7 +261,7 @@ def _torch_compare(path, px, ids, ours: dict, args) -> dict:
     missing = [m for m in ("torch", "transformers") if find_spec(m) is None]
     if missing:
         return {"torch_compare": f"skipped ({missing[0]} not installed)"}
-    if args.quantize:
+    if args.quantize or args.quantize_vision:
         return {"torch_compare": "skipped (the reference is not quantized)"}
     if mx.default_device() == mx.gpu:
         import torch
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
     ensure_fast_blas()
     p = argparse.ArgumentParser(prog="python -m mlx_dsvl.bench", description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="tiny-hybrid")
-    add_model_arguments(p, "model", "dtype", "quantize", "device",
+    add_model_arguments(p, "model", "dtype", "quantize", "quantize_vision", "device",
                         model={"default": None, "help": "a model folder to measure instead of a random --arch one"})
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the user message (required unless --chat)")
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
     add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
-    add_model_arguments(p, "dtype", "adapter", "device", "quantize", "kv_bits", "kv_group_size",
+    add_model_arguments(p, "dtype", "adapter", "device", "quantize", "quantize_vision", "kv_bits", "kv_group_size",
                         "quantized_kv_start", "max_context", "memory_limit")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", default=None,

@@ -2,7 +2,8 @@
 
 The weights are cast and materialized one tensor at a time, so no second full copy is held;
 ``quantize`` quantizes each LLM weight as it is read (the unquantized LLM never exists in memory),
-bit for bit what loading a ``convert --quantize`` folder gives.
+``quantize_vision`` the towers' and the aligner's, bit for bit what loading a ``convert --quantize``
+(``--quantize-vision``) folder gives.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from .config import ModelConfig
 from .mlx_format import (
     QUANT_BITS,
     QUANT_GROUP_SIZES,
+    describe_quantization,
+    group_bits,
     mlx_format_info,
     quantize_like,
     quantize_structure,
@@ -56,18 +59,21 @@ def resolve_dtype(dtype: None | str | mx.Dtype) -> mx.Dtype:
     return dtype
 
 
-def check_quantize(quantize: int | None, group_size: int) -> None:
-    if quantize is not None and quantize not in QUANT_BITS:
-        raise ValueError(f"quantize must be one of {QUANT_BITS} (bits), got {quantize}")
-    if quantize is not None and group_size not in QUANT_GROUP_SIZES:
+def check_quantize(quantize: int | None, group_size: int, quantize_vision: int | None = None) -> None:
+    for name, bits in (("quantize", quantize), ("quantize_vision", quantize_vision)):
+        if bits is not None and (isinstance(bits, bool) or bits not in QUANT_BITS):
+            raise ValueError(f"{name} must be one of {QUANT_BITS} (bits), got {bits}")
+    if (quantize or quantize_vision) is not None and group_size not in QUANT_GROUP_SIZES:
         raise ValueError(f"q_group_size must be one of {QUANT_GROUP_SIZES}, got {group_size}")
 
 
 def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelConfig | None = None,
-               quantize: int | None = None, q_group_size: int = 64) -> DeepseekVL:
-    """Build the model from ``path`` and load its weights strictly (names and shapes)."""
+               quantize: int | None = None, q_group_size: int = 64, *,
+               quantize_vision: int | None = None) -> DeepseekVL:
+    """Build the model from ``path`` and load its weights strictly (names and shapes); quantize
+    the LLM to ``quantize`` bits and the towers and aligner to ``quantize_vision`` bits while loading."""
     dtype = resolve_dtype(dtype)
-    check_quantize(quantize, q_group_size)
+    check_quantize(quantize, q_group_size, quantize_vision)
     config = config or load_config(path)
     model = DeepseekVL(config)
     try:
@@ -82,11 +88,9 @@ def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelCon
             quantize_like(model, weights, mlx_info)
         except ValueError as e:
             raise ModelLoadError(f"{path / 'config.json'}: {e}") from None
-    if quantize is not None:
-        if mlx_info is not None and mlx_info.get("quantization"):
-            raise ModelLoadError(f"{path}: already quantized ({mlx_info['quantization']['bits']}-bit); "
-                                 "load it without quantizing again")
-        weights = quantize_weights(weights, quantize_structure(model, quantize, q_group_size), quantize,
+    if quantize is not None or quantize_vision is not None:
+        check_not_quantized(path, (mlx_info or {}).get("quantization"), quantize, quantize_vision)
+        weights = quantize_weights(weights, quantize_structure(model, quantize, q_group_size, quantize_vision),
                                    q_group_size)
     expected = dict(tree_flatten(model.parameters()))
     check_weights(path, weights, expected)
@@ -100,6 +104,15 @@ def load_model(path: Path, dtype: None | str | mx.Dtype = None, config: ModelCon
     return model
 
 
+def check_not_quantized(path: Path, record: dict | None, quantize: int | None, quantize_vision: int | None) -> None:
+    """Refuse to quantize again a group (the LLM, the vision) that the folder stores quantized."""
+    stored = group_bits(record)
+    for group, asked, flag in (("language", quantize, "quantize"), ("vision", quantize_vision, "quantize_vision")):
+        if asked is not None and stored[group] is not None:
+            raise ModelLoadError(f"{path}: already quantized ({describe_quantization(record)}); "
+                                 f"load it without {flag} again")
+
+
 def materialize(model: DeepseekVL) -> None:
     """Evaluate the parameters one tensor at a time, so each weight read before its cast or
     quantization is freed before the next is read (tensors evaluated together are read together)."""
@@ -108,10 +121,12 @@ def materialize(model: DeepseekVL) -> None:
 
 
 def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None, quantize: int | None = None,
-         q_group_size: int = 64, adapter_path: str | os.PathLike | None = None) -> tuple[DeepseekVL, ChatProcessor]:
+         q_group_size: int = 64, adapter_path: str | os.PathLike | None = None, *,
+         quantize_vision: int | None = None) -> tuple[DeepseekVL, ChatProcessor]:
     """Load a DeepSeek-VL model and its chat processor from a folder or a hub id; ``quantize`` (4
-    or 8) the LLM while loading; ``adapter_path``: a training output folder applied afterwards."""
-    check_quantize(quantize, q_group_size)
+    or 8) the LLM and ``quantize_vision`` (4 or 8) the vision towers and the aligner while
+    loading; ``adapter_path``: a training output folder applied afterwards."""
+    check_quantize(quantize, q_group_size, quantize_vision)
     path = resolve_model_path(path_or_repo)
     config = load_config(path)  # cheap checks first, the weights last
     try:
@@ -120,7 +135,7 @@ def load(path_or_repo: str | Path, dtype: None | str | mx.Dtype = None, quantize
         raise
     except (OSError, ValueError) as e:  # the message names the file when it knows which
         raise ModelLoadError(str(e) if str(path) in str(e) else f"{path}: cannot load the tokenizer/processor ({e})") from None
-    model = load_model(path, dtype, config, quantize, q_group_size)
+    model = load_model(path, dtype, config, quantize, q_group_size, quantize_vision=quantize_vision)
     model.image_token_id = image_token_id(path, config, processor)
     if adapter_path:
         load_adapters(model, adapter_path)

@@ -34,7 +34,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .loading import resolve_dtype
-from .mlx_format import LLM_PREFIX, mlx_format_info, quantize_predicate
+from .mlx_format import LLM_PREFIX, group_bits, mlx_format_info, quantize_policy
 from .model_folder import load_config, resolve_model_path
 from .model_options import DefaultContext
 from .models.deepseek_vl import DeepseekVL
@@ -102,15 +102,9 @@ class MemoryModel:
     def __init__(self, config: ModelConfig, dtype: mx.Dtype, gpu: bool = False, kv_group_size: int = GROUP_SIZE):
         self.config, self.dtype_size, self.gpu, self.kv_group_size = config, dtype.size, gpu, kv_group_size
         model = DeepseekVL(config)  # lazy: nothing is allocated
-        llm = quantize_predicate(GROUP_SIZE)
-        vision = quantize_predicate(GROUP_SIZE, vision=True)
         self.elements = {"llm": 0, "vision": 0, "plain": 0}  # quantizable by part, never quantized
-        quantizable = {}
-        for path, module in model.named_modules():
-            if llm(path, module):
-                quantizable[path] = "llm"
-            elif vision(path, module):
-                quantizable[path] = "vision"
+        quantizable = {path: "llm" for path in quantize_policy(model, {"language": 4}, GROUP_SIZE)}
+        quantizable.update({path: "vision" for path in quantize_policy(model, {"vision": 4}, GROUP_SIZE)})
         for key, v in tree_flatten(model.parameters()):
             path, _, leaf = key.rpartition(".")
             self.elements[quantizable[path] if leaf == "weight" and path in quantizable else "plain"] += v.size
@@ -303,13 +297,10 @@ def apply_budget(args: argparse.Namespace, path: str) -> Plan:
                          kv_group_size=group)
     given = args.memory_limit is not None
     limit = int(args.memory_limit * GB) if given else machine_limit()
-    stored = (mlx_format_info(config.raw) or {}).get("quantization")
-    if stored:  # a converted folder's bits are its own
-        llm, vision = loaded_bits(config)
-    else:
-        llm = _given(args, "quantize")
-        vision = _given(args, "quantize_vision") if hasattr(args, "quantize_vision") else None
-    kv = _given(args, "kv_bits") if hasattr(args, "kv_bits") else None
+    stored_llm, stored_vision = loaded_bits(config)  # a converted folder's quantized groups are its own
+    llm = stored_llm if stored_llm else _given(args, "quantize")
+    vision = stored_vision if stored_vision else _given(args, "quantize_vision")
+    kv = _given(args, "kv_bits")
     if kv == "auto" and memory.head_dim % group:
         kv = None  # groups that do not divide the head size (tiny test models)
     context = getattr(args, "max_context", DefaultContext(4096))
@@ -328,12 +319,10 @@ def apply_budget(args: argparse.Namespace, path: str) -> Plan:
         print(f"[mlx-dsvl] {chosen.line()}", file=sys.stderr)
     if chosen.reduced:
         c = chosen.choice
-        if not stored:
-            args.quantize = c.llm_bits
-            if hasattr(args, "quantize_vision"):
-                args.quantize_vision = c.vision_bits
-        if hasattr(args, "kv_bits"):
-            args.kv_bits = c.kv_bits
+        for name, asked, value in (("quantize", llm, c.llm_bits), ("quantize_vision", vision, c.vision_bits),
+                                   ("kv_bits", kv, c.kv_bits)):
+            if asked == "auto":
+                setattr(args, name, value)
         if hasattr(args, "max_context"):
             args.max_context = c.context
     return chosen
@@ -343,12 +332,13 @@ def loaded_bits(config: ModelConfig, quantize: int | None = None,
                 quantize_vision: int | None = None) -> tuple[int | None, int | None]:
     """(LLM bits, vision bits) of the model loaded from ``config``'s folder: a converted folder's
     recorded quantization, else what loading quantizes."""
-    stored = (mlx_format_info(config.raw) or {}).get("quantization")
-    if stored:
-        return stored["bits"], stored["bits"] if stored.get("vision") else None
-    return quantize, quantize_vision
+    stored = group_bits((mlx_format_info(config.raw) or {}).get("quantization"))
+    return stored["language"] or quantize, stored["vision"] or quantize_vision
 
 
-def _given(args: argparse.Namespace, name: str) -> int | str:
-    value = getattr(args, name, None)
+def _given(args: argparse.Namespace, name: str) -> int | str | None:
+    """``"auto"`` for an option the entry point has and the user left unset; None where it has none."""
+    if not hasattr(args, name):
+        return None
+    value = getattr(args, name)
     return "auto" if value is None else value

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .config import ConfigError, ModelConfig
-from .mlx_format import mlx_format_info
+from .mlx_format import group_bits, mlx_format_info
 
 INDEX = "model.safetensors.index.json"
 # What a hub download fetches: configs, safetensors weights and the tokenizer's files.
@@ -127,8 +127,7 @@ def folder_fingerprint(path: Path, sample: int = 64) -> dict[str, str]:
     config = read_json(path / "config.json", "config.json (not a model folder?)")
     info = mlx_format_info(config)
     quant = (info or {}).get("quantization")
-    layout = "original" if info is None else " ".join(
-        ["mlx", str(info.get("dtype"))] + ([f"q{quant['bits']}/{quant['group_size']}"] if quant else []))
+    layout = "original" if info is None else " ".join(["mlx", str(info.get("dtype"))] + quant_tags(quant))
     digest = hashlib.sha256()
     for f in sorted(set(weight_files(path).values())):
         try:
@@ -144,6 +143,16 @@ def folder_fingerprint(path: Path, sample: int = 64) -> dict[str, str]:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{f}: cannot read safetensors header ({e})") from None
     return {"layout": layout, "files": digest.hexdigest()[:16]}
+
+
+def quant_tags(quant: dict | None) -> list[str]:
+    """``q4/64`` (the LLM's, or vision and LLM alike, as folders before vision bits of their own
+    said), ``vision q8`` for vision bits of their own."""
+    if not quant:
+        return []
+    bits = group_bits(quant)
+    own = bits["vision"] is not None and bits["vision"] != bits["language"]
+    return [f"q{bits['language'] or '-'}/{quant['group_size']}"] + ([f"vision q{bits['vision']}"] if own else [])
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:

@@ -1,5 +1,5 @@
-"""The model options the entry points share (``--model``, ``--dtype``, ``--device``, ...) and
-:func:`load_from_args`.
+"""The model options the entry points share (``--model``, ``--dtype``, ``--device``, ``--quantize``,
+``--quantize-vision``, ...) and :func:`load_from_args`.
 
 This module imports no MLX: entry points import it at the top and build their parsers after
 :func:`mlx_dsvl.blas.ensure_fast_blas`, which may re-execute the process first.
@@ -56,6 +56,11 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
             help="quantize the LLM to 4 or 8 bits (groups of 64) while loading: the unquantized LLM is "
                  "never held in memory (a folder from python -m mlx_dsvl.convert --quantize loads "
                  "quantized as it is)")),
+        "quantize_vision": ("--quantize-vision", dict(
+            type=int, choices=QUANT_BITS, default=None,
+            help="quantize the vision towers' and the aligner's linear layers to 4 or 8 bits (groups of "
+                 "64) while loading; patch embeddings, SAM's neck, norms and position embeddings stay "
+                 "in the compute dtype (default: not quantized)")),
         "kv_bits": ("--kv-bits", dict(type=int, choices=KV_BITS, default=None,
                                       help="keep the KV cache quantized to 4 or 8 bits (default: not quantized)")),
         "kv_group_size": ("--kv-group-size", dict(
@@ -99,4 +104,5 @@ def load_from_args(args: argparse.Namespace, model: str | None = None) -> tuple[
     if hasattr(args, "memory_limit"):
         apply_budget(args, path)
     return load(path, dtype=getattr(args, "dtype", None),
-                quantize=getattr(args, "quantize", None), adapter_path=getattr(args, "adapter", None))
+                quantize=getattr(args, "quantize", None), adapter_path=getattr(args, "adapter", None),
+                quantize_vision=getattr(args, "quantize_vision", None))

@@ -189,6 +189,25 @@ def test_widgets_reach_the_session_and_never_reload_the_model(app, tiny_dir):
     assert chat_logic.load_calls == calls + 2
 
 
+def test_vision_choice_reaches_load(tiny_dir, monkeypatch):
+    """``--quantize-vision 8`` starts the sidebar's vision choice at 8-bit and the model's towers
+    quantized; choosing full precision loads a new model, with a new conversation."""
+    import mlx.nn as nn
+
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_dir), "--quantize-vision", "8"])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception and at.session_state["vision"] == "8-bit"
+    conv = conversation(at)
+    aligner = conv.session.model.aligner.layers[0]
+    assert conv.loaded.vision_bits == 8 and isinstance(aligner, nn.QuantizedLinear) and aligner.bits == 8
+    assert not isinstance(conv.session.model.language_model.lm_head, nn.QuantizedLinear)
+    assert "8-bit vision" in at.caption[0].value
+    at.sidebar.selectbox(key="vision").set_value("full precision").run()
+    plain = conversation(at)
+    assert not at.exception and plain is not conv and plain.loaded.vision_bits is None
+    assert not isinstance(plain.session.model.aligner.layers[0], nn.QuantizedLinear)
+
+
 def test_every_sampling_control_reaches_the_session(app, monkeypatch):
     """Each option with an app control (all but the seed): the sidebar's value is what
     ChatSession.send gets (tests/test_sampling_walk.py: each then changes the reply)."""

@@ -274,7 +274,8 @@ def test_quantized_model_runs_and_generates(quantized):
     text = mlx_dsvl.generate(model, processor, PROMPT, [image()], max_tokens=4, temperature=0.0)
     assert isinstance(text, str)
     cfg = json.loads((quantized[4] / "config.json").read_text())[MARKER]
-    assert cfg["quantization"] == {"bits": 4, "group_size": 32, "mode": "affine", "vision": False}
+    assert cfg["quantization"] == {"bits": 4, "group_size": 32, "mode": "affine", "vision": False, "vision_bits": None}
+    assert cfg["format_version"] == 1  # older readers read it right
     # stored quantized: a packed weight, its scales and biases
     w = mx.load(str(quantized[4] / "model.safetensors"))
     assert w["language_model.lm_head.weight"].dtype == mx.uint32
@@ -597,7 +598,7 @@ def test_load_rejects_inconsistent_mlx_folders(quantized, tmp_path):
     with pytest.raises(ModelLoadError, match="records no quantization"):
         mlx_dsvl.load(d)
     write({**cfg, MARKER: {**cfg[MARKER], "quantization": {**cfg[MARKER]["quantization"], "bits": 4}}})
-    with pytest.raises(ModelLoadError, match="has shape"):  # 8-bit packing read as 4-bit
+    with pytest.raises(ModelLoadError, match="lm_head.weight is packed as 8-bit but config.json records 4-bit LLM"):
         mlx_dsvl.load(d)
     write(cfg)
     w = dict(mx.load(str(d / "model.safetensors")))

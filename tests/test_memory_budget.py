@@ -31,13 +31,13 @@ def real(arch: str, dtype=mx.bfloat16, gpu: bool = True) -> MemoryModel:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("bits", [None, 8, 4])
+@pytest.mark.parametrize("bits,vision_bits", [(None, None), (8, None), (4, None), (None, 8), (None, 4), (4, 8), (8, 4)])
 @pytest.mark.parametrize("folder", ["tiny_dir", "tiny_hybrid_dir"])
-def test_weights_prediction_is_exact(folder, bits, dtype, request):
+def test_weights_prediction_is_exact(folder, bits, vision_bits, dtype, request):
     path = request.getfixturevalue(folder)
-    model, _ = mlx_dsvl.load(path, dtype=dtype, quantize=bits)
+    model, _ = mlx_dsvl.load(path, dtype=dtype, quantize=bits, quantize_vision=vision_bits)
     loaded = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    predicted = MemoryModel(load_config(path), getattr(mx, dtype)).weights(llm_bits=bits)
+    predicted = MemoryModel(load_config(path), getattr(mx, dtype)).weights(llm_bits=bits, vision_bits=vision_bits)
     assert predicted == loaded
 
 

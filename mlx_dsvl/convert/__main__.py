@@ -42,8 +42,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--q-group-size", type=int, choices=[32, 64, 128], default=None,
                    help="quantization group size (default 64); layers whose input size does not divide "
                         "by it stay unquantized")
-    p.add_argument("--quantize-vision", action="store_true",
-                   help="also quantize the vision towers' and the aligner's linear layers")
+    p.add_argument("--quantize-vision", type=int, choices=[4, 8], nargs="?", const=True, default=None,
+                   metavar="BITS",
+                   help="quantize the vision towers' and the aligner's linear layers to BITS (4 or 8; bare: "
+                        "--q-bits), with or without --quantize; patch embeddings, SAM's neck, norms and "
+                        "position embeddings stay unquantized")
     p.add_argument("--to-original", action="store_true",
                    help="write the original deepseek-ai layout (dequantizing quantized layers)")
     p.add_argument("--adapter", default=None,
@@ -64,15 +67,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if a.to_original:
         bad = [flag for flag, on in (("--quantize", a.quantize), ("--q-bits", a.q_bits is not None),
                                      ("--q-group-size", a.q_group_size is not None),
-                                     ("--quantize-vision", a.quantize_vision)) if on]
+                                     ("--quantize-vision", a.quantize_vision is not None)) if on]
         if bad:
             parser.error(f"{', '.join(bad)} cannot be used with --to-original")
     else:
         if a.adapter:
             parser.error("--adapter is for --to-original (adapters are fused into the original layout; "
                          "python -m mlx_dsvl.fuse does the same)")
-        if not a.quantize and (a.q_bits is not None or a.q_group_size is not None or a.quantize_vision):
-            parser.error("--q-bits, --q-group-size and --quantize-vision need --quantize")
+        if a.q_group_size is not None and not a.quantize and a.quantize_vision is None:
+            parser.error("--q-group-size needs --quantize or --quantize-vision")
+        if a.q_bits is not None and not a.quantize and a.quantize_vision is not True:
+            parser.error("--q-bits needs --quantize (the LLM's bits) or a bare --quantize-vision (the vision's)")
     status, out = run_command(lambda: _run(a), (ConvertError, ModelLoadError, OSError))
     if status == 0:
         print_names(str(out))

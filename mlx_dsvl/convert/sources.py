@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..config import ConfigError, ModelConfig
-from ..mlx_format import UNUSED_FILE, mlx_format_info, strip_marker
+from ..mlx_format import UNUSED_FILE, describe_quantization, mlx_format_info, stored_bits, strip_marker
 from ..model_folder import read_json, read_weights, sanitize, split_unused, weight_file_names
 from ..models.deepseek_vl import DeepseekVL
 from . import hf_config
@@ -50,7 +50,7 @@ class Source:
     def describe(self) -> str:
         layout = "7B hybrid layout" if self.hybrid else "1.3B layout"
         q = self.quantization
-        qtxt = f", {q['bits']}-bit g{q['group_size']}" if q else ""
+        qtxt = f", {describe_quantization(q)}" if q else ""
         return f"{self.kind} format, {layout}{qtxt}, {len(self.weight_files)} weight file(s)"
 
 
@@ -228,6 +228,10 @@ def open_source(path: Path, allow_pickle: bool = False, scratch: Callable[[], Pa
     if kind == "mlx":
         info = mlx_format_info(raw)
         quantization = info.get("quantization")
+        try:
+            stored_bits(weights, quantization)  # the tensors match the record
+        except ValueError as e:
+            raise ConvertError(f"{path / 'config.json'}: {e}") from None
         unused = path / UNUSED_FILE
         if unused.is_file():
             extras = _load_safetensors([unused])

@@ -12,19 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..loading import DTYPES
 from ..mlx_format import (
     FORMAT,
-    FORMAT_VERSION,
     MARKER,
     QUANT_BITS,
     QUANT_GROUP_SIZES,
     UNUSED_FILE,
     dequantize_weights,
+    describe_quantization,
+    quantization_record,
+    quantize_policy,
     quantize_structure,
     quantize_weights,
+    record_version,
 )
 from ..model_folder import check_weights
 from ..models.deepseek_vl import DeepseekVL
@@ -71,17 +73,23 @@ def convert_to_mlx(
     quantize: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
-    quantize_vision: bool = False,
+    quantize_vision: bool | int | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     shard_gb: float = DEFAULT_SHARD_GB,
     progress: Callable[[str], None] = log,
 ) -> Path:
     """Convert ``model`` (folder or hub id) into an MLX folder at ``out``. ``dtype`` None keeps
-    each tensor's; layers whose input size does not divide by ``q_group_size`` stay unquantized."""
-    if quantize and q_bits not in QUANT_BITS:
-        raise ConvertError(f"--q-bits must be one of {QUANT_BITS}, got {q_bits}")
-    if quantize and q_group_size not in QUANT_GROUP_SIZES:
+    each tensor's; ``quantize``: the LLM to ``q_bits``; ``quantize_vision``: the towers and the
+    aligner to these bits (True: ``q_bits``), with or without the LLM; layers whose input size
+    does not divide by ``q_group_size`` stay unquantized."""
+    bits = q_bits if quantize else None
+    vision_bits = q_bits if quantize_vision is True else (quantize_vision or None)
+    for flag, b in (("--q-bits", bits), ("--quantize-vision", vision_bits)):
+        if b is not None and b not in QUANT_BITS:
+            raise ConvertError(f"{flag} must be one of {QUANT_BITS}, got {b}")
+    qinfo = quantization_record(bits, vision_bits, q_group_size)
+    if qinfo and q_group_size not in QUANT_GROUP_SIZES:
         raise ConvertError(f"--q-group-size must be one of {QUANT_GROUP_SIZES}, got {q_group_size}")
     with conversion(model, out, dtype=dtype, force=force, allow_pickle=allow_pickle, shard_gb=shard_gb,
                     progress=progress) as job:
@@ -93,11 +101,14 @@ def convert_to_mlx(
 
         skeleton = DeepseekVL(source.model_config)
         check_weights(src, weights, skeleton_parameters(skeleton))
-        qpaths = quantize_structure(skeleton, q_bits, q_group_size, quantize_vision) if quantize else set()
+        policy = {"language": bits, "vision": vision_bits}
+        # (groups of 1: every layer the policy covers, whatever its width)
+        n_skipped = len(quantize_policy(skeleton, policy, 1)) - len(quantize_policy(skeleton, policy, q_group_size))
+        qpaths = quantize_structure(skeleton, bits, q_group_size, vision_bits)
         expected = skeleton_parameters(skeleton)
 
         # Lazy graph per output tensor, in the model's order; nothing is read yet.
-        tensors = quantize_weights({k: cast(v, target) for k, v in weights.items()}, qpaths, q_bits, q_group_size)
+        tensors = quantize_weights({k: cast(v, target) for k, v in weights.items()}, qpaths, q_group_size)
         del weights
         check_weights(src, tensors, expected)  # the quantized layout too, before writing anything
         tensors = {k: tensors[k] for k in expected}
@@ -105,15 +116,11 @@ def convert_to_mlx(
         extras = dict(source.extras)
         source.weights = source.extras = None  # only the lazy graph keeps the inputs now
 
-        qinfo = None
-        if quantize:
-            qinfo = {"bits": q_bits, "group_size": q_group_size, "mode": "affine", "vision": quantize_vision}
-        n_skipped = _skipped_layers(skeleton, qpaths, quantize_vision) if quantize else 0
         progress(f"converting {src} ({source.describe()}) -> {job.out} (MLX, "
                  f"{out_dtype or 'as stored'}"
-                 + (f", {q_bits}-bit groups of {q_group_size}: {len(qpaths)} layers quantized"
+                 + (f", {describe_quantization(qinfo)}: {len(qpaths)} layers quantized"
                     + (f", {n_skipped} left unquantized (input size not a multiple of {q_group_size})"
-                       if n_skipped else "") if quantize else "")
+                       if n_skipped else "") if qinfo else "")
                  + ")")
         for note in source.notes:
             progress(f"  note: {note}")
@@ -127,7 +134,7 @@ def convert_to_mlx(
         set_torch_dtype(config, out_dtype)
         config[MARKER] = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": record_version(qinfo),
             "dtype": out_dtype,
             "quantization": qinfo,
             "source_format": source.kind,
@@ -136,9 +143,3 @@ def convert_to_mlx(
         job.write_configs(config)
     return job.out
 
-
-def _skipped_layers(skeleton: nn.Module, qpaths, vision: bool) -> int:
-    """Layers the policy covers but left unquantized because of the group size."""
-    prefixes = ("language_model.", "vision_model.", "aligner.") if vision else ("language_model.",)
-    return sum(1 for p, m in skeleton.named_modules()
-               if p.startswith(prefixes) and type(m) in (nn.Linear, nn.Embedding) and p not in qpaths)

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip malformed rows and undecodable images (counted in the summary)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of another run in --out instead of refusing")
-    add_model_arguments(p, "device", "dtype")
+    add_model_arguments(p, "device", "dtype", "quantize", "quantize_vision")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -107,7 +107,10 @@ def run_settings(args, dtype: str, generates: bool) -> dict:
             "--method": args.method, "--target": args.target if args.method == "likelihood" else None,
             "--max-tokens": args.max_tokens if generates else None,
             "--circular": args.circular, "--system": args.system, "--dtype": dtype,
-            "--skip-bad": args.skip_bad}
+            "--skip-bad": args.skip_bad,
+            # (only when set: runs recorded before these flags existed still resume)
+            **{flag: bits for flag, bits in (("--quantize", args.quantize),
+                                             ("--quantize-vision", args.quantize_vision)) if bits}}
 
 
 def default_out(args) -> str:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=_number(int, 0, 65535), default=8080, help="port; 0 = any free one (default: 8080)")
     a("--api-key", default=os.environ.get(API_KEY_ENV),
       help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
-    add_model_arguments(p, "dtype", "adapter", "device", "quantize")
+    add_model_arguments(p, "dtype", "adapter", "device", "quantize", "quantize_vision")
     a("--4bit", dest="quantize", action="store_const", const=4, help="the same as --quantize 4")
     add_model_arguments(
         p, "kv_bits", "kv_group_size", "max_context", "memory_limit",
