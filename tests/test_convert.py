@@ -561,7 +561,7 @@ def test_cli_converts(tiny_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     from mlx_dsvl.convert.__main__ import main
 
-    for argv, msg in [(["--q-bits", "8"], "need --quantize"),
+    for argv, msg in [(["--q-bits", "8"], "--q-bits needs --quantize"),
                       (["--to-original", "--quantize"], "cannot be used with --to-original"),
                       (["--adapter", "x"], "--adapter is for --to-original")]:
         with pytest.raises(SystemExit) as e:
