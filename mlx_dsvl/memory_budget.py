@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import sys
 from collections.abc import Iterable
@@ -46,17 +45,16 @@ KV_STEP = 256  # mlx-lm's KVCache grows by this many positions
 BITS = (None, 8, 4)  # None: not quantized
 
 # Accuracy cost of each choice: the largest change of the first-token logits against the
-# unquantized part (docs/PERFORMANCE.md; random real-size 1.3B weights, float32, CPU).  Costs
-# of several parts are added.
+# unquantized part, as a fraction of the largest logit (docs/PERFORMANCE.md; random real-size
+# 1.3B weights, float32, CPU).  The costs of several parts are added.
 COSTS: dict[tuple[str, int | None], float] = {
     ("llm", None): 0.0, ("vision", None): 0.0, ("kv", None): 0.0,
-    # "KV cache over 4096 tokens": max logit difference, same top-1
-    ("kv", 8): 0.0056, ("kv", 4): 0.110,
-    # "LLM quantization": benchmarks/llm_quant_logits.py, a 30-token text prompt (4-bit: top-1 changed)
-    ("llm", 8): 0.116, ("llm", 4): 1.94,
-    # TO FILL from docs/PERFORMANCE.md "Quantized vision" (engineer A of issue 23): the
-    # first-token logits change of the whole model with 8- and 4-bit towers and aligner
-    ("vision", 8): math.nan, ("vision", 4): math.nan,
+    # "KV cache over 4096 tokens": 0.0056 and 0.110 of a max logit of 4.43 (same top-1)
+    ("kv", 8): 0.0013, ("kv", 4): 0.025,
+    # "LLM quantization": 0.116 and 1.94 of 4.39, a 30-token text prompt (4-bit: top-1 changed)
+    ("llm", 8): 0.026, ("llm", 4): 0.44,
+    # "Quantized vision": 3.4% and 50% (4-bit: top-1 changed)
+    ("vision", 8): 0.034, ("vision", 4): 0.50,
 }
 
 
@@ -74,14 +72,8 @@ class Choice:
 
     @property
     def cost(self) -> float:
-        """The measured costs added (NaN when one is not measured)."""
+        """The measured costs of its parts, added."""
         return sum(COSTS[p] for p in self.parts())
-
-    def says_cost(self) -> str:
-        known = sum(c for p in self.parts() if not math.isnan(c := COSTS[p]))
-        unknown = [f"{bits}-bit {name}" for name, bits in self.parts() if math.isnan(COSTS[(name, bits)])]
-        said = f"first-token logits within ~{known:.3g} of the full model" if known else "none measured"
-        return said + (f" ({', '.join(unknown)}: not measured)" if unknown else "")
 
     def describe(self) -> str:
         def part(bits, name):
@@ -199,9 +191,11 @@ class Plan:
 
     def line(self) -> str:
         """The one line the CLIs print."""
-        cost = "none (nothing quantized)" if self.choice.cost == 0 else self.choice.says_cost()
+        cost = self.choice.cost
+        said = ("none (nothing quantized)" if cost == 0 else
+                f"first-token logits move by up to ~{cost:.1%} of the largest logit")
         return (f"memory limit {self.limit / GB:.1f} GB: {self.choice.describe()}; "
-                f"predicted peak {self.peak / GB:.2f} GB; cost: {cost}")
+                f"predicted peak {self.peak / GB:.2f} GB; cost: {said}")
 
 
 class BudgetError(ValueError):
@@ -230,7 +224,7 @@ def plan(memory: MemoryModel, limit: int, *, llm_bits: int | None | str = "auto"
 
     fitting = [c for c in candidates if need(c) <= limit]
     if fitting:
-        best = min(fitting, key=lambda c: (_rank(c.cost), need(c)))
+        best = min(fitting, key=lambda c: (c.cost, need(c)))
     else:
         floor = min(context, min_context(memory.config))
         smallest = min(candidates, key=lambda c: need(replace(c, context=floor)))
@@ -245,11 +239,6 @@ def plan(memory: MemoryModel, limit: int, *, llm_bits: int | None | str = "auto"
                              vision_bits=None if vision_bits == "auto" else vision_bits,
                              kv_bits=None if kv_bits == "auto" else kv_bits, context=context)
     return Plan(best, need(best), limit, reduced)
-
-
-def _rank(cost: float) -> float:
-    """Unmeasured costs rank after every measured one."""
-    return math.inf if math.isnan(cost) else cost
 
 
 def _longest(memory: MemoryModel, choice: Choice, limit: int, rows: int, floor: int, ceiling: int) -> int:
@@ -286,8 +275,8 @@ def system_available() -> int:
 
 
 def apply_budget(args: argparse.Namespace, path: str) -> Plan:
-    """Choose the options ``args`` leaves unset (``--quantize``, ``--kv-bits``, ``--max-context``
-    where the entry point has them) to fit ``--memory-limit`` (default: :func:`machine_limit`),
+    """Choose the options ``args`` leaves unset (``--quantize``, ``--quantize-vision``,
+    ``--kv-bits``, ``--max-context`` where the entry point has them) to fit ``--memory-limit`` (default: :func:`machine_limit`),
     before any weight is read, and set them in ``args``.  The choice is said in one line on
     stderr when the limit was given or something was reduced; when nothing fits, a given limit
     raises :class:`BudgetError`, the machine's default only warns and goes on with the smallest."""

@@ -73,8 +73,8 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
             help="context limit in tokens; older turns are dropped beyond it (default: 4096)")),
         "memory_limit": ("--memory-limit", dict(
             type=gigabytes, default=None, metavar="GB",
-            help="memory the model may use, in GB: the options not given among --quantize, --kv-bits "
-                 "and --max-context are chosen to fit it, the most accurate first (default: what "
+            help="memory the model may use, in GB: the options not given among --quantize, "
+                 "--quantize-vision, --kv-bits and --max-context are chosen to fit it, the most accurate first (default: what "
                  "the machine can give: Metal's recommended working set, a CUDA GPU's free memory, "
                  "else the system's available memory)")),
     }

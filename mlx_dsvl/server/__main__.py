@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         max_context={"type": _number(int, 2),
                      "help": "context in tokens: longer prompts are refused, replies end at it (default: 4096)"},
         memory_limit={"help": "memory the server may use, in GB: the options not given among --quantize, "
-                              "--kv-bits and --max-context are chosen so that --max-batch conversations of "
+                              "--quantize-vision, --kv-bits and --max-context are chosen so that --max-batch conversations of "
                               "--max-context tokens, --cache-mb and --image-cache-mb fit it (default: what the "
                               "machine can give)"})
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
