@@ -232,7 +232,8 @@ def plan(memory: MemoryModel, limit: int, *, llm_bits: int | None | str = "auto"
         if not longest:
             small = replace(smallest, context=context if fixed_context else floor)
             raise BudgetError(f"nothing fits a memory limit of {limit / GB:.2f} GB: the smallest choice "
-                              f"({small.describe()}) needs {need(small) / GB:.2f} GB",
+                              f"({small.describe()}) needs {need(small) / GB:.2f} GB"
+                              + (f", {reserve / GB:.2f} GB of it for the caches" if reserve else ""),
                               Plan(small, need(small), limit, reduced=True))
         best = replace(smallest, context=longest)
     reduced = best != Choice(llm_bits=None if llm_bits == "auto" else llm_bits,

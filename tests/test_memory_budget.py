@@ -142,7 +142,9 @@ def test_refusal_names_the_smallest_choice():
         plan(real("7b"), 3 * GB)
     message = str(e.value)
     assert message.startswith("nothing fits a memory limit of 3.00 GB: the smallest choice (4-bit LLM")
-    assert "needs 4." in message  # the 4-bit 7B's weights alone are 4.7 GB
+    assert "needs 4." in message and message.endswith(" GB")  # the 4-bit 7B's weights alone are 4.7 GB
+    with pytest.raises(BudgetError, match=r"needs 5\.\d\d GB, 1\.00 GB of it for the caches$"):
+        plan(real("7b"), 3 * GB, reserve=int(1 * GB))
 
 
 def args_for(path, *argv: str) -> argparse.Namespace:
