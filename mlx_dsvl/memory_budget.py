@@ -4,7 +4,7 @@ most accurate configuration that fits a limit.
 The memory model is computed from a :class:`~mlx_dsvl.config.ModelConfig` alone: the model is
 built lazily (MLX allocates nothing until an array is evaluated) to read its parameter shapes.
 
-- weights: exact, in the loaded layout (:func:`mlx_dsvl.mlx_format.quantize_predicate`'s layers
+- weights: exact, in the loaded layout (:func:`mlx_dsvl.mlx_format.quantize_policy`'s layers
   as packed ``uint32`` + scales + biases per group, in the compute dtype; the rest in the
   compute dtype);
 - KV cache: ``rows`` x the context rounded up to mlx-lm's allocation step, plain or quantized
@@ -175,11 +175,9 @@ def _towers(config: ModelConfig) -> list[tuple[int, int, int, int, int, int]]:
 
 
 def min_context(config: ModelConfig) -> int:
-    """The shortest context the planner gives: one image and a short exchange (the system
-    prompt, a question and a reply of a few hundred tokens)."""
+    """The shortest context the planner gives: one image's tokens and 256 more, for DeepSeek-VL's
+    system prompt, a short question and a reply of a paragraph (one KV allocation step)."""
     return config.vision.num_image_tokens + 256
-
-
 
 
 @dataclass(frozen=True)
