@@ -155,6 +155,8 @@ def run(args) -> dict:
         res.update(bench_chat.turn_rows(model, processor, img, opts, kv=kv and dict(
             kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), replay=args.replay or gpu, n_turns=args.turns))
     res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
+    res["predicted_peak_gb"] = predicted_peak(args, path, res) / 1e9
+    res["predicted_over_measured"] = res["predicted_peak_gb"] / res["peak_memory_gb"]
     if args.kv_context:
         try:
             res.update(bench_chat.kv_rows(model, processor, img, args.kv_context, group_size=args.kv_group_size))
@@ -187,6 +189,23 @@ def run(args) -> dict:
         mx.clear_cache()
         res.update(_torch_compare(path, px, ids, res, args))
     return res
+
+
+def predicted_peak(args, path, res: dict) -> int:
+    """The memory budget's prediction of the run's peak: the loaded configuration, one image,
+    the conversation's context (with ``--turns 0`` the towers only)."""
+    import mlx.core as mx
+
+    from .loading import load_config, resolve_dtype, resolve_model_path
+    from .memory_budget import Choice, MemoryModel, loaded_bits
+
+    config = load_config(resolve_model_path(path))
+    memory = MemoryModel(config, resolve_dtype(res["dtype"]), gpu=mx.default_device() == mx.gpu,
+                         kv_group_size=args.kv_group_size)
+    llm, vision = loaded_bits(config, args.quantize, getattr(args, "quantize_vision", None))
+    if not args.turns:
+        return memory.weights(llm, vision) + memory.vision_peak()
+    return memory.peak(Choice(llm, vision, args.kv_bits, context=res["context_tokens"]))
 
 
 def _decode_pair(model: DeepseekVL, processor: ChatProcessor, prompt, n: int, penalty: float):
@@ -291,7 +310,7 @@ def main(argv=None) -> int:
                         model={"default": None, "help": "a model folder to measure instead of a random --arch one"})
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")
-    add_model_arguments(p, "kv_bits", "kv_group_size")
+    add_model_arguments(p, "kv_bits", "kv_group_size", "memory_limit")
     p.add_argument("--kv-context", type=int, default=0,
                    help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
                         "many tokens (e.g. 4096; default: skipped)")

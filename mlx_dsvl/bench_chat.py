@@ -54,7 +54,7 @@ def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *,
     res: dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
                      ttft_s=first.time_to_first_token, decode_tps=first.generation_tps,
                      decode_tokens=first.generation_tokens,
-                     kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9)
+                     kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9, context_tokens=chat.cache[0].offset)
     if n_turns < 2:
         return res
     res["turns"] = [dict(turn=i + 2, new_tokens=t.prompt_tokens, ttft_s=t.time_to_first_token,

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
     add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
     add_model_arguments(p, "dtype", "adapter", "device", "quantize", "quantize_vision", "kv_bits", "kv_group_size",
-                        "quantized_kv_start", "max_context")
+                        "quantized_kv_start", "max_context", "memory_limit")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", default=None,
                        help="reply with JSON that validates against the JSON schema in FILE")

@@ -17,6 +17,22 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl-1.3b-chat"
 
 
+class DefaultContext(int):
+    """``--max-context``'s default (4096 as an int): a value the memory budget may lower, unlike
+    one the user gave."""
+
+
+def gigabytes(text: str) -> float:
+    """``--memory-limit``'s type: a positive, finite number of GB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text}")
+    return value
+
+
 def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
     """Each option's flag and ``add_argument`` keywords, with its choices from its own module."""
     # (these import MLX: called when a parser is built, after the BLAS re-execution)
@@ -53,8 +69,14 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
         "quantized_kv_start": ("--quantized-kv-start", dict(
             type=int, default=0, help="quantize the KV cache once it holds this many tokens (default: 0)")),
         "max_context": ("--max-context", dict(
-            type=int, default=4096,
+            type=int, default=DefaultContext(4096),
             help="context limit in tokens; older turns are dropped beyond it (default: 4096)")),
+        "memory_limit": ("--memory-limit", dict(
+            type=gigabytes, default=None, metavar="GB",
+            help="memory the model may use, in GB: the options not given among --quantize, "
+                 "--quantize-vision, --kv-bits and --max-context are chosen to fit it, the most accurate first (default: what "
+                 "the machine can give: Metal's recommended working set, a CUDA GPU's free memory, "
+                 "else the system's available memory)")),
     }
 
 
@@ -70,9 +92,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *options: str, **change
 
 
 def load_from_args(args: argparse.Namespace, model: str | None = None) -> tuple[DeepseekVL, ChatProcessor]:
-    """:func:`mlx_dsvl.load` with the flags an entry point has; the caller selects the device first."""
-    from .loading import load  # (imports MLX)
+    """:func:`mlx_dsvl.load` with the flags an entry point has; the caller selects the device first.
 
-    return load(model or args.model, dtype=getattr(args, "dtype", None),
+    With ``--memory-limit`` among them, the budget first chooses the options not given (see
+    :func:`mlx_dsvl.memory_budget.apply_budget`: ``args`` is updated, a reduction is said on
+    stderr, ``BudgetError`` when nothing fits)."""
+    from .loading import load  # (imports MLX)
+    from .memory_budget import apply_budget
+
+    path = model or args.model
+    if hasattr(args, "memory_limit"):
+        apply_budget(args, path)
+    return load(path, dtype=getattr(args, "dtype", None),
                 quantize=getattr(args, "quantize", None), adapter_path=getattr(args, "adapter", None),
                 quantize_vision=getattr(args, "quantize_vision", None))

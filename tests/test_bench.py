@@ -29,7 +29,8 @@ def test_bench_reports_all_figures(tmp_path):
     for key in ("preprocess_ms", "siglip_ms", "aligner_ms", "prefill_tps", "ttft_s", "decode_tps",
                 "peak_memory_gb", "load_peak_memory_gb", "weights_memory_gb", "weights_vision_gb", "weights_llm_gb",
                 "turn2_ttft_s", "followup_max_over_turn1", "kv_cache_gb", "decode_ratio", "decode_penalty_ratio",
-                "decode_bound_tps", "torch_vision_prefill_s", "ours_vision_prefill_s", "vision_speedup"):
+                "decode_bound_tps", "torch_vision_prefill_s", "ours_vision_prefill_s", "vision_speedup",
+                "predicted_peak_gb"):
         assert isinstance(res[key], (int, float)) and res[key] > 0, key
     assert res["turn2_prompt_tokens"] < res["prompt_tokens"]
     assert [t["turn"] for t in res["turns"]] == [2, 3, 4, 5, 6]
@@ -84,6 +85,7 @@ def test_bench_kv_bits_and_quantize_on_load(tiny_dir, tmp_path):
     res, _ = bench(tmp_path, "--model", str(model), "--quantize", "4", "--kv-bits", "8", "--kv-group-size", "32",
                    "--kv-context", "1024")
     assert res["quantize"] == 4 and res["kv_bits"] == 8 and res["arch"] == str(model)
+    assert 0.8 < res["predicted_over_measured"] < 1.5  # the memory budget's model of this run
     assert res["load_peak_memory_gb"] >= res["weights_memory_gb"] > 0
     assert 900 < res["kv_context_tokens"] <= 1024
     for name in ("kv16", "kv8", "kv4"):

@@ -68,7 +68,7 @@ def test_quantize_vision_on_load_equals_convert_then_load(tiny_dir, tiny_hybrid_
 # -- the entry points ----------------------------------------------------------------------------
 def test_entry_points_pass_quantize_vision_to_load(monkeypatch):
     """generate, the server and eval parse ``--quantize-vision {4,8}`` and hand it to ``load``."""
-    from mlx_dsvl import loading
+    from mlx_dsvl import loading, memory_budget
     from mlx_dsvl.eval.__main__ import build_parser as eval_parser
     from mlx_dsvl.generate import build_parser as generate_parser
     from mlx_dsvl.model_options import load_from_args
@@ -76,6 +76,7 @@ def test_entry_points_pass_quantize_vision_to_load(monkeypatch):
 
     calls = []
     monkeypatch.setattr(loading, "load", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(memory_budget, "apply_budget", lambda *a: None)  # (no model folder to read)
     for parser, extra in ((generate_parser(), ["--prompt", "hi"]), (server_parser(), []),
                           (eval_parser(), ["--data", "x.tsv"])):
         load_from_args(parser.parse_args(["--quantize-vision", "8", "--quantize", "4", *extra]))

@@ -62,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p, "dtype", "adapter", "device", "quantize", "quantize_vision")
     a("--4bit", dest="quantize", action="store_const", const=4, help="the same as --quantize 4")
     add_model_arguments(
-        p, "kv_bits", "kv_group_size", "max_context",
+        p, "kv_bits", "kv_group_size", "max_context", "memory_limit",
         kv_bits={"help": "keep KV caches quantized to 4 or 8 bits: the decode batch's (attention reads the "
                          "packed keys and values) and the prefix cache's entries, whose quantized bytes "
                          "count against --cache-mb (default: not quantized)"},
         max_context={"type": _number(int, 2),
-                     "help": "context in tokens: longer prompts are refused, replies end at it (default: 4096)"})
+                     "help": "context in tokens: longer prompts are refused, replies end at it (default: 4096)"},
+        memory_limit={"help": "memory the server may use, in GB: the options not given among --quantize, "
+                              "--quantize-vision, --kv-bits and --max-context are chosen so that --max-batch conversations of "
+                              "--max-context tokens, --cache-mb and --image-cache-mb fit it (default: what the "
+                              "machine can give)"})
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
     add_arguments(p, lead="a request's default: ", skip=("seed",))
     a("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
