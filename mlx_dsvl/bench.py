@@ -157,6 +157,11 @@ def run(args) -> dict:
     res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
     res["predicted_peak_gb"] = predicted_peak(args, path, res) / 1e9
     res["predicted_over_measured"] = res["predicted_peak_gb"] / res["peak_memory_gb"]
+    if args.context:
+        res.update(bench_chat.context_rows(model, processor, img, args.context, opts, kv=kv and dict(
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)))
+        res["long_predicted_peak_gb"] = predicted_peak(args, path, res, context=res["long_tokens"]) / 1e9
+        res["long_predicted_over_measured"] = res["long_predicted_peak_gb"] / res["long_peak_gb"]
     if args.kv_context:
         try:
             res.update(bench_chat.kv_rows(model, processor, img, args.kv_context, group_size=args.kv_group_size))
@@ -191,9 +196,9 @@ def run(args) -> dict:
     return res
 
 
-def predicted_peak(args, path, res: dict) -> int:
+def predicted_peak(args, path, res: dict, context: int | None = None) -> int:
     """The memory budget's prediction of the run's peak: the loaded configuration, one image,
-    the conversation's context (with ``--turns 0`` the towers only)."""
+    the conversation's context or ``context`` (with ``--turns 0`` and no ``context``: the towers only)."""
     import mlx.core as mx
 
     from .loading import load_config, resolve_dtype, resolve_model_path
@@ -203,9 +208,9 @@ def predicted_peak(args, path, res: dict) -> int:
     memory = MemoryModel(config, resolve_dtype(res["dtype"]), gpu=mx.default_device() == mx.gpu,
                          kv_group_size=args.kv_group_size)
     llm, vision = loaded_bits(config, args.quantize, getattr(args, "quantize_vision", None))
-    if not args.turns:
+    if not (args.turns or context):
         return memory.weights(llm, vision) + memory.vision_peak()
-    return memory.peak(Choice(llm, vision, args.kv_bits, context=res["context_tokens"]))
+    return memory.peak(Choice(llm, vision, args.kv_bits, context=context or res["context_tokens"]))
 
 
 def _decode_pair(model: DeepseekVL, processor: ChatProcessor, prompt, n: int, penalty: float):
@@ -291,8 +296,8 @@ def _torch_compare(path, px, ids, ours: dict, args) -> dict:
 def _check_args(args) -> None:
     from .device import select_device
 
-    if args.max_tokens < 1 or args.warmup < 0:
-        raise ValueError("--max-tokens must be >= 1 and --warmup >= 0")
+    if args.max_tokens < 1 or args.warmup < 0 or args.context < 0:
+        raise ValueError("--max-tokens must be >= 1, --warmup and --context >= 0")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         raise ValueError(f"--json {args.json}: no such folder {os.path.dirname(os.path.abspath(args.json))}")
     select_device(args.device)  # --device gpu without one
@@ -314,6 +319,10 @@ def main(argv=None) -> int:
     p.add_argument("--kv-context", type=int, default=0,
                    help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
                         "many tokens (e.g. 4096; default: skipped)")
+    p.add_argument("--context", type=int, default=0,
+                   help="also run one conversation of this many tokens (one image, then filler turns) "
+                        "with the loaded options and --kv-bits: its peak memory against the memory "
+                        "budget's prediction, first-token time and decode rate (default: skipped)")
     p.add_argument("--turns", type=int, choices=range(7), default=6,
                    help="conversation turns to run (default 6; 1: turn 1 only; 0: towers only)")
     p.add_argument("--load-only", action="store_true", help="measure the load (time, peak, weights) and stop")

@@ -120,6 +120,23 @@ def kv_rows(model: DeepseekVL, processor: ChatProcessor, image, context: int, bi
     return res
 
 
+def context_rows(model: DeepseekVL, processor: ChatProcessor, image, context: int, opts: dict, *,
+                 kv: dict | None = None) -> dict:
+    """One conversation of about ``context`` tokens (an image, then filler exchanges) with the
+    loaded options and ``kv``: its peak memory, cache, first-token time and decode rate."""
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    chat = ChatSession(model, processor, on_truncate=None, max_context=max(4096, context + 64), **(kv or {}))
+    key = chat.add_images([image])[0]
+    chat.messages = long_conversation(processor, key, context)
+    last = run_turn(chat, "Summarize our conversation in one sentence.", [], opts)
+    return dict(long_tokens=chat.cache[0].offset, long_peak_gb=mx.get_peak_memory() / 1e9,
+                long_kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9,
+                long_ttft_s=last.time_to_first_token, long_decode_tps=last.generation_tps,
+                long_decode_tokens=last.generation_tokens)
+
+
 def weights_by_part(model: DeepseekVL) -> dict:
     """GB of resident parameters: vision towers + aligner, LLM without / with its embeddings."""
     parts = {"vision": 0, "llm": 0, "llm_embeddings": 0}

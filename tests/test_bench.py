@@ -83,11 +83,14 @@ def test_bench_kv_bits_and_quantize_on_load(tiny_dir, tmp_path):
 
     model = with_language_config(tiny_dir, tmp_path / "two-heads", num_attention_heads=2, num_key_value_heads=2)
     res, _ = bench(tmp_path, "--model", str(model), "--quantize", "4", "--kv-bits", "8", "--kv-group-size", "32",
-                   "--kv-context", "1024")
+                   "--kv-context", "1024", "--context", "1024", "--turns", "1")
     assert res["quantize"] == 4 and res["kv_bits"] == 8 and res["arch"] == str(model)
     assert 0.8 < res["predicted_over_measured"] < 1.5  # the memory budget's model of this run
     assert res["load_peak_memory_gb"] >= res["weights_memory_gb"] > 0
     assert 900 < res["kv_context_tokens"] <= 1024
+    assert 900 < res["long_tokens"] <= 1024 + 32 and res["long_decode_tokens"] >= 1  # --context
+    assert res["long_kv_cache_gb"] > res["kv_cache_gb"] and res["long_peak_gb"] >= res["weights_memory_gb"]
+    assert 0.8 < res["long_predicted_over_measured"] < 1.5
     for name in ("kv16", "kv8", "kv4"):
         assert res[f"{name}_peak_gb"] > 0 and res[f"{name}_cache_gb"] > 0
     assert res["kv16_cache_gb"] > res["kv8_cache_gb"] > res["kv4_cache_gb"]
