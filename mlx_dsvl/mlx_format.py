@@ -25,6 +25,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .models.cpu_math import blas_quantized
+
 MARKER = "mlx_dsvl"
 FORMAT = "mlx"
 FORMAT_VERSION = 1
@@ -95,8 +97,7 @@ def quantize_like(model: nn.Module, weights: Mapping[str, Any], info: Mapping[st
             chosen.append(path)
         return ok
 
-    nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
-                class_predicate=predicate)
+    quantize_modules(model, predicate, bits=q["bits"], group_size=q["group_size"], mode=q.get("mode", "affine"))
     return len(chosen)
 
 
@@ -123,8 +124,16 @@ def quantize_predicate(group_size: int, vision: bool = False) -> Callable[[str, 
 def quantize_structure(model: nn.Module, bits: int = 4, group_size: int = 64, vision: bool = False) -> set:
     """Turn the layers the converter's policy (:func:`quantize_predicate`) picks into quantized
     layers -- structure only: their weights are meant to be replaced.  Returns their paths."""
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantize_predicate(group_size, vision))
+    quantize_modules(model, quantize_predicate(group_size, vision), bits=bits, group_size=group_size)
     return {p for p, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def quantize_modules(model: nn.Module, predicate: Callable[[str, nn.Module], bool], *, bits: int,
+                     group_size: int, mode: str = "affine") -> None:
+    """``nn.quantize`` of the layers ``predicate`` picks, each then given the CPU backend's BLAS
+    path for many rows (``models/cpu_math.py``; the parameters stay ``nn.QuantizedLinear``'s)."""
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
+    blas_quantized(model)
 
 
 def quantize_weights(weights: dict[str, mx.array], paths: set, bits: int, group_size: int) -> dict[str, mx.array]:
