@@ -93,6 +93,7 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     """``x @ dequantize(w).T``: through BLAS on the CPU backend from :data:`BLAS_MIN_ROWS` rows
     (the weight dequantized in ``x``'s dtype), else ``mx.quantized_matmul``."""
     if mx.default_device() == mx.cpu and x.size >= BLAS_MIN_ROWS * x.shape[-1]:
+        w = mx.depends(w, x)  # dequantized once x is computed: one layer's dense weight at a time
         dense = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype)
         return x @ dense.T
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
