@@ -33,10 +33,11 @@ def matmul_times(x, wq, scales, biases, *, bits: int, group_size: int) -> tuple[
     import mlx.core as mx
 
     from mlx_dsvl.bench import timed
+    from mlx_dsvl.models.cpu_math import dequantize
 
     kw = dict(group_size=group_size, bits=bits)
     _, q = timed(lambda: mx.quantized_matmul(x, wq, scales, biases, transpose=True, **kw), warmup=1, repeats=3)
-    _, d = timed(lambda: x @ mx.dequantize(wq, scales, biases, dtype=x.dtype, **kw).T, warmup=1, repeats=3)
+    _, d = timed(lambda: x @ dequantize(wq, scales, biases, mode="affine", dtype=x.dtype, **kw).T, warmup=1, repeats=3)
     return q, d
 
 
