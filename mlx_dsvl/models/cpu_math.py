@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 # Rows from which a CPU quantized layer dequantizes and multiplies through BLAS: the crossover
-# measured by ``benchmarks/quant_prefill.py --crossover`` (docs/PERFORMANCE.md).
+# measured by ``benchmarks/quant_prefill.py --crossover-only`` (docs/PERFORMANCE.md).
 BLAS_MIN_ROWS = 8
 
 # erf(x) ~= x P(x^2) / Q(x^2) on |x| <= 4 (|erf| > 1 - 2e-8 beyond: clamped).  Coefficients from a
@@ -85,7 +85,6 @@ class GELU(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return gelu(x)
-
 
 
 # -- quantized layers -------------------------------------------------------------------------
