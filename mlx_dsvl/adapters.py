@@ -23,6 +23,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
 
 from .model_folder import folder_fingerprint
+from .models.cpu_math import blas_quantized
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -63,10 +64,11 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def fuse_adapters(model: nn.Module, dequantize: bool = False):
     """Fold every adapter (this package's or mlx-lm's) into a plain layer; a quantized base is
-    re-quantized unless ``dequantize``."""
+    re-quantized unless ``dequantize`` (and keeps the CPU's BLAS path for many rows)."""
     fused = [(name, m.fuse(dequantize=dequantize)) for name, m in adapter_layers(model)]
     if fused:
         model.update_modules(tree_unflatten(fused))
+        blas_quantized(model)
     return model
 
 

@@ -29,6 +29,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .models.cpu_math import blas_quantized
+
 MARKER = "mlx_dsvl"
 FORMAT = "mlx"
 FORMAT_VERSION = 2
@@ -170,6 +172,7 @@ def quantize_layers(model: nn.Module, bits: Mapping[str, int], group_size: int, 
         return {"group_size": group_size, "bits": bits[path], "mode": mode}
 
     nn.quantize(model, class_predicate=predicate)
+    blas_quantized(model)  # the CPU backend's BLAS path for many rows (models/cpu_math.py)
     return chosen
 
 

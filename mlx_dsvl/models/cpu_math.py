@@ -1,17 +1,27 @@
-"""Elementwise functions written for MLX's CPU backend, where transcendental ops are slow.
+"""Math written for MLX's CPU backend, where some of MLX's own kernels are slow.
 
 On Linux x86, MLX's CPU ``erf``, ``exp`` and ``sigmoid`` evaluate one element at a time through
 the C library, where a multiply-add vectorizes (docs/PERFORMANCE.md).  So the exact (erf) GELU
 of SigLIP, SAM-B and the aligner is built here from multiplies, adds and one divide (a rational
 ``erf``), compiled into one pass, with a hand-written gradient.  GPUs keep ``nn.gelu``.
+
+MLX's CPU ``quantized_matmul`` multiplies one row at a time, far below BLAS's GEMM.  So a
+quantized layer given many rows on the CPU (a prefill, training) dequantizes its weight, a
+transient of that one layer, and multiplies through BLAS; few rows (decoding) and GPUs keep
+``quantized_matmul``.  :func:`blas_quantized` gives a model's quantized layers that path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+# Rows from which a CPU quantized layer dequantizes and multiplies through BLAS: the crossover
+# measured by ``benchmarks/quant_prefill.py --crossover-only`` (docs/PERFORMANCE.md).
+BLAS_MIN_ROWS = 8
 
 # erf(x) ~= x P(x^2) / Q(x^2) on |x| <= 4 (|erf| > 1 - 2e-8 beyond: clamped).  Coefficients from a
 # least-squares fit of x P - erf(x) Q = 0 on 20000 Chebyshev points of [0, 4], reweighted by 1/Q
@@ -76,3 +86,68 @@ class GELU(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         return gelu(x)
 
+
+# -- quantized layers -------------------------------------------------------------------------
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *,
+                     group_size: int, bits: int, mode: str) -> mx.array:
+    """``x @ dequantize(w).T``: through BLAS on the CPU backend from :data:`BLAS_MIN_ROWS` rows
+    (the weight dequantized in ``x``'s dtype), else ``mx.quantized_matmul``."""
+    if mx.default_device() == mx.cpu and x.size >= BLAS_MIN_ROWS * x.shape[-1]:
+        w = mx.depends(w, x)  # dequantized once x is computed: one layer's dense weight at a time
+        dense = dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=x.dtype)
+        return x @ mx.stop_gradient(dense).T  # frozen: gradients flow to x only
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
+def dequantize(w: mx.array, scales: mx.array, biases: mx.array | None, *, group_size: int, bits: int,
+               mode: str, dtype: mx.Dtype) -> mx.array:
+    """``mx.dequantize``, the same values; affine 4- and 8-bit as one compiled elementwise pass
+    over the packed words (MLX's CPU ``dequantize`` is slower than the GEMM it feeds)."""
+    if mode != "affine" or bits not in (4, 8) or biases is None:
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=dtype)
+    return _affine_dequantizer(bits, group_size, dtype)(w, scales, biases)
+
+
+@functools.cache
+def _affine_dequantizer(bits: int, group_size: int, dtype: mx.Dtype):
+    per_word = 32 // bits  # element j of a uint32 sits at bits j * bits (MLX's packing)
+
+    def dequantize(w: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        words = w.reshape(*w.shape[:-1], -1, group_size // per_word, 1)  # [..., groups, words, 1]
+        q = (words >> mx.arange(0, 32, bits, dtype=mx.uint32)) & (2**bits - 1)  # one fused pass
+        dense = q.astype(scales.dtype) * scales[..., None, None] + biases[..., None, None]
+        return dense.astype(dtype).reshape(*w.shape[:-1], -1)
+
+    return mx.compile(dequantize)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` (the same parameters) multiplying through :func:`quantized_matmul`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return y + self["bias"] if "bias" in self else y
+
+
+class QuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose ``as_linear`` (a tied output head) is :func:`quantized_matmul`."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
+                                group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+
+BLAS_CLASSES = {nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+
+
+def blas_quantized(model: nn.Module) -> int:
+    """Give every ``nn.QuantizedLinear`` / ``nn.QuantizedEmbedding`` of ``model`` the subclass
+    above, in place (same object and parameters: only the class changes).  Returns how many."""
+    n = 0
+    for _, m in model.named_modules():
+        sub = BLAS_CLASSES.get(type(m))
+        if sub is not None:
+            m.__class__ = sub
+            n += 1
+    return n
