@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 from .config import ModelConfig
 from .loading import resolve_dtype
-from .mlx_format import LLM_PREFIX, group_bits, mlx_format_info, quantize_policy
+from .mlx_format import group_bits, mlx_format_info, quantize_policy
 from .model_folder import load_config, resolve_model_path
 from .model_options import DefaultContext
 from .models.deepseek_vl import DeepseekVL
@@ -105,9 +105,8 @@ class MemoryModel:
         self.kv_heads, self.head_dim, self.heads = lm.n_kv_heads, lm.head_dim, lm.n_heads
         lang = config.language
         self.hidden, self.intermediate, self.vocab = lang["hidden_size"], lang["intermediate_size"], lang["vocab_size"]
-        self.largest_llm_linear = max(
-            (m.weight.size for p, m in model.named_modules()
-             if p.startswith(LLM_PREFIX) and isinstance(m, nn.Linear) and not p.endswith("lm_head")), default=0)
+        self.layer_linears = sum(  # one decoder layer's linear weights
+            m.weight.size for m in model.language_model.layers[0].modules() if isinstance(m, nn.Linear))
         self.towers = _towers(config)
 
     def weights(self, llm_bits: int | None = None, vision_bits: int | None = None) -> int:
@@ -151,8 +150,8 @@ class MemoryModel:
         if kv_bits:
             attention += 2 * context * self.kv_heads * self.head_dim * d
         mlp = 3 * step * self.intermediate * d
-        if llm_bits and not self.gpu:  # the CPU's quantized prefill dequantizes one layer at a time
-            mlp += self.largest_llm_linear * d
+        if llm_bits and not self.gpu:  # the CPU's quantized prefill holds about one decoder layer's
+            mlp += self.layer_linears * d  # weights dequantized (docs/PERFORMANCE.md)
         return max(attention, mlp) + 4 * step * self.hidden * d + self.vocab * 4
 
     def peak(self, choice: Choice, rows: int = 1) -> int:
