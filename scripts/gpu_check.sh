@@ -7,6 +7,8 @@
 #      (first forward, warm-up, turns 1-6, the follow-up breakdown, first-use replay, load and run
 #      peaks; the 1.3B also with an 8-bit KV cache and plain/8/4-bit KV over 4096 tokens) and in
 #      bfloat16 (with --compare: bare mlx-lm decode, transformers on CUDA, the decode bound);
+#      then the "what fits" peaks: 4-bit LLM, 8-bit vision (1.3B: 4-bit), 8-bit KV, one image
+#      and a ~2048-token conversation (bench --context);
 #   5. converts the 1.3B with --quantize and measures loading the folder;
 #   6. prints the summary tables (logs and JSON in $OUT or ./gpu-check/).
 #
@@ -96,6 +98,12 @@ for arch in $ARCHS; do
     kv=()
     bench "$arch-none" --arch "$arch" --dtype bfloat16 --compare
 done
+# The 8 GB targets: one image and a ~2048-token conversation (docs/PERFORMANCE.md, "what fits")
+for arch in $ARCHS; do
+    vision=8; [ "$arch" = 1.3b ] && vision=4
+    bench "$arch-fit" --arch "$arch" --dtype bfloat16 --quantize 4 --quantize-vision "$vision" --kv-bits 8 \
+        --turns 0 --context 2080 --max-tokens 8
+done
 
 arch=${ARCHS%% *}
 say "convert --quantize ($arch), then load the folder"
@@ -141,6 +149,9 @@ table("A follow-up turn, stage by stage (ms)", ["followup_breakdown_ms"])
 table("Memory (GB)", ["load_s", "load_peak_memory_gb", "weights_memory_gb", "peak_memory_gb", "kv_cache_gb",
                       "kv16_peak_gb", "kv8_peak_gb", "kv4_peak_gb", "kv8_max_logit_diff", "kv4_max_logit_diff",
                       "kv_logit_scale"])
+table("Fit: one image and a long conversation (GB)",
+      ["quantize", "quantize_vision", "kv_bits", "long_tokens", "long_peak_gb", "long_predicted_peak_gb",
+       "long_kv_cache_gb", "long_ttft_s", "long_decode_tps"])
 table("Speed", ["sam_ms", "siglip_ms", "aligner_ms", "prefill_tps", "decode_tps", "decode_ratio",
                 "decode_penalty_ratio", "decode_fraction_of_bound", "ours_vision_aligner_ms",
                 "torch_vision_aligner_ms", "ours_vision_prefill_s", "torch_vision_prefill_s"])
