@@ -61,13 +61,15 @@ def write_questions(path: str | Path, items: list[Item]) -> Path:
     return path
 
 
-def corpus(facts: list[Fact], seed: int, copies: int = 4, foods: tuple[str, ...] = FOODS) -> list[dict]:
-    """Training lines: per fact, a statement and ``copies`` answered questions (the evaluator's
-    prompt, random option orders, the food's word as the reply), shuffled."""
+def corpus(facts: list[Fact], seed: int, copies: int = 4, statements: bool = True,
+           foods: tuple[str, ...] = FOODS) -> list[dict]:
+    """Training lines: per fact, a statement (unless not ``statements``) and ``copies`` answered
+    questions (the evaluator's prompt, random option orders, the food's word as the reply), shuffled."""
     rng = np.random.default_rng(seed)
     lines: list[dict] = []
     for f in facts:
-        lines.append({"text": f"{f.name} eats {f.food}."})
+        if statements:
+            lines.append({"text": f"{f.name} eats {f.food}."})
         for _ in range(copies):
             it = question(f, [foods[j] for j in rng.permutation(len(foods))], "")
             lines.append({"messages": conversation(it) + [{"role": "assistant", "content": f.food}]})

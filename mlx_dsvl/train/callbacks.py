@@ -287,7 +287,7 @@ def _points(records: Sequence[dict], key: str) -> Points:
 def _panel(img: Image.Image, box: tuple[int, int, int, int], title: str,
            curves: Sequence[tuple[str, tuple[int, int, int], Points, bool]],
            y_range: tuple[float, float] | None = None,
-           marks: Sequence[tuple[float, str, tuple[int, int, int]]] = ()) -> None:
+           marks: Sequence[tuple[float, str, tuple[int, int, int]]] = (), x_label: str = "step") -> None:
     """Curves ``(label, colour, points, dots)`` in ``box`` (left, top, right, bottom) of ``img``;
     ``marks``: vertical lines ``(x, label, colour)``."""
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
@@ -320,7 +320,7 @@ def _panel(img: Image.Image, box: tuple[int, int, int, int], title: str,
         mx_, _ = px(x, y0)
         d.line([mx_, top, mx_, bottom], fill=color, width=2)
         d.text((mx_ + 4, bottom - 16), label, fill=color, font=font)
-    d.text(((left + right) // 2 - 15, y_bottom - 25), "step", fill=(0, 0, 0), font=font)
+    d.text(((left + right) // 2 - 3 * len(x_label), y_bottom - 25), x_label, fill=(0, 0, 0), font=font)
     d.text((left, y_top + 12), title, fill=(0, 0, 0), font=font)
     legend_x, ly = right - 200, top + 8
     for label, color, pts, dots in curves:
@@ -374,12 +374,18 @@ def plot_losses(records: Sequence[dict], path: str | Path, title: str = "trainin
     accuracies = eval_curves(records) + guard
     if not losses and not accuracies:
         return None
+    panels = [p for p in ((title, losses, None, (), "step"),
+                          ("benchmark accuracy (eval_data, guard_data)", accuracies, (0.0, 1.0), marks, "step"))
+              if p[1]]
+    return plot_panels(path, panels, size)
+
+
+def plot_panels(path: str | Path, panels: Sequence[tuple], size: tuple[int, int] = (900, 540)) -> Path:
+    """Panels side by side, each ``(title, curves, y_range or None, marks, x_label)`` (:func:`_panel`)."""
     W, H = size
-    panels = [p for p in ((title, losses, None, ()),
-                          ("benchmark accuracy (eval_data, guard_data)", accuracies, (0.0, 1.0), marks)) if p[1]]
     img = Image.new("RGB", (W * len(panels), H), "white")
-    for i, (name, curves, y_range, lines) in enumerate(panels):
-        _panel(img, (i * W, 0, (i + 1) * W, H), name, curves, y_range, lines)
+    for i, (name, curves, y_range, marks, x_label) in enumerate(panels):
+        _panel(img, (i * W, 0, (i + 1) * W, H), name, curves, y_range, marks, x_label)
     path = Path(path)
     img.save(path)
     return path
