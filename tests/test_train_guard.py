@@ -35,20 +35,26 @@ def _no_reexec(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def data(tiny_model, tmp_path_factory):
-    """Shapes pairs (multimodal only) and a guard set the base model answers."""
+def files(tmp_path_factory):
+    """Shapes pairs (multimodal only), a multimodal set (the guard refuses it) and facts questions."""
     root = tmp_path_factory.mktemp("guard")
     pairs = write_shapes_dataset(root / "shapes", 8, seed=4)["pairs"]
-    items = facts.questions(facts.make_facts(N_GUARD, seed=1), seed=2)
+    mm = root / "mm.jsonl"
+    mm.write_text(json.dumps({"images": ["shapes/images/4-00000.png"], "question": "Colour?",
+                              "choices": ["red", "blue"], "answer": "red"}) + "\n")
+    questions = facts.write_questions(root / "facts.jsonl", facts.questions(facts.make_facts(N_GUARD, seed=1), 2))
+    return dict(pairs=pairs, mm=mm, guard=questions, root=root)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model, files):
+    """The facts questions with the base model's own choices as answers: a guard set it answers."""
+    items = read(files["guard"]).items
     picks = []
     evaluate(*tiny_model, items, target="text", on_records=picks.extend)
     for it, rec in zip(items, picks):  # the base model's own choice becomes the answer key
         it.answer = it.letters.index(rec["choice"])
-    guard = facts.write_questions(root / "guard.jsonl", items)
-    mm = root / "mm.jsonl"  # a multimodal set: the guard refuses it
-    mm.write_text(json.dumps({"images": ["shapes/images/4-00000.png"], "question": "Colour?",
-                              "choices": ["red", "blue"], "answer": "red"}) + "\n")
-    return dict(pairs=pairs, guard=guard, mm=mm)
+    return {**files, "guard": facts.write_questions(files["root"] / "guard.jsonl", items)}
 
 
 def run(tiny_dir, data, out, *extra, lr="3e-2", iters=4):
@@ -131,7 +137,8 @@ def test_guard_stop_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_path, cap
     assert s["accuracy"] == last["guard_acc"]
 
 
-def test_guard_options_are_checked_before_any_work(tiny_dir, data, tmp_path, capsys):
+def test_guard_options_are_checked_before_any_work(tiny_dir, files, tmp_path, capsys):
+    data = files
     base = ["--stage", "2", "--model", str(tiny_dir), "--data", str(data["pairs"]), "--iters", "1", "--quiet"]
     out = tmp_path / "o"
     assert train_main(base + ["--out", str(out), "--guard-stop"]) == 2
