@@ -94,6 +94,7 @@ def test_mixes_pool_their_seeds_into_the_documented_json(tmp_path):
     text = bench.table(result)
     assert text.splitlines()[2].split()[:2] == ["100:0", "25.0"]
     assert text.splitlines()[3].split()[:2] == ["30:70", "87.5"]
+    assert text.splitlines()[3].split()[-1] == "7"  # multimodal batches, the mean over seeds
     bench.plot(result, tmp_path / "fig.png")
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size == (1800, 540)
