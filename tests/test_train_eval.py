@@ -15,6 +15,7 @@ from PIL import Image
 
 import mlx_dsvl
 from mlx_dsvl.eval import evaluate, read
+from mlx_dsvl.testing import facts
 from mlx_dsvl.testing.synthetic import make_images, write_shapes_dataset
 from mlx_dsvl.train import TrainConfig, load_adapters, train
 from mlx_dsvl.train.__main__ import main as train_main
@@ -102,6 +103,30 @@ def test_evaluation_leaves_training_and_resume_exact(tiny_dir, sets, tmp_path):
     for k in weights[0]:
         a = np.array(weights[0][k])
         assert all(np.array(w[k]).tobytes() == a.tobytes() for w in weights[1:]), k
+
+
+@pytest.mark.slow
+def test_a_model_taught_to_answer_with_words_is_scored_by_their_text(tiny_dir, tmp_path, monkeypatch):
+    """Taught two facts ("What does Kofi eat?" -> "rice"), replying with the word: --eval-target
+    text scores it as python -m mlx_dsvl.eval --target text does, where the letter is at chance."""
+    monkeypatch.setenv("MLX_DSVL_NO_BLAS_REEXEC", "1")
+    known = facts.make_facts(2, seed=0)
+    corpus = facts.write_jsonl(tmp_path / "corpus.jsonl", facts.corpus(known, seed=1))
+    test = facts.write_questions(tmp_path / "facts.jsonl", facts.questions(known, seed=2, per_fact=8))
+    out = tmp_path / "run"
+    assert train_main(["--stage", "3", "--train", "llm", "--method", "full", "--model", str(tiny_dir), "--data",
+                       str(corpus), "--out", str(out), "--iters", "30", "--batch-size", "8", "--lr", "3e-3",
+                       "--save-every", "0", "--eval-data", str(test), "--eval-target", "text",
+                       "--eval-every", "0", "--quiet", "--no-plot"]) == 0
+    before, after = records(out, "eval")
+    assert after["eval_facts_items"] == 16 and after["eval_facts_acc"] >= 0.9
+    assert before["eval_facts_acc"] <= 0.6  # the random base model: one food for both names at best
+    model, processor = mlx_dsvl.load(tiny_dir)
+    load_adapters(model, out)
+    by_text = evaluate(model, processor, read(test), target="text")
+    by_letter = evaluate(model, processor, read(test), target="letter")
+    assert by_text["accuracy"] == after["eval_facts_acc"] and by_text["ci95"] == after["eval_facts_ci95"]
+    assert by_letter["accuracy"] <= 0.5  # the letter of a model that answers with words: near chance
 
 
 def one_error(capsys) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 
 from ..device import DEVICES
-from .config import DATA, DIST, EVAL, OPTIM, OUTPUT, THIS_COMMAND, TRAIN, TrainConfig, as_flags
+from .config import DATA, DIST, EVAL, GUARD, OPTIM, OUTPUT, THIS_COMMAND, TRAIN, TrainConfig, as_flags
 from .stages import STAGES
 
 EPILOG = """\
@@ -37,11 +37,12 @@ several processes, data-parallel (each takes its share of every global batch of
   mlx.launch -n 2 -- python -m mlx_dsvl.train ...            two processes on this machine
   mlx.launch --hostfile hosts.json -- python -m mlx_dsvl.train ...   one per host (ring, NCCL, MPI)
 
-exit status: 0 done, 1 bad input or set-up, 2 bad option, 3 stopped on a non-finite loss,
-4 another process of the run failed or stopped answering, 128+N stopped by signal N (130 Ctrl-C,
-143 SIGTERM, 129 SIGHUP; with several processes rank 0 says how the run ended, the others exit 0).
+exit status: 0 done, 1 bad input or set-up, 2 bad option, 3 stopped on a non-finite loss or by
+--guard-stop, 4 another process of the run failed or stopped answering, 128+N stopped by signal N
+(130 Ctrl-C, 143 SIGTERM, 129 SIGHUP; with several processes rank 0 says how the run ended, the
+others exit 0).
 """
-GROUPS = (TRAIN, DATA, OPTIM, OUTPUT, EVAL, DIST)
+GROUPS = (TRAIN, DATA, OPTIM, OUTPUT, EVAL, GUARD, DIST)
 
 
 def _help(f) -> str:

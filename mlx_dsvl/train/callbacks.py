@@ -221,9 +221,10 @@ class Evaluation(TrainingCallback):
     draws no random numbers and restores training mode, so resume stays exact."""
 
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, sets: Sequence[EvalSet], *, every: int,
-                 method: str, batch_size: int, limit: int | None, say: Callable[[str], None]):
+                 method: str, batch_size: int, limit: int | None, say: Callable[[str], None],
+                 target: str = "letter"):
         self.model, self.processor, self.sets, self.every = model, processor, list(sets), every
-        self.options = dict(method=method, batch_size=batch_size, limit=limit)
+        self.options = dict(method=method, target=target, batch_size=batch_size, limit=limit)
         self.say = say
 
     def run(self, state) -> None:
@@ -285,8 +286,10 @@ def _points(records: Sequence[dict], key: str) -> Points:
 
 def _panel(img: Image.Image, box: tuple[int, int, int, int], title: str,
            curves: Sequence[tuple[str, tuple[int, int, int], Points, bool]],
-           y_range: tuple[float, float] | None = None) -> None:
-    """Curves ``(label, colour, points, dots)`` in ``box`` (left, top, right, bottom) of ``img``."""
+           y_range: tuple[float, float] | None = None,
+           marks: Sequence[tuple[float, str, tuple[int, int, int]]] = (), x_label: str = "step") -> None:
+    """Curves ``(label, colour, points, dots)`` in ``box`` (left, top, right, bottom) of ``img``;
+    ``marks``: vertical lines ``(x, label, colour)``."""
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
     x_left, y_top, x_right, y_bottom = box
     left, right, top, bottom = x_left + 70, x_right - 20, y_top + 40, y_bottom - 60
@@ -313,7 +316,11 @@ def _panel(img: Image.Image, box: tuple[int, int, int, int], title: str,
         x, _ = px(t, y0)
         d.line([x, top, x, bottom], fill=(230, 230, 230))
         d.text((x - 10, bottom + 6), f"{t:g}", fill=(60, 60, 60), font=font)
-    d.text(((left + right) // 2 - 15, y_bottom - 25), "step", fill=(0, 0, 0), font=font)
+    for x, label, color in marks:
+        mx_, _ = px(x, y0)
+        d.line([mx_, top, mx_, bottom], fill=color, width=2)
+        d.text((mx_ + 4, bottom - 16), label, fill=color, font=font)
+    d.text(((left + right) // 2 - 3 * len(x_label), y_bottom - 25), x_label, fill=(0, 0, 0), font=font)
     d.text((left, y_top + 12), title, fill=(0, 0, 0), font=font)
     legend_x, ly = right - 200, top + 8
     for label, color, pts, dots in curves:
@@ -340,20 +347,45 @@ def eval_curves(records: Sequence[dict]):
     return [c for c in curves if c[2]]
 
 
+GUARD_COLOR, TRIP_COLOR = (0, 0, 0), (200, 0, 0)
+
+
+def guard_curves(records: Sequence[dict]):
+    """The language guard's accuracy, its limit (the first score less the allowed drop) and a
+    mark where it tripped, from the ``"guard"`` records."""
+    recs = [r for r in records if r.get("type") == "guard"]
+    pts = _points(recs, "guard_acc")
+    if not pts:
+        return [], []
+    limit = recs[0]["guard_baseline"] - recs[0]["guard_max_drop"] / 100
+    curves = [("guard (text-only)", GUARD_COLOR, pts, True),
+              ("guard limit", TRIP_COLOR, [(pts[0][0], limit), (pts[-1][0], limit)], False)]
+    marks = [(float(r["step"]), f"guard tripped (step {r['step']})", TRIP_COLOR)
+             for r in recs if r.get("guard_tripped")]
+    return curves, marks
+
+
 def plot_losses(records: Sequence[dict], path: str | Path, title: str = "training loss",
                 size: tuple[int, int] = (900, 540)) -> Path | None:
     """Losses, and accuracies beside them if any were scored; None: nothing to draw."""
     losses = [(label, color, _points(records, key), key.startswith("val")) for key, label, color in SERIES]
     losses = [c for c in losses if c[2]]
-    accuracies = eval_curves(records)
+    guard, marks = guard_curves(records)
+    accuracies = eval_curves(records) + guard
     if not losses and not accuracies:
         return None
-    W, H = size
-    panels = [p for p in ((title, losses, None), ("benchmark accuracy (eval_data)", accuracies, (0.0, 1.0)))
+    panels = [p for p in ((title, losses, None, (), "step"),
+                          ("benchmark accuracy (eval_data, guard_data)", accuracies, (0.0, 1.0), marks, "step"))
               if p[1]]
+    return plot_panels(path, panels, size)
+
+
+def plot_panels(path: str | Path, panels: Sequence[tuple], size: tuple[int, int] = (900, 540)) -> Path:
+    """Panels side by side, each ``(title, curves, y_range or None, marks, x_label)`` (:func:`_panel`)."""
+    W, H = size
     img = Image.new("RGB", (W * len(panels), H), "white")
-    for i, (name, curves, y_range) in enumerate(panels):
-        _panel(img, (i * W, 0, (i + 1) * W, H), name, curves, y_range)
+    for i, (name, curves, y_range, marks, x_label) in enumerate(panels):
+        _panel(img, (i * W, 0, (i + 1) * W, H), name, curves, y_range, marks, x_label)
     path = Path(path)
     img.save(path)
     return path

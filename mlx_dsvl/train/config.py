@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from ..eval.likelihood import TARGETS as EVAL_TARGETS
 from ..eval.runner import DEFAULT_BATCH_SIZE as EVAL_BATCH_SIZE
 from ..eval.runner import METHODS as EVAL_METHODS
 from ..loading import DTYPES
@@ -77,6 +78,7 @@ def _lr_rule() -> str:
 
 REQUIRED = "required unless `resume`"
 TRAIN, DATA, OPTIM, OUTPUT, EVAL = "what to train", "data", "optimization", "output", "evaluation"
+GUARD = "language guard"
 DIST = "several processes (mlx.launch)"
 
 
@@ -193,9 +195,26 @@ class TrainConfig:
                              "end (0: first and last only)", group=EVAL, check=_at_least(0))
     eval_method: str = option("likelihood", "multiple choice answered by the options' likelihood or by "
                               "greedy generation", group=EVAL, choices=EVAL_METHODS)
+    eval_target: str = option(
+        "letter", "`eval_method` likelihood: score an option by the likelihood of its letter (' A') or of "
+        "its text (' red': for a model that answers with words), as python -m mlx_dsvl.eval --target",
+        group=EVAL, choices=EVAL_TARGETS)
     eval_limit: int | None = option(help="score only the first N questions of each set", group=EVAL,
                                        check=_at_least(1), default_text="all")
     eval_batch_size: int = option(EVAL_BATCH_SIZE, "questions per batch", group=EVAL, check=_at_least(1))
+    guard_data: str | None = option(
+        help="a text-only multiple-choice benchmark the base model answers well (any file python -m "
+        "mlx_dsvl.eval reads), scored as `eval_method`/`eval_target` say before the first step, at each "
+        "evaluation (`eval_every`) and at each checkpoint; a drop of more than `guard_max_drop` points "
+        "from its first score is said once, recorded in metrics.jsonl and drawn in loss.png",
+        group=GUARD, metavar="FILE")
+    guard_max_drop: float = option(
+        5.0, "accuracy points the `guard_data` set may lose from its first score; several hundred "
+        "questions keep its noise within a few points", group=GUARD,
+        check=((lambda v: 0 <= v <= 100), "must be within [0, 100] (accuracy points)"), metavar="POINTS")
+    guard_stop: bool = option(
+        False, "stop when the guard's drop exceeds the limit, without saving that step: the last "
+        "checkpoint (checkpoints/latest, scored by the guard when it was saved) is the last good one", group=GUARD)
     dist_timeout: float = option(
         300.0, "stop when one process waits this many seconds for the others (one hung, or its machine "
         "is unreachable; a process that dies stops the run at once); 0 waits forever", group=DIST,

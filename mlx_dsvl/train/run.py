@@ -39,9 +39,10 @@ from .callbacks import (
     validation_losses,
 )
 from .checkpoint import Checkpointer
-from .config import STRUCTURAL, THIS_COMMAND, TrainConfig, mixer_of, resolve, validate_config
+from .config import STRUCTURAL, THIS_COMMAND, ConfigError, TrainConfig, mixer_of, resolve, validate_config
 from .data import Dataset, load_jsonl
 from .distributed import SOLO, ProcessLost, World, global_batch_check
+from .guard import GuardTripped, LanguageGuard, read_guard
 from .loop import LoopArgs, NonFiniteLoss, TrainingStopped, enable_grad_checkpoint, make_loss, train_loop
 from .report import Progress, Window, as_process, fmt_time, note, start_line, warn, who
 from .rundir import RUN_CONFIG, RunDir, recover
@@ -85,6 +86,7 @@ class TrainParts:
     resume: Resume | None
     n_params: tuple[int, int]  # (trained, total)
     eval_sets: list[EvalSet]  # eval_data, read
+    guard: EvalSet | None = None  # guard_data, read
     world: World = SOLO  # the processes of the run
 
     @property
@@ -110,6 +112,11 @@ def prepare(cfg: TrainConfig, explicit: Sequence[str] = (), world: World = SOLO
             raise ValueError(f"`{req}` is required")
     if cfg.iters is not None and cfg.epochs is not None:
         raise ValueError("give `iters` or `epochs`, not both")
+    if cfg.eval_target != "letter" and cfg.eval_method != "likelihood":
+        raise ConfigError("eval_target", f"{cfg.eval_target} applies to `eval_method` likelihood only "
+                                         f"(`eval_method` {cfg.eval_method} reads the option out of the reply)")
+    if cfg.guard_stop and not cfg.guard_data:
+        raise ConfigError("guard_stop", "needs `guard_data`")
     return cfg, resume
 
 
@@ -245,6 +252,7 @@ def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, *,
     frozen_vision = not vision_trainable(spec)
     data = load_datasets(cfg, processor)
     eval_sets = read_eval_sets(cfg.eval_data)
+    guard = read_guard(cfg.guard_data)
     main, text = data["data"], data["text_data"]
     batch = cfg.batch_size * world.size  # the global batch: each process takes its share
     streams = {"main": BatchStream(main.lengths, batch, cfg.seed, stream=0),
@@ -286,7 +294,7 @@ def build(cfg: TrainConfig, run: RunDir, resume: Resume | None = None, *,
         mixer=mixer, batches=batches, optimizer=optimizer, schedule=schedule, cache=cache, start_step=start_step,
         history=history, adapter_cfg=adapter_config(model, spec, str(cfg.model), fingerprint),
         meta={"config": config, "fingerprint": fingerprint, "data": digests}, resume=resume, n_params=n_params,
-        eval_sets=eval_sets, world=world)
+        eval_sets=eval_sets, guard=guard, world=world)
 
 
 # -- stopping ------------------------------------------------------------------------------------
@@ -371,8 +379,13 @@ def standard_callbacks(parts: TrainParts, log: Progress, t_start: float, loss_fn
             max_batches=cfg.val_batches, pad_to=cfg.pad_to, cache=parts.cache), cfg.val_every, log.line))
     if parts.eval_sets:
         cbs.append(Evaluation(parts.model, parts.processor, parts.eval_sets, every=cfg.eval_every,
-                              method=cfg.eval_method, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
-                              say=log.line))
+                              method=cfg.eval_method, target=cfg.eval_target, batch_size=cfg.eval_batch_size,
+                              limit=cfg.eval_limit, say=log.line))
+    if parts.guard is not None:  # before the checkpointer: a step is scored before it is saved
+        cbs.append(LanguageGuard(parts.model, parts.processor, parts.guard, history=parts.history,
+                                 max_drop=cfg.guard_max_drop, stop=cfg.guard_stop, eval_every=cfg.eval_every,
+                                 save_every=cfg.save_every, method=cfg.eval_method, target=cfg.eval_target,
+                                 batch_size=cfg.eval_batch_size, say=log.line))
     cbs += list(extra)
 
     def moved(folder: Path) -> None:  # the cache moves with a run that replaced an earlier one
@@ -418,6 +431,8 @@ def run_parts(parts: TrainParts, t_start: float, extra: Sequence[TrainingCallbac
         world.barrier("rank 0 writing the run's outputs")
     except NonFiniteLoss as e:
         raise TrainingStopped(f"{e}; {saver.where()}", saver.last) from None
+    except GuardTripped as e:
+        raise TrainingStopped(f"{e}; {saver.where(staged=True)}", saver.last) from None
     except ProcessLost as e:
         raise ProcessLost(f"{e}; {saver.where()}" + (resume_hint if saver.last else "")) from None
     finally:
