@@ -2,6 +2,7 @@
 real-size random weights, and what their weights take in memory per bit width.
 
     python benchmarks/vision_quant_error.py --arch 1.3b 7b --logits 1.3b --json out.json
+    python benchmarks/vision_quant_error.py --arch 7b --logits 7b --llm-bits 4 --json out.json
 
 Per architecture (``cached_checkpoint``: the float16 random checkpoint), the towers and the aligner
 are loaded in float32 from the float16-stored weights: that is the reference (the half-precision
@@ -13,7 +14,8 @@ as float32 matmuls, since MLX's CPU quantized matmul is too slow for real-size t
 tests check on tiny checkpoints that this agrees with the quantized layers to float rounding).
 Printed: (a) the aligner output's relative error ``||q - ref|| / ||ref||`` and max abs difference
 for one synthetic image with a natural image's 1/f spectrum; (b) with ``--logits ARCH`` (the whole
-model in float32: the 1.3B fits), the LLM's logits at the last position (the first reply token's)
+model in float32: the 1.3B fits; with ``--llm-bits`` the LLM quantized as ``load(quantize=)`` does,
+in the reference and the quantized-vision runs alike: the 7B fits), the LLM's logits at the last position (the first reply token's)
 and at every text position after the image: max abs difference relative to the largest logit,
 top-1 agreement, mean KL(ref || q); (c) the resident bytes of each part's weights in a 16-bit
 dtype unquantized, 8-bit and 4-bit (scales and biases in 16 bits), and the layers left in 16 bits.
@@ -58,17 +60,21 @@ def part_of(path: str) -> str:
     return next(name for name, prefix in PARTS.items() if path.startswith(prefix))
 
 
-def load_parts(path, prefixes: tuple[str, ...]):
-    """The model with only the tensors under ``prefixes`` loaded (float32, from the stored dtype)."""
+def load_parts(path, prefixes: tuple[str, ...], llm_bits: int | None = None, group_size: int = 64):
+    """The model with only the tensors under ``prefixes`` loaded (float32, from the stored dtype);
+    with ``llm_bits``, the whole model as ``load(dtype="float32", quantize=llm_bits)`` loads it."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_dsvl.loading import load_config, read_weights, sanitize
+    from mlx_dsvl.loading import load_config, load_model, read_weights, sanitize
     from mlx_dsvl.models.deepseek_vl import DeepseekVL
 
-    model = DeepseekVL(load_config(path))
     weights = {k: v for k, v in sanitize(read_weights(path)).items() if k.startswith(prefixes)}
     stored = {k: v.dtype for k, v in weights.items()}
+    if llm_bits is not None:
+        del weights
+        return load_model(path, "float32", quantize=llm_bits, q_group_size=group_size), stored
+    model = DeepseekVL(load_config(path))
     model.load_weights([(k, v.astype(mx.float32)) for k, v in weights.items()], strict=False)
     for k, v in tree_flatten(model.parameters()):
         if k.startswith(prefixes):
@@ -171,7 +177,8 @@ def compare_logits(ref, q) -> dict:
             "mean_kl": kl.mean().item()}
 
 
-def run_arch(arch: str, bits_list, logits: bool, group_size: int, say) -> dict:
+def run_arch(arch: str, bits_list, logits: bool, group_size: int, say, llm_bits: int | None = None) -> dict:
+    """``llm_bits`` (with ``logits``): the LLM quantized to these bits in every run."""
     import mlx.core as mx
 
     from mlx_dsvl.mlx_format import quantize_policy
@@ -181,8 +188,10 @@ def run_arch(arch: str, bits_list, logits: bool, group_size: int, say) -> dict:
     path = cached_checkpoint(arch)
     prefixes = ("vision_model.", "aligner.") + (("language_model.",) if logits else ())
     t = time.perf_counter()
-    model, stored = load_parts(path, prefixes)
-    say(f"{arch}: loaded {'the whole model' if logits else 'the towers and the aligner'} in float32 "
+    llm_bits = llm_bits if logits else None
+    model, stored = load_parts(path, prefixes, llm_bits, group_size)
+    llm = f", the LLM {llm_bits}-bit" if llm_bits else ""
+    say(f"{arch}: loaded {'the whole model' if logits else 'the towers and the aligner'} in float32{llm} "
         f"({time.perf_counter() - t:.0f} s)")
     processor = ChatProcessor.from_pretrained(path)
     size = processor.image_processor.default_shape[-1]
@@ -190,7 +199,7 @@ def run_arch(arch: str, bits_list, logits: bool, group_size: int, say) -> dict:
                         {"role": "Assistant", "content": ""}], [natural_image(size)])
     pixels = inputs["pixel_values"][0]
     ids = inputs["input_ids"]
-    res: dict = {"arch": arch, "path": str(path), "image_px": size, "group_size": group_size,
+    res: dict = {"arch": arch, "path": str(path), "image_px": size, "group_size": group_size, "llm_bits": llm_bits,
                  "weights": sizes(model, stored, group_size), "bits": {}}
 
     def features():
@@ -232,7 +241,8 @@ def table(results: list[dict]) -> str:
         for bits, row in r["bits"].items():
             lg = ("| {last_rel_to_max_logit:.2e} | {last_top1_same} | {last_kl:.2e} | {top1_agreement:.3f} over {positions}, "
                   "{mean_kl:.2e} |".format(**row) if "last_kl" in row else "| not measured | | | |")
-            lines.append(f"| {r['arch']} | {bits} | {row['weight_rel_error_mean']:.2e} | {row['feature_rel_error']:.2e} | "
+            llm = f" (LLM {r['llm_bits']}-bit)" if r.get("llm_bits") else ""
+            lines.append(f"| {r['arch']}{llm} | {bits} | {row['weight_rel_error_mean']:.2e} | {row['feature_rel_error']:.2e} | "
                          f"{row['feature_max_abs_diff']:.2e} ({row['feature_max_abs']:.2f}) {lg}")
     lines += ["", "| model | part | 16-bit MB | 8-bit MB | 4-bit MB | of which left in 16 bits: MB, layers |",
               "|---|---|---|---|---|---|"]
@@ -250,6 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", nargs="+", type=int, choices=[8, 4], default=[8, 4])
     p.add_argument("--logits", nargs="*", choices=ARCHS, default=[],
                    help="also the LLM's logits for these archs (the whole model in float32)")
+    p.add_argument("--llm-bits", type=int, choices=[8, 4], default=None,
+                   help="with --logits: the LLM quantized to these bits in the reference and every run")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -264,7 +276,7 @@ def main(argv=None) -> int:
     def say(s):
         print(s, file=sys.stderr, flush=True)
 
-    results = [run_arch(a, args.bits, a in args.logits, args.group_size, say) for a in args.arch]
+    results = [run_arch(a, args.bits, a in args.logits, args.group_size, say, args.llm_bits) for a in args.arch]
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -217,6 +217,30 @@ def test_simulated_quantization_is_the_quantized_layers(tiny_hybrid_dir):
     assert rel_error(model._encode(px), real._encode(px)) < 1e-5
 
 
+@pytest.mark.slow
+def test_simulated_quantization_with_the_llm_quantized(tiny_hybrid_dir):
+    """``--llm-bits 4``: the benchmark's model has the LLM quantized as ``load(quantize=4)`` does
+    and only it; with its vision weights swapped for 8-bit ones, the LLM's logits after the image
+    are the ones of ``load(quantize=4, quantize_vision=8)`` to float rounding."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "benchmarks"))
+    import vision_quant_error as vq
+
+    from mlx_dsvl.mlx_format import quantize_policy
+
+    px = pixels(tiny_hybrid_dir)
+    model, stored = vq.load_parts(tiny_hybrid_dir, ("vision_model.", "aligner.", "language_model."), 4, 32)
+    bits = quantized_bits(model)
+    assert bits and set(bits.values()) == {4} and all(p.startswith("language_model.") for p in bits)
+    vq.swap(model, vq.quantized_weights(model, quantize_policy(model, {"vision": 8}, 32), stored, 32))
+    real = mlx_dsvl.load(tiny_hybrid_dir, dtype="float32", quantize=4, quantize_vision=8, q_group_size=32)[0]
+    ids = mx.array([[1, 2, 3] + [model.image_token_id] * 576 + [4, 5, 6]])
+
+    def logits(m):
+        return m.lm_head(m.hidden_states(ids, image_embeds=m._encode(px)[None])[0, -3:])
+
+    assert rel_error(logits(model), logits(real)) < 1e-5
+
+
 # -- records: old, mismatched, quantizing again ----------------------------------------------------
 def test_old_record_still_loads_the_same(tiny_hybrid_dir, tmp_path):
     """A folder written before vision bits of their own (``"vision": true``, one ``bits``, no
