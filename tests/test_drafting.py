@@ -125,3 +125,25 @@ def test_sampled_replies_are_not_drafted(text_ckpt):
         chunks = list(session.send(TURNS[0], [], max_tokens=30, temperature=0.8, seed=3))
         runs.append(([c.token for c in chunks], chunks[-1].drafted_tokens))
     assert runs[0] == runs[1] and runs[1][1] == 0
+
+
+# -- the command line ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_draft_ngram_gives_the_same_reply_and_reports_acceptance(text_ckpt):
+    import re
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", "--model", str(text_ckpt), "--prompt",
+                               TURNS[1], "--max-tokens", "60", "--temperature", "0", "--repetition-penalty", "1",
+                               "--verbose", *args], capture_output=True, text=True, timeout=300)
+
+    plain, drafted = cli(), cli("--draft", "ngram", "--num-draft-tokens", "3")
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    assert drafted.stdout == plain.stdout and "Drafted:" not in plain.stderr
+    found = re.search(r"Drafted: (\d+) tokens, accepted (\d+) \(\d+%\)", drafted.stderr)
+    assert found and 0 < int(found[2]) <= int(found[1]), drafted.stderr
+    bad = cli("--draft", "ngram", "--num-draft-tokens", "0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --num-draft-tokens must be an integer >= 1, got 0"
+    assert cli("--draft", "model").returncode == 2  # argparse's choices
