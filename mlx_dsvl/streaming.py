@@ -252,9 +252,9 @@ class Row:
     def greedy(self) -> bool:
         return self.options.temperature == 0 and not self.processors and self.constraint is None
 
-    @property
-    def drafts(self) -> bool:
-        """Whether this step checks a draft (a greedy row's drafter, when not backing off)."""
+    def takes_draft(self) -> bool:
+        """Whether this step checks a draft: a greedy row's drafter, when not backing off (asking
+        counts a back-off step)."""
         return (self.drafter is not None and self.options.temperature == 0 and self.constraint is None
                 and self.logprobs is None and self.drafter.wants())
 
@@ -369,7 +369,7 @@ class Batch:
         """Read every row's pending token (while the next ones are computed); finished rows
         leave the batch.  An unbatched row with a drafter may give several tokens
         (:meth:`_speculate`)."""
-        if not self.batched and self.rows and self.rows[0].drafts:
+        if not self.batched and self.rows and self.rows[0].takes_draft():
             return self._speculate(self.rows[0])
         rows = list(self.rows)
         last = [r for r in rows if len(r.generated) + 1 >= r.max_tokens]  # no successor needed
