@@ -147,3 +147,12 @@ def test_cli_draft_ngram_gives_the_same_reply_and_reports_acceptance(text_ckpt):
     bad = cli("--draft", "ngram", "--num-draft-tokens", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --num-draft-tokens must be an integer >= 1, got 0"
     assert cli("--draft", "model").returncode == 2  # argparse's choices
+
+
+def test_the_generation_api_takes_a_drafter(text_ckpt):
+    model, processor = mlx_dsvl.load(text_ckpt, dtype="float32")
+    conv = [{"role": "user", "content": TURNS[1]}]
+    chunks = list(mlx_dsvl.stream_generate(model, processor, conv, max_tokens=40, draft="ngram",
+                                           num_draft_tokens=3, **GREEDY))
+    assert "".join(c.text for c in chunks) == mlx_dsvl.generate(model, processor, conv, max_tokens=40, **GREEDY)
+    assert chunks[-1].accepted_tokens > 0
