@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
     add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
     add_model_arguments(p, "dtype", "adapter", "device", "quantize", "quantize_vision", "kv_bits", "kv_group_size",
-                        "quantized_kv_start", "max_context", "memory_limit")
+                        "quantized_kv_start", "max_context", "memory_limit", "draft", "num_draft_tokens")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", default=None,
                        help="reply with JSON that validates against the JSON schema in FILE")
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interactive multi-turn chat: /image PATH attaches, /new restarts, /exit quits; "
                         "Ctrl-C stops a reply")
     p.add_argument("--verbose", action="store_true",
-                   help="print prompt tokens/s, time to first token, generation tokens/s, peak memory")
+                   help="print prompt tokens/s, time to first token, generation tokens/s, peak memory "
+                        "(and with --draft the tokens drafted and accepted)")
     return p
 
 
@@ -57,6 +58,9 @@ def _print_stats(last: GenerationChunk) -> None:
         f"Peak memory: {last.peak_memory:.3f} GB",
         file=sys.stderr,
     )
+    if last.drafted_tokens:
+        print(f"Drafted: {last.drafted_tokens} tokens, accepted {last.accepted_tokens} "
+              f"({last.accepted_tokens / last.drafted_tokens:.0%})", file=sys.stderr)
 
 
 def _reply(session: ChatSession, text: str, images: list[str], args, fmt: dict | None) -> None:
@@ -175,6 +179,8 @@ def check_args(args) -> dict | None:
         grammar_source(fmt)
     except ResponseFormatError as e:
         raise ValueError(f"--json-schema {args.json_schema}: {e.problem}") from None
+    if args.num_draft_tokens < 1:
+        raise ValueError(f"--num-draft-tokens must be an integer >= 1, got {args.num_draft_tokens}")
     if args.max_context < 2:
         raise ValueError(f"--max-context must be an integer >= 2, got {args.max_context}")
     if not args.chat and args.prompt is None:
@@ -195,7 +201,8 @@ def main(argv=None) -> int:
         model, processor = load_from_args(args)
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context,
                               kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                              quantized_kv_start=args.quantized_kv_start)
+                              quantized_kv_start=args.quantized_kv_start, draft=args.draft,
+                              num_draft_tokens=args.num_draft_tokens)
         if args.chat:
             _chat_loop(session, args, fmt)
         else:

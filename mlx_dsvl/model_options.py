@@ -37,6 +37,7 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
     """Each option's flag and ``add_argument`` keywords, with its choices from its own module."""
     # (these import MLX: called when a parser is built, after the BLAS re-execution)
     from .device import DEVICES
+    from .drafting import DRAFTERS, NUM_DRAFT_TOKENS
     from .loading import DTYPES
     from .mlx_format import QUANT_BITS
     from .streaming import KV_BITS, KV_GROUP_SIZES
@@ -68,6 +69,14 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
             help="KV-cache quantization group size; it must divide the LLM's head size (default: 64)")),
         "quantized_kv_start": ("--quantized-kv-start", dict(
             type=int, default=0, help="quantize the KV cache once it holds this many tokens (default: 0)")),
+        "draft": ("--draft", dict(
+            choices=list(DRAFTERS), default=None,
+            help="speculative decoding of greedy replies (--temperature 0): ngram = prompt lookup, the "
+                 "conversation's own tokens proposed where its last few tokens occurred before; the same "
+                 "tokens as without (default: none)")),
+        "num_draft_tokens": ("--num-draft-tokens", dict(
+            type=int, default=NUM_DRAFT_TOKENS, metavar="K",
+            help=f"tokens drafted at most per check with --draft (default: {NUM_DRAFT_TOKENS})")),
         "max_context": ("--max-context", dict(
             type=int, default=DefaultContext(4096),
             help="context limit in tokens; older turns are dropped beyond it (default: 4096)")),

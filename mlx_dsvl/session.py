@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix
+from .drafting import NUM_DRAFT_TOKENS, make_drafter
 from .grammar import Grammar, compile_format
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
@@ -45,6 +46,9 @@ class ChatSession:
     >>> chat = ChatSession(model, processor)
     >>> for chunk in chat.send("<image_placeholder>What is this?", images=["cat.png"]):
     ...     print(chunk.text, end="")
+
+    ``draft="ngram"``: greedy replies are decoded speculatively, prompt lookup proposing up to
+    ``num_draft_tokens`` tokens at a time (:mod:`mlx_dsvl.drafting`); the same tokens as without.
     """
 
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, system_prompt: str | None = None,
@@ -52,7 +56,8 @@ class ChatSession:
                  kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
                  on_slow_start: Callable[[str], None] | None = _warn, profile: bool = False,
                  image_cache_bytes: int = IMAGE_CACHE_BYTES,
-                 image_cache: ImageFeatureCache | None = None):
+                 image_cache: ImageFeatureCache | None = None, draft: str | None = None,
+                 num_draft_tokens: int = NUM_DRAFT_TOKENS):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -69,6 +74,9 @@ class ChatSession:
         self._features: dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
         self._tokens = PromptTokens(processor)
         self.kv: dict | None = None
+        # speculative decoding of greedy replies: "ngram" (prompt lookup) or None
+        make_drafter(draft, [], num_draft_tokens)  # checked now
+        self.draft, self.num_draft_tokens = draft, num_draft_tokens
         self.reset()
         self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
@@ -226,7 +234,7 @@ class ChatSession:
              grammar: Grammar | None, logprobs: int | None) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
         row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens, grammar=grammar,
-                        logprobs=logprobs)
+                        logprobs=logprobs, drafter=make_drafter(self.draft, ids.tolist(), self.num_draft_tokens))
         try:
             yield from stream_tokens(self.model.language_model, self.processor, mx.array(ids[keep:]),
                                      lambda s, e: embeds[s:e], self.cache, row=row,

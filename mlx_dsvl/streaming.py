@@ -29,6 +29,7 @@ from mlx_lm.models.llama import Model as LanguageModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 from .batch_cache import merge_row
+from .drafting import NgramDrafter
 from .models.deepseek_vl import DeepseekVL, lm_head
 from .processing.chat import ChatProcessor
 from .processing.image_tokens import ImageTokens
@@ -61,6 +62,8 @@ class GenerationChunk:
     finish_reason: str | None = None
     # when asked for: the tokens whose text this chunk holds (TokenLogprobs; EOS not listed)
     logprobs: list[TokenLogprobs] | None = None
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted so far
+    accepted_tokens: int = 0  # and those of them the model agreed with (kept)
 
 
 def make_detokenizer(processor: ChatProcessor) -> BPEStreamingDetokenizer:
@@ -218,6 +221,7 @@ class Row:
     next: mx.array | None = None  # the token after it, being computed
     next_logprobs: tuple | None = None
     pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
+    drafter: NgramDrafter | None = None  # proposes tokens checked in one forward (greedy rows alone)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None  # why the grammar ended the row ("error")
@@ -225,13 +229,15 @@ class Row:
     @classmethod
     def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
               max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
-              tag: Any = None, grammar: Grammar | None = None, logprobs: int | None = None) -> Row:
+              tag: Any = None, grammar: Grammar | None = None, logprobs: int | None = None,
+              drafter: NgramDrafter | None = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
         (default ``options.max_tokens``) may be cut to the context.  With ``grammar`` the reply
         follows it and ends when it is complete; the template's ``User:`` stop is then left out
         (the grammar ends the reply, and the text may hold ``User:``), ``stops`` still apply.
         ``logprobs``: each token's log-probability and the ``logprobs`` likeliest alternatives'
-        come on its Output."""
+        come on its Output.  ``drafter``: speculative decoding of an unbatched greedy row without
+        grammar or log-probabilities (:meth:`Batch.step`; other rows ignore it)."""
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
@@ -240,11 +246,17 @@ class Row:
                    stop=StopStringFilter((STOP_STRINGS if grammar is None else ()) + tuple(stops)),
                    ignore_eos=ignore_eos, tag=tag, sampler=options.make_sampler(),
                    processors=options.make_logits_processors(), logprobs=logprobs,
-                   constraint=None if grammar is None else grammar.constraint())
+                   constraint=None if grammar is None else grammar.constraint(), drafter=drafter)
 
     @property
     def greedy(self) -> bool:
         return self.options.temperature == 0 and not self.processors and self.constraint is None
+
+    def takes_draft(self) -> bool:
+        """Whether this step checks a draft: a greedy row's drafter, when not backing off (asking
+        counts a back-off step)."""
+        return (self.drafter is not None and self.options.temperature == 0 and self.constraint is None
+                and self.logprobs is None and self.drafter.wants())
 
     def adjust(self, logits: mx.array) -> mx.array:
         """[1, vocab] logits -> what the sampler sees: after this row's processors and grammar
@@ -355,7 +367,10 @@ class Batch:
 
     def step(self) -> list[Output]:
         """Read every row's pending token (while the next ones are computed); finished rows
-        leave the batch."""
+        leave the batch.  An unbatched row with a drafter may give several tokens
+        (:meth:`_speculate`)."""
+        if not self.batched and self.rows and self.rows[0].takes_draft():
+            return self._speculate(self.rows[0])
         rows = list(self.rows)
         last = [r for r in rows if len(r.generated) + 1 >= r.max_tokens]  # no successor needed
         self.remove(last, finished=True)
@@ -417,6 +432,60 @@ class Batch:
             self._choose([rows[b] for b in free], [logits[b:b + 1] for b in free])
         mx.async_eval([r.next if r.constraint is None else r.pending for r in rows],
                       [r.next_logprobs for r in rows if r.constraint is None and r.logprobs is not None])
+
+    def _speculate(self, r: Row) -> list[Output]:
+        """Read the pending token, then check the drafter's guesses after it in one forward:
+        the longest prefix the row itself would have chosen is kept, token by token through
+        ``_advance`` (stop rules, budget), then the row's own choice after it becomes the pending
+        token; the cache is trimmed of the positions not kept."""
+        outs = [self._advance(r, r.y.item())]
+        if r.finish_reason:
+            self.remove([r], finished=True)
+            return outs
+        draft = r.drafter.propose(r.generated, r.max_tokens - len(r.generated) - 1)
+        if not draft:
+            self._forward([r])
+            r.y, r.y_logprobs = r.next, None
+            return outs
+        fed = [r.generated[-1], *draft]
+        quantize_cache(self.cache, self.kv)
+        logits = lm_head(self.lm, self.lm.model(mx.array(fed)[None], self.cache)[0])  # [k + 1, vocab]
+        chosen = self._verify(r, fed, logits)
+        wanted = chosen.tolist()
+        n = 0
+        while n < len(draft) and wanted[n] == draft[n]:
+            n += 1
+        r.drafter.record(len(draft), n)
+        kept = 1
+        for t in draft[:n]:
+            if r.finish_reason:
+                break
+            outs.append(self._advance(r, t))
+            kept += 1
+        for c in self.cache:
+            c.trim(len(fed) - kept)
+        if r.processors:
+            r.context = mx.concatenate([r.context, mx.array(fed[:kept], r.context.dtype)])[-PROCESSOR_CONTEXT:]
+        if r.finish_reason:
+            self.remove([r], finished=True)
+        else:
+            r.y, r.y_logprobs = chosen[n:n + 1], None
+        return outs
+
+    @staticmethod
+    def _verify(r: Row, fed: list[int], logits: mx.array) -> mx.array:
+        """The row's choice [k + 1] after each of ``fed`` (its logits [k + 1, vocab]), each as
+        :meth:`_forward` would make it: the processors see the tokens fed up to that one."""
+        if r.greedy:
+            return mx.argmax(logits, axis=-1)
+        context, choices = r.context, []
+        for i in range(len(fed)):
+            if r.processors:
+                r.context = mx.concatenate([context, mx.array(fed[:i + 1], context.dtype)])[-PROCESSOR_CONTEXT:]
+            x = r.adjust(logits[i:i + 1])
+            choices.append(r.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True)))
+        r.context = context
+        return mx.concatenate(choices)
 
     @staticmethod
     def _choose(rows: Sequence[Row], logits: Sequence[mx.array]) -> None:
@@ -482,6 +551,8 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
             time_to_first_token=ttft, generation_tokens=n,
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=reason, logprobs=listed,
+            drafted_tokens=row.drafter.drafted if row.drafter else 0,
+            accepted_tokens=row.drafter.accepted if row.drafter else 0,
         )
 
     t0 = time.perf_counter()
@@ -496,17 +567,17 @@ def stream_tokens(language_model: LanguageModel, processor: ChatProcessor, new_i
         mx.eval(row.y)
         timings["first_sample_ms"] = (time.perf_counter() - t0) * 1e3
     while batch.rows:
-        (out,) = batch.step()
-        if out.finish_reason == "error":
-            raise GrammarError(row.error)
-        if n == 0:
-            ttft = time.perf_counter() - tic
-            prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
-        n += 1
-        if out.logprobs is not None:
-            held.append(out.logprobs)
-        if out.text:
-            yield chunk(out.text, out.token)
+        for out in batch.step():
+            if out.finish_reason == "error":
+                raise GrammarError(row.error)
+            if n == 0:
+                ttft = time.perf_counter() - tic
+                prompt_tps = n_prompt / ttft if ttft > 0 else 0.0
+            n += 1
+            if out.logprobs is not None:
+                held.append(out.logprobs)
+            if out.text:
+                yield chunk(out.text, out.token)
     yield chunk(out.tail, None, row.finish_reason)
 
 

@@ -55,19 +55,17 @@ def tiny_hybrid_model(tiny_hybrid_dir):
     return mlx_dsvl.load(tiny_hybrid_dir, dtype="float32")
 
 
-@pytest.fixture(scope="session")
-def text_ckpt(tiny_dir, tmp_path_factory):
-    """The tiny random checkpoint with LM-head rows zeroed for the ids its tiny tokenizer does not
-    define: replies are then real, prompt-dependent text (otherwise the random head favours
-    undefined ids, which all print as "!")."""
+def _text_only(src, out):
+    """A copy of checkpoint ``src`` at ``out`` with LM-head rows zeroed for the ids its tiny
+    tokenizer does not define: replies are then real, prompt-dependent text (otherwise the random
+    head favours undefined ids, which all print as "!")."""
     import json
     import shutil
 
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-text"
-    shutil.copytree(tiny_dir, out)
+    shutil.copytree(src, out)
     weights = load_file(str(out / "model.safetensors"))
     vocab = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
     defined = {*vocab.values(), *(t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"])}
@@ -75,3 +73,15 @@ def text_ckpt(tiny_dir, tmp_path_factory):
     head[np.setdiff1d(np.arange(head.shape[0]), sorted(defined))] = 0
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+@pytest.fixture(scope="session")
+def text_ckpt(tiny_dir, tmp_path_factory):
+    """The tiny random checkpoint, its replies real text (:func:`_text_only`)."""
+    return _text_only(tiny_dir, tmp_path_factory.mktemp("ckpt") / "tiny-text")
+
+
+@pytest.fixture(scope="session")
+def text_hybrid_ckpt(tiny_hybrid_dir, tmp_path_factory):
+    """The tiny 7B-layout checkpoint, its replies real text (:func:`_text_only`)."""
+    return _text_only(tiny_hybrid_dir, tmp_path_factory.mktemp("ckpt") / "tiny-hybrid-text")

@@ -1,0 +1,123 @@
+"""Prompt-lookup speculative decoding (``--draft ngram``) against none, side by side in one process.
+
+    python benchmarks/speculative.py --model /tmp/dsvl-1.3b --max-tokens 40 --json spec.json
+
+Per round and case, one greedy chat turn without drafting and one with (the same loaded model,
+prompt and machine load): decode tokens/s, and with drafting the tokens drafted and accepted.
+Cases: ``lookup``, the n-gram drafter on the prompt's reply (on random weights a greedy reply
+often loops: say so when quoting it); ``rejected``, a drafter whose every guess is a token the
+model does not choose (what back-off must keep at >= 0.9x).  Then the cost of one forward of
+k + 1 tokens against one token on the prompt's cache (what a check costs against a decode step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+PROMPT = "Tell me a story about a cat and a dog"
+
+
+def turn(model, processor, draft: str | None, k: int, n: int) -> dict:
+    from mlx_dsvl.session import ChatSession
+
+    chat = ChatSession(model, processor, draft=draft, num_draft_tokens=k, on_truncate=None)
+    chunks = list(chat.send(PROMPT, [], max_tokens=n, temperature=0.0, repetition_penalty=1.0))
+    last = chunks[-1]
+    return dict(tokens=last.generation_tokens, tps=last.generation_tps, drafted=last.drafted_tokens,
+                accepted=last.accepted_tokens, ids=[c.token for c in chunks if c.token is not None])
+
+
+class Rejected:
+    """A drafter that proposes k copies of a token the model did not choose (the last one's
+    neighbour), to measure what a check with nothing accepted costs under back-off."""
+
+    def __init__(self, drafter):
+        self.inner = drafter
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def propose(self, generated, limit):
+        return [(generated[-1] + 1) % 1000] * min(self.inner.k, limit) if generated else []
+
+
+def rejecting(*args, **kwargs) -> Rejected | None:
+    """``make_drafter`` for the ``rejected`` case."""
+    from mlx_dsvl.drafting import make_drafter
+
+    drafter = make_drafter(*args, **kwargs)
+    return None if drafter is None else Rejected(drafter)
+
+
+def check_cost(model, processor, k: int, repeats: int) -> dict:
+    """Seconds of one forward of 1 and of k + 1 tokens onto the prompt's cache (trimmed back)."""
+    import mlx.core as mx
+
+    from mlx_dsvl.models.deepseek_vl import lm_head
+    from mlx_dsvl.session import ChatSession
+
+    chat = ChatSession(model, processor, on_truncate=None)
+    list(chat.send(PROMPT, [], max_tokens=2, temperature=0.0))
+    lm, out = model.language_model, {}
+    for length in (1, k + 1, 1, k + 1):
+        ids = mx.array([[chat.cached_ids[-1]] * length])
+        best = float("inf")
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            mx.eval(lm_head(lm, lm.model(ids, chat.cache)))
+            best = min(best, time.perf_counter() - tic)
+            for c in chat.cache:
+                c.trim(length)
+        out[length] = min(out.get(length, best), best)
+    return dict(one_s=out[1], check_s=out[k + 1], ratio=out[k + 1] / out[1])
+
+
+def main(argv=None) -> int:
+    from mlx_dsvl.blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--quantize", type=int, choices=(4, 8), default=None)
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    import mlx_dsvl
+    from mlx_dsvl import session as session_module
+    from mlx_dsvl.drafting import make_drafter
+
+    model, processor = mlx_dsvl.load(args.model, dtype="float32", quantize=args.quantize)
+    k, n = args.num_draft_tokens, args.max_tokens
+    turn(model, processor, None, k, 4)  # warm up
+    results = []
+    for r in range(args.rounds):
+        for case in ("lookup", "rejected"):
+            session_module.make_drafter = make_drafter if case == "lookup" else rejecting
+            plain, drafted = turn(model, processor, None, k, n), turn(model, processor, "ngram", k, n)
+            row = dict(round=r, case=case, plain_tps=plain["tps"], draft_tps=drafted["tps"],
+                       speedup=drafted["tps"] / plain["tps"] if plain["tps"] else None,
+                       tokens=drafted["tokens"], drafted=drafted["drafted"], accepted=drafted["accepted"],
+                       same_tokens=plain["ids"] == drafted["ids"])
+            results.append(row)
+            print(f"round {r} {case:9s}: {row['plain_tps']:.2f} -> {row['draft_tps']:.2f} tokens/s "
+                  f"({row['speedup']:.2f}x), {row['tokens']} tokens, drafted {row['drafted']}, accepted "
+                  f"{row['accepted']}, same tokens: {row['same_tokens']}", flush=True)
+    session_module.make_drafter = make_drafter
+    cost = check_cost(model, processor, k, repeats=5)
+    print(f"forward of {k + 1} tokens vs 1 on the prompt's cache: {cost['check_s'] * 1e3:.1f} ms vs "
+          f"{cost['one_s'] * 1e3:.1f} ms ({cost['ratio']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=args.model, quantize=args.quantize, max_tokens=n, num_draft_tokens=k,
+                           prompt=PROMPT, rounds=results, check_cost=cost), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
