@@ -201,6 +201,14 @@ def prefill(language_model: LanguageModel, new_ids: mx.array, embed: Embed, cach
 
 
 # -- decoding ---------------------------------------------------------------------------------
+def extend_context(context: mx.array, tokens: mx.array | Sequence[int]) -> mx.array:
+    """A row's repetition-penalty context with ``tokens`` appended: its last
+    :data:`PROCESSOR_CONTEXT` tokens."""
+    if not isinstance(tokens, mx.array):
+        tokens = mx.array(tokens, context.dtype)
+    return mx.concatenate([context, tokens])[-PROCESSOR_CONTEXT:]
+
+
 @dataclass(eq=False)
 class Row:
     """One reply being decoded: its options, stop rules and progress.  ``tag``: the caller's."""
@@ -257,6 +265,10 @@ class Row:
         counts a back-off step)."""
         return (self.drafter is not None and self.options.temperature == 0 and self.constraint is None
                 and self.logprobs is None and self.drafter.wants())
+
+    def sample(self, x: mx.array) -> mx.array:
+        """The token this row's sampler draws from ``x``, logits already adjusted (:meth:`adjust`)."""
+        return self.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True))
 
     def adjust(self, logits: mx.array) -> mx.array:
         """[1, vocab] logits -> what the sampler sees: after this row's processors and grammar
@@ -424,7 +436,7 @@ class Batch:
             free = []
             for b, r in enumerate(rows):
                 if r.processors:
-                    r.context = mx.concatenate([r.context, r.y])[-PROCESSOR_CONTEXT:]
+                    r.context = extend_context(r.context, r.y)
                 if r.constraint is None:
                     free.append(b)
                 else:
@@ -465,7 +477,7 @@ class Batch:
         for c in self.cache:
             c.trim(len(fed) - kept)
         if r.processors:
-            r.context = mx.concatenate([r.context, mx.array(fed[:kept], r.context.dtype)])[-PROCESSOR_CONTEXT:]
+            r.context = extend_context(r.context, fed[:kept])
         if r.finish_reason:
             self.remove([r], finished=True)
         else:
@@ -481,9 +493,8 @@ class Batch:
         context, choices = r.context, []
         for i in range(len(fed)):
             if r.processors:
-                r.context = mx.concatenate([context, mx.array(fed[:i + 1], context.dtype)])[-PROCESSOR_CONTEXT:]
-            x = r.adjust(logits[i:i + 1])
-            choices.append(r.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True)))
+                r.context = extend_context(context, fed[:i + 1])
+            choices.append(r.sample(r.adjust(logits[i:i + 1])))
         r.context = context
         return mx.concatenate(choices)
 
@@ -494,7 +505,7 @@ class Batch:
         asked, scores = [], []
         for r, x in zip(rows, logits):
             x = r.adjust(x)
-            r.next = r.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True))
+            r.next = r.sample(x)
             if r.logprobs is not None:  # to float32's precision (the sampler needs no more)
                 asked.append(r)
                 scores.append(log_softmax(x))
