@@ -462,11 +462,7 @@ class Batch:
         fed = [r.generated[-1], *draft]
         quantize_cache(self.cache, self.kv)
         logits = lm_head(self.lm, self.lm.model(mx.array(fed)[None], self.cache)[0])  # [k + 1, vocab]
-        chosen = self._verify(r, fed, logits)
-        wanted = chosen.tolist()
-        n = 0
-        while n < len(draft) and wanted[n] == draft[n]:
-            n += 1
+        n, following = self._judge(r, fed, logits)
         r.drafter.record(len(draft), n)
         kept = 1
         for t in draft[:n]:
@@ -481,8 +477,17 @@ class Batch:
         if r.finish_reason:
             self.remove([r], finished=True)
         else:
-            r.y, r.y_logprobs = chosen[n:n + 1], None
+            r.y, r.y_logprobs = following, None
         return outs
+
+    def _judge(self, r: Row, fed: list[int], logits: mx.array) -> tuple[int, mx.array]:
+        """How many of the drafts ``fed[1:]`` the row keeps, and the token [1] it takes after
+        them, from the logits [k + 1, vocab] of one forward of ``fed``."""
+        wanted = self._verify(r, fed, logits)
+        listed, n = wanted.tolist(), 0
+        while n < len(fed) - 1 and listed[n] == fed[n + 1]:
+            n += 1
+        return n, wanted[n:n + 1]
 
     @staticmethod
     def _verify(r: Row, fed: list[int], logits: mx.array) -> mx.array:
