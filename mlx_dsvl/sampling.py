@@ -6,7 +6,7 @@ sidebar (:func:`controls`) and eval's greedy answers (:data:`GREEDY`).  Importin
 loads no MLX (the app and the CLIs parse their flags before MLX is loaded).
 
 Adding an option: a field here (default, help, check, control) and its use in
-:meth:`SamplingOptions.make_sampler` or :meth:`SamplingOptions.make_logits_processors`; the
+:class:`Sampler` or :meth:`SamplingOptions.make_logits_processors`; the
 server's request model names it too (its JSON field).
 """
 
@@ -102,29 +102,9 @@ class SamplingOptions:
         return {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
 
     # -- mlx-lm's sampler and logits processors ---------------------------------------------
-    def make_sampler(self) -> Callable:
-        """Log-probabilities [1, vocab] -> token [1]: mlx-lm's filters (top-p, min-p, top-k, in
-        its order), then a draw with this sampler's own random key (from ``seed``, else fresh),
-        so that a seeded reply is the same alone or in a batch.  Temperature 0 is argmax."""
-        import mlx.core as mx
-        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-        if self.temperature == 0:
-            return lambda logprobs: mx.argmax(logprobs, axis=-1)
-        filters = [f for use, f in (
-            (self.top_p < 1, lambda x: apply_top_p(x, self.top_p)),
-            (self.min_p > 0, lambda x: apply_min_p(x, self.min_p)),
-            (self.top_k > 0, lambda x: apply_top_k(x, self.top_k))) if use]
-        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(8), "little")
-        key = [mx.random.key(seed % 2**64)]
-
-        def sample(logprobs):
-            for f in filters:
-                logprobs = f(logprobs)
-            key[0], draw = mx.random.split(key[0])
-            return mx.random.categorical(logprobs * (1 / self.temperature), key=draw)
-
-        return sample
+    def make_sampler(self) -> Sampler:
+        """This reply's :class:`Sampler`, with its own random key (from ``seed``, else fresh)."""
+        return Sampler(self)
 
     def make_logits_processors(self) -> list[Callable]:
         """``(tokens, logits) -> logits`` steps: the repetition penalty over the last
@@ -133,6 +113,55 @@ class SamplingOptions:
 
         penalty = self.repetition_penalty if self.repetition_penalty != 1.0 else None
         return make_logits_processors(repetition_penalty=penalty, repetition_context_size=PROCESSOR_CONTEXT)
+
+
+class Sampler:
+    """Log-probabilities [n, vocab] -> tokens [n]: mlx-lm's filters (top-p, min-p, top-k, in its
+    order) and the temperature (:meth:`logits`), then a draw with this sampler's own random key
+    (:meth:`key`), so that a seeded reply is the same alone or in a batch.  Temperature 0 is
+    argmax.  :meth:`distribution` is what a draw is drawn from (speculative decoding's target)."""
+
+    def __init__(self, options: SamplingOptions):
+        import mlx.core as mx  # here, not at the top: this module imports without MLX
+        from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+        self.temperature = options.temperature
+        self.filters = [f for use, f in (
+            (options.top_p < 1, lambda x: apply_top_p(x, options.top_p)),
+            (options.min_p > 0, lambda x: apply_min_p(x, options.min_p)),
+            (options.top_k > 0, lambda x: apply_top_k(x, options.top_k))) if use]
+        self._key = None
+        if self.temperature:
+            seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(8), "little")
+            self._key = mx.random.key(seed % 2**64)
+
+    def key(self):
+        """A fresh key for one draw, split off this sampler's own."""
+        import mlx.core as mx  # (see __init__)
+
+        self._key, draw = mx.random.split(self._key)
+        return draw
+
+    def logits(self, logprobs):
+        """The logits a draw is a categorical of: the filters, then the temperature (> 0)."""
+        for f in self.filters:
+            logprobs = f(logprobs)
+        return logprobs * (1 / self.temperature)
+
+    def distribution(self, logprobs):
+        """The probabilities [n, vocab] of each row's draw; at temperature 0 a point mass on the argmax."""
+        import mlx.core as mx  # (see __init__)
+
+        if self.temperature == 0:
+            return (mx.arange(logprobs.shape[-1]) == mx.argmax(logprobs, axis=-1, keepdims=True)).astype(mx.float32)
+        return mx.softmax(self.logits(logprobs), axis=-1, precise=True)
+
+    def __call__(self, logprobs):
+        import mlx.core as mx  # (see __init__)
+
+        if self.temperature == 0:
+            return mx.argmax(logprobs, axis=-1)
+        return mx.random.categorical(self.logits(logprobs), key=self.key())
 
 
 DEFAULTS = SamplingOptions()
@@ -162,5 +191,5 @@ def controls() -> dict[str, Control]:
     return {f.name: f.metadata["control"] for f in fields(SamplingOptions) if f.metadata.get("control")}
 
 
-__all__ = ["SamplingOptions", "SamplingError", "Control", "DEFAULTS", "GREEDY", "PROCESSOR_CONTEXT",
+__all__ = ["SamplingOptions", "Sampler", "SamplingError", "Control", "DEFAULTS", "GREEDY", "PROCESSOR_CONTEXT",
            "add_arguments", "controls", "flag"]
