@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
@@ -103,17 +103,35 @@ class Constraint:
     """One reply's place in its grammar: the tokens allowed next, advanced by each token taken."""
 
     def __init__(self, matcher: LLMatcher, vocab_size: int):
-        self.matcher = matcher
+        self.matcher, self.vocab_size = matcher, vocab_size
         self._bits = allocate_token_bitmask(1, vocab_size)  # [1, words] int32, refilled each step
 
-    def apply(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits with every token the grammar does not allow next at -inf."""
+    def allowed(self, width: int) -> mx.array:
+        """The tokens the grammar allows next, as a bool mask [width] (ids past its vocabulary: no)."""
         fill_next_token_bitmask(self.matcher, self._bits)
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
-        width = logits.shape[-1]
         if allowed.size < width:  # ids past the tokenizer's (the LLM's padded vocabulary)
             allowed = np.pad(allowed, (0, width - allowed.size))
-        return mx.where(mx.array(allowed[:width].view(np.bool_)), logits, -mx.inf)
+        return mx.array(allowed[:width].view(np.bool_))
+
+    def apply(self, logits: mx.array, allowed: mx.array | None = None) -> mx.array:
+        """[1, vocab] logits with every token the grammar does not allow next (or not ``allowed``,
+        a mask of :meth:`along`) at -inf."""
+        return mx.where(self.allowed(logits.shape[-1]) if allowed is None else allowed, logits, -mx.inf)
+
+    def along(self, draft: Sequence[int], width: int) -> list[mx.array]:
+        """The masks (:meth:`allowed`) after each leading token of ``draft`` that the grammar
+        allows, the first before any: one more mask than allowed tokens.  The matcher walks the
+        draft and is rolled back: it is left where it was."""
+        ok = next((i for i, t in enumerate(draft) if not 0 <= t < self.vocab_size), len(draft))
+        ok = self.matcher.validate_tokens(list(draft[:ok])) if ok else 0  # (an id past it: 0)
+        masks = [self.allowed(width)]
+        for t in draft[:ok]:
+            self.advance(t)
+            masks.append(self.allowed(width))
+        if ok and not self.matcher.rollback(ok):
+            raise GrammarError(f"the grammar could not roll back {ok} tokens: {self.matcher.get_error()}")
+        return masks
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -33,7 +33,7 @@ from .drafting import NgramDrafter
 from .models.deepseek_vl import DeepseekVL, lm_head
 from .processing.chat import ChatProcessor
 from .processing.image_tokens import ImageTokens
-from .sampling import PROCESSOR_CONTEXT, SamplingOptions
+from .sampling import PROCESSOR_CONTEXT, Sampler, SamplingOptions
 
 if TYPE_CHECKING:  # grammar.py builds on this module
     from .grammar import Constraint, Grammar
@@ -209,6 +209,12 @@ def extend_context(context: mx.array, tokens: mx.array | Sequence[int]) -> mx.ar
     return mx.concatenate([context, tokens])[-PROCESSOR_CONTEXT:]
 
 
+def sampler_input(x: mx.array) -> mx.array:
+    """Adjusted logits [n, vocab] -> the log-probabilities a :class:`Sampler` takes (``x -
+    logsumexp``: cheaper than :func:`log_softmax`, and a sampler needs no more)."""
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
 @dataclass(eq=False)
 class Row:
     """One reply being decoded: its options, stop rules and progress.  ``tag``: the caller's."""
@@ -220,7 +226,7 @@ class Row:
     stop: StopStringFilter
     ignore_eos: bool = False
     tag: Any = None
-    sampler: Callable = None
+    sampler: Sampler = None
     processors: list = None
     constraint: Constraint | None = None  # a grammar the reply follows (structured output)
     logprobs: int | None = None  # None: no log-probabilities; k: them and the k likeliest tokens'
@@ -229,7 +235,7 @@ class Row:
     next: mx.array | None = None  # the token after it, being computed
     next_logprobs: tuple | None = None
     pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
-    drafter: NgramDrafter | None = None  # proposes tokens checked in one forward (greedy rows alone)
+    drafter: NgramDrafter | None = None  # proposes tokens checked in one forward (unbatched rows)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None  # why the grammar ended the row ("error")
@@ -244,8 +250,8 @@ class Row:
         follows it and ends when it is complete; the template's ``User:`` stop is then left out
         (the grammar ends the reply, and the text may hold ``User:``), ``stops`` still apply.
         ``logprobs``: each token's log-probability and the ``logprobs`` likeliest alternatives'
-        come on its Output.  ``drafter``: speculative decoding of an unbatched greedy row without
-        grammar or log-probabilities (:meth:`Batch.step`; other rows ignore it)."""
+        come on its Output.  ``drafter``: speculative decoding of an unbatched row
+        (:meth:`Batch._judge`; a batch's rows ignore it)."""
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
@@ -261,23 +267,73 @@ class Row:
         return self.options.temperature == 0 and not self.processors and self.constraint is None
 
     def takes_draft(self) -> bool:
-        """Whether this step checks a draft: a greedy row's drafter, when not backing off (asking
+        """Whether this step checks a draft: the row's drafter, when not backing off (asking
         counts a back-off step)."""
-        return (self.drafter is not None and self.options.temperature == 0 and self.constraint is None
-                and self.logprobs is None and self.drafter.wants())
+        return self.drafter is not None and self.drafter.wants()
 
     def sample(self, x: mx.array) -> mx.array:
         """The token this row's sampler draws from ``x``, logits already adjusted (:meth:`adjust`)."""
-        return self.sampler(x - mx.logsumexp(x, axis=-1, keepdims=True))
+        return self.sampler(sampler_input(x))
 
-    def adjust(self, logits: mx.array) -> mx.array:
-        """[1, vocab] logits -> what the sampler sees: after this row's processors and grammar
-        mask (whatever changes them belongs here, so that logprobs follow)."""
+    def adjust(self, logits: mx.array, context: mx.array | None = None,
+               allowed: mx.array | None = None) -> mx.array:
+        """[1, vocab] logits -> what the sampler sees: after this row's processors (seeing
+        ``context``, default the row's) and grammar mask (``allowed``, default the matcher's
+        now); whatever changes them belongs here, so that logprobs follow."""
         for p in self.processors:
-            logits = p(self.context, logits)
+            logits = p(self.context if context is None else context, logits)
         if self.constraint is not None:
-            logits = self.constraint.apply(logits)
+            logits = self.constraint.apply(logits, allowed)
         return logits
+
+    def targets(self, fed: Sequence[int], logits: mx.array) -> mx.array:
+        """What the sampler sees [m + 1, vocab] after each of ``fed`` (the pending token, then a
+        draft of k) from one forward's logits [k + 1, vocab], as :meth:`adjust` would at each
+        step: the processors see the tokens fed up to that one, the grammar's mask follows the
+        draft as far as the grammar allows it (m drafted tokens; k without a grammar)."""
+        if self.greedy:
+            return logits
+        masks = ([None] * len(fed) if self.constraint is None
+                 else self.constraint.along(fed[1:], logits.shape[-1]))
+        return mx.concatenate([
+            self.adjust(logits[i:i + 1], extend_context(self.context, fed[:i + 1]) if self.processors else None, a)
+            for i, a in enumerate(masks)])
+
+
+def accept_probability(p_x: mx.array, q_x: mx.array) -> mx.array:
+    """Speculative sampling's chance [n] of keeping drafted tokens: min(1, p(x) / q(x))."""
+    return mx.minimum(p_x / q_x, 1.0)
+
+
+def residual(p: mx.array, q: mx.array) -> mx.array:
+    """What a rejected position draws from (unnormalized, [1, vocab]): max(p - q, 0); p itself
+    where that is all zero (p equal to q up to rounding, when a rejection is rounding's)."""
+    r = mx.maximum(p - q, 0.0)
+    return mx.where(mx.sum(r, axis=-1, keepdims=True) > 0, r, p)
+
+
+def speculative_sample(sampler: Sampler, logprobs: mx.array, draft: Sequence[int],
+                       q: mx.array | None) -> tuple[int, mx.array]:
+    """Speculative rejection sampling (Leviathan et al., Chen et al. 2023) of ``draft`` (k
+    tokens drawn from ``q`` [k, vocab], or chosen: None, a point mass on each): ``logprobs``
+    [m + 1, vocab] are the target's before each of the first m <= k drafted tokens and after
+    them (a drafted token past m is one the target cannot take).  The first m are kept while a
+    uniform draw is below min(1, p/q); the first rejected one is replaced by a draw from
+    norm(max(p - q, 0)), or after k kept tokens one from p.  Every draw uses ``sampler``'s key.
+    Returns (tokens kept, the token [1] after them)."""
+    m, k = logprobs.shape[0] - 1, len(draft)
+    p, d = sampler.distribution(logprobs), mx.array(draft)
+    if q is None:
+        q = (mx.arange(p.shape[-1]) == d[:, None]).astype(p.dtype)
+    n = m
+    if m:
+        at = d[:m, None]
+        p_x, q_x = (mx.take_along_axis(x[:m], at, axis=-1)[:, 0] for x in (p, q))
+        kept = (mx.random.uniform(shape=(m,), key=sampler.key()) < accept_probability(p_x, q_x)).tolist()
+        n = kept.index(False) if False in kept else m
+    if n == k:
+        return n, sampler(logprobs[k:k + 1])
+    return n, mx.random.categorical(mx.log(residual(p[n:n + 1], q[n:n + 1])), key=sampler.key())
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -457,17 +513,20 @@ class Batch:
         draft = r.drafter.propose(r.generated, r.max_tokens - len(r.generated) - 1)
         if not draft:
             self._forward([r])
-            r.y, r.y_logprobs = r.next, None
+            if r.constraint is not None:  # its token is read: the next mask is known
+                self._choose([r], [r.pending])
+            r.y, r.y_logprobs = r.next, r.next_logprobs
             return outs
         fed = [r.generated[-1], *draft]
         quantize_cache(self.cache, self.kv)
         logits = lm_head(self.lm, self.lm.model(mx.array(fed)[None], self.cache)[0])  # [k + 1, vocab]
-        n, following = self._judge(r, fed, logits)
+        n, following, logprobs = self._judge(r, fed, logits)
         r.drafter.record(len(draft), n)
         kept = 1
-        for t in draft[:n]:
+        for i, t in enumerate(draft[:n]):
             if r.finish_reason:
                 break
+            r.y_logprobs = logprobs[i] if logprobs else None
             outs.append(self._advance(r, t))
             kept += 1
         for c in self.cache:
@@ -477,31 +536,33 @@ class Batch:
         if r.finish_reason:
             self.remove([r], finished=True)
         else:
-            r.y, r.y_logprobs = following, None
+            r.y, r.y_logprobs = following, logprobs[n] if logprobs else None
         return outs
 
-    def _judge(self, r: Row, fed: list[int], logits: mx.array) -> tuple[int, mx.array]:
-        """How many of the drafts ``fed[1:]`` the row keeps, and the token [1] it takes after
-        them, from the logits [k + 1, vocab] of one forward of ``fed``."""
-        wanted = self._verify(r, fed, logits)
-        listed, n = wanted.tolist(), 0
-        while n < len(fed) - 1 and listed[n] == fed[n + 1]:
-            n += 1
-        return n, wanted[n:n + 1]
-
     @staticmethod
-    def _verify(r: Row, fed: list[int], logits: mx.array) -> mx.array:
-        """The row's choice [k + 1] after each of ``fed`` (its logits [k + 1, vocab]), each as
-        :meth:`_forward` would make it: the processors see the tokens fed up to that one."""
-        if r.greedy:
-            return mx.argmax(logits, axis=-1)
-        context, choices = r.context, []
-        for i in range(len(fed)):
-            if r.processors:
-                r.context = extend_context(context, fed[:i + 1])
-            choices.append(r.sample(r.adjust(logits[i:i + 1])))
-        r.context = context
-        return mx.concatenate(choices)
+    def _judge(r: Row, fed: list[int], logits: mx.array) -> tuple[int, mx.array, list[tuple] | None]:
+        """How many of the drafts ``fed[1:]`` the row keeps, the token [1] it takes after them and,
+        for a row that asks, each kept token's log-probabilities and then that one's
+        (:func:`token_logprobs`, one tuple each), from the logits [k + 1, vocab] of one forward of
+        ``fed`` (:meth:`Row.targets`: the processors and the grammar at each position).  At
+        temperature 0 the drafts are kept while they are the row's own choice (the same tokens as
+        without drafting); sampled, by :func:`speculative_sample` against the drafter's ``probs``:
+        the reply follows the sampler's distribution, but is not token for token the undrafted
+        one of the same seed."""
+        draft, x = fed[1:], r.targets(fed, logits)
+        if r.options.temperature == 0:
+            wanted = mx.argmax(x, axis=-1) if r.greedy else r.sample(x)  # as _forward / _choose choose
+            listed, n = wanted.tolist(), 0
+            while n < x.shape[0] - 1 and listed[n] == draft[n]:
+                n += 1
+            following = wanted[n:n + 1]
+        else:
+            n, following = speculative_sample(r.sampler, sampler_input(x), draft, getattr(r.drafter, "probs", None))
+        if r.logprobs is None:
+            return n, following, None
+        tokens = mx.concatenate([mx.array(draft[:n], mx.uint32), following.astype(mx.uint32)])
+        chosen, top, values = token_logprobs(log_softmax(x[:n + 1]), tokens, r.logprobs)
+        return n, following, [(chosen[i], top[i], values[i]) for i in range(n + 1)]
 
     @staticmethod
     def _choose(rows: Sequence[Row], logits: Sequence[mx.array]) -> None:

@@ -116,17 +116,6 @@ def test_prompt_lookup_with_a_repetition_penalty_and_a_budget_inside_a_draft(tex
             assert runs[1][1] > 0, opts
 
 
-def test_sampled_replies_are_not_drafted(text_ckpt):
-    """Rejection sampling is not there yet: a sampled reply decodes as without a drafter."""
-    model, processor = mlx_dsvl.load(text_ckpt, dtype="float32")
-    runs = []
-    for draft in (None, "ngram"):
-        session = ChatSession(model, processor, draft=draft)
-        chunks = list(session.send(TURNS[0], [], max_tokens=30, temperature=0.8, seed=3))
-        runs.append(([c.token for c in chunks], chunks[-1].drafted_tokens))
-    assert runs[0] == runs[1] and runs[1][1] == 0
-
-
 # -- the command line ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_draft_ngram_gives_the_same_reply_and_reports_acceptance(text_ckpt):
