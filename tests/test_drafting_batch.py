@@ -1,6 +1,7 @@
 """Speculative decoding inside a batched decode (the server's scheduler): each greedy row gives the
 tokens it gives without drafting and alone, with rows joining mid-draft, a row stopping inside a
-draft while others go on, float and quantized batch caches, both families."""
+draft while others go on, float and quantized batch caches, both families; the server's
+``--draft`` and its usage report."""
 
 from __future__ import annotations
 
@@ -177,3 +178,95 @@ def test_quantized_batch_cache_moves_right_padding_into_left_padding():
         keys = mx.dequantize(*q.keys, group_size=group, bits=8)
         assert q.offset == f.offset and mx.allclose(keys, f.keys, atol=0.05).item(), i
 
+
+# -- the server ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_the_scheduler_drafts_inside_its_batch(kv_text_dirs, text_ckpt, kv_bits):  # noqa: F811
+    """Four greedy requests decoded together with ``draft="ngram"``: the replies without drafting,
+    each one's drafted and accepted counts on its Finished event and summed in the counters."""
+    pytest.importorskip("fastapi", reason="the server tests need fastapi: pip install -e '.[server,test]'")
+    from test_server_kv import reply, submit
+
+    from mlx_dsvl.server.scheduler import Scheduler
+
+    model, processor = mlx_dsvl.load(kv_text_dirs["tiny"] if kv_bits else text_ckpt, dtype="float32")
+    kv = kv_cache_options(kv_bits, 32) if kv_bits else None
+    runs = {}
+    for draft in (None, "ngram"):
+        sched = Scheduler(model, processor, max_batch=4, kv=kv, cache_bytes=0, draft=draft)
+        pending = [submit(sched, processor, [{"role": "user", "content": p}], n) for p, n in zip(PROMPTS, BUDGETS)]
+        sched.start()  # all four wait: one batch
+        runs[draft] = [reply(events) for events in pending], dict(sched.counters)
+        sched.stop()
+    (plain, plain_counts), (drafted, counts) = runs[None], runs["ngram"]
+    assert [(t, f.finish_reason, f.completion_tokens) for t, f in drafted] == \
+           [(t, f.finish_reason, f.completion_tokens) for t, f in plain]
+    assert counts["peak_batch"] == 4 and counts["decode_steps"] < plain_counts["decode_steps"]
+    assert all(f.drafted_tokens == f.accepted_tokens == 0 for _, f in plain)
+    assert sum(f.accepted_tokens > 0 for _, f in drafted) >= 2
+    assert counts["drafted_tokens"] == sum(f.drafted_tokens for _, f in drafted)
+    assert counts["accepted_tokens"] == sum(f.accepted_tokens for _, f in drafted) > 0
+    with pytest.raises(ValueError, match="num_draft_tokens must be >= 1"):
+        Scheduler(model, processor, draft="ngram", num_draft_tokens=0)
+
+
+@pytest.mark.slow
+def test_server_draft_ngram_keeps_batching_and_reports_predicted_tokens(text_ckpt, tmp_path):
+    """python -m mlx_dsvl.server --draft ngram, over the openai client: replies as generate's,
+    four at once in one batch, usage's accepted and rejected prediction tokens in the body and
+    the streamed usage chunk, the counts in /metrics; a bad --num-draft-tokens is one line."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    pytest.importorskip("openai", reason="the server tests need openai: pip install -e '.[server,test]'")
+    from test_server import KEY, Server, client, http, stats
+
+    bad = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", "/nonexistent", "--draft", "ngram",
+                          "--num-draft-tokens", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--num-draft-tokens: must be >= 1, got 0" in bad.stderr, bad.stderr
+
+    model, processor = mlx_dsvl.load(text_ckpt, dtype="float32")
+    convs = [[{"role": "user", "content": p}] for p in PROMPTS]
+    want = [mlx_dsvl.generate(model, processor, c, max_tokens=n, **GREEDY) for c, n in zip(convs, BUDGETS)]
+    server = Server(text_ckpt, tmp_path, tmp_path / "server.log", "--draft", "ngram", "--num-draft-tokens", "3",
+                    env={**os.environ, "MLX_DSVL_API_KEY": KEY})
+    server.wait_ready()
+    try:
+        c = client(server)
+        ask = dict(model="tiny-text", messages=convs[1], max_tokens=BUDGETS[1], temperature=0,
+                   extra_body={"repetition_penalty": 1.0})
+        whole = c.chat.completions.create(**ask)
+        details = whole.usage.completion_tokens_details
+        assert whole.choices[0].message.content == want[1]
+        assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
+        chunks = list(c.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want[1]
+        assert chunks[-1].usage.completion_tokens_details == details  # the same drafts, the same counts
+
+        before, results = stats(server), [None] * len(convs)
+        barrier = threading.Barrier(len(convs))
+
+        def run(i):
+            barrier.wait()
+            results[i] = c.chat.completions.create(**{**ask, "messages": convs[i], "max_tokens": BUDGETS[i]})
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(convs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = stats(server)
+        assert [r.choices[0].message.content for r in results] == want
+        assert after["peak_batch"] > 1
+        accepted = sum(r.usage.completion_tokens_details.accepted_prediction_tokens for r in results)
+        assert after["accepted_tokens"] - before["accepted_tokens"] == accepted > 0
+        with http(server) as h:
+            found = re.search(r"^mlx_dsvl_draft_tokens_accepted_total (\S+)$", h.get("/metrics").text, re.M)
+        assert found and float(found[1]) == after["accepted_tokens"]
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.output()
