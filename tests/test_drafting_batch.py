@@ -215,7 +215,8 @@ def test_the_scheduler_drafts_inside_its_batch(kv_text_dirs, text_ckpt, kv_bits)
 def test_server_draft_ngram_keeps_batching_and_reports_predicted_tokens(text_ckpt, tmp_path):
     """python -m mlx_dsvl.server --draft ngram, over the openai client: replies as generate's,
     four at once in one batch, usage's accepted and rejected prediction tokens in the body and
-    the streamed usage chunk, the counts in /metrics; a bad --num-draft-tokens is one line."""
+    the streamed usage chunk, the counts in /metrics (rows per step counting rows, not tokens); a
+    bad --num-draft-tokens is refused before loading."""
     import os
     import re
     import subprocess
@@ -265,8 +266,17 @@ def test_server_draft_ngram_keeps_batching_and_reports_predicted_tokens(text_ckp
         accepted = sum(r.usage.completion_tokens_details.accepted_prediction_tokens for r in results)
         assert after["accepted_tokens"] - before["accepted_tokens"] == accepted > 0
         with http(server) as h:
-            found = re.search(r"^mlx_dsvl_draft_tokens_accepted_total (\S+)$", h.get("/metrics").text, re.M)
-        assert found and float(found[1]) == after["accepted_tokens"]
+            metrics = h.get("/metrics").text
+
+        def metric(name: str) -> float:
+            found = re.search(rf"^mlx_dsvl_{name} (\S+)$", metrics, re.M)
+            assert found, name
+            return float(found[1])
+
+        assert metric("draft_tokens_accepted_total") == after["accepted_tokens"]
+        assert metric("draft_tokens_total") == after["drafted_tokens"]
+        # rows per step: one a row, however many tokens it gave
+        assert metric("batch_rows_per_step_sum") < metric("generation_tokens_total") == after["generated_tokens"]
     finally:
         assert server.stop() == 0
     assert "Traceback" not in server.output()
