@@ -12,6 +12,7 @@ from test_drafting import GREEDY, TURNS, kv_text_dirs  # noqa: F401 (a fixture)
 import mlx_dsvl
 from mlx_dsvl.batch_cache import BatchQuantizedKVCache
 from mlx_dsvl.drafting import make_drafter
+from mlx_dsvl.grammar import compile_format
 from mlx_dsvl.sampling import SamplingOptions
 from mlx_dsvl.streaming import Batch, Row, kv_cache_options, make_detokenizer, prefill, range_embeddings
 
@@ -127,25 +128,37 @@ def test_a_drafting_batch_gives_each_row_its_reply_alone(kv_text_dirs, text_ckpt
 
 
 @pytest.mark.slow
-def test_rows_without_drafters_decode_beside_drafting_ones(text_ckpt):
-    """A batch where only some rows draft: every row's tokens as alone, only drafters count."""
+def test_rows_that_do_not_draft_decode_beside_drafting_ones(text_ckpt):
+    """Two drafting greedy rows beside a seeded sampled row and a JSON row with log-probabilities
+    (rows that do not draft): the drafting rows' replies as alone, the others' tokens and
+    log-probabilities as in the same batch without drafting."""
     model, processor = mlx_dsvl.load(text_ckpt, dtype="float32")
     want = alone(model, processor, BUDGETS)[0]
-    lm = model.language_model
-    batch = Batch(lm, processor.tokenizer.eos_token_id)
-    rows = []
-    for i, (p, n) in enumerate(zip(PROMPTS, BUDGETS)):
-        ids = processor.tokenize(processor.format([{"role": "user", "content": p}])).tolist()
-        cache = model.make_cache()
-        logits = prefill(lm, mx.array(ids), lambda a, b, ids=ids: range_embeddings(
-            model, ids, a, b, layout=processor.image_tokens, image_keys=[], features=None), cache)
-        rows.append(Row.start(processor, SamplingOptions(**GREEDY), ids, max_tokens=n, tag=i,
-                              drafter=make_drafter("ngram" if i % 2 else None, ids)))
-        batch.add(rows[-1], cache, logits)
-    while batch.rows:
-        batch.step()
-    assert [(r.generated, r.finish_reason) for r in rows] == want
-    assert rows[1].drafter.accepted > 0 and rows[3].drafter.drafted > 0
+    lm, grammar = model.language_model, compile_format(processor, {"type": "json_object"})
+    kinds = [dict(), dict(options=dict(temperature=0.8, seed=3)), dict(),
+             dict(grammar=grammar, logprobs=2)]
+    runs = {}
+    for draft in (None, "ngram"):
+        batch, rows, outs = Batch(lm, processor.tokenizer.eos_token_id), [], []
+        for i, (p, n, kind) in enumerate(zip(PROMPTS, BUDGETS, kinds)):
+            ids = processor.tokenize(processor.format([{"role": "user", "content": p}])).tolist()
+            cache = model.make_cache()
+            logits = prefill(lm, mx.array(ids), lambda a, b, ids=ids: range_embeddings(
+                model, ids, a, b, layout=processor.image_tokens, image_keys=[], features=None), cache)
+            rows.append(Row.start(processor, SamplingOptions(**{**GREEDY, **kind.get("options", {})}), ids,
+                                  max_tokens=n, tag=i, grammar=kind.get("grammar"), logprobs=kind.get("logprobs"),
+                                  drafter=make_drafter(draft, ids)))
+            batch.add(rows[-1], cache, logits)
+        while batch.rows:
+            outs += batch.step()
+        logprobs = [(o.logprobs.token, o.logprobs.logprob) for o in outs if o.logprobs is not None]
+        runs[draft] = [(r.generated, r.finish_reason) for r in rows], logprobs, rows
+    (plain, plain_logprobs, _), (got, got_logprobs, rows) = runs[None], runs["ngram"]
+    assert [got[0], got[2]] == [want[0], want[2]]
+    assert [got[1], got[3]] == [plain[1], plain[3]] and plain[1] != want[1]  # (sampled: not the greedy reply)
+    assert [t for t, _ in got_logprobs] == [t for t, _ in plain_logprobs] and len(got_logprobs) > 3
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got_logprobs, plain_logprobs)) < 1e-4
+    assert rows[0].drafter.accepted > 0 and rows[1].drafter.drafted == rows[3].drafter.drafted == 0
 
 
 # -- the quantized batch cache's roll ------------------------------------------------------------
