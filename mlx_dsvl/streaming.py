@@ -244,8 +244,8 @@ class Row:
         follows it and ends when it is complete; the template's ``User:`` stop is then left out
         (the grammar ends the reply, and the text may hold ``User:``), ``stops`` still apply.
         ``logprobs``: each token's log-probability and the ``logprobs`` likeliest alternatives'
-        come on its Output.  ``drafter``: speculative decoding of a greedy row (alone or in a batch) without
-        grammar or log-probabilities (:meth:`Batch.step`; other rows ignore it)."""
+        come on its Output.  ``drafter``: speculative decoding of a greedy row (alone or in a
+        batch) without grammar or log-probabilities (:meth:`Batch.step`; other rows ignore it)."""
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
@@ -455,11 +455,11 @@ class Batch:
                           [r.next_logprobs for r in constrained if r.logprobs is not None])
 
     def _speculate(self, wanting: list[Row]) -> list[Output]:
-        """Read every row's pending token, then check the drafts of the rows ``wanting`` one in one
-        forward of each row's [token + drafts], right-padded to the longest: a drafting row keeps
-        the longest prefix it would have chosen itself (:meth:`_keep`), the others take their
-        next token after their own token as in :meth:`_forward`; then the cache drops what each
-        row did not keep (:meth:`_roll_back`)."""
+        """Read every row's pending token, then check the drafts of the rows ``wanting`` in one
+        forward of every row's [token + drafts], right-padded to the longest: a drafting row keeps
+        the longest prefix it would have chosen itself (:meth:`_keep`), a row without a draft
+        takes its next token as in :meth:`_forward`; then the cache drops what each row did not
+        keep (:meth:`_roll_back`)."""
         tokens = mx.concatenate([r.y for r in self.rows]).tolist()
         outs = [self._advance(r, t) for r, t in zip(list(self.rows), tokens)]
         self.remove([r for r in self.rows if r.finish_reason], finished=True)
