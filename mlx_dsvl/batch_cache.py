@@ -3,7 +3,8 @@
 mlx-lm 0.32 has a left-padded batch cache (``BatchKVCache``, float) and a quantized cache of one
 sequence (``QuantizedKVCache``), but no batch cache that is quantized: its own server stops
 batching when ``--kv-bits`` is set.  :class:`BatchQuantizedKVCache` is ``BatchKVCache``'s
-bookkeeping (left padding, per-row offsets; rows filtered out, joined, extracted) over
+bookkeeping (left padding, per-row offsets; rows filtered out, joined, extracted, trimmed, a
+row's right padding rolled into its left padding: speculative decoding's per-row roll-back) over
 ``QuantizedKVCache``'s storage: keys and values are each a tuple (packed ``uint32``
 [B, H, S, D*bits/32], scales and biases [B, H, S, D/group]).  Because it has ``bits``, mlx-lm's
 attention runs a decode step on it with ``mx.quantized_matmul``, as ``generate_step`` does on a
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
+from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache, dynamic_roll
 
 Packed = tuple[mx.array, mx.array, mx.array]  # (packed, scales, biases)
 
@@ -55,6 +56,16 @@ class BatchQuantizedKVCache(BatchKVCache):
 
     def keys_and_values(self):
         return tuple(tuple(a[..., :self._idx, :] for a in t) for t in (self.keys, self.values))
+
+    def finalize(self) -> None:
+        """Move each row's right padding (``prepare(right_padding=)``) into its left padding:
+        its packed keys and values rolled right, as ``BatchKVCache.finalize`` rolls floats."""
+        if self._right_padding is not None:
+            shifts = self._right_padding[:, None]
+            self._map(lambda a: dynamic_roll(a, shifts, axis=2))
+            self.offset = self.offset - self._right_padding
+            self.left_padding = self.left_padding + self._right_padding
+            self._right_padding = None
 
     def filter(self, batch_indices) -> None:
         self._map(lambda a: a[batch_indices])

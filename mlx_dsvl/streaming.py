@@ -235,7 +235,7 @@ class Row:
     next: mx.array | None = None  # the token after it, being computed
     next_logprobs: tuple | None = None
     pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
-    drafter: NgramDrafter | None = None  # proposes tokens checked in one forward (unbatched rows)
+    drafter: NgramDrafter | None = None  # proposes tokens checked in one forward (Batch._speculate)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None  # why the grammar ended the row ("error")
@@ -250,8 +250,8 @@ class Row:
         follows it and ends when it is complete; the template's ``User:`` stop is then left out
         (the grammar ends the reply, and the text may hold ``User:``), ``stops`` still apply.
         ``logprobs``: each token's log-probability and the ``logprobs`` likeliest alternatives'
-        come on its Output.  ``drafter``: speculative decoding of an unbatched row
-        (:meth:`Batch._judge`; a batch's rows ignore it)."""
+        come on its Output.  ``drafter``: speculative decoding, alone or in a batch
+        (:meth:`Batch._speculate`, :meth:`Batch._judge`)."""
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
         return cls(options=options, max_tokens=options.max_tokens if max_tokens is None else max_tokens,
@@ -435,10 +435,11 @@ class Batch:
 
     def step(self) -> list[Output]:
         """Read every row's pending token (while the next ones are computed); finished rows
-        leave the batch.  An unbatched row with a drafter may give several tokens
-        (:meth:`_speculate`)."""
-        if not self.batched and self.rows and self.rows[0].takes_draft():
-            return self._speculate(self.rows[0])
+        leave the batch.  When rows with drafters check a draft, the step is :meth:`_speculate`
+        (those rows may give several tokens)."""
+        wanting = [r for r in self.rows if r.takes_draft()]
+        if wanting:
+            return self._speculate(wanting)
         rows = list(self.rows)
         last = [r for r in rows if len(r.generated) + 1 >= r.max_tokens]  # no successor needed
         self.remove(last, finished=True)
@@ -447,11 +448,7 @@ class Batch:
         tokens = mx.concatenate([r.y for r in rows]).tolist()
         outs = [self._advance(r, t) for r, t in zip(rows, tokens)]
         self.remove([r for r in self.rows if r.finish_reason], finished=True)
-        constrained = [r for r in self.rows if r.constraint is not None]
-        if constrained:  # the grammar has its token now: the next one's mask is known
-            self._choose(constrained, [r.pending for r in constrained])
-            mx.async_eval([r.next for r in constrained],
-                          [r.next_logprobs for r in constrained if r.logprobs is not None])
+        self._choose_pending(self.rows)
         for r in self.rows:
             r.y, r.y_logprobs = r.next, r.next_logprobs
         return outs
@@ -480,7 +477,11 @@ class Batch:
         if not self.batched:
             quantize_cache(self.cache, self.kv)
         inputs = mx.concatenate([r.y for r in rows])[:, None]  # [B, 1]
-        logits = lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :])  # [B, vocab]
+        self._pick(rows, lm_head(self.lm, self.lm.model(inputs, self.cache)[:, -1, :]))
+
+    def _pick(self, rows: list[Row], logits: mx.array) -> None:
+        """Each row's next token from the logits [B, vocab] after its pending token (lazily), or
+        for a constrained row those logits (``row.pending``)."""
         if all(r.greedy for r in rows):
             nxt = mx.argmax(logits, axis=-1)
             for b, r in enumerate(rows):
@@ -501,43 +502,78 @@ class Batch:
         mx.async_eval([r.next if r.constraint is None else r.pending for r in rows],
                       [r.next_logprobs for r in rows if r.constraint is None and r.logprobs is not None])
 
-    def _speculate(self, r: Row) -> list[Output]:
-        """Read the pending token, then check the drafter's guesses after it in one forward:
-        the longest prefix the row itself would have chosen is kept, token by token through
-        ``_advance`` (stop rules, budget), then the row's own choice after it becomes the pending
-        token; the cache is trimmed of the positions not kept."""
-        outs = [self._advance(r, r.y.item())]
-        if r.finish_reason:
-            self.remove([r], finished=True)
-            return outs
-        draft = r.drafter.propose(r.generated, r.max_tokens - len(r.generated) - 1)
-        if not draft:
-            self._forward([r])
-            if r.constraint is not None:  # its token is read: the next mask is known
-                self._choose([r], [r.pending])
+    def _choose_pending(self, rows: Sequence[Row]) -> None:
+        """The next token of the constrained rows among ``rows``, whose grammar has its last token now."""
+        constrained = [r for r in rows if r.constraint is not None]
+        if constrained:
+            self._choose(constrained, [r.pending for r in constrained])
+            mx.async_eval([r.next for r in constrained],
+                          [r.next_logprobs for r in constrained if r.logprobs is not None])
+
+    def _speculate(self, wanting: list[Row]) -> list[Output]:
+        """Read every row's pending token, then check the drafts of the rows ``wanting`` in one
+        forward of every row's [token + drafts], right-padded to the longest: a drafting row keeps
+        the drafts :meth:`_judge` accepts (:meth:`_keep`), a row without a draft
+        takes its next token as in :meth:`_forward`; then the cache drops what each row did not
+        keep (:meth:`_roll_back`)."""
+        tokens = mx.concatenate([r.y for r in self.rows]).tolist()
+        outs = [self._advance(r, t) for r, t in zip(list(self.rows), tokens)]
+        self.remove([r for r in self.rows if r.finish_reason], finished=True)
+        drafts = {r: r.drafter.propose(r.generated, r.max_tokens - len(r.generated) - 1)
+                  for r in wanting if r in self.rows}
+        rows = list(self.rows)
+        plain = [r for r in rows if not drafts.get(r)]
+        if len(plain) == len(rows):  # nothing to check: a plain step
+            if rows:
+                self._forward(rows)
+        else:
+            fed = [[r.generated[-1], *drafts.get(r, ())] for r in rows]
+            width = max(map(len, fed))
+            if not self.batched:
+                quantize_cache(self.cache, self.kv)
+            inputs = mx.array([f + f[:1] * (width - len(f)) for f in fed])  # [B, width]
+            logits = lm_head(self.lm, self.lm.model(inputs, self.cache))  # [B, width, vocab]
+            if plain:
+                self._pick(plain, logits[mx.array([b for b, r in enumerate(rows) if r in plain]), 0])
+            kept = [self._keep(r, f, logits[b, :len(f)], outs) if drafts.get(r) else 1
+                    for b, (r, f) in enumerate(zip(rows, fed))]
+            self._roll_back([width - k for k in kept])
+        self.remove([r for r in rows if r.finish_reason], finished=True)
+        self._choose_pending(plain)
+        for r in plain:
             r.y, r.y_logprobs = r.next, r.next_logprobs
-            return outs
-        fed = [r.generated[-1], *draft]
-        quantize_cache(self.cache, self.kv)
-        logits = lm_head(self.lm, self.lm.model(mx.array(fed)[None], self.cache)[0])  # [k + 1, vocab]
+        return outs
+
+    def _keep(self, r: Row, fed: list[int], logits: mx.array, outs: list[Output]) -> int:
+        """A drafting row's verdict on ``fed`` (its token and drafts; their logits [len(fed),
+        vocab]): the drafts :meth:`_judge` keeps go through ``_advance`` into ``outs`` token by
+        token (stop rules, budget, grammar), the token it takes after them becomes the pending one
+        (log-probabilities from the same forward); returns the
+        positions of ``fed`` it keeps."""
         n, following, logprobs = self._judge(r, fed, logits)
-        r.drafter.record(len(draft), n)
+        r.drafter.record(len(fed) - 1, n)
         kept = 1
-        for i, t in enumerate(draft[:n]):
+        for i, t in enumerate(fed[1:n + 1]):
             if r.finish_reason:
                 break
             r.y_logprobs = logprobs[i] if logprobs else None
             outs.append(self._advance(r, t))
             kept += 1
-        for c in self.cache:
-            c.trim(len(fed) - kept)
         if r.processors:
             r.context = extend_context(r.context, fed[:kept])
-        if r.finish_reason:
-            self.remove([r], finished=True)
-        else:
-            r.y, r.y_logprobs = following, logprobs[n] if logprobs else None
-        return outs
+        r.y, r.y_logprobs = following, logprobs[n] if logprobs else None
+        return kept
+
+    def _roll_back(self, dropped: list[int]) -> None:
+        """Drop each row's last ``dropped[b]`` positions from the cache: what every row dropped
+        is trimmed; the rest of a row's is rolled into its left padding (``prepare``/``finalize``
+        of the batch cache: its kept positions end where the batch's do, offsets adjusted)."""
+        common = min(dropped)
+        for c in self.cache:
+            c.trim(common)
+            if max(dropped) > common:
+                c.prepare(right_padding=[d - common for d in dropped])
+                c.finalize()
 
     @staticmethod
     def _judge(r: Row, fed: list[int], logits: mx.array) -> tuple[int, mx.array, list[tuple] | None]:

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "--quantize-vision, --kv-bits and --max-context are chosen so that --max-batch conversations of "
                               "--max-context tokens, --cache-mb and --image-cache-mb fit it (default: what the "
                               "machine can give)"})
+    add_model_arguments(
+        p, "draft", "num_draft_tokens",
+        draft={"help": "speculative decoding of greedy requests (temperature 0), inside the batch: ngram = "
+                       "prompt lookup, each request's own conversation proposing tokens; the same tokens as "
+                       "without; usage reports accepted and rejected prediction tokens (default: none)"},
+        num_draft_tokens={"type": COUNT})
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
     add_arguments(p, lead="a request's default: ", skip=("seed",))
     a("--max-batch", type=COUNT, default=8, help="requests decoded together (default: 8)")
@@ -146,7 +152,8 @@ def serve(args: argparse.Namespace) -> int:
                           head_dim=model.language_model.layers[0].self_attn.head_dim)
     scheduler = Scheduler(model, processor, max_batch=args.max_batch, max_queue=args.max_queue,
                           cache_bytes=int(args.cache_mb * MB),
-                          image_cache_bytes=int(args.image_cache_mb * MB), device=device, kv=kv)
+                          image_cache_bytes=int(args.image_cache_mb * MB), device=device, kv=kv,
+                          draft=args.draft, num_draft_tokens=args.num_draft_tokens)
     name = served_name(args)
     config = ServerConfig(model_name=name, model_aliases=(args.model,), max_context=args.max_context,
                           defaults=defaults, api_key=args.api_key,

@@ -39,7 +39,6 @@ from .schema import (
     error_body,
     parse_request,
     to_conversation,
-    usage_body,
 )
 from .security import Guard
 
@@ -263,8 +262,7 @@ async def _stream(events: Events, model: str, include_usage: bool, logprobs: boo
             elif isinstance(event, Finished):
                 yield chunk({}, event.finish_reason, tokens=held if held else None)
                 if include_usage:
-                    usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
-                    yield _sse(chunk_body(cid, model, created, None, usage=usage, include_usage=True))
+                    yield _sse(chunk_body(cid, model, created, None, usage=event.usage(), include_usage=True))
                 break
             elif isinstance(event, Failed):
                 yield _sse(error_body(event.message, "server_error"))
@@ -287,6 +285,5 @@ async def _collect(events: Events, model: str, logprobs: bool) -> Response:
         elif isinstance(event, Failed):
             raise APIError(event.status, event.message)
         elif isinstance(event, Finished):
-            usage = usage_body(event.prompt_tokens, event.completion_tokens, event.cached_tokens)
             return JSONResponse(completion_body(events.job_id, model, "".join(pieces), event.finish_reason,
-                                                usage, logprobs=tokens if logprobs else None))
+                                                event.usage(), logprobs=tokens if logprobs else None))

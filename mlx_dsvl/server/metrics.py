@@ -97,6 +97,8 @@ class SchedulerCollector:
         yield _counter("generation_tokens", "Tokens generated (tokens out)", c["generated_tokens"])
         yield _counter("images_encoded", "Images run through the vision towers", c["images_encoded"])
         yield _counter("decode_steps", "Decode steps of the batch", c["decode_steps"])
+        yield _counter("draft_tokens", "Tokens drafted for finished replies (--draft)", c["drafted_tokens"])
+        yield _counter("draft_tokens_accepted", "Drafted tokens the model agreed with (kept)", c["accepted_tokens"])
         ended = CounterMetricFamily(f"{PREFIX}_requests_ended", "Requests the scheduler let go, by how",
                                     labels=["outcome"])
         for outcome in ("finished", "cancelled", "failed"):

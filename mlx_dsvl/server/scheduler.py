@@ -4,7 +4,9 @@ Each loop drops cancelled requests (their slot is free at once), admits waiting 
 longest cached prefix reused, only the images overlapping the rest encoded, the rest prefilled as
 a session's), runs one decode step for the batch, and sends each finished row's KV cache to the
 prefix cache for the follow-up request. Rows are computed as if alone (left padding masked,
-positions from each row's first token), so a greedy reply does not depend on the batch. An error
+positions from each row's first token), so a greedy reply does not depend on the batch. With a
+drafter (``draft``), greedy requests are decoded speculatively inside the batch (``Batch.step``:
+one forward of every row's token and drafts, each row's cache rolled back to what it kept). An error
 in a batch step fails that step's requests and the worker goes on.
 """
 
@@ -23,10 +25,11 @@ import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
+from ..drafting import NUM_DRAFT_TOKENS, make_drafter
 from ..grammar import Grammar
 from ..streaming import Batch, Output, Row, prefill, range_embeddings, token_bytes
 from .metrics import EngineMetrics
-from .schema import SamplingParams, token_logprob
+from .schema import SamplingParams, token_logprob, usage_body
 
 if TYPE_CHECKING:
     from ..models.deepseek_vl import DeepseekVL
@@ -63,6 +66,13 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    drafted_tokens: int = 0  # speculative decoding (--draft): tokens drafted for the reply
+    accepted_tokens: int = 0  # and those of them kept
+
+    def usage(self) -> dict:
+        """OpenAI's usage object of this reply."""
+        return usage_body(self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+                          drafted=self.drafted_tokens, accepted=self.accepted_tokens)
 
 
 @dataclass
@@ -91,9 +101,12 @@ class Scheduler:
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
                  device: mx.Device | None = None,
-                 kv: dict | None = None):
+                 kv: dict | None = None, draft: str | None = None, num_draft_tokens: int = NUM_DRAFT_TOKENS):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        make_drafter(draft, [], num_draft_tokens)  # checked now
+        # speculative decoding of greedy requests (drafting.make_drafter), inside the batch
+        self.draft, self.num_draft_tokens = draft, num_draft_tokens
         self.model, self.processor = model, processor
         self.lm = model.language_model
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -113,7 +126,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.counters = dict(requests=0, finished=0, cancelled=0, failed=0, prompt_tokens=0,
                              prefilled_tokens=0, cached_tokens=0, generated_tokens=0,
-                             images_encoded=0, image_cache_hits=0, decode_steps=0, peak_batch=0)
+                             images_encoded=0, image_cache_hits=0, decode_steps=0, peak_batch=0,
+                             drafted_tokens=0, accepted_tokens=0)
         self.metrics = EngineMetrics()  # GET /metrics' timings and cache use
 
     # -- the HTTP side --------------------------------------------------------------------------
@@ -263,7 +277,8 @@ class Scheduler:
         self.counters["prefilled_tokens"] += len(ids) - cached
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
-                        tag=Slot(job, key, cached), grammar=job.grammar, logprobs=s.top_logprobs)
+                        tag=Slot(job, key, cached), grammar=job.grammar, logprobs=s.top_logprobs,
+                        drafter=make_drafter(self.draft, ids, self.num_draft_tokens))
         self.batch.add(row, kv, logits)
 
     def _count_cache_use(self, job: Job, cached: int) -> None:
@@ -299,7 +314,7 @@ class Scheduler:
             self._fail([r.tag.job for r in rows], 500, f"decoding failed: {type(e).__name__}: {e}")
             return
         self.counters["decode_steps"] += 1
-        self.metrics.rows.observe(len(outs))
+        self.metrics.rows.observe(len(rows))
         self.counters["generated_tokens"] += len(outs)
         for out in outs:
             self._deliver(out)
@@ -316,8 +331,12 @@ class Scheduler:
         if text or logprobs:
             self._emit(slot.job, Delta(text, logprobs))
         if out.finish_reason is not None:
+            drafter = out.row.drafter
+            drafted, accepted = (drafter.drafted, drafter.accepted) if drafter else (0, 0)
+            self.counters["drafted_tokens"] += drafted
+            self.counters["accepted_tokens"] += accepted
             self._emit(slot.job, Finished(out.finish_reason, len(slot.job.ids), len(out.row.generated),
-                                          slot.cached))
+                                          slot.cached, drafted, accepted))
             self._forget(slot.job, "finished")
 
     def _store_reply(self, row: Row, kv: list[Any]) -> None:

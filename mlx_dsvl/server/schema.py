@@ -282,11 +282,16 @@ class SamplingParams(SamplingOptions):
 
 
 # -- responses ------------------------------------------------------------------------------
-def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    """OpenAI's usage; ``cached_tokens``: prompt tokens found in the prefix cache."""
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int, *,
+               drafted: int = 0, accepted: int = 0) -> dict:
+    """OpenAI's usage; ``cached_tokens``: prompt tokens found in the prefix cache; ``drafted`` /
+    ``accepted``: speculative decoding's tokens drafted and kept, as Predicted Outputs' accepted
+    and rejected prediction tokens."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            "completion_tokens_details": {"accepted_prediction_tokens": accepted,
+                                          "rejected_prediction_tokens": drafted - accepted}}
 
 
 def _token(piece: bytes, logprob: float) -> dict:
