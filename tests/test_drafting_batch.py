@@ -129,9 +129,9 @@ def test_a_drafting_batch_gives_each_row_its_reply_alone(kv_text_dirs, text_ckpt
 
 @pytest.mark.slow
 def test_rows_that_do_not_draft_decode_beside_drafting_ones(text_ckpt):
-    """Two drafting greedy rows beside a seeded sampled row and a JSON row with log-probabilities
-    (rows that do not draft): the drafting rows' replies as alone, the others' tokens and
-    log-probabilities as in the same batch without drafting."""
+    """Two drafting greedy rows and a drafting JSON row with log-probabilities beside a seeded
+    sampled row without a drafter: the greedy rows' replies as alone, the JSON row's tokens and
+    log-probabilities and the sampled row's tokens as in the same batch without drafting."""
     model, processor = mlx_dsvl.load(text_ckpt, dtype="float32")
     want = alone(model, processor, BUDGETS)[0]
     lm, grammar = model.language_model, compile_format(processor, {"type": "json_object"})
@@ -147,7 +147,7 @@ def test_rows_that_do_not_draft_decode_beside_drafting_ones(text_ckpt):
                 model, ids, a, b, layout=processor.image_tokens, image_keys=[], features=None), cache)
             rows.append(Row.start(processor, SamplingOptions(**{**GREEDY, **kind.get("options", {})}), ids,
                                   max_tokens=n, tag=i, grammar=kind.get("grammar"), logprobs=kind.get("logprobs"),
-                                  drafter=make_drafter(draft, ids)))
+                                  drafter=make_drafter(draft if i != 1 else None, ids)))
             batch.add(rows[-1], cache, logits)
         while batch.rows:
             outs += batch.step()
@@ -158,7 +158,7 @@ def test_rows_that_do_not_draft_decode_beside_drafting_ones(text_ckpt):
     assert [got[1], got[3]] == [plain[1], plain[3]] and plain[1] != want[1]  # (sampled: not the greedy reply)
     assert [t for t, _ in got_logprobs] == [t for t, _ in plain_logprobs] and len(got_logprobs) > 3
     assert max(abs(a - b) for (_, a), (_, b) in zip(got_logprobs, plain_logprobs)) < 1e-4
-    assert rows[0].drafter.accepted > 0 and rows[1].drafter.drafted == rows[3].drafter.drafted == 0
+    assert rows[0].drafter.accepted > 0 and rows[1].drafter is None and rows[3].drafter.drafted > 0
 
 
 # -- the quantized batch cache's roll ------------------------------------------------------------
