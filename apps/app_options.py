@@ -33,7 +33,8 @@ class _Strict(argparse.ArgumentParser):
 def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     """The app's own arguments: ``streamlit run apps/chat.py -- --model DIR|hub-id ...``.
 
-    ``--4bit`` starts with the 4-bit toggle on, ``--quantize-vision 8|4`` with that vision choice; ``--device auto|cpu|gpu`` as in ``generate``; ``--max-tokens``, ``--temperature``, ``--top-p``,
+    ``--4bit`` starts with the 4-bit toggle on, ``--quantize-vision 8|4`` with that vision choice; ``--device auto|cpu|gpu`` as in ``generate``;
+    ``--draft-model PATH`` drafts for the model (the "Speculative decoding" toggle starts on); ``--max-tokens``, ``--temperature``, ``--top-p``,
     ``--repetition-penalty``, ``--kv-bits`` and ``--system`` set the sidebar's starting values.
 
     Streamlit puts what follows ``--`` in ``sys.argv[1:]``.  Unless ``strict`` (``python
@@ -44,7 +45,7 @@ def parse_args(argv: Sequence[str], strict: bool = False) -> argparse.Namespace:
     p = _Strict(prog="python apps/chat.py", add_help=False)
     add_model_arguments(p, "model", model={"default": None})
     p.add_argument("--4bit", dest="quantize", action="store_true")
-    add_model_arguments(p, "quantize_vision", "adapter", "device")
+    add_model_arguments(p, "quantize_vision", "adapter", "device", "draft_model")
     # starting values of the sidebar (python -m mlx_dsvl.generate's names; None: its defaults)
     add_arguments(p, defaults=False, skip=("seed",))
     add_model_arguments(p, "kv_bits")

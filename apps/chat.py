@@ -3,7 +3,7 @@
     python apps/chat.py [--model ...]     # the same, with OpenBLAS preloaded on Linux's CPU backend
     streamlit run apps/chat.py                                   # deepseek-ai/deepseek-vl-1.3b-chat
     streamlit run apps/chat.py -- --model /path/to/folder-or-hub-id [--4bit] [--device gpu] [--max-tokens N]
-        [--temperature T] [--top-p P] [--repetition-penalty R] [--kv-bits 4|8] [--system TEXT]
+        [--temperature T] [--top-p P] [--repetition-penalty R] [--kv-bits 4|8] [--system TEXT] [--draft-model PATH]
         (sidebar defaults)
 
 UI only: the logic (uploads, loading, the transcript around mlx_dsvl.ChatSession) is in
@@ -56,8 +56,8 @@ st.set_page_config(page_title="DeepSeek-VL chat", page_icon=":material/visibilit
 @st.cache_resource(show_spinner=False, max_entries=2)
 def get_model(path: str, quantize: bool, vision_bits: int | None) -> logic.LoadedModel:
     """Once per process and (path, 4-bit, vision bits): sampling and prompt widgets never reload
-    the model."""
-    return logic.load_model(path, quantize, ARGS.adapter, vision_bits)
+    the model (nor ``--draft-model``'s, loaded with the same options)."""
+    return logic.load_model(path, quantize, ARGS.adapter, vision_bits, ARGS.draft_model)
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -76,6 +76,7 @@ DEFAULTS = {
     **{name: _start(name) for name in CONTROLS},
     "kv_cache": {v: k for k, v in logic.KV_CACHE_OPTIONS.items()}[ARGS.kv_bits],
     "system_prompt": DEFAULT_SYSTEM_PROMPT if ARGS.system is None else ARGS.system,
+    "speculative": ARGS.draft_model is not None,
 }
 for k, v in DEFAULTS.items():
     st.session_state.setdefault(k, v)
@@ -107,6 +108,11 @@ with st.sidebar:
                  help="Keep the conversation's attention keys and values quantized: about half (8-bit) "
                       "or a third (4-bit) of their memory, which grows with the conversation (1.3B in "
                       "bfloat16: 0.8 GB at 4096 tokens), at a small cost in accuracy.")
+    st.toggle("Speculative decoding", key="speculative",
+              help=(f"The draft model {ARGS.draft_model} proposes" if ARGS.draft_model else
+                    "Prompt lookup proposes: the conversation's own tokens, where its last few occurred before,")
+              + " tokens that the model checks several at a time: the same reply, faster when the guesses are "
+                "right (greedy replies, temperature 0).")
     st.subheader("Last reply")
     stats_slot = st.container()
     st.subheader("Sampling")
@@ -137,6 +143,7 @@ status = st.empty()
 conv.wait_idle(on_wait=lambda: status.caption("Finishing the previous reply ..."))
 status.empty()
 conv.session.system_prompt = st.session_state.system_prompt
+conv.session.set_draft(("model" if conv.session.draft_model else "ngram") if st.session_state.speculative else None)
 try:  # a change empties the KV cache; the conversation stays
     conv.session.set_kv_cache(logic.KV_CACHE_OPTIONS[st.session_state.kv_cache])
 except ValueError as e:  # a model whose head size the groups do not divide

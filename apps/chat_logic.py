@@ -10,6 +10,7 @@ half-way, regenerating and removing the last turn.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from app_options import (  # noqa: F401 -- the app's command line, re-exported f
 from PIL import Image
 
 import mlx_dsvl
+from mlx_dsvl.model_options import load_draft_from_args
 from mlx_dsvl.processing.chat import place_images
 from mlx_dsvl.processing.image import ImageLoadError, load_image
 
@@ -118,6 +120,7 @@ class LoadedModel:
     seconds: float
     warmup_seconds: float = 0.0  # of ``seconds``: the GPU warm-up (0 on the CPU)
     vision_bits: int | None = None  # the towers and the aligner quantized to these bits
+    draft: tuple | None = None  # --draft-model's (model, processor), loaded with the same options
     lock: threading.Lock = field(default_factory=threading.Lock)  # one reply at a time
 
 
@@ -139,10 +142,11 @@ def quantization_label(quantize: bool, vision_bits: int | None, before: str = ""
 
 
 def load_model(path: str, quantize: bool = False, adapter: str | None = None,
-               vision_bits: int | None = None) -> LoadedModel:
+               vision_bits: int | None = None, draft_path: str | None = None) -> LoadedModel:
     """``mlx_dsvl.load`` (4-bit LLM, ``vision_bits`` towers and aligner: quantized while loading,
     groups of 64; + adapters from ``python -m mlx_dsvl.train``), then on a GPU a warm-up so that
-    the first question does not wait for kernels to compile; raises
+    the first question does not wait for kernels to compile; ``draft_path``: the draft model
+    (``--draft-model``), loaded with the same options and checked against it; raises
     ``mlx_dsvl.loading.ModelLoadError`` and friends."""
     global load_calls
     from mlx_dsvl.generation import warm_up
@@ -151,9 +155,11 @@ def load_model(path: str, quantize: bool = False, adapter: str | None = None,
     tic = time.perf_counter()
     model, processor = mlx_dsvl.load(path, quantize=4 if quantize else None, adapter_path=adapter,
                                      quantize_vision=vision_bits)
+    options = argparse.Namespace(draft_model=draft_path, quantize=4 if quantize else None, quantize_vision=vision_bits)
+    draft = load_draft_from_args(options, (model, processor), path)
     warmup_s = warm_up(model, processor, say=lambda m: print(f"[mlx-dsvl] {m}", file=sys.stderr))
     return LoadedModel(model, processor, path, quantize, time.perf_counter() - tic, warmup_s,
-                       vision_bits=vision_bits)
+                       vision_bits=vision_bits, draft=draft)
 
 
 def load_error_message(path: str, error: BaseException) -> str:
@@ -216,7 +222,8 @@ class Conversation:
         self.loaded = loaded
         self.key = (loaded.path, loaded.quantized, loaded.vision_bits)
         self.session = mlx_dsvl.ChatSession(loaded.model, loaded.processor, system_prompt=system_prompt,
-                                   max_context=max_context, on_truncate=self._on_truncate)
+                                   max_context=max_context, on_truncate=self._on_truncate,
+                                   draft_model=loaded.draft)
         self.turns: list[Turn] = []
         self._notices: list[str] = []
         self._busy = threading.Lock()  # held while a reply is generated

@@ -1,13 +1,17 @@
-"""Prompt-lookup speculative decoding (``--draft ngram``) against none, side by side in one process.
+"""Speculative decoding (``--draft ngram``, ``--draft-model``) against none, side by side in one process.
 
     python benchmarks/speculative.py --model /tmp/dsvl-1.3b --max-tokens 40 --json spec.json
+    python benchmarks/speculative.py --model 7B --quantize 4 --draft-model 1.3B --check-ks 1-8 --json d.json
 
 Per round and case, one greedy chat turn without drafting and one with (the same loaded model,
 prompt and machine load): decode tokens/s, and with drafting the tokens drafted and accepted.
 Cases: ``lookup``, the n-gram drafter on the prompt's reply (on random weights a greedy reply
 often loops: say so when quoting it); ``rejected``, a drafter whose every guess is a token the
-model does not choose (what back-off must keep at >= 0.9x).  Then the cost of one forward of
-k + 1 tokens against one token on the prompt's cache (what a check costs against a decode step).
+model does not choose (what back-off must keep at >= 0.9x).  With ``--draft-model`` the cases are
+``draft-model`` (that model drafting, float32 unless ``--draft-quantize``) and ``identical`` (the
+target drafting for itself: everything accepted, the acceptance ceiling).  Then the cost of one
+forward of k + 1 tokens against one token on the prompt's cache (what a check costs against a
+decode step), for each k of ``--check-ks``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import time
 PROMPT = "Tell me a story about a cat and a dog"
 
 
-def turn(model, processor, draft: str | None, k: int, n: int) -> dict:
+def turn(model, processor, draft: str | None, k: int, n: int, draft_model=None) -> dict:
     from mlx_dsvl.session import ChatSession
 
-    chat = ChatSession(model, processor, draft=draft, num_draft_tokens=k, on_truncate=None)
+    chat = ChatSession(model, processor, draft=draft, num_draft_tokens=k, on_truncate=None, draft_model=draft_model)
     chunks = list(chat.send(PROMPT, [], max_tokens=n, temperature=0.0, repetition_penalty=1.0))
     last = chunks[-1]
     return dict(tokens=last.generation_tokens, tps=last.generation_tps, drafted=last.drafted_tokens,
@@ -75,6 +79,16 @@ def check_cost(model, processor, k: int, repeats: int) -> dict:
     return dict(one_s=out[1], check_s=out[k + 1], ratio=out[k + 1] / out[1])
 
 
+def parse_ks(text: str | None, default: int) -> list[int]:
+    """``--check-ks``: "1-8" or "2,4" (None: ``default``)."""
+    if not text:
+        return [default]
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",")]
+
+
 def main(argv=None) -> int:
     from mlx_dsvl.blas import ensure_fast_blas
 
@@ -84,6 +98,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", type=int, choices=(4, 8), default=None)
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--num-draft-tokens", type=int, default=4)
+    p.add_argument("--draft-model", default=None, help="a drafter's folder: the draft-model and identical cases")
+    p.add_argument("--draft-quantize", type=int, choices=(4, 8), default=None)
+    p.add_argument("--check-ks", default=None, help="k values of the check cost: 1-8 or 2,4 (default: K)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -93,29 +110,37 @@ def main(argv=None) -> int:
     from mlx_dsvl.drafting import make_drafter
 
     model, processor = mlx_dsvl.load(args.model, dtype="float32", quantize=args.quantize)
+    drafters = {"lookup": ("ngram", None), "rejected": ("ngram", None)}
+    if args.draft_model:
+        drafters = {"draft-model": (None, mlx_dsvl.load(args.draft_model, dtype="float32", quantize=args.draft_quantize)),
+                    "identical": (None, (model, processor))}
     k, n = args.num_draft_tokens, args.max_tokens
     turn(model, processor, None, k, 4)  # warm up
     results = []
     for r in range(args.rounds):
-        for case in ("lookup", "rejected"):
-            session_module.make_drafter = make_drafter if case == "lookup" else rejecting
-            plain, drafted = turn(model, processor, None, k, n), turn(model, processor, "ngram", k, n)
+        for case, (draft, draft_model) in drafters.items():
+            session_module.make_drafter = rejecting if case == "rejected" else make_drafter
+            plain = turn(model, processor, None, k, n)
+            drafted = turn(model, processor, draft, k, n, draft_model=draft_model)
             row = dict(round=r, case=case, plain_tps=plain["tps"], draft_tps=drafted["tps"],
                        speedup=drafted["tps"] / plain["tps"] if plain["tps"] else None,
                        tokens=drafted["tokens"], drafted=drafted["drafted"], accepted=drafted["accepted"],
                        same_tokens=plain["ids"] == drafted["ids"])
             results.append(row)
-            print(f"round {r} {case:9s}: {row['plain_tps']:.2f} -> {row['draft_tps']:.2f} tokens/s "
+            print(f"round {r} {case:11s}: {row['plain_tps']:.2f} -> {row['draft_tps']:.2f} tokens/s "
                   f"({row['speedup']:.2f}x), {row['tokens']} tokens, drafted {row['drafted']}, accepted "
                   f"{row['accepted']}, same tokens: {row['same_tokens']}", flush=True)
     session_module.make_drafter = make_drafter
-    cost = check_cost(model, processor, k, repeats=5)
-    print(f"forward of {k + 1} tokens vs 1 on the prompt's cache: {cost['check_s'] * 1e3:.1f} ms vs "
-          f"{cost['one_s'] * 1e3:.1f} ms ({cost['ratio']:.2f}x)")
+    costs = {}
+    for kk in parse_ks(args.check_ks, k):
+        costs[kk] = cost = check_cost(model, processor, kk, repeats=3)
+        print(f"forward of {kk + 1} tokens vs 1 on the prompt's cache: {cost['check_s'] * 1e3:.1f} ms vs "
+              f"{cost['one_s'] * 1e3:.1f} ms ({cost['ratio']:.2f}x)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(model=args.model, quantize=args.quantize, max_tokens=n, num_draft_tokens=k,
-                           prompt=PROMPT, rounds=results, check_cost=cost), f, indent=1)
+            json.dump(dict(model=args.model, quantize=args.quantize, draft_model=args.draft_model,
+                           draft_quantize=args.draft_quantize, max_tokens=n, num_draft_tokens=k,
+                           prompt=PROMPT, rounds=results, check_cost=costs), f, indent=1)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .blas import ensure_fast_blas, openblas_loaded
-from .model_options import add_model_arguments, load_from_args
+from .model_options import add_model_arguments, load_draft_from_args, load_from_args
 from .random_checkpoint import cached_checkpoint
 from .sampling import DEFAULTS, GREEDY
 
@@ -104,7 +104,9 @@ def run(args) -> dict:
     mx.reset_peak_memory()
     t = time.perf_counter()
     model, processor = load_from_args(args, path)  # quantized while loading
+    draft_model = load_draft_from_args(args, (model, processor), str(path))
     res["load_s"] = time.perf_counter() - t
+    res["draft_model"] = getattr(args, "draft_model", None)
     res["dtype"] = str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
     res["quantize"] = args.quantize or None
     res["quantize_vision"] = args.quantize_vision or None
@@ -153,7 +155,8 @@ def run(args) -> dict:
     res["kv_bits"] = args.kv_bits
     if args.turns:
         res.update(bench_chat.turn_rows(model, processor, img, opts, kv=kv and dict(
-            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), replay=args.replay or gpu, n_turns=args.turns))
+            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size), replay=args.replay or gpu, n_turns=args.turns,
+            draft_model=draft_model))
     res["peak_memory_gb"] = mx.get_peak_memory() / 1e9  # (towers only with --turns 0)
     res["predicted_peak_gb"] = predicted_peak(args, path, res) / 1e9
     res["predicted_over_measured"] = res["predicted_peak_gb"] / res["peak_memory_gb"]
@@ -315,7 +318,7 @@ def main(argv=None) -> int:
                         model={"default": None, "help": "a model folder to measure instead of a random --arch one"})
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to decode (default 32)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs before timing a tower")
-    add_model_arguments(p, "kv_bits", "kv_group_size", "memory_limit")
+    add_model_arguments(p, "kv_bits", "kv_group_size", "memory_limit", "draft_model")
     p.add_argument("--kv-context", type=int, default=0,
                    help="also compare plain, 8-bit and 4-bit KV caches over a conversation of this "
                         "many tokens (e.g. 4096; default: skipped)")

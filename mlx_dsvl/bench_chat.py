@@ -40,11 +40,12 @@ def run_turn(chat, text: str, images: Sequence, opts: dict):
 
 
 def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *, kv: dict | None = None,
-              replay: bool = False,
-              n_turns: int = 1 + len(QUESTIONS)) -> dict:
-    """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time."""
+              replay: bool = False, n_turns: int = 1 + len(QUESTIONS),
+              draft_model: tuple[DeepseekVL, ChatProcessor] | None = None) -> dict:
+    """Turns 1-6, the follow-up breakdown and (``replay``) each turn's first-use time;
+    ``draft_model``: decoded with it drafting (turn 1's drafted and accepted tokens)."""
     def conversation():
-        chat = ChatSession(model, processor, on_truncate=None, **(kv or {}))
+        chat = ChatSession(model, processor, on_truncate=None, draft_model=draft_model, **(kv or {}))
         turns = [run_turn(chat, FIRST, [image], opts)]
         turns += [run_turn(chat, q, [], opts) for q in QUESTIONS[: n_turns - 1]]
         return chat, turns
@@ -53,7 +54,8 @@ def turn_rows(model: DeepseekVL, processor: ChatProcessor, image, opts: dict, *,
     first = turns[0]
     res: dict = dict(prompt_tokens=first.prompt_tokens, prefill_tps=first.prompt_tps,
                      ttft_s=first.time_to_first_token, decode_tps=first.generation_tps,
-                     decode_tokens=first.generation_tokens,
+                     decode_tokens=first.generation_tokens, drafted=first.drafted_tokens,
+                     accepted=first.accepted_tokens,
                      kv_cache_gb=sum(c.nbytes for c in chat.cache) / 1e9, context_tokens=chat.cache[0].offset)
     if n_turns < 2:
         return res

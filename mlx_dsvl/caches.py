@@ -119,6 +119,13 @@ def reusable_prefix(cached: Sequence[Any], key: Sequence[Any]) -> int:
     return max(min(n, len(key) - 1), 0)
 
 
+def trim_cache(cache: Sequence[Any], keep: int) -> None:
+    """Trim a KV cache (every layer's, plain or quantized) to its first ``keep`` positions."""
+    for c in cache:
+        if c.offset > keep:
+            c.trim(c.offset - keep)
+
+
 class PrefixCache:
     """KV caches by key (``ImageTokens.keyed``); ``max_bytes == 0`` turns it off."""
 

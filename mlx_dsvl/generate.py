@@ -14,7 +14,7 @@ from pathlib import Path
 from .blas import ensure_fast_blas
 from .device import select_device
 from .grammar import ResponseFormatError, grammar_source
-from .model_options import add_model_arguments, load_from_args
+from .model_options import add_model_arguments, check_draft_args, load_draft_from_args, load_from_args
 from .processing.chat import place_images
 from .sampling import SamplingOptions, add_arguments
 from .session import ChatSession
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt (default: DeepSeek-VL's; '' for none)")
     add_arguments(p)  # --temperature, --top-p, --repetition-penalty, --max-tokens, --seed
     add_model_arguments(p, "dtype", "adapter", "device", "quantize", "quantize_vision", "kv_bits", "kv_group_size",
-                        "quantized_kv_start", "max_context", "memory_limit", "draft", "num_draft_tokens")
+                        "quantized_kv_start", "max_context", "memory_limit", "draft", "draft_model", "num_draft_tokens")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE", default=None,
                        help="reply with JSON that validates against the JSON schema in FILE")
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Ctrl-C stops a reply")
     p.add_argument("--verbose", action="store_true",
                    help="print prompt tokens/s, time to first token, generation tokens/s, peak memory "
-                        "(and with --draft the tokens drafted and accepted)")
+                        "(and with --draft or --draft-model the tokens drafted and accepted)")
     return p
 
 
@@ -179,8 +179,7 @@ def check_args(args) -> dict | None:
         grammar_source(fmt)
     except ResponseFormatError as e:
         raise ValueError(f"--json-schema {args.json_schema}: {e.problem}") from None
-    if args.num_draft_tokens < 1:
-        raise ValueError(f"--num-draft-tokens must be an integer >= 1, got {args.num_draft_tokens}")
+    check_draft_args(args)
     if args.max_context < 2:
         raise ValueError(f"--max-context must be an integer >= 2, got {args.max_context}")
     if not args.chat and args.prompt is None:
@@ -199,10 +198,11 @@ def main(argv=None) -> int:
     try:
         select_device(args.device)
         model, processor = load_from_args(args)
+        draft_model = load_draft_from_args(args, (model, processor))
         session = ChatSession(model, processor, system_prompt=args.system, max_context=args.max_context,
                               kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                               quantized_kv_start=args.quantized_kv_start, draft=args.draft,
-                              num_draft_tokens=args.num_draft_tokens)
+                              num_draft_tokens=args.num_draft_tokens, draft_model=draft_model)
         if args.chat:
             _chat_loop(session, args, fmt)
         else:

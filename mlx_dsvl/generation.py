@@ -26,13 +26,13 @@ if TYPE_CHECKING:
 def stream_generate(model: DeepseekVL, processor: ChatProcessor, conversation: Sequence[dict], images: Sequence | None = None,
                     max_context: int = 4096, kv_bits: int | None = None, kv_group_size: int = 64,
                     quantized_kv_start: int = 0, draft: str | None = None, num_draft_tokens: int = NUM_DRAFT_TOKENS,
-                    **sampling) -> Iterator[GenerationChunk]:
+                    draft_model: tuple[DeepseekVL, ChatProcessor] | None = None, **sampling) -> Iterator[GenerationChunk]:
     """Stream the assistant's reply to ``conversation`` (its last message is the user's);
-    ``response_format=`` (OpenAI's) constrains it, see :meth:`ChatSession.send`; ``draft``:
-    speculative decoding of a greedy reply (see :class:`ChatSession`)."""
+    ``response_format=`` (OpenAI's) constrains it, see :meth:`ChatSession.send`; ``draft``,
+    ``draft_model``: speculative decoding of a greedy reply (see :class:`ChatSession`)."""
     session = ChatSession(model, processor, max_context=max_context, on_truncate=None, kv_bits=kv_bits,
                           kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start, draft=draft,
-                          num_draft_tokens=num_draft_tokens)
+                          num_draft_tokens=num_draft_tokens, draft_model=draft_model)
     conv = list(conversation)
     if conv and conv[0]["role"].lower() == "system":
         session.system_prompt = conv.pop(0)["content"]

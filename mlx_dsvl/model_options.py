@@ -1,5 +1,5 @@
 """The model options the entry points share (``--model``, ``--dtype``, ``--device``, ``--quantize``,
-``--quantize-vision``, ...) and :func:`load_from_args`.
+``--quantize-vision``, ...), :func:`load_from_args` and :func:`load_draft_from_args`.
 
 This module imports no MLX: entry points import it at the top and build their parsers after
 :func:`mlx_dsvl.blas.ensure_fast_blas`, which may re-execute the process first.
@@ -74,9 +74,14 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
             help="speculative decoding of greedy replies (--temperature 0): ngram = prompt lookup, the "
                  "conversation's own tokens proposed where its last few tokens occurred before; the same "
                  "tokens as without (default: none)")),
+        "draft_model": ("--draft-model", dict(
+            default=None, metavar="PATH",
+            help="speculative decoding of greedy replies with a smaller DeepSeek-VL of the same vocabulary "
+                 "drafting (the 1.3B for the 7B; folder or hub id), loaded with the same --dtype, "
+                 "--quantize and --quantize-vision; the same tokens as without (default: none)")),
         "num_draft_tokens": ("--num-draft-tokens", dict(
             type=int, default=NUM_DRAFT_TOKENS, metavar="K",
-            help=f"tokens drafted at most per check with --draft (default: {NUM_DRAFT_TOKENS})")),
+            help=f"tokens drafted at most per check with --draft or --draft-model (default: {NUM_DRAFT_TOKENS})")),
         "max_context": ("--max-context", dict(
             type=int, default=DefaultContext(4096),
             help="context limit in tokens; older turns are dropped beyond it (default: 4096)")),
@@ -115,3 +120,30 @@ def load_from_args(args: argparse.Namespace, model: str | None = None) -> tuple[
     return load(path, dtype=getattr(args, "dtype", None),
                 quantize=getattr(args, "quantize", None), adapter_path=getattr(args, "adapter", None),
                 quantize_vision=getattr(args, "quantize_vision", None))
+
+
+def check_draft_args(args: argparse.Namespace) -> None:
+    """``ValueError`` for drafting flags that contradict each other."""
+    if getattr(args, "draft", None) is not None and getattr(args, "draft_model", None) is not None:
+        raise ValueError(f"--draft {args.draft} and --draft-model are exclusive: choose one drafter")
+    if getattr(args, "num_draft_tokens", 1) < 1:
+        raise ValueError(f"--num-draft-tokens must be an integer >= 1, got {args.num_draft_tokens}")
+
+
+def load_draft_from_args(args: argparse.Namespace, target: tuple[DeepseekVL, ChatProcessor],
+                         model: str | None = None) -> tuple[DeepseekVL, ChatProcessor] | None:
+    """The ``--draft-model`` (None without one), loaded with the target's ``--dtype``,
+    ``--quantize`` and ``--quantize-vision`` (no adapter, no memory budget of its own);
+    ``ModelLoadError`` naming both folders when it cannot draft for ``target``."""
+    from .drafting import draft_mismatch  # (imports MLX)
+    from .loading import ModelLoadError, load
+
+    if getattr(args, "draft_model", None) is None:
+        return None
+    draft = load(args.draft_model, dtype=getattr(args, "dtype", None), quantize=getattr(args, "quantize", None),
+                 quantize_vision=getattr(args, "quantize_vision", None))
+    problem = draft_mismatch(target, draft)
+    if problem is not None:
+        raise ModelLoadError(f"--draft-model {args.draft_model} cannot draft for {model or args.model}: "
+                             f"{problem}")
+    return draft

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix
-from .drafting import NUM_DRAFT_TOKENS, make_drafter
+from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix, trim_cache
+from .drafting import NUM_DRAFT_TOKENS, BackOff, ModelDrafter, draft_mismatch, make_drafter
 from .grammar import Grammar, compile_format
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
@@ -49,6 +49,8 @@ class ChatSession:
 
     ``draft="ngram"``: greedy replies are decoded speculatively, prompt lookup proposing up to
     ``num_draft_tokens`` tokens at a time (:mod:`mlx_dsvl.drafting`); the same tokens as without.
+    ``draft_model=(model, processor)``: a smaller model of the same vocabulary drafts instead
+    (``draft="model"``, implied), its own cache following the conversation across turns.
     """
 
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, system_prompt: str | None = None,
@@ -57,7 +59,8 @@ class ChatSession:
                  on_slow_start: Callable[[str], None] | None = _warn, profile: bool = False,
                  image_cache_bytes: int = IMAGE_CACHE_BYTES,
                  image_cache: ImageFeatureCache | None = None, draft: str | None = None,
-                 num_draft_tokens: int = NUM_DRAFT_TOKENS):
+                 num_draft_tokens: int = NUM_DRAFT_TOKENS,
+                 draft_model: tuple[DeepseekVL, ChatProcessor] | None = None):
         self.model = model
         self.processor = processor
         self.system_prompt = system_prompt
@@ -74,13 +77,31 @@ class ChatSession:
         self._features: dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
         self._tokens = PromptTokens(processor)
         self.kv: dict | None = None
-        # speculative decoding of greedy replies: "ngram" (prompt lookup) or None
-        make_drafter(draft, [], num_draft_tokens)  # checked now
-        self.draft, self.num_draft_tokens = draft, num_draft_tokens
+        self.draft_model = None if draft_model is None else self._draft_model(draft_model, num_draft_tokens)
+        self.num_draft_tokens = num_draft_tokens
+        self.set_draft("model" if draft is None and draft_model is not None else draft)
         self.reset()
         self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     # -- state --------------------------------------------------------------------------------
+    def _draft_model(self, draft_model: tuple[DeepseekVL, ChatProcessor], k: int) -> ModelDrafter:
+        problem = draft_mismatch((self.model, self.processor), draft_model)
+        if problem is not None:
+            raise ValueError(f"the draft model cannot draft for this model: {problem}")
+        return ModelDrafter(*draft_model, num_draft_tokens=k)
+
+    def set_draft(self, draft: str | None) -> None:
+        """Speculative decoding of greedy replies: "ngram" (prompt lookup), "model" (the
+        ``draft_model``) or None; the draft model's cache is kept while it is off."""
+        if draft == "model":
+            if self.draft_model is None:
+                raise ValueError('draft="model" needs a draft_model')
+        else:
+            make_drafter(draft, [], self.num_draft_tokens)  # checked now
+            if draft is not None and self.draft_model is not None:
+                raise ValueError(f"draft={draft!r} and a draft_model are exclusive: choose one drafter")
+        self.draft = draft
+
     def reset(self) -> None:
         """Start a new conversation (image features stay cached: same image, same features)."""
         self.messages: list[dict] = []  # {"role", "content", "images": [hash, ...]}
@@ -104,10 +125,7 @@ class ChatSession:
         return conv + [{"role": m["role"], "content": m["content"]} for m in self.messages]
 
     def _trim_cache(self, keep: int) -> None:
-        for c in self.cache:
-            extra = c.offset - keep
-            if extra > 0:
-                c.trim(extra)
+        trim_cache(self.cache, keep)
         self.cached_ids = self.cached_ids[:keep]
 
     # -- images -------------------------------------------------------------------------------
@@ -125,6 +143,8 @@ class ChatSession:
         in_use = {k for m in self.messages for k in m["images"]}.union(keys)
         held = {**self._features, **dict(zip(new, found.features))}
         self._features = {k: f for k, f in held.items() if k in in_use}
+        if self.draft_model is not None:
+            self.draft_model.add_images(list(images), keys)
         return keys
 
     # -- turns --------------------------------------------------------------------------------
@@ -234,7 +254,7 @@ class ChatSession:
              grammar: Grammar | None, logprobs: int | None) -> Iterator[GenerationChunk]:
         keys, keep, embeds = self._new_input(ids)
         row = Row.start(self.processor, opts, ids[-PROCESSOR_CONTEXT:], max_tokens=max_tokens, grammar=grammar,
-                        logprobs=logprobs, drafter=make_drafter(self.draft, ids.tolist(), self.num_draft_tokens))
+                        logprobs=logprobs, drafter=self._drafter(ids, keys, opts))
         try:
             yield from stream_tokens(self.model.language_model, self.processor, mx.array(ids[keep:]),
                                      lambda s, e: embeds[s:e], self.cache, row=row,
@@ -244,6 +264,12 @@ class ChatSession:
             # The cache now holds the prompt and every generated token that was fed back.
             self.cached_ids = (ids.tolist() + row.generated)[: self.cache[0].offset]
             self.cached_images = keys
+
+    def _drafter(self, ids: np.ndarray, keys: list[str], opts: SamplingOptions) -> BackOff | None:
+        """This reply's drafter: prompt lookup over ``ids``, or the draft model begun on them."""
+        if self.draft == "model":
+            return self.draft_model.start(ids.tolist(), keys, opts.temperature, opts.seed)
+        return make_drafter(self.draft, ids.tolist(), self.num_draft_tokens)
 
     def _reusable_prefix(self, ids: np.ndarray, keys: list[str]) -> int:
         """Tokens at the start of ``ids`` the cache holds (never the last: it must give logits)."""

@@ -29,13 +29,13 @@ from mlx_lm.models.llama import Model as LanguageModel
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, _byte_decoder
 
 from .batch_cache import merge_row
-from .drafting import NgramDrafter
 from .models.deepseek_vl import DeepseekVL, lm_head
 from .processing.chat import ChatProcessor
 from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, Sampler, SamplingOptions
 
-if TYPE_CHECKING:  # grammar.py builds on this module
+if TYPE_CHECKING:  # grammar.py and drafting.py build on this module
+    from .drafting import NgramDrafter
     from .grammar import Constraint, Grammar
 
 STOP_STRINGS = ("User:",)

@@ -447,3 +447,26 @@ def test_kv_cache_setting(tiny_dir, tmp_path, monkeypatch):
     at.sidebar.text_input(key="model_path").set_value(str(tiny_dir)).run()  # head size 16
     at.sidebar.selectbox(key="kv_cache").set_value("4-bit").run()
     assert not at.exception and any("does not divide" in w.value for w in at.sidebar.warning)
+
+
+@pytest.mark.slow
+def test_speculative_decoding_toggle_reaches_the_session(tiny_dir, tiny_hybrid_dir, monkeypatch):
+    """Without ``--draft-model`` the toggle starts off and turns prompt lookup on; with it, the
+    toggle starts on and the draft model (loaded once, with the model) drafts the greedy reply."""
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_dir)])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception and at.sidebar.toggle(key="speculative").value is False
+    assert conversation(at).session.draft is None
+    at.sidebar.toggle(key="speculative").set_value(True).run()
+    assert not at.exception and conversation(at).session.draft == "ngram"
+
+    monkeypatch.setattr(sys, "argv", ["apps/chat.py", "--model", str(tiny_hybrid_dir), "--draft-model", str(tiny_dir),
+                                      "--temperature", "0", "--repetition-penalty", "1", "--max-tokens", "8"])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+    assert not at.exception and at.sidebar.toggle(key="speculative").value is True
+    session = conversation(at).session
+    assert session.draft == "model" and session.draft_model.model.source_folder == tiny_dir
+    send(at, "Hello", [("red.png", png(), "image/png")])
+    assert session.draft_model.drafted > 0 and session.draft_model.encode_calls == 1
+    at.sidebar.toggle(key="speculative").set_value(False).run()
+    assert not at.exception and session.draft is None

@@ -98,3 +98,11 @@ def test_bench_kv_bits_and_quantize_on_load(tiny_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mlx_dsvl.bench", "--model", str(tiny_dir), "--kv-bits", "8"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: kv_group_size 64 does not divide")
+
+
+def test_bench_draft_model_reports_drafted_tokens(tmp_path, tiny_dir, tiny_hybrid_dir):
+    res, _ = bench(tmp_path, "--model", str(tiny_hybrid_dir), "--draft-model", str(tiny_dir), "--turns", "1")
+    assert res["draft_model"] == str(tiny_dir)
+    assert res["drafted"] > 0 and 0 <= res["accepted"] <= res["drafted"]
+    plain, _ = bench(tmp_path, "--model", str(tiny_hybrid_dir), "--turns", "1")
+    assert plain["drafted"] == 0
