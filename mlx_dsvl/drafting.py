@@ -124,13 +124,14 @@ class ModelDrafter(BackOff):
     session's turns (:meth:`start` begins a reply; its first draft prefills only what the cache
     does not hold, by the session's prefix-reuse rule).  Images come by the target's content keys
     (:meth:`add_images`) and go through the drafter's own towers when a prefill first needs them,
-    each once (``image_features``)."""
+    each once (``image_features``, which drafters may share)."""
 
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, num_draft_tokens: int = NUM_DRAFT_TOKENS,
-                 image_cache_bytes: int = IMAGE_CACHE_BYTES):
+                 image_features: ImageFeatureCache | None = None):
         super().__init__(num_draft_tokens)
         self.model, self.processor = model, processor
-        self.image_features = ImageFeatureCache(image_cache_bytes)
+        # (a server's drafters, one per request, share one)
+        self.image_features = ImageFeatureCache(IMAGE_CACHE_BYTES) if image_features is None else image_features
         self.encode_calls = 0  # images run through the drafter's towers
         self._sources: dict[str, Any] = {}  # the conversation's images by key, until encoded
         self.cache = model.make_cache()

@@ -35,7 +35,7 @@ from .processing.image_tokens import ImageTokens
 from .sampling import PROCESSOR_CONTEXT, Sampler, SamplingOptions
 
 if TYPE_CHECKING:  # grammar.py and drafting.py build on this module
-    from .drafting import NgramDrafter
+    from .drafting import BackOff
     from .grammar import Constraint, Grammar
 
 STOP_STRINGS = ("User:",)
@@ -235,7 +235,7 @@ class Row:
     next: mx.array | None = None  # the token after it, being computed
     next_logprobs: tuple | None = None
     pending: mx.array | None = None  # a constrained row's next logits, sampled once y is read
-    drafter: NgramDrafter | None = None  # proposes tokens checked in one forward (Batch._speculate)
+    drafter: BackOff | None = None  # proposes tokens checked in one forward (Batch._speculate)
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None  # why the grammar ended the row ("error")
@@ -244,7 +244,7 @@ class Row:
     def start(cls, processor: ChatProcessor, options: SamplingOptions, prompt_tail: Sequence[int],
               max_tokens: int | None = None, stops: Sequence[str] = (), ignore_eos: bool = False,
               tag: Any = None, grammar: Grammar | None = None, logprobs: int | None = None,
-              drafter: NgramDrafter | None = None) -> Row:
+              drafter: BackOff | None = None) -> Row:
         """A row for ``options`` (sampler and processors built here, once); ``max_tokens``
         (default ``options.max_tokens``) may be cut to the context.  With ``grammar`` the reply
         follows it and ends when it is complete; the template's ``User:`` stop is then left out
@@ -593,7 +593,7 @@ class Batch:
                 n += 1
             following = wanted[n:n + 1]
         else:
-            n, following = speculative_sample(r.sampler, sampler_input(x), draft, getattr(r.drafter, "probs", None))
+            n, following = speculative_sample(r.sampler, sampler_input(x), draft, r.drafter.probs)
         if r.logprobs is None:
             return n, following, None
         tokens = mx.concatenate([mx.array(draft[:n], mx.uint32), following.astype(mx.uint32)])

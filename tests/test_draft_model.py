@@ -149,6 +149,23 @@ def test_a_drafter_identical_to_the_target_is_always_accepted(text_hybrid_ckpt):
     assert session.draft_model.model is target[0]
 
 
+@pytest.mark.slow
+def test_sampled_replies_with_an_identical_drafter_keep_nearly_every_draft(text_hybrid_ckpt):
+    """A sampled reply (temperature 1, no top-p: the drafter's q equals the target's p) drafted by
+    the same weights: speculative sampling accepts with min(1, p/q) = 1, so every draft is kept but
+    for float rounding; seeded, the reply repeats."""
+    target = mlx_dsvl.load(text_hybrid_ckpt)
+    replies = []
+    for _ in range(2):
+        session = ChatSession(*target, draft_model=target)
+        chunks = list(session.send(TURNS[1], [], max_tokens=30, temperature=1.0, top_p=1.0,
+                                   repetition_penalty=1.0, seed=5))
+        replies.append([c.token for c in chunks])
+        last = chunks[-1]
+        assert last.drafted_tokens >= 8 and last.accepted_tokens >= 0.9 * last.drafted_tokens
+    assert replies[0] == replies[1]
+
+
 # -- the command line -------------------------------------------------------------------------------
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "mlx_dsvl.generate", "--prompt", TURNS[1], "--max-tokens", "30",

@@ -5,6 +5,10 @@ draft while others go on, float and quantized batch caches, both families; the s
 
 from __future__ import annotations
 
+import io
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
 from test_drafting import GREEDY, TURNS, kv_text_dirs  # noqa: F401 (a fixture)
@@ -290,6 +294,58 @@ def test_server_draft_ngram_keeps_batching_and_reports_predicted_tokens(text_ckp
         assert metric("draft_tokens_total") == after["drafted_tokens"]
         # rows per step: one a row, however many tokens it gave
         assert metric("batch_rows_per_step_sum") < metric("generation_tokens_total") == after["generated_tokens"]
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_server_draft_model_drafts_inside_its_batch_with_images(text_ckpt, text_hybrid_ckpt, tmp_path):
+    """python -m mlx_dsvl.server --model <7B layout> --draft-model <1.3B layout>, over the openai
+    client: three requests with images at once, each reply the one generate gives without drafting,
+    the drafter's tokens counted in usage (it sees the images through its own towers); --draft with
+    --draft-model refused."""
+    import os
+    import threading
+
+    pytest.importorskip("openai", reason="the server tests need openai: pip install -e '.[server,test]'")
+    from PIL import Image
+    from test_server import KEY, Server, client, data_url, make_png, stats
+
+    bad = subprocess.run([sys.executable, "-m", "mlx_dsvl.server", "--model", "/nonexistent", "--draft", "ngram",
+                          "--draft-model", "/nonexistent"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "exclusive" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+    pngs = [make_png(seed=21), make_png(seed=22), make_png(seed=21)]  # the third repeats the first
+    model, processor = mlx_dsvl.load(text_hybrid_ckpt, dtype="float32")
+    want = [mlx_dsvl.generate(model, processor, [{"role": "user", "content": f"<image_placeholder>{p}"}],
+                              [Image.open(io.BytesIO(png))], max_tokens=n, **GREEDY)
+            for p, n, png in zip(PROMPTS, BUDGETS, pngs)]
+    server = Server(text_hybrid_ckpt, tmp_path, tmp_path / "server.log", "--draft-model", str(text_ckpt),
+                    "--num-draft-tokens", "3", env={**os.environ, "MLX_DSVL_API_KEY": KEY})
+    server.wait_ready()
+    try:
+        c, results = client(server), [None] * len(pngs)
+        barrier = threading.Barrier(len(pngs))
+
+        def run(i):
+            barrier.wait()
+            results[i] = c.chat.completions.create(
+                model=text_hybrid_ckpt.name, max_tokens=BUDGETS[i], temperature=0, extra_body={"repetition_penalty": 1.0},
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[i])}},
+                                                       {"type": "text", "text": PROMPTS[i]}]}])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pngs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counts = stats(server)
+        assert [r.choices[0].message.content for r in results] == want
+        details = [r.usage.completion_tokens_details for r in results]
+        assert counts["drafted_tokens"] == sum(d.accepted_prediction_tokens + d.rejected_prediction_tokens
+                                               for d in details) > 0
+        assert counts["peak_batch"] > 1
     finally:
         assert server.stop() == 0
     assert "Traceback" not in server.output()

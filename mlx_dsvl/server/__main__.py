@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..blas import ensure_fast_blas
-from ..model_options import add_model_arguments, load_from_args
+from ..model_options import add_model_arguments, check_draft_args, load_draft_from_args, load_from_args
 from ..sampling import add_arguments
 
 # MLX, fastapi and uvicorn are imported in the functions: after the BLAS re-execution and
@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "--max-context tokens, --cache-mb and --image-cache-mb fit it (default: what the "
                               "machine can give)"})
     add_model_arguments(
-        p, "draft", "num_draft_tokens",
-        draft={"help": "speculative decoding of greedy requests (temperature 0), inside the batch: ngram = "
-                       "prompt lookup, each request's own conversation proposing tokens; the same tokens as "
-                       "without; usage reports accepted and rejected prediction tokens (default: none)"},
+        p, "draft", "draft_model", "num_draft_tokens",
+        draft={"help": "speculative decoding inside the batch: ngram = prompt lookup, each request's own "
+                       "conversation proposing tokens; greedy requests get the same tokens as without, sampled "
+                       "ones the same distribution; usage reports accepted and rejected prediction tokens "
+                       "(default: none)"},
         num_draft_tokens={"type": COUNT})
     # --temperature, --top-p, --repetition-penalty, --max-tokens: what a request sets none of
     add_arguments(p, lead="a request's default: ", skip=("seed",))
@@ -138,13 +139,15 @@ def serve(args: argparse.Namespace) -> int:
     from .security import allowed_hosts, is_loopback_name
 
     defaults = SamplingParams.from_args(args)
+    check_draft_args(args)
     images = ImagePolicy(args.allow_remote_images, args.allow_local_images,
                          int(args.max_image_mb * MB), args.remote_timeout)
     device = select_device(args.device)
     say(f"loading {args.model} on {describe_device()} ...")
     tic = time.perf_counter()
     model, processor = load_from_args(args)
-    say(f"model loaded in {time.perf_counter() - tic:.1f} s")
+    draft_model = load_draft_from_args(args, (model, processor))
+    say(f"model{'s' if draft_model else ''} loaded in {time.perf_counter() - tic:.1f} s")
     if args.max_context <= processor.num_image_tokens + 1:
         raise ValueError(f"--max-context {args.max_context} cannot hold one image "
                          f"({processor.num_image_tokens} tokens) and a question")
@@ -153,7 +156,7 @@ def serve(args: argparse.Namespace) -> int:
     scheduler = Scheduler(model, processor, max_batch=args.max_batch, max_queue=args.max_queue,
                           cache_bytes=int(args.cache_mb * MB),
                           image_cache_bytes=int(args.image_cache_mb * MB), device=device, kv=kv,
-                          draft=args.draft, num_draft_tokens=args.num_draft_tokens)
+                          draft=args.draft, num_draft_tokens=args.num_draft_tokens, draft_model=draft_model)
     name = served_name(args)
     config = ServerConfig(model_name=name, model_aliases=(args.model,), max_context=args.max_context,
                           defaults=defaults, api_key=args.api_key,

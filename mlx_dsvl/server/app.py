@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -67,14 +67,16 @@ class Prepared:
     ids: list[int]
     image_keys: list[str]
     pixels: dict[str, np.ndarray]
+    pictures: dict[str, Any] | None = None  # the decoded images by key (for a draft model's own towers)
 
 
 class PromptBuilder:
     """Conversation + image bytes -> prompt ids, pixels and image content hashes."""
 
-    def __init__(self, processor: ChatProcessor, max_context: int):
+    def __init__(self, processor: ChatProcessor, max_context: int, keep_pictures: bool = False):
         self.processor = processor
         self.max_context = max_context
+        self.keep_pictures = keep_pictures  # a draft model preprocesses the images its own way
         self._lock = threading.Lock()  # one tokenizer, several request threads
 
     def check_image_count(self, n: int) -> None:
@@ -86,11 +88,12 @@ class PromptBuilder:
     def build(self, conversation: list[dict], images: Sequence[tuple[bytes, str]]) -> Prepared:
         pictures = [decode_image(data, param) for data, param in images]
         pixels = self.processor.image_processor(pictures)  # [N, 3, S, S]
+        keys = [image_key(px) for px in pixels]
         decoded = sum(p.width * p.height for p in pictures)
+        kept = dict(zip(keys, pictures)) if self.keep_pictures else None
         del pictures
         if decoded > LARGE_PIXELS:
             release_free_memory()
-        keys = [image_key(px) for px in pixels]
         with self._lock:
             try:
                 ids = self.processor.tokenize(self.processor.format(conversation)).tolist()
@@ -100,7 +103,7 @@ class PromptBuilder:
             raise APIError(400, f"the prompt is {len(ids)} tokens; this server's context is "
                                 f"{self.max_context} tokens (--max-context)", param="messages",
                            code="context_length_exceeded")
-        return Prepared(ids, keys, dict(zip(keys, pixels)))
+        return Prepared(ids, keys, dict(zip(keys, pixels)), kept)
 
 
 def _compile_format(processor: ChatProcessor, response_format) -> Grammar | None:
@@ -151,7 +154,7 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
         app.add_middleware(CORSMiddleware, allow_origins=list(config.origins),
                            allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
     registry, responses = app_registry(scheduler)
-    prompts = PromptBuilder(processor, config.max_context)
+    prompts = PromptBuilder(processor, config.max_context, keep_pictures=scheduler.draft_model is not None)
     names = (config.model_name, *config.model_aliases)
 
     @app.exception_handler(APIError)
@@ -209,7 +212,8 @@ def create_app(scheduler: Scheduler, processor: ChatProcessor, config: ServerCon
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(id=f"chatcmpl-{uuid.uuid4().hex}", ids=prepared.ids,
-                  image_keys=prepared.image_keys, pixels=prepared.pixels, sampling=sampling, grammar=grammar,
+                  image_keys=prepared.image_keys, pixels=prepared.pixels, pictures=prepared.pictures,
+                  sampling=sampling, grammar=grammar,
                   emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
         try:
             scheduler.submit(job)

@@ -5,7 +5,7 @@ longest cached prefix reused, only the images overlapping the rest encoded, the 
 a session's), runs one decode step for the batch, and sends each finished row's KV cache to the
 prefix cache for the follow-up request. Rows are computed as if alone (left padding masked,
 positions from each row's first token), so a greedy reply does not depend on the batch. With a
-drafter (``draft``), greedy requests are decoded speculatively inside the batch (``Batch.step``:
+drafter (``draft``, ``draft_model``), requests are decoded speculatively inside the batch (``Batch.step``:
 one forward of every row's token and drafts, each row's cache rolled back to what it kept). An error
 in a batch step fails that step's requests and the worker goes on.
 """
@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
-from ..drafting import NUM_DRAFT_TOKENS, make_drafter
+from ..drafting import NUM_DRAFT_TOKENS, BackOff, ModelDrafter, draft_mismatch, make_drafter
 from ..grammar import Grammar
 from ..streaming import Batch, Output, Row, prefill, range_embeddings, token_bytes
 from .metrics import EngineMetrics
@@ -46,6 +46,7 @@ class Job:
     sampling: SamplingParams  # max_tokens already within the context
     emit: Callable[[Any], None]  # thread-safe sink for the events below
     grammar: Grammar | None = None  # the response format's, compiled (structured output)
+    pictures: dict[str, Any] | None = None  # content hash -> the decoded image (for a draft model)
     submitted: float = field(default_factory=time.monotonic)  # handed to the scheduler
 
 
@@ -101,12 +102,20 @@ class Scheduler:
     def __init__(self, model: DeepseekVL, processor: ChatProcessor, max_batch: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, image_cache_bytes: int = 256 << 20,
                  device: mx.Device | None = None,
-                 kv: dict | None = None, draft: str | None = None, num_draft_tokens: int = NUM_DRAFT_TOKENS):
+                 kv: dict | None = None, draft: str | None = None, num_draft_tokens: int = NUM_DRAFT_TOKENS,
+                 draft_model: tuple[DeepseekVL, ChatProcessor] | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         make_drafter(draft, [], num_draft_tokens)  # checked now
-        # speculative decoding of greedy requests (drafting.make_drafter), inside the batch
-        self.draft, self.num_draft_tokens = draft, num_draft_tokens
+        if draft is not None and draft_model is not None:
+            raise ValueError(f"draft={draft!r} and a draft_model are exclusive: choose one drafter")
+        problem = None if draft_model is None else draft_mismatch((model, processor), draft_model)
+        if problem is not None:
+            raise ValueError(f"the draft model cannot draft for this model: {problem}")
+        # speculative decoding inside the batch: each request's own drafter (prompt lookup, or a
+        # ModelDrafter of draft_model, its image features shared by the requests')
+        self.draft, self.num_draft_tokens, self.draft_model = draft, num_draft_tokens, draft_model
+        self.draft_features = ImageFeatureCache(image_cache_bytes) if draft_model is not None else None
         self.model, self.processor = model, processor
         self.lm = model.language_model
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -278,8 +287,17 @@ class Scheduler:
         self.counters["cached_tokens"] += cached
         row = Row.start(self.processor, s, ids, stops=s.stop, ignore_eos=s.ignore_eos,
                         tag=Slot(job, key, cached), grammar=job.grammar, logprobs=s.top_logprobs,
-                        drafter=make_drafter(self.draft, ids, self.num_draft_tokens))
+                        drafter=self._drafter(job))
         self.batch.add(row, kv, logits)
+
+    def _drafter(self, job: Job) -> BackOff | None:
+        """The request's drafter: prompt lookup over its prompt, or the draft model begun on it."""
+        if self.draft_model is None:
+            return make_drafter(self.draft, job.ids, self.num_draft_tokens)
+        drafter = ModelDrafter(*self.draft_model, num_draft_tokens=self.num_draft_tokens,
+                               image_features=self.draft_features)
+        drafter.add_images([job.pictures[k] for k in job.image_keys], job.image_keys)
+        return drafter.start(job.ids, job.image_keys, job.sampling.temperature, job.sampling.seed)
 
     def _count_cache_use(self, job: Job, cached: int) -> None:
         """A prefix reused or not; each image the prefill will read, found encoded or not (once
