@@ -253,3 +253,15 @@ def draft_mismatch(target: tuple[DeepseekVL, ChatProcessor], draft: tuple[Deepse
         return (f"its token -> id map differs ({len(differ)} tokens, first {differ[0]!r}: "
                 f"{d_vocab.get(differ[0])}, the target's: {t_vocab.get(differ[0])})")
     return None
+
+
+def check_drafting(target: tuple[DeepseekVL, ChatProcessor], draft: str | None,
+                   draft_model: tuple[DeepseekVL, ChatProcessor] | None, num_draft_tokens: int) -> None:
+    """``ValueError`` for a drafting set-up that cannot work: an unknown ``draft``, a bad
+    ``num_draft_tokens``, both drafters at once, or a ``draft_model`` of another vocabulary."""
+    make_drafter(draft, [], num_draft_tokens)
+    if draft is not None and draft_model is not None:
+        raise ValueError(f"draft={draft!r} and a draft_model are exclusive: choose one drafter")
+    problem = None if draft_model is None else draft_mismatch(target, draft_model)
+    if problem is not None:
+        raise ValueError(f"the draft model cannot draft for this model: {problem}")

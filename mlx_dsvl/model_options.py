@@ -71,14 +71,14 @@ def _arguments() -> dict[str, tuple[str, dict[str, Any]]]:
             type=int, default=0, help="quantize the KV cache once it holds this many tokens (default: 0)")),
         "draft": ("--draft", dict(
             choices=list(DRAFTERS), default=None,
-            help="speculative decoding of greedy replies (--temperature 0): ngram = prompt lookup, the "
-                 "conversation's own tokens proposed where its last few tokens occurred before; the same "
-                 "tokens as without (default: none)")),
+            help="speculative decoding: ngram = prompt lookup, the conversation's own tokens proposed where "
+                 "its last few tokens occurred before; a greedy reply gets the same tokens as without, a "
+                 "sampled one the same distribution (default: none)")),
         "draft_model": ("--draft-model", dict(
             default=None, metavar="PATH",
-            help="speculative decoding of greedy replies with a smaller DeepSeek-VL of the same vocabulary "
-                 "drafting (the 1.3B for the 7B; folder or hub id), loaded with the same --dtype, "
-                 "--quantize and --quantize-vision; the same tokens as without (default: none)")),
+            help="speculative decoding with a smaller DeepSeek-VL of the same vocabulary drafting (the 1.3B "
+                 "for the 7B; folder or hub id), loaded with the same --dtype, --quantize and "
+                 "--quantize-vision; as --draft, the same tokens or distribution as without (default: none)")),
         "num_draft_tokens": ("--num-draft-tokens", dict(
             type=int, default=NUM_DRAFT_TOKENS, metavar="K",
             help=f"tokens drafted at most per check with --draft or --draft-model (default: {NUM_DRAFT_TOKENS})")),

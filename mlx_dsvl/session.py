@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .caches import IMAGE_CACHE_BYTES, ImageFeatureCache, image_key, reusable_prefix, trim_cache
-from .drafting import NUM_DRAFT_TOKENS, BackOff, ModelDrafter, draft_mismatch, make_drafter
+from .drafting import NUM_DRAFT_TOKENS, BackOff, ModelDrafter, check_drafting, make_drafter
 from .grammar import Grammar, compile_format
 from .processing.chat import PromptTokens
 from .sampling import DEFAULTS, PROCESSOR_CONTEXT, SamplingOptions
@@ -47,8 +47,9 @@ class ChatSession:
     >>> for chunk in chat.send("<image_placeholder>What is this?", images=["cat.png"]):
     ...     print(chunk.text, end="")
 
-    ``draft="ngram"``: greedy replies are decoded speculatively, prompt lookup proposing up to
-    ``num_draft_tokens`` tokens at a time (:mod:`mlx_dsvl.drafting`); the same tokens as without.
+    ``draft="ngram"``: replies are decoded speculatively, prompt lookup proposing up to
+    ``num_draft_tokens`` tokens at a time (:mod:`mlx_dsvl.drafting`); a greedy reply keeps its
+    tokens, a sampled one its distribution.
     ``draft_model=(model, processor)``: a smaller model of the same vocabulary drafts instead
     (``draft="model"``, implied), its own cache following the conversation across turns.
     """
@@ -77,29 +78,21 @@ class ChatSession:
         self._features: dict[str, mx.array] = {}  # the conversation's images: hash -> [I, D]
         self._tokens = PromptTokens(processor)
         self.kv: dict | None = None
-        self.draft_model = None if draft_model is None else self._draft_model(draft_model, num_draft_tokens)
+        check_drafting((model, processor), draft, draft_model, num_draft_tokens)
+        self.draft_model = None if draft_model is None else ModelDrafter(*draft_model, num_draft_tokens=num_draft_tokens)
         self.num_draft_tokens = num_draft_tokens
         self.set_draft("model" if draft is None and draft_model is not None else draft)
         self.reset()
         self.set_kv_cache(kv_bits, kv_group_size, quantized_kv_start)
 
     # -- state --------------------------------------------------------------------------------
-    def _draft_model(self, draft_model: tuple[DeepseekVL, ChatProcessor], k: int) -> ModelDrafter:
-        problem = draft_mismatch((self.model, self.processor), draft_model)
-        if problem is not None:
-            raise ValueError(f"the draft model cannot draft for this model: {problem}")
-        return ModelDrafter(*draft_model, num_draft_tokens=k)
-
     def set_draft(self, draft: str | None) -> None:
-        """Speculative decoding of greedy replies: "ngram" (prompt lookup), "model" (the
-        ``draft_model``) or None; the draft model's cache is kept while it is off."""
-        if draft == "model":
-            if self.draft_model is None:
-                raise ValueError('draft="model" needs a draft_model')
-        else:
+        """Speculative decoding: "ngram" (prompt lookup), "model" (the ``draft_model``) or None;
+        the draft model's cache is kept while it is off."""
+        if draft == "model" and self.draft_model is None:
+            raise ValueError('draft="model" needs a draft_model')
+        if draft != "model" and draft is not None:
             make_drafter(draft, [], self.num_draft_tokens)  # checked now
-            if draft is not None and self.draft_model is not None:
-                raise ValueError(f"draft={draft!r} and a draft_model are exclusive: choose one drafter")
         self.draft = draft
 
     def reset(self) -> None:

@@ -25,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..caches import ImageFeatureCache, PrefixCache
-from ..drafting import NUM_DRAFT_TOKENS, BackOff, ModelDrafter, draft_mismatch, make_drafter
+from ..drafting import NUM_DRAFT_TOKENS, BackOff, ModelDrafter, check_drafting, make_drafter
 from ..grammar import Grammar
 from ..streaming import Batch, Output, Row, prefill, range_embeddings, token_bytes
 from .metrics import EngineMetrics
@@ -106,12 +106,7 @@ class Scheduler:
                  draft_model: tuple[DeepseekVL, ChatProcessor] | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        make_drafter(draft, [], num_draft_tokens)  # checked now
-        if draft is not None and draft_model is not None:
-            raise ValueError(f"draft={draft!r} and a draft_model are exclusive: choose one drafter")
-        problem = None if draft_model is None else draft_mismatch((model, processor), draft_model)
-        if problem is not None:
-            raise ValueError(f"the draft model cannot draft for this model: {problem}")
+        check_drafting((model, processor), draft, draft_model, num_draft_tokens)
         # speculative decoding inside the batch: each request's own drafter (prompt lookup, or a
         # ModelDrafter of draft_model, its image features shared by the requests')
         self.draft, self.num_draft_tokens, self.draft_model = draft, num_draft_tokens, draft_model
