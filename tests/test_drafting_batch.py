@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 
 import mlx.core as mx
 import pytest
@@ -197,6 +198,22 @@ def test_quantized_batch_cache_moves_right_padding_into_left_padding():
 
 
 # -- the server ------------------------------------------------------------------------------------
+def at_once(calls: list) -> list:
+    """Each of ``calls`` made in its own thread, all released together; their results in order."""
+    results, barrier = [None] * len(calls), threading.Barrier(len(calls))
+
+    def run(i):
+        barrier.wait()
+        results[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_bits", [None, 8])
 def test_the_scheduler_drafts_inside_its_batch(kv_text_dirs, text_ckpt, kv_bits):  # noqa: F811
@@ -236,10 +253,6 @@ def test_server_draft_ngram_keeps_batching_and_reports_predicted_tokens(text_ckp
     bad --num-draft-tokens is refused before loading."""
     import os
     import re
-    import subprocess
-    import sys
-    import threading
-
     pytest.importorskip("openai", reason="the server tests need openai: pip install -e '.[server,test]'")
     from test_server import KEY, Server, client, http, stats
 
@@ -265,18 +278,10 @@ def test_server_draft_ngram_keeps_batching_and_reports_predicted_tokens(text_ckp
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want[1]
         assert chunks[-1].usage.completion_tokens_details == details  # the same drafts, the same counts
 
-        before, results = stats(server), [None] * len(convs)
-        barrier = threading.Barrier(len(convs))
-
-        def run(i):
-            barrier.wait()
-            results[i] = c.chat.completions.create(**{**ask, "messages": convs[i], "max_tokens": BUDGETS[i]})
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(convs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        before = stats(server)
+        results = at_once([lambda i=i: c.chat.completions.create(**{**ask, "messages": convs[i],
+                                                                    "max_tokens": BUDGETS[i]})
+                           for i in range(len(convs))])
         after = stats(server)
         assert [r.choices[0].message.content for r in results] == want
         assert after["peak_batch"] > 1
@@ -306,7 +311,6 @@ def test_server_draft_model_drafts_inside_its_batch_with_images(text_ckpt, text_
     the drafter's tokens counted in usage (it sees the images through its own towers); --draft with
     --draft-model refused."""
     import os
-    import threading
 
     pytest.importorskip("openai", reason="the server tests need openai: pip install -e '.[server,test]'")
     from PIL import Image
@@ -325,21 +329,11 @@ def test_server_draft_model_drafts_inside_its_batch_with_images(text_ckpt, text_
                     "--num-draft-tokens", "3", env={**os.environ, "MLX_DSVL_API_KEY": KEY})
     server.wait_ready()
     try:
-        c, results = client(server), [None] * len(pngs)
-        barrier = threading.Barrier(len(pngs))
-
-        def run(i):
-            barrier.wait()
-            results[i] = c.chat.completions.create(
-                model=text_hybrid_ckpt.name, max_tokens=BUDGETS[i], temperature=0, extra_body={"repetition_penalty": 1.0},
-                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[i])}},
-                                                       {"type": "text", "text": PROMPTS[i]}]}])
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(pngs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        c = client(server)
+        results = at_once([lambda i=i: c.chat.completions.create(
+            model=text_hybrid_ckpt.name, max_tokens=BUDGETS[i], temperature=0, extra_body={"repetition_penalty": 1.0},
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(pngs[i])}},
+                                                   {"type": "text", "text": PROMPTS[i]}]}]) for i in range(len(pngs))])
         counts = stats(server)
         assert [r.choices[0].message.content for r in results] == want
         details = [r.usage.completion_tokens_details for r in results]
