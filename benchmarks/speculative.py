@@ -5,9 +5,13 @@
 
 Per round and case, one greedy chat turn without drafting and one with (the same loaded model,
 prompt and machine load): decode tokens/s, and with drafting the tokens drafted and accepted.
-Cases: ``lookup``, the n-gram drafter on the prompt's reply (on random weights a greedy reply
-often loops: say so when quoting it); ``rejected``, a drafter whose every guess is a token the
-model does not choose (what back-off must keep at >= 0.9x).  With ``--draft-model`` the cases are
+Cases (``--cases``): ``lookup``, the n-gram drafter on the prompt's reply (on random weights a
+greedy reply often loops: say so when quoting it); ``rejected``, a drafter whose every guess is a
+token the model does not choose (what back-off must keep at >= 0.9x); ``schema``, the n-gram
+drafter on a greedy JSON reply under a schema whose array of objects repeats its keys (the reply
+ends when the JSON does, ``--max-tokens`` at most); ``sampled``, the n-gram drafter on a sampled
+reply (temperature 0.7, top-p 1, min-p 0.1, seed 0: rejection sampling keeps the distribution, not the
+tokens, so "same tokens" is not expected there).  With ``--draft-model`` the cases are
 ``draft-model`` (that model drafting, float32 unless ``--draft-quantize``) and ``identical`` (the
 target drafting for itself: everything accepted, the acceptance ceiling).  Then the cost of one
 forward of k + 1 tokens against one token on the prompt's cache (what a check costs against a
@@ -22,13 +26,26 @@ import sys
 import time
 
 PROMPT = "Tell me a story about a cat and a dog"
+ITEM = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                         "kind": {"enum": ["cat", "dog", "bird"]},
+                                         "age": {"type": "integer", "minimum": 0, "maximum": 30}},
+        "required": ["name", "kind", "age"], "additionalProperties": False}
+# a JSON reply that repeats its keys (tests/test_speculative_rows.py's TABLE)
+TABLE = {"type": "json_schema", "json_schema": {"name": "pets", "strict": True, "schema": {
+    "type": "object", "properties": {"pets": {"type": "array", "items": ITEM, "minItems": 4, "maxItems": 4}},
+    "required": ["pets"], "additionalProperties": False}}}
+# each case's prompt and sampling options (greedy, no penalty, unless changed)
+TURNS = {"lookup": {}, "rejected": {}, "schema": dict(text="List four pets as JSON.", response_format=TABLE),
+         "sampled": dict(temperature=0.7, top_p=1.0, min_p=0.1, seed=0)}
 
 
-def turn(model, processor, draft: str | None, k: int, n: int, draft_model=None) -> dict:
+def turn(model, processor, draft: str | None, k: int, n: int, draft_model=None, text: str = PROMPT,
+         **options) -> dict:
     from mlx_dsvl.session import ChatSession
 
     chat = ChatSession(model, processor, draft=draft, num_draft_tokens=k, on_truncate=None, draft_model=draft_model)
-    chunks = list(chat.send(PROMPT, [], max_tokens=n, temperature=0.0, repetition_penalty=1.0))
+    options = dict(temperature=0.0, repetition_penalty=1.0) | options
+    chunks = list(chat.send(text, [], max_tokens=n, **options))
     last = chunks[-1]
     return dict(tokens=last.generation_tokens, tps=last.generation_tps, drafted=last.drafted_tokens,
                 accepted=last.accepted_tokens, ids=[c.token for c in chunks if c.token is not None])
@@ -101,16 +118,21 @@ def main(argv=None) -> int:
     p.add_argument("--draft-model", default=None, help="a drafter's folder: the draft-model and identical cases")
     p.add_argument("--draft-quantize", type=int, choices=(4, 8), default=None)
     p.add_argument("--check-ks", default=None, help="k values of the check cost: 1-8 or 2,4 (default: K)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cases", default="lookup,rejected",
+                   help=f"prompt-lookup cases, comma-separated, of {','.join(TURNS)} (default lookup,rejected)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of every case (0: the check cost only)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    cases = args.cases.split(",")
+    if not set(cases) <= set(TURNS):
+        p.error(f"--cases: expected some of {','.join(TURNS)}, got {args.cases!r}")
 
     import mlx_dsvl
     from mlx_dsvl import session as session_module
     from mlx_dsvl.drafting import make_drafter
 
     model, processor = mlx_dsvl.load(args.model, dtype="float32", quantize=args.quantize)
-    drafters = {"lookup": ("ngram", None), "rejected": ("ngram", None)}
+    drafters = {case: ("ngram", None) for case in cases}
     if args.draft_model:
         drafters = {"draft-model": (None, mlx_dsvl.load(args.draft_model, dtype="float32", quantize=args.draft_quantize)),
                     "identical": (None, (model, processor))}
@@ -120,8 +142,9 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         for case, (draft, draft_model) in drafters.items():
             session_module.make_drafter = rejecting if case == "rejected" else make_drafter
-            plain = turn(model, processor, None, k, n)
-            drafted = turn(model, processor, draft, k, n, draft_model=draft_model)
+            options = TURNS.get(case, {})
+            plain = turn(model, processor, None, k, n, **options)
+            drafted = turn(model, processor, draft, k, n, draft_model=draft_model, **options)
             row = dict(round=r, case=case, plain_tps=plain["tps"], draft_tps=drafted["tps"],
                        speedup=drafted["tps"] / plain["tps"] if plain["tps"] else None,
                        tokens=drafted["tokens"], drafted=drafted["drafted"], accepted=drafted["accepted"],
@@ -140,7 +163,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, quantize=args.quantize, draft_model=args.draft_model,
                            draft_quantize=args.draft_quantize, max_tokens=n, num_draft_tokens=k,
-                           prompt=PROMPT, rounds=results, check_cost=costs), f, indent=1)
+                           prompt=PROMPT, turns={c: TURNS.get(c, {}) for c in drafters}, rounds=results, check_cost=costs), f, indent=1)
     return 0
 
 
