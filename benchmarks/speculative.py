@@ -25,17 +25,11 @@ import json
 import sys
 import time
 
+from mlx_dsvl.testing import PETS_FORMAT  # (no MLX)
+
 PROMPT = "Tell me a story about a cat and a dog"
-ITEM = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                         "kind": {"enum": ["cat", "dog", "bird"]},
-                                         "age": {"type": "integer", "minimum": 0, "maximum": 30}},
-        "required": ["name", "kind", "age"], "additionalProperties": False}
-# a JSON reply that repeats its keys (tests/test_speculative_rows.py's TABLE)
-TABLE = {"type": "json_schema", "json_schema": {"name": "pets", "strict": True, "schema": {
-    "type": "object", "properties": {"pets": {"type": "array", "items": ITEM, "minItems": 4, "maxItems": 4}},
-    "required": ["pets"], "additionalProperties": False}}}
 # each case's prompt and sampling options (greedy, no penalty, unless changed)
-TURNS = {"lookup": {}, "rejected": {}, "schema": dict(text="List four pets as JSON.", response_format=TABLE),
+TURNS = {"lookup": {}, "rejected": {}, "schema": dict(text="List four pets as JSON.", response_format=PETS_FORMAT),
          "sampled": dict(temperature=0.7, top_p=1.0, min_p=0.1, seed=0)}
 
 

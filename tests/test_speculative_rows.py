@@ -19,6 +19,7 @@ from mlx_dsvl.grammar import compile_format
 from mlx_dsvl.sampling import SamplingOptions
 from mlx_dsvl.session import ChatSession
 from mlx_dsvl.streaming import Batch, Row
+from mlx_dsvl.testing import PETS_FORMAT
 
 V = 8  # the unit tests' vocabulary
 TRIALS = 3000
@@ -183,14 +184,6 @@ def test_a_drafted_token_the_grammar_bars_is_rejected_and_the_matcher_is_left_as
 
 
 # -- whole replies on the tiny checkpoint ------------------------------------------------------------
-ITEM = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                         "kind": {"enum": ["cat", "dog", "bird"]},
-                                         "age": {"type": "integer", "minimum": 0, "maximum": 30}},
-        "required": ["name", "kind", "age"], "additionalProperties": False}
-# a JSON reply that repeats its keys: what prompt lookup drafts well
-TABLE = {"type": "json_schema", "json_schema": {"name": "pets", "strict": True, "schema": {
-    "type": "object", "properties": {"pets": {"type": "array", "items": ITEM, "minItems": 4, "maxItems": 4}},
-    "required": ["pets"], "additionalProperties": False}}}
 STORY = "Tell me a story about a cat and a dog"  # the text checkpoint's replies to it loop
 
 
@@ -221,7 +214,7 @@ def test_sampled_replies_draft_accept_and_repeat_with_their_seed(text_model):
 @pytest.mark.parametrize("family", ["text_ckpt", "text_hybrid_ckpt"])
 def test_greedy_replies_under_a_schema_are_the_same_with_prompt_lookup(family, request):
     model, processor = mlx_dsvl.load(request.getfixturevalue(family), dtype="float32")
-    opts = dict(max_tokens=200, temperature=0.0, repetition_penalty=1.0, response_format=TABLE)
+    opts = dict(max_tokens=200, temperature=0.0, repetition_penalty=1.0, response_format=PETS_FORMAT)
     plain, drafted = (send(model, processor, d, "List four pets as JSON.", **opts) for d in (None, "ngram"))
     assert tokens(drafted) == tokens(plain) and drafted[-1].finish_reason == plain[-1].finish_reason == "stop"
     assert len(json.loads("".join(c.text for c in drafted))["pets"]) == 4
@@ -230,7 +223,7 @@ def test_greedy_replies_under_a_schema_are_the_same_with_prompt_lookup(family, r
 
 def test_sampled_replies_under_a_schema_draft_and_parse(text_model):
     chunks = send(*text_model, "ngram", "List four pets as JSON.", max_tokens=200, temperature=0.5, seed=1,
-                  response_format=TABLE)
+                  response_format=PETS_FORMAT)
     assert chunks[-1].finish_reason == "stop" and chunks[-1].accepted_tokens > 0
     assert len(json.loads("".join(c.text for c in chunks))["pets"]) == 4
 
